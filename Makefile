@@ -1,0 +1,89 @@
+# fireclaw — run commands in throw-away microVMs.
+#   make                 build ./fireclaw (installs missing Debian packages first, as root)
+#   make test            C unit tests, Lua tests and integration tests on real VMs
+#   make SANITIZE=1 …    the same with ASan + UBSan
+#   make deps            install every Debian package the project needs
+#   make install PREFIX=/usr/local
+#   make bench           benchmark, writes BENCHMARKS.md
+#   make format          clang-format core/ and tests/unit/
+
+PREFIX ?= /usr/local
+PKGS := luajit libcurl libssh2 json-c ext2fs libmnl libedit
+CC ?= cc
+CFLAGS ?= -O2 -g
+CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Icore
+LDLIBS += -lm
+
+ifeq ($(SANITIZE),1)
+OBJDIR := build/san
+CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=address,undefined
+else
+OBJDIR := build/obj
+endif
+
+# every core/*.c but main.c and fc*.c is the Lua module fireclaw.<name>
+CSRC := $(sort $(wildcard core/*.c))
+MODULES := $(filter-out main fc%,$(basename $(notdir $(CSRC))))
+LUASRC := $(sort $(shell find lua recipes -name '*.lua' 2>/dev/null))
+OBJS := $(patsubst core/%.c,$(OBJDIR)/%.o,$(CSRC)) $(OBJDIR)/embed.o $(OBJDIR)/modules.o
+LIBOBJS := $(filter-out $(OBJDIR)/main.o,$(OBJS))
+UNIT := $(patsubst tests/unit/%.c,build/unit/%,$(wildcard tests/unit/*.c))
+
+all: fireclaw
+
+build/.deps: tools/deps.sh
+	@mkdir -p build
+	@tools/deps.sh --check 2>/dev/null || tools/deps.sh
+	@touch $@
+
+build/pkg.mk: build/.deps
+	@echo "PKG_CFLAGS := $$(pkg-config --cflags $(PKGS))" > $@.tmp
+	@echo "PKG_LIBS := $$(pkg-config --libs $(PKGS))" >> $@.tmp
+	@mv $@.tmp $@
+-include build/pkg.mk
+
+fireclaw: $(OBJS)
+	$(CC) $(LDFLAGS) -o $@ $(OBJS) $(PKG_LIBS) $(LDLIBS)
+
+$(OBJDIR)/%.o: core/%.c core/fc.h build/pkg.mk
+	@mkdir -p $(OBJDIR)
+	$(CC) $(CFLAGS) $(PKG_CFLAGS) -c -o $@ $<
+
+$(OBJDIR)/%.o: build/%.c core/fc.h build/pkg.mk
+	@mkdir -p $(OBJDIR)
+	$(CC) $(CFLAGS) $(PKG_CFLAGS) -c -o $@ $<
+
+build/embed.c: tools/embed.lua $(LUASRC) build/.deps
+	luajit tools/embed.lua $@ $(LUASRC)
+
+build/modules.c: Makefile $(CSRC)
+	@mkdir -p build
+	@{ echo '#include "fc.h"'; \
+	  for m in $(MODULES); do echo "int luaopen_fireclaw_$$m(lua_State *L);"; done; \
+	  echo 'const luaL_Reg fc_cmodules[] = {'; \
+	  for m in $(MODULES); do echo "	{\"$$m\", luaopen_fireclaw_$$m},"; done; \
+	  echo '	{NULL, NULL},'; echo '};'; } > $@
+
+build/unit/%: tests/unit/%.c $(LIBOBJS)
+	@mkdir -p build/unit
+	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $< $(LIBOBJS) $(PKG_LIBS) $(LDLIBS)
+
+test: fireclaw $(UNIT)
+	tests/run
+
+deps:
+	tools/deps.sh
+
+install: fireclaw
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1
+	install -m 755 fireclaw $(DESTDIR)$(PREFIX)/bin/fireclaw
+	install -m 644 docs/fireclaw.1 $(DESTDIR)$(PREFIX)/share/man/man1/fireclaw.1
+
+format:
+	clang-format -i core/*.c core/*.h $(wildcard tests/unit/*.c)
+
+clean:
+	rm -rf build fireclaw
+
+.PHONY: all test deps install format clean

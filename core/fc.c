@@ -1,0 +1,309 @@
+/* fc.c - the helper layer: errors, userdata classes, options, time, interrupts, netns. */
+#include "fc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- errors ---- */
+
+int fc_error(lua_State *L, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	lua_pushvfstring(L, fmt, ap);
+	va_end(ap);
+	lua_error(L);
+	__builtin_unreachable();
+}
+
+int fc_errno_error(lua_State *L, int err, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	lua_pushfstring(L, "%s: %s", msg, strerror(err));
+	lua_error(L);
+	__builtin_unreachable();
+}
+
+/* ---- userdata classes ---- */
+
+static int default_tostring(lua_State *L)
+{
+	lua_getmetatable(L, 1);
+	lua_getfield(L, -1, "__name");
+	lua_pushfstring(L, "%s: %p", lua_tostring(L, -1), lua_topointer(L, 1));
+	return 1;
+}
+
+void fc_class(lua_State *L, const char *tname, const luaL_Reg *methods)
+{
+	luaL_newmetatable(L, tname);
+	lua_pushstring(L, tname);
+	lua_setfield(L, -2, "__name");
+	lua_pushcfunction(L, default_tostring);
+	lua_setfield(L, -2, "__tostring");
+	lua_newtable(L); /* __index */
+	for (const luaL_Reg *r = methods; r->name; r++) {
+		lua_pushcfunction(L, r->func);
+		if (r->name[0] == '_' && r->name[1] == '_') {
+			lua_setfield(L, -3, r->name);
+		} else {
+			if (strcmp(r->name, "close") == 0) {
+				lua_pushvalue(L, -1);
+				lua_setfield(L, -4, "__gc");
+			}
+			lua_setfield(L, -2, r->name);
+		}
+	}
+	lua_setfield(L, -2, "__index");
+	lua_pop(L, 1);
+}
+
+void *fc_new(lua_State *L, size_t size, const char *tname)
+{
+	void *p = lua_newuserdata(L, size);
+	memset(p, 0, size);
+	luaL_getmetatable(L, tname);
+	lua_setmetatable(L, -2);
+	return p;
+}
+
+void *fc_check(lua_State *L, int idx, const char *tname)
+{
+	return luaL_checkudata(L, idx, tname);
+}
+
+/* ---- options ---- */
+
+const char *fc_opt_string(lua_State *L, int t, const char *key, const char *def)
+{
+	if (lua_isnoneornil(L, t))
+		return def;
+	lua_getfield(L, t, key);
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return def;
+	}
+	if (!lua_isstring(L, -1))
+		fc_error(L, "option '%s': string expected, got %s", key, luaL_typename(L, -1));
+	/* the string stays referenced by the options table, so the pointer stays valid */
+	const char *s = lua_tostring(L, -1);
+	lua_pop(L, 1);
+	return s;
+}
+
+double fc_opt_number(lua_State *L, int t, const char *key, double def)
+{
+	if (lua_isnoneornil(L, t))
+		return def;
+	lua_getfield(L, t, key);
+	double v = def;
+	if (!lua_isnil(L, -1)) {
+		if (!lua_isnumber(L, -1))
+			fc_error(L, "option '%s': number expected, got %s", key,
+				 luaL_typename(L, -1));
+		v = lua_tonumber(L, -1);
+	}
+	lua_pop(L, 1);
+	return v;
+}
+
+int fc_opt_bool(lua_State *L, int t, const char *key, int def)
+{
+	if (lua_isnoneornil(L, t))
+		return def;
+	lua_getfield(L, t, key);
+	int v = lua_isnil(L, -1) ? def : lua_toboolean(L, -1);
+	lua_pop(L, 1);
+	return v;
+}
+
+/* ---- time ---- */
+
+double fc_now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+int fc_ms_left(double deadline)
+{
+	if (deadline < 0)
+		return -1;
+	double left = deadline - fc_now_ms();
+	if (left <= 0)
+		return 0;
+	if (left > INT_MAX)
+		return INT_MAX;
+	return (int)(left + 0.999);
+}
+
+/* ---- interrupts ----
+ *
+ * A signal handler has no context argument, so this is the one piece of process-wide
+ * mutable state outside the Lua state: the state the handler may touch. The handler
+ * records the signal, writes a byte to a self-pipe (so fc_poll wakes up) and sets a Lua
+ * hook (so pure Lua code is interrupted at the next instruction), as luajit.c does.
+ * A second signal while the first is being handled restores the default action and
+ * re-raises it: a second Ctrl-C always gets out.
+ */
+static struct {
+	lua_State *L;
+	int pipe[2];
+	volatile sig_atomic_t signo;
+	volatile sig_atomic_t pending;
+} sig = {NULL, {-1, -1}, 0, 0};
+
+static void drain_pipe(void)
+{
+	char buf[64];
+	while (read(sig.pipe[0], buf, sizeof buf) > 0)
+		;
+}
+
+static void interrupt_error(lua_State *L)
+{
+	lua_sethook(L, NULL, 0, 0);
+	drain_pipe();
+	sig.pending = 0;
+	fc_error(L, "interrupted by %s", sig.signo == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static void interrupt_hook(lua_State *L, lua_Debug *ar)
+{
+	(void)ar;
+	if (sig.pending)
+		interrupt_error(L);
+	lua_sethook(L, NULL, 0, 0);
+}
+
+static void on_signal(int signo)
+{
+	if (sig.signo != 0) {
+		signal(signo, SIG_DFL);
+		raise(signo);
+		return;
+	}
+	int saved = errno;
+	sig.signo = signo;
+	sig.pending = 1;
+	if (write(sig.pipe[1], "!", 1) < 0) {
+		/* the pipe is non-blocking and only needs one byte: a full pipe is fine */
+	}
+	lua_sethook(sig.L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+	errno = saved;
+}
+
+void fc_signals_init(lua_State *L)
+{
+	sig.L = L;
+	if (pipe2(sig.pipe, O_CLOEXEC | O_NONBLOCK) < 0)
+		return;
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_signal;
+	sa.sa_flags = SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	/* a closed pipe or socket is an error to report, not a reason to die */
+	signal(SIGPIPE, SIG_IGN);
+}
+
+int fc_signal_received(void)
+{
+	return sig.signo;
+}
+
+void fc_signals_reset(void)
+{
+	if (sig.pipe[0] >= 0)
+		drain_pipe();
+	sig.pending = 0;
+	sig.signo = 0;
+}
+
+void fc_check_interrupt(lua_State *L)
+{
+	if (sig.pending)
+		interrupt_error(L);
+}
+
+int fc_poll(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms)
+{
+	struct pollfd all[n + 1];
+	for (nfds_t i = 0; i < n; i++)
+		all[i] = fds[i];
+	all[n] = (struct pollfd){.fd = sig.pipe[0], .events = POLLIN};
+	double deadline = timeout_ms < 0 ? -1 : fc_now_ms() + timeout_ms;
+	for (;;) {
+		fc_check_interrupt(L);
+		int r = poll(all, n + 1, fc_ms_left(deadline));
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			fc_errno_error(L, errno, "poll");
+		if (all[n].revents)
+			fc_check_interrupt(L);
+		for (nfds_t i = 0; i < n; i++)
+			fds[i].revents = all[i].revents;
+		return all[n].revents ? r - 1 : r;
+	}
+}
+
+/* ---- namespaces ---- */
+
+int fc_netns_open(const char *name)
+{
+	char path[256];
+	if (strchr(name, '/') || snprintf(path, sizeof path, "/run/netns/%s", name) >=
+					 (int)sizeof path) {
+		errno = EINVAL;
+		return -1;
+	}
+	return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+int fc_socket_in_netns(const char *netns, int domain, int type, int protocol)
+{
+	if (!netns || !*netns)
+		return socket(domain, type | SOCK_CLOEXEC, protocol);
+	int self = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+	if (self < 0)
+		return -1;
+	int target = fc_netns_open(netns);
+	if (target < 0) {
+		int e = errno;
+		close(self);
+		errno = e;
+		return -1;
+	}
+	int fd = -1, err = 0;
+	if (setns(target, CLONE_NEWNET) < 0) {
+		err = errno;
+	} else {
+		fd = socket(domain, type | SOCK_CLOEXEC, protocol);
+		err = errno;
+		/* going back cannot fail for a namespace we were in a moment ago */
+		if (setns(self, CLONE_NEWNET) < 0)
+			abort();
+	}
+	close(target);
+	close(self);
+	errno = err;
+	return fd;
+}

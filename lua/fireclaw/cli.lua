@@ -1,0 +1,171 @@
+-- fireclaw.cli: the command line for recipes — option parsing, usage errors, --help.
+--
+--   local opts, rest = cli.parse(arg, {
+--     usage = "fireclaw run [options] -- CMD [ARGS…]",
+--     about = "Run a command in a throw-away microVM.",
+--     { "--vcpu N", "number of vCPUs", type = "number", default = 1 },
+--     { "-v, --verbose", "progress lines on stderr" },
+--     { "--put LOCAL:REMOTE", "copy a file in (repeatable)", multi = true },
+--   })
+--
+-- Options stop at "--" or at the first argument that is not an option; the rest is
+-- returned as a list. `--name=value` and `--name value` both work. An unknown option or
+-- a bad value raises a usage error (exit status 2); --help prints the usage (exit 0).
+local runtime = require "fireclaw.runtime"
+
+local M = {}
+
+-- An error the CLI reports as one line with exit status 2.
+function M.usage_error(msg, ...)
+	error(setmetatable({ message = string.format(msg, ...), exit = 2 },
+		{ __tostring = function(e) return e.message end }), 0)
+end
+
+-- A clean exit with a status and nothing more to say (used by --help).
+function M.exit(status)
+	error(setmetatable({ exit = status }, { __tostring = function() return "exit" end }), 0)
+end
+
+local function parse_spec(spec)
+	local byname, list = {}, {}
+	for _, o in ipairs(spec) do
+		local names, metavar = o[1]:match("^([^ ]+, [^ ]+)%s*(.*)$")
+		if not names then names, metavar = o[1]:match("^([^ ]+)%s*(.*)$") end
+		local opt = { help = o[2], metavar = metavar ~= "" and metavar or nil, type = o.type,
+			default = o.default, multi = o.multi, flags = o[1] }
+		for name in names:gmatch("[^, ]+") do
+			byname[name] = opt
+			if name:sub(1, 2) == "--" then opt.key = name:sub(3):gsub("-", "_") end
+		end
+		opt.key = opt.key or names:match("^%-(%w)")
+		list[#list + 1] = opt
+	end
+	return byname, list
+end
+
+function M.usage(spec)
+	local _, list = parse_spec(spec)
+	local out = { "usage: " .. spec.usage }
+	if spec.about then out[#out + 1] = "\n" .. spec.about end
+	if #list > 0 then out[#out + 1] = "\noptions:" end
+	for _, o in ipairs(list) do
+		local def = o.default ~= nil and string.format(" (default %s)", tostring(o.default)) or ""
+		out[#out + 1] = string.format("  %-26s %s%s", o.flags, o.help, def)
+	end
+	out[#out + 1] = string.format("  %-26s %s", "-h, --help", "show this help")
+	return table.concat(out, "\n") .. "\n"
+end
+
+local function convert(opt, name, value)
+	if opt.type == "number" then
+		local n = tonumber(value)
+		if not n then M.usage_error("option %s wants a number, got '%s'", name, value) end
+		return n
+	end
+	return value
+end
+
+function M.parse(args, spec)
+	local byname = parse_spec(spec)
+	local opts, rest = {}, {}
+	for _, o in pairs(byname) do
+		if opts[o.key] == nil then
+			if o.multi then opts[o.key] = {} else opts[o.key] = o.default end
+		end
+	end
+	local i, n = 1, #args
+	while i <= n do
+		local a = args[i]
+		if a == "--" then
+			i = i + 1
+			break
+		elseif a == "-h" or a == "--help" then
+			io.stdout:write(M.usage(spec))
+			M.exit(0)
+		elseif a:sub(1, 1) == "-" and a ~= "-" then
+			local name, value = a:match("^(%-%-[^=]+)=(.*)$")
+			name = name or a
+			local o = byname[name]
+			if not o then M.usage_error("unknown option '%s' (see '%s --help')", name,
+				spec.usage:match("^(%S+%s+%S+)") or "fireclaw") end
+			if o.metavar then
+				if not value then
+					i = i + 1
+					value = args[i]
+					if value == nil then M.usage_error("option %s needs a value (%s)", name, o.metavar) end
+				end
+				value = convert(o, name, value)
+			else
+				if value then M.usage_error("option %s takes no value", name) end
+				value = true
+			end
+			if o.multi then table.insert(opts[o.key], value) else opts[o.key] = value end
+		else
+			break
+		end
+		i = i + 1
+	end
+	for j = i, n do rest[#rest + 1] = args[j] end
+	if opts.verbose then runtime.verbose = true end
+	return opts, rest
+end
+
+-- The one-line description of a recipe: the first comment line of its source.
+local function describe(src)
+	return src and src:match("^%-%-+%s*([^\n]*)") or ""
+end
+
+local function recipe_list()
+	local found = {}
+	for name in pairs(runtime.embedded("recipe")) do
+		found[name] = describe(runtime.source("recipe", name))
+	end
+	for _, dir in ipairs(runtime.search_dirs()) do
+		for _, file in ipairs(runtime.listdir(dir) or {}) do
+			local name = file:match("^(.+)%.lua$")
+			if name then
+				local f = io.open(dir .. "/" .. file)
+				if f then
+					found[name] = describe(f:read("*l") or "") .. " [" .. dir .. "]"
+					f:close()
+				end
+			end
+		end
+	end
+	local names = {}
+	for name in pairs(found) do names[#names + 1] = name end
+	table.sort(names)
+	return names, found
+end
+
+function M.help()
+	local names, found = recipe_list()
+	local out = {
+		"usage: fireclaw [-v|-q] RECIPE [ARGS…]     run a recipe (fireclaw RECIPE --help for its options)",
+		"       fireclaw [-v|-q] SCRIPT.lua [ARGS…] run a Lua script with the fireclaw modules",
+		"       fireclaw -e CODE                    run Lua code",
+		"       fireclaw                            the REPL (on a terminal)",
+		"",
+		"Runs commands in throw-away microVMs (Firecracker, or QEMU microvm).",
+		"",
+		"recipes:",
+	}
+	for _, name in ipairs(names) do
+		out[#out + 1] = string.format("  %-12s %s", name, found[name])
+	end
+	if #names == 0 then out[#out + 1] = "  (none found)" end
+	out[#out + 1] = ""
+	out[#out + 1] = "options:"
+	out[#out + 1] = "  -v, --verbose   progress lines on stderr, tracebacks on error"
+	out[#out + 1] = "  -q, --quiet     only errors on stderr"
+	out[#out + 1] = "  -e CODE         run CODE (repeatable) before the script"
+	out[#out + 1] = "  --version       print the version"
+	out[#out + 1] = "  -h, --help      this help"
+	out[#out + 1] = ""
+	out[#out + 1] = "Recipes and modules on disk override the built-in ones; search path:"
+	out[#out + 1] = "  $FIRECLAW_PATH, ./recipes, ~/.config/fireclaw/recipes"
+	out[#out + 1] = "Exit status: the recipe's (run: the command's), 1 on error, 2 on usage errors."
+	io.stdout:write(table.concat(out, "\n"), "\n")
+end
+
+return M
