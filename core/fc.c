@@ -10,6 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -84,6 +87,36 @@ void *fc_new(lua_State *L, size_t size, const char *tname)
 void *fc_check(lua_State *L, int idx, const char *tname)
 {
 	return luaL_checkudata(L, idx, tname);
+}
+
+#define FDGUARD_MT "fireclaw.fdguard"
+
+static int fdguard_gc(lua_State *L)
+{
+	int *fd = luaL_checkudata(L, 1, FDGUARD_MT);
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+	return 0;
+}
+
+int *fc_fd_guard(lua_State *L, int fd)
+{
+	int *g = lua_newuserdata(L, sizeof *g);
+	*g = fd;
+	if (luaL_newmetatable(L, FDGUARD_MT)) {
+		lua_pushcfunction(L, fdguard_gc);
+		lua_setfield(L, -2, "__gc");
+	}
+	lua_setmetatable(L, -2);
+	return g;
+}
+
+int fc_fd_release(int *guard)
+{
+	int fd = *guard;
+	*guard = -1;
+	return fd;
 }
 
 /* ---- options ---- */
@@ -305,5 +338,54 @@ int fc_socket_in_netns(const char *netns, int domain, int type, int protocol)
 	close(target);
 	close(self);
 	errno = err;
+	return fd;
+}
+
+int fc_tcp_connect(lua_State *L, const char *netns, const char *host, int port, int timeout_ms,
+		   char *err, size_t errlen)
+{
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+	if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
+		snprintf(err, errlen, "bad IPv4 address '%s'", host);
+		return -1;
+	}
+	int fd = fc_socket_in_netns(netns, AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+	if (fd < 0) {
+		snprintf(err, errlen, "socket in namespace %s: %s", netns && *netns ? netns : "(host)",
+			 strerror(errno));
+		return -1;
+	}
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	int rc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+	if (rc < 0 && errno == EINPROGRESS) {
+		struct pollfd p = {.fd = fd, .events = POLLOUT};
+		/* the guard closes the socket if the wait is interrupted */
+		int *guard = fc_fd_guard(L, fd);
+		int n = fc_poll(L, &p, 1, timeout_ms);
+		fc_fd_release(guard);
+		lua_pop(L, 1);
+		if (n == 0) {
+			close(fd);
+			snprintf(err, errlen, "timed out");
+			errno = ETIMEDOUT;
+			return -1;
+		}
+		socklen_t len = sizeof rc;
+		getsockopt(fd, SOL_SOCKET, SO_ERROR, &rc, &len);
+		if (rc != 0) {
+			errno = rc;
+			rc = -1;
+		}
+	}
+	if (rc < 0) {
+		int e = errno;
+		close(fd);
+		snprintf(err, errlen, "%s", e == ECONNREFUSED ? "connection refused" : strerror(e));
+		errno = e;
+		return -1;
+	}
+	int flags = fcntl(fd, F_GETFL);
+	fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
 	return fd;
 }
