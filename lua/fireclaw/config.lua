@@ -1,0 +1,42 @@
+-- fireclaw.config: where things live and the defaults a VM gets.
+-- Environment overrides: FIRECLAW_STATE, FIRECLAW_RUN, FIRECLAW_VMM, FIRECLAW_ACCEL,
+-- FIRECLAW_FIRECRACKER, FIRECLAW_QEMU.
+local M = {}
+
+M.state_dir = os.getenv("FIRECLAW_STATE") or "/var/lib/fireclaw"
+M.run_dir = os.getenv("FIRECLAW_RUN") or "/run/fireclaw"
+
+-- VM defaults
+M.vcpu = 1
+M.mem_mib = 256
+M.image = "default"
+M.vmm = os.getenv("FIRECLAW_VMM") or "auto"     -- auto | firecracker | qemu
+M.accel = os.getenv("FIRECLAW_ACCEL") or "auto" -- auto | kvm | tcg (QEMU)
+M.firecracker = os.getenv("FIRECLAW_FIRECRACKER") -- path to the binary, else PATH
+M.qemu = os.getenv("FIRECLAW_QEMU") or "qemu-system-x86_64"
+
+-- The network every VM gets inside its own namespace fc-<id> (see DESIGN.md).
+M.net = {
+	tap = "tap0",
+	host_ip = "172.16.0.1",
+	guest_ip = "172.16.0.2",
+	prefix = 30,
+	netmask = "255.255.255.252",
+	-- fixed MACs: a restored guest still has the gateway's MAC in its ARP cache
+	tap_mac = "06:00:ac:10:00:01",
+	guest_mac = "06:00:ac:10:00:02",
+}
+
+function M.image_dir(name)
+	return M.state_dir .. "/images/" .. (name or M.image)
+end
+
+function M.snapshot_dir(name)
+	return M.state_dir .. "/snapshots/" .. (name or M.image)
+end
+
+function M.vm_dir(id)
+	return M.run_dir .. "/vms/" .. id
+end
+
+return M
