@@ -1,0 +1,735 @@
+/* proc.c - fireclaw.proc: processes. Spawn a VMM (in a network namespace, optionally a
+ * private mount namespace with bind mounts), run a helper command and capture its output,
+ * and find/kill processes by pid *and* start time (records outlive processes; pids are
+ * reused).
+ *
+ *   p = proc.spawn{argv = {...}, env = {K = V}, stdin = path, stdout = path, stderr = path,
+ *                  cwd = dir, netns = "fc-1a2b", mounts = {{type = "tmpfs", target = dir},
+ *                  {type = "bind", source = s, target = t}}, uid = n, gid = n,
+ *                  setsid = true, pdeathsig = true}
+ *   p:pid()  p:pidfd()  p:alive()  p:kill([sig])  p:wait([timeout_s]) -> {status=|signal=} or nil
+ *   p:close()   -- kills (SIGKILL) and reaps if still running; never leaves a zombie
+ *   r = proc.run(argv, {stdin = s, cwd =, env =, timeout =, netns =}) -> {status, signal, stdout, stderr, timed_out}
+ *   proc.starttime(pid) -> clock ticks since boot, or nil if no such process
+ *   proc.alive(pid [, starttime]) -> bool
+ *   proc.kill(pid, starttime, [sig], [wait_s]) -> true if it was running (and is now gone)
+ *   proc.getpid() -> pid of fireclaw
+ */
+#include "fc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define PROC_MT "fireclaw.proc"
+#define MAX_MOUNTS 16
+
+extern char **environ;
+
+struct mount_op {
+	int bind; /* 1 bind, 0 tmpfs */
+	const char *source, *target;
+};
+
+/* Everything the child needs, prepared before fork: after fork the child may only make
+ * async-signal-safe calls. Strings point into the Lua options table (kept on the stack). */
+struct spawn_req {
+	const char **argv;
+	char **envp;
+	const char *stdin_path, *stdout_path, *stderr_path, *cwd;
+	int netns_fd;
+	struct mount_op mounts[MAX_MOUNTS];
+	int nmounts;
+	int uid, gid;
+	int setsid, pdeathsig;
+	pid_t parent;
+	/* pipes for proc.run: child side fds, or -1 */
+	int in_fd, out_fd, err_fd;
+};
+
+struct proc {
+	pid_t pid;
+	int pidfd;
+	int reaped;
+	int status; /* waitpid status once reaped */
+};
+
+static int pidfd_open(pid_t pid)
+{
+	return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+static int pidfd_send_signal(int pidfd, int sig)
+{
+	return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+}
+
+/* ---- child side (async-signal-safe only) ---- */
+
+/* Report the failing step and errno to the parent through the CLOEXEC pipe, then die. */
+static void child_fail(int errpipe, const char *step)
+{
+	int e = errno;
+	char buf[160];
+	size_t n = strlen(step);
+	if (n > sizeof buf - sizeof e)
+		n = sizeof buf - sizeof e;
+	memcpy(buf, &e, sizeof e);
+	memcpy(buf + sizeof e, step, n);
+	if (write(errpipe, buf, sizeof e + n) < 0) {
+		/* nothing left to tell anyone */
+	}
+	_exit(127);
+}
+
+static void child_redirect(int errpipe, const char *path, int pipe_fd, int target, int flags)
+{
+	int fd = pipe_fd;
+	if (fd < 0) {
+		fd = open(path ? path : "/dev/null", flags | O_CLOEXEC, 0600);
+		if (fd < 0)
+			child_fail(errpipe, path ? path : "/dev/null");
+	}
+	if (dup2(fd, target) < 0)
+		child_fail(errpipe, "dup2");
+}
+
+static void child_mounts(int errpipe, const struct spawn_req *r)
+{
+	if (unshare(CLONE_NEWNS) < 0)
+		child_fail(errpipe, "unshare(CLONE_NEWNS)");
+	/* keep our mounts out of the host's mount table */
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+		child_fail(errpipe, "make / private");
+	for (int i = 0; i < r->nmounts; i++) {
+		const struct mount_op *m = &r->mounts[i];
+		if (!m->bind) {
+			mkdir(m->target, 0700);
+			if (mount("tmpfs", m->target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700") < 0)
+				child_fail(errpipe, m->target);
+			continue;
+		}
+		struct stat st;
+		if (stat(m->source, &st) < 0)
+			child_fail(errpipe, m->source);
+		if (S_ISDIR(st.st_mode)) {
+			mkdir(m->target, 0700);
+		} else {
+			int fd = open(m->target, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+			if (fd >= 0)
+				close(fd);
+		}
+		if (mount(m->source, m->target, NULL, MS_BIND, NULL) < 0)
+			child_fail(errpipe, m->target);
+	}
+}
+
+static void child_main(int errpipe, const struct spawn_req *r)
+{
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	/* dispositions set to SIG_IGN survive exec: give the VMM the defaults back */
+	signal(SIGPIPE, SIG_DFL);
+	signal(SIGINT, SIG_DFL);
+	signal(SIGTERM, SIG_DFL);
+	if (r->pdeathsig) {
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
+			child_fail(errpipe, "prctl(PR_SET_PDEATHSIG)");
+		if (getppid() != r->parent) /* the parent died before prctl */
+			_exit(127);
+	}
+	if (r->setsid && setsid() < 0)
+		child_fail(errpipe, "setsid");
+	if (r->netns_fd >= 0 && setns(r->netns_fd, CLONE_NEWNET) < 0)
+		child_fail(errpipe, "setns(network namespace)");
+	if (r->nmounts > 0)
+		child_mounts(errpipe, r);
+	child_redirect(errpipe, r->stdin_path, r->in_fd, 0, O_RDONLY);
+	child_redirect(errpipe, r->stdout_path, r->out_fd, 1, O_WRONLY | O_CREAT | O_TRUNC);
+	child_redirect(errpipe, r->stderr_path, r->err_fd, 2, O_WRONLY | O_CREAT | O_TRUNC);
+	if (r->cwd && chdir(r->cwd) < 0)
+		child_fail(errpipe, r->cwd);
+	if (r->gid >= 0 && (setgroups(0, NULL) < 0 || setgid((gid_t)r->gid) < 0))
+		child_fail(errpipe, "setgid");
+	if (r->uid >= 0 && setuid((uid_t)r->uid) < 0)
+		child_fail(errpipe, "setuid");
+	execvpe(r->argv[0], (char *const *)r->argv, r->envp);
+	child_fail(errpipe, r->argv[0]);
+}
+
+/* ---- parent side ---- */
+
+/* Collect argv from the array at index idx into a NULL-terminated userdata array. */
+static const char **check_argv(lua_State *L, int idx)
+{
+	luaL_checktype(L, idx, LUA_TTABLE);
+	int n = (int)lua_objlen(L, idx);
+	if (n < 1)
+		fc_error(L, "proc: argv is empty");
+	const char **argv = lua_newuserdata(L, (size_t)(n + 1) * sizeof *argv);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, idx, i);
+		if (!lua_isstring(L, -1))
+			fc_error(L, "proc: argv[%d] is a %s, not a string", i, luaL_typename(L, -1));
+		argv[i - 1] = lua_tostring(L, -1);
+		/* anchored by the argv table */
+		lua_pop(L, 1);
+	}
+	argv[n] = NULL;
+	return argv;
+}
+
+/* environ plus the K=V pairs of the table at idx (overriding), as a userdata array. */
+static char **build_env(lua_State *L, int idx)
+{
+	if (lua_isnoneornil(L, idx))
+		return environ;
+	luaL_checktype(L, idx, LUA_TTABLE);
+	int n = 0, extra = 0;
+	while (environ[n])
+		n++;
+	lua_pushnil(L);
+	while (lua_next(L, idx)) {
+		extra++;
+		lua_pop(L, 1);
+	}
+	char **envp = lua_newuserdata(L, (size_t)(n + extra + 1) * sizeof *envp);
+	int k = 0;
+	lua_newtable(L); /* anchors the K=V strings */
+	int anchor = lua_gettop(L);
+	lua_pushnil(L);
+	while (lua_next(L, idx)) {
+		lua_pushfstring(L, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
+		envp[k++] = (char *)lua_tostring(L, -1);
+		lua_rawseti(L, anchor, k);
+		lua_pop(L, 1);
+	}
+	for (int i = 0; i < n; i++) {
+		const char *eq = strchr(environ[i], '=');
+		size_t klen = eq ? (size_t)(eq - environ[i]) : strlen(environ[i]);
+		int overridden = 0;
+		for (int j = 0; j < k && !overridden; j++)
+			overridden = strncmp(envp[j], environ[i], klen) == 0 && envp[j][klen] == '=';
+		if (!overridden)
+			envp[k++] = environ[i];
+	}
+	envp[k] = NULL;
+	/* keep the anchor table alive as long as envp: store it in envp's uservalue slot */
+	lua_setfenv(L, -2);
+	return envp;
+}
+
+static void read_mounts(lua_State *L, int t, struct spawn_req *r)
+{
+	lua_getfield(L, t, "mounts");
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return;
+	}
+	luaL_checktype(L, -1, LUA_TTABLE);
+	int n = (int)lua_objlen(L, -1);
+	if (n > MAX_MOUNTS)
+		fc_error(L, "proc: at most %d mounts", MAX_MOUNTS);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, -1, i);
+		int m = lua_gettop(L);
+		const char *type = fc_opt_string(L, m, "type", "bind");
+		r->mounts[i - 1].bind = strcmp(type, "bind") == 0;
+		r->mounts[i - 1].source = fc_opt_string(L, m, "source", NULL);
+		r->mounts[i - 1].target = fc_opt_string(L, m, "target", NULL);
+		if (!r->mounts[i - 1].target || (r->mounts[i - 1].bind && !r->mounts[i - 1].source))
+			fc_error(L, "proc: mount %d needs source and target", i);
+		lua_pop(L, 1);
+	}
+	r->nmounts = n;
+	/* the strings stay referenced by the mounts table inside the options table */
+	lua_pop(L, 1);
+}
+
+/* Fork and exec; returns the pid, or raises with the child's failing step and errno. */
+static pid_t do_spawn(lua_State *L, struct spawn_req *r)
+{
+	int errpipe[2];
+	if (pipe2(errpipe, O_CLOEXEC) < 0)
+		fc_errno_error(L, errno, "proc: pipe");
+	r->parent = getpid();
+	pid_t pid = fork();
+	if (pid < 0) {
+		int e = errno;
+		close(errpipe[0]);
+		close(errpipe[1]);
+		fc_errno_error(L, e, "proc: fork %s", r->argv[0]);
+	}
+	if (pid == 0) {
+		close(errpipe[0]);
+		child_main(errpipe[1], r);
+	}
+	close(errpipe[1]);
+	char buf[160];
+	ssize_t n;
+	do
+		n = read(errpipe[0], buf, sizeof buf);
+	while (n < 0 && errno == EINTR);
+	close(errpipe[0]);
+	if (n > (ssize_t)sizeof(int)) {
+		int e;
+		char step[sizeof buf];
+		memcpy(&e, buf, sizeof e);
+		snprintf(step, sizeof step, "%.*s", (int)(n - (ssize_t)sizeof e), buf + sizeof e);
+		waitpid(pid, NULL, 0);
+		if (strcmp(step, r->argv[0]) == 0)
+			fc_errno_error(L, e, "proc: cannot run %s", r->argv[0]);
+		fc_errno_error(L, e, "proc: cannot start %s: %s", r->argv[0], step);
+	}
+	return pid;
+}
+
+static void init_req(struct spawn_req *r)
+{
+	memset(r, 0, sizeof *r);
+	r->netns_fd = r->in_fd = r->out_fd = r->err_fd = -1;
+	r->uid = r->gid = -1;
+}
+
+/* Open the namespace named in opts.netns (guarded: closed when the call ends). */
+static void open_netns(lua_State *L, int t, struct spawn_req *r)
+{
+	const char *netns = fc_opt_string(L, t, "netns", NULL);
+	if (!netns || !*netns)
+		return;
+	r->netns_fd = fc_netns_open(netns);
+	if (r->netns_fd < 0)
+		fc_errno_error(L, errno, "proc: network namespace %s", netns);
+	fc_fd_guard(L, r->netns_fd);
+}
+
+static int l_spawn(lua_State *L)
+{
+	luaL_checktype(L, 1, LUA_TTABLE);
+	struct spawn_req r;
+	init_req(&r);
+	lua_getfield(L, 1, "argv");
+	r.argv = check_argv(L, lua_gettop(L));
+	lua_getfield(L, 1, "env");
+	r.envp = build_env(L, lua_gettop(L));
+	r.stdin_path = fc_opt_string(L, 1, "stdin", NULL);
+	r.stdout_path = fc_opt_string(L, 1, "stdout", NULL);
+	r.stderr_path = fc_opt_string(L, 1, "stderr", NULL);
+	r.cwd = fc_opt_string(L, 1, "cwd", NULL);
+	r.uid = (int)fc_opt_number(L, 1, "uid", -1);
+	r.gid = (int)fc_opt_number(L, 1, "gid", -1);
+	r.setsid = fc_opt_bool(L, 1, "setsid", 1);
+	r.pdeathsig = fc_opt_bool(L, 1, "pdeathsig", 1);
+	read_mounts(L, 1, &r);
+	open_netns(L, 1, &r);
+	struct proc *p = fc_new(L, sizeof *p, PROC_MT);
+	p->pidfd = -1;
+	p->pid = do_spawn(L, &r);
+	p->pidfd = pidfd_open(p->pid);
+	if (p->pidfd < 0)
+		fc_errno_error(L, errno, "proc: pidfd_open %d", (int)p->pid);
+	return 1;
+}
+
+/* ---- process object ---- */
+
+static struct proc *check_proc(lua_State *L)
+{
+	return fc_check(L, 1, PROC_MT);
+}
+
+/* Reap without blocking; true once the process is gone. */
+static int try_reap(struct proc *p)
+{
+	if (p->reaped)
+		return 1;
+	int st;
+	pid_t r = waitpid(p->pid, &st, WNOHANG);
+	if (r == p->pid || (r < 0 && errno == ECHILD)) {
+		p->reaped = 1;
+		p->status = r == p->pid ? st : 0;
+	}
+	return p->reaped;
+}
+
+static void push_status(lua_State *L, int st)
+{
+	lua_createtable(L, 0, 2);
+	if (WIFSIGNALED(st)) {
+		lua_pushinteger(L, WTERMSIG(st));
+		lua_setfield(L, -2, "signal");
+	} else {
+		lua_pushinteger(L, WEXITSTATUS(st));
+		lua_setfield(L, -2, "status");
+	}
+}
+
+/* Wait until the process exits or timeout_ms passes (-1: forever). True if reaped. */
+static int wait_exit(lua_State *L, struct proc *p, int timeout_ms)
+{
+	double deadline = timeout_ms < 0 ? -1 : fc_now_ms() + timeout_ms;
+	while (!try_reap(p)) {
+		struct pollfd pfd = {.fd = p->pidfd, .events = POLLIN};
+		if (fc_poll(L, &pfd, 1, fc_ms_left(deadline)) == 0)
+			return try_reap(p);
+	}
+	return 1;
+}
+
+static int p_wait(lua_State *L)
+{
+	struct proc *p = check_proc(L);
+	double t = luaL_optnumber(L, 2, -1);
+	if (!wait_exit(L, p, t < 0 ? -1 : (int)(t * 1000)))
+		return 0;
+	push_status(L, p->status);
+	return 1;
+}
+
+static int p_alive(lua_State *L)
+{
+	struct proc *p = check_proc(L);
+	lua_pushboolean(L, !try_reap(p));
+	return 1;
+}
+
+static int p_kill(lua_State *L)
+{
+	struct proc *p = check_proc(L);
+	int sig = (int)luaL_optinteger(L, 2, SIGKILL);
+	if (try_reap(p) || p->pidfd < 0) {
+		lua_pushboolean(L, 0);
+		return 1;
+	}
+	if (pidfd_send_signal(p->pidfd, sig) < 0 && errno != ESRCH)
+		fc_errno_error(L, errno, "proc: kill %d", (int)p->pid);
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+static int p_pid(lua_State *L)
+{
+	lua_pushinteger(L, check_proc(L)->pid);
+	return 1;
+}
+
+static int p_pidfd(lua_State *L)
+{
+	lua_pushinteger(L, check_proc(L)->pidfd);
+	return 1;
+}
+
+/* Kill (if needed) and reap, then close the pidfd. Never raises: it runs from __gc too. */
+static int p_close(lua_State *L)
+{
+	struct proc *p = check_proc(L);
+	if (p->pid > 0 && !try_reap(p)) {
+		if (p->pidfd >= 0)
+			pidfd_send_signal(p->pidfd, SIGKILL);
+		else
+			kill(p->pid, SIGKILL);
+		int st;
+		while (waitpid(p->pid, &st, 0) < 0 && errno == EINTR)
+			;
+		p->reaped = 1;
+		p->status = st;
+	}
+	if (p->pidfd >= 0)
+		close(p->pidfd);
+	p->pidfd = -1;
+	return 0;
+}
+
+static int p_tostring(lua_State *L)
+{
+	struct proc *p = check_proc(L);
+	lua_pushfstring(L, "proc %d (%s)", (int)p->pid, p->reaped ? "exited" : "running");
+	return 1;
+}
+
+/* ---- proc.run: capture output ---- */
+
+#define BUF_MT "fireclaw.proc.buffer"
+
+/* A growable byte buffer owned by a userdata, so output captured so far is freed if the
+ * run is interrupted. */
+struct buffer {
+	char *data;
+	size_t len, cap;
+};
+
+static int buffer_close(lua_State *L)
+{
+	struct buffer *b = luaL_checkudata(L, 1, BUF_MT);
+	free(b->data);
+	b->data = NULL;
+	b->len = b->cap = 0;
+	return 0;
+}
+
+static void buffer_add(lua_State *L, struct buffer *b, const char *s, size_t n)
+{
+	if (b->len + n > b->cap) {
+		size_t cap = b->cap ? b->cap * 2 : 16384;
+		while (cap < b->len + n)
+			cap *= 2;
+		char *d = realloc(b->data, cap);
+		if (!d)
+			fc_error(L, "proc: out of memory capturing output");
+		b->data = d;
+		b->cap = cap;
+	}
+	memcpy(b->data + b->len, s, n);
+	b->len += n;
+}
+
+/* Feed stdin and drain stdout/stderr until both close or the deadline passes.
+ * fds[0] stdin (write end) or -1, fds[1] stdout, fds[2] stderr (read ends). Returns 0, or
+ * -1 on timeout. Closes and sets to -1 every fd it finishes with. */
+static int pump(lua_State *L, int *fds[3], const char *in, size_t inlen, struct buffer *out[2],
+		double deadline)
+{
+	size_t off = 0;
+	char chunk[16384];
+	while (*fds[1] >= 0 || *fds[2] >= 0) {
+		struct pollfd p[3];
+		int which[3];
+		nfds_t n = 0;
+		for (int i = 0; i < 3; i++) {
+			if (*fds[i] < 0)
+				continue;
+			p[n] = (struct pollfd){.fd = *fds[i], .events = i == 0 ? POLLOUT : POLLIN};
+			which[n++] = i;
+		}
+		int left = fc_ms_left(deadline);
+		if (left == 0 || fc_poll(L, p, n, left) == 0)
+			return -1;
+		for (nfds_t k = 0; k < n; k++) {
+			int i = which[k];
+			if (!p[k].revents)
+				continue;
+			if (i == 0) {
+				ssize_t w = write(*fds[0], in + off, inlen - off);
+				if (w > 0)
+					off += (size_t)w;
+				if ((w < 0 && errno != EINTR && errno != EAGAIN) || off >= inlen) {
+					close(*fds[0]);
+					*fds[0] = -1;
+				}
+				continue;
+			}
+			ssize_t r = read(*fds[i], chunk, sizeof chunk);
+			if (r > 0) {
+				buffer_add(L, out[i - 1], chunk, (size_t)r);
+			} else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {
+				close(*fds[i]);
+				*fds[i] = -1;
+			}
+		}
+	}
+	return 0;
+}
+
+/* Create a pipe whose two ends are owned by guards pushed on the stack. */
+static void guarded_pipe(lua_State *L, int *ends[2])
+{
+	int fds[2];
+	if (pipe2(fds, O_CLOEXEC) < 0)
+		fc_errno_error(L, errno, "proc: pipe");
+	ends[0] = fc_fd_guard(L, fds[0]);
+	ends[1] = fc_fd_guard(L, fds[1]);
+}
+
+static int l_run(lua_State *L)
+{
+	luaL_checktype(L, 1, LUA_TTABLE);
+	lua_settop(L, 2);
+	if (lua_isnil(L, 2)) {
+		lua_newtable(L);
+		lua_replace(L, 2);
+	}
+	struct spawn_req r;
+	init_req(&r);
+	r.argv = check_argv(L, 1);
+	lua_getfield(L, 2, "env");
+	r.envp = build_env(L, lua_gettop(L));
+	r.cwd = fc_opt_string(L, 2, "cwd", NULL);
+	r.pdeathsig = 1;
+	size_t inlen = 0;
+	const char *in = NULL;
+	lua_getfield(L, 2, "stdin");
+	in = lua_tolstring(L, -1, &inlen); /* anchored by the options table */
+	lua_pop(L, 1);
+	double timeout = fc_opt_number(L, 2, "timeout", -1);
+	open_netns(L, 2, &r);
+
+	int *pin[2] = {NULL, NULL}, *pout[2], *perr[2];
+	if (in)
+		guarded_pipe(L, pin);
+	guarded_pipe(L, pout);
+	guarded_pipe(L, perr);
+	r.in_fd = in ? *pin[0] : -1;
+	r.out_fd = *pout[1];
+	r.err_fd = *perr[1];
+	if (in) /* a command that does not read its stdin must not block us */
+		fcntl(*pin[1], F_SETFL, O_NONBLOCK);
+	struct proc *p = fc_new(L, sizeof *p, PROC_MT);
+	p->pidfd = -1;
+	p->pid = do_spawn(L, &r);
+	p->pidfd = pidfd_open(p->pid);
+	/* the child has its ends now */
+	close(fc_fd_release(pout[1]));
+	close(fc_fd_release(perr[1]));
+	if (in)
+		close(fc_fd_release(pin[0]));
+
+	struct buffer *out[2] = {fc_new(L, sizeof(struct buffer), BUF_MT),
+				 fc_new(L, sizeof(struct buffer), BUF_MT)};
+	int none = -1;
+	int *fds[3] = {in ? pin[1] : &none, pout[0], perr[0]};
+	double deadline = timeout < 0 ? -1 : fc_now_ms() + timeout * 1000;
+	int timed_out = pump(L, fds, in ? in : "", inlen, out, deadline) < 0;
+	if (timed_out && p->pidfd >= 0)
+		pidfd_send_signal(p->pidfd, SIGKILL);
+	int st;
+	while (waitpid(p->pid, &st, 0) < 0 && errno == EINTR)
+		;
+	p->reaped = 1;
+	p->status = st;
+
+	push_status(L, st);
+	lua_pushlstring(L, out[0]->data ? out[0]->data : "", out[0]->len);
+	lua_setfield(L, -2, "stdout");
+	lua_pushlstring(L, out[1]->data ? out[1]->data : "", out[1]->len);
+	lua_setfield(L, -2, "stderr");
+	lua_pushboolean(L, timed_out);
+	lua_setfield(L, -2, "timed_out");
+	return 1;
+}
+
+/* ---- pids from records ---- */
+
+/* Start time (field 22 of /proc/PID/stat, clock ticks since boot), or 0 if no process. */
+static unsigned long long read_starttime(pid_t pid)
+{
+	char path[64], buf[1024];
+	snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	/* the command name may contain spaces and ')': fields start after the last ')' */
+	char *p = strrchr(buf, ')');
+	if (!p)
+		return 0;
+	unsigned long long start = 0;
+	/* after ") " come fields 3.. : skip 19 of them to reach field 22 */
+	p += 2;
+	for (int field = 3; field < 22 && p; field++) {
+		p = strchr(p, ' ');
+		if (p)
+			p++;
+	}
+	if (p)
+		start = strtoull(p, NULL, 10);
+	return start;
+}
+
+static int l_starttime(lua_State *L)
+{
+	unsigned long long st = read_starttime((pid_t)luaL_checkinteger(L, 1));
+	if (st == 0)
+		return 0;
+	lua_pushnumber(L, (lua_Number)st);
+	return 1;
+}
+
+/* Is pid running, and (if given) the same process that started at `starttime`? */
+static int pid_matches(pid_t pid, double starttime)
+{
+	unsigned long long st = read_starttime(pid);
+	return st != 0 && (starttime <= 0 || (double)st == starttime);
+}
+
+static int l_alive(lua_State *L)
+{
+	pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+	lua_pushboolean(L, pid > 0 && pid_matches(pid, luaL_optnumber(L, 2, 0)));
+	return 1;
+}
+
+/* proc.kill(pid, starttime, [sig=KILL], [wait_s=2]): signal a process we may not have
+ * started (a record from a dead fireclaw), only if its start time matches, then wait for
+ * it to be gone. The pidfd pins the process, so the check and the kill refer to the same
+ * one. Returns true if it was running. */
+static int l_kill(lua_State *L)
+{
+	pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+	double starttime = luaL_checknumber(L, 2);
+	int sig = (int)luaL_optinteger(L, 3, SIGKILL);
+	double wait_s = luaL_optnumber(L, 4, 2);
+	if (pid <= 0)
+		fc_error(L, "proc: kill: bad pid %d", (int)pid);
+	int pidfd = pidfd_open(pid);
+	if (pidfd < 0) {
+		lua_pushboolean(L, 0);
+		return 1;
+	}
+	int *guard = fc_fd_guard(L, pidfd);
+	if (!pid_matches(pid, starttime)) {
+		lua_pushboolean(L, 0);
+		return 1;
+	}
+	if (pidfd_send_signal(pidfd, sig) < 0 && errno != ESRCH)
+		fc_errno_error(L, errno, "proc: kill %d", (int)pid);
+	struct pollfd p = {.fd = pidfd, .events = POLLIN};
+	if (sig == SIGKILL || wait_s > 0)
+		fc_poll(L, &p, 1, (int)(wait_s * 1000));
+	/* reap it if it happens to be our child */
+	waitpid(pid, NULL, WNOHANG);
+	close(fc_fd_release(guard));
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+static int l_getpid(lua_State *L)
+{
+	lua_pushinteger(L, getpid());
+	return 1;
+}
+
+int luaopen_fireclaw_proc(lua_State *L)
+{
+	static const luaL_Reg methods[] = {
+		{"pid", p_pid},	    {"pidfd", p_pidfd}, {"alive", p_alive},
+		{"kill", p_kill},   {"wait", p_wait},	{"close", p_close},
+		{"__tostring", p_tostring}, {NULL, NULL},
+	};
+	static const luaL_Reg buffer_methods[] = {{"close", buffer_close}, {NULL, NULL}};
+	static const luaL_Reg fns[] = {
+		{"spawn", l_spawn},	    {"run", l_run},	{"starttime", l_starttime},
+		{"alive", l_alive},	    {"kill", l_kill},	{"getpid", l_getpid},
+		{NULL, NULL},
+	};
+	fc_class(L, PROC_MT, methods);
+	fc_class(L, BUF_MT, buffer_methods);
+	lua_newtable(L);
+	luaL_register(L, NULL, fns);
+	return 1;
+}
