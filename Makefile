@@ -8,7 +8,7 @@
 #   make format          clang-format core/ and tests/unit/
 
 PREFIX ?= /usr/local
-PKGS := luajit libcurl libssh2 json-c ext2fs libmnl libedit
+PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs libmnl libedit
 CC ?= cc
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Icore
