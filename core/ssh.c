@@ -118,24 +118,24 @@ static int wait_socket_quietly(struct session *S, double deadline)
 
 /* Call expr until it stops saying EAGAIN, waiting for the socket in between; rc is its
  * last value, or LIBSSH2_ERROR_TIMEOUT when the deadline passed first. */
-#define NB_CALL(L, S, deadline, rc, expr)                                                  \
-	while (((rc) = (expr)) == LIBSSH2_ERROR_EAGAIN) {                                  \
-		if (!wait_socket((L), (S), (deadline))) {                                  \
-			(rc) = LIBSSH2_ERROR_TIMEOUT;                                      \
-			break;                                                             \
-		}                                                                          \
+#define NB_CALL(L, S, deadline, rc, expr)                                                          \
+	while (((rc) = (expr)) == LIBSSH2_ERROR_EAGAIN) {                                          \
+		if (!wait_socket((L), (S), (deadline))) {                                          \
+			(rc) = LIBSSH2_ERROR_TIMEOUT;                                              \
+			break;                                                                     \
+		}                                                                                  \
 	}
 
 /* The same for cleanup: quiet waits bounded by CLEANUP_MS. */
-#define NB_SETTLE(S, rc, expr)                                                             \
-	do {                                                                               \
-		double settle_deadline_ = fc_now_ms() + CLEANUP_MS;                        \
-		while (((rc) = (expr)) == LIBSSH2_ERROR_EAGAIN) {                          \
-			if (!wait_socket_quietly((S), settle_deadline_)) {                 \
-				(rc) = LIBSSH2_ERROR_TIMEOUT;                              \
-				break;                                                     \
-			}                                                                  \
-		}                                                                          \
+#define NB_SETTLE(S, rc, expr)                                                                     \
+	do {                                                                                       \
+		double settle_deadline_ = fc_now_ms() + CLEANUP_MS;                                \
+		while (((rc) = (expr)) == LIBSSH2_ERROR_EAGAIN) {                                  \
+			if (!wait_socket_quietly((S), settle_deadline_)) {                         \
+				(rc) = LIBSSH2_ERROR_TIMEOUT;                                      \
+				break;                                                             \
+			}                                                                          \
+		}                                                                                  \
 	} while (0)
 
 static double deadline_in(double seconds)
@@ -190,10 +190,12 @@ static void push_quoted_argv(lua_State *L, int idx)
 		size_t len;
 		const char *s = lua_tolstring(L, -1, &len);
 		if (!s)
-			fc_error(L, "ssh: argv[%d]: string expected, got %s", i, luaL_typename(L, -1));
+			fc_error(L, "ssh: argv[%d]: string expected, got %s", i,
+				 luaL_typename(L, -1));
 		if (memchr(s, '\0', len))
-			fc_error(L, "ssh: argv[%d] contains a NUL byte, which no command line can carry",
-				 i);
+			fc_error(
+			    L, "ssh: argv[%d] contains a NUL byte, which no command line can carry",
+			    i);
 		lua_pop(L, 1); /* the string stays referenced by the table */
 		if (i > 1)
 			luaL_addchar(&b, ' ');
@@ -233,7 +235,8 @@ static void push_env_prefix(lua_State *L, int idx)
 	while (lua_next(L, idx)) {
 		lua_pop(L, 1);
 		if (lua_type(L, -1) != LUA_TSTRING || !is_env_name(lua_tostring(L, -1)))
-			fc_error(L, "ssh: env: bad variable name %s", lua_tostring(L, -1) ? lua_tostring(L, -1) : luaL_typename(L, -1));
+			fc_error(L, "ssh: env: bad variable name %s",
+				 lua_tostring(L, -1) ? lua_tostring(L, -1) : luaL_typename(L, -1));
 		lua_pushvalue(L, -1);
 		lua_rawseti(L, keys, ++n);
 	}
@@ -315,7 +318,8 @@ static int parse_key_line(const char *s, struct hostkey *k)
 	k->len = (size_t)n;
 	if (k->len < 4)
 		return -1;
-	uint32_t inner = (uint32_t)k->blob[0] << 24 | k->blob[1] << 16 | k->blob[2] << 8 | k->blob[3];
+	uint32_t inner =
+	    (uint32_t)k->blob[0] << 24 | k->blob[1] << 16 | k->blob[2] << 8 | k->blob[3];
 	if (inner != tl || k->len < 4 + tl || memcmp(k->blob + 4, k->type, tl) != 0)
 		return -1;
 	return 0;
@@ -342,9 +346,11 @@ static int expected_host_key(lua_State *L, const char *line, const char *file, s
 	if (line && file)
 		fc_error(L, "ssh: give host_key or host_key_file, not both");
 	if (line && parse_key_line(line, k) != 0)
-		fc_error(L, "ssh: host_key: expected a public key line \"ssh-ed25519 AAAA… [comment]\"");
+		fc_error(
+		    L, "ssh: host_key: expected a public key line \"ssh-ed25519 AAAA… [comment]\"");
 	if (file && read_key_file(L, file, k) != 0)
-		fc_error(L, "ssh: host key file %s: no public key line (\"ssh-ed25519 AAAA…\") in it",
+		fc_error(L,
+			 "ssh: host key file %s: no public key line (\"ssh-ed25519 AAAA…\") in it",
 			 file);
 	return line || file;
 }
@@ -361,8 +367,8 @@ static void verify_host_key(lua_State *L, struct session *S, const struct hostke
 	char fw[64], fg[64];
 	fingerprint(want->blob, want->len, fw, sizeof fw);
 	fingerprint((const unsigned char *)got, len, fg, sizeof fg);
-	fc_error(L, "ssh: %s: host key mismatch: expected %s got %s (refusing to connect)", S->where,
-		 fw, fg);
+	fc_error(L, "ssh: %s: host key mismatch: expected %s got %s (refusing to connect)",
+		 S->where, fw, fg);
 }
 
 /* ---- session lifetime ---- */
@@ -414,8 +420,9 @@ static struct session *check_open(lua_State *L, int idx)
 	if (!S->s)
 		fc_error(L, "ssh: session %s@%s is closed", S->user, S->where);
 	if (S->broken)
-		fc_error(L, "ssh: %s: connection was cut after an operation could not be cleaned up; "
-			    "connect again",
+		fc_error(L,
+			 "ssh: %s: connection was cut after an operation could not be cleaned up; "
+			 "connect again",
 			 S->where);
 	if (S->busy)
 		fc_error(L, "ssh: %s: session busy (exec/put/get called from one of its callbacks)",
@@ -475,8 +482,9 @@ static void read_connect_opts(lua_State *L, struct connect_opts *o)
 	o->have_want = expected_host_key(L, fc_opt_string(L, 1, "host_key", NULL),
 					 fc_opt_string(L, 1, "host_key_file", NULL), &o->want);
 	if (!o->have_want && !o->insecure)
-		fc_error(L, "ssh.connect: no host key given for %s (pass host_key= or host_key_file=, "
-			    "or insecure_ignore_host_key=true to accept any)",
+		fc_error(L,
+			 "ssh.connect: no host key given for %s (pass host_key= or host_key_file=, "
+			 "or insecure_ignore_host_key=true to accept any)",
 			 o->host);
 	check_key_file(L, o->key);
 }
@@ -485,8 +493,9 @@ static void read_connect_opts(lua_State *L, struct connect_opts *o)
  * being plumbed. Anything else (no such namespace, bad address) will not fix itself. */
 static int tcp_retryable(int err)
 {
-	return err == ECONNREFUSED || err == ETIMEDOUT || err == EHOSTUNREACH || err == ENETUNREACH ||
-	       err == ECONNRESET || err == ECONNABORTED || err == EHOSTDOWN || err == ENETDOWN;
+	return err == ECONNREFUSED || err == ETIMEDOUT || err == EHOSTUNREACH ||
+	       err == ENETUNREACH || err == ECONNRESET || err == ECONNABORTED || err == EHOSTDOWN ||
+	       err == ENETDOWN;
 }
 
 /* Handshake failures that mean "sshd was still starting": the connection was accepted
@@ -519,8 +528,8 @@ static int try_handshake(lua_State *L, struct session *S, const struct connect_o
 			 double deadline, int attempt_ms, struct attempt *a)
 {
 	int left = fc_ms_left(deadline);
-	int fd = fc_tcp_connect(L, o->netns, o->host, o->port, left < attempt_ms ? left : attempt_ms,
-				a->last, sizeof a->last);
+	int fd = fc_tcp_connect(L, o->netns, o->host, o->port,
+				left < attempt_ms ? left : attempt_ms, a->last, sizeof a->last);
 	if (fd < 0) {
 		a->tcp_err = errno ? errno : EIO;
 		return -1;
@@ -560,8 +569,8 @@ static void open_transport(lua_State *L, struct session *S, const struct connect
 	int pause_ms = BACKOFF_MIN_MS, attempt_ms = ATTEMPT_MIN_MS;
 	for (;;) {
 		if (fc_ms_left(deadline) == 0)
-			fc_error(L, "ssh: %s: timed out after %g s (last: %s)", S->where, o->timeout_s,
-				 a.last);
+			fc_error(L, "ssh: %s: timed out after %g s (last: %s)", S->where,
+				 o->timeout_s, a.last);
 		a.tcp_err = a.ssh_rc = 0;
 		if (try_handshake(L, S, o, deadline, attempt_ms, &a) == 0)
 			return;
@@ -620,7 +629,7 @@ static int l_connect(lua_State *L)
 /* ---- exec ---- */
 
 struct stream {
-	int id;       /* 0 = stdout, SSH_EXTENDED_DATA_STDERR = stderr */
+	int id;	      /* 0 = stdout, SSH_EXTENDED_DATA_STDERR = stderr */
 	int callback; /* stack index (in the body's frame) of the callback, 0 if none */
 	int capture;
 	int eof, truncated;
@@ -632,7 +641,7 @@ struct exec {
 	struct session *S;
 	LIBSSH2_CHANNEL *ch;
 	LIBSSH2_CHANNEL *side; /* the channel killing the command (timeout, abort) */
-	char tag[33];          /* hex, marks the command's processes (see kill_tagged) */
+	char tag[33];	       /* hex, marks the command's processes (see kill_tagged) */
 	const char *cmd;
 	size_t cmdlen;
 	int pty;
@@ -724,7 +733,8 @@ static int refill_stdin(lua_State *L, struct exec *x)
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
 		return 0;
 	if (n < 0)
-		fc_errno_error(L, errno, "ssh: %s: exec: reading stdin fd %d", x->S->where, x->infd);
+		fc_errno_error(L, errno, "ssh: %s: exec: reading stdin fd %d", x->S->where,
+			       x->infd);
 	if (n == 0)
 		x->in_eof = 1;
 	x->in = x->inbuf;
@@ -740,7 +750,8 @@ static int pump_stdin(lua_State *L, struct exec *x)
 		return 0;
 	int progress = refill_stdin(L, x);
 	if (x->inoff < x->inlen) {
-		ssize_t n = libssh2_channel_write_ex(x->ch, 0, x->in + x->inoff, x->inlen - x->inoff);
+		ssize_t n =
+		    libssh2_channel_write_ex(x->ch, 0, x->in + x->inoff, x->inlen - x->inoff);
 		if (n == LIBSSH2_ERROR_EAGAIN)
 			return progress;
 		if (n == LIBSSH2_ERROR_CHANNEL_CLOSED || n == LIBSSH2_ERROR_CHANNEL_EOF_SENT) {
@@ -1023,8 +1034,8 @@ static void read_stdin_opt(lua_State *L, int opts, struct exec *x)
 	lua_pop(L, 1);
 }
 
-static void read_stream_opts(lua_State *L, int opts, struct stream *st, const char *cb,
-			     int capture, size_t max)
+static void read_stream_opts(lua_State *L, int opts, struct stream *st, const char *cb, int capture,
+			     size_t max)
 {
 	lua_getfield(L, opts, cb);
 	int has_cb = !lua_isnil(L, -1);
@@ -1204,8 +1215,9 @@ static void sftp_start(lua_State *L, struct xfer *t)
 			int e = libssh2_session_last_errno(t->S->s);
 			if (e == LIBSSH2_ERROR_CHANNEL_FAILURE ||
 			    e == LIBSSH2_ERROR_CHANNEL_REQUEST_DENIED)
-				fc_error(L, "ssh: %s %s → %s: the server offers no SFTP subsystem (a "
-					    "dropbear guest needs /usr/lib/sftp-server)",
+				fc_error(L,
+					 "ssh: %s %s → %s: the server offers no SFTP subsystem (a "
+					 "dropbear guest needs /usr/lib/sftp-server)",
 					 t->op, t->from, t->to);
 			xfer_fail_remote(L, t, "start SFTP");
 		}
@@ -1216,7 +1228,7 @@ static void sftp_start(lua_State *L, struct xfer *t)
 static void sftp_open_remote(lua_State *L, struct xfer *t, unsigned long flags, long mode)
 {
 	while (!(t->h = libssh2_sftp_open_ex(t->sftp, t->remote, (unsigned)strlen(t->remote), flags,
-					      mode, LIBSSH2_SFTP_OPENFILE))) {
+					     mode, LIBSSH2_SFTP_OPENFILE))) {
 		if (!is_eagain_ptr(t->S, t->h))
 			xfer_fail_remote(L, t, "open");
 		wait_socket(L, t->S, -1);
@@ -1385,8 +1397,7 @@ static void xfer_cleanup(struct xfer *t)
 	t->tmp_live = 0;
 }
 
-static int run_xfer(lua_State *L, lua_CFunction body, const char *op, int local_arg,
-		    int remote_arg)
+static int run_xfer(lua_State *L, lua_CFunction body, const char *op, int local_arg, int remote_arg)
 {
 	struct session *S = check_open(L, 1);
 	const char *a = luaL_checkstring(L, 2), *b = luaL_checkstring(L, 3);
@@ -1434,17 +1445,13 @@ static int l_get(lua_State *L)
 int luaopen_fireclaw_ssh(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
-		{"exec", l_exec},
-		{"put", l_put},
-		{"get", l_get},
-		{"close", l_close},
-		{"__tostring", l_tostring},
-		{NULL, NULL},
+	    {"exec", l_exec},		{"put", l_put}, {"get", l_get}, {"close", l_close},
+	    {"__tostring", l_tostring}, {NULL, NULL},
 	};
 	static const luaL_Reg fns[] = {
-		{"connect", l_connect},
-		{"quote", l_quote},
-		{NULL, NULL},
+	    {"connect", l_connect},
+	    {"quote", l_quote},
+	    {NULL, NULL},
 	};
 	/* once per process; libssh2 counts calls, and never freeing it is harmless */
 	libssh2_init(0);

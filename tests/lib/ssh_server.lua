@@ -10,9 +10,11 @@
 --                                   -- namespace, deletes it, removes the temp dir
 --
 -- Nothing touches the host: servers listen only inside the namespace; each runs in a
--- private mount namespace, where dropbear gets a temporary directory bind-mounted on
--- /root (it reads root's ~/.ssh/authorized_keys and has no option to look elsewhere), and
--- sshd a tmpfs on /run for its privilege separation directory /run/sshd.
+-- private mount namespace with a temporary directory bind-mounted on /root, so commands
+-- run as root find an empty home (not the host's dotfiles: bash sources ~/.bashrc when
+-- started by sshd) and dropbear finds its authorized_keys there (it reads root's
+-- ~/.ssh/authorized_keys and has no option to look elsewhere). sshd also gets a tmpfs on
+-- /run for its privilege separation directory /run/sshd.
 local sys = require "ssh_sys"
 
 local M = {}
@@ -138,7 +140,7 @@ function Lab:sshd(o)
 	o = o or {}
 	local d = self.dir .. "/sshd"
 	local port = o.port or 2222
-	sh(("mkdir -m 700 -p %s && cp %s %s/authorized_keys && ssh-keygen -q -t ed25519 -N '' -f %s/host_key")
+	sh(("mkdir -m 700 -p %s/home && cp %s %s/authorized_keys && ssh-keygen -q -t ed25519 -N '' -f %s/host_key")
 		:format(q(d), q(self.key .. ".pub"), q(d), q(d)))
 	write_file(d .. "/sshd_config", table.concat({
 		"ListenAddress " .. self.host .. ":" .. port,
@@ -155,8 +157,8 @@ function Lab:sshd(o)
 		""}, "\n"))
 	-- sshd needs /run/sshd (privilege separation); a tmpfs on /run in this private mount
 	-- namespace gives it one without creating anything on the host
-	local script = ("mount -t tmpfs -o mode=755 fct-ssh /run && mkdir -m 755 /run/sshd && exec /usr/sbin/sshd -D -e -f %s/sshd_config")
-		:format(q(d))
+	local script = ("mount -t tmpfs -o mode=755 fct-ssh /run && mkdir -m 755 /run/sshd && mount --bind %s/home /root && exec /usr/sbin/sshd -D -e -f %s/sshd_config")
+		:format(q(d), q(d))
 	local pub = read_file(d .. "/host_key.pub"):match("[^\n]+")
 	local srv = {kind = "sshd", port = port, host_key = pub, host_key_file = d .. "/host_key.pub"}
 	srv.pid, srv.log = self:spawn("sshd-" .. port, script)

@@ -44,7 +44,8 @@ static char *quote(lua_State *L, const char **argv, const size_t *lens, int argc
 	return strdup(lua_tostring(L, -1));
 }
 
-static void expect_quote(lua_State *L, const char **argv, int argc, const char *want, const char *name)
+static void expect_quote(lua_State *L, const char **argv, int argc, const char *want,
+			 const char *name)
 {
 	size_t lens[16];
 	for (int i = 0; i < argc; i++)
@@ -150,9 +151,10 @@ int main(void)
 		     "plain words are not quoted");
 	expect_quote(L, (const char *[]){"a b", ""}, 2, "'a b' ''", "space and empty string");
 	expect_quote(L, (const char *[]){"it's"}, 1, "'it'\\''s'", "single quote becomes '\\''");
-	expect_quote(L, (const char *[]){"$(id)", "`id`", "a;b", "\\"}, 4, "'$(id)' '`id`' 'a;b' '\\'",
-		     "$ ` ; \\ are quoted");
-	expect_quote(L, (const char *[]){"a\nb", "*"}, 2, "'a\nb' '*'", "newline and glob are quoted");
+	expect_quote(L, (const char *[]){"$(id)", "`id`", "a;b", "\\"}, 4,
+		     "'$(id)' '`id`' 'a;b' '\\'", "$ ` ; \\ are quoted");
+	expect_quote(L, (const char *[]){"a\nb", "*"}, 2, "'a\nb' '*'",
+		     "newline and glob are quoted");
 
 	const char *err = NULL;
 	size_t nul_len = 3;
