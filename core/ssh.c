@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -355,20 +356,35 @@ static int expected_host_key(lua_State *L, const char *line, const char *file, s
 	return line || file;
 }
 
+static void drop_transport(struct session *S);
+
+/* Raise a connect error after freeing socket and session at once (not at the next GC:
+ * a recipe retrying connect in a loop must not pile up sockets). */
+static void __attribute__((noreturn, format(printf, 3, 4)))
+fail_connected(lua_State *L, struct session *S, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	drop_transport(S);
+	fc_error(L, "ssh: %s: %s", S->where, msg);
+}
+
 static void verify_host_key(lua_State *L, struct session *S, const struct hostkey *want)
 {
 	size_t len = 0;
 	int type = 0;
 	const char *got = libssh2_session_hostkey(S->s, &len, &type);
 	if (!got)
-		fc_error(L, "ssh: %s: server sent no host key", S->where);
+		fail_connected(L, S, "server sent no host key");
 	if (len == want->len && memcmp(got, want->blob, len) == 0)
 		return;
 	char fw[64], fg[64];
 	fingerprint(want->blob, want->len, fw, sizeof fw);
 	fingerprint((const unsigned char *)got, len, fg, sizeof fg);
-	fc_error(L, "ssh: %s: host key mismatch: expected %s got %s (refusing to connect)",
-		 S->where, fw, fg);
+	fail_connected(L, S, "host key mismatch: expected %s got %s (refusing to connect)", fw, fg);
 }
 
 /* ---- session lifetime ---- */
@@ -594,15 +610,13 @@ static void authenticate(lua_State *L, struct session *S, const struct connect_o
 	if (rc == 0)
 		return;
 	if (rc == LIBSSH2_ERROR_TIMEOUT)
-		fc_error(L, "ssh: %s: timed out after %g s (last: authentication as %s pending)",
-			 S->where, o->timeout_s, o->user);
+		fail_connected(L, S, "timed out after %g s (last: authentication as %s pending)",
+			       o->timeout_s, o->user);
 	if (rc == LIBSSH2_ERROR_AUTHENTICATION_FAILED || rc == LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED)
-		fc_error(L, "ssh: %s: authentication refused for %s with key %s", S->where, o->user,
-			 o->key);
+		fail_connected(L, S, "authentication refused for %s with key %s", o->user, o->key);
 	if (rc == LIBSSH2_ERROR_FILE)
-		fc_error(L, "ssh: %s: cannot use key %s: %s", S->where, o->key, session_errmsg(S));
-	fc_error(L, "ssh: %s: authentication as %s failed: %s", S->where, o->user,
-		 session_errmsg(S));
+		fail_connected(L, S, "cannot use key %s: %s", o->key, session_errmsg(S));
+	fail_connected(L, S, "authentication as %s failed: %s", o->user, session_errmsg(S));
 }
 
 static int l_connect(lua_State *L)

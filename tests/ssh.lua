@@ -295,6 +295,13 @@ local function test_auth_errors(srv, other, lab, name)
 	t.raises(function() ssh.connect(srv:opts{key = stranger}) end,
 		"authentication refused for root with key " .. stranger:gsub("%p", "%%%0"),
 		name .. ": wrong client key refused")
+	local listdir = require("fireclaw.runtime").listdir
+	local before = #listdir("/proc/self/fd")
+	for _ = 1, 10 do
+		pcall(ssh.connect, srv:opts{key = stranger})
+		pcall(ssh.connect, srv:opts{host_key = other.host_key})
+	end
+	t.is(#listdir("/proc/self/fd"), before, name .. ": failed connects leave no fd behind (no GC needed)")
 end
 
 local function test_close(srv, name)
