@@ -10,6 +10,12 @@
  *   session:close()                                                      (idempotent, __gc)
  *   ssh.quote(argv) -> string    (the POSIX shell quoting exec uses for an argv)
  *
+ * exec results: `signal` (e.g. "KILL") and no `status` when the server reports the command
+ * died of a signal; on timeout `timed_out=true` and no status. A shell may also report a
+ * killed child as status 128+N: what the server says is what is returned. Every command
+ * runs with FIRECLAW_EXEC_TAG=<random> in its environment; that is how a timed-out or
+ * interrupted command is killed (see kill_tagged).
+ *
  * libssh2 runs in non-blocking mode and every wait is a poll() on the session's socket
  * through fc_poll, so Ctrl-C interrupts any operation and a deadline bounds it. A
  * libssh2 call that would block returns LIBSSH2_ERROR_EAGAIN and must be called again with
