@@ -32,6 +32,12 @@ UNIT := $(patsubst tests/unit/%.c,build/unit/%,$(wildcard tests/unit/*.c))
 
 all: fireclaw
 
+# both builds write ./fireclaw: relink whenever the flavour changes
+FLAVOUR := $(if $(filter 1,$(SANITIZE)),sanitize,normal)
+build/flavour: FORCE
+	@mkdir -p build
+	@echo $(FLAVOUR) | cmp -s - $@ || echo $(FLAVOUR) > $@
+
 build/.deps: tools/deps.sh
 	@mkdir -p build
 	@tools/deps.sh --check 2>/dev/null || tools/deps.sh
@@ -43,7 +49,7 @@ build/pkg.mk: build/.deps
 	@mv $@.tmp $@
 -include build/pkg.mk
 
-fireclaw: $(OBJS)
+fireclaw: $(OBJS) build/flavour
 	$(CC) $(LDFLAGS) -o $@ $(OBJS) $(PKG_LIBS) $(LDLIBS)
 
 $(OBJDIR)/%.o: core/%.c core/fc.h build/pkg.mk
@@ -65,7 +71,7 @@ build/modules.c: Makefile $(CSRC)
 	  for m in $(MODULES); do echo "	{\"$$m\", luaopen_fireclaw_$$m},"; done; \
 	  echo '	{NULL, NULL},'; echo '};'; } > $@
 
-build/unit/%: tests/unit/%.c $(LIBOBJS)
+build/unit/%: tests/unit/%.c $(LIBOBJS) build/flavour
 	@mkdir -p build/unit
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $< $(LIBOBJS) $(PKG_LIBS) $(LDLIBS)
 
@@ -86,4 +92,4 @@ format:
 clean:
 	rm -rf build fireclaw
 
-.PHONY: all test deps install format clean
+.PHONY: all test deps install format clean FORCE

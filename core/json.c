@@ -266,7 +266,8 @@ static int l_decode(lua_State *L)
 	json_tokener *tok = json_tokener_new_ex(MAX_DEPTH);
 	if (!tok)
 		fc_error(L, "json: out of memory");
-	json_object *o = json_tokener_parse_ex(tok, s, (int)len);
+	/* include the terminating NUL: it tells json-c a trailing number is complete */
+	json_object *o = json_tokener_parse_ex(tok, s, (int)len + 1);
 	enum json_tokener_error err = json_tokener_get_error(tok);
 	size_t offset = json_tokener_get_parse_end(tok);
 	json_tokener_free(tok);

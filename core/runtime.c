@@ -73,27 +73,31 @@ static const struct fc_embedded *find_embedded(int kind, const char *name)
 	return NULL;
 }
 
+/* Load an override file for a module or recipe if one is on the search path: pushes its
+ * function and returns 1 (raises on a syntax error), or returns 0. */
+static int load_override(lua_State *L, int kind, const char *name)
+{
+	char rel[512];
+	snprintf(rel, sizeof rel, "%s.lua", name);
+	if (kind == FC_EMBED_MODULE) /* fireclaw.vm -> fireclaw/vm.lua */
+		for (char *p = rel; *p && strcmp(p, ".lua") != 0; p++)
+			if (*p == '.')
+				*p = '/';
+	if (!push_override(L, rel))
+		return 0;
+	int rc = luaL_loadfile(L, lua_tostring(L, -1));
+	lua_remove(L, -2);
+	if (rc != 0)
+		lua_error(L);
+	return 1;
+}
+
 /* Load (not run) the chunk for a module or recipe: an override file if one exists, else
  * the embedded source. Pushes the function, or raises with a message naming the file. */
 static int load_chunk(lua_State *L, int kind, const char *name, int required)
 {
-	char rel[512];
-	if (kind == FC_EMBED_MODULE) {
-		snprintf(rel, sizeof rel, "%s.lua", name);
-		for (char *p = rel; *p && strcmp(p, ".lua") != 0; p++)
-			if (*p == '.')
-				*p = '/';
-	} else {
-		snprintf(rel, sizeof rel, "%s.lua", name);
-	}
-	if (push_override(L, rel)) {
-		const char *path = lua_tostring(L, -1);
-		int rc = luaL_loadfile(L, path);
-		lua_remove(L, -2);
-		if (rc != 0)
-			lua_error(L);
+	if (load_override(L, kind, name))
 		return 1;
-	}
 	const struct fc_embedded *e = find_embedded(kind, name);
 	if (!e) {
 		if (required)
@@ -116,9 +120,16 @@ static int embedded_loader(lua_State *L)
 	return 1;
 }
 
-/* package.preload loader aliasing fireclaw.X to the C module fireclaw.core.X. */
+/* package.preload loader aliasing fireclaw.X to the C module fireclaw.core.X, unless a
+ * file on the search path overrides fireclaw.X (arg 1: the name being required). */
 static int alias_loader(lua_State *L)
 {
+	const char *name = luaL_checkstring(L, 1);
+	if (load_override(L, FC_EMBED_MODULE, name)) {
+		lua_pushstring(L, name);
+		lua_call(L, 1, 1);
+		return 1;
+	}
 	lua_getglobal(L, "require");
 	lua_pushvalue(L, lua_upvalueindex(1));
 	lua_call(L, 1, 1);

@@ -116,14 +116,16 @@ local function describe(src)
 end
 
 local function recipe_list()
-	local found = {}
+	local found, from_disk = {}, {}
 	for name in pairs(runtime.embedded("recipe")) do
 		found[name] = describe(runtime.source("recipe", name))
 	end
+	-- the first directory that has a recipe wins, as when running it
 	for _, dir in ipairs(runtime.search_dirs()) do
 		for _, file in ipairs(runtime.listdir(dir) or {}) do
 			local name = file:match("^(.+)%.lua$")
-			if name then
+			if name and not from_disk[name] then
+				from_disk[name] = true
 				local f = io.open(dir .. "/" .. file)
 				if f then
 					found[name] = describe(f:read("*l") or "") .. " [" .. dir .. "]"

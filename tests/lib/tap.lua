@@ -11,7 +11,13 @@ local function report(pass, name, diag)
 	io.write(pass and "ok " or "not ok ", n, " - ", name or "", "\n")
 	if not pass then
 		failed = failed + 1
-		local info = debug.getinfo(3, "Sl")
+		-- the first frame outside this file (tail calls hide some levels)
+		local level, info = 2, nil
+		repeat
+			info = debug.getinfo(level, "Sl")
+			level = level + 1
+		until not info or not info.short_src:find("tap%.lua$")
+		info = info or { short_src = "?", currentline = 0 }
 		io.write("#   at ", info.short_src, ":", info.currentline, "\n")
 		if diag then io.write("#   ", (tostring(diag):gsub("\n", "\n#   ")), "\n") end
 	end
