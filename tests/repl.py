@@ -1,0 +1,123 @@
+"""The REPL, driven through a pseudo-terminal: expressions, multi-line input, pretty
+printing, errors, module globals, Ctrl-C, history. Prints TAP."""
+import os, pty, re, select, shutil, sys, tempfile, time
+
+FC = os.environ.get("FIRECLAW", "./fireclaw")
+n = failed = 0
+
+
+def ok(cond, name, diag=""):
+    global n, failed
+    n += 1
+    if not cond:
+        failed += 1
+    print(("ok" if cond else "not ok"), n, "-", name)
+    if not cond and diag:
+        print("\n".join("#   " + l for l in diag.splitlines()))
+    sys.stdout.flush()
+
+
+class Repl:
+    def __init__(self, home):
+        env = dict(os.environ, HOME=home, TERM="dumb")
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execve(FC, [FC], env)
+        self.buf = b""
+
+    def read_until(self, pattern, timeout=10):
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern.encode())
+        while not rx.search(self.buf):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([self.fd], [], [], left)
+            if r:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:
+                    return None
+                if not data:
+                    return None
+                self.buf += data
+        m = rx.search(self.buf)
+        out, self.buf = self.buf[: m.end()], self.buf[m.end():]
+        return out.decode(errors="replace")
+
+    def send(self, line):
+        os.write(self.fd, line.encode() + b"\r")
+
+    def ask(self, line, prompt=r"fireclaw> $"):
+        self.send(line)
+        return self.read_until(prompt)
+
+    def close(self):
+        os.write(self.fd, b"\x04")  # Ctrl-D
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            select.select([self.fd], [], [], 0.05)
+            try:
+                os.read(self.fd, 4096)
+            except OSError:
+                pass
+        os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+        return None
+
+
+home = tempfile.mkdtemp()
+try:
+    r = Repl(home)
+    banner = r.read_until(r"fireclaw> $")
+    ok(banner is not None and "fireclaw" in banner, "banner and prompt", repr(banner))
+    out = r.ask("1+1")
+    ok(out is not None and "\n2\r\n" in out.replace("\r\r", "\r"), "a bare expression prints its value", repr(out))
+    out = r.ask("=math.max(3, 9)")
+    ok(out is not None and "9" in out, "=expr prints", repr(out))
+    out = r.send("function double(x)") or r.read_until(r">> $")
+    ok(out is not None, "an incomplete chunk asks for more", repr(out))
+    r.send("  return x * 2")
+    r.read_until(r">> $")
+    out = r.ask("end")
+    out = r.ask("double(21)")
+    ok(out is not None and "42" in out, "multi-line function defined and called", repr(out))
+    out = r.ask('{a = {1, 2}, name = "x"}')
+    ok(out is not None and re.search(r'a = \{\s+1,\s+2\s+\},\s+name = "x"', out.replace("\r", "")) is not None,
+       "tables are pretty-printed", repr(out))
+    out = r.ask("t = {} t.self = t")
+    out = r.ask("t")
+    ok(out is not None and "<cycle" in out, "cycles are marked", repr(out))
+    out = r.ask("big = {} for i = 1, 200 do big[i] = i end")
+    out = r.ask("big")
+    ok(out is not None and "150 more" in out, "long tables are elided", repr(out))
+    out = r.ask('error("oops", 0)')
+    ok(out is not None and "fireclaw: oops" in out, "an error is reported and the REPL goes on", repr(out))
+    out = r.ask("json.encode{1,2}")
+    ok(out is not None and '"[1,2]"' in out, "fireclaw modules are globals", repr(out))
+    r.send("print('loop' .. 'ing') while true do require('fireclaw.runtime').sleep(1) end")
+    r.read_until(r"looping\r\n")
+    os.write(r.fd, b"\x03")
+    out = r.read_until(r"fireclaw> $")
+    ok(out is not None and "interrupted by SIGINT" in out, "Ctrl-C interrupts the running chunk, not the REPL", repr(out))
+    out = r.ask("40 + 2")
+    ok(out is not None and "42" in out, "the REPL still works after Ctrl-C", repr(out))
+    status = r.close()
+    ok(status == 0, "Ctrl-D exits 0", repr(status))
+    hist = os.path.join(home, ".local/state/fireclaw/history")
+    text = open(hist, errors="replace").read() if os.path.exists(hist) else ""
+    ok("double(21)" in text.replace("\\040", " "), "history is saved", text[-300:])
+    r2 = Repl(home)
+    r2.read_until(r"fireclaw> $")
+    os.write(r2.fd, b"\x1b[A")  # up arrow: the last line from the saved history
+    r2.send("")
+    out = r2.read_until(r"fireclaw> $")
+    ok(out is not None and "42" in out, "history is loaded by the next REPL", repr(out))
+    r2.close()
+finally:
+    shutil.rmtree(home)
+print("1..%d" % n)
+sys.exit(1 if failed else 0)
