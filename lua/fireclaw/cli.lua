@@ -110,6 +110,22 @@ function M.parse(args, spec)
 	return opts, rest
 end
 
+-- Recipes double as libraries: another recipe loads one with cli.use("coldboot") and gets
+-- its table of functions; run from the command line, the same file runs its main. A
+-- recipe ends with:   return cli.recipe(M, main, ...)
+local LIBRARY = setmetatable({}, { __tostring = function() return "fireclaw.cli.LIBRARY" end })
+
+function M.recipe(lib, main, ...)
+	if select("#", ...) > 0 and (...) == LIBRARY then return lib end
+	return main({ ... })
+end
+
+function M.use(name)
+	local chunk = runtime.load_recipe(name)
+	if not chunk then error("no recipe named '" .. name .. "'", 0) end
+	return chunk(LIBRARY)
+end
+
 -- The one-line description of a recipe: the first comment line of its source.
 local function describe(src)
 	return src and src:match("^%-%-+%s*([^\n]*)") or ""

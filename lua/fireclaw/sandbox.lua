@@ -1,0 +1,150 @@
+-- fireclaw.sandbox: one throw-away VM with everything around it — its record, its network
+-- namespace and tap, its disk copy, the VMM, and an SSH session to the guest. The recipes
+-- (coldboot, restore, run, snapshot) are sequences of these steps:
+--
+--   local sb = sandbox.new{image = "default", vcpu = 1, mem_mib = 256, vmm = "auto"}
+--   sb:network()              -- namespace fc-<id> with tap0 (172.16.0.1/30, fixed MACs)
+--   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse)
+--   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot
+--   sb:connect()              -- SSH with the image's pinned host key
+--   local r = sb:exec({"uname", "-a"}, {on_stdout = …})
+--   sb:destroy()              -- everything above, undone; safe twice, never raises
+--
+-- The record (fireclaw.state) is written before anything else exists, so a fireclaw that
+-- dies at any point is cleaned up by `fireclaw cleanup`. sb.timer has the stage times.
+local config = require "fireclaw.config"
+local image = require "fireclaw.image"
+local log = require "fireclaw.log"
+local net = require "fireclaw.net"
+local rootfs = require "fireclaw.rootfs"
+local ssh = require "fireclaw.ssh"
+local state = require "fireclaw.state"
+local vm = require "fireclaw.vm"
+
+local M = {}
+local Sandbox = {}
+Sandbox.__index = Sandbox
+
+function M.new(opts)
+	opts = opts or {}
+	local img = image.load(opts.image or config.image)
+	local rec = state.create { image = img.name, keep = opts.keep }
+	local self = setmetatable({
+		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
+		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
+		keep = opts.keep, timer = log.timer("VM " .. rec.id),
+	}, Sandbox)
+	local ok, err = pcall(function()
+		self.vm = vm.new { id = self.id, dir = self.dir, vmm = opts.vmm, accel = opts.accel,
+			netns = self.netns, tap = config.net.tap, mac = config.net.guest_mac, keep = opts.keep }
+	end)
+	if not ok then
+		self:destroy()
+		error(err, 0)
+	end
+	self.timer:stage("record")
+	return self
+end
+
+function Sandbox:network()
+	local n = config.net
+	net.netns_create(self.netns)
+	net.tap_create(self.netns, { name = n.tap, addr = n.host_ip .. "/" .. n.prefix, mac = n.tap_mac,
+		guest_ip = n.guest_ip, guest_mac = n.guest_mac })
+	self.timer:stage("network")
+end
+
+function Sandbox:disk(src)
+	self.disk_path = self.dir .. "/disk.ext4"
+	self.disk_method = rootfs.copy(src, self.disk_path)
+	self.timer:stage("disk copy (" .. self.disk_method .. ")")
+end
+
+-- What the VMM needs to boot this image (also what a restore must repeat exactly).
+function Sandbox:boot_spec()
+	local img = self.img
+	return {
+		kernel = self.vm.vmm == "firecracker" and (img.vmlinux or img.kernel) or img.kernel,
+		initrd = img.initrd,
+		boot_args = image.boot_args(img, { tcg = self.vm.vmm == "qemu" and self.vm.accel == "tcg" }),
+		rootfs = self.disk_path, vcpu = self.vcpu, mem_mib = self.mem_mib,
+	}
+end
+
+local function record_vmm(self)
+	state.update(self.rec, { vmm = { pid = self.vm.pid, start = self.vm.starttime, name = self.vm.vmm } })
+end
+
+function Sandbox:boot()
+	self.how = "cold"
+	self.vm:boot(self:boot_spec())
+	record_vmm(self)
+	self.timer:stage("VMM boot (" .. self.vm.vmm .. ")")
+end
+
+-- Restore from a loaded snapshot (fireclaw.snapshot.load); the disk must be a copy of the
+-- snapshot's own disk.ext4.
+function Sandbox:restore(snap)
+	self.how = "snapshot"
+	local spec = self:boot_spec()
+	spec.vcpu, spec.mem_mib = snap.vcpu, snap.mem_mib
+	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
+	self.vm:restore(snap.dir, spec)
+	record_vmm(self)
+	self.timer:stage("VMM restore (" .. self.vm.vmm .. ")")
+end
+
+function Sandbox:connect(timeout)
+	self.session = ssh.connect {
+		netns = self.netns, host = config.net.guest_ip, port = 22, user = "root",
+		key = self.img.client_key, host_key = self.img.host_key, timeout = timeout or 60,
+	}
+	self.timer:stage("SSH ready")
+	return self.session
+end
+
+-- Run a command in the guest (argv table or shell string); see fireclaw.ssh for opts.
+function Sandbox:exec(cmd, opts)
+	if not self.session then self:connect() end
+	return self.session:exec(cmd, opts)
+end
+
+-- Set the guest clock to the host's (a restored guest wakes up at snapshot time).
+function Sandbox:set_clock()
+	local r = self:exec(string.format("date -s @%d >/dev/null", os.time()))
+	if r.status ~= 0 then error("sandbox: setting the guest clock failed: " .. (r.stderr or ""), 0) end
+	self.timer:stage("clock set")
+end
+
+function Sandbox:put(localpath, remote, mode) return self.session:put(localpath, remote, mode) end
+function Sandbox:get(remote, localpath) return self.session:get(remote, localpath) end
+
+-- How to reach a VM kept with --keep, and how to remove it.
+function Sandbox:reach_hint()
+	return string.format("VM %s is still running (vmm pid %s).\n"
+		.. "  reach it: ip netns exec %s ssh -i %s -o UserKnownHostsFile=/dev/null "
+		.. "-o StrictHostKeyChecking=no root@%s\n  remove it: fireclaw rm %s\n",
+		self.id, tostring(self.vm.pid), self.netns, self.img.client_key, config.net.guest_ip, self.id)
+end
+
+-- Tear everything down; never raises (it runs on error paths and from signals).
+function Sandbox:destroy()
+	if self.destroyed then return end
+	self.destroyed = true
+	if self.session then pcall(self.session.close, self.session) end
+	if self.vm then pcall(self.vm.destroy, self.vm) end
+	local ok, err = pcall(state.reap, self.rec)
+	if not ok then log.note("VM %s: cleanup incomplete (%s); run: fireclaw cleanup", self.id, tostring(err)) end
+	self.timer:stage("teardown")
+end
+
+-- Run fn(sb) and destroy the sandbox afterwards, whatever happens (error, Ctrl-C).
+function M.with(sb, fn, ...)
+	local res = { pcall(fn, sb, ...) }
+	if not sb.keep then sb:destroy() end
+	if not res[1] then error(res[2], 0) end
+	return unpack(res, 2)
+end
+
+M.Sandbox = Sandbox
+return M

@@ -1,0 +1,137 @@
+-- fireclaw.state: the records of live VMs, so that nothing outlives its owner.
+--
+-- One directory per VM, $FIRECLAW_RUN/vms/<id>/ (0700), holding record.json and the VM's
+-- files (sockets, logs, disk copy). The record is written *before* any resource exists
+-- and updated as resources appear, so a fireclaw killed at any point leaves enough
+-- behind for `fireclaw cleanup` to undo it:
+--   {id, netns, owner = {pid, start}, vmm = {pid, start, name}, image, created, keep}
+-- A VM is stale when its owner process is gone (pid + start time: pids are reused) and
+-- it was not started with --keep. Reaping kills the VMM only if its pid still has the
+-- recorded start time, deletes the namespace, and removes the directory.
+local config = require "fireclaw.config"
+local fs = require "fireclaw.fs"
+local json = require "fireclaw.json"
+local proc = require "fireclaw.proc"
+local runtime = require "fireclaw.runtime"
+
+local M = {}
+
+local function vms_dir() return config.run_dir .. "/vms" end
+
+-- A fresh VM id: 6 hex digits from the kernel's random source.
+function M.new_id()
+	local f = assert(io.open("/dev/urandom", "rb"))
+	local b = f:read(3)
+	f:close()
+	return (b:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+
+function M.netns_name(id) return "fc-" .. id end
+
+local function record_path(dir) return dir .. "/record.json" end
+
+local function save(rec)
+	fs.write(record_path(rec.dir), json.encode(rec, { pretty = true }), "600")
+end
+
+-- Create the record (and the VM directory) for a new VM owned by this process.
+function M.create(fields)
+	local id = fields.id or M.new_id()
+	local dir = config.vm_dir(id)
+	local ok, err = pcall(function()
+		fs.mkdir_p(vms_dir(), "700")
+		fs.mkdir(dir, "700")
+	end)
+	if not ok then
+		error(string.format("state: cannot create the VM directory (%s); is %s writable? "
+			.. "(FIRECLAW_RUN changes it)", err:gsub("^fs: ", ""), config.run_dir), 0)
+	end
+	local me = proc.getpid()
+	local rec = {
+		id = id, dir = dir, netns = M.netns_name(id),
+		owner = { pid = me, start = proc.starttime(me) },
+		created = os.time(), image = fields.image, keep = fields.keep or false,
+	}
+	save(rec)
+	return rec
+end
+
+-- Record new facts (e.g. the VMM's pid once it is spawned).
+function M.update(rec, fields)
+	for k, v in pairs(fields) do rec[k] = v end
+	save(rec)
+	return rec
+end
+
+function M.owner_alive(rec)
+	local o = rec.owner
+	return o ~= nil and o.pid ~= nil and proc.alive(o.pid, o.start)
+end
+
+function M.vmm_alive(rec)
+	local v = rec.vmm
+	return v ~= nil and v.pid ~= nil and proc.alive(v.pid, v.start)
+end
+
+-- All records, oldest first. A directory without a readable record (a crash before the
+-- first write completed) is returned as {id=, dir=, broken=true} so cleanup removes it.
+function M.list()
+	local out = {}
+	for _, id in ipairs(runtime.listdir(vms_dir()) or {}) do
+		local dir = vms_dir() .. "/" .. id
+		local data = fs.read(record_path(dir))
+		local ok, rec = pcall(json.decode, data or "")
+		if ok and type(rec) == "table" and rec.id == id then
+			rec.dir = dir
+			out[#out + 1] = rec
+		elseif fs.is_dir(dir) then
+			out[#out + 1] = { id = id, dir = dir, netns = M.netns_name(id), broken = true, created = 0 }
+		end
+	end
+	table.sort(out, function(a, b) return (a.created or 0) < (b.created or 0) end)
+	return out
+end
+
+function M.find(id)
+	for _, rec in ipairs(M.list()) do
+		if rec.id == id or rec.netns == id then return rec end
+	end
+	return nil
+end
+
+function M.is_stale(rec)
+	return rec.broken or (not rec.keep and not M.owner_alive(rec))
+end
+
+-- Undo everything a record says exists; safe to run twice and on partial records.
+-- Returns a list of what was done, for `fireclaw cleanup -v`.
+function M.reap(rec)
+	local done = {}
+	if rec.vmm and rec.vmm.pid and proc.kill(rec.vmm.pid, rec.vmm.start or 0, 9, 2) then
+		done[#done + 1] = "killed VMM " .. rec.vmm.pid
+	end
+	local net = require "fireclaw.net"
+	if rec.netns and net.netns_exists(rec.netns) then
+		net.netns_delete(rec.netns)
+		done[#done + 1] = "deleted namespace " .. rec.netns
+	end
+	if rec.dir and fs.exists(rec.dir) then
+		fs.rm_rf(rec.dir)
+		done[#done + 1] = "removed " .. rec.dir
+	end
+	return done
+end
+
+-- Reap every stale VM (owner gone). Cheap when there is nothing to do: one listdir.
+function M.reap_stale()
+	local reaped = {}
+	for _, rec in ipairs(M.list()) do
+		if M.is_stale(rec) then
+			M.reap(rec)
+			reaped[#reaped + 1] = rec.id
+		end
+	end
+	return reaped
+end
+
+return M

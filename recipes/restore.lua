@@ -1,0 +1,70 @@
+-- Restore a VM from a snapshot and wait until SSH answers (the fast half of `run`)
+--
+-- As a library (cli.use "restore"):
+--   restore.find(opts) -> snapshot meta, or nil and why it cannot be used
+--   restore.restore(opts, snap) -> a sandbox ready for exec
+-- Alone: restores, prints the stage times, runs CMD if given, destroys the VM.
+local cli = require "fireclaw.cli"
+local image = require "fireclaw.image"
+local sandbox = require "fireclaw.sandbox"
+local snapshot = require "fireclaw.snapshot"
+local vm = require "fireclaw.vm"
+
+local M = {}
+
+-- The snapshot to restore for these options, if there is a usable one.
+function M.find(opts)
+	local img = image.load(opts.image or "default")
+	local snap, why = snapshot.load(opts.snapshot or img.name)
+	if not snap then return nil, why end
+	local d = vm.detect { vmm = opts.vmm, accel = opts.accel }
+	local version = d.vmm == "firecracker" and d.firecracker_version or d.qemu_version
+	local ok, reason = snapshot.compatible(snap, img, d.vmm, version)
+	if not ok then return nil, string.format("snapshot '%s' cannot be used: %s", snap.name, reason) end
+	return snap
+end
+
+function M.restore(opts, snap)
+	local sb = sandbox.new(opts)
+	local ok, err = pcall(function()
+		sb:network()                  -- namespace fc-<id> with tap0, same addresses and MACs
+		sb:disk(snap.disk)            -- this clone's own copy of the snapshot-time disk
+		sb:restore(snap)              -- a fresh VMM loads device state + memory (copy-on-write)
+		sb:connect(opts.boot_timeout) -- the guest's sshd, running since the snapshot
+	end)
+	if not ok then
+		sb:destroy()
+		error(err, 0)
+	end
+	return sb
+end
+
+local function main(args)
+	local opts, cmd = cli.parse(args, {
+		usage = "fireclaw restore [options] [-- CMD [ARGS…]]",
+		about = "Restore a VM from a snapshot, print where the time went, run CMD if given, destroy it.",
+		{ "--image NAME", "image", default = "default" },
+		{ "--snapshot NAME", "snapshot (default: the image's)" },
+		{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
+		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
+		{ "-v, --verbose", "progress lines" },
+	})
+	local o = { image = opts.image, snapshot = opts.snapshot, vmm = opts.vmm, keep = opts.keep }
+	local snap, why = M.find(o)
+	if not snap then error(why .. " (create one with: fireclaw snapshot create)", 0) end
+	local sb = M.restore(o, snap)
+	return sandbox.with(sb, function()
+		sb:set_clock()
+		for _, s in ipairs(sb.timer.stages) do io.stderr:write(string.format("%-28s %8.1f ms\n", s.name, s.ms)) end
+		local status = 0
+		if #cmd > 0 then
+			local r = sb:exec(cmd, { on_stdout = function(d) io.stdout:write(d) end,
+				on_stderr = function(d) io.stderr:write(d) end })
+			status = r.status or 128
+		end
+		if opts.keep then io.stderr:write(sb:reach_hint()) end
+		return status
+	end)
+end
+
+return cli.recipe(M, main, ...)

@@ -1,0 +1,147 @@
+-- Run a command in a throw-away microVM (from the image's snapshot when there is one)
+--
+--   fireclaw run [options] -- CMD [ARGS…]
+-- Restores from the image's snapshot when a usable one exists (else cold boots), runs CMD
+-- over SSH with its output streamed, exits with its status (128+N if killed by signal N,
+-- 124 on --timeout) and destroys the VM whatever happens.
+local cli = require "fireclaw.cli"
+local ffi = require "ffi"
+local fs = require "fireclaw.fs"
+local image = require "fireclaw.image"
+local json = require "fireclaw.json"
+local log = require "fireclaw.log"
+local runtime = require "fireclaw.runtime"
+local sandbox = require "fireclaw.sandbox"
+local state = require "fireclaw.state"
+
+local coldboot = cli.use "coldboot"
+local restore = cli.use "restore"
+
+ffi.cdef "int isatty(int fd);"
+
+local SIGNALS = { HUP = 1, INT = 2, QUIT = 3, ILL = 4, TRAP = 5, ABRT = 6, BUS = 7, FPE = 8, KILL = 9,
+	USR1 = 10, SEGV = 11, USR2 = 12, PIPE = 13, ALRM = 14, TERM = 15 }
+
+local SPEC = {
+	usage = "fireclaw run [options] -- CMD [ARGS…]",
+	about = "Run CMD in a throw-away microVM: restore from the image's snapshot (or cold boot),\n"
+		.. "stream its output, exit with its status, destroy the VM.",
+	{ "--image NAME", "image to run", default = "default" },
+	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
+	{ "--mem MIB", "memory in MiB (cold boot)", type = "number", default = 256 },
+	{ "--timeout S", "stop CMD after S seconds (exit status 124)", type = "number" },
+	{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
+	{ "--no-snapshot", "always cold boot" },
+	{ "--put LOCAL:REMOTE", "copy a file into the guest before CMD (repeatable)", multi = true },
+	{ "--get REMOTE:LOCAL", "copy a file out of the guest after CMD (repeatable)", multi = true },
+	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
+	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
+	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id} instead of streaming" },
+	{ "--max-output BYTES", "with --json: keep at most this much of each stream", type = "number",
+		default = 16 * 1024 * 1024 },
+	{ "-v, --verbose", "progress lines with the time of each stage" },
+}
+
+-- Check everything the user typed before a VM exists: bad input costs nothing.
+local function check_options(o, cmd)
+	if #cmd == 0 then cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])") end
+	if o.vcpu < 1 or o.vcpu > 64 or o.vcpu % 1 ~= 0 then cli.usage_error("--vcpu must be 1 to 64, got %s", o.vcpu) end
+	if o.mem < 64 or o.mem > 65536 or o.mem % 1 ~= 0 then
+		cli.usage_error("--mem must be 64 to 65536 MiB, got %s", o.mem)
+	end
+	if o.timeout and o.timeout <= 0 then cli.usage_error("--timeout must be positive") end
+	o.puts, o.gets, o.envs = {}, {}, {}
+	for _, p in ipairs(o.put) do
+		local l, r = p:match("^([^:]+):(.+)$")
+		if not l then cli.usage_error("--put wants LOCAL:REMOTE, got '%s'", p) end
+		if not fs.exists(l) or fs.is_dir(l) then cli.usage_error("--put: no such file '%s'", l) end
+		o.puts[#o.puts + 1] = { l, r }
+	end
+	for _, g in ipairs(o.get) do
+		local r, l = g:match("^([^:]+):(.+)$")
+		if not r then cli.usage_error("--get wants REMOTE:LOCAL, got '%s'", g) end
+		local parent = l:match("^(.*)/[^/]*$") or "."
+		if parent ~= "" and not fs.is_dir(parent) then cli.usage_error("--get: no directory '%s' for '%s'", parent, l) end
+		o.gets[#o.gets + 1] = { r, l }
+	end
+	for _, e in ipairs(o.env) do
+		local k, v = e:match("^([%a_][%w_]*)=(.*)$")
+		if not k then cli.usage_error("--env wants K=V with a valid name, got '%s'", e) end
+		o.envs[k] = v
+	end
+end
+
+-- A VM ready for exec: restored from the snapshot if possible, else cold booted.
+local function start_vm(o)
+	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep }
+	if not o.no_snapshot then
+		local snap, why = restore.find(vmopts)
+		if snap then
+			local sb = restore.restore(vmopts, snap)
+			return sb
+		end
+		if not why:match("^no snapshot named") then log.note("%s; cold booting", why) end
+	end
+	return coldboot.boot(vmopts)
+end
+
+local function exit_status(r)
+	if r.timed_out then return 124 end
+	if r.signal then return 128 + (SIGNALS[r.signal] or tonumber(r.signal) or 0) end
+	return r.status or 1
+end
+
+local function run_command(sb, o, cmd)
+	for _, p in ipairs(o.puts) do sb:put(p[1], p[2]) end
+	local ssh = require "fireclaw.ssh"
+	local line = ssh.quote(cmd)
+	-- a restored guest wakes up at snapshot time: set its clock in the same round trip
+	if sb.how == "snapshot" then line = string.format("date -s @%d >/dev/null 2>&1; %s", os.time(), line) end
+	local opts = { env = o.envs, timeout = o.timeout }
+	if ffi.C.isatty(0) == 0 then opts.stdin = 0 end
+	if o.json then
+		opts.max_capture = o.max_output
+	else
+		opts.on_stdout = function(d) io.stdout:write(d) io.stdout:flush() end
+		opts.on_stderr = function(d) io.stderr:write(d) io.stderr:flush() end
+	end
+	local r = sb:exec(line, opts)
+	sb.timer:stage("command")
+	for _, g in ipairs(o.gets) do sb:get(g[1], g[2]) end
+	return r
+end
+
+local function main(args)
+	local o, cmd = cli.parse(args, SPEC)
+	check_options(o, cmd)
+	state.reap_stale()
+	if not image.exists(o.image) then
+		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end
+		log.note("no default image yet: building it (once)")
+		image.build { name = "default" }
+	end
+	local t0 = runtime.now()
+	local sb = start_vm(o)
+	local r = sandbox.with(sb, run_command, o, cmd)
+	if o.keep then io.stderr:write(sb:reach_hint()) end
+	local status = exit_status(r)
+	if r.timed_out then log.note("command timed out after %g s", o.timeout) end
+	if o.json then
+		local truncated = (r.stdout_truncated or r.stderr_truncated) and true or nil
+		io.stdout:write(json.encode {
+			exit_code = status, stdout = r.stdout or "", stderr = r.stderr or "",
+			duration_ms = math.floor((runtime.now() - t0) * 1000 + 0.5), boot = sb.how, vm_id = sb.id,
+			timed_out = r.timed_out or nil, signal = r.signal, truncated = truncated,
+			stages = (function()
+				local s = json.array()
+				for i, st in ipairs(sb.timer.stages) do s[i] = { name = st.name, ms = math.floor(st.ms * 10 + 0.5) / 10 } end
+				return s
+			end)(),
+		}, "\n")
+		if truncated then log.note("output beyond %d bytes per stream was dropped (--max-output)", o.max_output) end
+	end
+	log.info("VM %s: %s run, total %.1f ms", sb.id, sb.how, (runtime.now() - t0) * 1000)
+	return status
+end
+
+return cli.recipe({ start_vm = start_vm, check_options = check_options }, main, ...)

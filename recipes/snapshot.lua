@@ -1,0 +1,122 @@
+-- Snapshots: create one from a warm VM, list, show, remove
+--
+--   fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB]
+--   fireclaw snapshot list | info [SNAP] | rm SNAP
+-- create: cold boot, wait until SSH answers (the snapshot is taken warm), pause, save
+-- device state + memory + the disk as of that moment + meta.json, destroy the VM.
+local cli = require "fireclaw.cli"
+local config = require "fireclaw.config"
+local image = require "fireclaw.image"
+local json = require "fireclaw.json"
+local log = require "fireclaw.log"
+local rootfs = require "fireclaw.rootfs"
+local sandbox = require "fireclaw.sandbox"
+local snapshot = require "fireclaw.snapshot"
+local state = require "fireclaw.state"
+
+local coldboot = cli.use "coldboot"
+
+local M = {}
+
+-- Take snapshot NAME of a running sandbox (it ends paused; the caller destroys it).
+function M.take(sb, name)
+	local tmp = snapshot.begin(name)
+	local ok, res = pcall(function()
+		-- a restored guest must not wake up holding a session to a client that is gone
+		sb.session:close()
+		local info = sb.vm:snapshot(tmp)           -- pause; device state + memory
+		sb.timer:stage("snapshot (" .. info.vmm .. ")")
+		rootfs.copy(sb.disk_path, tmp .. "/disk.ext4") -- the disk exactly as the memory knows it
+		sb.timer:stage("disk saved")
+		local n = config.net
+		return snapshot.commit(tmp, name, {
+			image = sb.img.name, image_sha256 = snapshot.image_sha256(sb.img),
+			vmm = info.vmm, vmm_version = info.vmm_version, accel = info.accel,
+			vcpu = sb.vcpu, mem_mib = sb.mem_mib, boot_args = sb:boot_spec().boot_args,
+			guest_ip = n.guest_ip, guest_mac = n.guest_mac, tap_mac = n.tap_mac,
+			host_key = sb.img.host_key, vmm_info = info,
+		})
+	end)
+	if not ok then
+		snapshot.abort(tmp)
+		error(res, 0)
+	end
+	return res
+end
+
+function M.create(opts)
+	local img = image.load(opts.image or "default")
+	local sb = coldboot.boot { image = img.name, vcpu = opts.vcpu, mem_mib = opts.mem_mib, vmm = opts.vmm }
+	return sandbox.with(sb, M.take, opts.name or img.name)
+end
+
+local function human(n)
+	if n >= 2 ^ 30 then return string.format("%.1f GiB", n / 2 ^ 30) end
+	return string.format("%.1f MiB", n / 2 ^ 20)
+end
+
+local function cmd_create(args)
+	local o = cli.parse(args, {
+		usage = "fireclaw snapshot create [options]",
+		{ "--image NAME", "image to boot", default = "default" },
+		{ "--name SNAP", "snapshot name (default: the image's name, which run uses)" },
+		{ "--vcpu N", "vCPUs", type = "number", default = 1 },
+		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
+		{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
+		{ "-v, --verbose", "progress lines" },
+	})
+	state.reap_stale()
+	snapshot.clean_temp()
+	local t0 = require("fireclaw.runtime").now()
+	local meta = M.create { image = o.image, name = o.name, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm }
+	log.note("snapshot '%s' created in %.1f s (%s %s, %d MiB) at %s", meta.name,
+		require("fireclaw.runtime").now() - t0, meta.vmm, meta.vmm_version or "", meta.mem_mib, meta.dir)
+	return 0
+end
+
+local function cmd_list()
+	local list = snapshot.list()
+	if #list == 0 then print("no snapshots (create one with: fireclaw snapshot create)") return 0 end
+	print(string.format("%-16s %-10s %-12s %-6s %-8s %s", "NAME", "IMAGE", "VMM", "VCPU", "MEM", "CREATED"))
+	for _, s in ipairs(list) do
+		local m = s.meta
+		if m then
+			print(string.format("%-16s %-10s %-12s %-6d %-8s %s", s.name, m.image, m.vmm .. " " .. (m.vmm_version or ""),
+				m.vcpu, m.mem_mib .. "M", os.date("%Y-%m-%d %H:%M", m.created)))
+		else
+			print(string.format("%-16s (unusable: %s)", s.name, s.error))
+		end
+	end
+	return 0
+end
+
+local function cmd_info(args)
+	local name = args[1] or "default"
+	local meta, why = snapshot.load(name)
+	if not meta then error("snapshot: " .. why, 0) end
+	io.stdout:write(json.encode(meta, { pretty = true }), "\n")
+	return 0
+end
+
+local function cmd_rm(args)
+	if #args == 0 then cli.usage_error("snapshot rm needs a name") end
+	for _, name in ipairs(args) do snapshot.remove(name) log.note("removed snapshot '%s'", name) end
+	return 0
+end
+
+local COMMANDS = { create = cmd_create, list = cmd_list, ls = cmd_list, info = cmd_info, rm = cmd_rm }
+
+local function main(args)
+	local sub = table.remove(args, 1)
+	if sub == "-h" or sub == "--help" or not sub then
+		io.stdout:write("usage: fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB]\n"
+			.. "       fireclaw snapshot list | info [SNAP] | rm SNAP…\n")
+		return sub and 0 or 2
+	end
+	local fn = COMMANDS[sub]
+	if not fn then cli.usage_error("unknown snapshot command '%s' (create, list, info, rm)", sub) end
+	return fn(args)
+end
+
+M.human = human
+return cli.recipe(M, main, ...)
