@@ -1,0 +1,310 @@
+-- fireclaw.vm: one VM object for both VMMs (Firecracker, QEMU microvm), the choice between
+-- them, and what the host's KVM can do.
+--
+--   local v = vm.new{ id = "1a2b3c", dir = "/run/fireclaw/vms/1a2b3c",
+--                     vmm = "auto" | "firecracker" | "qemu", accel = "auto" | "kvm" | "tcg",
+--                     netns = "fc-1a2b3c", tap = "tap0", mac = "06:00:ac:10:00:02",
+--                     -- optional: firecracker = path, qemu = path, env = {K = V} for the
+--                     -- VMM process, socket_timeout = s (VMM start to API/QMP socket) }
+--   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256 }
+--   v:wait_console(text, timeout_s)   -- plain text, searched from the start of the console
+--   v:pause()  v:resume()
+--   local info = v:snapshot(dir)      -- dir/vmstate + dir/memory; info for meta.json
+--   v:restore(dir, spec)              -- a fresh VMM loads dir (spec as for boot, rootfs =
+--                                     -- this clone's own disk copy) and resumes
+--   v:shutdown(timeout_s) -> true if the guest/VMM stopped by itself; destroys either way
+--   v:destroy()                       -- idempotent, never raises
+--   v:state() -> "not started" | "running" | "paused" | "stopped"
+--   v.console_path  v.vmm  v.vmm_version  v.accel  v.pid  v.starttime  v.timings
+--
+--   vm.detect([opts]) -> {kvm = "hardware" | "kvm_pvm" | "none", kvm_why =, firecracker =,
+--                         firecracker_version =, qemu =, qemu_version =, vmm =, accel =, why =}
+--   vm.api_client, vm.qmp_connect, vm.wait_socket, vm.log_tail: see core/vm.c
+local core = require "fireclaw.core.vm"
+local config = require "fireclaw.config"
+local proc = require "fireclaw.proc"
+local runtime = require "fireclaw.runtime"
+local util = require "fireclaw.vmm.util"
+
+local M = {}
+
+M.api_client = core.api_client
+M.qmp_connect = core.qmp_connect
+M.wait_socket = core.wait_socket
+M.log_tail = core.log_tail
+
+-- ---- what this host can do ----
+
+local function cpu_virt_flag()
+	local info = util.read_file("/proc/cpuinfo") or ""
+	local flags = info:match("\nflags%s*:([^\n]*)") or info:match("^flags%s*:([^\n]*)") or ""
+	if flags:find("%f[%w]vmx%f[%W]") then return "VT-x" end
+	if flags:find("%f[%w]svm%f[%W]") then return "AMD-V" end
+	return nil
+end
+
+-- What backs /dev/kvm, and a sentence saying so.
+function M.kvm_kind()
+	local f = io.open("/dev/kvm", "r+")
+	if not f then
+		return "none", "/dev/kvm is missing or cannot be opened read-write"
+	end
+	f:close()
+	if util.is_dir("/sys/module/kvm_pvm") then
+		-- PVM runs guests without hardware virtualization; stock guest kernels stop on
+		-- emulation failures under it (GUEST-NOTES.md)
+		return "kvm_pvm", "/dev/kvm is kvm_pvm, a software nested hypervisor that cannot boot "
+			.. "stock guest kernels"
+	end
+	local flag = cpu_virt_flag()
+	if flag then return "hardware", "/dev/kvm with hardware virtualization (" .. flag .. ")" end
+	if util.is_dir("/sys/module/kvm_intel") or util.is_dir("/sys/module/kvm_amd") then
+		return "hardware", "/dev/kvm (kvm_intel/kvm_amd loaded; no vmx/svm flag shown)"
+	end
+	return "none", "/dev/kvm exists but the CPU shows no VT-x/AMD-V"
+end
+
+local version_cache = {}
+
+-- The first dotted version number `argv` prints (cached per command line).
+local function tool_version(argv)
+	local key = table.concat(argv, "\0")
+	if version_cache[key] == nil then
+		local ok, r = pcall(proc.run, argv, { timeout = 10 })
+		local out = ok and r.status == 0 and (r.stdout .. r.stderr) or ""
+		version_cache[key] = out:match("(%d+%.%d+%.?%d*)") or false
+	end
+	return version_cache[key] or nil
+end
+
+-- A configured binary that does not exist is reported, not silently replaced by $PATH.
+local function find_firecracker(opts)
+	local want = opts.firecracker or config.firecracker
+	if want and want ~= "" then
+		return util.which(want), want
+	end
+	return util.which("firecracker"), nil
+end
+
+local function choose_vmm(want, d)
+	if want == "auto" then
+		if d.firecracker and d.kvm == "hardware" then
+			return "firecracker", "firecracker " .. (d.firecracker_version or "?")
+				.. " found and " .. d.kvm_why
+		end
+		if not d.firecracker then
+			return "qemu", "no firecracker binary (set FIRECLAW_FIRECRACKER or put it on PATH)"
+		end
+		return "qemu", "firecracker found, but " .. d.kvm_why
+	end
+	if want == "firecracker" then
+		if not d.firecracker then
+			return nil, "vmm=firecracker, but " .. (d.firecracker_wanted
+				and ("FIRECLAW_FIRECRACKER=" .. d.firecracker_wanted .. " does not exist")
+				or "no firecracker binary on PATH (set FIRECLAW_FIRECRACKER)")
+		end
+		if d.kvm ~= "hardware" then
+			return "firecracker", "vmm=firecracker as asked (warning: " .. d.kvm_why
+				.. "; its guests will not boot)"
+		end
+		return "firecracker", "vmm=firecracker as asked"
+	end
+	if want == "qemu" then
+		if not d.qemu then return nil, "vmm=qemu, but no " .. (config.qemu or "qemu") .. " found" end
+		return "qemu", "vmm=qemu as asked"
+	end
+	return nil, "unknown vmm '" .. tostring(want) .. "' (auto, firecracker or qemu)"
+end
+
+local function choose_accel(vmm, want, d)
+	if vmm == "firecracker" then return "kvm" end
+	if want == "auto" then
+		if d.kvm == "hardware" then return "kvm", "KVM: " .. d.kvm_why end
+		return "tcg", "TCG, " .. d.kvm_why .. " (slower)"
+	end
+	if want == "kvm" then
+		if d.kvm == "none" then return nil, "accel=kvm, but " .. d.kvm_why end
+		return "kvm", "accel=kvm as asked"
+	end
+	if want == "tcg" then return "tcg", "accel=tcg as asked" end
+	return nil, "unknown accel '" .. tostring(want) .. "' (auto, kvm or tcg)"
+end
+
+-- Probe the host and pick a VMM and accelerator. opts: vmm, accel, firecracker, qemu.
+-- Never raises: an impossible choice leaves vmm (or accel) nil and says why.
+function M.detect(opts)
+	opts = opts or {}
+	local d = {}
+	d.kvm, d.kvm_why = M.kvm_kind()
+	d.firecracker, d.firecracker_wanted = find_firecracker(opts)
+	if d.firecracker then
+		d.firecracker_version = tool_version({ d.firecracker, "--version" })
+		d.jailer = util.which((d.firecracker:gsub("firecracker$", "jailer")))
+	end
+	d.qemu = util.which(opts.qemu or config.qemu or "qemu-system-x86_64")
+	if d.qemu then d.qemu_version = tool_version({ d.qemu, "-version" }) end
+	local vmm_why, accel_why
+	d.vmm, vmm_why = choose_vmm(opts.vmm or config.vmm or "auto", d)
+	if d.vmm then
+		d.accel, accel_why = choose_accel(d.vmm, opts.accel or config.accel or "auto", d)
+	end
+	d.why = d.vmm and (vmm_why .. (accel_why and "; " .. accel_why or "")) or vmm_why
+	if d.vmm and not d.accel then d.why = accel_why end
+	return d
+end
+
+-- ---- the VM object ----
+
+local VM = {}
+VM.__index = VM
+
+local DRIVERS = { firecracker = "fireclaw.vmm.firecracker", qemu = "fireclaw.vmm.qemu" }
+
+function M.new(opts)
+	assert(type(opts) == "table", "vm.new: options table expected")
+	if not opts.id or not opts.dir then error("vm: new needs id and dir", 0) end
+	local d = M.detect(opts)
+	if not d.vmm or not d.accel then error("vm: cannot run a VM: " .. d.why, 0) end
+	util.verbose("vm %s: %s (%s)", opts.id, d.vmm .. (d.vmm == "qemu" and "/" .. d.accel or ""),
+		d.why)
+	local dir = util.abspath(opts.dir):gsub("/+$", "")
+	util.mkdir_p(dir)
+	local self = setmetatable({
+		id = opts.id, dir = dir, netns = opts.netns, tap = opts.tap, mac = opts.mac,
+		env = opts.env, socket_timeout = opts.socket_timeout,
+		vmm = d.vmm, accel = d.accel, why = d.why,
+		binary = d.vmm == "firecracker" and d.firecracker or d.qemu,
+		console_path = dir .. "/console.log",
+		timings = {},
+		_state = "not started",
+	}, VM)
+	self.driver = require(DRIVERS[d.vmm])
+	return self
+end
+
+local function check_state(self, allowed, what)
+	if self.destroyed then error("vm " .. self.id .. ": cannot " .. what .. " a destroyed VM", 0) end
+	for _, s in ipairs(allowed) do
+		if self._state == s then return end
+	end
+	error(string.format("vm %s: cannot %s a VM that is %s", self.id, what, self._state), 0)
+end
+
+-- Remember the VMM process for state records (pid + start time identify it later).
+function VM:_started(p)
+	self.proc = p
+	self.pid = p:pid()
+	self.starttime = proc.starttime(self.pid)
+end
+
+-- Run a driver step; on failure, kill the VMM so nothing half-started stays around.
+local function guarded(self, fn, ...)
+	local ok, err = pcall(fn, ...)
+	if not ok then
+		self:destroy()
+		error(err, 0)
+	end
+end
+
+function VM:boot(spec)
+	check_state(self, { "not started" }, "boot")
+	local t0 = runtime.now()
+	guarded(self, self.driver.boot, self, spec or {})
+	self._state = "running"
+	self.timings.boot = runtime.now() - t0
+	util.verbose("vm %s: %s started (pid %d)", self.id, self.vmm, self.pid)
+end
+
+function VM:restore(dir, spec)
+	check_state(self, { "not started" }, "restore into")
+	local t0 = runtime.now()
+	guarded(self, self.driver.restore, self, util.abspath(dir), spec or {})
+	self._state = "running"
+	self.timings.restore = runtime.now() - t0
+	util.verbose("vm %s: restored from %s in %.0f ms", self.id, dir, self.timings.restore * 1e3)
+end
+
+function VM:pause()
+	check_state(self, { "running", "paused" }, "pause")
+	self.driver.pause(self)
+	self._state = "paused"
+end
+
+function VM:resume()
+	check_state(self, { "running", "paused" }, "resume")
+	self.driver.resume(self)
+	self._state = "running"
+end
+
+-- Pauses the VM (it stays paused: resume it, or destroy it).
+function VM:snapshot(dir)
+	check_state(self, { "running", "paused" }, "snapshot")
+	dir = util.abspath(dir)
+	util.mkdir_p(dir)
+	local t0 = runtime.now()
+	local info = self.driver.snapshot(self, dir)
+	self._state = "paused"
+	self.timings.snapshot = runtime.now() - t0
+	info.vmm, info.vmm_version, info.accel = self.vmm, self.vmm_version, self.accel
+	return info
+end
+
+function VM:_alive()
+	return self.proc ~= nil and not self.destroyed and self.proc:alive()
+end
+
+function VM:state()
+	if self._state == "not started" and not self.proc then return "not started" end
+	if not self:_alive() then return "stopped" end
+	local ok, s = pcall(self.driver.query_state, self)
+	if ok and s then return s end
+	return self:_alive() and self._state or "stopped"
+end
+
+-- Wait until the console log contains `text` (plain text, not a pattern).
+function VM:wait_console(text, timeout_s)
+	timeout_s = timeout_s or 60
+	local found = util.poll(function()
+		local f = io.open(self.console_path, "rb")
+		local s = f and f:read("*a") or ""
+		if f then f:close() end
+		if s:find(text, 1, true) then return true end
+		if not self:_alive() then return false end
+		return nil
+	end, timeout_s)
+	if found then return true end
+	local tail = core.log_tail(self.console_path, 15)
+	if found == false then
+		local how = util.describe_exit(self.proc:wait(0))
+		local log = core.log_tail(self.driver.log_files(self), 10)
+		error(string.format("vm %s: %s %s before its console showed '%s'; console ends with:\n%s%s",
+			self.id, self.vmm, how, text, tail ~= "" and tail or "(empty)",
+			log ~= "" and ("\n" .. self.vmm .. " log ends with:\n" .. log) or ""), 0)
+	end
+	error(string.format("vm %s: the console did not show '%s' within %gs; it ends with:\n%s",
+		self.id, text, timeout_s, tail ~= "" and tail or "(empty)"), 0)
+end
+
+-- Ask the guest (then the VMM) to stop; destroy the VM either way.
+function VM:shutdown(timeout_s)
+	if not self:_alive() then
+		self:destroy()
+		return false
+	end
+	local ok, graceful = pcall(self.driver.shutdown, self, timeout_s or 10)
+	self:destroy()
+	return ok and graceful or false
+end
+
+-- Kill the VMM, reap it, close the clients, remove the sockets. Safe to call twice;
+-- never raises (it runs on error paths).
+function VM:destroy()
+	if self.destroyed then return end
+	pcall(self.driver.destroy, self)
+	if self.proc then pcall(self.proc.close, self.proc) end
+	self.destroyed = true
+	if self.proc then self._state = "stopped" end
+end
+
+M.VM = VM
+return M

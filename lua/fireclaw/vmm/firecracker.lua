@@ -1,0 +1,220 @@
+-- fireclaw.vmm.firecracker: the Firecracker driver behind fireclaw.vm.
+--
+-- Every Firecracker runs in the VM's network namespace and in a private mount namespace
+-- where the VM's own directory is bind-mounted on the fixed path MOUNT. The process sees
+-- its socket, logs and disk at MOUNT/{api.sock,disk.ext4,...}, so a snapshot records only
+-- fixed names, and each clone restored from one snapshot opens its own disk copy.
+--
+-- Version awareness: GET /version once per process; the request shapes follow the
+-- OpenAPI spec of that version (v1.0: /snapshot/load takes mem_file_path; from v1.1 on,
+-- mem_backend). Optional fields are sent only to versions whose spec has them.
+local core = require "fireclaw.core.vm"
+local proc = require "fireclaw.proc"
+local runtime = require "fireclaw.runtime"
+local util = require "fireclaw.vmm.util"
+
+local M = {}
+
+-- Where each Firecracker process sees its VM directory. A permanent, empty mount point on
+-- the host (created on first use); nothing is mounted on it in the host's namespace.
+M.MOUNT = "/run/fireclaw/vm"
+M.SOCKET_TIMEOUT = 10
+M.REQUEST_TIMEOUT = 30 -- a full snapshot of a large VM takes a while
+-- Firecracker's own defaults include `nomodule` and `8250.nr_uarts=0` (no console), so
+-- boot args are always sent.
+M.DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
+
+-- First version whose request schema has each optional field (the v1.0.0 spec has none of
+-- them; mem_backend came with v1.1; the others are known from the v1.16.1 spec and are
+-- gated there, conservatively).
+local SINCE = { mem_backend = "1.1", network_overrides = "1.16", clock_realtime = "1.16" }
+
+local function supports(v, feature)
+	return util.version_at_least(v.vmm_version or "0", SINCE[feature])
+end
+
+-- The path the VMM sees for a host path: inside the VM dir → under MOUNT.
+local function in_vmm(v, path)
+	path = util.abspath(path)
+	if path == v.dir then return M.MOUNT end
+	if path:sub(1, #v.dir + 1) == v.dir .. "/" then return M.MOUNT .. path:sub(#v.dir + 1) end
+	return path
+end
+M.in_vmm = in_vmm
+
+local function sock_path(v) return v.dir .. "/api.sock" end
+
+function M.log_files(v)
+	return { v.dir .. "/vmm.log", v.dir .. "/firecracker.log" }
+end
+
+-- Firecracker accepts only [A-Za-z0-9-] in --id.
+local function instance_id(id)
+	return (tostring(id):gsub("[^%w%-]", "-"):sub(1, 64))
+end
+
+-- Start a fresh Firecracker and connect to its API.
+local function spawn(v)
+	util.mkdir_p(M.MOUNT)
+	-- Firecracker never removes its socket, and refuses to start over an existing one
+	os.remove(sock_path(v))
+	util.touch(v.console_path)
+	util.touch(v.dir .. "/vmm.log")
+	util.touch(v.dir .. "/firecracker.log") -- PUT /logger (v1.0) needs an existing file
+	local t0 = runtime.now()
+	v:_started(proc.spawn{
+		argv = { v.binary, "--api-sock", M.MOUNT .. "/api.sock", "--id", instance_id(v.id) },
+		env = v.env,
+		netns = v.netns,
+		mounts = { { type = "bind", source = v.dir, target = M.MOUNT } },
+		stdout = v.console_path, -- the guest's serial console
+		stderr = v.dir .. "/vmm.log",
+	})
+	core.wait_socket(sock_path(v), v.socket_timeout or M.SOCKET_TIMEOUT, v.proc,
+		{ log = { v.dir .. "/vmm.log", v.console_path }, name = "firecracker", what = "API socket" })
+	v.timings.api_ready = runtime.now() - t0
+	v.api = core.api_client(sock_path(v), { timeout = M.REQUEST_TIMEOUT, name = "firecracker" })
+	v.vmm_version = v.api:get("/version").firecracker_version
+	util.verbose("vm %s: firecracker %s API ready in %.0f ms", v.id, v.vmm_version,
+		v.timings.api_ready * 1e3)
+end
+
+local function put_logger(v)
+	v.api:put("/logger", { log_path = M.MOUNT .. "/firecracker.log", level = "Info",
+		show_level = true, show_log_origin = false })
+end
+
+-- Cold boot, in the order of Firecracker's getting-started guide.
+function M.boot(v, spec)
+	spawn(v)
+	local api = v.api
+	put_logger(v)
+	if spec.metrics then
+		util.touch(v.dir .. "/metrics.json")
+		api:put("/metrics", { metrics_path = M.MOUNT .. "/metrics.json" })
+	end
+	local vcpu, mem = spec.vcpu or 1, spec.mem_mib or 256
+	api:put("/machine-config", { vcpu_count = vcpu, mem_size_mib = mem })
+	if not spec.kernel then error("vm: boot needs a kernel", 0) end
+	local args = spec.boot_args
+	if type(args) == "table" then args = table.concat(args, " ") end -- a manifest's list
+	local boot = { kernel_image_path = in_vmm(v, spec.kernel),
+		boot_args = args or M.DEFAULT_BOOT_ARGS }
+	if spec.initrd then boot.initrd_path = in_vmm(v, spec.initrd) end
+	api:put("/boot-source", boot)
+	local rootfs = spec.rootfs and in_vmm(v, spec.rootfs)
+	if rootfs then
+		api:put("/drives/rootfs", { drive_id = "rootfs", path_on_host = rootfs,
+			is_root_device = true, is_read_only = spec.read_only or false })
+	end
+	if v.tap then
+		api:put("/network-interfaces/eth0", { iface_id = "eth0", host_dev_name = v.tap,
+			guest_mac = v.mac })
+	end
+	api:put("/actions", { action_type = "InstanceStart" })
+	v.booted = { kernel = boot.kernel_image_path, initrd = boot.initrd_path,
+		boot_args = boot.boot_args, vcpu = vcpu, mem_mib = mem, rootfs = rootfs,
+		tap = v.tap, mac = v.mac }
+end
+
+function M.pause(v) v.api:patch("/vm", { state = "Paused" }) end
+
+function M.resume(v) v.api:patch("/vm", { state = "Resumed" }) end
+
+local STATES = { Running = "running", Paused = "paused", ["Not started"] = "not started" }
+
+function M.query_state(v)
+	return STATES[v.api:get("/").state]
+end
+
+-- Pause and write a full snapshot: dir/vmstate and dir/memory.
+function M.snapshot(v, dir)
+	if v._state ~= "paused" then M.pause(v) end
+	v.api:put("/snapshot/create", { snapshot_type = "Full",
+		snapshot_path = in_vmm(v, dir .. "/vmstate"), mem_file_path = in_vmm(v, dir .. "/memory") })
+	local b = v.booted or {}
+	return { mem_mib = b.mem_mib, vcpu = b.vcpu, kernel = b.kernel, initrd = b.initrd,
+		boot_args = b.boot_args, rootfs_path_in_vmm = b.rootfs, tap = b.tap, mac = b.mac,
+		vmstate = "vmstate", memory = "memory" }
+end
+
+-- The tap must exist before a load: a missing one is created by Firecracker itself, and
+-- the load then "succeeds" with a dead network (GUEST-NOTES.md).
+local function check_tap(v)
+	if not (v.netns and v.tap) then return end
+	local ok, net = pcall(require, "fireclaw.net")
+	local present
+	if ok and type(net) == "table" and net.link_exists then
+		present = net.link_exists(v.netns, v.tap)
+	else
+		present = proc.run({ "ip", "-n", v.netns, "link", "show", v.tap }).status == 0
+	end
+	if not present then
+		error(string.format("vm %s: no %s in namespace %s: create the tap before restoring",
+			v.id, v.tap, v.netns), 0)
+	end
+end
+
+-- Each clone's disk must be where the snapshot says (inside the VMM's view).
+local function check_disk(v, spec)
+	if not spec.rootfs then return end
+	local seen = in_vmm(v, spec.rootfs)
+	if spec.rootfs_path_in_vmm and seen ~= spec.rootfs_path_in_vmm then
+		error(string.format("vm %s: the snapshot opens its disk at %s, but %s is seen as %s: "
+			.. "put this clone's copy at %s", v.id, spec.rootfs_path_in_vmm, spec.rootfs, seen,
+			v.dir .. spec.rootfs_path_in_vmm:sub(#M.MOUNT + 1)), 0)
+	end
+	if not util.exists(spec.rootfs) then
+		error("vm " .. v.id .. ": no disk copy at " .. spec.rootfs, 0)
+	end
+end
+
+local function load_body(v, dir, spec)
+	local body = { snapshot_path = in_vmm(v, dir .. "/vmstate"), resume_vm = true }
+	local mem = in_vmm(v, dir .. "/memory")
+	if supports(v, "mem_backend") then
+		body.mem_backend = { backend_type = "File", backend_path = mem }
+	else
+		body.mem_file_path = mem
+	end
+	if spec.network_overrides then
+		if not supports(v, "network_overrides") then
+			error("vm: firecracker " .. v.vmm_version .. " cannot change the tap at restore", 0)
+		end
+		body.network_overrides = spec.network_overrides
+	end
+	if spec.clock_realtime and supports(v, "clock_realtime") then body.clock_realtime = true end
+	return body
+end
+
+-- A fresh process loads the snapshot and resumes. A failed load leaves Firecracker
+-- unusable (it exits), so the process is killed with the error.
+function M.restore(v, dir, spec)
+	check_disk(v, spec)
+	check_tap(v)
+	spawn(v)
+	put_logger(v)
+	local ok, err = pcall(v.api.put, v.api, "/snapshot/load", load_body(v, dir, spec))
+	if not ok then
+		M.destroy(v)
+		error(err, 0)
+	end
+	v.booted = { kernel = spec.kernel, initrd = spec.initrd, boot_args = spec.boot_args,
+		vcpu = spec.vcpu, mem_mib = spec.mem_mib, rootfs = spec.rootfs and in_vmm(v, spec.rootfs),
+		tap = v.tap, mac = v.mac }
+end
+
+-- Ctrl-Alt-Del: the guest reboots, and Firecracker exits when its guest does.
+function M.shutdown(v, timeout_s)
+	if v._state == "paused" then M.resume(v) end
+	v.api:put("/actions", { action_type = "SendCtrlAltDel" })
+	return v.proc:wait(timeout_s) ~= nil
+end
+
+function M.destroy(v)
+	if v.api then v.api:close() end
+	if v.proc then v.proc:close() end
+	os.remove(sock_path(v))
+end
+
+return M

@@ -1,0 +1,130 @@
+-- fireclaw.vmm.util: small file and process helpers shared by fireclaw.vm and its drivers.
+local proc = require "fireclaw.proc"
+local runtime = require "fireclaw.runtime"
+
+local M = {}
+
+-- A progress line on stderr with -v.
+function M.verbose(fmt, ...)
+	if runtime.verbose then
+		io.stderr:write("fireclaw: ", string.format(fmt, ...), "\n")
+	end
+end
+
+function M.is_dir(path)
+	return runtime.listdir(path) ~= nil
+end
+
+function M.exists(path)
+	local f = io.open(path, "rb")
+	if f then f:close() return true end
+	return M.is_dir(path)
+end
+
+function M.read_file(path)
+	local f = io.open(path, "rb")
+	if not f then return nil end
+	local s = f:read("*a")
+	f:close()
+	return s
+end
+
+-- Create (or empty) a file.
+function M.touch(path)
+	local f, err = io.open(path, "wb")
+	if not f then error("vm: cannot create " .. tostring(err), 0) end
+	f:close()
+end
+
+-- Run a helper command; raise with its stderr if it fails.
+function M.run(argv, what)
+	local r = proc.run(argv, { timeout = 120 })
+	if r.status ~= 0 then
+		local msg = (r.stderr ~= "" and r.stderr or r.stdout):gsub("%s+$", "")
+		error(string.format("vm: %s failed (%s): %s", what or argv[1],
+			r.signal and ("signal " .. r.signal) or ("status " .. tostring(r.status)), msg), 0)
+	end
+	return r
+end
+
+function M.mkdir_p(path)
+	if not M.is_dir(path) then M.run({ "mkdir", "-p", path }, "mkdir -p " .. path) end
+end
+
+-- An absolute path: the VMM may run with another working directory, and what it records
+-- in a snapshot must make sense later.
+function M.abspath(path)
+	if path:sub(1, 1) == "/" then return path end
+	local pwd = os.getenv("PWD")
+	if not pwd then error("vm: relative path " .. path .. " and no $PWD to resolve it", 0) end
+	return (pwd .. "/" .. path):gsub("/%./", "/")
+end
+
+-- For a /bin/sh command line (QEMU runs exec: migration URIs through the shell).
+function M.shell_quote(s)
+	return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+-- Compare dotted versions: "1.16.1" >= "1.1" is true.
+function M.version_at_least(v, min)
+	local a, b = {}, {}
+	for n in tostring(v):gmatch("%d+") do a[#a + 1] = tonumber(n) end
+	for n in tostring(min):gmatch("%d+") do b[#b + 1] = tonumber(n) end
+	for i = 1, math.max(#a, #b) do
+		local x, y = a[i] or 0, b[i] or 0
+		if x ~= y then return x > y end
+	end
+	return true
+end
+
+-- Copy a (large, mostly empty) file keeping holes: a reflink where the filesystem can,
+-- through fireclaw.rootfs when it is there, else cp --sparse=always.
+function M.copy_sparse(src, dst)
+	local ok, rootfs = pcall(require, "fireclaw.rootfs")
+	if ok and type(rootfs) == "table" and rootfs.copy then
+		rootfs.copy(src, dst)
+		return
+	end
+	M.run({ "cp", "--reflink=auto", "--sparse=always", src, dst }, "copy " .. src)
+end
+
+-- A file of `bytes` bytes that allocates nothing.
+function M.sparse_file(path, bytes)
+	M.run({ "truncate", "-s", tostring(bytes), path }, "truncate " .. path)
+end
+
+-- Find an executable: a path with a slash is taken as is, else searched on $PATH.
+function M.which(name)
+	if not name or name == "" then return nil end
+	if name:find("/", 1, true) then
+		return M.exists(name) and not M.is_dir(name) and name or nil
+	end
+	for dir in (os.getenv("PATH") or "/usr/bin:/bin"):gmatch("[^:]+") do
+		local p = dir .. "/" .. name
+		if M.exists(p) and not M.is_dir(p) then return p end
+	end
+	return nil
+end
+
+-- Wait for cond() with short, growing steps (1 ms up to 10 ms) until it returns a value
+-- or the deadline passes (then nil). Used on VMM state that has no event to wait on.
+function M.poll(cond, timeout_s)
+	local deadline = runtime.now() + timeout_s
+	local step = 0.001
+	while true do
+		local v = cond()
+		if v ~= nil then return v end
+		if runtime.now() >= deadline then return nil end
+		runtime.sleep(step)
+		step = math.min(step * 1.5, 0.01)
+	end
+end
+
+-- "exited (status 1)" / "was killed (signal 9)" for a proc:wait() result.
+function M.describe_exit(st)
+	if not st then return "is still running" end
+	if st.signal then return "was killed (signal " .. st.signal .. ")" end
+	return "exited (status " .. tostring(st.status) .. ")"
+end
+
+return M
