@@ -1,0 +1,406 @@
+-- The Firecracker driver of fireclaw.vm and the API client under it, against the fake
+-- Firecracker (tests/fake-firecracker: validates every request against the OpenAPI spec
+-- of the version it plays, keeps Firecracker's state rules, records what it was sent),
+-- as v1.16.1 and as v1.0.0. When FIRECLAW_FIRECRACKER names a real binary, the same
+-- lifecycle runs on it too (the recorded-call checks only apply to the fake).
+local t = require "tap"
+local vt = require "vmtest"
+local vm = require "fireclaw.vm"
+local core = require "fireclaw.core.vm"
+local fcdrv = require "fireclaw.vmm.firecracker"
+local proc = require "fireclaw.proc"
+
+local FAKE = vt.TESTS .. "/fake-firecracker"
+local NS_PREFIX = "fct-vm-" .. vt.PID .. "-"
+local MOUNT = fcdrv.MOUNT
+local BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw"
+
+local function method_calls(log)
+	local out = {}
+	for _, r in ipairs(vt.read_jsonl(log)) do
+		if r.method then out[#out + 1] = r end
+	end
+	return out
+end
+
+local function events(log, kind)
+	local out = {}
+	for _, r in ipairs(vt.read_jsonl(log)) do
+		if r.event == kind then out[#out + 1] = r end
+	end
+	return out
+end
+
+local function sequence(calls)
+	local s = {}
+	for _, c in ipairs(calls) do s[#s + 1] = c.method .. " " .. c.path end
+	return table.concat(s, ", ")
+end
+
+local function find_call(calls, method, path)
+	for _, c in ipairs(calls) do
+		if c.method == method and c.path == path then return c end
+	end
+end
+
+local function count_calls(calls, method, path)
+	local n = 0
+	for _, c in ipairs(calls) do
+		if c.method == method and c.path == path then n = n + 1 end
+	end
+	return n
+end
+
+local function gone(pid, starttime)
+	return pid ~= nil and not proc.alive(pid, starttime)
+end
+
+-- ---- targets: the fake as two versions, and a real binary if one is configured ----
+
+local targets = {
+	{ name = "fake v1.16.1", bin = FAKE, version = "1.16.1", fake = true },
+	{ name = "fake v1.0.0", bin = FAKE, version = "1.0.0", fake = true },
+}
+local real = os.getenv("FIRECLAW_FIRECRACKER")
+if real and real ~= "" and not real:find("fake%-firecracker$") and vt.exists(real) then
+	targets[#targets + 1] = { name = "firecracker " .. real, bin = real, fake = false }
+end
+
+-- Kernel and disk for a target: empty files do for the fake (it only opens them); a
+-- real Firecracker gets the default image.
+local function guest_files(tg, base)
+	if tg.fake then
+		local k = base .. "/vmlinux"
+		io.open(k, "w"):close()
+		return { kernel = k, boot_args = BOOT_ARGS, disk = nil }
+	end
+	local ok, image = pcall(require, "fireclaw.image")
+	local img = ok and image.exists and image.exists("default") and image.load("default")
+	if not img then return nil end
+	return { kernel = img.vmlinux, initrd = img.initrd, boot_args = table.concat(img.boot_args, " "),
+		disk = img.rootfs, ready = img.guest and img.guest.ready_marker }
+end
+
+local function new_vm(tg, dir, log, extra)
+	local opts = { id = "fct-" .. dir:match("([^/]+)$"), dir = dir, vmm = "firecracker",
+		firecracker = tg.bin, tap = "tap0", mac = vt.GUEST_MAC }
+	if tg.fake then opts.env = { FAKE_FC_VERSION = tg.version, FAKE_FC_LOG = log } end
+	for k, v in pairs(extra or {}) do opts[k] = v end
+	return vm.new(opts)
+end
+
+local function make_disk(files, path)
+	if files.disk then vt.copy(files.disk, path) else io.open(path, "w"):close() end
+end
+
+-- ---- cold boot, pause, snapshot, two clones at once, destroy ----
+
+local function cold_boot(tg, c, base, files)
+	local ns = vt.netns(c, NS_PREFIX .. "a")
+	local log = base .. "/a.log"
+	local dir = base .. "/a"
+	local v = new_vm(tg, dir, log, { netns = ns })
+	c:add(function() v:destroy() end)
+	make_disk(files, dir .. "/disk.ext4")
+	local spec = { kernel = files.kernel, initrd = files.initrd, boot_args = files.boot_args,
+		rootfs = dir .. "/disk.ext4", vcpu = 1, mem_mib = 128 }
+	t.lives(function() v:boot(spec) end, tg.name .. ": cold boot")
+	t.is(v:state(), "running", tg.name .. ": state running after boot")
+	t.ok(v.pid and proc.alive(v.pid, v.starttime), tg.name .. ": v.pid/v.starttime name the live VMM")
+	if tg.fake then
+		t.is(v.vmm_version, tg.version, tg.name .. ": version from GET /version")
+		t.lives(function() v:wait_console("guest is running", 10) end,
+			tg.name .. ": wait_console sees the boot marker on the serial console")
+		local calls = method_calls(log)
+		t.is(sequence({ unpack(calls, 1, 7) }), "GET /version, PUT /logger, PUT /machine-config, PUT /boot-source, "
+			.. "PUT /drives/rootfs, PUT /network-interfaces/eth0, PUT /actions",
+			tg.name .. ": the exact cold-boot sequence")
+		local ok2xx = #calls >= 7
+		for i = 1, 7 do ok2xx = ok2xx and calls[i].status < 300 end
+		t.ok(ok2xx, tg.name .. ": every boot request answered 2xx")
+		local bs = find_call(calls, "PUT", "/boot-source")
+		t.same(bs and bs.body, { kernel_image_path = files.kernel, boot_args = BOOT_ARGS },
+			tg.name .. ": boot-source with explicit boot_args")
+		local dr = find_call(calls, "PUT", "/drives/rootfs")
+		t.is(dr and dr.body.path_on_host, MOUNT .. "/disk.ext4",
+			tg.name .. ": the disk is named by the fixed in-VMM path")
+		local ni = find_call(calls, "PUT", "/network-interfaces/eth0")
+		t.same(ni and ni.body, { iface_id = "eth0", host_dev_name = "tap0", guest_mac = vt.GUEST_MAC },
+			tg.name .. ": network interface on tap0 with the guest MAC")
+		local start = events(log, "start")[1] or {}
+		t.is(start.vm_dir, vt.stat_id(dir), tg.name .. ": the VMM sees its VM dir at " .. MOUNT)
+		t.is(start.netns, "net:[" .. tostring(vt.inode("/run/netns/" .. ns)) .. "]",
+			tg.name .. ": the VMM runs in the VM's network namespace")
+		local open = events(log, "open")[1] or {}
+		t.is(open.ino, vt.inode(dir .. "/disk.ext4"), tg.name .. ": it opened the VM's own disk copy")
+		t.ok(not vt.mounted_here(MOUNT), tg.name .. ": nothing mounted on " .. MOUNT .. " on the host")
+	elseif files.ready and vm.kvm_kind() == "hardware" then
+		t.lives(function() v:wait_console(files.ready, 60) end, tg.name .. ": guest ready")
+	else
+		t.skip(tg.name .. ": this host's KVM cannot boot guests; API lifecycle only")
+	end
+	t.lives(function() v:pause() end, tg.name .. ": pause")
+	t.is(v:state(), "paused", tg.name .. ": state paused")
+	t.lives(function() v:resume() end, tg.name .. ": resume")
+	t.is(v:state(), "running", tg.name .. ": state running again")
+	return v, spec, log
+end
+
+local function snapshot(tg, v, base, log)
+	local snap = base .. "/snap"
+	local info
+	t.lives(function() info = v:snapshot(snap) end, tg.name .. ": snapshot")
+	info = info or {}
+	t.ok(vt.exists(snap .. "/vmstate") and vt.exists(snap .. "/memory"),
+		tg.name .. ": vmstate and memory written")
+	t.is(v:state(), "paused", tg.name .. ": paused after the snapshot")
+	t.is(info.vmm, "firecracker", tg.name .. ": info.vmm")
+	t.is(info.vmm_version, v.vmm_version, tg.name .. ": info.vmm_version")
+	t.is(info.rootfs_path_in_vmm, MOUNT .. "/disk.ext4", tg.name .. ": info.rootfs_path_in_vmm")
+	t.is(info.mem_mib, 128, tg.name .. ": info.mem_mib")
+	if tg.fake then
+		local calls, n = method_calls(log), 0
+		for i, r in ipairs(calls) do
+			if r.path == "/snapshot/create" then n = i end
+		end
+		local pause = calls[n - 1] or { body = {} }
+		t.is(pause.method .. " " .. pause.path .. " " .. tostring(pause.body.state), "PATCH /vm Paused",
+			tg.name .. ": PATCH /vm Paused right before the snapshot")
+		t.same(calls[n] and calls[n].body, { snapshot_type = "Full",
+			snapshot_path = snap .. "/vmstate", mem_file_path = snap .. "/memory" },
+			tg.name .. ": PUT /snapshot/create body")
+		t.is(count_calls(calls, "GET", "/version"), 1, tg.name .. ": GET /version once per process")
+	end
+	local pid, st = v.pid, v.starttime
+	v:destroy()
+	t.ok(gone(pid, st), tg.name .. ": destroy leaves no process")
+	t.ok(not vt.exists(v.dir .. "/api.sock"), tg.name .. ": destroy removes the API socket")
+	t.lives(function() v:destroy() end, tg.name .. ": destroy twice is harmless")
+	t.is(v:state(), "stopped", tg.name .. ": state stopped")
+	return snap, info
+end
+
+local function clones(tg, c, base, files, snap, info, spec)
+	local vms = {}
+	for i = 1, 2 do
+		local ns = vt.netns(c, NS_PREFIX .. "c" .. i)
+		local dir = base .. "/c" .. i
+		local log = base .. "/c" .. i .. ".log"
+		local v = new_vm(tg, dir, log, { netns = ns })
+		c:add(function() v:destroy() end)
+		vt.copy(base .. "/a/disk.ext4", dir .. "/disk.ext4")
+		local cspec = vt.shallow_copy(spec, { rootfs = dir .. "/disk.ext4",
+			rootfs_path_in_vmm = info.rootfs_path_in_vmm })
+		t.lives(function() v:restore(snap, cspec) end, tg.name .. ": restore clone " .. i)
+		vms[i] = { v = v, log = log, dir = dir }
+	end
+	for i, x in ipairs(vms) do
+		t.is(x.v:state(), "running", tg.name .. ": clone " .. i .. " running (both at once)")
+	end
+	if tg.fake then
+		for i, x in ipairs(vms) do
+			local calls = method_calls(x.log)
+			t.is(sequence(calls), "GET /version, PUT /logger, PUT /snapshot/load, GET /",
+				tg.name .. ": clone " .. i .. " request sequence")
+			local load = find_call(calls, "PUT", "/snapshot/load") or { body = {} }
+			local want = { snapshot_path = snap .. "/vmstate", resume_vm = true }
+			if tg.version == "1.0.0" then
+				want.mem_file_path = snap .. "/memory"
+			else
+				want.mem_backend = { backend_type = "File", backend_path = snap .. "/memory" }
+			end
+			t.same(load.body, want, tg.name .. ": clone " .. i .. " /snapshot/load in v"
+				.. tg.version .. "'s shape")
+			local open = events(x.log, "open")[1] or {}
+			t.is(open.ino, vt.inode(x.dir .. "/disk.ext4"),
+				tg.name .. ": clone " .. i .. " opened its own disk copy")
+		end
+	end
+	for i, x in ipairs(vms) do
+		local pid, st = x.v.pid, x.v.starttime
+		x.v:destroy()
+		t.ok(gone(pid, st) and not vt.exists(x.dir .. "/api.sock"),
+			tg.name .. ": clone " .. i .. " destroyed: no process, no socket")
+	end
+end
+
+local function shutdown(tg, c, base, files)
+	local dir = base .. "/s"
+	local log = base .. "/s.log"
+	local ns = vt.netns(c, NS_PREFIX .. "s")
+	local v = new_vm(tg, dir, log, { netns = ns })
+	c:add(function() v:destroy() end)
+	make_disk(files, dir .. "/disk.ext4")
+	v:boot({ kernel = files.kernel, initrd = files.initrd, boot_args = files.boot_args,
+		rootfs = dir .. "/disk.ext4", mem_mib = 128 })
+	local pid, st = v.pid, v.starttime
+	if tg.fake then
+		t.is(v:shutdown(10), true, tg.name .. ": shutdown is graceful (Ctrl-Alt-Del, VMM exits)")
+		local calls = method_calls(log)
+		local last = calls[#calls] or { body = {} }
+		t.is(last.body.action_type, "SendCtrlAltDel", tg.name .. ": shutdown sent SendCtrlAltDel")
+	else
+		v:shutdown(2)
+	end
+	t.ok(gone(pid, st), tg.name .. ": no process after shutdown")
+	t.is(v:state(), "stopped", tg.name .. ": state stopped after shutdown")
+end
+
+local function lifecycle(tg)
+	local c = vt.cleanup()
+	local ok, err = pcall(function()
+		local base = vt.tmpdir()
+		c:add(function() vt.rm_rf(base) end)
+		local files = guest_files(tg, base)
+		if not files then
+			t.skip(tg.name .. ": no default image for a real Firecracker")
+			return
+		end
+		local v, spec, log = cold_boot(tg, c, base, files)
+		local snap, info = snapshot(tg, v, base, log)
+		clones(tg, c, base, files, snap, info, spec)
+		shutdown(tg, c, base, files)
+	end)
+	t.ok(ok, tg.name .. ": lifecycle ran to the end", err)
+	c:run()
+end
+
+-- ---- faults surface as clear Lua errors ----
+
+-- A bare fake and an API client on it, for requests the VM object would never send.
+local function bare_fake(c, base, version, name)
+	local sock = base .. "/" .. name .. ".sock"
+	local p = proc.spawn{ argv = { FAKE, "--api-sock", sock }, stderr = base .. "/" .. name .. ".err",
+		stdout = base .. "/" .. name .. ".out",
+		env = { FAKE_FC_VERSION = version, FAKE_FC_LOG = base .. "/" .. name .. ".log" } }
+	c:add(function() p:close() end)
+	core.wait_socket(sock, 10, p, { log = base .. "/" .. name .. ".err", name = "firecracker" })
+	local api = core.api_client(sock, { timeout = 10 })
+	c:add(function() api:close() end)
+	return api, p
+end
+
+local function api_faults(c, base)
+	local api = bare_fake(c, base, "1.16.1", "f1")
+	t.raises(function() api:put("/actions", { action_type = "InstanceStart" }) end,
+		"^firecracker: PUT /actions: 400 Start microvm error: Cannot start microvm without kernel "
+		.. "configuration%.$", "InstanceStart before boot-source: Firecracker's fault as the error")
+	t.raises(function() api:patch("/vm", { state = "Paused" }) end,
+		"^firecracker: PATCH /vm: 400 The requested operation is not supported before starting "
+		.. "the microVM%.$", "PATCH /vm before start")
+	t.raises(function() api:get("/nope") end,
+		"^firecracker: GET /nope: 400 Invalid request method and/or path: GET /nope%.$",
+		"unknown path")
+	t.raises(function() api:put("/boot-source", { kernel_image_path = 5 }) end,
+		"^firecracker: PUT /boot%-source: 400 An error occurred when deserializing the json body "
+		.. "of a request: at `kernel_image_path`: 5 is not of type 'string'",
+		"the validator rejects a wrongly typed body, naming the field")
+	t.raises(function() api:put("/machine-config", { vcpu_count = 1, mem_size_mib = 128,
+		bogus = true }) end, "'bogus' was unexpected", "the validator rejects unknown fields")
+	t.raises(function() api:put("/boot-source", { kernel_image_path = base .. "/missing" }) end,
+		"^firecracker: PUT /boot%-source: 400 Boot source error: The kernel file cannot be opened",
+		"a missing kernel")
+	t.same(api:get("/"), { app_name = "Firecracker", id = "anonymous-instance",
+		state = "Not started", vmm_version = "1.16.1" }, "the connection survives faults (GET /)")
+	t.raises(function() api:put("/snapshot/load", { snapshot_path = "/x",
+		mem_backend = { backend_type = "File", backend_path = "/y" } }) end,
+		"Loading a microVM snapshot not allowed after configuring boot%-specific resources",
+		"/snapshot/load only on a fresh process")
+	local old = bare_fake(c, base, "1.0.0", "f2")
+	t.raises(function() old:put("/snapshot/load", { snapshot_path = "/x",
+		mem_backend = { backend_type = "File", backend_path = "/y" } }) end,
+		"^firecracker: PUT /snapshot/load: 400 .*'mem_backend' was unexpected",
+		"v1.0.0 rejects the v1.16 /snapshot/load shape")
+	api:close()
+	t.lives(function() api:close() end, "api:close twice")
+	t.raises(function() api:get("/") end, "API client is closed", "a closed client raises")
+	local nobody = core.api_client(base .. "/nobody.sock", { timeout = 2 })
+	t.raises(function() nobody:get("/version") end,
+		"^firecracker: GET /version: cannot connect to the API socket .*nobody%.sock",
+		"no server: a transport error naming the socket")
+	nobody:close()
+end
+
+local function vm_faults(c, base)
+	local tg = targets[1]
+	local v = new_vm(tg, base .. "/k", base .. "/k.log")
+	c:add(function() v:destroy() end)
+	t.raises(function() v:boot({ kernel = base .. "/no-kernel", boot_args = BOOT_ARGS }) end,
+		"^firecracker: PUT /boot%-source: 400 Boot source error: The kernel file cannot be opened",
+		"boot with a missing kernel raises Firecracker's fault")
+	t.ok(gone(v.pid, v.starttime), "a failed boot leaves no process")
+	t.is(v:state(), "stopped", "a failed boot: state stopped")
+
+	for _, version in ipairs({ "1.16.1", "1.0.0" }) do
+		local tgv = { name = "fake v" .. version, bin = FAKE, version = version, fake = true }
+		local log = base .. "/r" .. version .. ".log"
+		local r = new_vm(tgv, base .. "/r" .. version, log)
+		c:add(function() r:destroy() end)
+		t.raises(function() r:restore(base .. "/no-snapshot", {}) end,
+			"^firecracker: PUT /snapshot/load: 400 Load snapshot error: Failed to restore from "
+			.. "snapshot: Failed to get snapshot state from file: Failed to open snapshot file: "
+			.. "No such file or directory", "v" .. version .. ": restore from a missing snapshot")
+		t.ok(gone(r.pid, r.starttime), "v" .. version .. ": the failed VMM is gone")
+	end
+	local w = new_vm(tg, base .. "/w", base .. "/w.log")
+	c:add(function() w:destroy() end)
+	io.open(base .. "/w/other.ext4", "w"):close()
+	t.raises(function() w:restore(base .. "/snap-any", { rootfs = base .. "/w/other.ext4",
+		rootfs_path_in_vmm = MOUNT .. "/disk.ext4" }) end,
+		"the snapshot opens its disk at /run/fireclaw/vm/disk%.ext4.*put this clone's copy at "
+		.. ".*/w/disk%.ext4", "a clone disk in the wrong place is refused before spawning")
+	t.is(w.pid, nil, "nothing was spawned for it")
+end
+
+-- ---- the API socket never appears, or the VMM dies first ----
+
+local function socket_faults(c, base)
+	local tg = targets[1]
+	local quiet = new_vm(tg, base .. "/q", base .. "/q.log", { socket_timeout = 0.5 })
+	quiet.env.FAKE_FC_MODE = "no-listen"
+	c:add(function() quiet:destroy() end)
+	t.raises(function() quiet:boot({ kernel = "/dev/null" }) end,
+		"^firecracker: API socket .*/q/api%.sock did not appear within 0%.5s",
+		"a VMM that never listens: timeout error")
+	t.ok(gone(quiet.pid, quiet.starttime), "the silent VMM was killed")
+
+	local early = new_vm(tg, base .. "/e", base .. "/e.log")
+	early.env.FAKE_FC_MODE = "exit-early"
+	c:add(function() early:destroy() end)
+	t.raises(function() early:boot({ kernel = "/dev/null" }) end,
+		"^firecracker exited %(status 1%) before its API socket appeared: fake%-firecracker: "
+		.. "starting\nfake%-firecracker: cannot create the VM: Bad file descriptor",
+		"a VMM that exits early: error with its log tail")
+
+	-- Firecracker refuses to start over an existing socket file (the driver removes stale
+	-- ones; here the primitive sees the process die)
+	local sock = base .. "/busy.sock"
+	io.open(sock, "w"):close()
+	local p = proc.spawn{ argv = { FAKE, "--api-sock", sock }, stderr = base .. "/busy.err" }
+	c:add(function() p:close() end)
+	t.raises(function() core.wait_socket(sock, 10, p, { log = base .. "/busy.err",
+		name = "firecracker", what = "API socket" }) end,
+		"firecracker exited %(status 1%) before its API socket appeared: .*Address in use",
+		"wait_socket: the process died over a stale socket file")
+	t.is(core.log_tail(base .. "/busy.err", 1):match("Address in use") ~= nil, true,
+		"log_tail returns the last line")
+end
+
+-- ---- run ----
+
+for _, tg in ipairs(targets) do lifecycle(tg) end
+
+local c = vt.cleanup()
+local ok, err = pcall(function()
+	local base = vt.tmpdir()
+	c:add(function() vt.rm_rf(base) end)
+	api_faults(c, base)
+	vm_faults(c, base)
+	socket_faults(c, base)
+end)
+t.ok(ok, "fault tests ran to the end", err)
+c:run()
+
+t.same(vt.netns_list(NS_PREFIX), {}, "no test namespace left behind")
+t.ok(not vt.mounted_here(MOUNT), "nothing mounted on " .. MOUNT .. " on the host")
+return t.done()
