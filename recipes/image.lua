@@ -1,0 +1,143 @@
+-- Guest images: build the default one from Debian packages, import your own, list, info, rm
+--
+--   fireclaw image build [--name NAME] [--packages python3,curl] [--size 256M] [--force]
+--   fireclaw image list
+--   fireclaw image info [NAME]
+--   fireclaw image rm NAME…
+--   fireclaw image import --name NAME --kernel K --rootfs R [--initrd I] [--host-key PUB]
+--                         [--boot-args "…"] [--force]
+--
+-- The work is done by lua/fireclaw/image.lua; this file is the command line around it.
+local cli = require "fireclaw.cli"
+local config = require "fireclaw.config"
+local image = require "fireclaw.image"
+local json = require "fireclaw.json"
+local runtime = require "fireclaw.runtime"
+
+local args = { ... }
+
+local USAGE = [[
+usage: fireclaw image COMMAND [options]
+
+Guest images live in $FIRECLAW_STATE/images (now: %s).
+
+commands:
+  build    build an image from Debian packages (kernel, initramfs, ext4 rootfs, keys)
+  list     list the images
+  info     print an image's manifest (JSON)
+  rm       remove images
+  import   register your own kernel and rootfs as an image
+
+'fireclaw image COMMAND --help' shows a command's options.
+]]
+
+local quiet_opt = { "-q, --quiet", "no progress lines on stderr" }
+
+local commands = {}
+
+function commands.build(argv)
+	local opts = cli.parse(argv, {
+		usage = "fireclaw image build [options]",
+		about = "Build a guest image from Debian packages: linux-image-cloud-amd64 (vmlinux + vmlinuz),\n"
+			.. "an initramfs with the virtio modules, an ext4 rootfs with busybox + dropbear, the\n"
+			.. "client key and a pinned host key. Cached: a second build with nothing changed does\n"
+			.. "nothing. Needs root and apt access to a Debian repository.",
+		{ "--name NAME", "image name", default = config.image },
+		{ "--packages LIST", "extra Debian packages (comma-separated, repeatable), with dependencies", multi = true },
+		{ "--size SIZE", "rootfs size, e.g. 256M, 1G (default: 64M, more if the packages need it)" },
+		{ "--kernel PKG", "kernel package", default = image.KERNEL_PACKAGE },
+		{ "--force", "rebuild even if the image is up to date" },
+		quiet_opt,
+	})
+	if opts.quiet then runtime.quiet = true end
+	local packages = {}
+	for _, list in ipairs(opts.packages) do
+		for p in list:gmatch("[^,%s]+") do packages[#packages + 1] = p end
+	end
+	if opts.size then image.parse_size(opts.size) end
+	image.build({ name = opts.name, packages = packages, size = opts.size, force = opts.force,
+		kernel_package = opts.kernel })
+	return 0
+end
+
+function commands.list(argv)
+	cli.parse(argv, { usage = "fireclaw image list", about = "List the images." })
+	local list = image.list()
+	if #list == 0 then
+		io.stderr:write("no images (build one with: fireclaw image build)\n")
+		return 0
+	end
+	io.stdout:write(string.format("%-16s %-7s %-26s %9s %9s  %s\n", "NAME", "SOURCE", "KERNEL", "SIZE",
+		"ALLOCATED", "CREATED"))
+	for _, e in ipairs(list) do
+		local m = e.manifest
+		if m then
+			local size, alloc = 0, 0
+			for _, f in pairs(m.files or {}) do
+				size = size + (f.size or 0)
+				alloc = alloc + (f.allocated or 0)
+			end
+			local k = m.kernel_info or {}
+			io.stdout:write(string.format("%-16s %-7s %-26s %9s %9s  %s\n", e.name, m.source or "?",
+				k.release or k.format or "?", image.human(size), image.human(alloc), m.created or "?"))
+		else
+			io.stdout:write(string.format("%-16s (broken: %s)\n", e.name, e.error))
+		end
+	end
+	return 0
+end
+
+function commands.info(argv)
+	local _, rest = cli.parse(argv, { usage = "fireclaw image info [NAME]",
+		about = "Print the manifest of image NAME (default: " .. config.image .. ") as JSON." })
+	local m = image.info(rest[1] or config.image)
+	io.stdout:write(json.encode(m, { pretty = true }), "\n")
+	return 0
+end
+
+commands["rm"] = function(argv)
+	local _, rest = cli.parse(argv, { usage = "fireclaw image rm NAME…", about = "Remove images." })
+	if #rest == 0 then cli.usage_error("image rm: which image? (see: fireclaw image list)") end
+	for _, name in ipairs(rest) do
+		image.remove(name)
+		if not runtime.quiet then io.stderr:write("image: removed '", name, "'\n") end
+	end
+	return 0
+end
+commands.remove = commands["rm"]
+
+function commands.import(argv)
+	local opts = cli.parse(argv, {
+		usage = "fireclaw image import --name NAME --kernel K --rootfs R [options]",
+		about = "Register your own kernel (ELF vmlinux or bzImage) and ext4 rootfs as an image (copied).\n"
+			.. "The guest must run sshd for root with the client key ("
+			.. config.state_dir .. "/keys/id_ed25519.pub).",
+		{ "--name NAME", "image name" },
+		{ "--kernel FILE", "kernel: vmlinux (ELF) or bzImage" },
+		{ "--rootfs FILE", "root filesystem image (ext4)" },
+		{ "--initrd FILE", "initramfs" },
+		{ "--host-key FILE", "the guest's SSH host public key (ssh-ed25519 AAAA…), to pin it" },
+		{ "--boot-args ARGS", "kernel command line (default: the built image's)" },
+		{ "--force", "replace an existing image of that name" },
+		quiet_opt,
+	})
+	if opts.quiet then runtime.quiet = true end
+	for _, k in ipairs({ "name", "kernel", "rootfs" }) do
+		if not opts[k] then cli.usage_error("image import needs --%s (see 'fireclaw image import --help')", k) end
+	end
+	image.import({ name = opts.name, kernel = opts.kernel, rootfs = opts.rootfs, initrd = opts.initrd,
+		host_key = opts.host_key, boot_args = opts.boot_args, force = opts.force })
+	return 0
+end
+
+local cmd = args[1]
+if cmd == nil or cmd == "-h" or cmd == "--help" or cmd == "help" then
+	io.stdout:write(string.format(USAGE, config.state_dir .. "/images"))
+	return cmd == nil and 2 or 0
+end
+if not commands[cmd] then
+	cli.usage_error("image: unknown command '%s' (build, list, info, rm, import)", cmd)
+end
+local rest = {}
+for i = 2, #args do rest[#rest + 1] = args[i] end
+return commands[cmd](rest)
