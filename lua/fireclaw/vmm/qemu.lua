@@ -133,7 +133,18 @@ local function spawn(v, spec, ram)
 	})
 	core.wait_socket(qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT, v.proc,
 		{ log = v.dir .. "/vmm.log", name = "qemu", what = "QMP socket" })
-	v.qmp = core.qmp_connect(qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
+	local ok, q = pcall(core.qmp_connect, qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
+	if not ok then
+		-- QEMU creates the socket early and may still fail on its options (kernel, disk,
+		-- tap): say so with its own words rather than the reset connection
+		local st = v.proc:wait(2)
+		if st then
+			error(string.format("qemu %s before answering on its QMP socket: %s",
+				util.describe_exit(st), core.log_tail(v.dir .. "/vmm.log", 10)), 0)
+		end
+		error(q, 0)
+	end
+	v.qmp = q
 	v.timings.api_ready = runtime.now() - t0
 	local q = v.qmp:greeting().QMP.version.qemu
 	v.vmm_version = string.format("%d.%d.%d", q.major, q.minor, q.micro)
