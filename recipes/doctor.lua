@@ -1,0 +1,236 @@
+-- Check that this machine can run fireclaw VMs, and say how to fix what is missing
+--
+--   fireclaw doctor
+--
+-- Checks: /dev/kvm and what backs it, firecracker (+ jailer), qemu (microvm, seccomp),
+-- /dev/net/tun, network namespaces, cgroup v2, the default image, the state and run dirs,
+-- and which VMM fireclaw would choose.
+-- One line per check: ok / warn / fail, what was found, and (indented) the fix. Exit status
+-- 0 when fireclaw can run a VM here (warnings allowed), 1 when it cannot.
+local cli = require "fireclaw.cli"
+local config = require "fireclaw.config"
+local proc = require "fireclaw.proc"
+local util = require "fireclaw.vmm.util"
+local vm = require "fireclaw.vm"
+
+cli.parse({ ... }, {
+	usage = "fireclaw doctor",
+	about = "Check that this machine can run fireclaw VMs, and say how to fix what is missing.",
+})
+
+local failures, warnings = 0, 0
+
+local function report(level, what, found, fix)
+	if level == "fail" then failures = failures + 1 end
+	if level == "warn" then warnings = warnings + 1 end
+	io.stdout:write(string.format("%-5s %-12s %s\n", level, what, found))
+	if fix then io.stdout:write(string.format("%-18s fix: %s\n", "", fix)) end
+end
+
+-- ---- KVM and the VMMs ----
+
+local d = vm.detect()
+
+local function check_kvm()
+	if d.kvm == "hardware" then
+		report("ok", "kvm", d.kvm_why)
+	elseif d.kvm == "kvm_pvm" then
+		report("warn", "kvm", d.kvm_why .. " (no VT-x/AMD-V): guests will run under QEMU TCG "
+			.. "(slower), and Firecracker cannot boot guests here",
+			"for KVM speed and Firecracker, use a host with VT-x/AMD-V (bare metal, or a VM "
+			.. "with nested virtualization enabled)")
+	else
+		report("warn", "kvm", d.kvm_why .. ": guests will run under QEMU TCG (slower)",
+			"enable VT-x/AMD-V in the firmware and load kvm_intel or kvm_amd; make /dev/kvm "
+			.. "read-write for this user")
+	end
+end
+
+local function check_firecracker()
+	if not d.firecracker then
+		local where = d.firecracker_wanted and ("FIRECLAW_FIRECRACKER=" .. d.firecracker_wanted
+			.. " does not exist") or "no firecracker on PATH"
+		local fix = "install a Firecracker release binary and put it on PATH, or set "
+			.. "FIRECLAW_FIRECRACKER"
+		if config.vmm == "firecracker" then
+			report("fail", "firecracker", where .. ", and FIRECLAW_VMM=firecracker needs it", fix)
+		else
+			report("warn", "firecracker", where .. " (QEMU is used instead)", fix)
+		end
+		return
+	end
+	local what = string.format("firecracker %s at %s", d.firecracker_version or "(version?)",
+		d.firecracker)
+	if d.jailer then
+		local jv = proc.run({ d.jailer, "--version" }, { timeout = 10 })
+		what = what .. string.format("; jailer %s", (jv.stdout .. jv.stderr):match("(%d+%.%d+%.%d+)")
+			or "(version?)")
+	end
+	if d.kvm ~= "hardware" then
+		report("warn", "firecracker", what .. ", but its guests cannot boot with this /dev/kvm"
+			.. (d.vmm == "firecracker" and " (FIRECLAW_VMM=firecracker: the API works, guests "
+				.. "do not boot)" or " (QEMU is used instead)"),
+			"run on a host with hardware virtualization")
+	else
+		report("ok", "firecracker", what)
+	end
+end
+
+local function qemu_machines()
+	local r = proc.run({ d.qemu, "-M", "help" }, { timeout = 10 })
+	return r.status == 0 and r.stdout:find("%f[%w]microvm%f[%W]") ~= nil
+end
+
+local function check_qemu()
+	if not d.qemu then
+		report(d.vmm and "warn" or "fail", "qemu", "no " .. config.qemu .. " found",
+			"apt-get install qemu-system-x86 (or set FIRECLAW_QEMU)")
+		return
+	end
+	local microvm = qemu_machines()
+	local sandbox = require("fireclaw.vmm.qemu").has_sandbox(d.qemu)
+	local found = string.format("qemu %s at %s: microvm %s, seccomp sandbox %s",
+		d.qemu_version or "?", d.qemu, microvm and "yes" or "NO", sandbox and "yes" or "no")
+	if not microvm then
+		report(d.vmm == "qemu" and "fail" or "warn", "qemu", found,
+			"use a QEMU built with the microvm machine (Debian's qemu-system-x86 has it)")
+	elseif not sandbox then
+		report("warn", "qemu", found .. " (QEMU runs without -sandbox)",
+			"use a QEMU built with seccomp support")
+	else
+		report("ok", "qemu", found)
+	end
+end
+
+-- ---- host plumbing ----
+
+local function check_tun()
+	local f = io.open("/dev/net/tun", "r+")
+	if f then
+		f:close()
+		report("ok", "tun", "/dev/net/tun can be opened")
+	else
+		report("fail", "tun", "/dev/net/tun is missing or not accessible (no tap devices)",
+			"modprobe tun; run fireclaw as root (it needs CAP_NET_ADMIN)")
+	end
+end
+
+-- Create and delete a throw-away namespace (never touches the host's own network).
+local function check_netns()
+	local name = "fct-doctor-" .. proc.getpid()
+	local ok, net = pcall(require, "fireclaw.net")
+	local created, err
+	if ok and type(net) == "table" and net.netns_create then
+		created, err = pcall(net.netns_create, name)
+		if created then pcall(net.netns_delete, name) end
+	else
+		local r = proc.run({ "ip", "netns", "add", name }, { timeout = 10 })
+		created, err = r.status == 0, r.stderr
+		if created then proc.run({ "ip", "netns", "delete", name }, { timeout = 10 }) end
+	end
+	if created then
+		report("ok", "netns", "network namespaces: created and deleted " .. name)
+	else
+		report("fail", "netns", "cannot create a network namespace: "
+			.. tostring(err):gsub("%s+$", ""), "run fireclaw as root (CAP_SYS_ADMIN, CAP_NET_ADMIN)")
+	end
+end
+
+local function check_cgroup()
+	if util.exists("/sys/fs/cgroup/cgroup.controllers") then
+		report("ok", "cgroup", "cgroup v2 (unified hierarchy)")
+	elseif util.exists("/sys/fs/cgroup/unified/cgroup.controllers") then
+		report("warn", "cgroup", "cgroup v1 with cgroup2 only at /sys/fs/cgroup/unified (hybrid); "
+			.. "fireclaw runs VMs without cgroups", "for the jailer's cgroup v2 mode, boot with "
+			.. "systemd.unified_cgroup_hierarchy=1")
+	else
+		report("warn", "cgroup", "no cgroup v2; fireclaw runs VMs without cgroups",
+			"mount cgroup2 on /sys/fs/cgroup for the jailer's cgroup v2 mode")
+	end
+end
+
+local function check_image()
+	local ok, image = pcall(require, "fireclaw.image")
+	if not ok then
+		report("warn", "image", "no fireclaw.image module in this build")
+		return
+	end
+	if not image.exists(config.image) then
+		report("warn", "image", "no '" .. config.image .. "' image in " .. config.image_dir(),
+			"fireclaw image build")
+		return
+	end
+	local loaded, img = pcall(image.load, config.image)
+	if not loaded then
+		report("fail", "image", "'" .. config.image .. "' is broken: " .. tostring(img),
+			"fireclaw image build --force")
+		return
+	end
+	local missing = {}
+	for _, k in ipairs({ "kernel", "initrd", "rootfs" }) do
+		if img[k] and not util.exists(img[k]) then missing[#missing + 1] = img[k] end
+	end
+	if #missing > 0 then
+		report("fail", "image", "'" .. config.image .. "' lacks " .. table.concat(missing, ", "),
+			"fireclaw image build --force")
+		return
+	end
+	local okinfo, info = pcall(image.info, config.image)
+	local kernel = okinfo and type(info) == "table" and type(info.kernel) == "table"
+		and info.kernel.release or "?"
+	report("ok", "image", string.format("'%s' in %s (kernel %s, built %s)", config.image,
+		config.image_dir(config.image), kernel, img.created or "?"))
+end
+
+-- Writable, or creatable below its nearest existing parent.
+local function writable(dir)
+	local probe = dir
+	while probe ~= "" and not util.is_dir(probe) do probe = probe:match("^(.*)/[^/]*$") or "" end
+	if probe == "" then probe = "/" end
+	local f = io.open(probe .. "/.fireclaw-doctor-" .. proc.getpid(), "w")
+	if not f then return false, probe end
+	f:close()
+	os.remove(probe .. "/.fireclaw-doctor-" .. proc.getpid())
+	return true, probe
+end
+
+local function check_dir(what, dir, env, fatal)
+	local ok, probe = writable(dir)
+	if ok then
+		report("ok", what, dir .. (probe == dir and " is writable" or " will be created in " .. probe))
+	else
+		report(fatal and "fail" or "warn", what, dir .. " is not writable (" .. probe .. ")",
+			"run fireclaw as root, or set " .. env .. " to a writable directory")
+	end
+end
+
+local function check_choice()
+	if d.vmm and d.accel then
+		report("ok", "vm", string.format("fireclaw will use %s%s: %s", d.vmm,
+			d.vmm == "qemu" and (" with " .. d.accel) or "", d.why))
+	else
+		report("fail", "vm", "no VMM can run here: " .. d.why,
+			"fix the firecracker/qemu lines above, or unset FIRECLAW_VMM/FIRECLAW_ACCEL")
+	end
+end
+
+check_kvm()
+check_firecracker()
+check_qemu()
+check_tun()
+check_netns()
+check_cgroup()
+check_image()
+check_dir("state dir", config.state_dir, "FIRECLAW_STATE", false)
+check_dir("run dir", config.run_dir, "FIRECLAW_RUN", true)
+check_choice()
+
+if failures > 0 then
+	io.stdout:write(string.format("\nfireclaw cannot run VMs here: %d problem%s (see 'fail' above)\n",
+		failures, failures == 1 and "" or "s"))
+	return 1
+end
+io.stdout:write(string.format("\nfireclaw can run VMs here (%s%s)%s\n", d.vmm,
+	d.vmm == "qemu" and ", " .. d.accel or "",
+	warnings > 0 and string.format("; %d warning%s", warnings, warnings == 1 and "" or "s") or ""))
+return 0
