@@ -189,12 +189,13 @@ static void api_detach(struct api *a)
 static int api_close(lua_State *L)
 {
 	struct api *a = fc_check(L, 1, API_MT);
-	if (a->easy) {
+	/* libcurl's order: easy handles out of the multi, the multi, then the easy handles */
+	if (a->easy)
 		api_detach(a);
-		curl_easy_cleanup(a->easy);
-	}
 	if (a->multi)
 		curl_multi_cleanup(a->multi);
+	if (a->easy)
+		curl_easy_cleanup(a->easy);
 	curl_slist_free_all(a->headers);
 	free(a->socket_path);
 	buf_free(&a->resp);

@@ -112,6 +112,11 @@ local function cold(c, base)
 	t.is(info.accel, d.accel, "info.accel")
 	t.is(info.mem_mib, MEM, "info.mem_mib")
 	t.is(info.rootfs_path_in_vmm, disk, "info.rootfs_path_in_vmm")
+	-- the disk as it was at snapshot time goes with the snapshot (clones copy this one)
+	vt.copy(disk, snap .. "/disk.ext4")
+	t.lives(function() v:resume() end, "resume after the snapshot")
+	t.is(v:state(), "running", "the original runs on after its snapshot")
+	t.ok(reachable(ns), "and still answers on port 22")
 	local pid_ram = v.dir .. "/memory"
 	v:destroy()
 	t.ok(gone(v), "destroy: no process")
@@ -119,7 +124,7 @@ local function cold(c, base)
 	t.ok(not vt.exists(pid_ram), "destroy: the boot RAM file is removed")
 	t.is(v:state(), "stopped", "state stopped")
 	t.lives(function() v:destroy() end, "destroy twice")
-	return snap, info, disk
+	return snap, info, snap .. "/disk.ext4"
 end
 
 -- ---- two clones at once from one snapshot, then a snapshot of a clone ----

@@ -16,6 +16,7 @@
 --   v:destroy()                       -- idempotent, never raises
 --   v:state() -> "not started" | "running" | "paused" | "stopped"
 --   v.console_path  v.vmm  v.vmm_version  v.accel  v.pid  v.starttime  v.timings
+--   v.api (Firecracker) / v.qmp (QEMU): the VMM's client, for what the object does not wrap
 --
 --   vm.detect([opts]) -> {kvm = "hardware" | "kvm_pvm" | "none", kvm_why =, firecracker =,
 --                         firecracker_version =, qemu =, qemu_version =, vmm =, accel =, why =}
@@ -130,19 +131,22 @@ local function choose_accel(vmm, want, d)
 	return nil, "unknown accel '" .. tostring(want) .. "' (auto, kvm or tcg)"
 end
 
--- Probe the host and pick a VMM and accelerator. opts: vmm, accel, firecracker, qemu.
--- Never raises: an impossible choice leaves vmm (or accel) nil and says why.
+-- Probe the host and pick a VMM and accelerator. opts: vmm, accel, firecracker, qemu;
+-- versions = false skips running the binaries for their versions (vm.new does: the VMM
+-- reports its version itself). Never raises: an impossible choice leaves vmm (or accel)
+-- nil and says why.
 function M.detect(opts)
 	opts = opts or {}
 	local d = {}
 	d.kvm, d.kvm_why = M.kvm_kind()
 	d.firecracker, d.firecracker_wanted = find_firecracker(opts)
+	local versions = opts.versions ~= false
 	if d.firecracker then
-		d.firecracker_version = tool_version({ d.firecracker, "--version" })
+		d.firecracker_version = versions and tool_version({ d.firecracker, "--version" }) or nil
 		d.jailer = util.which((d.firecracker:gsub("firecracker$", "jailer")))
 	end
 	d.qemu = util.which(opts.qemu or config.qemu or "qemu-system-x86_64")
-	if d.qemu then d.qemu_version = tool_version({ d.qemu, "-version" }) end
+	if d.qemu and versions then d.qemu_version = require("fireclaw.vmm.qemu").probe(d.qemu).version end
 	local vmm_why, accel_why
 	d.vmm, vmm_why = choose_vmm(opts.vmm or config.vmm or "auto", d)
 	if d.vmm then
@@ -163,7 +167,7 @@ local DRIVERS = { firecracker = "fireclaw.vmm.firecracker", qemu = "fireclaw.vmm
 function M.new(opts)
 	assert(type(opts) == "table", "vm.new: options table expected")
 	if not opts.id or not opts.dir then error("vm: new needs id and dir", 0) end
-	local d = M.detect(opts)
+	local d = M.detect(setmetatable({ versions = false }, { __index = opts }))
 	if not d.vmm or not d.accel then error("vm: cannot run a VM: " .. d.why, 0) end
 	util.verbose("vm %s: %s (%s)", opts.id, d.vmm .. (d.vmm == "qemu" and "/" .. d.accel or ""),
 		d.why)
@@ -261,15 +265,33 @@ function VM:state()
 	return self:_alive() and self._state or "stopped"
 end
 
--- Wait until the console log contains `text` (plain text, not a pattern).
+-- A reader of the console log that keeps its place: each call returns whether `text`
+-- appeared in what was added since, with enough carried over for a match that spans two
+-- reads.
+local function console_reader(path, text)
+	local offset, carry = 0, ""
+	return function()
+		local f = io.open(path, "rb")
+		if not f then return false end
+		f:seek("set", offset)
+		local new = f:read("*a") or ""
+		f:close()
+		offset = offset + #new
+		local s = carry .. new
+		if s:find(text, 1, true) then return true end
+		carry = s:sub(-(#text - 1))
+		return false
+	end
+end
+
+-- Wait until the console log contains `text` (plain text, not a pattern), searching the
+-- whole log from its start.
 function VM:wait_console(text, timeout_s)
 	timeout_s = timeout_s or 60
+	local seen = console_reader(self.console_path, text)
 	local found = util.poll(function()
-		local f = io.open(self.console_path, "rb")
-		local s = f and f:read("*a") or ""
-		if f then f:close() end
-		if s:find(text, 1, true) then return true end
-		if not self:_alive() then return false end
+		if seen() then return true end
+		if not self:_alive() then return seen() or false end
 		return nil
 	end, timeout_s)
 	if found then return true end

@@ -86,6 +86,7 @@ end
 
 -- Cold boot, in the order of Firecracker's getting-started guide.
 function M.boot(v, spec)
+	if not spec.kernel then error("vm: boot needs a kernel", 0) end
 	spawn(v)
 	local api = v.api
 	put_logger(v)
@@ -95,7 +96,6 @@ function M.boot(v, spec)
 	end
 	local vcpu, mem = spec.vcpu or 1, spec.mem_mib or 256
 	api:put("/machine-config", { vcpu_count = vcpu, mem_size_mib = mem })
-	if not spec.kernel then error("vm: boot needs a kernel", 0) end
 	local args = spec.boot_args
 	if type(args) == "table" then args = table.concat(args, " ") end -- a manifest's list
 	local boot = { kernel_image_path = in_vmm(v, spec.kernel),

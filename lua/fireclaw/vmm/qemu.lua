@@ -26,21 +26,32 @@ local function optval(s)
 	return (tostring(s):gsub(",", ",,"))
 end
 
-local sandbox_cache = {}
+local probes = {}
 
--- Does this QEMU have seccomp (-sandbox)? Options are parsed in order, so `-sandbox on
--- -version` fails at once on a build without it, and prints the version otherwise.
-local function has_sandbox(binary)
-	if sandbox_cache[binary] == nil then
-		local ok, r = pcall(proc.run, { binary, "-sandbox", "on", "-version" }, { timeout = 10 })
-		sandbox_cache[binary] = ok and r.status == 0
-		if not sandbox_cache[binary] then
+-- Version and seccomp support of a QEMU binary, once per binary. Options are parsed in
+-- order, so `-sandbox on -version` fails at once on a build without seccomp and prints the
+-- version otherwise: one process answers both questions.
+function M.probe(binary)
+	if not probes[binary] then
+		local function run(argv)
+			local ok, r = pcall(proc.run, argv, { timeout = 10 })
+			return ok and r.status == 0 and r.stdout:match("version (%d+%.%d+%.?%d*)") or nil
+		end
+		local version = run({ binary, "-sandbox", "on", "-version" })
+		local sandbox = version ~= nil
+		version = version or run({ binary, "-version" })
+		if not sandbox then
 			util.verbose("qemu: %s has no -sandbox (seccomp); running without it", binary)
 		end
+		probes[binary] = { version = version, sandbox = sandbox }
 	end
-	return sandbox_cache[binary]
+	return probes[binary]
 end
-M.has_sandbox = has_sandbox
+
+function M.has_sandbox(binary)
+	return M.probe(binary).sandbox
+end
+local has_sandbox = M.has_sandbox
 
 -- The host TSC frequency in kHz: under TCG the guest kernel's TSC calibration hangs in
 -- about 3 boots out of 5 without tsc_early_khz= (GUEST-NOTES.md).
