@@ -1,0 +1,110 @@
+# End to end on real VMs (QEMU microvm; TCG on hosts without hardware virtualization):
+# cold run, snapshot create, restored runs, statuses, stdin, files, JSON, timeout,
+# concurrency, Ctrl-C and SIGKILL + cleanup — each followed by a leak check.
+set -u
+source "$FIRECLAW_TESTS/lib/tap.sh"
+source "$FIRECLAW_TESTS/lib/leaks.sh"
+fc=$FIRECLAW
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+export FIRECLAW_VMM=qemu
+
+"$fc" cleanup -q >/dev/null 2>&1
+no_leaks "before the tests"
+
+# image (built once, cached) and a cold run
+"$fc" -q image build >/dev/null
+ok $? "default image present"
+out=$("$fc" run --no-snapshot -- uname -r 2>"$tmp/err"); rc=$?
+is "$rc" 0 "cold run exits 0"
+like "$out" "^[0-9]+\.[0-9]+" "cold run prints the guest kernel release"
+no_leaks "cold run"
+
+# snapshot, then restored runs
+"$fc" snapshot create 2>"$tmp/err"; rc=$?
+is "$rc" 0 "snapshot create"
+[ $rc = 0 ] || sed 's/^/#   /' "$tmp/err"
+like "$("$fc" snapshot list)" "^default +default +qemu" "snapshot list shows it"
+no_leaks "snapshot create"
+
+out=$("$fc" run --json -- sh -c 'echo out; echo err >&2; exit 3'); rc=$?
+is "$rc" 3 "restored run: exit status 3 propagates"
+like "$out" '"boot":"snapshot"' "--json says it was restored from the snapshot"
+like "$out" '"stdout":"out\\n"' "--json carries stdout"
+like "$out" '"stderr":"err\\n"' "--json carries stderr"
+like "$out" '"exit_code":3' "--json carries the exit code"
+
+"$fc" run -- true; is $? 0 "status 0"
+"$fc" run -- sh -c 'exit 1'; is $? 1 "status 1"
+"$fc" run -- no-such-command-xyz 2>/dev/null; is $? 127 "command not found is 127"
+"$fc" run -- sh -c 'kill -KILL $$'; is $? 137 "killed by SIGKILL is 128+9"
+
+out=$(printf 'line one\nline two\n' | "$fc" run -- wc -l)
+is "$(echo $out)" "2" "stdin is forwarded when it is not a terminal"
+
+out=$("$fc" run -- sh -c 'date +%s')
+now=$(date +%s)
+diff=$(( now - out )); diff=${diff#-}
+[ "$diff" -le 5 ]; ok $? "a restored guest's clock is set to the host's" "guest $out host $now"
+
+# argv arrives verbatim
+weird=$'a b\t"c" \'d\' $HOME `id` ; | & \\ *\nnewline'
+out=$("$fc" run -- printf '%s|' "$weird" "" "x")
+is "$out" "$weird||x|" "argv with hostile characters arrives verbatim"
+
+# files in and out
+head -c 100000 /dev/urandom > "$tmp/in.bin"
+"$fc" run --put "$tmp/in.bin:/root/in.bin" --get "/root/in.bin:$tmp/out.bin" -- sh -c 'test -s /root/in.bin'
+is $? 0 "--put then --get"
+cmp -s "$tmp/in.bin" "$tmp/out.bin"; ok $? "the file comes back identical"
+err=$("$fc" run --put /nonexistent:/x -- true 2>&1); rc=$?
+is "$rc:$err" "2:fireclaw: --put: no such file '/nonexistent'" "bad --put path: usage error before any VM"
+
+out=$("$fc" run --env FOO='bar baz' -- sh -c 'echo "$FOO"')
+is "$out" "bar baz" "--env"
+
+# timeout
+"$fc" -q run --timeout 1 -- sleep 30; is $? 124 "--timeout gives 124"
+no_leaks "after the timeout"
+
+# three restored runs at once
+for i in 1 2 3; do "$fc" run -- sh -c "echo run$i; hostname" > "$tmp/c$i" 2>&1 & done
+wait
+all=$(cat "$tmp/c1" "$tmp/c2" "$tmp/c3" | grep -c '^run')
+is "$all" 3 "three concurrent restored runs all succeed"
+no_leaks "concurrent runs"
+
+# Ctrl-C in the middle of a command
+"$fc" run -- sh -c 'echo started; sleep 60' > "$tmp/int.out" 2>&1 &
+pid=$!
+for _ in $(seq 2000); do grep -q started "$tmp/int.out" && break; sleep 0.01; done
+kill -INT $pid; wait $pid; rc=$?
+is "$rc" 130 "SIGINT during a command exits 130"
+no_leaks "SIGINT"
+
+# SIGKILL of fireclaw, then cleanup
+"$fc" run -- sh -c 'echo started; sleep 60' > "$tmp/kill.out" 2>&1 &
+pid=$!
+for _ in $(seq 2000); do grep -q started "$tmp/kill.out" && break; sleep 0.01; done
+kill -KILL $pid; wait $pid 2>/dev/null
+"$fc" cleanup -q; is $? 0 "cleanup after SIGKILL"
+no_leaks "SIGKILL + cleanup"
+
+# a stale snapshot is refused and run falls back to a cold boot
+meta=/var/lib/fireclaw/snapshots/default/meta.json
+cp "$meta" "$tmp/meta.json"
+sed -i 's/"vmm_version": "[^"]*"/"vmm_version": "0.0.0"/' "$meta"
+err=$("$fc" run -- true 2>&1); rc=$?
+is "$rc" 0 "a stale snapshot still runs (cold)"
+like "$err" "cannot be used: .*taken with qemu 0\.0\.0.*cold booting" "with a one-line note"
+cp "$tmp/meta.json" "$meta"
+
+# the worked example from README
+(cd "$tmp" && "$fc" "$OLDPWD/docs/example.lua" > example.out 2>&1); rc=$?
+is "$rc" 0 "README's example recipe runs"
+like "$(cat "$tmp/example.out")" "snapshot in .*/snapshots/example" "and snapshots its VM"
+like "$(cat "$tmp/out.txt" 2>/dev/null)" "hello" "and copies a file out"
+"$fc" snapshot rm example >/dev/null 2>&1
+no_leaks "example"
+
+done_testing
