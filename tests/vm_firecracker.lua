@@ -83,9 +83,10 @@ end
 
 local function new_vm(tg, dir, log, extra)
 	local opts = { id = "fct-" .. dir:match("([^/]+)$"), dir = dir, vmm = "firecracker",
-		firecracker = tg.bin, tap = "tap0", mac = vt.GUEST_MAC }
+		firecracker = tg.bin }
 	if tg.fake then opts.env = { FAKE_FC_VERSION = tg.version, FAKE_FC_LOG = log } end
 	for k, v in pairs(extra or {}) do opts[k] = v end
+	if opts.netns then opts.tap, opts.mac = "tap0", vt.GUEST_MAC end
 	return vm.new(opts)
 end
 
@@ -350,6 +351,16 @@ local function vm_faults(c, base)
 		"the snapshot opens its disk at /run/fireclaw/vm/disk%.ext4.*put this clone's copy at "
 		.. ".*/w/disk%.ext4", "a clone disk in the wrong place is refused before spawning")
 	t.is(w.pid, nil, "nothing was spawned for it")
+
+	local bare = NS_PREFIX .. "notap"
+	c:add(function() vt.netns_delete(bare) end)
+	vt.run({ "ip", "netns", "add", bare })
+	local n = new_vm(tg, base .. "/n", base .. "/n.log", { netns = bare })
+	c:add(function() n:destroy() end)
+	t.raises(function() n:boot({ kernel = "/dev/null" }) end,
+		"no tap0 in namespace " .. bare:gsub("%-", "%%-") .. ": create the tap first",
+		"a namespace without the tap is refused (the VMM would make a dead one)")
+	t.is(n.pid, nil, "nothing was spawned for it")
 end
 
 -- ---- the API socket never appears, or the VMM dies first ----

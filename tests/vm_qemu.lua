@@ -44,8 +44,9 @@ local READY = (img.guest and img.guest.ready_marker) or require("fireclaw.guest"
 local all_pids = {} -- every VMM this test started: {pid, starttime}
 
 local function new_vm(c, base, name, ns)
+	-- no namespace, no network: a tap is only ever opened inside a test namespace
 	local v = vm.new({ id = "fct-" .. name, dir = base .. "/" .. name, vmm = "qemu",
-		accel = d.accel, netns = ns, tap = "tap0", mac = vt.GUEST_MAC })
+		accel = d.accel, netns = ns, tap = ns and "tap0", mac = ns and vt.GUEST_MAC })
 	c:add(function() v:destroy() end)
 	return v
 end

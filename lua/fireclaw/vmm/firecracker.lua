@@ -87,6 +87,7 @@ end
 -- Cold boot, in the order of Firecracker's getting-started guide.
 function M.boot(v, spec)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
+	util.check_tap(v)
 	spawn(v)
 	local api = v.api
 	put_logger(v)
@@ -138,23 +139,6 @@ function M.snapshot(v, dir)
 		vmstate = "vmstate", memory = "memory" }
 end
 
--- The tap must exist before a load: a missing one is created by Firecracker itself, and
--- the load then "succeeds" with a dead network (GUEST-NOTES.md).
-local function check_tap(v)
-	if not (v.netns and v.tap) then return end
-	local ok, net = pcall(require, "fireclaw.net")
-	local present
-	if ok and type(net) == "table" and net.link_exists then
-		present = net.link_exists(v.netns, v.tap)
-	else
-		present = proc.run({ "ip", "-n", v.netns, "link", "show", v.tap }).status == 0
-	end
-	if not present then
-		error(string.format("vm %s: no %s in namespace %s: create the tap before restoring",
-			v.id, v.tap, v.netns), 0)
-	end
-end
-
 -- Each clone's disk must be where the snapshot says (inside the VMM's view).
 local function check_disk(v, spec)
 	if not spec.rootfs then return end
@@ -191,7 +175,7 @@ end
 -- unusable (it exits), so the process is killed with the error.
 function M.restore(v, dir, spec)
 	check_disk(v, spec)
-	check_tap(v)
+	util.check_tap(v)
 	spawn(v)
 	put_logger(v)
 	local ok, err = pcall(v.api.put, v.api, "/snapshot/load", load_body(v, dir, spec))

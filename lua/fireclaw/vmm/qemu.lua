@@ -131,6 +131,7 @@ end
 
 local function spawn(v, spec, ram)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
+	util.check_tap(v)
 	os.remove(qmp_path(v))
 	util.touch(v.console_path) -- no stale output from an earlier VM in this dir
 	local t0 = runtime.now()

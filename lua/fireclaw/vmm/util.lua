@@ -120,6 +120,29 @@ function M.poll(cond, timeout_s)
 	end
 end
 
+-- The VM's tap must exist before the VMM opens it: Firecracker and QEMU both create a
+-- missing one themselves (unconfigured, non-persistent), and the guest then boots or
+-- restores "fine" with a dead network (GUEST-NOTES.md) -- or, without a namespace, a
+-- stray tap appears on the host.
+function M.check_tap(v)
+	if not v.tap then return end
+	local present
+	if v.netns then
+		local ok, net = pcall(require, "fireclaw.net")
+		if ok and type(net) == "table" and net.link_exists then
+			present = net.link_exists(v.netns, v.tap)
+		else
+			present = proc.run({ "ip", "-n", v.netns, "link", "show", v.tap }).status == 0
+		end
+	else
+		present = M.is_dir("/sys/class/net/" .. v.tap)
+	end
+	if not present then
+		error(string.format("vm %s: no %s in %s: create the tap first (fireclaw.net.tap_create)",
+			v.id, v.tap, v.netns and ("namespace " .. v.netns) or "the host's namespace"), 0)
+	end
+end
+
 -- "exited (status 1)" / "was killed (signal 9)" for a proc:wait() result.
 function M.describe_exit(st)
 	if not st then return "is still running" end
