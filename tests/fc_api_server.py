@@ -14,9 +14,11 @@ Two uses:
       Environment:
         FAKE_FC_VERSION  "1.16.1" (default) or "1.0.0": the spec and behaviour to play
         FAKE_FC_LOG      append one JSON line per request ({"method", "path", "body",
-                         "status"}) and per event ({"event": "start" | "open" | "exit"})
+                         "status", "conn": number of the connection it came on}) and per
+                         event ({"event": "start" | "open" | "exit"})
         FAKE_FC_MODE     "normal"; "no-listen" (never creates the socket); "exit-early"
-                         (complains on stderr and exits 1 before listening)
+                         (complains on stderr and exits 1 before listening); "mute"
+                         (accepts connections and requests, never answers)
         FIRECLAW_FC_SPECS directory holding firecracker-v<version>.yaml
                          (default: ../../shared/firecracker-api from this file)
 
@@ -494,12 +496,17 @@ class Handler(socketserver.StreamRequestHandler):
     """Firecracker's API server: keep-alive, Content-Length bodies, JSON faults."""
 
     def handle(self):
+        with self.server.app.lock:
+            self.server.app.connections += 1
+            conn = self.server.app.connections
         while True:
             req = self.read_request()
             if req is None:
                 return
             method, path, headers, body = req
-            status, payload = self.server.app.respond(method, path, body)
+            if self.server.app.mute:
+                continue  # FAKE_FC_MODE=mute: read requests, never answer
+            status, payload = self.server.app.respond(method, path, body, conn)
             self.send(status, payload, headers.get("connection", "").lower() == "close")
             if self.server.app.machine.exit_after is not None:
                 code = self.server.app.machine.exit_after
@@ -552,13 +559,15 @@ class App:
         self.lock = threading.Lock()
         self.log_path = log_path
         self.machine = Machine(version, instance_id, self.log)
+        self.connections = 0
+        self.mute = False
 
     def log(self, record):
         if self.log_path:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def respond(self, method, path, raw):
+    def respond(self, method, path, raw, conn=0):
         with self.lock:
             parsed = None
             try:
@@ -568,7 +577,8 @@ class App:
             except Fault as f:
                 status, payload = f.status, {"fault_message": f.message}
             body = parsed[3] if parsed else (raw.decode("utf-8", "replace") if raw else None)
-            self.log({"method": method, "path": path, "body": body, "status": status})
+            self.log({"method": method, "path": path, "body": body, "status": status,
+                      "conn": conn})
             self.machine.vmm_log("%s %s -> %d%s" % (method, path, status, "" if status < 300
                                  else " " + payload["fault_message"]))
             return status, payload
@@ -648,6 +658,7 @@ def run_fake(argv):
         return 1
     server = Server(path, Handler)
     server.app = app
+    app.mute = mode == "mute"
     server.serve_forever()
     return 0
 

@@ -176,6 +176,13 @@ local function snapshot(tg, v, base, log)
 	v:destroy()
 	t.ok(gone(pid, st), tg.name .. ": destroy leaves no process")
 	t.ok(not vt.exists(v.dir .. "/api.sock"), tg.name .. ": destroy removes the API socket")
+	if tg.fake then
+		local conns = {}
+		for _, r in ipairs(method_calls(log)) do conns[r.conn] = true end
+		local n = 0
+		for _ in pairs(conns) do n = n + 1 end
+		t.is(n, 1, tg.name .. ": every request went over one kept-alive connection")
+	end
 	t.lives(function() v:destroy() end, tg.name .. ": destroy twice is harmless")
 	t.is(v:state(), "stopped", tg.name .. ": state stopped")
 	return snap, info
@@ -385,6 +392,17 @@ local function socket_faults(c, base)
 
 	-- Firecracker refuses to start over an existing socket file (the driver removes stale
 	-- ones; here the primitive sees the process die)
+	local mute = new_vm(tg, base .. "/m", base .. "/m.log")
+	mute.env.FAKE_FC_MODE = "mute"
+	c:add(function() mute:destroy() end)
+	local saved = fcdrv.REQUEST_TIMEOUT
+	fcdrv.REQUEST_TIMEOUT = 0.5
+	t.raises(function() mute:boot({ kernel = "/dev/null" }) end,
+		"^firecracker: GET /version: [Oo]peration timed out", "a VMM that never answers: the "
+		.. "request times out")
+	fcdrv.REQUEST_TIMEOUT = saved
+	t.ok(gone(mute.pid, mute.starttime), "and the VMM is killed")
+
 	local sock = base .. "/busy.sock"
 	io.open(sock, "w"):close()
 	local p = proc.spawn{ argv = { FAKE, "--api-sock", sock }, stderr = base .. "/busy.err" }
