@@ -8,7 +8,7 @@
 #   make format          clang-format core/ and tests/unit/
 
 PREFIX ?= /usr/local
-PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs libmnl libedit
+PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs com_err libmnl libedit
 CC ?= cc
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Icore
@@ -43,7 +43,7 @@ build/.deps: tools/deps.sh
 	@tools/deps.sh --check 2>/dev/null || tools/deps.sh
 	@touch $@
 
-build/pkg.mk: build/.deps
+build/pkg.mk: build/.deps Makefile
 	@echo "PKG_CFLAGS := $$(pkg-config --cflags $(PKGS))" > $@.tmp
 	@echo "PKG_LIBS := $$(pkg-config --libs $(PKGS))" >> $@.tmp
 	@mv $@.tmp $@
