@@ -403,6 +403,36 @@ local function socket_faults(c, base)
 	fcdrv.REQUEST_TIMEOUT = saved
 	t.ok(gone(mute.pid, mute.starttime), "and the VMM is killed")
 
+	-- Ctrl-C during a request that never gets an answer: the wait is fc_poll, so the
+	-- request is interrupted at once, and the VMM goes with the VM
+	local script = base .. "/intr.lua"
+	local f = io.open(script, "w")
+	f:write(string.format([[
+local vm = require "fireclaw.vm"
+local v = vm.new{ id = "intr", dir = %q, vmm = "firecracker", firecracker = %q,
+	env = { FAKE_FC_MODE = "mute" } }
+local core = require "fireclaw.core.vm"
+local real = core.api_client
+core.api_client = function(...) io.stdout:write("asking\n") io.stdout:flush() return real(...) end
+v:boot{ kernel = "/dev/null" }
+]], base .. "/i", FAKE))
+	f:close()
+	local p = proc.spawn{ argv = { os.getenv("FIRECLAW") or "./fireclaw", script },
+		stdout = base .. "/intr.out", stderr = base .. "/intr.err" }
+	c:add(function() p:close() end)
+	local asking = require("fireclaw.vmm.util").poll(function()
+		local o = io.open(base .. "/intr.out")
+		local s = o and o:read("*a") or ""
+		if o then o:close() end
+		if s:find("asking", 1, true) then return true end
+		if not p:alive() then return false end
+	end, 30)
+	t.ok(asking, "a fireclaw is waiting for an answer from a mute VMM")
+	p:kill(2)
+	local st = p:wait(30) or {}
+	t.is(st.status, 130, "SIGINT ends it with status 130")
+	t.like(vt.run({ "cat", base .. "/intr.err" }), "interrupted by SIGINT", "saying it was interrupted")
+
 	local sock = base .. "/busy.sock"
 	io.open(sock, "w"):close()
 	local p = proc.spawn{ argv = { FAKE, "--api-sock", sock }, stderr = base .. "/busy.err" }
