@@ -132,7 +132,8 @@ end
 
 local cmd = args[1]
 if cmd == nil or cmd == "-h" or cmd == "--help" or cmd == "help" then
-	io.stdout:write(string.format(USAGE, config.state_dir .. "/images"))
+	local out = cmd == nil and io.stderr or io.stdout
+	out:write(string.format(USAGE, config.state_dir .. "/images"))
 	return cmd == nil and 2 or 0
 end
 if not commands[cmd] then

@@ -85,14 +85,18 @@ end
 
 local NOSPACE = "No space left on device"
 
+-- proc.run, with a clear message when the program cannot be started (an interruption by
+-- SIGINT/SIGTERM passes through as it is).
+local function try_run(argv, opts)
+	local ok, r = pcall(proc.run, argv, opts)
+	if ok then return r end
+	if tostring(r):match("interrupted") then error(r, 0) end
+	fail("cannot run %s (%s); install the packages listed in tools/deps.sh", argv[1], tostring(r))
+end
+
 -- Run a host command; raise "image: WHAT: …" unless it exits 0. Returns the result.
 local function run(what, argv, opts)
-	local ok, r = pcall(proc.run, argv, opts)
-	if not ok then
-		if tostring(r):match("^interrupted") then error(r, 0) end
-		fail("%s: cannot run %s (%s); install the packages listed in tools/deps.sh", what, argv[1],
-			tostring(r))
-	end
+	local r = try_run(argv, opts)
 	if r.status ~= 0 or r.signal then
 		local text = (r.stderr or "") .. "\n" .. (r.stdout or "")
 		if text:find(NOSPACE, 1, true) then
@@ -160,10 +164,20 @@ local function mkdir_p(path, mode)
 	if mode then ffi.C.chmod(path, m) end
 end
 
+-- rm -rf in Lua: symlinks are removed, never followed. No child process, so it also works
+-- while unwinding from SIGINT (when running a command would raise "interrupted" again).
 local function rm_rf(path)
-	if path and path ~= "" and path ~= "/" then
-		run("removing " .. path, { "rm", "-rf", "--one-file-system", "--", path })
+	if not path or path == "" or path == "/" then return end
+	if not M.readlink(path) then
+		local entries = runtime.listdir(path)
+		if entries then
+			for _, e in ipairs(entries) do
+				if e ~= "." and e ~= ".." then rm_rf(path .. "/" .. e) end
+			end
+		end
 	end
+	local ok, err = os.remove(path)
+	if not ok and exists(path) then fail("cannot remove %s: %s", path, tostring(err)) end
 end
 
 local function symlink(target, path)
@@ -290,7 +304,8 @@ local function default_boot_args()
 	return {
 		"console=ttyS0", "root=/dev/vda", "rw",
 		string.format("ip=%s::%s:%s::eth0:off", n.guest_ip, n.host_ip, n.netmask),
-		"panic=1", "pci=off", "quiet", "mitigations=off",
+		-- cryptomgr.notests: the crypto self-tests cost ~0.5 s of a TCG boot
+		"panic=1", "pci=off", "quiet", "mitigations=off", "cryptomgr.notests",
 	}
 end
 M.default_boot_args = default_boot_args
@@ -333,9 +348,7 @@ local function apt_cache(what, args)
 	local argv = { "apt-cache" }
 	for _, a in ipairs(apt_options()) do argv[#argv + 1] = a end
 	for _, a in ipairs(args) do argv[#argv + 1] = a end
-	local ok, r = pcall(proc.run, argv)
-	if not ok then fail("%s: cannot run apt-cache (%s)", what, tostring(r)) end
-	return r
+	return try_run(argv)
 end
 
 -- Parse deb822 stanzas (apt-cache show output) -> list of {Field = value}
@@ -527,10 +540,10 @@ local function download(recs)
 		argv[#argv + 1] = rec.Package .. "=" .. rec.Version
 		mbytes = mbytes + (tonumber(rec.Size) or 0)
 	end
-	local ok, r = pcall(proc.run, argv, { cwd = part })
+	local ok, r = pcall(try_run, argv, { cwd = part })
 	if not ok then
 		rm_rf(part)
-		fail("download: cannot run apt-get (%s)", tostring(r))
+		error(r, 0)
 	end
 	if r.status ~= 0 then
 		rm_rf(part)
@@ -624,9 +637,7 @@ function M.bzimage_to_elf(bzpath, outpath)
 			if payload:sub(1, #c[2]) == c[2] then
 				-- trailing bytes (the size field, the rest of the image) make some
 				-- decompressors exit non-zero after writing everything: judge the output
-				local ok, r = pcall(proc.run, c[3], { stdin = payload })
-				if not ok then fail("cannot run %s to decompress the kernel (%s); see tools/deps.sh", c[3][1], tostring(r)) end
-				local out = r.stdout
+				local out = try_run(c[3], { stdin = payload }).stdout
 				if elf_ok(out) and (not cand.expect or cand.expect == #out) then
 					write_file(outpath, out, "644")
 					return { compression = c[1], size = #out }
@@ -730,12 +741,13 @@ local function clean_stale()
 	for _, e in ipairs(entries) do
 		local pid = e:match("^%.tmp~.*~(%d+)$") or e:match("^%.lnk~.*~(%d+)$")
 		local vpid = e:match("^%.img~.*~[%w]+~(%d+)$")
-		if pid and not pid_alive(pid) then
-			log("removing %s left by an interrupted build", e)
-			rm_rf(dir .. "/" .. e)
-		elseif vpid and not used[e] and not pid_alive(vpid) then
-			log("removing %s (no image uses it)", e)
-			rm_rf(dir .. "/" .. e)
+		local why = (pid and not pid_alive(pid) and "left by an interrupted build") or
+			(vpid and not used[e] and not pid_alive(vpid) and "no image uses it")
+		if why then
+			log("removing %s (%s)", e, why)
+			-- a command of the dead build may still be finishing: not our failure
+			local ok, err = pcall(rm_rf, dir .. "/" .. e)
+			if not ok then log("could not remove %s yet: %s", e, tostring(err)) end
 		end
 	end
 end
@@ -843,6 +855,42 @@ function M.remove(name)
 	else
 		rm_rf(link)
 	end
+	M.prune_cache()
+end
+
+-- Keep in cache/ only what an existing image was built from: the .debs its manifest
+-- lists and its extracted kernel; leftovers of dead processes go too. Skipped while
+-- another build of this state dir runs (it may be using files no manifest lists yet).
+function M.prune_cache()
+	for _, e in ipairs(runtime.listdir(images_dir()) or {}) do
+		local pid = e:match("^%.tmp~.*~(%d+)$")
+		if pid and tonumber(pid) ~= proc.getpid() and pid_alive(pid) then return end
+	end
+	local keep_debs, keep_kernels = {}, {}
+	for _, e in ipairs(M.list()) do
+		local m = e.manifest
+		if not m then return end -- unreadable manifest: do not guess
+		for _, pkg in ipairs(m.packages or {}) do
+			if pkg.file then keep_debs[pkg.file] = true end
+		end
+		if m.kernel_info and m.kernel_info.cache then keep_kernels[m.kernel_info.cache] = true end
+	end
+	local function sweep(dir, keep)
+		for _, e in ipairs(runtime.listdir(dir) or {}) do
+			local pid = e:match("~(%d+)$")
+			local stale
+			if pid then
+				stale = not pid_alive(pid)
+			else
+				stale = not keep[e]
+			end
+			if stale and e ~= "." and e ~= ".." then
+				pcall(rm_rf, dir .. "/" .. e)
+			end
+		end
+	end
+	sweep(cache_dir() .. "/debs", keep_debs)
+	sweep(cache_dir() .. "/kernel", keep_kernels)
 end
 
 -- ---- build ----
@@ -902,6 +950,7 @@ local function plan(opts)
 		kernel = p.kernel.Package .. "=" .. p.kernel.Version,
 		base = pv(p.base), sftp = p.sftp.Package .. "=" .. p.sftp.Version, extra = pv(p.extra),
 		requested = requested, size = opts.size and M.parse_size(opts.size) or "auto",
+		boot_args = default_boot_args(), modules = M.MODULES,
 		client_key = opts.client_pub,
 	})
 	p.fingerprint = run("hashing", { "sha256sum" }, { stdin = inputs }).stdout:match("%x+")
@@ -917,25 +966,44 @@ local function up_to_date(name, fingerprint)
 	return m
 end
 
--- Kernel: vmlinuz and vmlinux into out/, modules into initrd tree. Returns info.
-local function build_kernel(p, debs, scratch, out, initrd_tree)
+-- The kernel of package record `krec`, extracted once per package file into
+-- cache/kernel/KEY/: vmlinuz, vmlinux, modules/*.ko (the ones the initramfs loads) and
+-- info.json {release, compression, modules (load order)}. Returns the dir and the info.
+local function kernel_key(krec)
+	return string.format("%s_%s_%s_f%d", krec.Package, (krec.Version:gsub(":", "%%3a")),
+		(krec.SHA256 or "x"):sub(1, 16), M.FORMAT)
+end
+
+local function extract_kernel(krec, deb, scratch)
+	local cdir = cache_dir() .. "/kernel/" .. kernel_key(krec)
+	local text = read_file(cdir .. "/info.json")
+	if text then
+		local ok, info = pcall(json.decode, text)
+		if ok and info.release then
+			log("unpack: %s %s, kernel %s (cached in %s)", krec.Package, krec.Version, info.release, cdir)
+			return cdir, info
+		end
+	end
 	local t0 = runtime.now()
+	mkdir_p(cache_dir() .. "/kernel", "755")
+	local tmp = cache_dir() .. "/kernel/.tmp~" .. kernel_key(krec) .. "~" .. proc.getpid()
+	rm_rf(tmp)
+	mkdir_p(tmp .. "/modules", "755")
 	local kdir = scratch .. "/kernel"
 	mkdir_p(kdir, "755")
-	run("unpacking the kernel", { "dpkg-deb", "-x", debs[p.kernel.Package], kdir })
+	run("unpacking the kernel", { "dpkg-deb", "-x", deb, kdir })
 	local release
 	for _, e in ipairs(runtime.listdir(kdir .. "/lib/modules") or {}) do
 		if not e:match("^%.") then release = e end
 	end
 	local bz = release and kdir .. "/boot/vmlinuz-" .. release
-	if not bz or not exists(bz) then fail("no /boot/vmlinuz-* in %s", p.kernel.Package) end
-	copy(bz, out .. "/vmlinuz")
-	log("unpack: %s %s, kernel %s (%s)", p.kernel.Package, p.kernel.Version, release, secs(t0))
+	if not bz or not exists(bz) then fail("no /boot/vmlinuz-* in %s", krec.Package) end
+	copy(bz, tmp .. "/vmlinuz")
+	log("unpack: %s %s, kernel %s (%s)", krec.Package, krec.Version, release, secs(t0))
 	t0 = runtime.now()
-	local elf = M.bzimage_to_elf(out .. "/vmlinuz", out .. "/vmlinux")
+	local elf = M.bzimage_to_elf(tmp .. "/vmlinuz", tmp .. "/vmlinux")
 	log("vmlinux: %s, %s-compressed in the bzImage (%s)", human(elf.size), elf.compression, secs(t0))
 	-- modules: index every .ko, read depends= from each one we need
-	t0 = runtime.now()
 	local mdir = kdir .. "/lib/modules/" .. release
 	local found = run("listing modules", { "find", mdir .. "/kernel", "-name", "*.ko*" }).stdout
 	local files = {}
@@ -973,14 +1041,33 @@ local function build_kernel(p, debs, scratch, out, initrd_tree)
 			fail("kernel %s has no %s (neither a module nor built in)", release, m)
 		end
 	end
+	for _, m in ipairs(order) do write_file(tmp .. "/modules/" .. m .. ".ko", contents[m], "644") end
+	local info = { release = release, compression = elf.compression, modules = json.array(order),
+		package = krec.Package, version = krec.Version, sha256 = krec.SHA256 }
+	write_file(tmp .. "/info.json", json.encode(info, { pretty = true }) .. "\n", "644")
+	rm_rf(kdir)
+	if not os.rename(tmp, cdir) then -- another build cached it meanwhile
+		rm_rf(tmp)
+	end
+	return cdir, info
+end
+
+-- Kernel: vmlinuz and vmlinux into out/, modules into the initramfs tree. Returns info.
+local function build_kernel(p, debs, scratch, out, initrd_tree)
+	local cdir, info = extract_kernel(p.kernel, debs[p.kernel.Package], scratch)
+	local t0 = runtime.now()
+	for _, f in ipairs({ "vmlinuz", "vmlinux" }) do
+		run("copying the kernel", { "cp", "--reflink=auto", "--", cdir .. "/" .. f, out .. "/" .. f })
+	end
 	mkdir_p(initrd_tree .. "/lib/modules", "755")
 	local total = 0
-	for _, m in ipairs(order) do
-		write_file(initrd_tree .. "/lib/modules/" .. m .. ".ko", contents[m], "644")
-		total = total + #contents[m]
+	for _, m in ipairs(info.modules) do
+		local ko = cdir .. "/modules/" .. m .. ".ko"
+		copy(ko, initrd_tree .. "/lib/modules/" .. m .. ".ko")
+		total = total + (file_size(ko) or 0)
 	end
-	return { release = release, compression = elf.compression, modules = order, modules_size = total,
-		t_modules = t0 }
+	return { release = info.release, compression = info.compression, modules = info.modules, modules_size = total,
+		t_modules = t0, cache = cdir }
 end
 
 local function build_initrd(busybox, tree, modules, out)
@@ -1145,7 +1232,7 @@ local function build_rootfs(p, debs, scratch, out, opts)
 	local inodes = math.max(8192, nfiles * 2)
 	local img = out .. "/rootfs.ext4"
 	run("making the rootfs file", { "truncate", "-s", tostring(size), img })
-	local r = proc.run({ "mkfs.ext4", "-q", "-F", "-b", "4096", "-N", tostring(inodes), "-L", "fireclaw-root",
+	local r = try_run({ "mkfs.ext4", "-q", "-F", "-b", "4096", "-N", tostring(inodes), "-L", "fireclaw-root",
 		"-d", tree, img })
 	if r.status ~= 0 then
 		local text = r.stderr .. r.stdout
@@ -1156,6 +1243,14 @@ local function build_rootfs(p, debs, scratch, out, opts)
 		fail("mkfs.ext4 -d %s failed: %s", tree, (text:match("[^\n]+") or "?"))
 	end
 	return { used = used, files = nfiles, size = size, applets = nlinks, t0 = t0 }
+end
+
+-- Remove the work dir of a failed build. A command interrupted halfway may still run:
+-- collecting its process object kills and reaps it first (proc's __gc).
+local function discard(work)
+	collectgarbage("collect")
+	collectgarbage("collect")
+	if not pcall(rm_rf, work) then pcall(rm_rf, work) end
 end
 
 -- Build image opts.name (default "default"). See the module comment.
@@ -1217,7 +1312,8 @@ function M.build(opts)
 		end
 		local function pkgs(list, role, o)
 			for _, r in ipairs(list) do
-				o[#o + 1] = { name = r.Package, version = r.Version, role = role, sha256 = r.SHA256 }
+				o[#o + 1] = { name = r.Package, version = r.Version, role = role, sha256 = r.SHA256,
+					file = deb_filename(r) }
 			end
 			return o
 		end
@@ -1235,7 +1331,7 @@ function M.build(opts)
 			created = os.date("!%Y-%m-%dT%H:%M:%SZ"),
 			build_seconds = math.floor((runtime.now() - T0) * 10 + 0.5) / 10,
 			kernel_info = { package = p.kernel.Package, version = p.kernel.Version, metapackage = p.kernel_meta,
-				release = k.release, compression = k.compression },
+				release = k.release, compression = k.compression, cache = kernel_key(p.kernel) },
 			modules = json.array(k.modules),
 			packages = plist,
 			requested_packages = requested,
@@ -1256,6 +1352,7 @@ function M.build(opts)
 		write_file(out .. "/manifest.json", json.encode(manifest, { pretty = true }) .. "\n", "644")
 		local final = install(name, out)
 		rm_rf(work)
+		M.prune_cache()
 		local total, alloc = 0, 0
 		for _, f in pairs(files) do
 			total = total + f.size
@@ -1267,7 +1364,7 @@ function M.build(opts)
 		return manifest, final
 	end)
 	if not ok then
-		pcall(rm_rf, work)
+		discard(work)
 		error(res, 0)
 	end
 	return res, true
@@ -1359,7 +1456,7 @@ function M.import(opts)
 		return manifest
 	end)
 	if not ok then
-		pcall(rm_rf, work)
+		discard(work)
 		error(res, 0)
 	end
 	return res
