@@ -84,35 +84,45 @@ local function put_logger(v)
 		show_level = true, show_log_origin = false })
 end
 
--- Cold boot, in the order of Firecracker's getting-started guide.
-function M.boot(v, spec)
-	if not spec.kernel then error("vm: boot needs a kernel", 0) end
-	util.check_tap(v)
-	spawn(v)
-	local api = v.api
-	put_logger(v)
-	if spec.metrics then
-		util.touch(v.dir .. "/metrics.json")
-		api:put("/metrics", { metrics_path = M.MOUNT .. "/metrics.json" })
-	end
-	local vcpu, mem = spec.vcpu or 1, spec.mem_mib or 256
-	api:put("/machine-config", { vcpu_count = vcpu, mem_size_mib = mem })
+local function boot_source(v, spec)
 	local args = spec.boot_args
 	if type(args) == "table" then args = table.concat(args, " ") end -- a manifest's list
 	local boot = { kernel_image_path = in_vmm(v, spec.kernel),
 		boot_args = args or M.DEFAULT_BOOT_ARGS }
 	if spec.initrd then boot.initrd_path = in_vmm(v, spec.initrd) end
-	api:put("/boot-source", boot)
+	v.api:put("/boot-source", boot)
+	return boot
+end
+
+local function devices(v, spec)
 	local rootfs = spec.rootfs and in_vmm(v, spec.rootfs)
 	if rootfs then
-		api:put("/drives/rootfs", { drive_id = "rootfs", path_on_host = rootfs,
+		v.api:put("/drives/rootfs", { drive_id = "rootfs", path_on_host = rootfs,
 			is_root_device = true, is_read_only = spec.read_only or false })
 	end
 	if v.tap then
-		api:put("/network-interfaces/eth0", { iface_id = "eth0", host_dev_name = v.tap,
+		v.api:put("/network-interfaces/eth0", { iface_id = "eth0", host_dev_name = v.tap,
 			guest_mac = v.mac })
 	end
-	api:put("/actions", { action_type = "InstanceStart" })
+	return rootfs
+end
+
+-- Cold boot: logger, (metrics), machine config, boot source, root drive, network,
+-- InstanceStart.
+function M.boot(v, spec)
+	if not spec.kernel then error("vm: boot needs a kernel", 0) end
+	util.check_tap(v)
+	spawn(v)
+	put_logger(v)
+	if spec.metrics then
+		util.touch(v.dir .. "/metrics.json")
+		v.api:put("/metrics", { metrics_path = M.MOUNT .. "/metrics.json" })
+	end
+	local vcpu, mem = spec.vcpu or 1, spec.mem_mib or 256
+	v.api:put("/machine-config", { vcpu_count = vcpu, mem_size_mib = mem })
+	local boot = boot_source(v, spec)
+	local rootfs = devices(v, spec)
+	v.api:put("/actions", { action_type = "InstanceStart" })
 	v.booted = { kernel = boot.kernel_image_path, initrd = boot.initrd_path,
 		boot_args = boot.boot_args, vcpu = vcpu, mem_mib = mem, rootfs = rootfs,
 		tap = v.tap, mac = v.mac }
