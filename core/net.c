@@ -1441,10 +1441,12 @@ static int l_egress_enable(lua_State *L)
 	char what[256], step[128] = "", script[1024], msg[512], table[64], rule[256];
 	snprintf(what, sizeof what, "enable egress for %s via %s", netns,
 		 o.uplink ? o.uplink : "the host namespace");
-	int err = egress_links(netns, &o, step, sizeof step);
-	if (!err && (err = forwarding_on(netns)))
+	int err = egress_links(netns, &o, step, sizeof step); /* undoes itself on failure */
+	if (err)
+		net_fail(L, -err, what, step);
+	if ((err = forwarding_on(netns)))
 		snprintf(step, sizeof step, "enable forwarding in %s", netns);
-	if (!err && (err = forwarding_on(o.uplink)))
+	else if ((err = forwarding_on(o.uplink)))
 		snprintf(step, sizeof step, "enable forwarding in %s",
 			 o.uplink ? o.uplink : "host");
 	if (err) {
