@@ -111,11 +111,11 @@ struct api {
 	CURL *easy;
 	struct curl_slist *headers;
 	char *socket_path;
-	char name[32];	     /* error prefix: "firecracker" */
-	long timeout_ms;     /* per request */
-	int attached;	     /* easy is in multi (a request is in flight or was interrupted) */
-	struct buf resp;     /* body of the current response */
-	int resp_oom;	     /* the write callback ran out of memory */
+	char name[32];	 /* error prefix: "firecracker" */
+	long timeout_ms; /* per request */
+	int attached;	 /* easy is in multi (a request is in flight or was interrupted) */
+	struct buf resp; /* body of the current response */
+	int resp_oom;	 /* the write callback ran out of memory */
 	char errbuf[CURL_ERROR_SIZE];
 	/* the sockets libcurl asked us to watch, and its timer */
 	struct {
@@ -243,9 +243,10 @@ static CURLcode api_perform(lua_State *L, struct api *a)
 		int n = a->nsocks;
 		for (int i = 0; i < n; i++) {
 			int w = a->socks[i].what;
-			p[i] = (struct pollfd){.fd = a->socks[i].fd,
-					       .events = (short)(((w & CURL_POLL_IN) ? POLLIN : 0) |
-								 ((w & CURL_POLL_OUT) ? POLLOUT : 0))};
+			p[i] =
+			    (struct pollfd){.fd = a->socks[i].fd,
+					    .events = (short)(((w & CURL_POLL_IN) ? POLLIN : 0) |
+							      ((w & CURL_POLL_OUT) ? POLLOUT : 0))};
 		}
 		int wait = fc_ms_left(a->timer_deadline);
 		int hard = fc_ms_left(hard_deadline);
@@ -288,8 +289,8 @@ static void raise_http_error(lua_State *L, struct api *a, const char *method, co
 	fc_error(L, "%s: %s %s: %d %s", a->name, method, path, (int)status, msg);
 }
 
-static void raise_transport_error(lua_State *L, struct api *a, const char *method,
-				  const char *path, CURLcode rc)
+static void raise_transport_error(lua_State *L, struct api *a, const char *method, const char *path,
+				  CURLcode rc)
 {
 	const char *why = a->errbuf[0] ? a->errbuf : curl_easy_strerror(rc);
 	if (a->resp_oom)
@@ -375,8 +376,8 @@ static int api_setup(struct api *a)
 {
 	CURL *e = a->easy;
 	a->headers = curl_slist_append(NULL, "Content-Type: application/json");
-	struct curl_slist *h = a->headers ? curl_slist_append(a->headers, "Accept: application/json")
-					  : NULL;
+	struct curl_slist *h =
+	    a->headers ? curl_slist_append(a->headers, "Accept: application/json") : NULL;
 	/* Firecracker's HTTP server wants the body at once, not an Expect/100-continue dance */
 	h = h ? curl_slist_append(h, "Expect:") : NULL;
 	if (!h)
@@ -498,7 +499,8 @@ static void raise_exited(lua_State *L, int proc, int opts, const char *name, con
 		if (lua_isnumber(L, -2))
 			snprintf(how, sizeof how, "exited (status %d)", (int)lua_tointeger(L, -2));
 		else if (lua_isnumber(L, -1))
-			snprintf(how, sizeof how, "was killed (signal %d)", (int)lua_tointeger(L, -1));
+			snprintf(how, sizeof how, "was killed (signal %d)",
+				 (int)lua_tointeger(L, -1));
 	}
 	lua_getfield(L, opts, "log");
 	push_tail(L, lua_gettop(L), 10);
@@ -881,21 +883,28 @@ static int l_qmp_connect(lua_State *L)
 int luaopen_fireclaw_vm(lua_State *L)
 {
 	static const luaL_Reg api_methods[] = {
-		{"get", api_get},     {"put", api_put},		    {"patch", api_patch},
-		{"close", api_close}, {"__tostring", api_tostring}, {NULL, NULL},
+	    {"get", api_get},
+	    {"put", api_put},
+	    {"patch", api_patch},
+	    {"close", api_close},
+	    {"__tostring", api_tostring},
+	    {NULL, NULL},
 	};
 	static const luaL_Reg qmp_methods[] = {
-		{"execute", qmp_l_execute}, {"events", qmp_events},
-		{"wait_event", qmp_wait_event}, {"greeting", qmp_greeting},
-		{"close", qmp_close},	    {"__tostring", qmp_tostring},
-		{NULL, NULL},
+	    {"execute", qmp_l_execute},
+	    {"events", qmp_events},
+	    {"wait_event", qmp_wait_event},
+	    {"greeting", qmp_greeting},
+	    {"close", qmp_close},
+	    {"__tostring", qmp_tostring},
+	    {NULL, NULL},
 	};
 	static const luaL_Reg fns[] = {
-		{"api_client", l_api_client},
-		{"wait_socket", l_wait_socket},
-		{"log_tail", l_log_tail},
-		{"qmp_connect", l_qmp_connect},
-		{NULL, NULL},
+	    {"api_client", l_api_client},
+	    {"wait_socket", l_wait_socket},
+	    {"log_tail", l_log_tail},
+	    {"qmp_connect", l_qmp_connect},
+	    {NULL, NULL},
 	};
 	/* reference-counted by libcurl, so a second state or a later call is harmless */
 	curl_global_init(CURL_GLOBAL_DEFAULT);
