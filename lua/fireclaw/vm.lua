@@ -169,8 +169,8 @@ function M.new(opts)
 	if not opts.id or not opts.dir then error("vm: new needs id and dir", 0) end
 	local d = M.detect(setmetatable({ versions = false }, { __index = opts }))
 	if not d.vmm or not d.accel then error("vm: cannot run a VM: " .. d.why, 0) end
-	util.verbose("vm %s: %s (%s)", opts.id, d.vmm .. (d.vmm == "qemu" and "/" .. d.accel or ""),
-		d.why)
+	util.verbose("VM %s: %s chosen: %s", opts.id,
+		d.vmm .. (d.vmm == "qemu" and " with " .. d.accel or ""), d.why)
 	local dir = util.abspath(opts.dir):gsub("/+$", "")
 	util.mkdir_p(dir)
 	local self = setmetatable({
@@ -216,7 +216,7 @@ function VM:boot(spec)
 	guarded(self, self.driver.boot, self, spec or {})
 	self._state = "running"
 	self.timings.boot = runtime.now() - t0
-	util.verbose("vm %s: %s started (pid %d)", self.id, self.vmm, self.pid)
+	util.verbose("VM %s: %s started (pid %d)", self.id, self.vmm, self.pid)
 end
 
 function VM:restore(dir, spec)
@@ -225,7 +225,7 @@ function VM:restore(dir, spec)
 	guarded(self, self.driver.restore, self, util.abspath(dir), spec or {})
 	self._state = "running"
 	self.timings.restore = runtime.now() - t0
-	util.verbose("vm %s: restored from %s in %.0f ms", self.id, dir, self.timings.restore * 1e3)
+	util.verbose("VM %s: restored from %s in %.0f ms", self.id, dir, self.timings.restore * 1e3)
 end
 
 function VM:pause()

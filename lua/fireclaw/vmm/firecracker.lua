@@ -75,7 +75,7 @@ local function spawn(v)
 	v.timings.api_ready = runtime.now() - t0
 	v.api = core.api_client(sock_path(v), { timeout = M.REQUEST_TIMEOUT, name = "firecracker" })
 	v.vmm_version = v.api:get("/version").firecracker_version
-	util.verbose("vm %s: firecracker %s API ready in %.0f ms", v.id, v.vmm_version,
+	util.verbose("VM %s: firecracker %s API ready in %.0f ms", v.id, v.vmm_version,
 		v.timings.api_ready * 1e3)
 end
 

@@ -162,7 +162,7 @@ local function spawn(v, spec, ram)
 	v.vmm_version = string.format("%d.%d.%d", q.major, q.minor, q.micro)
 	v.ram = ram
 	v.spec = spec
-	util.verbose("vm %s: qemu %s QMP ready in %.0f ms", v.id, v.vmm_version,
+	util.verbose("VM %s: qemu %s QMP ready in %.0f ms", v.id, v.vmm_version,
 		v.timings.api_ready * 1e3)
 end
 

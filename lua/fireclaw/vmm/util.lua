@@ -4,10 +4,14 @@ local runtime = require "fireclaw.runtime"
 
 local M = {}
 
--- A progress line on stderr with -v.
+-- A progress line on stderr with -v (through fireclaw.log, as the other layers do).
+local has_log, log = pcall(require, "fireclaw.log")
 function M.verbose(fmt, ...)
-	if runtime.verbose then
-		io.stderr:write("fireclaw: ", string.format(fmt, ...), "\n")
+	if not runtime.verbose then return end
+	if has_log and type(log) == "table" and log.info then
+		log.info(fmt, ...)
+	else
+		io.stderr:write("[fireclaw] ", string.format(fmt, ...), "\n")
 	end
 end
 
