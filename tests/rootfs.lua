@@ -1,0 +1,228 @@
+-- tests/rootfs.lua: fireclaw.rootfs on real files and real ext4 images (made with
+-- mkfs.ext4 on sparse files in a fresh temp directory, checked with debugfs and e2fsck).
+local t = require "tap"
+local rootfs = require "fireclaw.rootfs"
+
+local function sh(cmd)
+	local p = io.popen(cmd .. " 2>&1")
+	local out = p:read("*a")
+	local ok = p:close()
+	return out, ok
+end
+
+local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+local function esc(s) return (s:gsub("%p", "%%%0")) end
+
+local TMP = sh("mktemp -d"):gsub("%s+$", "")
+assert(TMP:match("^/tmp/"), "mktemp -d failed: " .. TMP)
+
+local function mkfs(name, size)
+	local path = TMP .. "/" .. name
+	local out, ok = sh("truncate -s " .. size .. " " .. q(path) .. " && mkfs.ext4 -q -F " .. q(path))
+	assert(ok, "mkfs.ext4: " .. out)
+	return path
+end
+
+local function fsck_clean(img)
+	local _, ok = sh("e2fsck -fn " .. q(img))
+	return ok
+end
+
+local function debugfs(img, req) return (sh("debugfs -R " .. q(req) .. " " .. q(img))) end
+
+local function blocks(path) return tonumber((sh("stat -c %b " .. q(path)))) end
+
+local function body()
+	-- ---- copy ----
+	local src, dst = TMP .. "/sparse.img", TMP .. "/copy.img"
+	sh("truncate -s 1G " .. q(src))
+	sh("printf head | dd of=" .. q(src) .. " conv=notrunc status=none")
+	sh("printf middle | dd of=" .. q(src) .. " bs=1M seek=300 conv=notrunc status=none")
+	sh("printf tail | dd of=" .. q(src) .. " bs=1 seek=$((1024*1024*1024-4)) conv=notrunc status=none")
+	local how = rootfs.copy(src, dst)
+	t.ok(how == "sparse" or how == "reflink", "copy: returns the method (" .. tostring(how) .. ")")
+	t.is(sh("stat -c %s " .. q(dst)), "1073741824\n", "copy: same size (1 GiB)")
+	t.ok(blocks(dst) < 2048, "copy: holes kept (" .. tostring(blocks(dst)) .. " blocks of 512 bytes allocated)")
+	-- (cmp over 2 GiB of holes takes seconds here: check the data, and that no more
+	-- blocks are allocated than in the source; a full cmp follows on a real image below)
+	t.is(sh("head -c 4 " .. q(dst)), "head", "copy: data at the start")
+	t.is(sh("dd if=" .. q(dst) .. " bs=1M skip=300 count=1 status=none | head -c 6"), "middle",
+		"copy: data in the middle")
+	t.is(sh("tail -c 4 " .. q(dst)), "tail", "copy: data at the end")
+	t.is(blocks(dst), blocks(src), "copy: as many blocks allocated as the source")
+	t.is(sh("stat -c %a " .. q(dst)), "600\n", "copy: created 0600")
+	if how == "sparse" then
+		t.skip("reflink: " .. TMP .. " is on a filesystem without FICLONE (ext4)")
+	else
+		t.ok(true, "copy: reflink")
+	end
+	t.raises(function() rootfs.copy(src, dst) end, "create " .. esc(dst) .. ": File exists",
+		"copy: an existing destination is an error")
+	t.ok(blocks(dst) < 2048, "copy: ... and the existing file is left alone")
+	t.raises(function() rootfs.copy(TMP .. "/nope", TMP .. "/x") end, "open " .. esc(TMP) .. "/nope: No such file",
+		"copy: missing source")
+	t.raises(function() rootfs.copy(TMP, TMP .. "/x") end, "is not a regular file", "copy: source is a directory")
+	t.raises(function() rootfs.copy(src, TMP .. "/no/dir/x") end, "No such file or directory",
+		"copy: destination directory missing")
+	t.is(sh("ls " .. q(TMP)), "copy.img\nsparse.img\n", "copy: failed copies leave nothing behind")
+	os.remove(src)
+	os.remove(dst)
+
+	-- ---- files into an ext4 image ----
+	local img = mkfs("disk.ext4", "64M")
+	local fs = rootfs.open(img, "rw")
+	t.like(tostring(fs), "fireclaw%.rootfs%.image: .*disk%.ext4 %(rw%)", "open rw")
+	fs:mkdir("/root/.ssh", { mode = "0700" })
+	local key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests fireclaw\n"
+	fs:write("/root/.ssh/authorized_keys", key, { mode = "0600" })
+	fs:write("/etc/hostname", "first\n")
+	fs:write("/etc/hostname", "vm-1\n")
+	fs:write("/home/user/.profile", "export A=1\n", { mode = tonumber("640", 8), uid = 1000, gid = 1001 })
+	local binary = {}
+	for i = 0, 255 do binary[#binary + 1] = string.char(i) end
+	binary = table.concat(binary):rep(4096) -- 1 MiB, every byte value, NULs included
+	fs:write("/var/lib/blob", binary)
+	for i = 1, 300 do fs:write(string.format("/many/file-%03d", i), "n" .. i) end
+	t.is(fs:read("/root/.ssh/authorized_keys"), key, "read back: authorized_keys")
+	t.is(fs:read("/etc/hostname"), "vm-1\n", "write replaces an existing file")
+	t.ok(fs:read("/var/lib/blob") == binary, "read back: 1 MiB of binary data")
+	t.same(fs:stat("/root/.ssh/authorized_keys"),
+		{ type = "file", mode = tonumber("600", 8), uid = 0, gid = 0, size = #key,
+			mtime = fs:stat("/root/.ssh/authorized_keys").mtime, nlink = 1 },
+		"stat: file mode 0600, owner root")
+	t.is(fs:stat("/root/.ssh").mode, tonumber("700", 8), "stat: directory mode 0700")
+	t.is(fs:stat("/root/.ssh").type, "dir", "stat: type dir")
+	local prof = fs:stat("/home/user/.profile")
+	t.ok(prof.mode == tonumber("640", 8) and prof.uid == 1000 and prof.gid == 1001, "stat: mode and owner from opts")
+	t.ok(fs:stat("/home/user").uid == 1000 and fs:stat("/home/user").mode == tonumber("755", 8),
+		"parent directories made with 0755 and the file's owner")
+	t.is(#fs:list("/many"), 300, "list: 300 entries (the directory grew)")
+	t.same(fs:list("/"), { "etc", "home", "lost+found", "many", "root", "var" }, "list: sorted, no . or ..")
+	t.is(fs:exists("/etc/hostname"), true, "exists: file")
+	t.is(fs:exists("/etc/nope"), false, "exists: missing")
+	t.is(fs:exists("/etc/hostname/x"), false, "exists: below a file")
+	t.is(fs:exists("/"), true, "exists: root")
+	fs:mkdir("/root/.ssh", { mode = "0700" })
+	t.is(fs:stat("/root/.ssh").mode, tonumber("700", 8), "mkdir on an existing directory keeps it (mkdir -p)")
+	fs:mkdir("/srv/a/b", { mode = "0750" })
+	t.ok(fs:stat("/srv/a/b").mode == tonumber("750", 8) and fs:stat("/srv/a").mode == tonumber("755", 8),
+		"mkdir: parents 0755, the last one as asked")
+	fs:write("/opt/x/y", "z", { dir_mode = "0711" })
+	t.is(fs:stat("/opt/x").mode, tonumber("711", 8), "write: dir_mode for created parents")
+	t.is(fs:remove("/many/file-001"), true, "remove: a file")
+	t.is(fs:remove("/many/file-001"), false, "remove: false when already gone")
+	t.raises(function() fs:remove("/many") end, "remove /many in disk%.ext4: directory not empty", "remove: non-empty dir")
+	t.is(fs:remove("/srv/a/b"), true, "remove: an empty directory")
+	t.is(fs:exists("/srv/a/b"), false, "remove: directory gone")
+	fs:close()
+	fs:close()
+	t.raises(function() fs:read("/etc/hostname") end, "is closed", "a closed handle raises")
+	t.ok(fsck_clean(img), "e2fsck -fn: clean after writes, replacements and removals")
+	local copy = TMP .. "/disk-copy.ext4"
+	rootfs.copy(img, copy)
+	local _, same = sh("cmp " .. q(img) .. " " .. q(copy))
+	t.ok(same, "copy of the image: identical to the original (cmp)")
+	t.ok(blocks(copy) <= blocks(img), "copy of the image: no more blocks than the original")
+	t.ok(fsck_clean(copy), "copy of the image: e2fsck clean")
+	t.is(rootfs.read(copy, "/root/.ssh/authorized_keys"), key, "copy of the image: files readable")
+	os.remove(copy)
+
+	-- the same, seen by debugfs
+	local st = debugfs(img, "stat /root/.ssh/authorized_keys")
+	t.like(st, "Type: regular%s+Mode:%s+0600", "debugfs: regular file, mode 0600")
+	t.like(st, "User:%s+0%s+Group:%s+0", "debugfs: owned by root")
+	t.like(debugfs(img, "stat /root/.ssh"), "Type: directory%s+Mode:%s+0700", "debugfs: .ssh is a 0700 directory")
+	t.like(debugfs(img, "stat /home/user/.profile"), "User:%s+1000%s+Group:%s+1001", "debugfs: uid/gid 1000/1001")
+	t.is(debugfs(img, "cat /root/.ssh/authorized_keys"):gsub("^debugfs [^\n]*\n", ""), key, "debugfs: same contents")
+	sh("debugfs -R " .. q("dump /var/lib/blob " .. TMP .. "/blob") .. " " .. q(img))
+	local f = io.open(TMP .. "/blob", "rb")
+	t.ok(f and f:read("*a") == binary, "debugfs: same binary contents")
+	if f then f:close() end
+
+	-- symlinks resolve inside the image
+	sh("debugfs -w -R " .. q("symlink /etc/alt /root/.ssh") .. " " .. q(img))
+	rootfs.write(img, "/etc/alt/extra", "via link\n")
+	t.is(rootfs.read(img, "/root/.ssh/extra"), "via link\n", "write through a symlinked directory")
+	t.is(rootfs.read(img, "/etc/alt/authorized_keys"), key, "read through a symlink")
+	t.is(rootfs.stat(img, "/etc/alt").type, "symlink", "stat does not follow the last symlink")
+	t.is(rootfs.remove(img, "/etc/alt"), true, "remove a symlink")
+	t.is(rootfs.exists(img, "/root/.ssh/extra"), true, "... not what it points to")
+
+	-- module-level conveniences
+	rootfs.mkdir(img, "/etc/network", { mode = "0755" })
+	rootfs.write(img, "/etc/network/interfaces", "auto eth0\n")
+	t.is(rootfs.read(img, "/etc/network/interfaces"), "auto eth0\n", "rootfs.write/read")
+	t.same(rootfs.list(img, "/etc/network"), { "interfaces" }, "rootfs.list")
+	t.is(rootfs.exists(img, "/etc/network/interfaces"), true, "rootfs.exists")
+	t.is(rootfs.remove(img, "/etc/network/interfaces"), true, "rootfs.remove")
+	t.ok(fsck_clean(img), "e2fsck -fn: clean after the conveniences")
+
+	-- read-only handles
+	local ro = rootfs.open(img)
+	t.is(ro:read("/etc/hostname"), "vm-1\n", "open defaults to read-only, reads work")
+	t.raises(function() ro:write("/etc/hostname", "x") end, "write /etc/hostname in disk%.ext4: image opened read%-only",
+		"read-only handle refuses writes")
+	ro:close()
+
+	-- ---- failure paths ----
+	t.raises(function() rootfs.read(TMP .. "/missing.ext4", "/x") end,
+		"^rootfs: open " .. esc(TMP) .. "/missing%.ext4: no such file or directory$", "missing image")
+	sh("truncate -s 1M " .. q(TMP .. "/zeros.img"))
+	t.raises(function() rootfs.open(TMP .. "/zeros.img", "rw") end,
+		"^rootfs: open " .. esc(TMP) .. "/zeros%.img: not an ext2/3/4 filesystem$", "not ext4: zeros")
+	sh("echo hello > " .. q(TMP .. "/text.img"))
+	t.raises(function() rootfs.open(TMP .. "/text.img") end, "text%.img: not an ext2/3/4 filesystem", "not ext4: small text file")
+	t.raises(function() rootfs.open(TMP) end, "is a directory", "image path is a directory")
+	t.raises(function() rootfs.read(img, "/etc") end, "^rootfs: read /etc in disk%.ext4: is a directory$", "read a directory")
+	t.raises(function() rootfs.read(img, "/etc/nope") end, "read /etc/nope in disk%.ext4: no such file or directory",
+		"read a missing file")
+	t.raises(function() rootfs.write(img, "/etc", "x") end, "write /etc in disk%.ext4: is a directory", "write onto a directory")
+	t.raises(function() rootfs.write(img, "/etc/hostname/x", "x") end, "not a directory", "write below a file")
+	t.raises(function() rootfs.mkdir(img, "/etc/hostname") end, "mkdir /etc/hostname in disk%.ext4: not a directory",
+		"mkdir over a file")
+	t.raises(function() rootfs.list(img, "/etc/hostname") end, "not a directory", "list a file")
+	t.raises(function() rootfs.write(img, "etc/x", "x") end, "bad path 'etc/x'", "relative path refused")
+	t.raises(function() rootfs.write(img, "/x", "y", { mode = "9" }) end, "bad octal mode", "bad mode string")
+	t.raises(function() rootfs.open(img, "w") end, 'mode must be "r" or "rw"', "bad open mode")
+	t.ok(fsck_clean(img), "e2fsck -fn: clean after the refused operations")
+
+	-- a journal that needs recovery: no writing
+	sh("debugfs -w -R " .. q("feature needs_recovery") .. " " .. q(img))
+	t.raises(function() rootfs.open(img, "rw") end, "journal needs recovery.*e2fsck %-fy", "needs_recovery: rw refused")
+	t.is(rootfs.read(img, "/etc/hostname"), "vm-1\n", "needs_recovery: reading still works")
+	sh("debugfs -w -R " .. q("feature ^needs_recovery") .. " " .. q(img))
+
+	-- a full image
+	local tiny = mkfs("tiny.ext4", "1M")
+	rootfs.write(tiny, "/keep", "old contents\n")
+	t.raises(function() rootfs.write(tiny, "/big", ("x"):rep(2 * 1024 * 1024)) end,
+		"^rootfs: write /big in tiny%.ext4: no space left on device$", "full image: clear error")
+	t.ok(fsck_clean(tiny), "full image: e2fsck clean after the failed write")
+	t.is(rootfs.exists(tiny, "/big"), false, "full image: no partial file left")
+	t.raises(function() rootfs.write(tiny, "/keep", ("y"):rep(2 * 1024 * 1024)) end, "no space left on device",
+		"full image: replacing a file with too much data fails ...")
+	t.is(rootfs.read(tiny, "/keep"), "old contents\n", "... and the old file is intact")
+	t.ok(fsck_clean(tiny), "full image: e2fsck clean after the failed replacement")
+	local tfs = rootfs.open(tiny, "rw")
+	local made, err = 0, nil
+	while true do
+		local ok, e = pcall(tfs.mkdir, tfs, "/d" .. made .. "/sub")
+		if not ok then err = e break end
+		made = made + 1
+	end
+	tfs:close()
+	t.like(err, "mkdir /d%d+/sub in tiny%.ext4: no space left on device", "full image: mkdir fails cleanly (" .. made .. " made)")
+	t.ok(fsck_clean(tiny), "full image: e2fsck clean after running out of inodes/blocks in mkdir")
+	local filled = 0
+	tfs = rootfs.open(tiny, "rw")
+	while pcall(tfs.write, tfs, "/f" .. filled, ("z"):rep(700)) do filled = filled + 1 end
+	tfs:close()
+	t.ok(fsck_clean(tiny), "full image: e2fsck clean after filling it with small files (" .. filled .. ")")
+	t.is(rootfs.read(tiny, "/keep"), "old contents\n", "full image: earlier files still readable")
+end
+
+local ok, err = pcall(body)
+t.ok(ok, "tests ran to the end", err)
+sh("rm -rf " .. q(TMP))
+t.ok(not io.open(TMP), "temp directory removed")
+return t.done()
