@@ -12,8 +12,8 @@ local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local ffi = require "ffi"
 
-local FIRECLAW = os.getenv("FIRECLAW") or "./fireclaw"
 local PID = proc.getpid()
+local FIRECLAW -- set below: a copy of the binary running this test
 local is_root = ffi.C.geteuid() == 0
 
 local cleanups = {}
@@ -55,6 +55,11 @@ end
 
 local tmp = sh("mktemp -d /tmp/fct-img.XXXXXX").stdout:gsub("%s+$", "")
 defer(function() proc.run({ "rm", "-rf", "--one-file-system", tmp }) end)
+sh("chmod 755 " .. q(tmp))
+
+-- the fireclaw running this test, copied: others may rebuild ./fireclaw meanwhile
+FIRECLAW = tmp .. "/fireclaw"
+proc.run({ "cp", "/proc/" .. PID .. "/exe", FIRECLAW })
 
 -- ---- pure helpers ----
 
@@ -423,7 +428,8 @@ local function kvm_usable()
 	return cpu:find(" vmx") ~= nil or cpu:find(" svm") ~= nil
 end
 
-local function boot(img, n)
+local function boot(img, n, opts)
+	opts = opts or {}
 	local ns = "fct-img-" .. PID .. "-" .. n
 	local dir = tmp .. "/boot" .. n
 	sh("mkdir -p " .. q(dir))
@@ -444,10 +450,19 @@ local function boot(img, n)
 	local argv = { config.qemu, "-M", "microvm", "-accel", kvm and "kvm" or "tcg", "-cpu",
 		kvm and "host,-arch-capabilities" or "max", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config",
 		"-display", "none", "-no-reboot", "-serial", "file:" .. console,
-		"-kernel", img.kernel, "-initrd", img.initrd, "-append", image.boot_args(img, { tcg = not kvm }),
+		"-kernel", img.kernel, "-initrd", img.initrd,
+		"-append", image.boot_args(img, { tcg = not kvm }) .. (opts.append and " " .. opts.append or ""),
 		"-drive", "id=root,file=" .. disk .. ",format=raw,if=none", "-device", "virtio-blk-device,drive=root",
 		"-netdev", "tap,id=n0,ifname=" .. net.tap .. ",script=no,downscript=no",
 		"-device", "virtio-net-device,netdev=n0,mac=" .. net.guest_mac }
+	if opts.no_disk then -- drop the -drive/-device pair of the disk
+		for i = #argv, 1, -1 do
+			if argv[i] == "-drive" or argv[i] == "-device" and argv[i + 1]:match("^virtio%-blk") then
+				table.remove(argv, i)
+				table.remove(argv, i)
+			end
+		end
+	end
 	local t0 = runtime.now()
 	local vm = proc.spawn({ argv = argv, netns = ns, stdout = dir .. "/qemu.out", stderr = dir .. "/qemu.err" })
 	defer(function() vm:close() end)
@@ -463,7 +478,8 @@ local function boot(img, n)
 		opts.timeout = opts.timeout or 60
 		return proc.run(a, opts)
 	end
-	local res = { ns = ns, dir = dir, vm = vm, ssh = ssh, kvm = kvm }
+	local res = { ns = ns, dir = dir, vm = vm, ssh = ssh, kvm = kvm, console_path = console }
+	if opts.no_disk then return res end
 	-- readiness marker on the console (deadline generous: TCG on a busy host)
 	local deadline = t0 + 180
 	local text = ""
@@ -545,6 +561,20 @@ local function test_reboot_halts(img)
 	t.ok(b.vm:wait(60) ~= nil, "reboot -f halts the VM (QEMU -no-reboot exits)")
 end
 
+-- without a disk the initramfs gives up after fireclaw.rootwait, says why on the console
+-- and reboots, which ends QEMU (-no-reboot)
+local function test_no_root_disk(img)
+	if os.getenv("FIRECLAW_TEST_SKIP_VM") == "1" or not is_root then
+		t.skip("no VM boot")
+		return
+	end
+	local b = boot(img, 3, { no_disk = true, append = "fireclaw.rootwait=2" })
+	local st = b.vm:wait(180)
+	t.ok(st ~= nil, "no root disk: the VM stops by itself")
+	t.like(read(b.console_path) or "", "fireclaw%-initrd: root device /dev/vda did not appear within 2 s",
+		"no root disk: the console says why")
+end
+
 local ok, err = pcall(function()
 	test_helpers()
 	test_bzimage()
@@ -561,6 +591,7 @@ local ok, err = pcall(function()
 	test_extra_packages()
 	test_boot(img)
 	test_reboot_halts(img)
+	test_no_root_disk(img)
 end)
 if not ok then t.ok(false, "test script error", err) end
 cleanup_all()
