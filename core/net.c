@@ -1086,12 +1086,14 @@ static int l_connect(lua_State *L)
 	struct endpoint ep;
 	check_endpoint(L, "connect", &ep);
 	double timeout_s = luaL_optnumber(L, 4, 10);
+	int timeout_ms = timeout_s <= 0	      ? 0
+			 : timeout_s >= 86400 ? 86400000
+					      : (int)(timeout_s * 1000);
 	struct sock *s = fc_new(L, sizeof *s, SOCK_MT);
 	s->fd = -1;
 	snprintf(s->label, sizeof s->label, "%s", ep.label);
 	char err[256];
-	int fd =
-	    fc_tcp_connect(L, ep.netns, ep.host, ep.port, (int)(timeout_s * 1000), err, sizeof err);
+	int fd = fc_tcp_connect(L, ep.netns, ep.host, ep.port, timeout_ms, err, sizeof err);
 	if (fd < 0)
 		fc_error(L, "net: connect %s: %s", ep.label, err);
 	s->fd = fd;
@@ -1103,6 +1105,8 @@ static int l_probe(lua_State *L)
 	struct endpoint ep;
 	check_endpoint(L, "probe", &ep);
 	int timeout_ms = luaL_optint(L, 4, 50);
+	if (timeout_ms < 0)
+		timeout_ms = 0;
 	char err[256];
 	int fd = fc_tcp_connect(L, ep.netns, ep.host, ep.port, timeout_ms, err, sizeof err);
 	if (fd >= 0)

@@ -108,14 +108,24 @@ static int fs_fail(lua_State *L, const char *op, const char *path, const char *i
 
 /* ---- copy ---- */
 
+/* One copy in progress. It runs under lua_cpcall so that a Ctrl-C between two chunks
+ * (fc_check_interrupt) unwinds to l_copy, which closes and removes the half-made copy. */
+struct copy_job {
+	lua_State *L;
+	int in, out;
+	off_t size;
+	int result; /* 1 reflink, 0 sparse copy, -errno */
+};
+
 /* Copy [off, end) with copy_file_range; *fallback is set (and 0 returned with nothing
  * lost) when the kernel refuses it for this pair of files. */
-static int copy_range_kernel(int in, int out, off_t off, off_t end, int *fallback)
+static int copy_range_kernel(struct copy_job *j, off_t off, off_t end, int *fallback)
 {
 	while (off < end) {
+		fc_check_interrupt(j->L);
 		loff_t a = off, b = off;
 		size_t n = (size_t)(end - off < COPY_CHUNK ? end - off : COPY_CHUNK);
-		ssize_t r = copy_file_range(in, &a, out, &b, n, 0);
+		ssize_t r = copy_file_range(j->in, &a, j->out, &b, n, 0);
 		if (r < 0 &&
 		    (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP)) {
 			*fallback = 1;
@@ -132,53 +142,52 @@ static int copy_range_kernel(int in, int out, off_t off, off_t end, int *fallbac
 	return 0;
 }
 
-static int copy_range_rw(int in, int out, off_t off, off_t end)
+/* The same with pread/pwrite, for files copy_file_range refuses. */
+static int copy_range_rw(struct copy_job *j, char *buf, size_t bufsize, off_t off, off_t end)
 {
-	static const size_t bufsize = 1 << 20;
-	char *buf = malloc(bufsize);
-	if (!buf)
-		return -ENOMEM;
-	int err = 0;
-	while (off < end && !err) {
+	while (off < end) {
+		fc_check_interrupt(j->L);
 		size_t n = (size_t)(end - off) < bufsize ? (size_t)(end - off) : bufsize;
-		ssize_t r = pread(in, buf, n, off);
+		ssize_t r = pread(j->in, buf, n, off);
 		if (r < 0 && errno == EINTR)
 			continue;
-		if (r <= 0) {
-			err = r < 0 ? -errno : -EIO;
-			break;
-		}
-		for (ssize_t done = 0; done < r && !err;) {
-			ssize_t w = pwrite(out, buf + done, (size_t)(r - done), off + done);
+		if (r <= 0)
+			return r < 0 ? -errno : -EIO;
+		for (ssize_t done = 0; done < r;) {
+			ssize_t w = pwrite(j->out, buf + done, (size_t)(r - done), off + done);
 			if (w < 0 && errno != EINTR)
-				err = -errno;
-			else if (w > 0)
+				return -errno;
+			if (w > 0)
 				done += w;
 		}
 		off += r;
 	}
-	free(buf);
-	return err;
+	return 0;
 }
 
-/* Copy only the data ranges of in (size bytes) to out, which already has that size as a
- * hole. Returns 0 or -errno. */
-static int copy_sparse(int in, int out, off_t size)
+/* Copy only the data ranges of the source into the destination, which already has the
+ * full size as one hole. Returns 0 or -errno. */
+static int copy_sparse(struct copy_job *j)
 {
 	int fallback = 0;
+	char *buf = NULL;
 	off_t off = 0;
-	while (off < size) {
-		off_t data = lseek(in, off, SEEK_DATA);
+	while (off < j->size) {
+		off_t data = lseek(j->in, off, SEEK_DATA);
 		if (data < 0 && errno == ENXIO)
 			return 0; /* only a hole is left */
 		if (data < 0)
 			return -errno;
-		off_t hole = lseek(in, data, SEEK_HOLE);
+		off_t hole = lseek(j->in, data, SEEK_HOLE);
 		if (hole < 0)
 			return -errno;
-		int err = fallback ? 0 : copy_range_kernel(in, out, data, hole, &fallback);
-		if (!err && fallback)
-			err = copy_range_rw(in, out, data, hole);
+		int err = fallback ? 0 : copy_range_kernel(j, data, hole, &fallback);
+		if (!err && fallback) {
+			/* Lua-owned, so an interrupt cannot leak it */
+			if (!buf)
+				buf = lua_newuserdata(j->L, 1 << 20);
+			err = copy_range_rw(j, buf, 1 << 20, data, hole);
+		}
 		if (err)
 			return err;
 		off = hole;
@@ -186,16 +195,18 @@ static int copy_sparse(int in, int out, off_t size)
 	return 0;
 }
 
-/* Returns 1 for a reflink, 0 for a sparse copy, -errno on failure. */
-static int copy_file(int in, int out, off_t size)
+static int copy_protected(lua_State *L)
 {
-	if (ioctl(out, FICLONE, in) == 0)
-		return 1;
+	struct copy_job *j = lua_touserdata(L, 1);
+	j->L = L;
+	if (ioctl(j->out, FICLONE, j->in) == 0) {
+		j->result = 1;
+		return 0;
+	}
 	/* any FICLONE refusal (EOPNOTSUPP, EXDEV, EINVAL on ext4 ...) means: copy instead;
 	 * a real I/O problem shows up again in the copy */
-	if (ftruncate(out, size) < 0)
-		return -errno;
-	return copy_sparse(in, out, size);
+	j->result = ftruncate(j->out, j->size) < 0 ? -errno : copy_sparse(j);
+	return 0;
 }
 
 static int l_copy(lua_State *L)
@@ -220,17 +231,20 @@ static int l_copy(lua_State *L)
 		close(in);
 		fc_errno_error(L, e, "rootfs: copy %s to %s: create %s", src, dst, dst);
 	}
-	int r = copy_file(in, out, st.st_size);
-	if (r >= 0 && close(out) < 0)
-		r = -errno;
-	else if (r < 0)
+	struct copy_job job = {.in = in, .out = out, .size = st.st_size};
+	int raised = lua_cpcall(L, copy_protected, &job);
+	if (!raised && job.result >= 0 && close(out) < 0)
+		job.result = -errno;
+	else if (raised || job.result < 0)
 		close(out);
 	close(in);
-	if (r < 0) {
+	if (raised || job.result < 0)
 		unlink(dst);
-		fc_errno_error(L, -r, "rootfs: copy %s to %s", src, dst);
-	}
-	lua_pushstring(L, r == 1 ? "reflink" : "sparse");
+	if (raised)
+		lua_error(L); /* the interrupt, passed on */
+	if (job.result < 0)
+		fc_errno_error(L, -job.result, "rootfs: copy %s to %s", src, dst);
+	lua_pushstring(L, job.result == 1 ? "reflink" : "sparse");
 	return 1;
 }
 
@@ -284,15 +298,15 @@ static errcode_t image_open_fs(const char *path, int rw, ext2_filsys *fs)
 	if (fd < 0)
 		return errno;
 	struct stat st;
-	if (fstat(fd, &st) < 0 || S_ISDIR(st.st_mode)) {
-		errcode_t e = S_ISDIR(st.st_mode) ? EISDIR : errno;
+	errcode_t e = fstat(fd, &st) < 0 ? errno : S_ISDIR(st.st_mode) ? EISDIR : 0;
+	if (e) {
 		close(fd);
 		return e;
 	}
 	char name[16];
 	snprintf(name, sizeof name, "%d", fd);
 	int flags = EXT2_FLAG_64BITS | (rw ? EXT2_FLAG_RW : 0);
-	errcode_t e = ext2fs_open2(name, NULL, flags, 0, 0, unixfd_io_manager, fs);
+	e = ext2fs_open2(name, NULL, flags, 0, 0, unixfd_io_manager, fs);
 	if (e)
 		return e;
 	if (rw && (e = ext2fs_read_bitmaps(*fs))) {
@@ -359,7 +373,8 @@ static void check_path(lua_State *L, int idx, struct ipath *p)
 		fc_error(L, "rootfs: bad path '%s' (absolute paths inside the image only)", s);
 	memcpy(p->buf, s, len + 1);
 	p->n = 0;
-	for (char *c = strtok(p->buf, "/"); c; c = strtok(NULL, "/")) {
+	char *save = NULL;
+	for (char *c = strtok_r(p->buf, "/", &save); c; c = strtok_r(NULL, "/", &save)) {
 		if (strcmp(c, ".") == 0)
 			continue;
 		if (strlen(c) > EXT2_NAME_LEN)
@@ -804,8 +819,7 @@ static int l_remove(lua_State *L)
 }
 
 /* Look up path (argument 2) for a read-only method: pushes nothing, returns the inode. */
-static ext2_ino_t lookup_arg(lua_State *L, const char *op, int follow, struct image **imgp,
-			     errcode_t *err)
+static ext2_ino_t lookup_arg(lua_State *L, int follow, struct image **imgp, errcode_t *err)
 {
 	struct ipath *p = lua_newuserdata(L, sizeof *p);
 	lua_insert(L, 2);
@@ -815,7 +829,6 @@ static ext2_ino_t lookup_arg(lua_State *L, const char *op, int follow, struct im
 	*err = resolve(img->fs, p, follow, &ino);
 	lua_remove(L, 2);
 	*imgp = img;
-	(void)op;
 	return ino;
 }
 
@@ -823,7 +836,7 @@ static int l_exists(lua_State *L)
 {
 	struct image *img;
 	errcode_t e;
-	lookup_arg(L, "exists", 0, &img, &e);
+	lookup_arg(L, 0, &img, &e);
 	if (e && e != EXT2_ET_FILE_NOT_FOUND && e != EXT2_ET_NO_DIRECTORY)
 		fs_fail(L, "look up", lua_tostring(L, 2), img->path, e);
 	lua_pushboolean(L, e == 0);
@@ -834,7 +847,7 @@ static int l_read(lua_State *L)
 {
 	struct image *img;
 	errcode_t e;
-	ext2_ino_t ino = lookup_arg(L, "read", 1, &img, &e);
+	ext2_ino_t ino = lookup_arg(L, 1, &img, &e);
 	const char *path = lua_tostring(L, 2);
 	struct ext2_inode inode;
 	if (!e)
@@ -890,7 +903,7 @@ static int l_stat(lua_State *L)
 {
 	struct image *img;
 	errcode_t e;
-	ext2_ino_t ino = lookup_arg(L, "stat", 0, &img, &e);
+	ext2_ino_t ino = lookup_arg(L, 0, &img, &e);
 	struct ext2_inode inode;
 	if (!e)
 		e = ext2fs_read_inode(img->fs, ino, &inode);
@@ -947,7 +960,7 @@ static int l_list(lua_State *L)
 {
 	struct image *img;
 	errcode_t e;
-	ext2_ino_t ino = lookup_arg(L, "list", 1, &img, &e);
+	ext2_ino_t ino = lookup_arg(L, 1, &img, &e);
 	const char *path = lua_tostring(L, 2);
 	struct names nm = {0};
 	if (!e)

@@ -14,6 +14,7 @@ local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 local function esc(s) return (s:gsub("%p", "%%%0")) end
 
 local TMP = sh("mktemp -d"):gsub("%s+$", "")
+local SHM -- a second temp directory, on tmpfs, when there is one
 assert(TMP:match("^/tmp/"), "mktemp -d failed: " .. TMP)
 
 local function mkfs(name, size)
@@ -75,6 +76,7 @@ local function body()
 	fs:mkdir("/root/.ssh", { mode = "0700" })
 	local key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests fireclaw\n"
 	fs:write("/root/.ssh/authorized_keys", key, { mode = "0600" })
+	fs:write("/etc/empty", "")
 	fs:write("/etc/hostname", "first\n")
 	fs:write("/etc/hostname", "vm-1\n")
 	fs:write("/home/user/.profile", "export A=1\n", { mode = tonumber("640", 8), uid = 1000, gid = 1001 })
@@ -85,6 +87,7 @@ local function body()
 	for i = 1, 300 do fs:write(string.format("/many/file-%03d", i), "n" .. i) end
 	t.is(fs:read("/root/.ssh/authorized_keys"), key, "read back: authorized_keys")
 	t.is(fs:read("/etc/hostname"), "vm-1\n", "write replaces an existing file")
+	t.is(fs:read("/etc/empty"), "", "an empty file")
 	t.ok(fs:read("/var/lib/blob") == binary, "read back: 1 MiB of binary data")
 	t.same(fs:stat("/root/.ssh/authorized_keys"),
 		{ type = "file", mode = tonumber("600", 8), uid = 0, gid = 0, size = #key,
@@ -126,6 +129,19 @@ local function body()
 	t.ok(fsck_clean(copy), "copy of the image: e2fsck clean")
 	t.is(rootfs.read(copy, "/root/.ssh/authorized_keys"), key, "copy of the image: files readable")
 	os.remove(copy)
+	-- to another filesystem (tmpfs): copy_file_range says EXDEV, read/write takes over
+	local shm = sh("mktemp -d -p /dev/shm 2>/dev/null"):gsub("%s+$", "")
+	if shm:match("^/dev/shm/") then
+		SHM = shm
+		t.is(rootfs.copy(img, shm .. "/disk.ext4"), "sparse", "copy to tmpfs: a sparse copy")
+		local _, same2 = sh("cmp " .. q(img) .. " " .. q(shm .. "/disk.ext4"))
+		t.ok(same2, "copy to tmpfs (read/write fallback): identical")
+		t.ok(blocks(shm .. "/disk.ext4") <= blocks(img), "copy to tmpfs: holes kept")
+	else
+		t.skip("no /dev/shm to copy across filesystems")
+		t.skip("no /dev/shm")
+		t.skip("no /dev/shm")
+	end
 
 	-- the same, seen by debugfs
 	local st = debugfs(img, "stat /root/.ssh/authorized_keys")
@@ -224,5 +240,6 @@ end
 local ok, err = pcall(body)
 t.ok(ok, "tests ran to the end", err)
 sh("rm -rf " .. q(TMP))
-t.ok(not io.open(TMP), "temp directory removed")
+if SHM then sh("rm -rf " .. q(SHM)) end
+t.ok(not io.open(TMP) and not (SHM and io.open(SHM)), "temp directories removed")
 return t.done()
