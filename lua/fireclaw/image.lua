@@ -331,10 +331,19 @@ end
 
 -- ---- apt ----
 
+-- Options for every apt call. Where apt keeps no binary cache (Debian's docker images set
+-- Dir::Cache::pkgcache ""), each call rebuilds it (~1 s): then keep our own in cache/apt.
+local system_pkgcache
 local function apt_options()
-	local c = cache_dir() .. "/apt"
-	local o = { "-o", "Dir::Cache::pkgcache=" .. c .. "/pkgcache.bin",
-		"-o", "Dir::Cache::srcpkgcache=" .. c .. "/srcpkgcache.bin" }
+	local o = {}
+	if system_pkgcache == nil then
+		local r = try_run({ "apt-config", "dump", "Dir::Cache::pkgcache" })
+		system_pkgcache = r.stdout:match('pkgcache "([^"]+)"') ~= nil
+	end
+	if not system_pkgcache then
+		mkdir_p(cache_dir() .. "/apt", "755")
+		o = { "-o", "Dir::Cache::pkgcache=" .. cache_dir() .. "/apt/pkgcache.bin", "-o", "Dir::Cache::srcpkgcache=" }
+	end
 	-- FIRECLAW_APT_OPTIONS="Acquire::http::Proxy=http://… Other::Opt=x" (a mirror, a proxy)
 	for opt in (os.getenv("FIRECLAW_APT_OPTIONS") or ""):gmatch("%S+") do
 		o[#o + 1] = "-o"
@@ -344,7 +353,6 @@ local function apt_options()
 end
 
 local function apt_cache(what, args)
-	mkdir_p(cache_dir() .. "/apt", "755")
 	local argv = { "apt-cache" }
 	for _, a in ipairs(apt_options()) do argv[#argv + 1] = a end
 	for _, a in ipairs(args) do argv[#argv + 1] = a end
