@@ -70,6 +70,8 @@ local function start_server(ns, port, cmd)
 end
 
 local original_ns = own_netns()
+local function open_fds() return select(2, sh("ls /proc/" .. PID .. "/fd"):gsub("\n", "")) end
+local fds_before = open_fds()
 
 local function body()
 	-- ---- namespaces ----
@@ -235,4 +237,6 @@ local ok, err = pcall(body)
 t.ok(ok, "tests ran to the end", err)
 cleanup()
 t.same(net.netns_list(PREFIX), {}, "cleanup: no test namespace left")
+collectgarbage()
+t.is(open_fds(), fds_before, "no file descriptor leaked")
 return t.done()

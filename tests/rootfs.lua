@@ -33,6 +33,12 @@ local function debugfs(img, req) return (sh("debugfs -R " .. q(req) .. " " .. q(
 
 local function blocks(path) return tonumber((sh("stat -c %b " .. q(path)))) end
 
+local stat = io.open("/proc/self/stat")
+local PID = stat:read("*a"):match("^(%d+)")
+stat:close()
+local function open_fds() return select(2, sh("ls /proc/" .. PID .. "/fd"):gsub("\n", "")) end
+local fds_before = open_fds()
+
 local function body()
 	-- ---- copy ----
 	local src, dst = TMP .. "/sparse.img", TMP .. "/copy.img"
@@ -241,5 +247,7 @@ local ok, err = pcall(body)
 t.ok(ok, "tests ran to the end", err)
 sh("rm -rf " .. q(TMP))
 if SHM then sh("rm -rf " .. q(SHM)) end
+collectgarbage()
+t.is(open_fds(), fds_before, "no file descriptor leaked")
 t.ok(not io.open(TMP) and not (SHM and io.open(SHM)), "temp directories removed")
 return t.done()
