@@ -70,7 +70,8 @@ local function start_server(ns, port, cmd)
 end
 
 local original_ns = own_netns()
-local function open_fds() return select(2, sh("ls /proc/" .. PID .. "/fd"):gsub("\n", "")) end
+-- counted from inside (a spawned ls would race with popen's own pipe ends)
+local function open_fds() return #require("fireclaw.runtime").listdir("/proc/self/fd") end
 local fds_before = open_fds()
 
 local function body()

@@ -33,10 +33,8 @@ local function debugfs(img, req) return (sh("debugfs -R " .. q(req) .. " " .. q(
 
 local function blocks(path) return tonumber((sh("stat -c %b " .. q(path)))) end
 
-local stat = io.open("/proc/self/stat")
-local PID = stat:read("*a"):match("^(%d+)")
-stat:close()
-local function open_fds() return select(2, sh("ls /proc/" .. PID .. "/fd"):gsub("\n", "")) end
+-- counted from inside (a spawned ls would race with popen's own pipe ends)
+local function open_fds() return #require("fireclaw.runtime").listdir("/proc/self/fd") end
 local fds_before = open_fds()
 
 local function body()
