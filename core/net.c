@@ -38,16 +38,16 @@
 #include <linux/if_tun.h>
 #include <linux/neighbour.h>
 #include <linux/rtnetlink.h>
+#include <linux/veth.h>
 #include <net/if.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
-#include <linux/veth.h>
-#include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -1244,19 +1244,22 @@ static int forwarding_on(const char *netns)
 
 #define CHILD_MT "fireclaw.net.child"
 
-/* A child process and the pipe we read its output from, owned by the Lua stack: if the
- * wait is interrupted, collecting the guard kills and reaps the child. */
+/* A child process and our ends of its pipes, owned by the Lua stack: if anything raises
+ * (an interrupted wait, say), collecting the guard closes the pipes and kills and reaps
+ * the child. */
 struct child {
 	pid_t pid;
-	int out;
+	int in, out; /* our ends: its stdin, its stdout+stderr */
 };
 
 static int child_close(lua_State *L)
 {
 	struct child *c = luaL_checkudata(L, 1, CHILD_MT);
+	if (c->in >= 0)
+		close(c->in);
 	if (c->out >= 0)
 		close(c->out);
-	c->out = -1;
+	c->in = c->out = -1;
 	if (c->pid > 0) {
 		kill(c->pid, SIGKILL); /* our own child, by its pid */
 		waitpid(c->pid, NULL, 0);
@@ -1308,48 +1311,59 @@ static void first_line(char *s)
 		*nl = 0;
 }
 
-/* Run `nft -f -` with script on stdin, inside netns (NULL = ours). Returns 0, or -1 with
- * the reason in msg. Raises only when the namespace cannot be opened or on interrupt. */
-static int run_nft(lua_State *L, const char *netns, const char *script, char *msg, size_t len)
+/* Start nft -f - inside namespace nsfd (-1 = ours), its pipes recorded in c. Returns 0
+ * or an errno value. */
+static int spawn_nft(struct child *c, int nsfd)
 {
 	int in[2], out[2];
-	int nsfd = netns ? fc_netns_open(netns) : -1;
-	if (netns && nsfd < 0)
-		return snprintf(msg, len, "open namespace %s: %s", netns, strerror(errno)), -1;
-	int *nsguard = fc_fd_guard(L, nsfd);
 	if (pipe2(in, O_CLOEXEC) < 0)
-		fc_errno_error(L, errno, "net: nft in %s: pipe", netns ? netns : "host");
+		return errno;
+	c->in = in[1];
 	if (pipe2(out, O_CLOEXEC) < 0) {
-		int e = errno;
-		close(in[0]), close(in[1]);
-		fc_errno_error(L, e, "net: nft in %s: pipe", netns ? netns : "host");
+		close(in[0]);
+		return errno;
 	}
-	struct child *c = fc_new(L, sizeof *c, CHILD_MT);
 	c->out = out[0];
 	c->pid = fork();
 	if (c->pid == 0)
 		exec_nft(nsfd, in[0], out[1]);
-	int fork_err = c->pid < 0 ? errno : 0;
+	int err = c->pid < 0 ? errno : 0;
+	if (c->pid < 0)
+		c->pid = 0;
 	close(in[0]);
 	close(out[1]);
-	if (nsfd >= 0)
-		close(fc_fd_release(nsguard));
-	if (fork_err) {
-		close(in[1]);
-		c->pid = 0;
-		fc_errno_error(L, fork_err, "net: nft in %s: fork", netns ? netns : "host");
+	return err;
+}
+
+/* Run `nft -f -` with script on stdin, inside netns (NULL = ours). Returns 0, or -1 with
+ * the reason in msg. Raises only on interrupt, or when no process can be started. */
+static int run_nft(lua_State *L, const char *netns, const char *script, char *msg, size_t len)
+{
+	struct child *c = fc_new(L, sizeof *c, CHILD_MT);
+	c->in = c->out = -1;
+	int nsfd = netns ? fc_netns_open(netns) : -1;
+	if (netns && nsfd < 0) {
+		snprintf(msg, len, "open namespace %s: %s", netns, strerror(errno));
+		lua_pop(L, 1);
+		return -1;
 	}
+	int err = spawn_nft(c, nsfd);
+	if (nsfd >= 0)
+		close(nsfd);
+	if (err)
+		fc_errno_error(L, err, "net: run nft in %s", netns ? netns : "the host namespace");
 	/* a few hundred bytes: fits in the pipe, the write cannot block */
-	ssize_t w = write(in[1], script, strlen(script));
+	ssize_t w = write(c->in, script, strlen(script));
 	(void)w; /* a short write shows up as nft's syntax error */
-	close(in[1]);
+	close(c->in);
+	c->in = -1;
 	read_child_output(L, c, msg, len);
 	int status;
 	waitpid(c->pid, &status, 0);
 	c->pid = 0;
 	close(c->out);
 	c->out = -1;
-	lua_pop(L, 2); /* child guard, ns guard (both disarmed) */
+	lua_pop(L, 1); /* the guard, now empty */
 	if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
 		return 0;
 	if (WIFEXITED(status) && WEXITSTATUS(status) == 127)
