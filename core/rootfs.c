@@ -696,34 +696,38 @@ static errcode_t put_file(ext2_filsys fs, const struct ipath *p, const char *dat
 	return 0;
 }
 
-/* mkdir -p, then the mode and owner of the last directory. */
+/* Set mode and owner of an existing directory. */
+static errcode_t set_dir_attrs(ext2_filsys fs, ext2_ino_t ino, const struct attrs *a)
+{
+	struct ext2_inode inode;
+	errcode_t e = ext2fs_read_inode(fs, ino, &inode);
+	if (e)
+		return e;
+	set_owner(&inode, LINUX_S_IFDIR | a->mode, a);
+	inode.i_ctime = (uint32_t)time(NULL);
+	return ext2fs_write_inode(fs, ino, &inode);
+}
+
+/* mkdir -p (missing parents get 0755 and a's owner), then the mode and owner of the last
+ * directory, which may exist already. */
 static errcode_t put_dir(ext2_filsys fs, const struct ipath *p, const struct attrs *a)
 {
-	ext2_ino_t dir, ino;
+	ext2_ino_t dir, ino = EXT2_ROOT_INO;
 	struct attrs parents = *a;
 	parents.dir_mode = 0755;
 	if (p->n == 0)
-		return EEXIST;
+		return set_dir_attrs(fs, ino, a);
 	const char *leaf = p->comp[p->n - 1];
 	errcode_t e = walk_dirs(fs, p, p->n - 1, &parents, &dir);
-	if (e)
-		return e;
-	e = ext2fs_lookup(fs, dir, leaf, (int)strlen(leaf), NULL, &ino);
+	if (!e)
+		e = ext2fs_lookup(fs, dir, leaf, (int)strlen(leaf), NULL, &ino);
 	if (e == EXT2_ET_FILE_NOT_FOUND)
 		return make_dir(fs, dir, leaf, a->mode, a, &ino);
 	if (!e)
 		e = ext2fs_follow_link(fs, EXT2_ROOT_INO, dir, ino, &ino);
 	if (!e && ext2fs_check_directory(fs, ino) != 0)
-		return EEXIST;
-	struct ext2_inode inode;
-	if (!e)
-		e = ext2fs_read_inode(fs, ino, &inode);
-	if (!e) {
-		set_owner(&inode, LINUX_S_IFDIR | a->mode, a);
-		inode.i_ctime = (uint32_t)time(NULL);
-		e = ext2fs_write_inode(fs, ino, &inode);
-	}
-	return e;
+		return ENOTDIR; /* a file (or a link to one) has the name */
+	return e ? e : set_dir_attrs(fs, ino, a);
 }
 
 static int count_entry(struct ext2_dir_entry *d, int offset, int blocksize, char *buf, void *priv)
@@ -778,11 +782,19 @@ static struct image *check_writable(lua_State *L, const char *op, const char *pa
 	return img;
 }
 
-static int l_write(lua_State *L)
+/* Parse the path argument (2) into a scratch userdata (large: not on the C stack) that
+ * goes in at index 2, so the path string is then at 3 and later arguments shift by one. */
+static struct ipath *path_arg(lua_State *L)
 {
-	struct ipath *p = lua_newuserdata(L, sizeof *p); /* large: not on the C stack */
+	struct ipath *p = lua_newuserdata(L, sizeof *p);
 	lua_insert(L, 2);
 	check_path(L, 3, p);
+	return p;
+}
+
+static int l_write(lua_State *L)
+{
+	struct ipath *p = path_arg(L);
 	size_t len;
 	const char *data = luaL_checklstring(L, 4, &len);
 	struct attrs a;
@@ -797,24 +809,20 @@ static int l_write(lua_State *L)
 
 static int l_mkdir(lua_State *L)
 {
-	struct ipath *p = lua_newuserdata(L, sizeof *p);
-	lua_insert(L, 2);
-	check_path(L, 3, p);
+	struct ipath *p = path_arg(L);
 	struct attrs a;
 	read_attrs(L, 4, 0755, &a);
 	const char *path = lua_tostring(L, 3);
 	struct image *img = check_writable(L, "mkdir", path);
 	errcode_t e = put_dir(img->fs, p, &a);
 	if (e)
-		fs_fail(L, "mkdir", path, img->path, e == EEXIST ? ENOTDIR : e);
+		fs_fail(L, "mkdir", path, img->path, e);
 	return 0;
 }
 
 static int l_remove(lua_State *L)
 {
-	struct ipath *p = lua_newuserdata(L, sizeof *p);
-	lua_insert(L, 2);
-	check_path(L, 3, p);
+	struct ipath *p = path_arg(L);
 	const char *path = lua_tostring(L, 3);
 	struct image *img = check_writable(L, "remove", path);
 	int removed;
@@ -825,12 +833,11 @@ static int l_remove(lua_State *L)
 	return 1;
 }
 
-/* Look up path (argument 2) for a read-only method: pushes nothing, returns the inode. */
+/* Look up the path argument for a read-only method: leaves the stack as it was (path at
+ * 2), returns the inode, and the lookup's error in *err. */
 static ext2_ino_t lookup_arg(lua_State *L, int follow, struct image **imgp, errcode_t *err)
 {
-	struct ipath *p = lua_newuserdata(L, sizeof *p);
-	lua_insert(L, 2);
-	check_path(L, 3, p);
+	struct ipath *p = path_arg(L);
 	struct image *img = check_image(L);
 	ext2_ino_t ino = 0;
 	*err = resolve(img->fs, p, follow, &ino);

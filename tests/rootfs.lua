@@ -201,6 +201,7 @@ local function body()
 	t.raises(function() rootfs.mkdir(img, "/etc/hostname") end, "mkdir /etc/hostname in disk%.ext4: not a directory",
 		"mkdir over a file")
 	t.raises(function() rootfs.list(img, "/etc/hostname") end, "not a directory", "list a file")
+	t.lives(function() rootfs.mkdir(img, "/", { mode = "0755" }) end, "mkdir / (it exists) is fine")
 	t.raises(function() rootfs.write(img, "etc/x", "x") end, "bad path 'etc/x'", "relative path refused")
 	t.raises(function() rootfs.write(img, "/x", "y", { mode = "9" }) end, "bad octal mode", "bad mode string")
 	t.raises(function() rootfs.open(img, "w") end, 'mode must be "r" or "rw"', "bad open mode")
