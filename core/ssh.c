@@ -1389,6 +1389,32 @@ static int get_body(lua_State *L)
 	return 0;
 }
 
+/* Let the server end the SFTP channel before we free it: send EOF, then drain until the
+ * server's EOF arrives (sftp-server has exited). Dropbear 2022.83 drops the whole
+ * connection when the client closes a channel whose last packets are still in flight,
+ * which showed as the next exec failing with "Failed waiting for channel success". */
+static void sftp_drain_channel(struct session *S, LIBSSH2_SFTP *sftp)
+{
+	LIBSSH2_CHANNEL *ch = libssh2_sftp_get_channel(sftp);
+	if (!ch)
+		return;
+	int rc;
+	NB_SETTLE(S, rc, libssh2_channel_send_eof(ch));
+	if (rc != 0)
+		return;
+	double deadline = fc_now_ms() + CLEANUP_MS;
+	char buf[512];
+	while (!libssh2_channel_eof(ch)) {
+		ssize_t n = libssh2_channel_read(ch, buf, sizeof buf);
+		if (n == LIBSSH2_ERROR_EAGAIN) {
+			if (!wait_socket_quietly(S, deadline))
+				return;
+		} else if (n < 0) {
+			return;
+		}
+	}
+}
+
 /* Release handles, fd and temp file, without raising and within CLEANUP_MS each. */
 static void xfer_cleanup(struct xfer *t)
 {
@@ -1401,6 +1427,7 @@ static void xfer_cleanup(struct xfer *t)
 			NB_SETTLE(t->S, rc, libssh2_sftp_close_handle(t->h));
 	}
 	if (t->sftp) {
+		sftp_drain_channel(t->S, t->sftp);
 		NB_SETTLE(t->S, rc, libssh2_sftp_shutdown(t->sftp));
 		if (rc == LIBSSH2_ERROR_TIMEOUT) {
 			break_transport(t->S);

@@ -79,6 +79,10 @@ function M.parse(args, spec)
 		if a == "--" then
 			i = i + 1
 			break
+		elseif (a == "-q" or a == "--quiet") and not byname[a] then
+			runtime.quiet = true -- global options work after the recipe name too
+		elseif (a == "-v" or a == "--verbose") and not byname[a] then
+			runtime.verbose = true
 		elseif a == "-h" or a == "--help" then
 			io.stdout:write(M.usage(spec))
 			M.exit(0)

@@ -6,7 +6,7 @@ leaks() {
 	local out=""
 	local ns; ns=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^fc-' | tr '\n' ' ')
 	[ -n "$ns" ] && out+="namespaces: $ns; "
-	local procs; procs=$(grep -lsa -- "$FIRECLAW_RUN/vms/" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 | tr '\n' ' ')
+	local procs; procs=$(grep -lsa -- "${FIRECLAW_RUN%/*}/[${FIRECLAW_RUN##*/}]*/vms/" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 | tr '\n' ' ')
 	[ -n "$procs" ] && out+="VMM processes: $procs; "
 	local dirs; dirs=$(ls -A "$FIRECLAW_RUN/vms" 2>/dev/null | tr '\n' ' ')
 	[ -n "$dirs" ] && out+="run directories: $dirs; "
