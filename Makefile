@@ -81,6 +81,10 @@ test: fireclaw $(UNIT)
 deps:
 	tools/deps.sh
 
+# measures this machine (about 5-10 min) and writes BENCHMARKS.md; see bench/bench.py
+bench: fireclaw
+	bench/run.sh
+
 install: fireclaw
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1
 	install -m 755 fireclaw $(DESTDIR)$(PREFIX)/bin/fireclaw
@@ -92,4 +96,4 @@ format:
 clean:
 	rm -rf build fireclaw
 
-.PHONY: all test deps install format clean FORCE
+.PHONY: all test deps install format clean bench FORCE

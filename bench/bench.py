@@ -1,0 +1,851 @@
+#!/usr/bin/python3
+"""fireclaw benchmark: measures this machine and writes BENCHMARKS.md.
+
+Run through `make bench` (bench/run.sh). Stdlib only; Debian's /usr/bin/python3.
+
+  1. `fireclaw run -- true` restored from the snapshot and cold (--no-snapshot), each run
+     interleaved with the same run done by hand with plain tools (bench/baseline.sh).
+  2. fireclaw's own cost per run: CPU time and peak RSS of the fireclaw process alone
+     (bench/rusage.c, LD_PRELOAD: getrusage(RUSAGE_SELF) at exit, the VMM excluded), and
+     the start-up of `fireclaw -e ''` (hyperfine).
+  3. The stage breakdown of a run, from fireclaw's own timestamps (--json stages, -v).
+  4. Concurrency: 1, 2, 4, 8 restored runs at once.
+  5. Throughput: sequential restored runs per minute.
+
+Environment: BENCH_RESTORE_RUNS (30), BENCH_COLD_RUNS (10), BENCH_CONC_ROUNDS (10),
+BENCH_SEQ_RUNS (20), BENCH_STARTUP_RUNS (200), BENCH_OUT (BENCHMARKS.md),
+BENCH_BASELINE_SNAPSHOT=own to give the baseline its own hand-made snapshot instead of
+fireclaw's. Everything it creates (namespaces fcb-<pid>-<n>, QEMU processes, files in a
+temporary directory) is removed at the end and on SIGINT/SIGTERM.
+"""
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FC = os.path.join(ROOT, "fireclaw")
+BASELINE = os.path.join(ROOT, "bench", "baseline.sh")
+STATE = os.environ.get("FIRECLAW_STATE", "/var/lib/fireclaw")
+RUN_DIR = os.environ.get("FIRECLAW_RUN", "/run/fireclaw")
+IMAGE = "default"
+
+
+def env_int(name, default, low=1):
+    low = 1 if os.environ.get("BENCH_QUICK") else low
+    v = int(os.environ.get(name, default))
+    return max(v, low)
+
+
+N_RESTORE = env_int("BENCH_RESTORE_RUNS", 30, 10)
+N_COLD = env_int("BENCH_COLD_RUNS", 10, 10)
+N_ROUNDS = env_int("BENCH_CONC_ROUNDS", 10, 1)
+N_SEQ = env_int("BENCH_SEQ_RUNS", 20, 10)
+N_STARTUP = env_int("BENCH_STARTUP_RUNS", 200, 10)
+LEVELS = [1, 2, 4, 8]
+OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "BENCHMARKS.md"))
+
+TARGETS = {
+    "restore_ratio": 0.8,
+    "cold_ratio": 1.0,
+    "cpu_ms": 10.0,
+    "startup_ms": 5.0,
+    "teardown_ms": 20.0,
+}
+
+
+class Fail(Exception):
+    """A reason to stop, said in one line."""
+
+
+class Interrupted(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- processes we started
+
+live = {}  # pid -> Popen, every child still running
+live_lock = threading.Lock()
+got_signal = []
+
+
+def on_signal(sig, frame):
+    got_signal.append(sig)
+    raise Interrupted(signal.Signals(sig).name)
+
+
+def start(argv, env=None, stdin=subprocess.DEVNULL):
+    p = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    with live_lock:
+        live[p.pid] = p
+    return p
+
+
+def finish(p, timeout=None):
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.returncode is not None:
+            with live_lock:
+                live.pop(p.pid, None)
+    return p.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def run(argv, env=None, timeout=600):
+    """Run a setup command (not timed); return (status, stdout, stderr)."""
+    return finish(start(argv, env), timeout)
+
+
+def stop_children():
+    """End the children still running, by their pids only. After a SIGINT (a Ctrl-C reaches
+    the whole process group) they are stopping by themselves: give them time; otherwise,
+    and for the ones that do not stop, SIGTERM (fireclaw and baseline.sh clean up on it),
+    SIGKILL as a last resort."""
+    with live_lock:
+        procs = list(live.values())
+    if not procs:
+        return
+    if signal.SIGINT not in got_signal:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# ---------------------------------------------------------------- statistics
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_ms(x, nd=0):
+    if x != x:  # nan
+        return "–"
+    return f"{x:.{nd}f}"
+
+
+def summary(xs, nd=0, unit=" ms"):
+    """'median (min–max)'"""
+    if not xs:
+        return "–"
+    return f"{fmt_ms(med(xs), nd)}{unit} ({fmt_ms(min(xs), nd)}–{fmt_ms(max(xs), nd)})"
+
+
+# ---------------------------------------------------------------- the bench itself
+
+class Bench:
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix="fcb.", dir="/tmp")
+        self.n = 0
+        self.tag = str(os.getpid())
+        self.t_start = time.monotonic()
+        self.notes = []
+        self.fc_env = dict(os.environ)
+
+    # -- helpers
+
+    def log(self, msg):
+        el = time.monotonic() - self.t_start
+        sys.stderr.write(f"bench [{el:5.0f} s] {msg}\n")
+        sys.stderr.flush()
+
+    def next_id(self):
+        self.n += 1
+        return f"{self.tag}-{self.n}"
+
+    def cleanup(self):
+        stop_children()
+        # our namespaces only: fcb-<our pid>-<n>
+        try:
+            names = os.listdir("/run/netns")
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if name.startswith(f"fcb-{self.tag}-"):
+                subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- one fireclaw run
+
+    def fc_start(self, mode):
+        n = self.next_id()
+        ru = os.path.join(self.tmp, f"rusage-{n}")
+        argv = [FC, "run", "-v", "--json"] + (["--no-snapshot"] if mode == "cold" else []) + ["--", "true"]
+        env = dict(self.fc_env, LD_PRELOAD=self.rusage_so, FCB_RUSAGE_OUT=ru)
+        t0 = time.perf_counter()
+        p = start(argv, env)
+        return {"p": p, "t0": t0, "ru": ru, "mode": mode}
+
+    def fc_finish(self, h):
+        st, out, err = finish(h["p"])
+        wall = (time.perf_counter() - h["t0"]) * 1000
+        r = {"wall": wall, "ok": False, "status": st, "err": err.strip().splitlines()[-3:]}
+        try:
+            j = json.loads(out)
+        except ValueError:
+            return r
+        want = "snapshot" if h["mode"] == "restore" else "cold"
+        r["boot"] = j.get("boot")
+        r["ok"] = st == 0 and j.get("exit_code") == 0 and j.get("boot") == want
+        if j.get("boot") != want:
+            r["err"] = [f"expected a {want} run, fireclaw did a {j.get('boot')} run"] + r["err"]
+        r["duration_ms"] = j.get("duration_ms")
+        r["stages"] = [(s["name"], s["ms"]) for s in j.get("stages", [])]
+        m = re.search(r"QMP ready in ([\d.]+) ms", err)
+        r["qmp_ready"] = float(m.group(1)) if m else None
+        try:
+            with open(h["ru"]) as f:
+                u, s, maxrss, hwm = (int(x) for x in f.read().split()[:4])
+            r["cpu_user"], r["cpu_sys"], r["hwm"] = u / 1000, s / 1000, (hwm if hwm > 0 else maxrss)
+        except (OSError, ValueError):
+            pass
+        return r
+
+    def fc_run(self, mode):
+        return self.fc_finish(self.fc_start(mode))
+
+    # -- one baseline run
+
+    def bl_run(self, mode):
+        n = self.next_id()
+        stages = os.path.join(self.tmp, f"stages-{n}")
+        src = self.bl_snapdir if mode == "restore" else self.imgdir
+        env = dict(os.environ, **self.bl_env[mode], FCB_STAGES=stages)
+        t0 = time.perf_counter()
+        st, out, err = finish(start([BASELINE, mode, n, src], env))
+        wall = (time.perf_counter() - t0) * 1000
+        r = {"wall": wall, "ok": st == 0, "status": st, "err": err.strip().splitlines()[-3:]}
+        try:
+            marks = []
+            with open(stages) as f:
+                for line in f:
+                    k, v = line.split()
+                    marks.append((k, float(v)))
+            r["stages"] = [(marks[i][0], (marks[i][1] - marks[i - 1][1]) * 1000) for i in range(1, len(marks))]
+            r["inside"] = (marks[-1][1] - marks[0][1]) * 1000
+        except (OSError, ValueError, IndexError):
+            pass
+        return r
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self):
+        if os.geteuid() != 0:
+            raise Fail("needs root (network namespaces, taps)")
+        for tool in ("qemu-system-x86_64", "socat", "hyperfine", "ssh", "ip", "cc"):
+            if not shutil.which(tool):
+                raise Fail(f"{tool} not found (tools/deps.sh installs it)")
+        if not os.access(FC, os.X_OK):
+            raise Fail(f"{FC} is not built (run make)")
+        self.rusage_so = os.path.join(self.tmp, "rusage.so")
+        st, _, err = run(["cc", "-shared", "-fPIC", "-O2", "-o", self.rusage_so,
+                          os.path.join(ROOT, "bench", "rusage.c")])
+        if st != 0:
+            raise Fail("cannot compile bench/rusage.c: " + err.strip().splitlines()[-1])
+
+        st, out, err = run([FC, "-e", 'local d = require("fireclaw.vm").detect{} '
+                                      'io.write(require("fireclaw.json").encode(d))'])
+        if st != 0:
+            raise Fail("fireclaw cannot detect its VMM: " + err.strip())
+        self.detect = json.loads(out)
+        if self.detect.get("vmm") != "qemu":
+            raise Fail(f"fireclaw chose {self.detect.get('vmm')}; the baseline is QEMU "
+                       "(run with FIRECLAW_VMM=qemu)")
+        self.fc_env["FIRECLAW_VMM"] = "qemu"
+
+        # the image and the snapshot: made when missing
+        self.imgdir = os.path.join(STATE, "images", IMAGE)
+        if not os.path.exists(os.path.join(self.imgdir, "manifest.json")):
+            self.log("no image: fireclaw image build")
+            st, _, err = run([FC, "image", "build"], self.fc_env, timeout=900)
+            if st != 0:
+                raise Fail("fireclaw image build failed: " + (err.strip().splitlines() or ["?"])[-1])
+        self.snapdir = os.path.join(STATE, "snapshots", IMAGE)
+        if not os.path.exists(os.path.join(self.snapdir, "meta.json")):
+            self.log("no snapshot: fireclaw snapshot create")
+            self.snapshot_create()
+        self.log("warm-up: one restored run")
+        r = self.fc_run("restore")
+        if not r["ok"] and r.get("boot") == "cold":
+            # the snapshot exists but fireclaw refuses it (image rebuilt, QEMU upgraded)
+            self.log("fireclaw does not restore from the snapshot: fireclaw snapshot create")
+            self.snapshot_create()
+            r = self.fc_run("restore")
+        if not r["ok"]:
+            raise Fail("fireclaw run from the snapshot fails: " + " / ".join(r["err"]))
+        self.private_state()
+        self.log("warm-up: one restored run in the bench's own state directory")
+        r = self.fc_run("restore")
+        if not r["ok"]:
+            raise Fail("fireclaw run from the snapshot fails: " + " / ".join(r["err"]))
+        with open(os.path.join(self.imgdir, "manifest.json")) as f:
+            self.manifest = json.load(f)
+        with open(os.path.join(self.snapdir, "meta.json")) as f:
+            self.meta = json.load(f)
+
+        st, _, _ = run([shutil.which("qemu-system-x86_64"), "-sandbox", "on", "-version"])
+        self.sandbox = st == 0
+        self.baseline_env()
+        if os.environ.get("BENCH_BASELINE_SNAPSHOT") == "own":
+            self.bl_snapdir = os.path.join(self.tmp, "snapshot")
+            self.log("baseline: its own snapshot, by hand")
+            env = dict(os.environ, **self.bl_env["cold"])
+            st, _, err = run([BASELINE, "snapshot", self.next_id(), self.imgdir, self.bl_snapdir], env)
+            if st != 0:
+                raise Fail("baseline snapshot failed: " + err.strip())
+            self.bl_env["restore"] = dict(self.bl_env["cold"])
+            self.snapshot_source = "its own, made by hand with the same recipe (cold boot, QMP stop, " \
+                "x-ignore-shared, migrate exec:cat > vmstate, copy of memory and disk)"
+        else:
+            self.bl_snapdir = self.snapdir
+            self.snapshot_source = "fireclaw's own snapshot (`fireclaw snapshot create`: vmstate, memory, " \
+                "disk.ext4), the very same files for both"
+        self.check_argv()
+        self.log("warm-up: one baseline restore")
+        r = self.bl_run("restore")
+        if not r["ok"]:
+            raise Fail("the hand-made baseline fails: " + " / ".join(r["err"]))
+
+    def private_state(self):
+        """The image, the keys and the snapshot, hard-linked (else copied) into a state
+        directory of the bench's own (FIRECLAW_STATE): all runs use the same files even if
+        someone rebuilds the image or re-creates the snapshot in the shared one meanwhile."""
+        priv = os.path.join(self.tmp, "state")
+        shared_img = os.path.join(STATE, "images", IMAGE)
+        for attempt in range(3):
+            shutil.rmtree(priv, ignore_errors=True)
+            os.makedirs(os.path.join(priv, "images"))
+            os.makedirs(os.path.join(priv, "snapshots"))
+            real = os.path.realpath(shared_img)
+            dst = os.path.join(priv, "images", os.path.basename(real))
+            pairs = [(real, dst), (os.path.join(STATE, "keys"), os.path.join(priv, "keys")),
+                     (self.snapdir, os.path.join(priv, "snapshots", IMAGE))]
+            ok = True
+            for a, b in pairs:
+                if run(["cp", "-al", a, b])[0] != 0 and \
+                        run(["cp", "-a", "--reflink=auto", "--sparse=always", a, b])[0] != 0:
+                    ok = False
+                    break
+            if ok:
+                if dst != os.path.join(priv, "images", IMAGE):
+                    os.symlink(os.path.basename(real), os.path.join(priv, "images", IMAGE))
+                break
+            time.sleep(1)  # the shared image or snapshot was being replaced: again
+        else:
+            raise Fail(f"cannot copy the image and snapshot from {STATE} into {priv}")
+        self.fc_env["FIRECLAW_STATE"] = priv
+        self.state = priv
+        self.imgdir = dst
+        self.snapdir = os.path.join(priv, "snapshots", IMAGE)
+
+    def snapshot_create(self):
+        st, _, err = run([FC, "snapshot", "create"], self.fc_env, timeout=600)
+        if st != 0:
+            raise Fail("fireclaw snapshot create failed: " + (err.strip().splitlines() or ["?"])[-1])
+
+    def host_tsc_khz(self):
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"cpu MHz\s*:\s*([\d.]+)", f.read())
+        return int(float(m.group(1)) * 1000 + 0.5) if m else None
+
+    def baseline_env(self):
+        """What baseline.sh needs, read from the image and the snapshot as fireclaw reads them."""
+        man, meta = self.manifest, self.meta
+        accel = self.detect.get("accel", "tcg")
+        kernel = os.path.join(self.imgdir, "vmlinux")
+        if not os.path.exists(kernel):
+            kernel = os.path.join(self.imgdir, "vmlinuz")
+        initrd = os.path.join(self.imgdir, "initrd")
+        args = list(man.get("boot_args") or [])
+        if accel == "tcg":
+            khz = self.host_tsc_khz()
+            for a in man.get("boot_args_tcg") or []:
+                if a.startswith("tsc_early_khz="):
+                    if khz:
+                        args.append(f"tsc_early_khz={khz}")
+                else:
+                    args.append(a)
+        known = os.path.join(self.tmp, "known_hosts")
+        with open(os.path.join(self.imgdir, "host_key.pub")) as f:
+            host_key = " ".join(f.read().split()[:2])
+        with open(known, "w") as f:
+            f.write(f"172.16.0.2 {host_key}\n")
+        common = {
+            "FCB_TMP": self.tmp, "FCB_QEMU": shutil.which("qemu-system-x86_64"), "FCB_ACCEL": accel,
+            "FCB_SANDBOX": "1" if self.sandbox else "0",
+            "FCB_KEY": os.path.join(self.state, "keys", "id_ed25519"), "FCB_KNOWN_HOSTS": known,
+        }
+        self.bl_env = {
+            "cold": dict(common, FCB_KERNEL=kernel, FCB_INITRD=initrd if os.path.exists(initrd) else "",
+                         FCB_APPEND=" ".join(args), FCB_MEM="256", FCB_VCPU="1"),
+        }
+        # a restore repeats the snapshot's machine: same kernel, initrd and boot args (the
+        # image's, which fireclaw checked against the snapshot), the snapshot's size
+        self.bl_env["restore"] = dict(self.bl_env["cold"], FCB_MEM=str(meta.get("mem_mib", 256)),
+                                      FCB_VCPU=str(meta.get("vcpu", 1)))
+
+    def check_argv(self):
+        """Compare the baseline's QEMU command line with the one fireclaw really runs (read
+        from its VMM's /proc/PID/cmdline during a run of `sleep 2`), VM directory paths aside."""
+        self.argv_check = {}
+        for mode in ("restore", "cold"):
+            self.log(f"checking the baseline's QEMU command line against fireclaw's ({mode})")
+            argv = [FC, "run", "--json"] + (["--no-snapshot"] if mode == "cold" else []) + ["--", "sleep", "2"]
+            p = start(argv, self.fc_env)
+            fc_argv, vm_id = None, None
+            deadline = time.monotonic() + 120
+            while fc_argv is None and p.poll() is None and time.monotonic() < deadline:
+                for vid in os.listdir(os.path.join(RUN_DIR, "vms")):
+                    try:
+                        with open(os.path.join(RUN_DIR, "vms", vid, "record.json")) as f:
+                            rec = json.load(f)
+                        if rec.get("owner", {}).get("pid") != p.pid or not rec.get("vmm", {}).get("pid"):
+                            continue
+                        with open(f"/proc/{rec['vmm']['pid']}/cmdline", "rb") as f:
+                            words = f.read().decode().split("\0")[:-1]
+                        if words:
+                            fc_argv, vm_id = words, vid
+                    except (OSError, ValueError, AttributeError):
+                        pass
+                time.sleep(0.01)
+            st, _, err = finish(p)
+            if st != 0 or fc_argv is None:
+                raise Fail(f"cannot read the QEMU command line of a fireclaw {mode} run "
+                           f"(status {st}: {err.strip()[-200:]})")
+            env = dict(os.environ, **self.bl_env[mode], FCB_DRY="1")
+            bl_id = "ID"
+            src = self.bl_snapdir if mode == "restore" else self.imgdir
+            st, out, err = run([BASELINE, mode, bl_id, src], env)
+            bl_argv = out.splitlines()
+
+            def norm(words, vmdir):
+                res = []
+                for w in words:
+                    w = w.replace(vmdir + "/", "<vmdir>/")
+                    w = re.sub(r"<vmdir>/[\w.-]+", "<vmdir>/FILE", w)
+                    for p in re.findall(r"/[^,\s=]+", w):
+                        if os.path.exists(p) and os.path.realpath(p) != p:
+                            w = w.replace(p, os.path.realpath(p))
+                    res.append(w)
+                return res
+
+            a = norm(fc_argv, os.path.join(RUN_DIR, "vms", vm_id))
+            b = norm(bl_argv, os.path.join(self.tmp, f"vm-{bl_id}"))
+            a[0], b[0] = os.path.basename(a[0]), os.path.basename(b[0])
+            diff = [f"fireclaw: `{x}`" for x in a if x not in b] + [f"baseline: `{x}`" for x in b if x not in a]
+            if a != b and not diff:
+                diff = ["same words, another order"]
+            self.argv_check[mode] = (diff, a)
+            if diff:
+                self.log(f"  differences: {diff}")
+
+    # ------------------------------------------------------------ measurements
+
+    def interleaved(self, mode, n):
+        fc, bl = [], []
+        for i in range(n):
+            order = ("fc", "bl") if i % 2 == 0 else ("bl", "fc")
+            for who in order:
+                if who == "fc":
+                    fc.append(self.fc_run(mode))
+                else:
+                    bl.append(self.bl_run(mode))
+            if (i + 1) % 5 == 0 or i + 1 == n:
+                self.log(f"  {mode}: {i + 1}/{n} pairs, medians so far fireclaw "
+                         f"{med([r['wall'] for r in fc if r['ok']]):.0f} ms, baseline "
+                         f"{med([r['wall'] for r in bl if r['ok']]):.0f} ms")
+        return fc, bl
+
+    def concurrency(self):
+        res = {}
+        for k in LEVELS:
+            rounds = []
+            for _ in range(N_ROUNDS):
+                hs = [self.fc_start("restore") for _ in range(k)]
+                t0 = hs[0]["t0"]
+                rs = []
+                # wait for them in threads so each one's end is taken when it ends
+                done = [None] * k
+
+                def wait(i):
+                    done[i] = self.fc_finish(hs[i])
+                ths = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(k)]
+                for t in ths:
+                    t.start()
+                for t in ths:
+                    while t.is_alive():
+                        t.join(0.2)
+                end = max(h["t0"] + r["wall"] / 1000 for h, r in zip(hs, done))
+                rs = done
+                rounds.append({"total": (end - t0) * 1000, "runs": rs})
+            ok = [r for rd in rounds for r in rd["runs"] if r["ok"]]
+            fails = [r for rd in rounds for r in rd["runs"] if not r["ok"]]
+            res[k] = {"rounds": rounds, "ok": ok, "fails": fails}
+            self.log(f"  {k} at once: {N_ROUNDS} rounds, total median {med([rd['total'] for rd in rounds]):.0f} ms, "
+                     f"{len(fails)} failures")
+        return res
+
+    def sequential(self):
+        t0 = time.perf_counter()
+        rs = [self.fc_run("restore") for _ in range(N_SEQ)]
+        total = (time.perf_counter() - t0) * 1000
+        return {"total": total, "runs": rs}
+
+    def startup(self):
+        out = os.path.join(self.tmp, "hyperfine.json")
+        st, _, err = run(["hyperfine", "-N", "--warmup", "20", "--runs", str(N_STARTUP), "--export-json", out,
+                          f"{FC} -e ''", "luajit -e ''"], self.fc_env, timeout=600)
+        if st != 0:
+            raise Fail("hyperfine failed: " + err.strip()[-200:])
+        with open(out) as f:
+            return json.load(f)["results"]
+
+    # ------------------------------------------------------------ the whole run
+
+    def main(self):
+        self.load_start = os.getloadavg()
+        self.date = datetime.datetime.now(datetime.timezone.utc)
+        self.setup()
+        self.log(f"1. restored runs: {N_RESTORE} pairs, fireclaw and baseline interleaved")
+        self.restore = self.interleaved("restore", N_RESTORE)
+        self.log(f"1. cold runs: {N_COLD} pairs, interleaved")
+        self.cold = self.interleaved("cold", N_COLD)
+        self.log(f"2. start-up: hyperfine, {N_STARTUP} runs")
+        self.start = self.startup()
+        self.log(f"4. concurrency: {LEVELS} at once, {N_ROUNDS} rounds each")
+        self.conc = self.concurrency()
+        self.log(f"5. throughput: {N_SEQ} restored runs back to back")
+        self.seq = self.sequential()
+        self.load_end = os.getloadavg()
+        self.elapsed = time.monotonic() - self.t_start
+        with open(os.path.join(self.snapdir, "meta.json")) as f:
+            if json.load(f).get("created") != self.meta.get("created"):
+                self.notes.append("**The snapshot was re-created by someone else during the run**: "
+                                  "the restore figures may mix two snapshots.")
+        self.write_report()
+        self.log(f"done in {self.elapsed:.0f} s: {OUT}")
+
+    # ------------------------------------------------------------ report
+
+    def versions(self):
+        def first(argv):
+            try:
+                return subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0].strip()
+            except (OSError, IndexError):
+                return "?"
+        cpu = "?"
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+            cpu = m.group(1).strip() if m else cpu
+        with open("/proc/meminfo") as f:
+            mem = int(re.search(r"MemTotal:\s*(\d+)", f.read()).group(1)) // 1024
+        head = first(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        ki = self.manifest.get("kernel_info", {})
+        ssh_v = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
+        m = re.search(r"socat version (\S+)", subprocess.run(["socat", "-V"], capture_output=True, text=True).stdout)
+        socat_v = m.group(1) if m else "?"
+        return {
+            "cpu": f"{cpu}, {os.cpu_count()} CPUs, {mem} MiB RAM",
+            "host": f"Linux {os.uname().release} ({os.uname().machine})",
+            "vmm": f"QEMU {self.detect.get('qemu_version')} `-M microvm`, accel **{self.detect.get('accel')}** "
+                   f"(/dev/kvm: {self.detect.get('kvm')}; {self.detect.get('kvm_why') or self.detect.get('why')})",
+            "qemu": first(["qemu-system-x86_64", "-version"]),
+            "guest": f"{ki.get('package', '?')} {ki.get('version', '')} (image built {self.manifest.get('created')})",
+            "fireclaw": first([FC, "--version"]) + f", git {head}" + (" + uncommitted changes in the tree" if dirty else ""),
+            "tools": f"hyperfine {first(['hyperfine', '--version']).split()[-1]}, {ssh_v.split(',')[0]}, "
+                     f"socat {socat_v}",
+        }
+
+    def stage_table(self, fc_runs, bl_runs, mode):
+        """Rows: stage | fireclaw median (min–max) | baseline median (min–max)."""
+        fc_ok = [r for r in fc_runs if r["ok"]]
+        bl_ok = [r for r in bl_runs if r["ok"] and "stages" in r]
+
+        def fc_stage(r, pred):
+            return sum(ms for name, ms in r["stages"] if pred(name))
+
+        vmm_word = "restore" if mode == "restore" else "boot"
+        rows = []
+
+        def fc_col(fn):
+            xs = [x for x in (fn(r) for r in fc_ok) if x is not None]
+            return summary(xs, 1, "")
+
+        def bl_col(fn):
+            xs = [x for x in (fn(r) for r in bl_ok) if x is not None]
+            return summary(xs, 1, "")
+
+        def bl(name):
+            return lambda r: dict(r["stages"]).get(name)
+
+        def vmm(r):
+            return fc_stage(r, lambda n: n.startswith("VMM"))
+
+        def spawn(r):
+            return r["qmp_ready"]
+
+        def rest(r):
+            return vmm(r) - r["qmp_ready"] if r["qmp_ready"] is not None else None
+
+        rows.append(("fireclaw record (state)", fc_col(lambda r: fc_stage(r, lambda n: n == "record")), "–"))
+        rows.append(("namespace + tap", fc_col(lambda r: fc_stage(r, lambda n: n == "network")), bl_col(bl("network"))))
+        rows.append(("disk copy", fc_col(lambda r: fc_stage(r, lambda n: n.startswith("disk copy"))), bl_col(bl("disk"))))
+        if mode == "restore":
+            rows.append(("VMM spawn (until QMP answers)", fc_col(spawn), bl_col(bl("spawn"))))
+            rows.append(("restore (migrate-incoming … cont)", fc_col(rest), bl_col(bl("restore"))))
+            rows.append(("SSH ready (fireclaw: libssh2 connect; baseline: TCP probe)",
+                         fc_col(lambda r: fc_stage(r, lambda n: n == "SSH ready")), bl_col(bl("probe"))))
+            rows.append(("exec `date -s …; true` (baseline: whole `ssh` incl. its handshake)",
+                         fc_col(lambda r: fc_stage(r, lambda n: n == "command")), bl_col(bl("ssh"))))
+        else:
+            rows.append(("VMM spawn (fireclaw: until QMP answers; baseline: fork)", fc_col(spawn), bl_col(bl("spawn"))))
+            rows.append(("boot until sshd answers (fireclaw: + libssh2 connect)",
+                         fc_col(lambda r: fc_stage(r, lambda n: n == "SSH ready")), bl_col(bl("probe"))))
+            rows.append(("exec `true` (baseline: whole `ssh` incl. its handshake)",
+                         fc_col(lambda r: fc_stage(r, lambda n: n == "command")), bl_col(bl("ssh"))))
+        rows.append(("teardown", fc_col(lambda r: fc_stage(r, lambda n: n == "teardown")), bl_col(bl("teardown"))))
+        rows.append(("outside the stages (process start, checks, exit)",
+                     fc_col(lambda r: r["wall"] - r["duration_ms"] + fc_stage(r, lambda n: n == "record")
+                            if r.get("duration_ms") is not None else None),
+                     bl_col(lambda r: r["wall"] - r["inside"])))
+        rows.append(("**total (wall)**", fc_col(lambda r: r["wall"]), bl_col(lambda r: r["wall"])))
+        lines = [f"| stage ({vmm_word}) | fireclaw, ms | baseline, ms |", "|---|---:|---:|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        return "\n".join(lines)
+
+    def write_report(self):
+        v = self.versions()
+        fc_r, bl_r = self.restore
+        fc_c, bl_c = self.cold
+
+        def walls(rs):
+            return [r["wall"] for r in rs if r["ok"]]
+
+        def nfail(rs):
+            return sum(1 for r in rs if not r["ok"])
+
+        def ratio(a, b):
+            return med(walls(a)) / med(walls(b)) if walls(a) and walls(b) else float("nan")
+
+        def paired(a, b):
+            xs = [x["wall"] / y["wall"] for x, y in zip(a, b) if x["ok"] and y["ok"]]
+            return med(xs)
+
+        r_ratio, c_ratio = ratio(fc_r, bl_r), ratio(fc_c, bl_c)
+        cpu = {m: [r["cpu_user"] + r["cpu_sys"] for r in rs if r["ok"] and "cpu_user" in r]
+               for m, rs in (("restore", fc_r), ("cold", fc_c))}
+        cpu_all = cpu["restore"] + cpu["cold"]
+        hwm = [r["hwm"] / 1024 for r in fc_r + fc_c if r["ok"] and "hwm" in r]
+        fcs = next(x for x in self.start if "fireclaw" in x["command"])
+        lj = next(x for x in self.start if x["command"].startswith("luajit"))
+        st_med = fcs["median"] * 1000
+        teardown = [ms for r in fc_r + fc_c if r["ok"] for name, ms in r["stages"] if name == "teardown"]
+        conc_fails = sum(len(x["fails"]) for x in self.conc.values())
+        conc_total = sum(len(x["fails"]) + len(x["ok"]) for x in self.conc.values())
+
+        def yes(ok):
+            return "**met**" if ok else "**missed**"
+
+        targets = [
+            ("restored run ≤ 0.8× the hand-made baseline", f"{r_ratio:.2f}× (medians)", r_ratio <= TARGETS["restore_ratio"]),
+            ("cold run ≤ 1.0× the hand-made baseline", f"{c_ratio:.2f}× (medians)", c_ratio <= TARGETS["cold_ratio"]),
+            ("fireclaw's own CPU ≤ 10 ms per run", f"{med(cpu['restore']):.1f} ms restored, {med(cpu['cold']):.1f} ms cold (medians)",
+             med(cpu_all) <= TARGETS["cpu_ms"] and max(med(cpu["restore"]), med(cpu["cold"])) <= TARGETS["cpu_ms"]),
+            ("start-up (`fireclaw -e ''`) ≤ 5 ms", f"{st_med:.1f} ms (median)", st_med <= TARGETS["startup_ms"]),
+            ("teardown ≤ 20 ms", f"{med(teardown):.1f} ms (median)", med(teardown) <= TARGETS["teardown_ms"]),
+            ("no failures under concurrency", f"{conc_fails} of {conc_total} runs failed", conc_fails == 0),
+        ]
+
+        L = []
+        w = L.append
+        w("# fireclaw benchmarks")
+        w("")
+        w(f"Generated by `make bench` (bench/run.sh → bench/bench.py) on {self.date.strftime('%Y-%m-%d %H:%M UTC')}, "
+          f"in {self.elapsed / 60:.1f} min. Every figure is *median (min–max)* over the runs named; "
+          "all runs on this machine, in one go. Do not edit: run `make bench` again.")
+        w("")
+        w("| | |")
+        w("|---|---|")
+        w(f"| machine | {v['cpu']} |")
+        w(f"| host kernel | {v['host']} |")
+        w(f"| VMM and acceleration | {v['vmm']} |")
+        w(f"| QEMU | {v['qemu']} |")
+        w(f"| guest kernel | {v['guest']} |")
+        w(f"| fireclaw | {v['fireclaw']} |")
+        w(f"| tools | {v['tools']} |")
+        w(f"| load average | {self.load_start[0]:.2f} at the start, {self.load_end[0]:.2f} at the end "
+          "(the machine is shared: other work ran at the same time) |")
+        w("")
+        w("## Targets")
+        w("")
+        w("| target | measured | |")
+        w("|---|---|---|")
+        for t, m, ok in targets:
+            w(f"| {t} | {m} | {yes(ok)} |")
+        w("")
+        w("## 1. `fireclaw run -- true` against the same run by hand")
+        w("")
+        w(f"Each fireclaw run is paired with a baseline run right before or after it (the order alternates), "
+          f"{N_RESTORE} pairs restored and {N_COLD} pairs cold. Wall time of the whole process, start to exit.")
+        w("")
+        w("| | fireclaw, ms | baseline, ms | ratio of medians | median of pair ratios | failures (fireclaw / baseline) |")
+        w("|---|---:|---:|---:|---:|---:|")
+        w(f"| from the snapshot | {summary(walls(fc_r))} | {summary(walls(bl_r))} | {r_ratio:.2f}× | "
+          f"{paired(fc_r, bl_r):.2f}× | {nfail(fc_r)} / {nfail(bl_r)} |")
+        w(f"| cold (`--no-snapshot`) | {summary(walls(fc_c))} | {summary(walls(bl_c))} | {c_ratio:.2f}× | "
+          f"{paired(fc_c, bl_c):.2f}× | {nfail(fc_c)} / {nfail(bl_c)} |")
+        w("")
+        w("The baseline (bench/baseline.sh) uses plain tools only: `ip netns add fcb-<pid>-<n>` and one `ip -batch` "
+          "for the tap (tap0 172.16.0.1/30, MAC 06:00:ac:10:00:01, a permanent neighbour entry for the guest "
+          "06:00:ac:10:00:02), `cp --sparse=always` of the disk, `qemu-system-x86_64` started with `ip netns exec`, "
+          "QMP through one `socat` connection (restore: `migrate-set-capabilities x-ignore-shared`, "
+          "`migrate-incoming exec:cat vmstate`, `query-status` polled every 2 ms until it leaves `inmigrate`, `cont`), "
+          "a TCP probe loop (`socat … connect-timeout=0.05` every 10 ms) then the OpenSSH client with the pinned host "
+          "key (`ssh … root@172.16.0.2 true`; restored: `date -s @NOW >/dev/null 2>&1; true`, as fireclaw sets the "
+          "clock in the same round trip), and teardown: `kill -KILL` of QEMU's pid, `wait`, `ip netns del`, `rm -rf`.")
+        w("")
+        w(f"Baseline snapshot: {self.snapshot_source}.")
+        w("")
+        for mode in ("restore", "cold"):
+            diff, words = self.argv_check[mode]
+            w(f"QEMU command line ({mode}), checked against the one fireclaw ran (its VMM's /proc/PID/cmdline "
+              f"during a run, paths in the VM's directory aside): " + ("**identical**." if not diff else
+                                                               "**differs**: " + "; ".join(diff) + "."))
+            w("")
+        w("<details><summary>the restored run's QEMU command line</summary>")
+        w("")
+        w("```")
+        w(" ".join(self.argv_check["restore"][1]))
+        w("```")
+        w("</details>")
+        w("")
+        w("## 2. fireclaw's own cost per run (the guest and the VMM excluded)")
+        w("")
+        w("CPU time and peak RSS of the fireclaw process alone, taken with `getrusage(RUSAGE_SELF)` and "
+          "`VmHWM` at its exit by a preloaded helper (bench/rusage.c; the library is removed from the environment "
+          "at load time so the VMM does not inherit it). RUSAGE_SELF excludes the QEMU child fireclaw reaps. "
+          "The total is exact (scheduler runtime); Linux splits it into user/sys from tick samples, so the split "
+          "is approximate.")
+        w("")
+        w("| | runs | CPU user+sys, ms | user, ms | sys, ms | peak RSS (VmHWM), MiB |")
+        w("|---|---:|---:|---:|---:|---:|")
+        for m, rs in (("restored", fc_r), ("cold", fc_c)):
+            ok = [r for r in rs if r["ok"] and "cpu_user" in r]
+            w(f"| {m} | {len(ok)} | {summary([r['cpu_user'] + r['cpu_sys'] for r in ok], 1, '')} | "
+              f"{summary([r['cpu_user'] for r in ok], 1, '')} | {summary([r['cpu_sys'] for r in ok], 1, '')} | "
+              f"{summary([r['hwm'] / 1024 for r in ok], 1, '')} |")
+        w("")
+        w(f"Start-up, `hyperfine -N --warmup 20 --runs {N_STARTUP}`:")
+        w("")
+        w("| command | wall, ms | user, ms (mean) | sys, ms (mean) |")
+        w("|---|---:|---:|---:|")
+        for x in (fcs, lj):
+            name = "fireclaw -e ''" if x is fcs else "luajit -e '' (for scale: the interpreter alone)"
+            w(f"| `{name}` | {summary([t * 1000 for t in x['times']], 1, '')} | {x['user'] * 1000:.1f} | "
+              f"{x['system'] * 1000:.1f} |")
+        w("")
+        w("## 3. Where the time goes, stage by stage")
+        w("")
+        w("fireclaw's figures are its own timestamps: `fireclaw run -v --json -- true` prints `stages` "
+          "(ms per stage) and `duration_ms`; `-v` adds the time until QEMU answers on QMP, which splits the "
+          "VMM stage into spawn and restore/boot. The baseline's come from `$EPOCHREALTIME` marks in "
+          "baseline.sh. Same runs as in section 1; each row is the median over the runs on its own, so rows "
+          "do not add up exactly to the total.")
+        w("")
+        w(f"From the snapshot ({len([r for r in fc_r if r['ok']])} fireclaw runs, "
+          f"{len([r for r in bl_r if r['ok']])} baseline runs):")
+        w("")
+        w(self.stage_table(fc_r, bl_r, "restore"))
+        w("")
+        w(f"Cold ({len([r for r in fc_c if r['ok']])} fireclaw runs, {len([r for r in bl_c if r['ok']])} baseline runs):")
+        w("")
+        w(self.stage_table(fc_c, bl_c, "cold"))
+        w("")
+        w("## 4. Concurrency: restored runs at once, from one snapshot")
+        w("")
+        w(f"N `fireclaw run -- true` started together, {N_ROUNDS} rounds per level; total = first start to last exit "
+          "of a round.")
+        w("")
+        w("| at once | runs | failures | total wall per round, ms | per run, ms |")
+        w("|---:|---:|---:|---:|---:|")
+        for k in LEVELS:
+            x = self.conc[k]
+            w(f"| {k} | {len(x['ok']) + len(x['fails'])} | {len(x['fails'])} | "
+              f"{summary([rd['total'] for rd in x['rounds']], 0, '')} | {summary([r['wall'] for r in x['ok']], 0, '')} |")
+        fails = [r for x in self.conc.values() for r in x["fails"]]
+        if fails:
+            w("")
+            w("Failures: " + "; ".join(" / ".join(r["err"]) or f"status {r['status']}" for r in fails[:5]))
+        w("")
+        w("## 5. Throughput: restored runs back to back")
+        w("")
+        s = self.seq
+        ok = [r for r in s["runs"] if r["ok"]]
+        w("| runs | failures | total, s | runs per minute | per run, ms |")
+        w("|---:|---:|---:|---:|---:|")
+        w(f"| {len(s['runs'])} | {len(s['runs']) - len(ok)} | {s['total'] / 1000:.1f} | "
+          f"{60000 * len(ok) / s['total']:.1f} | {summary([r['wall'] for r in ok], 0, '')} |")
+        w("")
+        w("## Method")
+        w("")
+        w("- Wall times are taken by the driver around each process (fork to exit), the same way for fireclaw and "
+          "the baseline; fireclaw runs with `-v --json` (for its stage times) and the preloaded rusage helper "
+          "(one more tiny shared library to load).")
+        w("- Failures are counted, not timed: a fireclaw run fails if its exit status or its command's is not 0, "
+          "or if it did not boot the way asked (a restore must say `\"boot\": \"snapshot\"`).")
+        w("- fireclaw's `SSH ready` is its libssh2 connect (TCP, handshake, auth, pinned host key); its `command` "
+          "is one exec on that session. The baseline's `probe` is the TCP probe alone and its `ssh` is a whole "
+          "OpenSSH client process (handshake, auth and exec).")
+        w("- Under TCG the guest is emulated: most of a run is guest time (its kernel and dropbear), which the "
+          "VMM and the tools around it cannot shorten; both sides restore the same snapshot.")
+        for n in self.notes:
+            w(f"- {n}")
+        w("")
+        tmp = os.path.join(ROOT, "BENCHMARKS.tmp") if OUT == os.path.join(ROOT, "BENCHMARKS.md") else OUT + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(L))
+        os.replace(tmp, OUT)
+
+
+def main():
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    b = Bench()
+    try:
+        b.main()
+        return 0
+    except Fail as e:
+        sys.stderr.write(f"bench: {e}\n")
+        return 1
+    except Interrupted as e:
+        sys.stderr.write(f"bench: interrupted ({e}); cleaning up\n")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        b.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
