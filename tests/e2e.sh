@@ -8,6 +8,7 @@ fc=$FIRECLAW
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 export FIRECLAW_VMM=qemu
+export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-e2e
 
 "$fc" cleanup -q >/dev/null 2>&1
 no_leaks "before the tests"

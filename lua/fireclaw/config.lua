@@ -1,10 +1,12 @@
 -- fireclaw.config: where things live and the defaults a VM gets.
 -- Environment overrides: FIRECLAW_STATE, FIRECLAW_RUN, FIRECLAW_VMM, FIRECLAW_ACCEL,
--- FIRECLAW_FIRECRACKER, FIRECLAW_QEMU.
+-- FIRECLAW_FIRECRACKER, FIRECLAW_QEMU, FIRECLAW_NETNS_PREFIX.
 local M = {}
 
 M.state_dir = os.getenv("FIRECLAW_STATE") or "/var/lib/fireclaw"
 M.run_dir = os.getenv("FIRECLAW_RUN") or "/run/fireclaw"
+-- VM namespaces are <prefix><id>; tests use their own prefix to tell their VMs apart
+M.netns_prefix = os.getenv("FIRECLAW_NETNS_PREFIX") or "fc-"
 
 -- VM defaults
 M.vcpu = 1

@@ -26,7 +26,7 @@ function M.new_id()
 	return (b:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end
 
-function M.netns_name(id) return "fc-" .. id end
+function M.netns_name(id) return config.netns_prefix .. id end
 
 local function record_path(dir) return dir .. "/record.json" end
 
