@@ -9,6 +9,7 @@
  *                  setsid = true, pdeathsig = true}
  *   p:pid()  p:pidfd()  p:alive()  p:kill([sig])  p:wait([timeout_s]) -> {status=|signal=} or nil
  *   p:close()   -- kills (SIGKILL) and reaps if still running; never leaves a zombie
+ *   p:detach()  -- let it run on after fireclaw (spawn it with pdeathsig = false)
  *   r = proc.run(argv, {stdin = s, cwd =, env =, timeout =, netns =}) -> {status, signal, stdout, stderr, timed_out}
  *   proc.starttime(pid) -> clock ticks since boot, or nil if no such process
  *   proc.alive(pid [, starttime]) -> bool
@@ -452,6 +453,19 @@ static int p_close(lua_State *L)
 	return 0;
 }
 
+/* Let the process go on without us (a VM kept with --keep): close the pidfd and forget
+ * the pid, so close/__gc no longer kill it. */
+static int p_detach(lua_State *L)
+{
+	struct proc *p = check_proc(L);
+	if (p->pidfd >= 0)
+		close(p->pidfd);
+	p->pidfd = -1;
+	p->pid = 0;
+	p->reaped = 1;
+	return 0;
+}
+
 static int p_tostring(lua_State *L)
 {
 	struct proc *p = check_proc(L);
@@ -718,7 +732,7 @@ int luaopen_fireclaw_proc(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
 		{"pid", p_pid},	    {"pidfd", p_pidfd}, {"alive", p_alive},
-		{"kill", p_kill},   {"wait", p_wait},	{"close", p_close},
+		{"kill", p_kill},   {"wait", p_wait},	{"close", p_close}, {"detach", p_detach},
 		{"__tostring", p_tostring}, {NULL, NULL},
 	};
 	static const luaL_Reg buffer_methods[] = {{"close", buffer_close}, {NULL, NULL}};

@@ -91,6 +91,19 @@ kill -KILL $pid; wait $pid 2>/dev/null
 "$fc" cleanup -q; is $? 0 "cleanup after SIGKILL"
 no_leaks "SIGKILL + cleanup"
 
+# --keep: the VM outlives fireclaw, is reachable with the printed (pinned) ssh line,
+# survives cleanup, and goes with fireclaw rm
+err=$("$fc" run --keep -- true 2>&1); rc=$?
+is "$rc" 0 "--keep run"
+id=$(printf '%s' "$err" | sed -n 's/^VM \([0-9a-f]*\) is still running.*/\1/p')
+reach=$(printf '%s' "$err" | sed -n 's/^  reach it: //p')
+out=$($reach -o BatchMode=yes -o LogLevel=ERROR cat /etc/hostname 2>&1)
+is "$out" "fireclaw" "the kept VM answers the printed ssh line (host key pinned)"
+"$fc" cleanup -q
+like "$("$fc" ps)" "$id .*kept" "cleanup leaves a kept VM alone"
+"$fc" rm "$id" 2>/dev/null; is $? 0 "fireclaw rm ID"
+no_leaks "--keep then rm"
+
 # a stale snapshot is refused and run falls back to a cold boot
 meta=/var/lib/fireclaw/snapshots/default/meta.json
 cp "$meta" "$tmp/meta.json"

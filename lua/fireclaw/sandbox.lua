@@ -120,11 +120,15 @@ function Sandbox:put(localpath, remote, mode) return self.session:put(localpath,
 function Sandbox:get(remote, localpath) return self.session:get(remote, localpath) end
 
 -- How to reach a VM kept with --keep, and how to remove it.
+-- The guest's host key goes into a known_hosts file in the VM's directory, so the hint
+-- keeps the pinning (no StrictHostKeyChecking=no).
 function Sandbox:reach_hint()
+	local known = self.dir .. "/known_hosts"
+	require("fireclaw.fs").write(known, config.net.guest_ip .. " " .. self.img.host_key .. "\n", "600")
 	return string.format("VM %s is still running (vmm pid %s).\n"
-		.. "  reach it: ip netns exec %s ssh -i %s -o UserKnownHostsFile=/dev/null "
-		.. "-o StrictHostKeyChecking=no root@%s\n  remove it: fireclaw rm %s\n",
-		self.id, tostring(self.vm.pid), self.netns, self.img.client_key, config.net.guest_ip, self.id)
+		.. "  reach it: ip netns exec %s ssh -i %s -o UserKnownHostsFile=%s root@%s\n"
+		.. "  remove it: fireclaw rm %s\n",
+		self.id, tostring(self.vm.pid), self.netns, self.img.client_key, known, config.net.guest_ip, self.id)
 end
 
 -- Tear everything down; never raises (it runs on error paths and from signals).
@@ -138,10 +142,19 @@ function Sandbox:destroy()
 	self.timer:stage("teardown")
 end
 
--- Run fn(sb) and destroy the sandbox afterwards, whatever happens (error, Ctrl-C).
+-- Leave the VM running after fireclaw exits (--keep): its record says so, and cleanup
+-- leaves it alone until `fireclaw rm ID` or `cleanup --all`.
+function Sandbox:release()
+	if self.session then pcall(self.session.close, self.session) end
+	if self.vm and self.vm.proc then self.vm.proc:detach() end
+	self.destroyed = true
+end
+
+-- Run fn(sb) and destroy the sandbox afterwards, whatever happens (error, Ctrl-C); a kept
+-- sandbox is released instead when fn succeeds.
 function M.with(sb, fn, ...)
 	local res = { pcall(fn, sb, ...) }
-	if not sb.keep then sb:destroy() end
+	if sb.keep and res[1] then sb:release() else sb:destroy() end
 	if not res[1] then error(res[2], 0) end
 	return unpack(res, 2)
 end

@@ -175,7 +175,7 @@ function M.new(opts)
 	util.mkdir_p(dir)
 	local self = setmetatable({
 		id = opts.id, dir = dir, netns = opts.netns, tap = opts.tap, mac = opts.mac,
-		env = opts.env, socket_timeout = opts.socket_timeout,
+		env = opts.env, socket_timeout = opts.socket_timeout, keep = opts.keep,
 		vmm = d.vmm, accel = d.accel, why = d.why,
 		binary = d.vmm == "firecracker" and d.firecracker or d.qemu,
 		console_path = dir .. "/console.log",

@@ -66,6 +66,7 @@ local function spawn(v)
 		argv = { v.binary, "--api-sock", M.MOUNT .. "/api.sock", "--id", instance_id(v.id) },
 		env = v.env,
 		netns = v.netns,
+		pdeathsig = not v.keep, -- a kept VM outlives this fireclaw
 		mounts = { { type = "bind", source = v.dir, target = M.MOUNT } },
 		stdout = v.console_path, -- the guest's serial console
 		stderr = v.dir .. "/vmm.log",

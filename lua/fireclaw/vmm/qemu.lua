@@ -139,6 +139,7 @@ local function spawn(v, spec, ram)
 		argv = machine_args(v, spec, ram),
 		env = v.env,
 		netns = v.netns,
+		pdeathsig = not v.keep, -- a kept VM outlives this fireclaw
 		stdin = "/dev/null",
 		stdout = v.dir .. "/vmm.log",
 		stderr = v.dir .. "/vmm.log",
