@@ -33,9 +33,11 @@ local function main(args)
 		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
 		{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
 		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
+		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
-	local sb = M.boot { image = opts.image, vcpu = opts.vcpu, mem_mib = opts.mem, vmm = opts.vmm, keep = opts.keep }
+	local sb = M.boot { image = opts.image, vcpu = opts.vcpu, mem_mib = opts.mem, vmm = opts.vmm, keep = opts.keep,
+		boot_timeout = opts.boot_timeout }
 	return sandbox.with(sb, function()
 		for _, s in ipairs(sb.timer.stages) do io.stderr:write(string.format("%-28s %8.1f ms\n", s.name, s.ms)) end
 		local status = 0

@@ -47,9 +47,11 @@ local function main(args)
 		{ "--snapshot NAME", "snapshot (default: the image's)" },
 		{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
 		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
+		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
-	local o = { image = opts.image, snapshot = opts.snapshot, vmm = opts.vmm, keep = opts.keep }
+	local o = { image = opts.image, snapshot = opts.snapshot, vmm = opts.vmm, keep = opts.keep,
+		boot_timeout = opts.boot_timeout }
 	local snap, why = M.find(o)
 	if not snap then error(why .. " (create one with: fireclaw snapshot create)", 0) end
 	local sb = M.restore(o, snap)

@@ -39,6 +39,7 @@ local SPEC = {
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id} instead of streaming" },
 	{ "--max-output BYTES", "with --json: keep at most this much of each stream", type = "number",
 		default = 16 * 1024 * 1024 },
+	{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 	{ "-v, --verbose", "progress lines with the time of each stage" },
 }
 
@@ -73,7 +74,8 @@ end
 
 -- A VM ready for exec: restored from the snapshot if possible, else cold booted.
 local function start_vm(o)
-	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep }
+	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
+		boot_timeout = o.boot_timeout }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap then

@@ -23,7 +23,7 @@ function M.take(sb, name)
 	local tmp = snapshot.begin(name)
 	local ok, res = pcall(function()
 		-- a restored guest must not wake up holding a session to a client that is gone
-		sb.session:close()
+		if sb.session then sb.session:close() end
 		local info = sb.vm:snapshot(tmp)           -- pause; device state + memory
 		sb.timer:stage("snapshot (" .. info.vmm .. ")")
 		rootfs.copy(sb.disk_path, tmp .. "/disk.ext4") -- the disk exactly as the memory knows it

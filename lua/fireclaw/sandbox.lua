@@ -88,6 +88,8 @@ function Sandbox:restore(snap)
 	self.how = "snapshot"
 	local spec = self:boot_spec()
 	spec.vcpu, spec.mem_mib = snap.vcpu, snap.mem_mib
+	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
+	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
 	self.vm:restore(snap.dir, spec)
 	record_vmm(self)
