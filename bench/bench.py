@@ -13,7 +13,8 @@ Run through `make bench` (bench/run.sh). Stdlib only; Debian's /usr/bin/python3.
   5. Throughput: sequential restored runs per minute.
 
 Environment: BENCH_RESTORE_RUNS (30), BENCH_COLD_RUNS (10), BENCH_CONC_ROUNDS (10),
-BENCH_SEQ_RUNS (20), BENCH_STARTUP_RUNS (200), BENCH_OUT (BENCHMARKS.md),
+BENCH_SEQ_RUNS (20), BENCH_STARTUP_RUNS (200), BENCH_STAGECPU_RUNS (10), BENCH_OUT
+(BENCHMARKS.md); counts below 10 are raised to 10 unless BENCH_QUICK=1 (a quick try),
 BENCH_BASELINE_SNAPSHOT=own to give the baseline its own hand-made snapshot instead of
 fireclaw's. Everything it creates (namespaces fcb-<pid>-<n>, QEMU processes, files in a
 temporary directory) is removed at the end and on SIGINT/SIGTERM.
@@ -50,6 +51,7 @@ N_COLD = env_int("BENCH_COLD_RUNS", 10, 10)
 N_ROUNDS = env_int("BENCH_CONC_ROUNDS", 10, 1)
 N_SEQ = env_int("BENCH_SEQ_RUNS", 20, 10)
 N_STARTUP = env_int("BENCH_STARTUP_RUNS", 200, 10)
+N_STAGECPU = env_int("BENCH_STAGECPU_RUNS", 10, 10)
 LEVELS = [1, 2, 4, 8]
 OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "BENCHMARKS.md"))
 
@@ -82,8 +84,14 @@ def on_signal(sig, frame):
     raise Interrupted(signal.Signals(sig).name)
 
 
+# fireclaw runs in a neutral directory: in the repository, ./recipes would override the
+# embedded recipes (read and parsed from disk), which is not what a user's run does
+CWD = ["/"]
+
+
 def start(argv, env=None, stdin=subprocess.DEVNULL):
-    p = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         cwd=CWD[0])
     with live_lock:
         live[p.pid] = p
     return p
@@ -160,6 +168,7 @@ class Bench:
         self.t_start = time.monotonic()
         self.notes = []
         self.fc_env = dict(os.environ)
+        CWD[0] = self.tmp
 
     # -- helpers
 
@@ -504,6 +513,28 @@ class Bench:
                      f"{len(fails)} failures")
         return res
 
+    def stage_cpu(self, mode, n):
+        """fireclaw's own CPU per stage: bench/stagecpu.lua runs the built-in run recipe with
+        getrusage(RUSAGE_SELF) taken at each stage."""
+        out = os.path.join(self.tmp, f"stagecpu-{mode}.jsonl")
+        res = []
+        for _ in range(n):
+            argv = [FC, os.path.join(ROOT, "bench", "stagecpu.lua"), "--json"] + \
+                (["--no-snapshot"] if mode == "cold" else []) + ["--", "true"]
+            st, so, err = run(argv, dict(self.fc_env, FCB_STAGECPU_OUT=out))
+            try:
+                ok = st == 0 and json.loads(so).get("boot") == ("snapshot" if mode == "restore" else "cold")
+            except ValueError:
+                ok = False
+            if not ok:
+                self.notes.append(f"a stage-CPU run ({mode}) failed: " + " / ".join(err.strip().splitlines()[-2:]))
+        try:
+            with open(out) as f:
+                res = [json.loads(line) for line in f]
+        except OSError:
+            pass
+        return res
+
     def sequential(self):
         t0 = time.perf_counter()
         rs = [self.fc_run("restore") for _ in range(N_SEQ)]
@@ -511,13 +542,37 @@ class Bench:
         return {"total": total, "runs": rs}
 
     def startup(self):
+        """fireclaw -e '' against, for scale, luajit -e '' and empty C programs linked with
+        fireclaw's libraries, with and without libcurl (its closure is most of them)."""
         out = os.path.join(self.tmp, "hyperfine.json")
-        st, _, err = run(["hyperfine", "-N", "--warmup", "20", "--runs", str(N_STARTUP), "--export-json", out,
-                          f"{FC} -e ''", "luajit -e ''"], self.fc_env, timeout=600)
+        cmds = [f"{FC} -e ''", "luajit -e ''"]
+        self.libs_note = None
+        try:
+            with open(os.path.join(ROOT, "build", "pkg.mk")) as f:
+                libs = re.search(r"PKG_LIBS := (.*)", f.read()).group(1).split()
+            src = os.path.join(self.tmp, "empty.c")
+            with open(src, "w") as f:
+                f.write("int main(void) { return 0; }\n")
+            made = []
+            for name, ls in (("empty-all-libs", libs), ("empty-no-curl", [x for x in libs if x != "-lcurl"])):
+                exe = os.path.join(self.tmp, name)
+                if run(["cc", "-O2", "-o", exe, src, "-Wl,--no-as-needed"] + ls + ["-lm"])[0] == 0:
+                    made.append(exe)
+            if len(made) == 2:
+                cmds += made
+                self.libs_note = (" ".join(libs), self.count_libs(made[0]), self.count_libs(made[1]))
+        except (OSError, AttributeError):
+            pass
+        st, _, err = run(["hyperfine", "-N", "--warmup", "20", "--runs", str(N_STARTUP), "--export-json", out]
+                         + cmds, self.fc_env, timeout=600)
         if st != 0:
             raise Fail("hyperfine failed: " + err.strip()[-200:])
         with open(out) as f:
             return json.load(f)["results"]
+
+    def count_libs(self, exe):
+        st, out, _ = run(["ldd", exe])
+        return sum(1 for line in out.splitlines() if "=>" in line or line.strip().startswith("/"))
 
     # ------------------------------------------------------------ the whole run
 
@@ -529,7 +584,9 @@ class Bench:
         self.restore = self.interleaved("restore", N_RESTORE)
         self.log(f"1. cold runs: {N_COLD} pairs, interleaved")
         self.cold = self.interleaved("cold", N_COLD)
-        self.log(f"2. start-up: hyperfine, {N_STARTUP} runs")
+        self.log(f"2. fireclaw's CPU per stage: {N_STAGECPU} restored and {N_STAGECPU} cold runs")
+        self.cpu_stages = {"restore": self.stage_cpu("restore", N_STAGECPU), "cold": self.stage_cpu("cold", N_STAGECPU)}
+        self.log(f"2. start-up: hyperfine, {N_STARTUP} runs each")
         self.start = self.startup()
         self.log(f"4. concurrency: {LEVELS} at once, {N_ROUNDS} rounds each")
         self.conc = self.concurrency()
@@ -634,6 +691,41 @@ class Bench:
         lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
         return "\n".join(lines)
 
+    def cpu_stage_table(self):
+        runs = self.cpu_stages
+        names = []
+        for mode in ("restore", "cold"):
+            for r in runs[mode]:
+                for st in r["stages"]:
+                    key = "VMM restore / boot" if st["name"].startswith("VMM") else st["name"]
+                    if key not in names:
+                        names.append(key)
+
+        def col(mode, fn):
+            xs = [x for x in (fn(r) for r in runs[mode]) if x is not None]
+            return summary(xs, 1, "")
+
+        def stage(key):
+            def fn(r):
+                xs = [st["cpu_ms"] for st in r["stages"]
+                      if st["name"] == key or (key == "VMM restore / boot" and st["name"].startswith("VMM"))]
+                return sum(xs) if xs else None
+            return fn
+
+        rows = [("process start-up (exec, dynamic libraries, Lua state; until the recipe starts)",
+                 lambda r: r["start"]),
+                ("before the first stage (Lua modules and recipes, stale VMs, image and snapshot checks, "
+                 "VMM detection with a `qemu -sandbox on -version` probe)", lambda r: r["before"])]
+        rows += [(f"stage: {k}", stage(k)) for k in names]
+        rows += [("after the last stage (JSON, exit)", lambda r: r["after"]),
+                 ("**total**", lambda r: r["start"] + r["before"] + r["after"] + sum(st["cpu_ms"] for st in r["stages"]))]
+        L = [f"fireclaw's own CPU time stage by stage: bench/stagecpu.lua runs the built-in `run` recipe with "
+             f"`getrusage(RUSAGE_SELF)` taken at each of its stages ({len(runs['restore'])} restored and "
+             f"{len(runs['cold'])} cold runs of `-- true`, apart from the runs above):", "",
+             "| part of the run | restored, CPU ms | cold, CPU ms |", "|---|---:|---:|"]
+        L += [f"| {name} | {col('restore', fn)} | {col('cold', fn)} |" for name, fn in rows]
+        return "\n".join(L)
+
     def write_report(self):
         v = self.versions()
         fc_r, bl_r = self.restore
@@ -658,7 +750,6 @@ class Bench:
         cpu_all = cpu["restore"] + cpu["cold"]
         hwm = [r["hwm"] / 1024 for r in fc_r + fc_c if r["ok"] and "hwm" in r]
         fcs = next(x for x in self.start if "fireclaw" in x["command"])
-        lj = next(x for x in self.start if x["command"].startswith("luajit"))
         st_med = fcs["median"] * 1000
         teardown = [ms for r in fc_r + fc_c if r["ok"] for name, ms in r["stages"] if name == "teardown"]
         conc_fails = sum(len(x["fails"]) for x in self.conc.values())
@@ -756,13 +847,24 @@ class Bench:
               f"{summary([r['cpu_user'] for r in ok], 1, '')} | {summary([r['cpu_sys'] for r in ok], 1, '')} | "
               f"{summary([r['hwm'] / 1024 for r in ok], 1, '')} |")
         w("")
-        w(f"Start-up, `hyperfine -N --warmup 20 --runs {N_STARTUP}`:")
+        w(self.cpu_stage_table())
+        w("")
+        w(f"Start-up, `hyperfine -N --warmup 20 --runs {N_STARTUP}` (the empty C programs, for scale, are "
+          "`int main(void) { return 0; }` linked with fireclaw's libraries, with and without `-lcurl`):")
         w("")
         w("| command | wall, ms | user, ms (mean) | sys, ms (mean) |")
         w("|---|---:|---:|---:|")
-        for x in (fcs, lj):
-            name = "fireclaw -e ''" if x is fcs else "luajit -e '' (for scale: the interpreter alone)"
-            w(f"| `{name}` | {summary([t * 1000 for t in x['times']], 1, '')} | {x['user'] * 1000:.1f} | "
+        for x in self.start:
+            c = x["command"]
+            if "fireclaw" in c:
+                name = "`fireclaw -e ''`"
+            elif c.startswith("luajit"):
+                name = "`luajit -e ''` (the interpreter alone)"
+            elif c.endswith("empty-all-libs"):
+                name = f"empty C program + fireclaw's libraries (`{self.libs_note[0]}`: {self.libs_note[1]} shared objects)"
+            else:
+                name = f"the same without `-lcurl` ({self.libs_note[2]} shared objects)"
+            w(f"| {name} | {summary([t * 1000 for t in x['times']], 1, '')} | {x['user'] * 1000:.1f} | "
               f"{x['system'] * 1000:.1f} |")
         w("")
         w("## 3. Where the time goes, stage by stage")
@@ -812,6 +914,11 @@ class Bench:
         w("- Wall times are taken by the driver around each process (fork to exit), the same way for fireclaw and "
           "the baseline; fireclaw runs with `-v --json` (for its stage times) and the preloaded rusage helper "
           "(one more tiny shared library to load).")
+        w("- fireclaw runs from a neutral working directory (the bench's temporary one), so it uses its embedded "
+          "recipes as a user's run does (in the repository, ./recipes would override them, read from disk).")
+        w("- The image, keys and snapshot are hard-linked into a state directory of the bench's own "
+          "(FIRECLAW_STATE) after they are checked (or made) in the shared one, so that nothing else running on "
+          "the machine can rebuild or replace them halfway through.")
         w("- Failures are counted, not timed: a fireclaw run fails if its exit status or its command's is not 0, "
           "or if it did not boot the way asked (a restore must say `\"boot\": \"snapshot\"`).")
         w("- fireclaw's `SSH ready` is its libssh2 connect (TCP, handshake, auth, pinned host key); its `command` "

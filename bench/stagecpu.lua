@@ -1,0 +1,57 @@
+-- Benchmark helper: `fireclaw run` with fireclaw's own CPU time taken at every stage
+--
+--   FCB_STAGECPU_OUT=FILE fireclaw bench/stagecpu.lua [run options] -- CMD [ARGS…]
+-- runs the built-in `run` recipe unchanged, but wraps fireclaw.log's stage timer so that each
+-- stage also records getrusage(RUSAGE_SELF) (this process only: the VMM and helpers are
+-- children, not counted). Appends one JSON line to FILE:
+--   {"start": cpu_ms at script start (process start-up), "stages": [{name, cpu_ms, ms}…],
+--    "before": cpu_ms from script start to the first stage's start, "after": cpu_ms from the
+--    last stage to the end of the recipe}
+local ffi = require "ffi"
+local json = require "fireclaw.json"
+local log = require "fireclaw.log"
+local runtime = require "fireclaw.runtime"
+
+ffi.cdef [[
+struct fcb_timeval { long tv_sec; long tv_usec; };
+struct fcb_rusage { struct fcb_timeval ru_utime; struct fcb_timeval ru_stime; long rest[14]; };
+int getrusage(int who, struct fcb_rusage *usage);
+]]
+
+local ru = ffi.new("struct fcb_rusage")
+local function cpu_ms()
+	ffi.C.getrusage(0, ru) -- RUSAGE_SELF
+	return (tonumber(ru.ru_utime.tv_sec) + tonumber(ru.ru_stime.tv_sec)) * 1e3
+		+ (tonumber(ru.ru_utime.tv_usec) + tonumber(ru.ru_stime.tv_usec)) / 1e3
+end
+
+local t_start = cpu_ms()
+local first, last
+local stages = {}
+local orig = log.timer
+log.timer = function(...)
+	local t = orig(...)
+	first = first or cpu_ms()
+	last = first
+	local stage = t.stage
+	function t:stage(name, ...)
+		local ms = stage(self, name, ...)
+		local now = cpu_ms()
+		stages[#stages + 1] = { name = name, cpu_ms = now - last, ms = ms }
+		last = now
+		return ms
+	end
+	return t
+end
+
+local chunk = runtime.load_recipe("run")
+local status = chunk(...)
+local t_end = cpu_ms()
+local out = os.getenv("FCB_STAGECPU_OUT")
+if out then
+	local f = assert(io.open(out, "a"))
+	f:write(json.encode { start = t_start, before = (first or t_end) - t_start, stages = stages,
+		after = t_end - (last or t_end) }, "\n")
+	f:close()
+end
+return status
