@@ -9,7 +9,8 @@
  * Objects become tables, arrays become sequences marked as arrays (so `[]` survives a
  * round trip); an unmarked empty table encodes as {}. Object keys are written sorted, so
  * output is stable. Integers up to 2^53 stay integers; strings are bytes (UTF-8 passes
- * through untouched, NUL bytes included).
+ * through untouched, NUL bytes included). Object keys are C strings in json-c: a key with
+ * \u0000 is cut there. NaN, Infinity and numbers beyond a double's range are refused.
  */
 #include "fc.h"
 
@@ -230,9 +231,15 @@ static void push_value(lua_State *L, json_object *o, int depth)
 	case json_type_int:
 		lua_pushnumber(L, (lua_Number)json_object_get_int64(o));
 		break;
-	case json_type_double:
-		lua_pushnumber(L, json_object_get_double(o));
+	case json_type_double: {
+		/* json-c also reads NaN, Infinity and 1e400 (as inf): not JSON, and encode
+		 * refuses them, so decode does too */
+		double d = json_object_get_double(o);
+		if (!isfinite(d))
+			fc_error(L, "json: not a finite number: %s", json_object_get_string(o));
+		lua_pushnumber(L, d);
 		break;
+	}
 	case json_type_string:
 		lua_pushlstring(L, json_object_get_string(o), (size_t)json_object_get_string_len(o));
 		break;
