@@ -40,6 +40,9 @@
 #define QMP_MT "fireclaw.vm.qmp"
 #define MAX_SOCKS 4
 #define MAX_LOG_FILES 8
+/* Bounds on what a VMM may make fireclaw hold: an API response body, a QMP line. Real
+ * ones are a few KiB; a VMM that sends more is broken (or not the VMM). */
+#define MAX_MESSAGE (16u << 20)
 
 /* ---- a growable byte buffer ---- */
 
@@ -116,6 +119,7 @@ struct api {
 	int attached;	 /* easy is in multi (a request is in flight or was interrupted) */
 	struct buf resp; /* body of the current response */
 	int resp_oom;	 /* the write callback ran out of memory */
+	int resp_big;	 /* the body was larger than MAX_MESSAGE */
 	char errbuf[CURL_ERROR_SIZE];
 	/* the sockets libcurl asked us to watch, and its timer */
 	struct {
@@ -129,6 +133,10 @@ struct api {
 static size_t on_body(char *p, size_t size, size_t n, void *userp)
 {
 	struct api *a = userp;
+	if (a->resp.len + size * n > MAX_MESSAGE) {
+		a->resp_big = 1;
+		return 0; /* CURLE_WRITE_ERROR, as below */
+	}
 	if (buf_add(&a->resp, p, size * n) < 0) {
 		a->resp_oom = 1;
 		return 0; /* makes libcurl fail the transfer with CURLE_WRITE_ERROR */
@@ -231,6 +239,7 @@ static CURLcode api_perform(lua_State *L, struct api *a)
 	a->errbuf[0] = '\0';
 	a->resp.len = 0;
 	a->resp_oom = 0;
+	a->resp_big = 0;
 	if (curl_multi_add_handle(a->multi, a->easy) != CURLM_OK)
 		return CURLE_FAILED_INIT;
 	a->attached = 1;
@@ -275,18 +284,38 @@ static CURLcode api_perform(lua_State *L, struct api *a)
 	return rc;
 }
 
-/* Raise "<name>: PUT /x: 400 <fault_message>" (the raw body when it is not Firecracker's
- * {"fault_message": …}). */
-static void raise_http_error(lua_State *L, struct api *a, const char *method, const char *path,
-			     long status)
+/* What a finished exchange means, from its status and body alone (no I/O: fuzz/fc_api.c
+ * calls it with arbitrary bytes). 2xx: pushes the decoded body, or true for 204 or an
+ * empty body, and returns 1. Else pushes the message to raise and returns 0:
+ * "<name>: PUT /x: 400 <fault_message>" (the raw body when it is not Firecracker's
+ * {"fault_message": …}), or "…: bad JSON in the response (…)" for a 2xx. */
+int fc_api_result(lua_State *L, const char *name, const char *method, const char *path, long status,
+		  const char *body, size_t len)
 {
-	const char *msg = a->resp.len ? a->resp.data : "(empty body)";
-	if (a->resp.len && json_decode(L, a->resp.data, a->resp.len) && lua_istable(L, -1)) {
+	int top = lua_gettop(L);
+	if (status >= 200 && status <= 299) {
+		if (status == 204 || len == 0) {
+			lua_pushboolean(L, 1);
+			return 1;
+		}
+		if (json_decode(L, body, len))
+			return 1;
+		lua_pushfstring(L, "%s: %s %s: bad JSON in the response (%s)", name, method, path,
+				lua_tostring(L, -1));
+		lua_replace(L, top + 1);
+		return 0;
+	}
+	lua_pushlstring(L, body, len); /* the raw body, NUL bytes and all */
+	const char *msg = len ? lua_tostring(L, -1) : "(empty body)";
+	if (len && json_decode(L, body, len) && lua_istable(L, -1)) {
 		lua_getfield(L, -1, "fault_message");
 		if (lua_isstring(L, -1))
 			msg = lua_tostring(L, -1);
 	}
-	fc_error(L, "%s: %s %s: %d %s", a->name, method, path, (int)status, msg);
+	lua_pushfstring(L, "%s: %s %s: %d %s", name, method, path, (int)status, msg);
+	lua_replace(L, top + 1);
+	lua_settop(L, top + 1);
+	return 0;
 }
 
 static void raise_transport_error(lua_State *L, struct api *a, const char *method, const char *path,
@@ -295,6 +324,8 @@ static void raise_transport_error(lua_State *L, struct api *a, const char *metho
 	const char *why = a->errbuf[0] ? a->errbuf : curl_easy_strerror(rc);
 	if (a->resp_oom)
 		why = "out of memory reading the response";
+	if (a->resp_big)
+		why = "the response body is larger than 16 MiB";
 	if (rc == CURLE_COULDNT_CONNECT)
 		fc_error(L, "%s: %s %s: cannot connect to the API socket %s (is the VMM running?)",
 			 a->name, method, path, a->socket_path);
@@ -336,15 +367,9 @@ static int api_request(lua_State *L, const char *method, int has_body)
 		raise_transport_error(L, a, method, path, rc);
 	long status = 0;
 	curl_easy_getinfo(a->easy, CURLINFO_RESPONSE_CODE, &status);
-	if (status < 200 || status > 299)
-		raise_http_error(L, a, method, path, status);
-	if (status == 204 || a->resp.len == 0) {
-		lua_pushboolean(L, 1);
-		return 1;
-	}
-	if (!json_decode(L, a->resp.data, a->resp.len))
-		fc_error(L, "%s: %s %s: bad JSON in the response (%s)", a->name, method, path,
-			 lua_tostring(L, -1));
+	if (!fc_api_result(L, a->name, method, path, status, a->resp.data ? a->resp.data : "",
+			   a->resp.len))
+		lua_error(L);
 	return 1;
 }
 
@@ -643,6 +668,9 @@ static int qmp_next(lua_State *L, struct qmp *q, double deadline)
 				fc_error(L, "qmp: bad JSON from QEMU (%s)", lua_tostring(L, -1));
 			return 1;
 		}
+		if (q->in.len > MAX_MESSAGE)
+			fc_error(L, "qmp: a message from QEMU is longer than %d bytes",
+				 (int)MAX_MESSAGE);
 		int left = deadline == 0 ? 0 : fc_ms_left(deadline);
 		if (!qmp_fill(L, q, left) && left == 0)
 			return 0;
@@ -688,6 +716,8 @@ static void qmp_send(lua_State *L, struct qmp *q, const char *s, size_t len, dou
 static void raise_qmp_error(lua_State *L, const char *cmd)
 {
 	lua_getfield(L, -1, "error");
+	if (!lua_istable(L, -1)) /* {"error": true}: not QMP's shape, say what little we can */
+		lua_newtable(L);
 	lua_getfield(L, -1, "class");
 	lua_getfield(L, -2, "desc");
 	fc_error(L, "qmp: %s: %s: %s", cmd, lua_isstring(L, -2) ? lua_tostring(L, -2) : "Error",
