@@ -258,6 +258,7 @@ class Bench:
     # ------------------------------------------------------------ setup
 
     def setup(self):
+        global FC
         if os.geteuid() != 0:
             raise Fail("needs root (network namespaces, taps)")
         for tool in ("qemu-system-x86_64", "socat", "hyperfine", "ssh", "ip", "cc"):
@@ -265,6 +266,16 @@ class Bench:
                 raise Fail(f"{tool} not found (tools/deps.sh installs it)")
         if not os.access(FC, os.X_OK):
             raise Fail(f"{FC} is not built (run make)")
+        # a private copy: every run uses the same binary, even if someone rebuilds ./fireclaw
+        copy = os.path.join(self.tmp, "fireclaw")
+        for attempt in range(10):  # a build may be relinking it right now
+            shutil.copy2(FC, copy)
+            if run([copy, "--version"])[0] == 0:
+                break
+            time.sleep(2)
+        else:
+            raise Fail(f"{FC} does not run (a build in progress? run make)")
+        FC = copy
         self.rusage_so = os.path.join(self.tmp, "rusage.so")
         st, _, err = run(["cc", "-shared", "-fPIC", "-O2", "-o", self.rusage_so,
                           os.path.join(ROOT, "bench", "rusage.c")])
@@ -948,6 +959,11 @@ def main():
     except Interrupted as e:
         sys.stderr.write(f"bench: interrupted ({e}); cleaning up\n")
         return 130
+    except Exception as e:  # one line, not a traceback (BENCH_DEBUG=1 for that)
+        if os.environ.get("BENCH_DEBUG"):
+            raise
+        sys.stderr.write(f"bench: failed: {type(e).__name__}: {e}\n")
+        return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
