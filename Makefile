@@ -5,6 +5,7 @@
 #   make deps            install every Debian package the project needs
 #   make install PREFIX=/usr/local
 #   make bench           benchmark, writes BENCHMARKS.md
+#   make fuzz            libFuzzer targets (clang) in build/fuzz/, see fuzz/fuzz.mk
 #   make format          clang-format core/ and tests/unit/
 
 PREFIX ?= /usr/local
@@ -85,6 +86,10 @@ deps:
 bench: fireclaw
 	bench/run.sh
 
+# libFuzzer targets (clang + ASan/UBSan) in build/fuzz/; tests/fuzz.sh runs them
+fuzz: build/pkg.mk build/embed.c build/modules.c
+	$(MAKE) -f fuzz/fuzz.mk
+
 install: fireclaw
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1
 	install -m 755 fireclaw $(DESTDIR)$(PREFIX)/bin/fireclaw
@@ -96,4 +101,4 @@ format:
 clean:
 	rm -rf build fireclaw
 
-.PHONY: all test deps install format clean bench FORCE
+.PHONY: all test deps install format clean bench fuzz FORCE
