@@ -16,6 +16,7 @@
 #   FCB_MEM FCB_VCPU                   memory (MiB) and vCPUs
 #   FCB_KEY FCB_KNOWN_HOSTS            client key; known_hosts pinning the image's host key
 #   FCB_STAGES   optional: append "stage epoch-seconds" lines there (free: bash's EPOCHREALTIME)
+#   FCB_PROBE=0  no TCP probe before ssh (default 1)
 #   FCB_DRY=1    print the QEMU command line (one word a line) and exit, touching nothing
 # The VM lives in its own network namespace fcb-ID (tap0 172.16.0.1/30, fixed MACs); nothing
 # is added to the host's namespace. Exit status: 0 when the command ran and returned 0.
@@ -147,7 +148,7 @@ fi
 
 # -- SSH: a fast TCP probe loop first (ssh's ConnectTimeout is coarse), then the command
 ip netns exec "$ns" bash -c '
-	for ((i = 0; i < 3000; i++)); do
+	for ((i = 0; i < 3000 && ${FCB_PROBE:-1}; i++)); do
 		socat -u OPEN:/dev/null "TCP:$1:22,connect-timeout=0.05" 2>/dev/null && break
 		sleep 0.01
 	done
