@@ -1,7 +1,7 @@
 /* ssh.c - fireclaw.ssh on libssh2: reach a guest's sshd, run commands, copy files.
  *
  *   ssh.connect{host=, port=22, netns=, user="root", key=PATH, host_key=LINE | host_key_file=PATH,
- *               insecure_ignore_host_key=false, timeout=10} -> session
+ *               insecure_ignore_host_key=false, timeout=10, watch_fd=, watch_msg=} -> session
  *   session:exec(argv | cmdline [, opts]) -> {status=, signal=, stdout=, stderr=, timed_out=,
  *                                            duration_ms=, stdout_truncated=, stderr_truncated=}
  *       opts: stdin (string or fd), on_stdout/on_stderr (fn(data)), capture, max_capture,
@@ -20,6 +20,11 @@
  * through fc_poll, so Ctrl-C interrupts any operation and a deadline bounds it. A
  * libssh2 call that would block returns LIBSSH2_ERROR_EAGAIN and must be called again with
  * the same arguments once the socket is ready; the loops below do exactly that.
+ *
+ * watch_fd (e.g. the VMM's pidfd; the session keeps a duplicate) becoming readable means the
+ * peer is gone for good: a VM whose VMM exited never closes its TCP connections, so without
+ * it an exec would wait forever. Every wait of the session then fails at once with
+ * watch_msg ("the VM is gone"), and the transport is cut so cleanup does not wait either.
  *
  * An exec, put or get runs its body under lua_pcall: whatever raises inside (an interrupt,
  * a callback's error, a protocol error), the channel / SFTP handles are released afterwards
@@ -67,8 +72,10 @@
 struct session {
 	LIBSSH2_SESSION *s;
 	int fd;
-	int busy;   /* an exec/put/get is driving the session (its callbacks may run Lua) */
-	int broken; /* the transport was cut because a cleanup could not finish */
+	int busy;     /* an exec/put/get is driving the session (its callbacks may run Lua) */
+	int broken;   /* the transport was cut because a cleanup could not finish */
+	int watch_fd; /* readable once the peer is gone (see watch_fd above), or -1 */
+	char watch_msg[160];
 	char user[64];
 	char where[192]; /* "172.16.0.2:22 in fc-1a2b", the object every message names */
 };
@@ -100,15 +107,40 @@ static short socket_events(struct session *S)
 	return ev ? ev : POLLIN;
 }
 
+static void break_transport(struct session *S);
+
+/* Add the watched fd to a poll set of n entries (room for one more); returns the new n. */
+static nfds_t add_watch(struct session *S, struct pollfd *p, nfds_t n)
+{
+	if (S->watch_fd >= 0)
+		p[n++] = (struct pollfd){.fd = S->watch_fd, .events = POLLIN};
+	return n;
+}
+
+/* After a poll over p[0..n): raise if the watched fd fired and the socket has nothing
+ * left to read (what the peer sent before it went still counts). */
+static void check_watch(lua_State *L, struct session *S, const struct pollfd *p, nfds_t n)
+{
+	if (S->watch_fd < 0 || n == 0 || p[n - 1].fd != S->watch_fd || !p[n - 1].revents)
+		return;
+	if (p[0].fd == S->fd && (p[0].revents & POLLIN))
+		return;
+	break_transport(S);
+	fc_error(L, "ssh: %s: %s", S->where, S->watch_msg);
+}
+
 /* Wait (interruptibly) until libssh2 can make progress or the deadline (monotonic ms, <0:
  * none) passes. Returns 0 on deadline. */
 static int wait_socket(lua_State *L, struct session *S, double deadline)
 {
-	struct pollfd p = {.fd = S->fd, .events = socket_events(S)};
+	struct pollfd p[2] = {{.fd = S->fd, .events = socket_events(S)}};
+	nfds_t n = add_watch(S, p, 1);
 	int left = fc_ms_left(deadline);
 	if (left == 0)
 		return 0;
-	return fc_poll(L, &p, 1, left) > 0 || fc_ms_left(deadline) != 0;
+	int r = fc_poll(L, p, n, left);
+	check_watch(L, S, p, n);
+	return r > 0 || fc_ms_left(deadline) != 0;
 }
 
 /* The same for cleanup paths: plain poll(), never raises (an error is already on its way;
@@ -433,6 +465,9 @@ static int l_close(lua_State *L)
 		(void)rc; /* a peer that is gone already is fine */
 	}
 	drop_transport(S);
+	if (S->watch_fd >= 0)
+		close(S->watch_fd);
+	S->watch_fd = -1;
 	return 0;
 }
 
@@ -464,6 +499,8 @@ static int l_tostring(lua_State *L)
 struct connect_opts {
 	const char *netns, *host, *user, *key;
 	int port, insecure;
+	int watch_fd;
+	const char *watch_msg;
 	double timeout_s;
 	struct hostkey want;
 	int have_want;
@@ -493,6 +530,8 @@ static void read_connect_opts(lua_State *L, struct connect_opts *o)
 	o->port = (int)fc_opt_number(L, 1, "port", 22);
 	o->timeout_s = fc_opt_number(L, 1, "timeout", DEFAULT_TIMEOUT_S);
 	o->insecure = fc_opt_bool(L, 1, "insecure_ignore_host_key", 0);
+	o->watch_fd = (int)fc_opt_number(L, 1, "watch_fd", -1);
+	o->watch_msg = fc_opt_string(L, 1, "watch_msg", "the peer is gone (watch_fd fired)");
 	if (!o->host)
 		fc_error(L, "ssh.connect: option 'host' is required");
 	if (!o->key)
@@ -529,11 +568,14 @@ static int handshake_retryable(int rc)
 	       rc == LIBSSH2_ERROR_SOCKET_SEND || rc == LIBSSH2_ERROR_SOCKET_NONE;
 }
 
-/* Sleep between attempts (interruptible, never past the deadline). */
-static void backoff(lua_State *L, int *ms, double deadline)
+/* Sleep between attempts (interruptible, never past the deadline, ended by the watch). */
+static void backoff(lua_State *L, struct session *S, int *ms, double deadline)
 {
+	struct pollfd p[1];
+	nfds_t n = add_watch(S, p, 0);
 	int left = fc_ms_left(deadline);
-	fc_poll(L, NULL, 0, left >= 0 && left < *ms ? left : *ms);
+	fc_poll(L, p, n, left >= 0 && left < *ms ? left : *ms);
+	check_watch(L, S, p, n);
 	*ms = *ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : *ms * 2;
 }
 
@@ -602,7 +644,7 @@ static void open_transport(lua_State *L, struct session *S, const struct connect
 			attempt_ms *= 2;
 		if (a.ssh_rc && a.ssh_rc != LIBSSH2_ERROR_TIMEOUT && !handshake_retryable(a.ssh_rc))
 			fc_error(L, "ssh: %s: %s", S->where, a.last);
-		backoff(L, &pause_ms, deadline);
+		backoff(L, S, &pause_ms, deadline);
 	}
 }
 
@@ -632,12 +674,19 @@ static int l_connect(lua_State *L)
 	read_connect_opts(L, &o);
 	struct session *S = fc_new(L, sizeof *S, SESSION_MT);
 	S->fd = -1;
+	S->watch_fd = -1;
 	snprintf(S->user, sizeof S->user, "%s", o.user);
 	if (o.netns && *o.netns)
 		snprintf(S->where, sizeof S->where, "%s:%d in %s", o.host, o.port, o.netns);
 	else
 		snprintf(S->where, sizeof S->where, "%s:%d", o.host, o.port);
 	/* from here on the userdata owns socket and session: an error frees them via __gc */
+	if (o.watch_fd >= 0) {
+		S->watch_fd = fcntl(o.watch_fd, F_DUPFD_CLOEXEC, 0);
+		if (S->watch_fd < 0)
+			fc_errno_error(L, errno, "ssh.connect: watch_fd %d", o.watch_fd);
+		snprintf(S->watch_msg, sizeof S->watch_msg, "%s", o.watch_msg);
+	}
 	double deadline = deadline_in(o.timeout_s);
 	open_transport(L, S, &o);
 	if (o.have_want)
@@ -716,6 +765,11 @@ static void deliver(lua_State *L, struct stream *st, const char *data, size_t n)
 
 static void exec_fail(lua_State *L, struct exec *x, const char *what)
 {
+	int rc = libssh2_session_last_errno(x->S->s);
+	if (rc == LIBSSH2_ERROR_SOCKET_RECV || rc == LIBSSH2_ERROR_SOCKET_SEND ||
+	    rc == LIBSSH2_ERROR_SOCKET_DISCONNECT)
+		fc_error(L, "ssh: %s: exec: the connection to the SSH server was lost (%s: %s)",
+			 x->S->where, what, session_errmsg(x->S));
 	fc_error(L, "ssh: %s: exec: %s: %s", x->S->where, what, session_errmsg(x->S));
 }
 
@@ -820,16 +874,19 @@ static int pump(lua_State *L, struct exec *x)
 /* Wait for the socket (and the stdin fd when its buffer is empty). 0 on deadline. */
 static int wait_exec(lua_State *L, struct exec *x)
 {
-	struct pollfd p[2] = {{.fd = x->S->fd, .events = POLLIN | socket_events(x->S)}};
-	int n = 1;
-	if (x->infd >= 0 && !x->in_eof && !x->eof_sent && x->inoff >= x->inlen)
+	struct pollfd p[3] = {{.fd = x->S->fd, .events = POLLIN | socket_events(x->S)}};
+	nfds_t n = 1;
+	int in = x->infd >= 0 && !x->in_eof && !x->eof_sent && x->inoff >= x->inlen;
+	if (in)
 		p[n++] = (struct pollfd){.fd = x->infd, .events = POLLIN};
+	n = add_watch(x->S, p, n);
 	int left = fc_ms_left(x->deadline);
 	if (left == 0)
 		return 0;
-	int r = fc_poll(L, p, (nfds_t)n, left);
-	if (n == 2 && p[1].revents)
+	int r = fc_poll(L, p, n, left);
+	if (in && p[1].revents)
 		x->in_ready = 1;
+	check_watch(L, x->S, p, n);
 	return r > 0 || fc_ms_left(x->deadline) != 0;
 }
 
