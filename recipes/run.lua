@@ -5,6 +5,7 @@
 -- over SSH with its output streamed, exits with its status (128+N if killed by signal N,
 -- 124 on --timeout) and destroys the VM whatever happens.
 local cli = require "fireclaw.cli"
+local fault = require "fireclaw.fault"
 local ffi = require "ffi"
 local fs = require "fireclaw.fs"
 local image = require "fireclaw.image"
@@ -12,7 +13,6 @@ local json = require "fireclaw.json"
 local log = require "fireclaw.log"
 local runtime = require "fireclaw.runtime"
 local sandbox = require "fireclaw.sandbox"
-local state = require "fireclaw.state"
 
 local coldboot = cli.use "coldboot"
 local restore = cli.use "restore"
@@ -104,10 +104,11 @@ local function run_command(sb, o, cmd)
 	if o.json then
 		opts.max_capture = o.max_output
 	else
-		opts.on_stdout = function(d) io.stdout:write(d) io.stdout:flush() end
+		opts.on_stdout = function(d) fault.point("exec-output") io.stdout:write(d) io.stdout:flush() end
 		opts.on_stderr = function(d) io.stderr:write(d) io.stderr:flush() end
 	end
 	local r = sb:exec(line, opts)
+	fault.point("command-done")
 	sb.timer:stage("command")
 	for _, g in ipairs(o.gets) do sb:get(g[1], g[2]) end
 	return r
@@ -116,7 +117,6 @@ end
 local function main(args)
 	local o, cmd = cli.parse(args, SPEC)
 	check_options(o, cmd)
-	state.reap_stale()
 	if not image.exists(o.image) then
 		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end
 		log.note("no default image yet: building it (once)")

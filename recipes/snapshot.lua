@@ -6,13 +6,13 @@
 -- device state + memory + the disk as of that moment + meta.json, destroy the VM.
 local cli = require "fireclaw.cli"
 local config = require "fireclaw.config"
+local fault = require "fireclaw.fault"
 local image = require "fireclaw.image"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
 local rootfs = require "fireclaw.rootfs"
 local sandbox = require "fireclaw.sandbox"
 local snapshot = require "fireclaw.snapshot"
-local state = require "fireclaw.state"
 
 local coldboot = cli.use "coldboot"
 
@@ -26,6 +26,7 @@ function M.take(sb, name)
 		if sb.session then sb.session:close() end
 		local info = sb.vm:snapshot(tmp)           -- pause; device state + memory
 		sb.timer:stage("snapshot (" .. info.vmm .. ")")
+		fault.point("snapshot-saved")
 		rootfs.copy(sb.disk_path, tmp .. "/disk.ext4") -- the disk exactly as the memory knows it
 		sb.timer:stage("disk saved")
 		local n = config.net
@@ -65,7 +66,6 @@ local function cmd_create(args)
 		{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
 		{ "-v, --verbose", "progress lines" },
 	})
-	state.reap_stale()
 	snapshot.clean_temp()
 	local t0 = require("fireclaw.runtime").now()
 	local meta = M.create { image = o.image, name = o.name, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm }

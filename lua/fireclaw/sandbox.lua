@@ -12,22 +12,32 @@
 --
 -- The record (fireclaw.state) is written before anything else exists, so a fireclaw that
 -- dies at any point is cleaned up by `fireclaw cleanup`. sb.timer has the stage times.
+-- fault.point(NAME) marks where tests stop a run (FIRECLAW_FAULT, see fireclaw.fault).
 local config = require "fireclaw.config"
+local fault = require "fireclaw.fault"
 local image = require "fireclaw.image"
 local log = require "fireclaw.log"
 local net = require "fireclaw.net"
 local rootfs = require "fireclaw.rootfs"
 local ssh = require "fireclaw.ssh"
 local state = require "fireclaw.state"
+local util = require "fireclaw.vmm.util"
 local vm = require "fireclaw.vm"
 
 local M = {}
 local Sandbox = {}
 Sandbox.__index = Sandbox
 
+-- The VMM goes into the record the moment it exists (a kept VM has no PR_SET_PDEATHSIG).
+local function record_vmm(self)
+	state.update(self.rec, { vmm = { pid = self.vm.pid, start = self.vm.starttime, name = self.vm.vmm } })
+	fault.point("vmm-recorded")
+end
+
 function M.new(opts)
 	opts = opts or {}
 	local img = image.load(opts.image or config.image)
+	state.reap_stale() -- what a killed fireclaw left behind (one listdir when there is none)
 	local rec = state.create { image = img.name, keep = opts.keep }
 	local self = setmetatable({
 		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
@@ -35,8 +45,10 @@ function M.new(opts)
 		keep = opts.keep, timer = log.timer("VM " .. rec.id),
 	}, Sandbox)
 	local ok, err = pcall(function()
+		fault.point("record")
 		self.vm = vm.new { id = self.id, dir = self.dir, vmm = opts.vmm, accel = opts.accel,
-			netns = self.netns, tap = config.net.tap, mac = config.net.guest_mac, keep = opts.keep }
+			netns = self.netns, tap = config.net.tap, mac = config.net.guest_mac, keep = opts.keep,
+			on_spawn = function() record_vmm(self) end }
 	end)
 	if not ok then
 		self:destroy()
@@ -49,14 +61,17 @@ end
 function Sandbox:network()
 	local n = config.net
 	net.netns_create(self.netns)
+	fault.point("netns")
 	net.tap_create(self.netns, { name = n.tap, addr = n.host_ip .. "/" .. n.prefix, mac = n.tap_mac,
 		guest_ip = n.guest_ip, guest_mac = n.guest_mac })
+	fault.point("tap")
 	self.timer:stage("network")
 end
 
 function Sandbox:disk(src)
 	self.disk_path = self.dir .. "/disk.ext4"
 	self.disk_method = rootfs.copy(src, self.disk_path)
+	fault.point("disk")
 	self.timer:stage("disk copy (" .. self.disk_method .. ")")
 end
 
@@ -71,14 +86,9 @@ function Sandbox:boot_spec()
 	}
 end
 
-local function record_vmm(self)
-	state.update(self.rec, { vmm = { pid = self.vm.pid, start = self.vm.starttime, name = self.vm.vmm } })
-end
-
 function Sandbox:boot()
 	self.how = "cold"
 	self.vm:boot(self:boot_spec())
-	record_vmm(self)
 	self.timer:stage("VMM boot (" .. self.vm.vmm .. ")")
 end
 
@@ -92,15 +102,30 @@ function Sandbox:restore(snap)
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
 	self.vm:restore(snap.dir, spec)
-	record_vmm(self)
 	self.timer:stage("VMM restore (" .. self.vm.vmm .. ")")
 end
 
+-- err, or when the VMM has exited, one line saying how (and what the guest said last).
+local function vmm_gone(self, err, when, console)
+	local st = self.vm and self.vm.proc and self.vm.proc:wait(0)
+	if not st then return err end
+	local last = {}
+	for line in vm.log_tail(self.vm.console_path, 3):gmatch("[^\r\n]+") do last[#last + 1] = line end
+	return string.format("VM %s: %s %s %s%s", self.id, self.vm.vmm, util.describe_exit(st), when,
+		console and #last > 0 and ("; its console ends with: " .. table.concat(last, " | ")) or "")
+end
+
+-- Every wait on the guest also watches the VMM: a VM whose VMM died never answers again.
 function Sandbox:connect(timeout)
-	self.session = ssh.connect {
+	local ok, session = pcall(ssh.connect, {
 		netns = self.netns, host = config.net.guest_ip, port = 22, user = "root",
 		key = self.img.client_key, host_key = self.img.host_key, timeout = timeout or 60,
-	}
+		watch_fd = self.vm.proc and self.vm.proc:pidfd(),
+		watch_msg = string.format("the VM is gone (%s, pid %s, exited)", self.vm.vmm, tostring(self.vm.pid)),
+	})
+	if not ok then error(vmm_gone(self, session, "before its SSH server answered", true), 0) end
+	self.session = session
+	fault.point("ssh-ready")
 	self.timer:stage("SSH ready")
 	return self.session
 end
@@ -108,7 +133,10 @@ end
 -- Run a command in the guest (argv table or shell string); see fireclaw.ssh for opts.
 function Sandbox:exec(cmd, opts)
 	if not self.session then self:connect() end
-	return self.session:exec(cmd, opts)
+	fault.point("exec")
+	local ok, r = pcall(self.session.exec, self.session, cmd, opts)
+	if not ok then error(vmm_gone(self, r, "during the command"), 0) end
+	return r
 end
 
 -- Set the guest clock to the host's (a restored guest wakes up at snapshot time).
@@ -138,7 +166,9 @@ function Sandbox:destroy()
 	if self.destroyed then return end
 	self.destroyed = true
 	if self.session then pcall(self.session.close, self.session) end
+	fault.point("teardown-session")
 	if self.vm then pcall(self.vm.destroy, self.vm) end
+	fault.point("teardown-vmm")
 	local ok, err = pcall(state.reap, self.rec)
 	if not ok then log.note("VM %s: cleanup incomplete (%s); run: fireclaw cleanup", self.id, tostring(err)) end
 	self.timer:stage("teardown")

@@ -9,6 +9,7 @@
 -- it was not started with --keep. Reaping kills the VMM only if its pid still has the
 -- recorded start time, deletes the namespace, and removes the directory.
 local config = require "fireclaw.config"
+local fault = require "fireclaw.fault"
 local fs = require "fireclaw.fs"
 local json = require "fireclaw.json"
 local proc = require "fireclaw.proc"
@@ -52,7 +53,12 @@ function M.create(fields)
 		owner = { pid = me, start = proc.starttime(me) },
 		created = os.time(), image = fields.image, keep = fields.keep or false,
 	}
-	save(rec)
+	ok, err = pcall(save, rec)
+	if not ok then
+		pcall(fs.rm_rf, dir) -- no directory without a record (a full disk, say)
+		error(string.format("state: cannot write the VM record (%s); is %s full? (FIRECLAW_RUN changes it)",
+			tostring(err):gsub("^fs: ", ""), config.run_dir), 0)
+	end
 	return rec
 end
 
@@ -110,11 +116,13 @@ function M.reap(rec)
 	if rec.vmm and rec.vmm.pid and proc.kill(rec.vmm.pid, rec.vmm.start or 0, 9, 2) then
 		done[#done + 1] = "killed VMM " .. rec.vmm.pid
 	end
+	fault.point("reap-vmm")
 	local net = require "fireclaw.net"
 	if rec.netns and net.netns_exists(rec.netns) then
 		net.netns_delete(rec.netns)
 		done[#done + 1] = "deleted namespace " .. rec.netns
 	end
+	fault.point("reap-netns")
 	if rec.dir and fs.exists(rec.dir) then
 		fs.rm_rf(rec.dir)
 		done[#done + 1] = "removed " .. rec.dir

@@ -5,7 +5,8 @@
 --                     vmm = "auto" | "firecracker" | "qemu", accel = "auto" | "kvm" | "tcg",
 --                     netns = "fc-1a2b3c", tap = "tap0", mac = "06:00:ac:10:00:02",
 --                     -- optional: firecracker = path, qemu = path, env = {K = V} for the
---                     -- VMM process, socket_timeout = s (VMM start to API/QMP socket) }
+--                     -- VMM process, socket_timeout = s (VMM start to API/QMP socket),
+--                     -- on_spawn = fn(v): called as soon as v.pid is known (to record it) }
 --   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256 }
 --   v:wait_console(text, timeout_s)   -- plain text, searched from the start of the console
 --   v:pause()  v:resume()
@@ -23,6 +24,7 @@
 --   vm.api_client, vm.qmp_connect, vm.wait_socket, vm.log_tail: see core/vm.c
 local core = require "fireclaw.core.vm"
 local config = require "fireclaw.config"
+local fault = require "fireclaw.fault"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local util = require "fireclaw.vmm.util"
@@ -175,7 +177,7 @@ function M.new(opts)
 	util.mkdir_p(dir)
 	local self = setmetatable({
 		id = opts.id, dir = dir, netns = opts.netns, tap = opts.tap, mac = opts.mac,
-		env = opts.env, socket_timeout = opts.socket_timeout, keep = opts.keep,
+		env = opts.env, socket_timeout = opts.socket_timeout, keep = opts.keep, on_spawn = opts.on_spawn,
 		vmm = d.vmm, accel = d.accel, why = d.why,
 		binary = d.vmm == "firecracker" and d.firecracker or d.qemu,
 		console_path = dir .. "/console.log",
@@ -199,6 +201,8 @@ function VM:_started(p)
 	self.proc = p
 	self.pid = p:pid()
 	self.starttime = proc.starttime(self.pid)
+	if self.on_spawn then self.on_spawn(self) end
+	fault.point("vmm-spawned")
 end
 
 -- Run a driver step; on failure, kill the VMM so nothing half-started stays around.
