@@ -117,7 +117,9 @@ local function machine_args(v, spec, ram)
 		"-kernel", spec.kernel, "-append", boot_args(v, spec))
 	if spec.initrd then append(a, "-initrd", spec.initrd) end
 	if spec.rootfs then
-		append(a, "-drive", "id=root,if=none,format=raw,file=" .. optval(spec.rootfs),
+		-- a full host disk is an I/O error in the guest, not a VM paused forever (QEMU's
+		-- default werror=enospc stops the VM and the command never ends)
+		append(a, "-drive", "id=root,if=none,format=raw,werror=report,rerror=report,file=" .. optval(spec.rootfs),
 			"-device", "virtio-blk-device,drive=root")
 	end
 	if v.tap then
