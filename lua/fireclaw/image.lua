@@ -1240,6 +1240,7 @@ local function build_rootfs(p, debs, scratch, out, opts)
 	local inodes = math.max(8192, nfiles * 2)
 	local img = out .. "/rootfs.ext4"
 	run("making the rootfs file", { "truncate", "-s", tostring(size), img })
+	chmod(img, "600") -- before mkfs writes the guest's private host key into it
 	local r = try_run({ "mkfs.ext4", "-q", "-F", "-b", "4096", "-N", tostring(inodes), "-L", "fireclaw-root",
 		"-d", tree, img })
 	if r.status ~= 0 then
@@ -1277,6 +1278,8 @@ function M.build(opts)
 	if not opts.force then
 		local m = up_to_date(name, p.fingerprint)
 		if m then
+			-- images built before the rootfs was made 0600 (it holds the guest's host key)
+			pcall(chmod, images_dir() .. "/" .. name .. "/rootfs.ext4", "600")
 			log("'%s' is up to date (%s %s, built %s): nothing to do (--force rebuilds)", name,
 				m.kernel_info and m.kernel_info.package or "?", m.kernel_info and m.kernel_info.version or "", m.created or "?")
 			return m, false
@@ -1424,6 +1427,7 @@ function M.import(opts)
 			if ok2 then compression = e.compression else log("import: no vmlinux: %s", tostring(e)) end
 		end
 		run("copying the rootfs", { "cp", "--reflink=auto", "--sparse=always", "--", opts.rootfs, out .. "/rootfs.ext4" })
+		chmod(out .. "/rootfs.ext4", "600") -- it may hold keys (the guest's host key)
 		if opts.initrd then copy(opts.initrd, out .. "/initrd") end
 		if host_key then write_file(out .. "/host_key.pub", host_key .. "\n", "644") end
 		local names = {}
