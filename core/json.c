@@ -5,17 +5,23 @@
  *   json.null                             sentinel for JSON null
  *   json.array([t]) -> t                  mark a table as an array ([] when empty)
  *   json.is_array(t) -> boolean
+ *   json.utf8(s) -> true | false, copy   is s valid UTF-8? if not, a copy with U+FFFD
+ *                                         for every byte that is not part of valid UTF-8
+ *   json.base64(s) -> string              (RFC 4648, padded)
  *
  * Objects become tables, arrays become sequences marked as arrays (so `[]` survives a
  * round trip); an unmarked empty table encodes as {}. Object keys are written sorted, so
  * output is stable. Integers up to 2^53 stay integers; strings are bytes (UTF-8 passes
  * through untouched, NUL bytes included). Object keys are C strings in json-c: a key with
  * \u0000 is cut there. NaN, Infinity and numbers beyond a double's range are refused.
+ * Bytes that are not UTF-8 are written as they are, which makes JSON that strict parsers
+ * refuse: json.utf8 and json.base64 let a caller carry such data as text + exact bytes.
  */
 #include "fc.h"
 
 #include <json.h>
 #include <math.h>
+#include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -314,6 +320,72 @@ static int l_is_array(lua_State *L)
 	return 1;
 }
 
+/* ---- text JSON can carry ---- */
+
+/* Length of the valid UTF-8 sequence starting s[0] (n bytes left), or 0: RFC 3629, so no
+ * overlong forms, no surrogates, nothing above U+10FFFF. */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+	unsigned c = s[0], lo = 0x80, hi = 0xBF;
+	size_t len;
+	if (c < 0x80)
+		return 1;
+	if (c >= 0xC2 && c <= 0xDF)
+		len = 2;
+	else if (c >= 0xE0 && c <= 0xEF)
+		len = 3, lo = c == 0xE0 ? 0xA0 : lo, hi = c == 0xED ? 0x9F : hi;
+	else if (c >= 0xF0 && c <= 0xF4)
+		len = 4, lo = c == 0xF0 ? 0x90 : lo, hi = c == 0xF4 ? 0x8F : hi;
+	else
+		return 0;
+	if (n < len || s[1] < lo || s[1] > hi)
+		return 0;
+	for (size_t i = 2; i < len; i++)
+		if (s[i] < 0x80 || s[i] > 0xBF)
+			return 0;
+	return len;
+}
+
+static int l_utf8(lua_State *L)
+{
+	size_t n, i = 0, len;
+	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+	while (i < n && (len = utf8_seq(s + i, n - i)) > 0)
+		i += len;
+	lua_pushboolean(L, i == n);
+	if (i == n)
+		return 1;
+	luaL_Buffer b;
+	luaL_buffinit(L, &b);
+	luaL_addlstring(&b, (const char *)s, i);
+	while (i < n) {
+		len = utf8_seq(s + i, n - i);
+		if (len > 0)
+			luaL_addlstring(&b, (const char *)s + i, len);
+		else
+			luaL_addlstring(&b, "\xEF\xBF\xBD", 3); /* U+FFFD */
+		i += len > 0 ? len : 1;
+	}
+	luaL_pushresult(&b);
+	return 2;
+}
+
+static int l_base64(lua_State *L)
+{
+	size_t n, done = 0, out = 0;
+	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+	/* GC-owned buffer (4 output bytes per 3 input bytes, + the NUL EVP_EncodeBlock adds) */
+	unsigned char *buf = lua_newuserdata(L, 4 * ((n + 2) / 3) + 1);
+	while (done < n) {
+		/* EVP_EncodeBlock takes an int: whole 3-byte groups at a time */
+		size_t chunk = n - done > (3u << 20) ? (3u << 20) : n - done;
+		out += (size_t)EVP_EncodeBlock(buf + out, s + done, (int)chunk);
+		done += chunk;
+	}
+	lua_pushlstring(L, (const char *)buf, out);
+	return 1;
+}
+
 static int null_tostring(lua_State *L)
 {
 	lua_pushliteral(L, "json.null");
@@ -328,6 +400,8 @@ int luaopen_fireclaw_json(lua_State *L)
 		{"decode", l_decode},
 		{"array", l_array},
 		{"is_array", l_is_array},
+		{"utf8", l_utf8},
+		{"base64", l_base64},
 		{NULL, NULL},
 	};
 	fc_class(L, BOX_MT, box_methods);

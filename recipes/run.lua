@@ -51,6 +51,10 @@ local function check_options(o, cmd)
 		cli.usage_error("--mem must be 64 to 65536 MiB, got %s", o.mem)
 	end
 	if o.timeout and o.timeout <= 0 then cli.usage_error("--timeout must be positive") end
+	if o.max_output < 0 or o.max_output % 1 ~= 0 then cli.usage_error("--max-output must be a byte count, got %s", o.max_output) end
+	if o.vmm ~= "auto" and o.vmm ~= "firecracker" and o.vmm ~= "qemu" then
+		cli.usage_error("--vmm must be auto, firecracker or qemu, got '%s'", o.vmm)
+	end
 	o.puts, o.gets, o.envs = {}, {}, {}
 	for _, p in ipairs(o.put) do
 		local l, r = p:match("^([^:]+):(.+)$")
@@ -130,8 +134,8 @@ local function main(args)
 	if r.timed_out then log.note("command timed out after %g s", o.timeout) end
 	if o.json then
 		local truncated = (r.stdout_truncated or r.stderr_truncated) and true or nil
-		io.stdout:write(json.encode {
-			exit_code = status, stdout = r.stdout or "", stderr = r.stderr or "",
+		local out = {
+			exit_code = status,
 			duration_ms = math.floor((runtime.now() - t0) * 1000 + 0.5), boot = sb.how, vm_id = sb.id,
 			timed_out = r.timed_out or nil, signal = r.signal, truncated = truncated,
 			stages = (function()
@@ -139,7 +143,16 @@ local function main(args)
 				for i, st in ipairs(sb.timer.stages) do s[i] = { name = st.name, ms = math.floor(st.ms * 10 + 0.5) / 10 } end
 				return s
 			end)(),
-		}, "\n")
+		}
+		-- JSON text is UTF-8: a stream that is not also comes as exact bytes in <name>_base64
+		-- (and as text with U+FFFD for the bytes that are not UTF-8)
+		for _, name in ipairs({ "stdout", "stderr" }) do
+			local data = r[name] or ""
+			local ok, text = json.utf8(data)
+			out[name] = ok and data or text
+			if not ok then out[name .. "_base64"] = json.base64(data) end
+		end
+		io.stdout:write(json.encode(out), "\n")
 		if truncated then log.note("output beyond %d bytes per stream was dropped (--max-output)", o.max_output) end
 	end
 	log.info("VM %s: %s run, total %.1f ms", sb.id, sb.how, (runtime.now() - t0) * 1000)

@@ -59,7 +59,7 @@ end
 local function convert(opt, name, value)
 	if opt.type == "number" then
 		local n = tonumber(value)
-		if not n then M.usage_error("option %s wants a number, got '%s'", name, value) end
+		if not n or n ~= n then M.usage_error("option %s wants a number, got '%s'", name, value) end
 		return n
 	end
 	return value
