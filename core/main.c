@@ -61,9 +61,11 @@ static int report_error(lua_State *L, const struct options *o)
 	int status = 1;
 	const char *msg = NULL;
 	int is_table = lua_istable(L, -1);
+	int exit_given = 0;
 	if (is_table) {
 		lua_getfield(L, -1, "exit");
-		if (lua_isnumber(L, -1))
+		exit_given = lua_isnumber(L, -1);
+		if (exit_given)
 			status = (int)lua_tointeger(L, -1);
 		lua_getfield(L, -2, "message");
 		msg = lua_tostring(L, -1);
@@ -72,9 +74,9 @@ static int report_error(lua_State *L, const struct options *o)
 	}
 	if (fc_signal_received())
 		status = 128 + fc_signal_received();
-	if (is_table && !msg)
+	if (is_table && !msg && exit_given)
 		return status; /* e.g. --help: a clean exit with a status, nothing to say */
-	fprintf(stderr, "fireclaw: %s\n", msg ? msg : "(error object is not a string)");
+	fprintf(stderr, "fireclaw: %s\n", msg ? msg : "error (the error object is not a string)");
 	if (o->verbose) {
 		lua_getfield(L, LUA_REGISTRYINDEX, TRACEBACK_KEY);
 		if (lua_isstring(L, -1))
