@@ -130,11 +130,28 @@ function Sandbox:connect(timeout)
 	return self.session
 end
 
+-- dropbear refuses an exec request longer than 9000 bytes (its MAX_CMD_LEN) and drops the
+-- connection: a longer command line is written to a file in the guest first (the stdin of
+-- a short command) and run from there; the file removes itself.
+local MAX_EXEC_LINE = 8000
+
+local function short_command(self, cmd)
+	local line = type(cmd) == "table" and ssh.quote(cmd) or cmd
+	if type(line) ~= "string" or #line <= MAX_EXEC_LINE then return cmd end
+	local file = "/tmp/.fireclaw-cmd-" .. state.new_id()
+	local r = self.session:exec("umask 077 && cat > " .. file, { stdin = 'rm -f -- "$0"\n' .. line .. "\n" })
+	if r.status ~= 0 then
+		error(string.format("sandbox: cannot write the %d-byte command line to %s in the guest: %s",
+			#line, file, r.stderr or ""), 0)
+	end
+	return "sh " .. file
+end
+
 -- Run a command in the guest (argv table or shell string); see fireclaw.ssh for opts.
 function Sandbox:exec(cmd, opts)
 	if not self.session then self:connect() end
 	fault.point("exec")
-	local ok, r = pcall(self.session.exec, self.session, cmd, opts)
+	local ok, r = pcall(function() return self.session:exec(short_command(self, cmd), opts) end)
 	if not ok then error(vmm_gone(self, r, "during the command"), 0) end
 	return r
 end
