@@ -81,8 +81,9 @@ local function cmd_list()
 	for _, s in ipairs(list) do
 		local m = s.meta
 		if m then
-			print(string.format("%-16s %-10s %-12s %-6d %-8s %s", s.name, m.image, m.vmm .. " " .. (m.vmm_version or ""),
-				m.vcpu, m.mem_mib .. "M", os.date("%Y-%m-%d %H:%M", m.created)))
+			print(string.format("%-16s %-10s %-12s %-6d %-8s %s", s.name, tostring(m.image),
+				m.vmm .. " " .. tostring(m.vmm_version or ""), m.vcpu, m.mem_mib .. "M",
+				os.date("%Y-%m-%d %H:%M", tonumber(m.created) or 0)))
 		else
 			print(string.format("%-16s (unusable: %s)", s.name, s.error))
 		end

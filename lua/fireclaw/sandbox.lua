@@ -44,6 +44,10 @@ function M.new(opts)
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
 		keep = opts.keep, timer = log.timer("VM " .. rec.id),
 	}, Sandbox)
+	-- a sandbox nobody destroyed goes when it is collected, at the latest when fireclaw exits
+	-- (a recipe that errors before sandbox.with leaves nothing behind either)
+	self.guard = newproxy(true)
+	getmetatable(self.guard).__gc = function() if not self.keep then self:destroy() end end
 	local ok, err = pcall(function()
 		fault.point("record")
 		self.vm = vm.new { id = self.id, dir = self.dir, vmm = opts.vmm, accel = opts.accel,
@@ -101,7 +105,12 @@ function Sandbox:restore(snap)
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
-	self.vm:restore(snap.dir, spec)
+	local ok, err = pcall(self.vm.restore, self.vm, snap.dir, spec)
+	if not ok then
+		if tostring(err):match("^interrupted") then error(err, 0) end
+		error(string.format("%s (is snapshot '%s' damaged? recreate it: fireclaw snapshot create%s)", tostring(err),
+			snap.name, snap.name ~= self.img.name and (" --name " .. snap.name) or ""), 0)
+	end
 	self.timer:stage("VMM restore (" .. self.vm.vmm .. ")")
 end
 

@@ -74,8 +74,14 @@ function M.load(name)
 		return nil, string.format("snapshot '%s' has an unreadable meta.json (%s)", name,
 			ok and "unknown format" or tostring(meta))
 	end
+	local function count(v) return type(v) == "number" and v >= 1 and v % 1 == 0 end
+	if type(meta.vmm) ~= "string" or not count(meta.vcpu) or not count(meta.mem_mib)
+		or type(meta.files) ~= "table" then
+		return nil, string.format("snapshot '%s' has a damaged meta.json (vmm, vcpu, mem_mib or files)", name)
+	end
+	meta.name = name -- the directory's name is the one the user gave
 	for _, f in ipairs(FILES) do
-		local want = meta.files and meta.files[f] and meta.files[f].size
+		local want = type(meta.files[f]) == "table" and meta.files[f].size or nil
 		local size = fs.size(dir .. "/" .. f)
 		if not size then return nil, string.format("snapshot '%s' is missing %s", name, f) end
 		if size ~= want then

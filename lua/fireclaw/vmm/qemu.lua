@@ -19,6 +19,11 @@ M.DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1"
 
 local function qmp_path(v) return v.dir .. "/qmp.sock" end
 
+-- The end of QEMU's log as one line, for an error message.
+local function log_line(v)
+	return (core.log_tail(v.dir .. "/vmm.log", 10):gsub("%s+$", ""):gsub("\n", " | "))
+end
+
 function M.log_files(v) return { v.dir .. "/vmm.log" } end
 
 -- QEMU option values are comma-separated: a comma in a path is written twice.
@@ -155,7 +160,7 @@ local function spawn(v, spec, ram)
 		local st = v.proc:wait(2)
 		if st then
 			error(string.format("qemu %s before answering on its QMP socket: %s",
-				util.describe_exit(st), core.log_tail(v.dir .. "/vmm.log", 10)), 0)
+				util.describe_exit(st), log_line(v)), 0)
 		end
 		error(q, 0)
 	end
@@ -234,7 +239,7 @@ end
 -- than the closed QMP connection does.
 local function restore_error(v, err)
 	if v.proc and v.proc:wait(1) then
-		local tail = core.log_tail(v.dir .. "/vmm.log", 10)
+		local tail = log_line(v)
 		error(string.format("qemu: restore failed, qemu %s: %s", util.describe_exit(v.proc:wait(0)),
 			tail ~= "" and tail or tostring(err)), 0)
 	end
