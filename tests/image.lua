@@ -75,6 +75,9 @@ local function test_helpers()
 	t.same(ko.depends, { "virtio_ring", "foo" }, "ko_info: depends")
 	t.is(ko.name, "virtio", "ko_info: name")
 	t.same(image.ko_info("\0depends=\0name=x\0").depends, {}, "ko_info: no depends")
+	ko = image.ko_info("\0alias=fs-ext4\0softdep=pre: crypto-crc32c post: foo\0alias=ext3\0depends=jbd2,mbcache\0")
+	t.same(ko.softpre, { "crypto-crc32c" }, "ko_info: softdep pre")
+	t.same(ko.aliases, { "fs-ext4", "ext3" }, "ko_info: aliases")
 
 	local mods = {
 		virtio_ring = { depends = {} }, virtio = { depends = { "virtio_ring" } },
@@ -88,6 +91,10 @@ local function test_helpers()
 	t.same(missing, { "vsockx" }, "module_order: missing modules reported")
 	order = image.module_order(mods, { "virtio_blk" }, { virtio = true })
 	t.same(order, { "virtio_blk" }, "module_order: built-in modules are skipped")
+	order, missing = image.module_order({ ext4 = { depends = { "jbd2" }, soft = { "crc32c_generic", "gone" } },
+		jbd2 = { depends = {} }, crc32c_generic = { depends = {} } }, { "ext4" })
+	t.same(order, { "jbd2", "crc32c_generic", "ext4" }, "module_order: soft dependencies first when present")
+	t.same(missing, {}, "module_order: a missing soft dependency is not an error")
 
 	local deps = table.concat({
 		"app",

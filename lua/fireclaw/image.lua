@@ -12,8 +12,9 @@
 --   image.remove(name);  image.client_key() -> private key path, public key line
 --   image.boot_args(img, {tcg=bool}) -> kernel command line string
 --   image.tsc_khz() -> host TSC kHz (for tsc_early_khz= under TCG) or nil
+--   image.prune_cache() -> drop cached .debs/kernels no image was built from
 --   pure helpers, tested on their own: parse_size, bzimage_to_elf, ko_info, module_order,
---       elf_info, resolve_depends, parse_records
+--       elf_info, resolve_depends, parse_records, resolve_in
 --
 -- Layout in $FIRECLAW_STATE (config.state_dir):
 --   images/NAME -> .img~NAME~STAMP~PID/   a symlink swapped atomically by each build, so a
@@ -22,7 +23,11 @@
 --   images/.tmp~NAME~PID/                 a build in progress (removed when its pid is gone)
 --   keys/id_ed25519{,.pub}                the client key pair shared by all images (0600/0700)
 --   cache/debs/*.deb                      downloaded packages (checked against apt's SHA256)
---   cache/apt/                            apt's binary caches for our queries
+--   cache/kernel/PKG_VERSION_SHA_fN/      the kernel extracted from its package once
+--                                         (cache/ keeps only what existing images use)
+--   cache/apt/pkgcache.bin                apt's binary cache, where the system keeps none
+-- Environment: FIRECLAW_STATE; FIRECLAW_APT_OPTIONS="Opt::A=x Opt::B=y" adds apt -o options
+-- (a proxy, a mirror).
 local config = require "fireclaw.config"
 local guest = require "fireclaw.guest"
 local json = require "fireclaw.json"
@@ -41,18 +46,23 @@ M.KERNEL_PACKAGE = "linux-image-cloud-amd64"
 M.BASE_PACKAGES = { "busybox-static", "dropbear-bin" }
 M.SFTP_PACKAGE = "openssh-sftp-server"
 -- modules the initramfs loads (with their dependencies); optional ones may be missing
-M.MODULES = { "virtio_mmio", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport" }
+-- (ext4 and the serial console are built into the cloud kernel; ext4 is a module in the
+-- generic one)
+M.MODULES = { "virtio_mmio", "virtio_blk", "ext4", "virtio_net", "vmw_vsock_virtio_transport" }
 M.OPTIONAL_MODULES = { vmw_vsock_virtio_transport = true }
 
-ffi.cdef [[
-int symlink(const char *target, const char *linkpath);
-long readlink(const char *path, char *buf, unsigned long size);
-int link(const char *oldpath, const char *newpath);
-int mkdir(const char *path, unsigned int mode);
-int chmod(const char *path, unsigned int mode);
-unsigned int geteuid(void);
-char *strerror(int errnum);
-]]
+-- a few libc calls Lua has no word for (one by one: another module may declare them too)
+for _, decl in ipairs({
+	"int symlink(const char *target, const char *linkpath);",
+	"long readlink(const char *path, char *buf, unsigned long size);",
+	"int link(const char *oldpath, const char *newpath);",
+	"int mkdir(const char *path, unsigned int mode);",
+	"int chmod(const char *path, unsigned int mode);",
+	"unsigned int geteuid(void);",
+	"char *strerror(int errnum);",
+}) do
+	pcall(ffi.cdef, decl)
+end
 
 -- ---- small helpers ----
 
@@ -67,8 +77,8 @@ local function log(fmt, ...)
 end
 M.log = log
 
-local function errno_str()
-	return ffi.string(ffi.C.strerror(ffi.errno()))
+local function errno_str(e)
+	return ffi.string(ffi.C.strerror(e or ffi.errno()))
 end
 
 local function human(n)
@@ -157,8 +167,9 @@ local function mkdir_p(path, mode)
 	local cur = path:sub(1, 1) == "/" and "" or "."
 	for part in path:gmatch("[^/]+") do
 		cur = cur .. "/" .. part
-		if ffi.C.mkdir(cur, m) ~= 0 and not is_dir(cur) then
-			fail("cannot create directory %s: %s", cur, errno_str())
+		if ffi.C.mkdir(cur, m) ~= 0 then
+			local e = ffi.errno() -- before is_dir() sets another one
+			if not is_dir(cur) then fail("cannot create directory %s: %s", cur, errno_str(e)) end
 		end
 	end
 	if mode then ffi.C.chmod(path, m) end
@@ -657,17 +668,34 @@ function M.bzimage_to_elf(bzpath, outpath)
 end
 
 -- name and depends of a kernel module (.ko contents): {name=, depends={…}, vermagic=}
+-- name, depends, softdeps to load first (module names or aliases) and aliases of a kernel
+-- module (.ko contents): {name=, depends={…}, softpre={…}, aliases={…}, vermagic=}
+local function modinfo_fields(data, key) -- every value of "\0key=value\0" (plain finds: fast)
+	local out, pos, pat = {}, 1, "\0" .. key .. "="
+	while true do
+		local _, e = data:find(pat, pos, true)
+		if not e then return out end
+		local z = data:find("\0", e + 1, true) or #data + 1
+		out[#out + 1] = data:sub(e + 1, z - 1)
+		pos = e + 1
+	end
+end
+
 function M.ko_info(data)
-	local info = { depends = {} }
-	local deps = data:match("%zdepends=([^%z]*)%z")
-	for d in (deps or ""):gmatch("[^,]+") do info.depends[#info.depends + 1] = d end
-	info.name = data:match("%zname=([^%z]+)%z")
-	info.vermagic = data:match("%zvermagic=([^%z]+)%z")
+	local info = { depends = {}, softpre = {}, aliases = modinfo_fields(data, "alias") }
+	for d in (modinfo_fields(data, "depends")[1] or ""):gmatch("[^,]+") do info.depends[#info.depends + 1] = d end
+	for _, soft in ipairs(modinfo_fields(data, "softdep")) do
+		local pre = soft:match("pre:(.-)post:") or soft:match("pre:(.*)$") or ""
+		for d in pre:gmatch("%S+") do info.softpre[#info.softpre + 1] = d end
+	end
+	info.name = modinfo_fields(data, "name")[1]
+	info.vermagic = modinfo_fields(data, "vermagic")[1]
 	return info
 end
 
--- Load order for `wanted` given mods = {name = {depends = {…}}}: dependencies first.
--- Returns the ordered list and the names that are neither in mods nor in `builtin`.
+-- Load order for `wanted` given mods = {name = {depends = {…}, soft = {…}}}: dependencies
+-- (and soft dependencies that are there) first. Returns the ordered list and the names
+-- that are neither in mods nor in `builtin`.
 function M.module_order(mods, wanted, builtin)
 	builtin = builtin or {}
 	local order, seen, missing = {}, {}, {}
@@ -683,6 +711,9 @@ function M.module_order(mods, wanted, builtin)
 		if chain[name] then fail("module dependency loop at %s", name) end
 		chain[name] = true
 		for _, d in ipairs(m.depends) do visit(d, chain) end
+		for _, d in ipairs(m.soft or {}) do
+			if mods[d] then visit(d, chain) end
+		end
 		chain[name] = nil
 		seen[name] = true
 		order[#order + 1] = name
@@ -978,8 +1009,10 @@ end
 -- cache/kernel/KEY/: vmlinuz, vmlinux, modules/*.ko (the ones the initramfs loads) and
 -- info.json {release, compression, modules (load order)}. Returns the dir and the info.
 local function kernel_key(krec)
-	return string.format("%s_%s_%s_f%d", krec.Package, (krec.Version:gsub(":", "%%3a")),
-		(krec.SHA256 or "x"):sub(1, 16), M.FORMAT)
+	local h = 5381 -- the module list is part of the key (djb2)
+	for c in table.concat(M.MODULES, ","):gmatch(".") do h = (h * 33 + c:byte()) % 4294967296 end
+	return string.format("%s_%s_%s_f%d_%08x", krec.Package, (krec.Version:gsub(":", "%%3a")),
+		(krec.SHA256 or "x"):sub(1, 16), M.FORMAT, h)
 end
 
 local function extract_kernel(krec, deb, scratch)
@@ -1024,23 +1057,54 @@ local function extract_kernel(krec, deb, scratch)
 		local n = line:match("([^/]+)%.ko$")
 		if n then builtin[(n:gsub("-", "_"))] = true end
 	end
+	local builtin_alias = {}
+	for a in (read_file(mdir .. "/modules.builtin.modinfo") or ""):gmatch("[%w_-]+%.alias=([^%z]+)") do
+		builtin_alias[a] = true
+	end
+	local function read_ko(path)
+		if path:match("%.ko%.xz$") then return run("decompressing " .. path, { "xz", "-dc", path }).stdout end
+		if path:match("%.ko%.zst$") then return run("decompressing " .. path, { "zstd", "-dc", path }).stdout end
+		if path:match("%.ko%.gz$") then return run("decompressing " .. path, { "gzip", "-dc", path }).stdout end
+		return read_file(path)
+	end
+	-- a softdep names a module or an alias (crypto-crc32c): aliases are looked up in the
+	-- crypto and lib modules, preferring the generic implementation
+	local alias_index
+	local function resolve(a)
+		local n = a:gsub("-", "_")
+		if files[n] or builtin[n] then return n end
+		if builtin_alias[a] then return nil end
+		if not alias_index then
+			alias_index = {}
+			for name, path in pairs(files) do
+				local rel = path:sub(#mdir + 2)
+				if rel:match("^kernel/crypto/") or rel:match("^kernel/arch/x86/crypto/") or rel:match("^kernel/lib/") then
+					for _, al in ipairs(M.ko_info(read_ko(path)).aliases) do
+						local cur = alias_index[al]
+						if not cur or (name:match("_generic$") and not cur:match("_generic$")) then
+							alias_index[al] = name
+						end
+					end
+				end
+			end
+		end
+		return alias_index[a]
+	end
 	local mods, contents = {}, {}
 	local function load_mod(name)
 		if mods[name] ~= nil or not files[name] then return end
-		local path = files[name]
-		local data
-		if path:match("%.ko%.xz$") then
-			data = run("decompressing " .. name, { "xz", "-dc", path }).stdout
-		elseif path:match("%.ko%.zst$") then
-			data = run("decompressing " .. name, { "zstd", "-dc", path }).stdout
-		elseif path:match("%.ko%.gz$") then
-			data = run("decompressing " .. name, { "gzip", "-dc", path }).stdout
-		else
-			data = read_file(path)
-		end
+		local data = read_ko(files[name])
 		contents[name] = data
 		mods[name] = M.ko_info(data)
+		mods[name].soft = {}
 		for _, d in ipairs(mods[name].depends) do load_mod(d) end
+		for _, sd in ipairs(mods[name].softpre) do
+			local r = resolve(sd)
+			if r and not builtin[r] then
+				table.insert(mods[name].soft, r)
+				load_mod(r)
+			end
+		end
 	end
 	for _, w in ipairs(M.MODULES) do load_mod(w) end
 	local order, missing = M.module_order(mods, M.MODULES, builtin)
@@ -1292,9 +1356,13 @@ function M.build(opts)
 		local out, scratch = work .. "/out", work .. "/scratch"
 		mkdir_p(out, "755")
 		mkdir_p(scratch, "755")
-		local all = { p.kernel, p.sftp }
-		for _, r in ipairs(p.base) do all[#all + 1] = r end
-		for _, r in ipairs(p.extra) do all[#all + 1] = r end
+		local all, seen = {}, {}
+		for _, list in ipairs({ { p.kernel, p.sftp }, p.base, p.extra }) do
+			for _, r in ipairs(list) do
+				if not seen[r.Package] then all[#all + 1] = r end
+				seen[r.Package] = true
+			end
+		end
 		local debs = download(all)
 		local itree = scratch .. "/initrd"
 		local k = build_kernel(p, debs, scratch, out, itree)
