@@ -845,7 +845,7 @@ function M.info(name)
 	local text = p and read_file(p .. "/manifest.json")
 	if not text then missing_image(name) end
 	local ok, m = pcall(json.decode, text)
-	if not ok then fail("image '%s': broken manifest %s/manifest.json: %s", name, p, tostring(m)) end
+	if not ok then fail("'%s' has a broken manifest %s/manifest.json: %s", name, p, tostring(m)) end
 	return m, p
 end
 
@@ -862,7 +862,7 @@ function M.load(name)
 	img.host_key_pub = f("host_key.pub")
 	img.host_key = img.host_key_pub and (read_file(img.host_key_pub):gsub("%s+$", "")) or nil
 	if not img.kernel or not img.rootfs then
-		fail("image '%s' in %s is incomplete (no kernel or rootfs.ext4): rebuild it with --force", name, p)
+		fail("'%s' in %s is incomplete (no kernel or rootfs.ext4): rebuild it with --force", name, p)
 	end
 	local key = keys_dir() .. "/id_ed25519"
 	img.client_key = exists(key) and key or nil
