@@ -667,7 +667,6 @@ function M.bzimage_to_elf(bzpath, outpath)
 	fail("no ELF kernel found inside %s (compression not recognised)", bzpath)
 end
 
--- name and depends of a kernel module (.ko contents): {name=, depends={…}, vermagic=}
 -- name, depends, softdeps to load first (module names or aliases) and aliases of a kernel
 -- module (.ko contents): {name=, depends={…}, softpre={…}, aliases={…}, vermagic=}
 local function modinfo_fields(data, key) -- every value of "\0key=value\0" (plain finds: fast)
