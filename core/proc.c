@@ -6,7 +6,10 @@
  *   p = proc.spawn{argv = {...}, env = {K = V}, stdin = path, stdout = path, stderr = path,
  *                  cwd = dir, netns = "fc-1a2b", mounts = {{type = "tmpfs", target = dir},
  *                  {type = "bind", source = s, target = t}}, uid = n, gid = n,
- *                  setsid = true, pdeathsig = true}
+ *                  groups = {gid...}, fds = {fd...}, setsid = true, pdeathsig = true}
+ *       fds: the child gets these (integer) fds as 3, 4, … in this order; the caller keeps
+ *       and closes its own. uid/gid: the child drops to them before exec (supplementary
+ *       groups: `groups`, else none); pdeathsig survives the drop.
  *   p:pid()  p:pidfd()  p:alive()  p:kill([sig])  p:wait([timeout_s]) -> {status=|signal=} or nil
  *   p:close()   -- kills (SIGKILL) and reaps if still running; never leaves a zombie
  *   p:detach()  -- let it run on after fireclaw (spawn it with pdeathsig = false)
@@ -35,6 +38,8 @@
 
 #define PROC_MT "fireclaw.proc"
 #define MAX_MOUNTS 16
+#define MAX_FDS 16
+#define MAX_GROUPS 8
 
 extern char **environ;
 
@@ -53,6 +58,10 @@ struct spawn_req {
 	struct mount_op mounts[MAX_MOUNTS];
 	int nmounts;
 	int uid, gid;
+	gid_t groups[MAX_GROUPS];
+	int ngroups;
+	int fds[MAX_FDS]; /* become 3, 4, … in the child */
+	int nfds;
 	int setsid, pdeathsig;
 	pid_t parent;
 	/* pipes for proc.run: child side fds, or -1 */
@@ -136,6 +145,23 @@ static void child_mounts(int errpipe, const struct spawn_req *r)
 	}
 }
 
+/* Give the child r->fds[i] as fd 3 + i, inherited across exec. Everything is first moved
+ * above the targets, so a source (or the error pipe) sitting on a target is not lost.
+ * Returns the error pipe's new number. */
+static int child_fds(int errpipe, const struct spawn_req *r)
+{
+	int top = 3 + r->nfds, high[MAX_FDS];
+	if (errpipe < top && (errpipe = fcntl(errpipe, F_DUPFD_CLOEXEC, top)) < 0)
+		_exit(127); /* no pipe left to report on */
+	for (int i = 0; i < r->nfds; i++)
+		if ((high[i] = fcntl(r->fds[i], F_DUPFD_CLOEXEC, top)) < 0)
+			child_fail(errpipe, "pass an fd");
+	for (int i = 0; i < r->nfds; i++)
+		if (dup2(high[i], 3 + i) < 0) /* the copy on 3 + i is not close-on-exec */
+			child_fail(errpipe, "pass an fd");
+	return errpipe;
+}
+
 static void child_main(int errpipe, const struct spawn_req *r)
 {
 	sigset_t none;
@@ -145,12 +171,6 @@ static void child_main(int errpipe, const struct spawn_req *r)
 	signal(SIGPIPE, SIG_DFL);
 	signal(SIGINT, SIG_DFL);
 	signal(SIGTERM, SIG_DFL);
-	if (r->pdeathsig) {
-		if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
-			child_fail(errpipe, "prctl(PR_SET_PDEATHSIG)");
-		if (getppid() != r->parent) /* the parent died before prctl */
-			_exit(127);
-	}
 	if (r->setsid && setsid() < 0)
 		child_fail(errpipe, "setsid");
 	if (r->netns_fd >= 0 && setns(r->netns_fd, CLONE_NEWNET) < 0)
@@ -160,12 +180,22 @@ static void child_main(int errpipe, const struct spawn_req *r)
 	child_redirect(errpipe, r->stdin_path, r->in_fd, 0, O_RDONLY);
 	child_redirect(errpipe, r->stdout_path, r->out_fd, 1, O_WRONLY | O_CREAT | O_TRUNC);
 	child_redirect(errpipe, r->stderr_path, r->err_fd, 2, O_WRONLY | O_CREAT | O_TRUNC);
+	if (r->nfds > 0)
+		errpipe = child_fds(errpipe, r);
 	if (r->cwd && chdir(r->cwd) < 0)
 		child_fail(errpipe, r->cwd);
-	if (r->gid >= 0 && (setgroups(0, NULL) < 0 || setgid((gid_t)r->gid) < 0))
+	if (r->gid >= 0 &&
+	    (setgroups((size_t)r->ngroups, r->groups) < 0 || setgid((gid_t)r->gid) < 0))
 		child_fail(errpipe, "setgid");
 	if (r->uid >= 0 && setuid((uid_t)r->uid) < 0)
 		child_fail(errpipe, "setuid");
+	/* after the uid/gid change, which clears the parent-death signal */
+	if (r->pdeathsig) {
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
+			child_fail(errpipe, "prctl(PR_SET_PDEATHSIG)");
+		if (getppid() != r->parent) /* the parent died before prctl */
+			_exit(127);
+	}
 	execvpe(r->argv[0], (char *const *)r->argv, r->envp);
 	child_fail(errpipe, r->argv[0]);
 }
@@ -259,6 +289,29 @@ static void read_mounts(lua_State *L, int t, struct spawn_req *r)
 	lua_pop(L, 1);
 }
 
+/* An optional list of integers at opts[key] into out (at most max); returns the count. */
+static int read_ints(lua_State *L, int t, const char *key, int *out, int max)
+{
+	lua_getfield(L, t, key);
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return 0;
+	}
+	luaL_checktype(L, -1, LUA_TTABLE);
+	int n = (int)lua_objlen(L, -1);
+	if (n > max)
+		fc_error(L, "proc: at most %d %s", max, key);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, -1, i);
+		if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0)
+			fc_error(L, "proc: %s[%d] is not a number >= 0", key, i);
+		out[i - 1] = (int)lua_tointeger(L, -1);
+		lua_pop(L, 1);
+	}
+	lua_pop(L, 1);
+	return n;
+}
+
 /* Fork and exec; returns the pid, or raises with the child's failing step and errno. */
 static pid_t do_spawn(lua_State *L, struct spawn_req *r)
 {
@@ -333,6 +386,11 @@ static int l_spawn(lua_State *L)
 	r.gid = (int)fc_opt_number(L, 1, "gid", -1);
 	r.setsid = fc_opt_bool(L, 1, "setsid", 1);
 	r.pdeathsig = fc_opt_bool(L, 1, "pdeathsig", 1);
+	r.nfds = read_ints(L, 1, "fds", r.fds, MAX_FDS);
+	int groups[MAX_GROUPS];
+	r.ngroups = read_ints(L, 1, "groups", groups, MAX_GROUPS);
+	for (int i = 0; i < r.ngroups; i++)
+		r.groups[i] = (gid_t)groups[i];
 	read_mounts(L, 1, &r);
 	open_netns(L, 1, &r);
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);
@@ -622,6 +680,10 @@ static int l_run(lua_State *L)
 		;
 	p->reaped = 1;
 	p->status = st;
+	/* done with it: the fd goes now, not at the next garbage collection */
+	if (p->pidfd >= 0)
+		close(p->pidfd);
+	p->pidfd = -1;
 
 	push_status(L, st);
 	lua_pushlstring(L, out[0]->data ? out[0]->data : "", out[0]->len);
