@@ -1339,6 +1339,10 @@ function M.build(opts)
 	opts.client_pub = client_pub
 	local p = plan(opts)
 	if not opts.force then
+		local ok, old = pcall(M.info, name)
+		if ok and old.source == "import" then
+			fail("image '%s' was imported, not built: --force replaces it (or give another --name)", name)
+		end
 		local m = up_to_date(name, p.fingerprint)
 		if m then
 			-- images built before the rootfs was made 0600 (it holds the guest's host key)
