@@ -71,7 +71,8 @@ args=(-M microvm,memory-backend=mem "${accel[@]}" -smp "$FCB_VCPU" -m "${FCB_MEM
 	-qmp "unix:$dir/qmp.sock,server=on,wait=off"
 	-kernel "$FCB_KERNEL" -append "$FCB_APPEND")
 [ -n "$FCB_INITRD" ] && args+=(-initrd "$FCB_INITRD")
-args+=(-drive "id=root,if=none,format=raw,file=$dir/disk.ext4" -device virtio-blk-device,drive=root
+args+=(-drive "id=root,if=none,format=raw,werror=report,rerror=report,file=$dir/disk.ext4"
+	-device virtio-blk-device,drive=root
 	-netdev tap,id=net0,ifname=tap0,script=no,downscript=no
 	-device virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02)
 [ "${FCB_SANDBOX:-0}" = 1 ] && args+=(-sandbox on)

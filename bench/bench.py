@@ -693,9 +693,9 @@ class Bench:
             rows.append(("exec `true` (baseline: whole `ssh` incl. its handshake)",
                          fc_col(lambda r: fc_stage(r, lambda n: n == "command")), bl_col(bl("ssh"))))
         rows.append(("teardown", fc_col(lambda r: fc_stage(r, lambda n: n == "teardown")), bl_col(bl("teardown"))))
-        rows.append(("outside the stages (process start, checks, exit)",
-                     fc_col(lambda r: r["wall"] - r["duration_ms"] + fc_stage(r, lambda n: n == "record")
-                            if r.get("duration_ms") is not None else None),
+        rows.append(("outside the stages (fireclaw: process start, Lua modules, image and snapshot checks, "
+                     "VMM detection, JSON, exit; baseline: bash start and exit)",
+                     fc_col(lambda r: r["wall"] - sum(ms for _, ms in r["stages"])),
                      bl_col(lambda r: r["wall"] - r["inside"])))
         rows.append(("**total (wall)**", fc_col(lambda r: r["wall"]), bl_col(lambda r: r["wall"])))
         lines = [f"| stage ({vmm_word}) | fireclaw, ms | baseline, ms |", "|---|---:|---:|"]
@@ -758,11 +758,11 @@ class Bench:
         r_ratio, c_ratio = ratio(fc_r, bl_r), ratio(fc_c, bl_c)
         cpu = {m: [r["cpu_user"] + r["cpu_sys"] for r in rs if r["ok"] and "cpu_user" in r]
                for m, rs in (("restore", fc_r), ("cold", fc_c))}
-        cpu_all = cpu["restore"] + cpu["cold"]
         hwm = [r["hwm"] / 1024 for r in fc_r + fc_c if r["ok"] and "hwm" in r]
         fcs = next(x for x in self.start if "fireclaw" in x["command"])
         st_med = fcs["median"] * 1000
-        teardown = [ms for r in fc_r + fc_c if r["ok"] for name, ms in r["stages"] if name == "teardown"]
+        teardown = {m: [ms for r in rs if r["ok"] for name, ms in r["stages"] if name == "teardown"]
+                    for m, rs in (("restore", fc_r), ("cold", fc_c))}
         conc_fails = sum(len(x["fails"]) for x in self.conc.values())
         conc_total = sum(len(x["fails"]) + len(x["ok"]) for x in self.conc.values())
 
@@ -773,9 +773,10 @@ class Bench:
             ("restored run ≤ 0.8× the hand-made baseline", f"{r_ratio:.2f}× (medians)", r_ratio <= TARGETS["restore_ratio"]),
             ("cold run ≤ 1.0× the hand-made baseline", f"{c_ratio:.2f}× (medians)", c_ratio <= TARGETS["cold_ratio"]),
             ("fireclaw's own CPU ≤ 10 ms per run", f"{med(cpu['restore']):.1f} ms restored, {med(cpu['cold']):.1f} ms cold (medians)",
-             med(cpu_all) <= TARGETS["cpu_ms"] and max(med(cpu["restore"]), med(cpu["cold"])) <= TARGETS["cpu_ms"]),
+             max(med(cpu["restore"]), med(cpu["cold"])) <= TARGETS["cpu_ms"]),
             ("start-up (`fireclaw -e ''`) ≤ 5 ms", f"{st_med:.1f} ms (median)", st_med <= TARGETS["startup_ms"]),
-            ("teardown ≤ 20 ms", f"{med(teardown):.1f} ms (median)", med(teardown) <= TARGETS["teardown_ms"]),
+            ("teardown ≤ 20 ms", f"{med(teardown['restore']):.1f} ms restored, {med(teardown['cold']):.1f} ms cold "
+             "(medians)", max(med(teardown["restore"]), med(teardown["cold"])) <= TARGETS["teardown_ms"]),
             ("no failures under concurrency", f"{conc_fails} of {conc_total} runs failed", conc_fails == 0),
         ]
 
