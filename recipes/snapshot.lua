@@ -47,6 +47,7 @@ end
 
 function M.create(opts)
 	local img = image.load(opts.image or "default")
+	snapshot.abort(snapshot.begin(opts.name or img.name)) -- a state dir we cannot write fails now, not after a boot
 	local sb = coldboot.boot { image = img.name, vcpu = opts.vcpu, mem_mib = opts.mem_mib, vmm = opts.vmm }
 	return sandbox.with(sb, M.take, opts.name or img.name)
 end
