@@ -105,12 +105,7 @@ function Sandbox:restore(snap)
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
-	local ok, err = pcall(self.vm.restore, self.vm, snap.dir, spec)
-	if not ok then
-		if tostring(err):match("^interrupted") then error(err, 0) end
-		error(string.format("%s (is snapshot '%s' damaged? recreate it: fireclaw snapshot create%s)", tostring(err),
-			snap.name, snap.name ~= self.img.name and (" --name " .. snap.name) or ""), 0)
-	end
+	self.vm:restore(snap.dir, spec)
 	self.timer:stage("VMM restore (" .. self.vm.vmm .. ")")
 end
 

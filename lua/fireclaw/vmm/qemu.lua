@@ -240,8 +240,8 @@ end
 local function restore_error(v, err)
 	if v.proc and v.proc:wait(1) then
 		local tail = log_line(v)
-		error(string.format("qemu: restore failed, qemu %s: %s", util.describe_exit(v.proc:wait(0)),
-			tail ~= "" and tail or tostring(err)), 0)
+		error(string.format("qemu: restore failed (a damaged snapshot?), qemu %s: %s",
+			util.describe_exit(v.proc:wait(0)), tail ~= "" and tail or tostring(err)), 0)
 	end
 	error(err, 0)
 end
