@@ -192,7 +192,7 @@ local function failures(c, base, snap)
 	local disk = r.dir .. "/disk.ext4"
 	vt.copy(img.rootfs, disk)
 	local spec = spec_for(disk)
-	t.raises(function() r:restore(broken, spec) end, "^qemu: restore failed, qemu exited",
+	t.raises(function() r:restore(broken, spec) end, "^qemu: restore failed %(a damaged snapshot%?%), qemu exited",
 		"a corrupt vmstate: the restore fails with QEMU's reason")
 	remember(r)
 	t.ok(gone(r), "no process after the failed restore")
