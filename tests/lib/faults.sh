@@ -1,0 +1,82 @@
+# faults.sh: what tests/faults*.sh share. source "$FIRECLAW_TESTS/lib/faults.sh" after
+# tap.sh and leaks.sh, with $tmp set (removed by the caller's EXIT trap).
+#
+# A private world, so that other people's runs, benchmarks and image rebuilds on the same
+# machine neither disturb these tests nor count as their leftovers:
+#   FIRECLAW_STATE=$tmp/state   the current default image and its snapshot as hard links (or
+#                               copies) of /var/lib/fireclaw's, else a snapshot made here
+#   FIRECLAW_RUN=$tmp/run, FIRECLAW_NETNS_PREFIX=$FAULTS_PREFIX (fc-<something>)
+# Helpers: vmm_pid, wait_for, wait_gone, one_line, finish (cleanup + leak check).
+export FIRECLAW_VMM=qemu
+export FIRECLAW_STATE=$tmp/state FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=$FAULTS_PREFIX
+shared=/var/lib/fireclaw
+
+# link (or copy) the files of directory $1 into new directory $2; small files are copied
+link_dir() {
+	mkdir -p "$2" || return 1
+	local f
+	for f in "$1"/*; do
+		[ -f "$f" ] || continue
+		if [ "$(stat -c %s "$f")" -gt 1048576 ]; then
+			ln "$f" "$2/" 2>/dev/null || cp --sparse=always -p "$f" "$2/" || return 1
+		else
+			cp -p "$f" "$2/" || return 1
+		fi
+	done
+}
+
+snapshot_usable() {
+	"$fc" -e 'local s, why = require("fireclaw.cli").use("restore").find {}
+		if not s then io.stderr:write(why, "\n") os.exit(1) end' 2>/dev/null
+}
+
+# The private state: image + keys + snapshot. Returns non-zero if there is no way to get one.
+setup_state() {
+	FIRECLAW_STATE=$shared "$fc" -q image build >/dev/null 2>&1 # built once, cached
+	local try img
+	for try in 1 2 3; do # someone may be rebuilding the shared image right now
+		rm -rf "$FIRECLAW_STATE"
+		mkdir -p "$FIRECLAW_STATE/images" "$FIRECLAW_STATE/snapshots"
+		img=$(readlink -f "$shared/images/default") || continue
+		link_dir "$img" "$FIRECLAW_STATE/images/default" 2>/dev/null || continue
+		link_dir "$shared/keys" "$FIRECLAW_STATE/keys" 2>/dev/null || continue
+		chmod 700 "$FIRECLAW_STATE/keys"
+		[ -f "$FIRECLAW_STATE/images/default/manifest.json" ] && break
+	done
+	[ -f "$FIRECLAW_STATE/images/default/manifest.json" ] || return 1
+	link_dir "$shared/snapshots/default" "$FIRECLAW_STATE/snapshots/default" 2>/dev/null
+	snapshot_usable && return 0
+	rm -rf "$FIRECLAW_STATE/snapshots/default"
+	"$fc" -q snapshot create >/dev/null 2>&1
+	snapshot_usable
+}
+
+# pid of the VMM of the (only) VM in $FIRECLAW_RUN, from its record, once it is there
+vmm_pid() {
+	sed -n '/"vmm"/,/}/s/.*"pid": *\([0-9][0-9]*\).*/\1/p' "$FIRECLAW_RUN"/vms/*/record.json 2>/dev/null | head -1
+}
+
+# wait_for TRIES CMD…: poll CMD every 10 ms, at most TRIES times; status of the last try
+wait_for() {
+	local n=$1
+	shift
+	while [ "$n" -gt 0 ]; do
+		"$@" && return 0
+		n=$((n - 1))
+		sleep 0.01
+	done
+	return 1
+}
+
+# wait_gone PID: a process of ours ends (bounded: ~30 s)
+wait_gone() { wait_for 3000 eval "! kill -0 $1 2>/dev/null"; }
+
+# one_line FILE: the file has exactly one line and it starts "fireclaw: "
+one_line() { [ "$(wc -l <"$1")" = 1 ] && grep -q '^fireclaw: ' "$1"; }
+
+# finish NAME: cleanup, then the leak check (and the cleanup's own status)
+finish() {
+	"$fc" cleanup -q >/dev/null 2>&1
+	ok $? "cleanup runs: $1"
+	no_leaks "$1"
+}
