@@ -22,6 +22,7 @@ local function main(args)
 			n = n + 1
 		end
 	end
+	state.clean_partial()
 	snapshot.clean_temp()
 	log.note("cleanup: %d VM%s reaped", n, n == 1 and "" or "s")
 	return 0

@@ -35,30 +35,40 @@ local function save(rec)
 	fs.write(record_path(rec.dir), json.encode(rec, { pretty = true }), "600")
 end
 
--- Create the record (and the VM directory) for a new VM owned by this process.
+-- Create the record (and the VM directory) for a new VM owned by this process. The
+-- directory is filled under a hidden name (.new-<id>-<pid>) and renamed into place with
+-- its record inside: a VM directory without a record never exists, so a concurrent
+-- cleanup can never mistake a VM being created for a broken one.
 function M.create(fields)
 	local id = fields.id or M.new_id()
 	local dir = config.vm_dir(id)
+	local me = proc.getpid()
+	local tmp = string.format("%s/.new-%s-%d", vms_dir(), id, me)
 	local ok, err = pcall(function()
 		fs.mkdir_p(vms_dir(), "700")
-		fs.mkdir(dir, "700")
+		fs.mkdir(tmp, "700")
 	end)
 	if not ok then
 		error(string.format("state: cannot create the VM directory (%s); is %s writable? "
 			.. "(FIRECLAW_RUN changes it)", err:gsub("^fs: ", ""), config.run_dir), 0)
 	end
-	local me = proc.getpid()
 	local rec = {
-		id = id, dir = dir, netns = M.netns_name(id),
+		id = id, dir = tmp, netns = M.netns_name(id),
 		owner = { pid = me, start = proc.starttime(me) },
 		created = os.time(), image = fields.image, keep = fields.keep or false,
 	}
-	ok, err = pcall(save, rec)
+	ok, err = pcall(function()
+		save(rec)
+		if fs.exists(dir) then error("fs: VM id " .. id .. " is taken", 0) end
+		fs.rename(tmp, dir)
+	end)
 	if not ok then
-		pcall(fs.rm_rf, dir) -- no directory without a record (a full disk, say)
+		pcall(fs.rm_rf, tmp) -- no directory without a record (a full disk, say)
 		error(string.format("state: cannot write the VM record (%s); is %s full? (FIRECLAW_RUN changes it)",
 			tostring(err):gsub("^fs: ", ""), config.run_dir), 0)
 	end
+	rec.dir = dir
+	save(rec)
 	return rec
 end
 
@@ -85,6 +95,7 @@ function M.list()
 	local out = {}
 	for _, id in ipairs(runtime.listdir(vms_dir()) or {}) do
 		local dir = vms_dir() .. "/" .. id
+		if id:sub(1, 1) == "." then goto continue end -- a VM being created
 		local data = fs.read(record_path(dir))
 		local ok, rec = pcall(json.decode, data or "")
 		if ok and type(rec) == "table" and rec.id == id then
@@ -93,6 +104,7 @@ function M.list()
 		elseif fs.is_dir(dir) then
 			out[#out + 1] = { id = id, dir = dir, netns = M.netns_name(id), broken = true, created = 0 }
 		end
+		::continue::
 	end
 	table.sort(out, function(a, b) return (a.created or 0) < (b.created or 0) end)
 	return out
@@ -130,8 +142,17 @@ function M.reap(rec)
 	return done
 end
 
+-- Remove directories of VMs whose creator died between mkdir and the rename into place.
+function M.clean_partial()
+	for _, name in ipairs(runtime.listdir(vms_dir()) or {}) do
+		local pid = name:match("^%.new%-%x+%-(%d+)$")
+		if pid and not proc.alive(tonumber(pid)) then pcall(fs.rm_rf, vms_dir() .. "/" .. name) end
+	end
+end
+
 -- Reap every stale VM (owner gone). Cheap when there is nothing to do: one listdir.
 function M.reap_stale()
+	M.clean_partial()
 	local reaped = {}
 	for _, rec in ipairs(M.list()) do
 		if M.is_stale(rec) then
