@@ -13,7 +13,8 @@ PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs com_err libmnl libedit
 CC ?= cc
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Icore
-LDLIBS += -lm
+# libcurl is dlopen'ed on first use (core/fc_curl.c): not linked, see there why
+LDLIBS += -lm -ldl
 
 ifeq ($(SANITIZE),1)
 OBJDIR := build/san
@@ -46,7 +47,7 @@ build/.deps: tools/deps.sh
 
 build/pkg.mk: build/.deps Makefile
 	@echo "PKG_CFLAGS := $$(pkg-config --cflags $(PKGS))" > $@.tmp
-	@echo "PKG_LIBS := $$(pkg-config --libs $(PKGS))" >> $@.tmp
+	@echo "PKG_LIBS := $$(pkg-config --libs $(PKGS) | sed 's/-lcurl//')" >> $@.tmp
 	@mv $@.tmp $@
 -include build/pkg.mk
 

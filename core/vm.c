@@ -12,8 +12,9 @@
  *   vm.log_tail(path | {paths} [, lines = 10]) -> the last lines of the files ("" if none)
  *
  *   q = vm.qmp_connect(path [, timeout_s = 5])   -- greeting read, qmp_capabilities sent
- *   q:execute(cmd [, args [, timeout_s]]) -> the "return" value; an error raises
- *          "qmp: migrate: GenericError: <desc>"
+ *   q:execute(cmd [, args [, timeout_s [, fd]]]) -> the "return" value; an error raises
+ *          "qmp: migrate: GenericError: <desc>". fd (an integer) goes along with the
+ *          command (SCM_RIGHTS), as getfd and add-fd want; QEMU gets its own copy.
  *   q:events() -> queued asynchronous events (the queue is emptied)
  *   q:wait_event(name [, timeout_s]) -> the event, or nil on timeout
  *   q:greeting() -> the QMP greeting ({QMP = {version = …}})
@@ -439,10 +440,14 @@ static int l_api_client(lua_State *L)
 	a->timeout_ms = (long)(timeout * 1000);
 	a->timer_deadline = -1;
 	a->socket_path = strdup(path);
+	/* libcurl is loaded on first use (core/fc_curl.c); its init is reference-counted */
+	const char *why = fc_curl_load();
+	if (why || curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+		fc_error(L, "%s: %s", name, why ? why : "libcurl failed to initialise");
+	}
 	a->multi = curl_multi_init();
 	a->easy = curl_easy_init();
 	if (!a->socket_path || !a->multi || !a->easy || api_setup(a) < 0) {
-		api_close(L);
 		fc_error(L, "%s: cannot set up an HTTP client for %s", name, path);
 	}
 	return 1;
@@ -695,11 +700,35 @@ static int is_event(lua_State *L, int idx)
 	return r;
 }
 
-static void qmp_send(lua_State *L, struct qmp *q, const char *s, size_t len, double deadline)
+/* Send one message; when fd >= 0 it travels with the first bytes that go out. */
+static void qmp_send(lua_State *L, struct qmp *q, const char *s, size_t len, int fd,
+		     double deadline)
 {
 	size_t off = 0;
 	while (off < len) {
-		ssize_t n = send(q->fd, s + off, len - off, MSG_NOSIGNAL);
+		ssize_t n;
+		if (fd >= 0) {
+			union {
+				char buf[CMSG_SPACE(sizeof(int))];
+				struct cmsghdr align;
+			} u;
+			memset(&u, 0, sizeof u);
+			struct iovec iov = {.iov_base = (char *)s + off, .iov_len = len - off};
+			struct msghdr m = {.msg_iov = &iov,
+					   .msg_iovlen = 1,
+					   .msg_control = u.buf,
+					   .msg_controllen = sizeof u.buf};
+			struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+			c->cmsg_level = SOL_SOCKET;
+			c->cmsg_type = SCM_RIGHTS;
+			c->cmsg_len = CMSG_LEN(sizeof(int));
+			memcpy(CMSG_DATA(c), &fd, sizeof fd);
+			n = sendmsg(q->fd, &m, MSG_NOSIGNAL);
+			if (n > 0)
+				fd = -1;
+		} else {
+			n = send(q->fd, s + off, len - off, MSG_NOSIGNAL);
+		}
 		if (n > 0) {
 			off += (size_t)n;
 			continue;
@@ -727,7 +756,7 @@ static void raise_qmp_error(lua_State *L, const char *cmd)
 /* Send {"execute": cmd, "arguments": args, "id": n} and wait for the answer with that id;
  * events read meanwhile are queued. Pushes the "return" value. */
 static void qmp_execute(lua_State *L, int self, struct qmp *q, const char *cmd, int args,
-			double timeout_s)
+			double timeout_s, int fd)
 {
 	long id = ++q->next_id;
 	lua_createtable(L, 0, 3);
@@ -745,7 +774,7 @@ static void qmp_execute(lua_State *L, int self, struct qmp *q, const char *cmd, 
 	lua_concat(L, 2);
 	const char *msg = lua_tolstring(L, -1, &len);
 	double deadline = fc_now_ms() + timeout_s * 1000;
-	qmp_send(L, q, msg, len, deadline);
+	qmp_send(L, q, msg, len, fd, deadline);
 	lua_pop(L, 2);
 	for (;;) {
 		if (!qmp_next(L, q, deadline))
@@ -786,7 +815,8 @@ static int qmp_l_execute(lua_State *L)
 		args = 3;
 	}
 	double timeout = luaL_optnumber(L, 4, 30);
-	qmp_execute(L, 1, q, cmd, args, timeout);
+	int fd = luaL_optint(L, 5, -1);
+	qmp_execute(L, 1, q, cmd, args, timeout, fd);
 	return 1;
 }
 
@@ -905,7 +935,7 @@ static int l_qmp_connect(lua_State *L)
 	lua_insert(L, -2);
 	lua_setfield(L, -2, "greeting");
 	lua_pop(L, 1);
-	qmp_execute(L, self, q, "qmp_capabilities", 0, timeout);
+	qmp_execute(L, self, q, "qmp_capabilities", 0, timeout, -1);
 	lua_settop(L, self);
 	return 1;
 }
@@ -936,8 +966,6 @@ int luaopen_fireclaw_vm(lua_State *L)
 	    {"qmp_connect", l_qmp_connect},
 	    {NULL, NULL},
 	};
-	/* reference-counted by libcurl, so a second state or a later call is harmless */
-	curl_global_init(CURL_GLOBAL_DEFAULT);
 	fc_class(L, API_MT, api_methods);
 	fc_class(L, QMP_MT, qmp_methods);
 	lua_newtable(L);
