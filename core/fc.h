@@ -101,8 +101,9 @@ struct fc_embedded {
 	int kind;
 	const char *name;  /* "fireclaw.vm" or "run" */
 	const char *chunk; /* "@lua/fireclaw/vm.lua" */
-	const char *src;
+	const char *src;   /* LuaJIT bytecode with debug info */
 	size_t len;
+	const char *description; /* a recipe's first comment line */
 };
 extern const struct fc_embedded fc_embedded[];
 

@@ -160,16 +160,13 @@ static int l_embedded(lua_State *L)
 	return 1;
 }
 
-/* runtime.source(kind, name) -> embedded source text, or nil. */
-static int l_source(lua_State *L)
+/* runtime.description(name) -> the built-in recipe's one-line description, or nil. */
+static int l_description(lua_State *L)
 {
-	const char *k = luaL_checkstring(L, 1);
-	const char *name = luaL_checkstring(L, 2);
-	const struct fc_embedded *e =
-		find_embedded(strcmp(k, "recipe") == 0 ? FC_EMBED_RECIPE : FC_EMBED_MODULE, name);
+	const struct fc_embedded *e = find_embedded(FC_EMBED_RECIPE, luaL_checkstring(L, 1));
 	if (!e)
 		return 0;
-	lua_pushlstring(L, e->src, e->len);
+	lua_pushstring(L, e->description);
 	return 1;
 }
 
@@ -242,7 +239,7 @@ int luaopen_fireclaw_runtime(lua_State *L)
 	static const luaL_Reg fns[] = {
 		{"load_recipe", l_load_recipe},
 		{"embedded", l_embedded},
-		{"source", l_source},
+		{"description", l_description},
 		{"search_dirs", l_search_dirs},
 		{"signal", l_signal},
 		{"check_interrupt", l_check_interrupt},

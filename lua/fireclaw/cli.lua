@@ -138,7 +138,7 @@ end
 local function recipe_list()
 	local found, from_disk = {}, {}
 	for name in pairs(runtime.embedded("recipe")) do
-		found[name] = describe(runtime.source("recipe", name))
+		found[name] = runtime.description(name)
 	end
 	-- the first directory that has a recipe wins, as when running it
 	for _, dir in ipairs(runtime.search_dirs()) do
