@@ -1,7 +1,8 @@
 # fireclaw — run commands in throw-away microVMs.
 #   make                 build ./fireclaw (installs missing Debian packages first, as root)
 #   make test            C unit tests, Lua tests and integration tests on real VMs
-#   make SANITIZE=1 …    the same with ASan + UBSan
+#   make SANITIZE=1 test the same with ASan + UBSan (binary: build/san/fireclaw)
+#   make test TESTS="tests/json.lua tests/e2e.sh"   some test files only
 #   make deps            install every Debian package the project needs
 #   make install PREFIX=/usr/local
 #   make bench           benchmark, writes BENCHMARKS.md
@@ -16,12 +17,16 @@ CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Icore
 # libcurl is dlopen'ed on first use (core/fc_curl.c): not linked, see there why
 LDLIBS += -lm -ldl
 
+# The sanitizer build has its own objects and binary (build/san/fireclaw), so ./fireclaw
+# stays the normal one; `make SANITIZE=1 test` runs the suite with the sanitized binary.
 ifeq ($(SANITIZE),1)
 OBJDIR := build/san
+BIN := build/san/fireclaw
 CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer
 LDFLAGS += -fsanitize=address,undefined
 else
 OBJDIR := build/obj
+BIN := fireclaw
 endif
 
 # every core/*.c but main.c and fc*.c is the Lua module fireclaw.<name>
@@ -30,15 +35,9 @@ MODULES := $(filter-out main fc%,$(basename $(notdir $(CSRC))))
 LUASRC := $(sort $(shell find lua recipes -name '*.lua' 2>/dev/null))
 OBJS := $(patsubst core/%.c,$(OBJDIR)/%.o,$(CSRC)) $(OBJDIR)/embed.o $(OBJDIR)/modules.o
 LIBOBJS := $(filter-out $(OBJDIR)/main.o,$(OBJS))
-UNIT := $(patsubst tests/unit/%.c,build/unit/%,$(wildcard tests/unit/*.c))
+UNIT := $(patsubst tests/unit/%.c,$(OBJDIR)/unit/%,$(wildcard tests/unit/*.c))
 
-all: fireclaw
-
-# both builds write ./fireclaw: relink whenever the flavour changes
-FLAVOUR := $(if $(filter 1,$(SANITIZE)),sanitize,normal)
-build/flavour: FORCE
-	@mkdir -p build
-	@echo $(FLAVOUR) | cmp -s - $@ || echo $(FLAVOUR) > $@
+all: $(BIN)
 
 build/.deps: tools/deps.sh
 	@mkdir -p build
@@ -51,7 +50,7 @@ build/pkg.mk: build/.deps Makefile
 	@mv $@.tmp $@
 -include build/pkg.mk
 
-fireclaw: $(OBJS) build/flavour
+$(BIN): $(OBJS)
 	$(CC) $(LDFLAGS) -o $@ $(OBJS) $(PKG_LIBS) $(LDLIBS)
 
 $(OBJDIR)/%.o: core/%.c core/fc.h build/pkg.mk
@@ -73,12 +72,12 @@ build/modules.c: Makefile $(CSRC)
 	  for m in $(MODULES); do echo "	{\"$$m\", luaopen_fireclaw_$$m},"; done; \
 	  echo '	{NULL, NULL},'; echo '};'; } > $@
 
-build/unit/%: tests/unit/%.c $(LIBOBJS) build/flavour
-	@mkdir -p build/unit
+$(OBJDIR)/unit/%: tests/unit/%.c $(LIBOBJS)
+	@mkdir -p $(OBJDIR)/unit
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $< $(LIBOBJS) $(PKG_LIBS) $(LDLIBS)
 
-test: fireclaw $(UNIT)
-	tests/run
+test: $(BIN) $(UNIT)
+	FIRECLAW=$(abspath $(BIN)) UNIT_DIR=$(OBJDIR)/unit tests/run $(TESTS)
 
 deps:
 	tools/deps.sh
