@@ -96,6 +96,10 @@ done
 # ---- failures (1) ----
 expect 1 "no image named 'nosuch'" "--image nosuch (the default image exists)" "$fc" run --image nosuch -- true
 expect 1 "bad image name" "--image with a path in it" "$fc" run --image a/../b -- true
+mkdir -p "$tmp/empty"
+expect 1 "no image named 'nosuch'" "--image nosuch, and no default image either" \
+	env FIRECLAW_STATE="$tmp/empty" "$fc" run --image nosuch -- true
+is "$(ls -A "$tmp/empty")" "" "and no default image was built for it"
 
 mkdir -p "$tmp/recipes"
 printf -- '-- broken\nlocal x = = 1\n' >"$tmp/recipes/synerr.lua"
