@@ -565,13 +565,17 @@ class Bench:
             with open(src, "w") as f:
                 f.write("int main(void) { return 0; }\n")
             made = []
-            for name, ls in (("empty-all-libs", libs), ("empty-no-curl", [x for x in libs if x != "-lcurl"])):
+            variants = [("empty-all-libs", libs)]
+            if "-lcurl" in libs:
+                variants.append(("empty-no-curl", [x for x in libs if x != "-lcurl"]))
+            for name, ls in variants:
                 exe = os.path.join(self.tmp, name)
                 if run(["cc", "-O2", "-o", exe, src, "-Wl,--no-as-needed"] + ls + ["-lm"])[0] == 0:
                     made.append(exe)
-            if len(made) == 2:
+            if len(made) == len(variants):
                 cmds += made
-                self.libs_note = (" ".join(libs), self.count_libs(made[0]), self.count_libs(made[1]))
+                self.libs_note = (" ".join(libs), self.count_libs(made[0]),
+                                  self.count_libs(made[1]) if len(made) > 1 else None)
         except (OSError, AttributeError):
             pass
         st, _, err = run(["hyperfine", "-N", "--warmup", "20", "--runs", str(N_STARTUP), "--export-json", out]
@@ -716,25 +720,31 @@ class Bench:
             xs = [x for x in (fn(r) for r in runs[mode]) if x is not None]
             return summary(xs, 1, "")
 
-        def stage(key):
+        def stage(key, field):
             def fn(r):
-                xs = [st["cpu_ms"] for st in r["stages"]
+                xs = [st[field] for st in r["stages"]
                       if st["name"] == key or (key == "VMM restore / boot" and st["name"].startswith("VMM"))]
                 return sum(xs) if xs else None
             return fn
 
+        def nothing(r):
+            return None
+
         rows = [("process start-up (exec, dynamic libraries, Lua state; until the recipe starts)",
-                 lambda r: r["start"]),
+                 lambda r: r["start"], nothing),
                 ("before the first stage (Lua modules and recipes, stale VMs, image and snapshot checks, "
-                 "VMM detection with a `qemu -sandbox on -version` probe)", lambda r: r["before"])]
-        rows += [(f"stage: {k}", stage(k)) for k in names]
-        rows += [("after the last stage (JSON, exit)", lambda r: r["after"]),
-                 ("**total**", lambda r: r["start"] + r["before"] + r["after"] + sum(st["cpu_ms"] for st in r["stages"]))]
+                 "VMM detection with a `qemu -sandbox on -version` probe)", lambda r: r["before"],
+                 lambda r: r.get("before_ms"))]
+        rows += [(f"stage: {k}", stage(k, "cpu_ms"), stage(k, "ms")) for k in names]
+        rows += [("after the last stage (JSON, exit)", lambda r: r["after"], lambda r: r.get("after_ms")),
+                 ("**total**", lambda r: r["start"] + r["before"] + r["after"] + sum(st["cpu_ms"] for st in r["stages"]),
+                  nothing)]
         L = [f"fireclaw's own CPU time stage by stage: bench/stagecpu.lua runs the built-in `run` recipe with "
              f"`getrusage(RUSAGE_SELF)` taken at each of its stages ({len(runs['restore'])} restored and "
-             f"{len(runs['cold'])} cold runs of `-- true`, apart from the runs above):", "",
-             "| part of the run | restored, CPU ms | cold, CPU ms |", "|---|---:|---:|"]
-        L += [f"| {name} | {col('restore', fn)} | {col('cold', fn)} |" for name, fn in rows]
+             f"{len(runs['cold'])} cold runs of `-- true`, apart from the runs above; wall time alongside):", "",
+             "| part of the run | restored: CPU ms | wall ms | cold: CPU ms | wall ms |", "|---|---:|---:|---:|---:|"]
+        L += [f"| {name} | {col('restore', c)} | {col('restore', w)} | {col('cold', c)} | {col('cold', w)} |"
+              for name, c, w in rows]
         return "\n".join(L)
 
     def write_report(self):
@@ -861,8 +871,9 @@ class Bench:
         w("")
         w(self.cpu_stage_table())
         w("")
-        w(f"Start-up, `hyperfine -N --warmup 20 --runs {N_STARTUP}` (the empty C programs, for scale, are "
-          "`int main(void) { return 0; }` linked with fireclaw's libraries, with and without `-lcurl`):")
+        w(f"Start-up, `hyperfine -N --warmup 20 --runs {N_STARTUP}` (for scale: the interpreter alone, and an "
+          "empty C program, `int main(void) { return 0; }`, linked with the libraries fireclaw links"
+          + (", with and without `-lcurl`" if self.libs_note and self.libs_note[2] else "") + "):")
         w("")
         w("| command | wall, ms | user, ms (mean) | sys, ms (mean) |")
         w("|---|---:|---:|---:|")

@@ -5,8 +5,8 @@
 -- stage also records getrusage(RUSAGE_SELF) (this process only: the VMM and helpers are
 -- children, not counted). Appends one JSON line to FILE:
 --   {"start": cpu_ms at script start (process start-up), "stages": [{name, cpu_ms, ms}…],
---    "before": cpu_ms from script start to the first stage's start, "after": cpu_ms from the
---    last stage to the end of the recipe}
+--    "before": cpu_ms from script start to the first stage's start (before_ms: wall),
+--    "after": cpu_ms from the last stage to the end of the recipe (after_ms: wall)}
 local ffi = require "ffi"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
@@ -25,20 +25,20 @@ local function cpu_ms()
 		+ (tonumber(ru.ru_utime.tv_usec) + tonumber(ru.ru_stime.tv_usec)) / 1e3
 end
 
-local t_start = cpu_ms()
-local first, last
+local t_start, w_start = cpu_ms(), runtime.now()
+local first, last, w_first, w_last
 local stages = {}
 local orig = log.timer
 log.timer = function(...)
 	local t = orig(...)
-	first = first or cpu_ms()
-	last = first
+	if not first then first, w_first = cpu_ms(), runtime.now() end
+	last, w_last = first, w_first
 	local stage = t.stage
 	function t:stage(name, ...)
 		local ms = stage(self, name, ...)
 		local now = cpu_ms()
 		stages[#stages + 1] = { name = name, cpu_ms = now - last, ms = ms }
-		last = now
+		last, w_last = now, runtime.now()
 		return ms
 	end
 	return t
@@ -46,12 +46,13 @@ end
 
 local chunk = runtime.load_recipe("run")
 local status = chunk(...)
-local t_end = cpu_ms()
+local t_end, w_end = cpu_ms(), runtime.now()
 local out = os.getenv("FCB_STAGECPU_OUT")
 if out then
 	local f = assert(io.open(out, "a"))
 	f:write(json.encode { start = t_start, before = (first or t_end) - t_start, stages = stages,
-		after = t_end - (last or t_end) }, "\n")
+		after = t_end - (last or t_end), before_ms = ((w_first or w_end) - w_start) * 1e3,
+		after_ms = (w_end - (w_last or w_end)) * 1e3 }, "\n")
 	f:close()
 end
 return status
