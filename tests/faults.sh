@@ -25,15 +25,13 @@ fi
 # ---- SIGKILL at each point of a restored run, then cleanup ----
 for p in record netns tap disk vmm-spawned vmm-recorded ssh-ready exec exec-output command-done \
 	teardown-session teardown-vmm reap-vmm reap-netns; do
-	FIRECLAW_FAULT=$p "$fc" run -- echo hi >/dev/null 2>"$tmp/err"
-	is "$?" 137 "SIGKILL at $p: fireclaw died there"
+	is "$(status_of env FIRECLAW_FAULT=$p "$fc" run -- echo hi)" 137 "SIGKILL at $p: fireclaw died there"
 	finish "SIGKILL at $p"
 done
 
 # ... and at the points a cold boot has of its own
 for p in vmm-spawned vmm-recorded; do
-	FIRECLAW_FAULT=$p "$fc" run --no-snapshot -- echo hi >/dev/null 2>"$tmp/err"
-	is "$?" 137 "SIGKILL at $p of a cold boot"
+	is "$(status_of env FIRECLAW_FAULT=$p "$fc" run --no-snapshot -- echo hi)" 137 "SIGKILL at $p of a cold boot"
 	finish "SIGKILL at $p of a cold boot"
 done
 
@@ -56,25 +54,22 @@ for p in record netns tap disk vmm-spawned vmm-recorded ssh-ready exec exec-outp
 done
 
 # ---- cleanup killed halfway, twice, then run again ----
-FIRECLAW_FAULT=ssh-ready "$fc" run -- true 2>/dev/null
-is "$?" 137 "a run killed with its VM up"
-FIRECLAW_FAULT=reap-vmm "$fc" cleanup -q 2>/dev/null
-is "$?" 137 "cleanup killed after killing the VMM"
-FIRECLAW_FAULT=reap-netns "$fc" cleanup -q 2>/dev/null
-is "$?" 137 "cleanup killed after deleting the namespace"
+is "$(status_of env FIRECLAW_FAULT=ssh-ready "$fc" run -- true)" 137 "a run killed with its VM up"
+is "$(status_of env FIRECLAW_FAULT=reap-vmm "$fc" cleanup -q)" 137 "cleanup killed after killing the VMM"
+is "$(status_of env FIRECLAW_FAULT=reap-netns "$fc" cleanup -q)" 137 "cleanup killed after deleting the namespace"
 finish "cleanup killed halfway, then run again"
 
 # ---- snapshot create killed after the VM state was saved ----
-FIRECLAW_FAULT=snapshot-saved "$fc" snapshot create --name fltsnap >/dev/null 2>&1
-is "$?" 137 "snapshot create killed after saving the VM state"
+is "$(status_of env FIRECLAW_FAULT=snapshot-saved "$fc" snapshot create --name fltsnap)" 137 \
+	"snapshot create killed after saving the VM state"
 ls -A "$FIRECLAW_STATE/snapshots" | grep -q '^\.tmp-'
 ok $? "it left a half-made snapshot directory"
 finish "snapshot create killed"
 is "$(ls -A "$FIRECLAW_STATE/snapshots" | tr '\n' ' ')" "default " "cleanup removed the half-made snapshot"
 
 # ---- a --keep VM whose fireclaw died while it was made: its VMM is recorded ----
-FIRECLAW_FAULT=vmm-spawned "$fc" run --keep -- true >/dev/null 2>&1
-is "$?" 137 "run --keep killed right after spawning the VMM"
+is "$(status_of env FIRECLAW_FAULT=vmm-spawned "$fc" run --keep -- true)" 137 \
+	"run --keep killed right after spawning the VMM"
 vp=$(vmm_pid)
 [ -n "$vp" ] && kill -0 "$vp" 2>/dev/null
 ok $? "the kept VMM lives on and is in the record" "vmm pid: '$vp'"

@@ -6,7 +6,7 @@
 #   FIRECLAW_STATE=$tmp/state   the current default image and its snapshot as hard links (or
 #                               copies) of /var/lib/fireclaw's, else a snapshot made here
 #   FIRECLAW_RUN=$tmp/run, FIRECLAW_NETNS_PREFIX=$FAULTS_PREFIX (fc-<something>)
-# Helpers: vmm_pid, wait_for, wait_gone, one_line, finish (cleanup + leak check).
+# Helpers: vmm_pid, wait_for, wait_gone, status_of, one_line, finish (cleanup + leak check).
 export FIRECLAW_VMM=qemu
 export FIRECLAW_STATE=$tmp/state FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=$FAULTS_PREFIX
 shared=/var/lib/fireclaw
@@ -70,6 +70,10 @@ wait_for() {
 
 # wait_gone PID: a process of ours ends (bounded: ~30 s)
 wait_gone() { wait_for 3000 eval "! kill -0 $1 2>/dev/null"; }
+
+# status_of CMD…: CMD's exit status (its output in $tmp/out and $tmp/err), without bash's
+# "Killed" notice when it dies of a signal
+status_of() { { "$@" >"$tmp/out" 2>"$tmp/err"; echo $?; } 2>/dev/null; }
 
 # one_line FILE: the file has exactly one line and it starts "fireclaw: "
 one_line() { [ "$(wc -l <"$1")" = 1 ] && grep -q '^fireclaw: ' "$1"; }
