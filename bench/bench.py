@@ -139,6 +139,52 @@ def stop_children():
             p.wait()
 
 
+# ---------------------------------------------------------------- QEMU command lines
+
+QEMU_FLAGS = {"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-S"}
+
+
+def canon_argv(argv, fds):
+    """QEMU words -> ({"-opt value"…}, {role: path}). File-valued options become their role;
+    fds maps the VMM's descriptor numbers to what they are (readlink of /proc/PID/fd/N)."""
+    out, files = [], {}
+
+    def path_of(v):
+        m = re.match(r"/proc/self/fd/(\d+)$", v)
+        if m:
+            t = fds.get(m.group(1))
+            return t if t and t.startswith("/") else None
+        return None if v.startswith("/dev/fdset/") else v
+
+    words = argv[1:]
+    i = 0
+    while i < len(words):
+        opt = words[i]
+        val = None
+        if opt not in QEMU_FLAGS and i + 1 < len(words):
+            val = words[i + 1]
+            i += 1
+        i += 1
+        if opt in ("-name", "-add-fd", "-chardev"):
+            continue  # plumbing: descriptors, fd sets, the chardevs behind -serial / -mon
+        if opt == "-serial":
+            val = "<console file>"
+        elif opt == "-qmp" or (opt == "-mon" and "mode=control" in (val or "")):
+            opt, val = "-qmp", "<control socket>"
+        elif opt in ("-kernel", "-initrd"):
+            files[opt[1:]] = path_of(val)
+            val = f"<{opt[1:]}>"
+        elif opt == "-object" and "mem-path=" in val:
+            files["ram file"] = path_of(re.search(r"mem-path=([^,]+)", val).group(1))
+            val = re.sub(r"mem-path=[^,]+", "mem-path=<ram file>", val)
+        elif opt == "-drive":
+            val = re.sub(r"file=[^,]+", "file=<disk copy>", val)
+        elif opt == "-netdev":
+            val = re.sub(r"ifname=[^,]+,script=no,downscript=no|fd=\d+", "<tap0>", val)
+        out.append(opt if val is None else f"{opt} {val}")
+    return out, files
+
+
 # ---------------------------------------------------------------- statistics
 
 def med(xs):
@@ -425,13 +471,16 @@ class Bench:
 
     def check_argv(self):
         """Compare the baseline's QEMU command line with the one fireclaw really runs (read
-        from its VMM's /proc/PID/cmdline during a run of `sleep 2`), VM directory paths aside."""
+        from its VMM's /proc/PID/cmdline during a run of `sleep 2`). How files reach QEMU is
+        left aside (a path, or a descriptor fireclaw opened: /proc/self/fd/N, -add-fd sets,
+        chardevs): each file-valued option is compared by its role, and the kernel, initrd and
+        RAM file by identity (the file behind the path or the descriptor)."""
         self.argv_check = {}
         for mode in ("restore", "cold"):
             self.log(f"checking the baseline's QEMU command line against fireclaw's ({mode})")
             argv = [FC, "run", "--json"] + (["--no-snapshot"] if mode == "cold" else []) + ["--", "sleep", "2"]
             p = start(argv, self.fc_env)
-            fc_argv, vm_id = None, None
+            fc_argv, fc_fds = None, {}
             deadline = time.monotonic() + 120
             while fc_argv is None and p.poll() is None and time.monotonic() < deadline:
                 for vid in os.listdir(os.path.join(RUN_DIR, "vms")):
@@ -440,11 +489,17 @@ class Bench:
                             rec = json.load(f)
                         if rec.get("owner", {}).get("pid") != p.pid or not rec.get("vmm", {}).get("pid"):
                             continue
-                        with open(f"/proc/{rec['vmm']['pid']}/cmdline", "rb") as f:
+                        qpid = rec["vmm"]["pid"]
+                        with open(f"/proc/{qpid}/cmdline", "rb") as f:
                             words = f.read().decode().split("\0")[:-1]
                         if words:
-                            fc_argv, vm_id = words, vid
-                    except (OSError, ValueError, AttributeError):
+                            fc_argv = words
+                            for fd in os.listdir(f"/proc/{qpid}/fd"):
+                                try:
+                                    fc_fds[fd] = os.readlink(f"/proc/{qpid}/fd/{fd}")
+                                except OSError:
+                                    pass
+                    except (OSError, ValueError, AttributeError, KeyError):
                         pass
                 time.sleep(0.01)
             st, _, err = finish(p)
@@ -452,29 +507,20 @@ class Bench:
                 raise Fail(f"cannot read the QEMU command line of a fireclaw {mode} run "
                            f"(status {st}: {err.strip()[-200:]})")
             env = dict(os.environ, **self.bl_env[mode], FCB_DRY="1")
-            bl_id = "ID"
             src = self.bl_snapdir if mode == "restore" else self.imgdir
-            st, out, err = run([BASELINE, mode, bl_id, src], env)
+            st, out, err = run([BASELINE, mode, "ID", src], env)
             bl_argv = out.splitlines()
-
-            def norm(words, vmdir):
-                res = []
-                for w in words:
-                    w = w.replace(vmdir + "/", "<vmdir>/")
-                    w = re.sub(r"<vmdir>/[\w.-]+", "<vmdir>/FILE", w)
-                    for p in re.findall(r"/[^,\s=]+", w):
-                        if os.path.exists(p) and os.path.realpath(p) != p:
-                            w = w.replace(p, os.path.realpath(p))
-                    res.append(w)
-                return res
-
-            a = norm(fc_argv, os.path.join(RUN_DIR, "vms", vm_id))
-            b = norm(bl_argv, os.path.join(self.tmp, f"vm-{bl_id}"))
-            a[0], b[0] = os.path.basename(a[0]), os.path.basename(b[0])
-            diff = [f"fireclaw: `{x}`" for x in a if x not in b] + [f"baseline: `{x}`" for x in b if x not in a]
-            if a != b and not diff:
-                diff = ["same words, another order"]
-            self.argv_check[mode] = (diff, a)
+            a, a_files = canon_argv(fc_argv, fc_fds)
+            b, b_files = canon_argv(bl_argv, {})
+            diff = [f"fireclaw only: `{x}`" for x in sorted(set(a) - set(b))] + \
+                [f"baseline only: `{x}`" for x in sorted(set(b) - set(a))]
+            for role in ("kernel", "initrd") + (("ram file",) if mode == "restore" else ()):
+                fa, fb = a_files.get(role), b_files.get(role)
+                if fa and fb and os.path.realpath(fa) != os.path.realpath(fb):
+                    diff.append(f"{role}: fireclaw `{fa}`, baseline `{fb}`")
+                elif not fa:
+                    diff.append(f"{role}: could not tell which file fireclaw's QEMU got")
+            self.argv_check[mode] = (diff, fc_argv)
             if diff:
                 self.log(f"  differences: {diff}")
 
@@ -843,10 +889,11 @@ class Bench:
         for mode in ("restore", "cold"):
             diff, words = self.argv_check[mode]
             w(f"QEMU command line ({mode}), checked against the one fireclaw ran (its VMM's /proc/PID/cmdline "
-              f"during a run, paths in the VM's directory aside): " + ("**identical**." if not diff else
-                                                               "**differs**: " + "; ".join(diff) + "."))
+              "during a run; how files reach QEMU — a path or a descriptor — aside, the kernel, initrd and RAM "
+              "file compared by identity): " + ("**the same machine and devices**." if not diff else
+                                                "**differs**: " + "; ".join(diff) + "."))
             w("")
-        w("<details><summary>the restored run's QEMU command line</summary>")
+        w("<details><summary>fireclaw's QEMU command line (restored run)</summary>")
         w("")
         w("```")
         w(" ".join(self.argv_check["restore"][1]))
