@@ -32,7 +32,8 @@ snapshot_usable() {
 
 # The private state: image + keys + snapshot. Returns non-zero if there is no way to get one.
 setup_state() {
-	FIRECLAW_STATE=$shared "$fc" -q image build >/dev/null 2>&1 # built once, cached
+	[ -f "$shared/images/default/manifest.json" ] ||
+		FIRECLAW_STATE=$shared "$fc" -q image build >/dev/null 2>&1 # as a first run would
 	local try img
 	for try in 1 2 3; do # someone may be rebuilding the shared image right now
 		rm -rf "$FIRECLAW_STATE"
