@@ -1,6 +1,6 @@
 # Bad input (issue 9): each case gives one line on stderr ("fireclaw: …"), its documented
 # exit status (2 usage, 1 failure, the command's own otherwise), no crash and no leftovers.
-# Unknown options and bad values, bad --put/--get, recipes with syntax and runtime errors,
+# Unknown options and bad values, bad --put/--get (local and remote), recipes with syntax and runtime errors,
 # images with a bad or missing kernel or a rootfs that is not ext4, truncated and corrupt
 # snapshot files, snapshots from another VMM or version, a command the guest lacks, output
 # that is not UTF-8 (byte-exact; --json adds <stream>_base64), 100 MB of output with --json
@@ -205,6 +205,15 @@ is "$rc:$out" "0:cold" "run with a damaged snapshot still runs (cold boot)"
 like "$err" "unreadable meta\.json.*cold booting" "with a one-line note"
 cp -p "$tmp/meta.json" "$snaps/default/meta.json"
 no_leaks "run with a damaged snapshot"
+
+# bad --put/--get paths only the guest can judge: one line, no partial local file
+echo data >"$tmp/put.txt"
+expect 1 "remote /nonexistent: no such file" "--get of a missing remote file" \
+	"$fc" run --get "/nonexistent:$tmp/got" -- true
+expect 1 "remote /etc is not a regular file" "--get of a remote directory" "$fc" run --get "/etc:$tmp/got" -- true
+is "$(ls "$tmp" | grep -c '^got')" 0 "no local file from a failed --get"
+expect 1 "remote /nonexistent/dir/x: no such file" "--put into a missing remote directory" \
+	"$fc" run --put "$tmp/put.txt:/nonexistent/dir/x" -- true
 
 # ---- commands and their output ----
 check "$fc" run -- no-such-command-xyz
