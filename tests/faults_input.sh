@@ -244,15 +244,17 @@ no_leaks "output bytes"
 if ldd "$fc" 2>/dev/null | grep -q libasan; then
 	asan=$fc
 elif [ "${FIRECLAW_FAULTS_ASAN:-1}" = 1 ]; then
-	asan=$repo/build/faults-asan/fireclaw
+	# in a copy of the sources: a build next to other people's never races with theirs
+	d=$repo/build/faults-asan
 	(
 		flock 9
-		d=$repo/build/faults-asan
 		mkdir -p "$d" && cd "$d" && rm -rf core lua recipes tools vendor &&
 			cp -rp "$repo"/{Makefile,core,lua,recipes,tools,vendor} . &&
-			make -s -j2 SANITIZE=1 fireclaw
+			make -s -j2 SANITIZE=1
 	) 9>"$repo/build/faults-asan.lock" >"$tmp/asan.log" 2>&1
 	ok $? "a sanitizer build (build/faults-asan)" "$(tail -5 "$tmp/asan.log")"
+	asan=$d/build/san/fireclaw # where `make SANITIZE=1` puts it
+	[ -x "$asan" ] || asan=$d/fireclaw
 else
 	asan=
 fi
