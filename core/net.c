@@ -15,6 +15,8 @@
  *   net.link_info(netns, ifname) -> {index=, mac=, mtu=, up=, carrier=, addrs={cidr...},
  *                                    neighbours={{ip=, mac=, state=}...}}
  *   net.connect(netns, host, port [, timeout_s=10]) -> socket
+ *   net.tap_open(netns, ifname) -> socket  an fd on an existing tap, to hand to a VMM
+ *   net.unix_listen(path) -> socket        a listening unix socket, mode 0600, for a VMM
  *   net.probe(netns, host, port [, timeout_ms=50]) -> bool
  *   net.egress_enable(netns, opts), net.egress_disable(netns, opts)   see "egress" below
  *
@@ -49,6 +51,7 @@
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -1115,6 +1118,94 @@ static int l_probe(lua_State *L)
 	return 1;
 }
 
+/* ---- fds for a VMM that may not open them itself ---- */
+
+/* Runs inside the target namespace: a new fd on the existing tap t->name, with the flags
+ * QEMU uses when it opens ifname= itself (IFF_VNET_HDR), so the guest sees the same device
+ * either way (a snapshot taken with one restores with the other). */
+static int tun_attach(void *arg)
+{
+	struct tun_req *t = arg;
+	int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", t->name);
+	if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+		int e = errno;
+		close(fd);
+		return -e;
+	}
+	t->fd = fd;
+	return 0;
+}
+
+/* net.tap_open(netns, ifname) -> socket (s:fd(), s:close()): an fd on the persistent tap
+ * ifname in netns, for a VMM that runs unprivileged (it cannot open /dev/net/tun): pass
+ * s:fd() with proc.spawn{fds = …} (QEMU: -netdev tap,fd=N), then close s. */
+static int l_tap_open(lua_State *L)
+{
+	const char *netns = check_netns_name(L, 1);
+	const char *name = valid_ifname(L, luaL_checkstring(L, 2));
+	char what[256];
+	snprintf(what, sizeof what, "open tap %s in %s", name, netns);
+	struct sock *s = fc_new(L, sizeof *s, SOCK_MT);
+	s->fd = -1;
+	snprintf(s->label, sizeof s->label, "tap %s in %s", name, netns);
+	/* TUNSETIFF on a name that does not exist would create a new, non-persistent tap */
+	struct nl *nl;
+	struct link_attrs la;
+	int err = nl_open(netns, &nl);
+	if (!err) {
+		err = link_get(nl, name, &la);
+		nl_close(nl);
+	}
+	if (err == -ENODEV)
+		fc_error(L, "net: %s: no such tap (net.tap_create makes one)", what);
+	if (err)
+		net_fail(L, -err, what, NULL);
+	struct tun_req t = {.name = name, .uid = -1, .fd = -1};
+	err = in_netns(netns, tun_attach, &t);
+	if (err)
+		net_fail(L, -err, what, "attach through /dev/net/tun");
+	s->fd = t.fd;
+	return 1;
+}
+
+/* net.unix_listen(path) -> socket: a unix socket listening at path, created 0600 (a stale
+ * socket file there is replaced), for a VMM to accept on (QEMU: -chardev socket,fd=N):
+ * the socket has fireclaw's modes from the start and the VMM needs no access to its
+ * directory. */
+static int l_unix_listen(lua_State *L)
+{
+	const char *path = luaL_checkstring(L, 1);
+	struct sockaddr_un sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sun_family = AF_UNIX;
+	if (strlen(path) >= sizeof sa.sun_path)
+		fc_error(L, "net: listen on %s: path too long for a unix socket", path);
+	strcpy(sa.sun_path, path);
+	struct sock *s = fc_new(L, sizeof *s, SOCK_MT);
+	snprintf(s->label, sizeof s->label, "unix socket %s", path);
+	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (s->fd < 0)
+		fc_errno_error(L, errno, "net: listen on %s: socket", path);
+	struct stat st;
+	if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+		unlink(path);
+	mode_t old = umask(0177); /* the socket file is made 0600, never anything wider */
+	int rc = bind(s->fd, (struct sockaddr *)&sa, sizeof sa);
+	int e = errno;
+	umask(old);
+	if (rc < 0)
+		fc_errno_error(L, e, "net: listen on %s: bind", path);
+	if (listen(s->fd, 4) < 0)
+		fc_errno_error(L, errno, "net: listen on %s", path);
+	return 1;
+}
+
 /* ---- egress (optional, off by default) ----
  *
  * net.egress_enable(netns, opts) gives the guests of namespace netns a way out:
@@ -1539,6 +1630,8 @@ int luaopen_fireclaw_net(lua_State *L)
 	    {"link_info", l_link_info},
 	    {"connect", l_connect},
 	    {"probe", l_probe},
+	    {"tap_open", l_tap_open},
+	    {"unix_listen", l_unix_listen},
 	    {"egress_enable", l_egress_enable},
 	    {"egress_disable", l_egress_disable},
 	    {NULL, NULL},

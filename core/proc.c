@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/close_range.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -182,6 +183,10 @@ static void child_main(int errpipe, const struct spawn_req *r)
 	child_redirect(errpipe, r->stderr_path, r->err_fd, 2, O_WRONLY | O_CREAT | O_TRUNC);
 	if (r->nfds > 0)
 		errpipe = child_fds(errpipe, r);
+	/* the child gets 0-2 and its fds, nothing fireclaw itself inherited by accident */
+	if (syscall(SYS_close_range, 3 + r->nfds, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+		for (int fd = 3 + r->nfds; fd < 4096; fd++)
+			fcntl(fd, F_SETFD, FD_CLOEXEC);
 	if (r->cwd && chdir(r->cwd) < 0)
 		child_fail(errpipe, r->cwd);
 	if (r->gid >= 0 &&
