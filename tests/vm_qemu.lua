@@ -176,9 +176,15 @@ end
 
 local function failures(c, base, snap)
 	local v = new_vm(c, base, "bad-kernel", nil)
+	-- QEMU gets its files as descriptors: a missing one is found before it starts
 	t.raises(function() v:boot({ kernel = base .. "/no-such-kernel", mem_mib = 64 }) end,
-		"^qemu exited %(status 1%) before .*QMP socket.*: .*no%-such%-kernel",
-		"QEMU exiting at start: error with its log tail")
+		"^qemu: open .*/no%-such%-kernel: No such file", "a missing kernel: no QEMU started")
+	t.ok(v.pid == nil, "no process after the failed start")
+	v = new_vm(c, base, "bad-kernel2", nil)
+	vt.run({ "touch", base .. "/empty-kernel" })
+	t.raises(function() v:boot({ kernel = base .. "/empty-kernel", mem_mib = 64 }) end,
+		"^qemu exited %(status 1%) before .*QMP socket.*: .*empty%-kernel",
+		"QEMU exiting at start: error with its log tail, naming the file it was given")
 	remember(v)
 	t.ok(gone(v), "no process after the failed start")
 

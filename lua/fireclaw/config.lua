@@ -1,6 +1,6 @@
 -- fireclaw.config: where things live and the defaults a VM gets.
 -- Environment overrides: FIRECLAW_STATE, FIRECLAW_RUN, FIRECLAW_VMM, FIRECLAW_ACCEL,
--- FIRECLAW_FIRECRACKER, FIRECLAW_QEMU, FIRECLAW_NETNS_PREFIX.
+-- FIRECLAW_FIRECRACKER, FIRECLAW_QEMU, FIRECLAW_NETNS_PREFIX, FIRECLAW_VMM_USER.
 local M = {}
 
 M.state_dir = os.getenv("FIRECLAW_STATE") or "/var/lib/fireclaw"
@@ -16,6 +16,8 @@ M.vmm = os.getenv("FIRECLAW_VMM") or "auto"     -- auto | firecracker | qemu
 M.accel = os.getenv("FIRECLAW_ACCEL") or "auto" -- auto | kvm | tcg (QEMU)
 M.firecracker = os.getenv("FIRECLAW_FIRECRACKER") -- path to the binary, else PATH
 M.qemu = os.getenv("FIRECLAW_QEMU") or "qemu-system-x86_64"
+-- who QEMU runs as: "auto" (a uid of its own per VM, see fireclaw.vmm.qemu), "root", "UID:GID"
+M.vmm_user = os.getenv("FIRECLAW_VMM_USER") or "auto"
 
 -- The network every VM gets inside its own namespace fc-<id> (see DESIGN.md).
 M.net = {

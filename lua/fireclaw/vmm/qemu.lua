@@ -6,12 +6,40 @@
 -- file stays pristine for any number of clones) and migrates the device state back in.
 -- A restore needs the very same machine and device options as the snapshot, so both go
 -- through machine_args().
+--
+-- Least privilege: QEMU gets every file it uses as a descriptor opened here — tap, QMP
+-- socket, disk, console, RAM file, kernel, initrd, migration streams (QMP getfd) — and runs
+-- as a user of its own (uid UID_BASE + 1 + the VM id, group UID_BASE shared by all VMMs),
+-- with no capabilities, no access to fireclaw's directories, under a seccomp filter that
+-- also denies exec, set*id and resource control (-sandbox). FIRECLAW_VMM_USER=root keeps
+-- root; "UID:GID" picks the user. QEMU stays root, with a note under -v, when it needs a file
+-- by path that others cannot read (kernel, initrd) or /dev/kvm closed to the user.
+-- See docs/security.md.
+local config = require "fireclaw.config"
 local core = require "fireclaw.core.vm"
+local ffi = require "ffi"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local util = require "fireclaw.vmm.util"
 
 local M = {}
+
+-- above systemd's container range (524288..1879048191), below its dynamic userns range
+M.UID_BASE = 0x70000000
+
+for _, decl in ipairs({
+	"int open(const char *path, int flags, ...);",
+	"int close(int fd);",
+	"int fchown(int fd, unsigned int uid, unsigned int gid);",
+	"int fchmod(int fd, unsigned int mode);",
+	"struct fireclaw_qemu_stat { unsigned long dev, ino, nlink; unsigned int mode, uid, gid, pad;"
+		.. " unsigned long rdev; long size, blksize, blocks, times[6], reserved[3]; };",
+	"int fstat(int fd, struct fireclaw_qemu_stat *st);",
+	"char *strerror(int errnum);",
+}) do pcall(ffi.cdef, decl) end
+local C = ffi.C
+local O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_PATH, O_CLOEXEC =
+	0, 1, 2, 0x40, 0x200, 0x200000, 0x80000
 
 M.SOCKET_TIMEOUT = 10
 M.MIGRATE_TIMEOUT = 120
@@ -20,8 +48,10 @@ M.DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1"
 local function qmp_path(v) return v.dir .. "/qmp.sock" end
 
 -- The end of QEMU's log as one line, for an error message.
+-- QEMU names the files it was given by their descriptors: say which files they are.
 local function log_line(v)
-	return (core.log_tail(v.dir .. "/vmm.log", 10):gsub("%s+$", ""):gsub("\n", " | "))
+	local line = core.log_tail(v.dir .. "/vmm.log", 10):gsub("%s+$", ""):gsub("\n", " | ")
+	return (line:gsub("/proc/self/fd/%d+", v._fd_paths or {}):gsub("/dev/fdset/%d+", v._fd_paths or {}))
 end
 
 function M.log_files(v) return { v.dir .. "/vmm.log" } end
@@ -106,34 +136,159 @@ local function append(t, ...)
 end
 
 -- The command line for a boot (ram = {path, share = true}) or a restore (share = false,
--- incoming = true). Everything that shapes the machine is here, for both.
-local function machine_args(v, spec, ram)
+-- incoming = true). Everything that shapes the machine is here, for both. fd names the
+-- descriptors QEMU inherits (see open_fds); paths only appear for what it opens itself.
+local function machine_args(v, spec, ram, fd)
 	local mem, vcpu = spec.mem_mib or 256, spec.vcpu or 1
-	local a = { v.binary, "-M", "microvm,memory-backend=mem" }
+	local self = function(n) return "/proc/self/fd/" .. n end
+	-- the VM's directory names the process (ps, leak checks): QEMU opens nothing in it
+	local a = { v.binary, "-name", optval(v.dir), "-M", "microvm,memory-backend=mem" }
 	append(a, unpack(accel_args(v)))
 	append(a, "-smp", tostring(vcpu), "-m", mem .. "M",
+		-- QEMU opens mem-path itself: through /proc/self/fd it reaches the file it was given
 		"-object", string.format("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s",
-			mem, optval(ram.path), ram.share and "on" or "off"),
+			mem, self(fd.ram), ram.share and "on" or "off"),
 		"-nodefaults", "-no-user-config", "-nographic",
 		-- a guest reboot or panic ends the VMM, as with Firecracker
 		"-no-reboot",
-		"-serial", "file:" .. v.console_path,
-		"-qmp", "unix:" .. optval(qmp_path(v)) .. ",server=on,wait=off",
-		"-kernel", spec.kernel, "-append", boot_args(v, spec))
-	if spec.initrd then append(a, "-initrd", spec.initrd) end
+		"-add-fd", "fd=" .. fd.console .. ",set=2", "-chardev", "file,id=ser0,path=/dev/fdset/2",
+		"-serial", "chardev:ser0",
+		"-chardev", "socket,id=qmp,fd=" .. fd.qmp .. ",server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+		"-kernel", self(fd.kernel), "-append", boot_args(v, spec))
+	if spec.initrd then append(a, "-initrd", self(fd.initrd)) end
 	if spec.rootfs then
 		-- a full host disk is an I/O error in the guest, not a VM paused forever (QEMU's
-		-- default werror=enospc stops the VM and the command never ends)
-		append(a, "-drive", "id=root,if=none,format=raw,werror=report,rerror=report,file=" .. optval(spec.rootfs),
+		-- default werror=enospc stops the VM and the command never ends). The disk is this
+		-- VM's own copy: no image locking (with an fd set it would trip over itself).
+		append(a, "-add-fd", "fd=" .. fd.disk .. ",set=1", "-add-fd", "fd=" .. fd.disk_ro .. ",set=1",
+			"-drive", "id=root,if=none,format=raw,werror=report,rerror=report,file.locking=off,file=/dev/fdset/1",
 			"-device", "virtio-blk-device,drive=root")
 	end
 	if v.tap then
-		append(a, "-netdev", "tap,id=net0,ifname=" .. optval(v.tap) .. ",script=no,downscript=no",
+		local how = fd.tap and ("fd=" .. fd.tap) or ("ifname=" .. optval(v.tap) .. ",script=no,downscript=no")
+		append(a, "-netdev", "tap,id=net0," .. how,
 			"-device", "virtio-net-device,netdev=net0" .. (v.mac and (",mac=" .. v.mac) or ""))
 	end
-	if has_sandbox(v.binary) then append(a, "-sandbox", "on") end
+	if has_sandbox(v.binary) then
+		-- migration streams come as fds (getfd), so QEMU never needs to run a program
+		append(a, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+	end
 	if ram.incoming then append(a, "-incoming", "defer") end
 	return a
+end
+
+-- ---- descriptors and the unprivileged user ----
+
+local function errno_text() return ffi.string(C.strerror(ffi.errno())) end
+
+local function open_fd(path, flags, mode)
+	-- a Lua number in a C vararg is a double: the mode goes as an unsigned int
+	local fd = C.open(path, bit.bor(flags, O_CLOEXEC), ffi.new("unsigned int", mode or 0))
+	if fd < 0 then error(string.format("qemu: open %s: %s", path, errno_text()), 0) end
+	return fd
+end
+
+local function fstat(fd)
+	local st = ffi.new("struct fireclaw_qemu_stat")
+	if C.fstat(fd, st) ~= 0 then error("qemu: fstat: " .. errno_text(), 0) end
+	return st
+end
+
+-- A small stable number for an id that is not the usual 6 hex digits.
+local function id_number(id)
+	id = tostring(id)
+	if id:match("^%x%x%x%x%x%x$") then return tonumber(id, 16) end
+	local h = 5381
+	for i = 1, #id do h = (h * 33 + id:byte(i)) % 16777216 end
+	return h
+end
+
+-- uid, gid QEMU should run as, or nil for root.
+local function wanted_user(v)
+	local want = tostring(v.user or config.vmm_user or "auto")
+	if want == "root" then return nil end
+	if want == "auto" then return M.UID_BASE + 1 + id_number(v.id), M.UID_BASE end
+	local uid, gid = want:match("^(%d+):(%d+)$")
+	if not uid then error("vm: FIRECLAW_VMM_USER is auto, root or UID:GID, not '" .. want .. "'", 0) end
+	return tonumber(uid), tonumber(gid)
+end
+
+-- Why QEMU cannot run as an unprivileged user here, or nil. path_fds: files QEMU opens by
+-- name (through /proc/self/fd, which checks the file's own mode).
+local function root_needed(v, path_fds)
+	if v.tap and not v.netns then return "its tap is in the host's namespace (opened by name)" end
+	for name, fd in pairs(path_fds) do
+		if bit.band(fstat(fd).mode, 4) == 0 then return "the " .. name .. " is not readable by others" end
+	end
+	if v.accel == "kvm" then
+		local fd = C.open("/dev/kvm", bit.bor(O_PATH, O_CLOEXEC))
+		if fd < 0 then return nil end -- QEMU will say
+		local st = fstat(fd)
+		C.close(fd)
+		if bit.band(st.mode, 6) == 6 then return nil end
+		if bit.band(st.mode, 48) == 48 then v._vmm_groups = { st.gid } return nil end
+		return "/dev/kvm is open to root only"
+	end
+	return nil
+end
+
+-- Open everything QEMU gets as a descriptor; returns the list (in the order QEMU sees them
+-- as 3, 4, …), the numbers by name, and the uid/gid/groups to run as (nil: root). What is
+-- opened is appended to `fds` as it goes, so the caller closes it whatever happens.
+local function open_fds(v, spec, ram, fds)
+	local num, paths = {}, {}
+	v._fd_paths = paths -- for QEMU's messages (log_line)
+	local function pass(name, fd, path)
+		fds[#fds + 1] = fd
+		num[name] = #fds + 2
+		if path then paths["/proc/self/fd/" .. num[name]] = path end
+		return fd
+	end
+	if v.tap and v.netns then
+		local tap = require("fireclaw.net").tap_open(v.netns, v.tap)
+		v._tap = tap -- closed with the rest (see spawn)
+		pass("tap", tap:fd())
+	end
+	local qmp = require("fireclaw.net").unix_listen(qmp_path(v))
+	v._qmp_listen = qmp
+	pass("qmp", qmp:fd())
+	pass("console", open_fd(v.console_path, O_WRONLY + O_TRUNC))
+	paths["/dev/fdset/2"] = v.console_path
+	local path_fds = {}
+	path_fds.kernel = pass("kernel", open_fd(spec.kernel, O_RDONLY), spec.kernel)
+	if spec.initrd then path_fds.initrd = pass("initrd", open_fd(spec.initrd, O_RDONLY), spec.initrd) end
+	if spec.rootfs then
+		pass("disk", open_fd(spec.rootfs, O_RDWR))
+		pass("disk_ro", open_fd(spec.rootfs, O_RDONLY))
+		paths["/dev/fdset/1"] = spec.rootfs
+	end
+	local uid, gid = wanted_user(v)
+	local why = uid and root_needed(v, path_fds)
+	if why then
+		util.verbose("VM %s: qemu runs as root: %s", v.id, why)
+		uid, gid = nil, nil
+	end
+	if ram.share then -- the boot's own RAM file, made here for this VM
+		local r = pass("ram", open_fd(ram.path, O_RDWR + O_CREAT, tonumber("600", 8)), ram.path)
+		if uid and C.fchown(r, uid, gid) ~= 0 then error("qemu: chown " .. ram.path .. ": " .. errno_text(), 0) end
+	else -- a snapshot's RAM file: QEMU 7.2 opens it read-write even with share=off
+		local r = pass("ram", open_fd(ram.path, O_RDONLY), ram.path)
+		if uid and (C.fchown(r, 0xffffffff, gid) ~= 0 or C.fchmod(r, tonumber("660", 8)) ~= 0) then
+			error("qemu: give the VMM group " .. gid .. " " .. ram.path .. ": " .. errno_text(), 0)
+		end
+	end
+	return num, uid, gid
+end
+
+local function close_fds(v, fds)
+	for _, fd in ipairs(fds) do
+		if not ((v._tap and fd == v._tap:fd()) or (v._qmp_listen and fd == v._qmp_listen:fd())) then
+			C.close(fd)
+		end
+	end
+	if v._tap then v._tap:close() end
+	if v._qmp_listen then v._qmp_listen:close() end
+	v._tap, v._qmp_listen = nil, nil
 end
 
 local function spawn(v, spec, ram)
@@ -142,17 +297,24 @@ local function spawn(v, spec, ram)
 	os.remove(qmp_path(v))
 	util.touch(v.console_path) -- no stale output from an earlier VM in this dir
 	local t0 = runtime.now()
-	v:_started(proc.spawn{
-		argv = machine_args(v, spec, ram),
-		env = v.env,
-		netns = v.netns,
-		pdeathsig = not v.keep, -- a kept VM outlives this fireclaw
-		stdin = "/dev/null",
-		stdout = v.dir .. "/vmm.log",
-		stderr = v.dir .. "/vmm.log",
-	})
-	core.wait_socket(qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT, v.proc,
-		{ log = v.dir .. "/vmm.log", name = "qemu", what = "QMP socket" })
+	local fds = {}
+	local ok, err = pcall(function()
+		local num, uid, gid = open_fds(v, spec, ram, fds)
+		v:_started(proc.spawn{
+			argv = machine_args(v, spec, ram, num),
+			env = v.env,
+			netns = v.netns,
+			pdeathsig = not v.keep, -- a kept VM outlives this fireclaw
+			stdin = "/dev/null",
+			stdout = v.dir .. "/vmm.log",
+			stderr = v.dir .. "/vmm.log",
+			fds = fds, uid = uid, gid = gid, groups = uid and v._vmm_groups or nil,
+		})
+		v.vmm_uid = uid or 0
+	end)
+	-- QEMU has its copies now (or failed): ours go, so that the QMP socket closes with QEMU
+	close_fds(v, fds)
+	if not ok then error(err, 0) end
 	local ok, q = pcall(core.qmp_connect, qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
 	if not ok then
 		-- QEMU creates the socket early and may still fail on its options (kernel, disk,
@@ -207,10 +369,20 @@ local function migration_done(v)
 	return nil
 end
 
+-- Hand QEMU the migration stream (QMP getfd) as "vmstate": it needs no access to dir, and
+-- runs no program for it.
+local function give_stream(v, path, flags)
+	local fd = open_fd(path, flags, tonumber("600", 8))
+	local ok, err = pcall(v.qmp.execute, v.qmp, "getfd", { fdname = "vmstate" }, nil, fd)
+	C.close(fd)
+	if not ok then error(err, 0) end
+end
+
 function M.snapshot(v, dir)
 	M.pause(v)
 	set_ignore_shared(v)
-	v.qmp:execute("migrate", { uri = "exec:cat > " .. util.shell_quote(dir .. "/vmstate") })
+	give_stream(v, dir .. "/vmstate", O_WRONLY + O_CREAT + O_TRUNC)
+	v.qmp:execute("migrate", { uri = "fd:vmstate" })
 	if not util.poll(function() return migration_done(v) end, M.MIGRATE_TIMEOUT) then
 		error("qemu: saving the device state to " .. dir .. "/vmstate did not finish within "
 			.. M.MIGRATE_TIMEOUT .. "s", 0)
@@ -256,7 +428,8 @@ function M.restore(v, dir, spec)
 	spawn(v, spec, { path = dir .. "/memory", share = false, incoming = true })
 	local ok, err = pcall(function()
 		set_ignore_shared(v)
-		v.qmp:execute("migrate-incoming", { uri = "exec:cat " .. util.shell_quote(dir .. "/vmstate") })
+		give_stream(v, dir .. "/vmstate", O_RDONLY)
+		v.qmp:execute("migrate-incoming", { uri = "fd:vmstate" })
 		-- a `cont` sent while the state is still coming in is lost (GUEST-NOTES.md)
 		if not util.poll(function() return incoming_done(v) end, M.MIGRATE_TIMEOUT) then
 			error("qemu: loading " .. dir .. "/vmstate did not finish within "
