@@ -232,9 +232,9 @@ local function root_needed(v, path_fds)
 	return nil
 end
 
--- Open everything QEMU gets as a descriptor; returns the list (in the order QEMU sees them
--- as 3, 4, …), the numbers by name, and the uid/gid/groups to run as (nil: root). What is
--- opened is appended to `fds` as it goes, so the caller closes it whatever happens.
+-- Open everything QEMU gets as a descriptor, appending each to `fds` (QEMU sees them as
+-- 3, 4, … in that order) as it goes, so the caller closes them whatever happens. Returns
+-- their numbers in QEMU by name, and the uid, gid to run as (nil: root).
 local function open_fds(v, spec, ram, fds)
 	local num, paths = {}, {}
 	v._fd_paths = paths -- for QEMU's messages (log_line)
@@ -317,8 +317,8 @@ local function spawn(v, spec, ram)
 	if not ok then error(err, 0) end
 	local ok, q = pcall(core.qmp_connect, qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
 	if not ok then
-		-- QEMU creates the socket early and may still fail on its options (kernel, disk,
-		-- tap): say so with its own words rather than the reset connection
+		-- the socket is ours and listens at once, QEMU may still fail on its options
+		-- (kernel, disk, tap): say so with its own words rather than the reset connection
 		local st = v.proc:wait(2)
 		if st then
 			error(string.format("qemu %s before answering on its QMP socket: %s",
