@@ -71,11 +71,12 @@ args=(-M microvm,memory-backend=mem "${accel[@]}" -smp "$FCB_VCPU" -m "${FCB_MEM
 	-qmp "unix:$dir/qmp.sock,server=on,wait=off"
 	-kernel "$FCB_KERNEL" -append "$FCB_APPEND")
 [ -n "$FCB_INITRD" ] && args+=(-initrd "$FCB_INITRD")
-args+=(-drive "id=root,if=none,format=raw,werror=report,rerror=report,file=$dir/disk.ext4"
+args+=(-drive "id=root,if=none,format=raw,werror=report,rerror=report,file.locking=off,file=$dir/disk.ext4"
 	-device virtio-blk-device,drive=root
 	-netdev tap,id=net0,ifname=tap0,script=no,downscript=no
 	-device virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02)
-[ "${FCB_SANDBOX:-0}" = 1 ] && args+=(-sandbox on)
+# fireclaw's seccomp groups, but spawn: the baseline's migration streams go through exec:cat
+[ "${FCB_SANDBOX:-0}" = 1 ] && args+=(-sandbox on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny)
 [ "$mode" = restore ] && args+=(-incoming defer)
 if [ "${FCB_DRY:-0}" = 1 ]; then
 	printf '%s\n' "$FCB_QEMU" "${args[@]}"
