@@ -217,12 +217,34 @@ like "$out" "root 0" "firecracker: root can connect to the API socket"
 like "$out" "nobody [1-9]" "firecracker: another user cannot connect to the API socket"
 no_leaks "firecracker API socket"
 
-# ---- the jailer ----
-if command -v jailer >/dev/null && command -v firecracker >/dev/null; then
-	out=$(jailer --version 2>&1)
-	ok $? "jailer runs: $out"
+# ---- the jailer (docs/security.md): only where a jailer and a firecracker are installed ----
+jailer=$(command -v jailer)
+fcbin=$(command -v firecracker)
+if [ -n "$jailer" ] && [ -n "$fcbin" ]; then
+	jns=fct-secjail-$$ jid=fct-secjail
+	juid=$((0x70000000 + 1 + 0xfffffe)) jgid=$((0x70000000))
+	ip netns add "$jns"
+	"$jailer" --id "$jid" --exec-file "$fcbin" --uid "$juid" --gid "$jgid" \
+		--chroot-base-dir "$tmp/jail" --netns "/run/netns/$jns" -- --api-sock /api.sock \
+		</dev/null >"$tmp/jailer.log" 2>&1 &
+	jpid=$!
+	bg+=("$jpid")
+	jsock=$tmp/jail/${fcbin##*/}/$jid/root/api.sock
+	for _ in $(seq 1000); do [ -S "$jsock" ] && break; kill -0 "$jpid" 2>/dev/null || break; sleep 0.01; done
+	[ -S "$jsock" ]
+	ok $? "jailer: firecracker's API socket appears in the jail" "$(cat "$tmp/jailer.log")"
+	like "$(printf 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' | socat - "UNIX-CONNECT:$jsock" 2>&1)" \
+		'"state"' "jailer: the API answers"
+	is "$(awk '/^Uid:/ {print $2}' /proc/"$jpid"/status 2>/dev/null)" "$juid" "jailer: firecracker runs as uid $juid"
+	is "$(ip netns identify "$jpid" 2>/dev/null)" "$jns" "jailer: firecracker is in namespace $jns"
+	as_nobody socat -u OPEN:/dev/null "UNIX-CONNECT:$jsock"
+	ok $((!$?)) "jailer: another user cannot connect to the API socket"
+	kill -KILL "$jpid" 2>/dev/null
+	wait "$jpid" 2>/dev/null
+	ip netns delete "$jns"
+	rm -rf "$tmp/jail"
 else
-	skip "no jailer/firecracker binary on PATH: the jailer arguments in docs/security.md are untested here"
+	skip "no jailer and firecracker on PATH: the jailer arguments in docs/security.md are not tested here"
 fi
 
 done_testing
