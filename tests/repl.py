@@ -53,19 +53,25 @@ class Repl:
         return self.read_until(prompt)
 
     def close(self):
-        os.write(self.fd, b"\x04")  # Ctrl-D
+        # Ctrl-D; sent again if it was lost (libedit flushes pending input when it puts
+        # the terminal in raw mode, so a ^D typed before that moment is discarded)
         end = time.monotonic() + 10
+        next_send = 0
         while time.monotonic() < end:
+            if time.monotonic() >= next_send:
+                try:
+                    os.write(self.fd, b"\x04")
+                except OSError:
+                    pass
+                next_send = time.monotonic() + 1
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
-            # read only what is there: a blocking read here hung the whole run when the
-            # REPL did not exit
-            if select.select([self.fd], [], [], 0.05)[0]:
-                try:
-                    os.read(self.fd, 4096)
-                except OSError:
-                    pass
+            select.select([self.fd], [], [], 0.05)
+            try:
+                os.read(self.fd, 4096)
+            except OSError:
+                pass
         os.kill(self.pid, 9)
         os.waitpid(self.pid, 0)
         return None
