@@ -206,6 +206,33 @@ static int l_now(lua_State *L)
 	return 1;
 }
 
+/* runtime.stat(path) -> {size=, mtime=, ino=, dev=, mode=, uid=}, or nil, err. Enough to
+ * tell whether a file changed (e.g. a VMM binary whose probed version is cached). */
+static int l_stat(lua_State *L)
+{
+	const char *path = luaL_checkstring(L, 1);
+	struct stat st;
+	if (stat(path, &st) != 0) {
+		lua_pushnil(L);
+		lua_pushfstring(L, "%s: %s", path, strerror(errno));
+		return 2;
+	}
+	lua_createtable(L, 0, 6);
+	lua_pushnumber(L, (lua_Number)st.st_size);
+	lua_setfield(L, -2, "size");
+	lua_pushnumber(L, (lua_Number)st.st_mtim.tv_sec + st.st_mtim.tv_nsec / 1e9);
+	lua_setfield(L, -2, "mtime");
+	lua_pushnumber(L, (lua_Number)st.st_ino);
+	lua_setfield(L, -2, "ino");
+	lua_pushnumber(L, (lua_Number)st.st_dev);
+	lua_setfield(L, -2, "dev");
+	lua_pushinteger(L, (lua_Integer)st.st_mode);
+	lua_setfield(L, -2, "mode");
+	lua_pushinteger(L, (lua_Integer)st.st_uid);
+	lua_setfield(L, -2, "uid");
+	return 1;
+}
+
 /* runtime.listdir(path) -> sorted array of entry names (no . and ..), or nil, err. */
 static int l_listdir(lua_State *L)
 {
@@ -246,6 +273,7 @@ int luaopen_fireclaw_runtime(lua_State *L)
 		{"sleep", l_sleep},
 		{"now", l_now},
 		{"listdir", l_listdir},
+		{"stat", l_stat},
 		{NULL, NULL},
 	};
 	lua_newtable(L);

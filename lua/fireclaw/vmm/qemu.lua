@@ -68,17 +68,19 @@ local probes = {}
 -- version otherwise: one process answers both questions.
 function M.probe(binary)
 	if not probes[binary] then
-		local function run(argv)
-			local ok, r = pcall(proc.run, argv, { timeout = 10 })
-			return ok and r.status == 0 and r.stdout:match("version (%d+%.%d+%.?%d*)") or nil
-		end
-		local version = run({ binary, "-sandbox", "on", "-version" })
-		local sandbox = version ~= nil
-		version = version or run({ binary, "-version" })
-		if not sandbox then
+		probes[binary] = util.cached_probe("qemu", binary, function()
+			local function run(argv)
+				local ok, r = pcall(proc.run, argv, { timeout = 10 })
+				return ok and r.status == 0 and r.stdout:match("version (%d+%.%d+%.?%d*)") or nil
+			end
+			local version = run({ binary, "-sandbox", "on", "-version" })
+			local sandbox = version ~= nil
+			version = version or run({ binary, "-version" })
+			return version and { version = version, sandbox = sandbox } or nil
+		end) or { sandbox = false }
+		if not probes[binary].sandbox then
 			util.verbose("qemu: %s has no -sandbox (seccomp); running without it", binary)
 		end
-		probes[binary] = { version = version, sandbox = sandbox }
 	end
 	return probes[binary]
 end

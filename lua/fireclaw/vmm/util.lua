@@ -154,4 +154,31 @@ function M.describe_exit(st)
 	return "exited (status " .. tostring(st.status) .. ")"
 end
 
+-- What probe(binary) finds out about a VMM binary (its version, its features), cached in
+-- $FIRECLAW_STATE/cache/vmm-probes.json under the binary's identity (path, size, mtime,
+-- inode): running `qemu -version` costs ~20 ms of every run otherwise. A changed or
+-- replaced binary is probed again; an unwritable cache only costs the probe.
+function M.cached_probe(kind, binary, probe)
+	local runtime = require "fireclaw.runtime"
+	local json = require "fireclaw.json"
+	local config = require "fireclaw.config"
+	local st = runtime.stat(binary)
+	if not st then return probe() end
+	local key = string.format("%s %s %d %.9f %d", kind, binary, st.size, st.mtime, st.ino)
+	local path = config.state_dir .. "/cache/vmm-probes.json"
+	local ok, cache = pcall(json.decode, M.read_file(path) or "{}")
+	if not ok or type(cache) ~= "table" then cache = {} end
+	if type(cache[key]) == "table" then return cache[key] end
+	local result = probe()
+	if result then
+		cache[key] = result
+		pcall(function()
+			local fs = require "fireclaw.fs"
+			fs.mkdir_p(config.state_dir .. "/cache", "700")
+			fs.write(path, json.encode(cache), "600")
+		end)
+	end
+	return result
+end
+
 return M
