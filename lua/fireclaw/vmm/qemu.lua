@@ -1,6 +1,6 @@
 -- fireclaw.vmm.qemu: the QEMU microvm driver behind fireclaw.vm.
 --
--- Guest RAM lives in a file (memory-backend-file, share=on) from the cold boot on, so a
+-- Guest RAM is a shared file (memory-backend-file, share=on; a memfd) from the cold boot on, so a
 -- snapshot is: stop, migrate the device state only (x-ignore-shared) to dir/vmstate, copy
 -- the RAM file to dir/memory. A restore maps dir/memory with share=off (copy-on-write: the
 -- file stays pristine for any number of clones) and migrates the device state back in.
@@ -36,6 +36,8 @@ for _, decl in ipairs({
 		.. " unsigned long rdev; long size, blksize, blocks, times[6], reserved[3]; };",
 	"int fstat(int fd, struct fireclaw_qemu_stat *st);",
 	"char *strerror(int errnum);",
+	"int memfd_create(const char *name, unsigned int flags);",
+	"int fcntl(int fd, int cmd, ...);",
 }) do pcall(ffi.cdef, decl) end
 local C = ffi.C
 local O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_PATH, O_CLOEXEC =
@@ -270,9 +272,15 @@ local function open_fds(v, spec, ram, fds)
 		util.verbose("VM %s: qemu runs as root: %s", v.id, why)
 		uid, gid = nil, nil
 	end
-	if ram.share then -- the boot's own RAM file, made here for this VM
-		local r = pass("ram", open_fd(ram.path, O_RDWR + O_CREAT, tonumber("600", 8)), ram.path)
-		if uid and C.fchown(r, uid, gid) ~= 0 then error("qemu: chown " .. ram.path .. ": " .. errno_text(), 0) end
+	if ram.memfd then -- the boot's own RAM: an anonymous tmpfs file (see M.boot)
+		local r = C.memfd_create("fireclaw-ram", 1) -- MFD_CLOEXEC
+		if r < 0 then error("qemu: memfd_create: " .. errno_text(), 0) end
+		pass("ram", r, "guest RAM")
+		-- our own copy stays open: a snapshot copies the RAM from it
+		ram.fd = C.fcntl(r, 1030, ffi.new("int", 3)) -- F_DUPFD_CLOEXEC
+		if ram.fd < 0 then error("qemu: dup: " .. errno_text(), 0) end
+		ram.path = "/proc/self/fd/" .. ram.fd
+		if uid and C.fchown(r, uid, gid) ~= 0 then error("qemu: chown guest RAM: " .. errno_text(), 0) end
 	else -- a snapshot's RAM file: QEMU 7.2 opens it read-write even with share=off
 		local r = pass("ram", open_fd(ram.path, O_RDONLY), ram.path)
 		if uid and (C.fchown(r, 0xffffffff, gid) ~= 0 or C.fchmod(r, tonumber("660", 8)) ~= 0) then
@@ -338,8 +346,11 @@ local function spawn(v, spec, ram)
 		v.timings.api_ready * 1e3)
 end
 
+-- A cold boot's RAM is a memfd shared with QEMU (share=on, so a snapshot can leave it out
+-- of the migration stream and copy it as a file): it lives in memory wherever the run
+-- directory is, costs no file to create, fill and unlink, and goes with the last fd.
 function M.boot(v, spec)
-	spawn(v, spec, { path = v.dir .. "/memory", share = true, owned = true })
+	spawn(v, spec, { memfd = true, share = true })
 end
 
 function M.pause(v) v.qmp:execute("stop") end
@@ -454,8 +465,11 @@ function M.destroy(v)
 	if v.qmp then v.qmp:close() end
 	if v.proc then v.proc:close() end
 	os.remove(qmp_path(v))
-	-- the boot RAM file is the dead VMM's memory; a restore's is the snapshot's: keep that
-	if v.ram and v.ram.owned then os.remove(v.ram.path) end
+	-- the boot RAM (a memfd) goes with our last descriptor; a restore's is the snapshot's
+	if v.ram and v.ram.fd and v.ram.fd >= 0 then
+		C.close(v.ram.fd)
+		v.ram.fd = -1
+	end
 end
 
 return M
