@@ -790,7 +790,7 @@ class Bench:
         rows = [("process start-up (exec, dynamic libraries, Lua state; until the recipe starts)",
                  lambda r: r["start"], nothing),
                 ("before the first stage (Lua modules and recipes, stale VMs, image and snapshot checks, "
-                 "VMM detection with a `qemu -sandbox on -version` probe)", lambda r: r["before"],
+                 "VMM detection: QEMU's version and seccomp support, probed or cached)", lambda r: r["before"],
                  lambda r: r.get("before_ms"))]
         rows += [(f"stage: {k}", stage(k, "cpu_ms"), stage(k, "ms")) for k in names]
         rows += [("after the last stage (JSON, exit)", lambda r: r["after"], lambda r: r.get("after_ms")),
