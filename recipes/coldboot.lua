@@ -10,18 +10,12 @@ local M = {}
 
 -- opts: image, vcpu, mem_mib, vmm, accel, keep, boot_timeout (s)
 function M.boot(opts)
-	local sb = sandbox.new(opts)
-	local ok, err = pcall(function()
+	return sandbox.build(opts, function(sb)
 		sb:network()                      -- namespace fc-<id> with tap0
 		sb:disk(sb.img.rootfs)            -- this VM's own copy of the image's disk
 		sb:boot()                         -- the VMM boots the kernel
 		sb:connect(opts.boot_timeout)     -- until the guest's sshd answers (pinned host key)
 	end)
-	if not ok then
-		sb:destroy()
-		error(err, 0)
-	end
-	return sb
 end
 
 local function main(args)
@@ -39,7 +33,7 @@ local function main(args)
 	local sb = M.boot { image = opts.image, vcpu = opts.vcpu, mem_mib = opts.mem, vmm = opts.vmm, keep = opts.keep,
 		boot_timeout = opts.boot_timeout }
 	return sandbox.with(sb, function()
-		for _, s in ipairs(sb.timer.stages) do io.stderr:write(string.format("%-28s %8.1f ms\n", s.name, s.ms)) end
+		io.stderr:write(sb:stage_report())
 		local status = 0
 		if #cmd > 0 then
 			local r = sb:exec(cmd, { on_stdout = function(d) io.stdout:write(d) end,

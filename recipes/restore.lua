@@ -25,18 +25,12 @@ function M.find(opts)
 end
 
 function M.restore(opts, snap)
-	local sb = sandbox.new(opts)
-	local ok, err = pcall(function()
+	return sandbox.build(opts, function(sb)
 		sb:network()                  -- namespace fc-<id> with tap0, same addresses and MACs
 		sb:disk(snap.disk)            -- this clone's own copy of the snapshot-time disk
 		sb:restore(snap)              -- a fresh VMM loads device state + memory (copy-on-write)
 		sb:connect(opts.boot_timeout) -- the guest's sshd, running since the snapshot
 	end)
-	if not ok then
-		sb:destroy()
-		error(err, 0)
-	end
-	return sb
 end
 
 local function main(args)
@@ -57,7 +51,7 @@ local function main(args)
 	local sb = M.restore(o, snap)
 	return sandbox.with(sb, function()
 		sb:set_clock()
-		for _, s in ipairs(sb.timer.stages) do io.stderr:write(string.format("%-28s %8.1f ms\n", s.name, s.ms)) end
+		io.stderr:write(sb:stage_report())
 		local status = 0
 		if #cmd > 0 then
 			local r = sb:exec(cmd, { on_stdout = function(d) io.stdout:write(d) end,

@@ -203,6 +203,25 @@ function Sandbox:release()
 	self.destroyed = true
 end
 
+-- A new sandbox brought up by steps(sb); if a step fails, what the earlier ones made is
+-- destroyed before the error goes on. Returns the sandbox, ready for exec.
+function M.build(opts, steps)
+	local sb = M.new(opts)
+	local ok, err = pcall(steps, sb)
+	if not ok then
+		sb:destroy()
+		error(err, 0)
+	end
+	return sb
+end
+
+-- Where the time went, one line per stage (the standalone recipes print it).
+function Sandbox:stage_report()
+	local out = {}
+	for _, s in ipairs(self.timer.stages) do out[#out + 1] = string.format("%-28s %8.1f ms\n", s.name, s.ms) end
+	return table.concat(out)
+end
+
 -- Run fn(sb) and destroy the sandbox afterwards, whatever happens (error, Ctrl-C); a kept
 -- sandbox is released instead when fn succeeds.
 function M.with(sb, fn, ...)
