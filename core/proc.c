@@ -495,24 +495,36 @@ static int p_pidfd(lua_State *L)
 	return 1;
 }
 
-/* Kill (if needed) and reap, then close the pidfd. Never raises: it runs from __gc too. */
-static int p_close(lua_State *L)
+/* Wait for the process to exit (SIGKILLed first if asked) and reap it. */
+static void reap_now(struct proc *p, int kill_first)
 {
-	struct proc *p = check_proc(L);
-	if (p->pid > 0 && !try_reap(p)) {
+	if (kill_first) {
 		if (p->pidfd >= 0)
 			pidfd_send_signal(p->pidfd, SIGKILL);
 		else
 			kill(p->pid, SIGKILL);
-		int st;
-		while (waitpid(p->pid, &st, 0) < 0 && errno == EINTR)
-			;
-		p->reaped = 1;
-		p->status = st;
 	}
+	int st;
+	while (waitpid(p->pid, &st, 0) < 0 && errno == EINTR)
+		;
+	p->reaped = 1;
+	p->status = st;
+}
+
+static void close_pidfd(struct proc *p)
+{
 	if (p->pidfd >= 0)
 		close(p->pidfd);
 	p->pidfd = -1;
+}
+
+/* Kill (if needed) and reap, then close the pidfd. Never raises: it runs from __gc too. */
+static int p_close(lua_State *L)
+{
+	struct proc *p = check_proc(L);
+	if (p->pid > 0 && !try_reap(p))
+		reap_now(p, 1);
+	close_pidfd(p);
 	return 0;
 }
 
@@ -678,19 +690,11 @@ static int l_run(lua_State *L)
 	int *fds[3] = {in ? pin[1] : &none, pout[0], perr[0]};
 	double deadline = timeout < 0 ? -1 : fc_now_ms() + timeout * 1000;
 	int timed_out = pump(L, fds, in ? in : "", inlen, out, deadline) < 0;
-	if (timed_out && p->pidfd >= 0)
-		pidfd_send_signal(p->pidfd, SIGKILL);
-	int st;
-	while (waitpid(p->pid, &st, 0) < 0 && errno == EINTR)
-		;
-	p->reaped = 1;
-	p->status = st;
+	reap_now(p, timed_out);
 	/* done with it: the fd goes now, not at the next garbage collection */
-	if (p->pidfd >= 0)
-		close(p->pidfd);
-	p->pidfd = -1;
+	close_pidfd(p);
 
-	push_status(L, st);
+	push_status(L, p->status);
 	lua_pushlstring(L, out[0]->data ? out[0]->data : "", out[0]->len);
 	lua_setfield(L, -2, "stdout");
 	lua_pushlstring(L, out[1]->data ? out[1]->data : "", out[1]->len);

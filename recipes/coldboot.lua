@@ -34,12 +34,7 @@ local function main(args)
 		boot_timeout = opts.boot_timeout }
 	return sandbox.with(sb, function()
 		io.stderr:write(sb:stage_report())
-		local status = 0
-		if #cmd > 0 then
-			local r = sb:exec(cmd, { on_stdout = function(d) io.stdout:write(d) end,
-				on_stderr = function(d) io.stderr:write(d) end })
-			status = r.status or 128
-		end
+		local status = #cmd > 0 and sb:exec_streaming(cmd) or 0
 		if opts.keep then io.stderr:write(sb:reach_hint()) end
 		return status
 	end)

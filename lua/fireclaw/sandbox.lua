@@ -160,6 +160,15 @@ function Sandbox:exec(cmd, opts)
 	return r
 end
 
+-- Run a command with its output streamed to ours; its exit status (128 if it had none).
+function Sandbox:exec_streaming(cmd, opts)
+	opts = opts or {}
+	opts.on_stdout = function(d) io.stdout:write(d) io.stdout:flush() end
+	opts.on_stderr = function(d) io.stderr:write(d) io.stderr:flush() end
+	local r = self:exec(cmd, opts)
+	return r.status or 128, r
+end
+
 -- Set the guest clock to the host's (a restored guest wakes up at snapshot time).
 function Sandbox:set_clock()
 	local r = self:exec(string.format("date -s @%d >/dev/null", os.time()))
