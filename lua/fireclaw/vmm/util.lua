@@ -1,37 +1,18 @@
--- fireclaw.vmm.util: small file and process helpers shared by fireclaw.vm and its drivers.
+-- fireclaw.vmm.util: small helpers shared by fireclaw.vm and its drivers (file helpers
+-- are fireclaw.fs's).
+local fs = require "fireclaw.fs"
+local log = require "fireclaw.log"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 
 local M = {}
 
--- A progress line on stderr with -v (through fireclaw.log, as the other layers do).
-local has_log, log = pcall(require, "fireclaw.log")
-function M.verbose(fmt, ...)
-	if not runtime.verbose then return end
-	if has_log and type(log) == "table" and log.info then
-		log.info(fmt, ...)
-	else
-		io.stderr:write("[fireclaw] ", string.format(fmt, ...), "\n")
-	end
-end
+-- A progress line on stderr with -v.
+M.verbose = log.info
 
-function M.is_dir(path)
-	return runtime.listdir(path) ~= nil
-end
-
-function M.exists(path)
-	local f = io.open(path, "rb")
-	if f then f:close() return true end
-	return M.is_dir(path)
-end
-
-function M.read_file(path)
-	local f = io.open(path, "rb")
-	if not f then return nil end
-	local s = f:read("*a")
-	f:close()
-	return s
-end
+M.is_dir = fs.is_dir
+M.exists = fs.exists
+M.read_file = fs.read
 
 -- Create (or empty) a file.
 function M.touch(path)
@@ -52,7 +33,7 @@ function M.run(argv, what)
 end
 
 function M.mkdir_p(path)
-	if not M.is_dir(path) then M.run({ "mkdir", "-p", path }, "mkdir -p " .. path) end
+	fs.mkdir_p(path)
 end
 
 -- An absolute path: the VMM may run with another working directory, and what it records
@@ -62,11 +43,6 @@ function M.abspath(path)
 	local pwd = os.getenv("PWD")
 	if not pwd then error("vm: relative path " .. path .. " and no $PWD to resolve it", 0) end
 	return (pwd .. "/" .. path):gsub("/%./", "/")
-end
-
--- For a /bin/sh command line (QEMU runs exec: migration URIs through the shell).
-function M.shell_quote(s)
-	return "'" .. s:gsub("'", "'\\''") .. "'"
 end
 
 -- Compare dotted versions: "1.16.1" >= "1.1" is true.
