@@ -852,18 +852,31 @@ struct tun_req {
 
 /* Runs inside the target namespace: the tun device is created in the namespace of the
  * process that opened /dev/net/tun. IFF_TUN_EXCL refuses to attach to an existing one. */
-static int tun_create(void *arg)
+/* An fd on tap `name` (TUNSETIFF with IFF_TAP | IFF_NO_PI | extra), or -errno. */
+static int tun_open(const char *name, short extra)
 {
-	struct tun_req *t = arg;
 	int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
 	struct ifreq ifr;
 	memset(&ifr, 0, sizeof ifr);
-	ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL;
-	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", t->name);
-	if (ioctl(fd, TUNSETIFF, &ifr) < 0 ||
-	    (t->uid >= 0 && ioctl(fd, TUNSETOWNER, (unsigned long)t->uid) < 0) ||
+	ifr.ifr_flags = IFF_TAP | IFF_NO_PI | extra;
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
+	if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+		int e = errno;
+		close(fd);
+		return -e;
+	}
+	return fd;
+}
+
+static int tun_create(void *arg)
+{
+	struct tun_req *t = arg;
+	int fd = tun_open(t->name, IFF_TUN_EXCL);
+	if (fd < 0)
+		return fd == -EBUSY ? -EEXIST : fd;
+	if ((t->uid >= 0 && ioctl(fd, TUNSETOWNER, (unsigned long)t->uid) < 0) ||
 	    ioctl(fd, TUNSETPERSIST, 1L) < 0) {
 		int e = errno;
 		close(fd); /* not persistent yet: closing removes the device */
@@ -1126,18 +1139,9 @@ static int l_probe(lua_State *L)
 static int tun_attach(void *arg)
 {
 	struct tun_req *t = arg;
-	int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+	int fd = tun_open(t->name, IFF_VNET_HDR);
 	if (fd < 0)
-		return -errno;
-	struct ifreq ifr;
-	memset(&ifr, 0, sizeof ifr);
-	ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", t->name);
-	if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
-		int e = errno;
-		close(fd);
-		return -e;
-	}
+		return fd;
 	t->fd = fd;
 	return 0;
 }
