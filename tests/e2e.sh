@@ -8,7 +8,7 @@ fc=$FIRECLAW
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-e2e
+export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}e2e
 
 "$fc" cleanup -q >/dev/null 2>&1
 no_leaks "before the tests"
@@ -105,7 +105,7 @@ like "$("$fc" ps)" "$id .*kept" "cleanup leaves a kept VM alone"
 no_leaks "--keep then rm"
 
 # a stale snapshot is refused and run falls back to a cold boot
-meta=/var/lib/fireclaw/snapshots/default/meta.json
+meta=$FIRECLAW_STATE/snapshots/default/meta.json
 cp "$meta" "$tmp/meta.json"
 sed -i 's/"vmm_version": "[^"]*"/"vmm_version": "0.0.0"/' "$meta"
 err=$("$fc" run -- true 2>&1); rc=$?

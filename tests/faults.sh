@@ -10,7 +10,7 @@ source "$FIRECLAW_TESTS/lib/tap.sh"
 source "$FIRECLAW_TESTS/lib/leaks.sh"
 fc=$FIRECLAW
 tmp=$(mktemp -d)
-FAULTS_PREFIX=fc-flt
+FAULTS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}flt
 source "$FIRECLAW_TESTS/lib/faults.sh"
 trap '"$fc" cleanup --all -q >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 

@@ -13,12 +13,12 @@ source "$FIRECLAW_TESTS/lib/leaks.sh"
 fc=$FIRECLAW
 repo=$(cd "$FIRECLAW_TESTS/.." && pwd)
 tmp=$(mktemp -d)
-FAULTS_PREFIX=fc-fli
+FAULTS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}fli
 source "$FIRECLAW_TESTS/lib/faults.sh"
 big_pid=
 cleanup_all() {
 	[ -n "$big_pid" ] && kill -KILL "$big_pid" 2>/dev/null
-	FIRECLAW_RUN=$tmp/run-big FIRECLAW_NETNS_PREFIX=fc-flb "$fc" cleanup --all -q >/dev/null 2>&1
+	FIRECLAW_RUN=$tmp/run-big FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}flb "$fc" cleanup --all -q >/dev/null 2>&1
 	"$fc" cleanup --all -q >/dev/null 2>&1
 	rm -rf "$tmp"
 }
@@ -36,7 +36,7 @@ img=$FIRECLAW_STATE/images/default
 # ---- 100 MB of output with --json, in the background (its own run dir and prefix) ----
 # run in-process so that VmHWM is fireclaw's own peak (QEMU is a child, not counted)
 (
-	export FIRECLAW_RUN=$tmp/run-big FIRECLAW_NETNS_PREFIX=fc-flb
+	export FIRECLAW_RUN=$tmp/run-big FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}flb
 	exec "$fc" -e 'local run = require("fireclaw.runtime").load_recipe("run")
 		local status = run("--json", "--", "dd", "if=/dev/zero", "bs=1M", "count=100")
 		local f = io.open("/proc/self/status")
@@ -328,6 +328,6 @@ hwm=$(sed -n 's/^status 0 hwm \([0-9]*\)$/\1/p' "$tmp/big.err")
 # unbounded capture would be 100 MB + 600 MB of JSON
 [ -n "$hwm" ] && [ "$hwm" -lt $((512 * 1024)) ]
 ok $? "100 MB --json: fireclaw's peak RSS stays bounded (< 512 MiB)" "VmHWM ${hwm:-?} kB"
-FIRECLAW_RUN=$tmp/run-big FIRECLAW_NETNS_PREFIX=fc-flb no_leaks "100 MB --json"
+FIRECLAW_RUN=$tmp/run-big FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}flb no_leaks "100 MB --json"
 
 done_testing

@@ -17,17 +17,19 @@ local log = tmp .. "/requests.jsonl"
 -- private run dir, namespace prefix and a state dir holding the real image and keys
 local posix = { setenv = function(k, v) require("ffi").C.setenv(k, v, 1) end }
 require("ffi").cdef "int setenv(const char *name, const char *value, int overwrite);"
+-- the suite's state (tests/run's, never the user's) holds the image this test borrows
+local outer = os.getenv("FIRECLAW_STATE") or "/var/lib/fireclaw"
 posix.setenv("FIRECLAW_RUN", tmp .. "/run")
 posix.setenv("FIRECLAW_STATE", tmp .. "/state")
-posix.setenv("FIRECLAW_NETNS_PREFIX", "fc-rfc")
+posix.setenv("FIRECLAW_NETNS_PREFIX", "fc-" .. (os.getenv("FIRECLAW_TEST_TAG") or "") .. "rfc")
 posix.setenv("FIRECLAW_VMM", "firecracker")
 posix.setenv("FIRECLAW_FIRECRACKER", tests .. "/fake-firecracker")
 posix.setenv("FAKE_FC_LOG", log)
 fs.mkdir_p(tmp .. "/state/images", "700")
 local image = require "fireclaw.image"
-local real = "/var/lib/fireclaw/images/default"
+local real = outer .. "/images/default"
 fs.symlink(fs.readlink(real) and (real:match("^(.*)/") .. "/" .. fs.readlink(real)) or real, tmp .. "/state/images/default")
-fs.symlink("/var/lib/fireclaw/keys", tmp .. "/state/keys")
+fs.symlink(outer .. "/keys", tmp .. "/state/keys")
 
 local cli = require "fireclaw.cli"
 local sandbox = require "fireclaw.sandbox"
@@ -58,7 +60,7 @@ end
 
 local function nothing_left(name)
 	local left = {}
-	for _, n in ipairs(net.netns_list("fc-rfc")) do left[#left + 1] = n end
+	for _, n in ipairs(net.netns_list("fc-" .. (os.getenv("FIRECLAW_TEST_TAG") or "") .. "rfc")) do left[#left + 1] = n end
 	for _, d in ipairs(require("fireclaw.runtime").listdir(tmp .. "/run/vms") or {}) do left[#left + 1] = d end
 	t.is(table.concat(left, " "), "", "nothing left behind: " .. name)
 end

@@ -22,7 +22,7 @@ cleanup() {
 }
 trap cleanup EXIT
 export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-sec
+export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}sec
 NOBODY=(setpriv --reuid=65534 --regid=65534 --clear-groups)
 
 mode() { stat -c %a "$1" 2>/dev/null || echo missing; }

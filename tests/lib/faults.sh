@@ -4,26 +4,14 @@
 # A private world, so that other people's runs, benchmarks and image rebuilds on the same
 # machine neither disturb these tests nor count as their leftovers:
 #   FIRECLAW_STATE=$tmp/state   the current default image and its snapshot as hard links (or
-#                               copies) of /var/lib/fireclaw's, else a snapshot made here
+#                               copies) of the suite's state (tests/run's FIRECLAW_STATE,
+#                               never the user's), else a snapshot made here
 #   FIRECLAW_RUN=$tmp/run, FIRECLAW_NETNS_PREFIX=$FAULTS_PREFIX (fc-<something>)
 # Helpers: vmm_pid, wait_for, wait_gone, status_of, one_line, finish (cleanup + leak check).
 export FIRECLAW_VMM=qemu
+shared=${FIRECLAW_STATE:?tests/run sets FIRECLAW_STATE}
 export FIRECLAW_STATE=$tmp/state FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=$FAULTS_PREFIX
-shared=/var/lib/fireclaw
-
-# link (or copy) the files of directory $1 into new directory $2; small files are copied
-link_dir() {
-	mkdir -p "$2" || return 1
-	local f
-	for f in "$1"/*; do
-		[ -f "$f" ] || continue
-		if [ "$(stat -c %s "$f")" -gt 1048576 ]; then
-			ln "$f" "$2/" 2>/dev/null || cp --sparse=always -p "$f" "$2/" || return 1
-		else
-			cp -p "$f" "$2/" || return 1
-		fi
-	done
-}
+source "$FIRECLAW_TESTS/lib/seed.sh" # link_dir
 
 snapshot_usable() {
 	"$fc" -e 'local s, why = require("fireclaw.cli").use("restore").find {}
