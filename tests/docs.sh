@@ -73,6 +73,12 @@ bad_sections() {
 	done < <(citations "$@")
 }
 
+# none OUTPUT NAME: ok when a check printed nothing; what it printed is the diagnosis
+none() {
+	[ -z "$1" ]
+	ok $? "$2" "$1"
+}
+
 # ---- the checkers catch what they are for (else the checks below prove nothing) ----
 
 mkdir -p "$tmp/docs"
@@ -96,7 +102,7 @@ is "$out" "e.lua: docs/zz.md " "the docs/NAME.md check reports a missing file"
 
 # ---- the repository ----
 
-cd "$root"
+cd "$root" || exit 1
 # tracked files and new ones not ignored (a tree without git: every file but build output)
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
 	mapfile -t all < <(git ls-files --cached --others --exclude-standard)
@@ -115,24 +121,24 @@ ok $(( ${#files[@]} > 50 ? 0 : 1 )) "the repository's files are found (${#files[
 others=()
 for f in "${files[@]}"; do [ "$f" = tests/fc_api_server.py ] || others+=("$f"); done
 out=$(outside_refs "${others[@]}")
-ok $([ -z "$out" ] && echo 0 || echo 1) "no file refers to $outside_dir, $outside_notes or $outside_design" "$out"
+none "$out" "no file refers to $outside_dir, $outside_notes or $outside_design"
 out=$(outside_refs tests/fc_api_server.py | grep -F -e "$outside_notes" -e "$outside_design")
-ok $([ -z "$out" ] && echo 0 || echo 1) "tests/fc_api_server.py names no outside notes" "$out"
+none "$out" "tests/fc_api_server.py names no outside notes"
 
 nlinks=$(cat "${md[@]}" | grep -oE '\]\([^)]+\)' | grep -vcE '\]\((https?:|mailto:|#)')
 ok $(( nlinks >= 5 ? 0 : 1 )) "the Markdown files have relative links to check ($nlinks)"
 out=$(bad_links "${md[@]}")
-ok $([ -z "$out" ] && echo 0 || echo 1) "every relative link in README.md and docs/*.md reaches a file" "$out"
+none "$out" "every relative link in README.md and docs/*.md reaches a file"
 
 # this file names made-up docs/NAME.md files and sections for the checks above
 cited=()
 for f in "${files[@]}"; do [ "$f" = tests/docs.sh ] || cited+=("$f"); done
 out=$(bad_doc_names "${cited[@]}")
-ok $([ -z "$out" ] && echo 0 || echo 1) "every docs/NAME.md named in the repository exists" "$out"
+none "$out" "every docs/NAME.md named in the repository exists"
 
 ncites=$(citations "${cited[@]}" | wc -l)
 ok $(( ncites >= 1 ? 0 : 1 )) "code cites sections of docs/ ($ncites citations)"
 out=$(bad_sections "${cited[@]}")
-ok $([ -z "$out" ] && echo 0 || echo 1) "every cited (docs/NAME.md, \"Section\") is a heading of that file" "$out"
+none "$out" "every cited (docs/NAME.md, \"Section\") is a heading of that file"
 
 done_testing
