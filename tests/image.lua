@@ -87,7 +87,7 @@ local function test_helpers()
 	}
 	local order, missing = image.module_order(mods, { "virtio_mmio", "virtio_blk", "virtio_net", "vsockx" })
 	t.same(order, { "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "failover", "net_failover", "virtio_net" },
-		"module_order: dependencies first, in the GUEST-NOTES order")
+		"module_order: dependencies first, in the docs/guest-notes.md order")
 	t.same(missing, { "vsockx" }, "module_order: missing modules reported")
 	order = image.module_order(mods, { "virtio_blk" }, { virtio = true })
 	t.same(order, { "virtio_blk" }, "module_order: built-in modules are skipped")

@@ -19,7 +19,7 @@ M.qemu = os.getenv("FIRECLAW_QEMU") or "qemu-system-x86_64"
 -- who QEMU runs as: "auto" (a uid of its own per VM, see fireclaw.vmm.qemu), "root", "UID:GID"
 M.vmm_user = os.getenv("FIRECLAW_VMM_USER") or "auto"
 
--- The network every VM gets inside its own namespace fc-<id> (see DESIGN.md).
+-- The network every VM gets inside its own namespace fc-<id> (docs/design.md, "The network of a VM").
 M.net = {
 	tap = "tap0",
 	host_ip = "172.16.0.1",

@@ -56,7 +56,7 @@ function M.kvm_kind()
 	f:close()
 	if util.is_dir("/sys/module/kvm_pvm") then
 		-- PVM runs guests without hardware virtualization; stock guest kernels stop on
-		-- emulation failures under it (GUEST-NOTES.md)
+		-- emulation failures under it (docs/guest-notes.md, "The host's KVM")
 		return "kvm_pvm", "/dev/kvm is kvm_pvm, a software nested hypervisor that cannot boot "
 			.. "stock guest kernels"
 	end

@@ -93,7 +93,7 @@ end
 local has_sandbox = M.has_sandbox
 
 -- The host TSC frequency in kHz: under TCG the guest kernel's TSC calibration hangs in
--- about 3 boots out of 5 without tsc_early_khz= (GUEST-NOTES.md).
+-- about 3 boots out of 5 without tsc_early_khz= (docs/guest-notes.md, "Booting under TCG").
 local function host_tsc_khz()
 	local info = util.read_file("/proc/cpuinfo") or ""
 	local mhz = tonumber(info:match("cpu MHz%s*:%s*([%d%.]+)"))
@@ -129,7 +129,7 @@ end
 
 local function accel_args(v)
 	if v.accel == "kvm" then
-		-- `-cpu host` alone aborts on MSR 0x10a on some hosts (GUEST-NOTES.md)
+		-- `-cpu host` alone aborts on MSR 0x10a on some hosts (docs/guest-notes.md, "The host's KVM")
 		return { "-accel", "kvm", "-cpu", "host,-arch-capabilities" }
 	end
 	return { "-accel", "tcg", "-cpu", "max" }
@@ -443,7 +443,7 @@ function M.restore(v, dir, spec)
 		set_ignore_shared(v)
 		give_stream(v, dir .. "/vmstate", O_RDONLY)
 		v.qmp:execute("migrate-incoming", { uri = "fd:vmstate" })
-		-- a `cont` sent while the state is still coming in is lost (GUEST-NOTES.md)
+		-- a `cont` sent while the state is still coming in is lost (docs/guest-notes.md, "QEMU snapshots and restores")
 		if not util.poll(function() return incoming_done(v) end, M.MIGRATE_TIMEOUT) then
 			error("qemu: loading " .. dir .. "/vmstate did not finish within "
 				.. M.MIGRATE_TIMEOUT .. "s", 0)

@@ -102,7 +102,7 @@ end
 
 -- The VM's tap must exist before the VMM opens it: Firecracker and QEMU both create a
 -- missing one themselves (unconfigured, non-persistent), and the guest then boots or
--- restores "fine" with a dead network (GUEST-NOTES.md) -- or, without a namespace, a
+-- restores "fine" with a dead network (docs/guest-notes.md, "Taps, MACs and neighbours") -- or, without a namespace, a
 -- stray tap appears on the host.
 function M.check_tap(v)
 	if not v.tap then return end
