@@ -64,7 +64,7 @@ local function cmd_create(args)
 		{ "--name SNAP", "snapshot name (default: the image's name, which run uses)" },
 		{ "--vcpu N", "vCPUs", type = "number", default = 1 },
 		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
-		{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
+		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "-v, --verbose", "progress lines" },
 	})
 	snapshot.clean_temp()
