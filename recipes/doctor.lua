@@ -2,7 +2,8 @@
 --
 --   fireclaw doctor
 --
--- Checks: /dev/kvm and what backs it, firecracker (+ jailer), qemu (microvm, seccomp),
+-- Checks: /dev/kvm and what backs it, firecracker (+ jailer; a version that cannot boot
+-- the default image, < 1.8, or restore clones safely, < 1.16.1), qemu (microvm, seccomp),
 -- /dev/net/tun, network namespaces, cgroup v2, the default image, the state and run dirs,
 -- and which VMM fireclaw would choose.
 -- One line per check: ok / warn / fail, what was found, and (indented) the fix. Exit status

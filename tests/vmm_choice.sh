@@ -21,7 +21,8 @@ mkdir -p "$FIRECLAW_STATE/images"
 link_dir "$(readlink -f "$shared/images/default")" "$FIRECLAW_STATE/images/default"
 link_dir "$shared/keys" "$FIRECLAW_STATE/keys" && chmod 700 "$FIRECLAW_STATE/keys"
 img=$FIRECLAW_STATE/images/default
-nofc=(env FIRECLAW_VMM=firecracker FIRECLAW_FIRECRACKER=/nonexistent)
+missing=$tmp/no-such-firecracker
+nofc=(env FIRECLAW_VMM=firecracker FIRECLAW_FIRECRACKER=$missing)
 
 # ---- an impossible choice: one line, exit 1, nothing started ----
 for recipe in "run -- true" "coldboot" "restore" "snapshot create"; do
@@ -29,7 +30,7 @@ for recipe in "run -- true" "coldboot" "restore" "snapshot create"; do
 	err=$("${nofc[@]}" "$fc" $recipe 2>&1)
 	rc=$?
 	is "$rc:$(printf '%s\n' "$err" | wc -l)" "1:1" "$recipe: FIRECLAW_VMM=firecracker without a binary is one line, exit 1"
-	like "$err" "^fireclaw: vm: cannot run a VM: FIRECLAW_VMM=firecracker, but FIRECLAW_FIRECRACKER=/nonexistent does not exist \(.*--vmm qemu\)$" \
+	like "$err" "^fireclaw: vm: cannot run a VM: FIRECLAW_VMM=firecracker, but FIRECLAW_FIRECRACKER=$missing does not exist \(.*--vmm qemu\)$" \
 		"$recipe: it names the setting, the missing binary and the fixes"
 done
 unlike "$err" "uses nil" "no 'this run uses nil'"
@@ -48,12 +49,12 @@ is "$?" 2 "an unknown --vmm is a usage error"
 choice() { # choice ARGS…: the "chosen:" line of a run stopped after its VM object exists
 	FIRECLAW_FAULT=netns:error "$fc" run -v "$@" -- true 2>&1 | grep -m1 " chosen: "
 }
-like "$(FIRECLAW_VMM=firecracker FIRECLAW_FIRECRACKER=/nonexistent choice --vmm qemu)" \
+like "$(FIRECLAW_VMM=firecracker FIRECLAW_FIRECRACKER=$missing choice --vmm qemu)" \
 	"qemu with (tcg|kvm) chosen: qemu as asked \(--vmm qemu\)" "--vmm qemu wins over FIRECLAW_VMM=firecracker"
 like "$(FIRECLAW_VMM=qemu choice)" "chosen: qemu as asked \(FIRECLAW_VMM=qemu\)" "FIRECLAW_VMM is honoured by run (no --vmm default overrides it)"
 out=$(FIRECLAW_VMM=qemu FIRECLAW_FAULT=netns:error "$fc" coldboot -v 2>&1 | grep -m1 " chosen: ")
 like "$out" "chosen: qemu as asked \(FIRECLAW_VMM=qemu\)" "and by coldboot"
-out=$(FIRECLAW_VMM=firecracker FIRECLAW_FIRECRACKER=/nonexistent choice --vmm auto)
+out=$(FIRECLAW_VMM=firecracker FIRECLAW_FIRECRACKER=$missing choice --vmm auto)
 like "$out" " chosen: " "--vmm auto wins over FIRECLAW_VMM=firecracker"
 unlike "$out" "as asked" "and chooses by itself"
 out=$("$fc" -e 'local c = require "fireclaw.config"; c.vmm = "qemu"
@@ -67,7 +68,7 @@ like "$out" "^qemu as asked \(FIRECLAW_VMM=qemu\)" "FIRECLAW_VMM wins over confi
 out=$(FIRECLAW_VMM=qemu "$fc" doctor 2>&1)
 like "$out" "^ok +vm +fireclaw will use qemu with (tcg|kvm): qemu as asked \(FIRECLAW_VMM=qemu\)" "doctor: the same choice as run"
 out=$("${nofc[@]}" "$fc" doctor 2>&1)
-like "$out" "^fail +firecracker +FIRECLAW_FIRECRACKER=/nonexistent does not exist, and FIRECLAW_VMM=firecracker needs it" \
+like "$out" "^fail +firecracker +FIRECLAW_FIRECRACKER=$missing does not exist, and FIRECLAW_VMM=firecracker needs it" \
 	"doctor: the impossible choice fails the same way"
 
 # ---- Firecracker < 1.8 and the image's kernel ----

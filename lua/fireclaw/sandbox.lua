@@ -29,9 +29,8 @@ local M = {}
 local Sandbox = {}
 Sandbox.__index = Sandbox
 
--- The VMM goes into the record the moment it exists (a kept VM has no PR_SET_PDEATHSIG).
 -- Run fn(...) as stage `name`: when it fails, its time is still its own (labelled
--- "name (failed)"), not teardown's.
+-- "name (failed)" / "VMM boot (qemu, failed)"), not teardown's.
 local function stage(self, name, fn, ...)
 	local ok, err = pcall(fn, ...)
 	if not ok then
@@ -41,6 +40,7 @@ local function stage(self, name, fn, ...)
 	self.timer:stage(name)
 end
 
+-- The VMM goes into the record the moment it exists (a kept VM has no PR_SET_PDEATHSIG).
 local function record_vmm(self)
 	state.update(self.rec, { vmm = { pid = self.vm.pid, start = self.vm.starttime, name = self.vm.vmm } })
 	fault.point("vmm-recorded")
@@ -152,7 +152,7 @@ local function console_line(text, pattern)
 end
 
 -- Why a guest likely never answered, from its console and how its VMM was chosen.
-local function likely_cause(self, text)
+local function likely_cause(self, text, exited)
 	local v = self.vm
 	local root = console_line(text, "VFS: Unable to mount root") or console_line(text, "Cannot open root device")
 		or console_line(text, "fireclaw%-initrd: root device .- did not appear")
@@ -179,6 +179,7 @@ local function likely_cause(self, text)
 	if not text:find("%S") then
 		return "the guest printed nothing on its console: its kernel did not start"
 	end
+	if exited then return "the VM stopped before it finished booting (its console is below)" end
 	if text:find(guest.READY, 1, true) then
 		return "the guest says it is ready, but its SSH server did not answer on " .. config.net.guest_ip
 			.. ":22 (its network setup: ip= in the boot args; its sshd)"
@@ -199,7 +200,7 @@ local function vmm_gone(self, err, when, diagnose)
 		return msg
 	end
 	local text, lines = console_tail(self)
-	msg = msg .. "; likely cause: " .. likely_cause(self, text)
+	msg = msg .. "; likely cause: " .. likely_cause(self, text, st ~= nil)
 	if #lines == 0 then return msg .. " (the console is empty)" end
 	return msg .. "\nthe console ends with:\n  " .. table.concat(lines, "\n  ")
 end

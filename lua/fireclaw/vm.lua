@@ -7,8 +7,12 @@
 --                     -- optional: firecracker = path, qemu = path, env = {K = V} for the
 --                     -- VMM process, socket_timeout = s (VMM start to API/QMP socket),
 --                     -- on_spawn = fn(v): called as soon as v.pid is known (to record it),
---                     -- user = "auto" | "root" | "UID:GID": who QEMU runs as (config.vmm_user) }
---   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256 }
+--                     -- user = "auto" | "root" | "UID:GID": who QEMU runs as (config.vmm_user),
+--                     -- detected = a vm.choose result (no second detection),
+--                     -- cmdline_devices = the kernel takes virtio-mmio devices on its cmdline }
+--   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256,
+--           acpi_devices = true: the kernel finds devices through ACPI only (Firecracker < 1.8
+--           refuses at once) }
 --   v:wait_console(text, timeout_s)   -- plain text, searched from the start of the console
 --   v:pause()  v:resume()
 --   local info = v:snapshot(dir)      -- dir/vmstate + dir/memory; info for meta.json
@@ -21,7 +25,10 @@
 --   v.api (Firecracker) / v.qmp (QEMU): the VMM's client, for what the object does not wrap
 --
 --   vm.detect([opts]) -> {kvm = "hardware" | "kvm_pvm" | "none", kvm_why =, firecracker =,
---                         firecracker_version =, qemu =, qemu_version =, vmm =, accel =, why =}
+--                         firecracker_version =, qemu =, qemu_version =, vmm =, accel =, why =,
+--                         vmm_source =, accel_source =}   (opts.vmm/accel: the flags; the
+--                         environment and config apply through config.choice)
+--   vm.choose([opts]) -> the same, or raises "vm: cannot run a VM: <why>" (a run's one choice)
 --   vm.api_client, vm.qmp_connect, vm.wait_socket, vm.log_tail: see core/vm.c
 local core = require "fireclaw.core.vm"
 local config = require "fireclaw.config"
@@ -166,7 +173,8 @@ function M.detect(opts)
 	d.versions = versions
 	if d.firecracker then
 		d.firecracker_version = versions and tool_version({ d.firecracker, "--version" }) or nil
-		d.jailer = util.which((d.firecracker:gsub("firecracker$", "jailer")))
+		local dir = d.firecracker:match("^(.*/)firecracker$") -- its jailer lies next to it
+		d.jailer = dir and util.which(dir .. "jailer") or nil
 	end
 	d.qemu = util.which(opts.qemu or config.qemu or "qemu-system-x86_64")
 	if d.qemu and versions then d.qemu_version = require("fireclaw.vmm.qemu").probe(d.qemu).version end
