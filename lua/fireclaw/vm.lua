@@ -160,10 +160,11 @@ M.choose_vmm, M.choose_accel = choose_vmm, choose_accel
 -- Probe the host and pick a VMM and accelerator. opts: vmm, accel (the flags' values: nil
 -- when not given; config.choice applies the environment and the defaults), firecracker,
 -- qemu, cmdline_devices (the image's kernel takes virtio-mmio devices from its command
--- line, so an older Firecracker can boot it); versions = false skips running the binaries for their versions (vm.new does: the
--- VMM reports its version itself). Never raises: an impossible choice leaves vmm (or
--- accel) nil and says why. d.vmm_source / d.accel_source say who chose ("--vmm qemu",
--- "FIRECLAW_ACCEL=kvm", "auto").
+-- line, so an older Firecracker can boot it); versions = false skips running the binaries
+-- for their versions (vm.new does: the VMM reports its version itself; auto still asks an
+-- installed Firecracker on a hardware-KVM host, to know whether it can boot the image's
+-- kernel). Never raises: an impossible choice leaves vmm (or accel) nil and says why.
+-- d.vmm_source / d.accel_source say who chose ("--vmm qemu", "FIRECLAW_ACCEL=kvm", "auto").
 function M.detect(opts)
 	opts = opts or {}
 	local d = {}
