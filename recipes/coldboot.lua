@@ -25,7 +25,7 @@ local function main(args)
 		{ "--image NAME", "image to boot", default = "default" },
 		{ "--vcpu N", "vCPUs", type = "number", default = 1 },
 		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
-		{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
+		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },

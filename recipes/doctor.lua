@@ -2,7 +2,8 @@
 --
 --   fireclaw doctor
 --
--- Checks: /dev/kvm and what backs it, firecracker (+ jailer), qemu (microvm, seccomp),
+-- Checks: /dev/kvm and what backs it, firecracker (+ jailer; a version that cannot boot
+-- the default image, < 1.8, or restore clones safely, < 1.16.1), qemu (microvm, seccomp),
 -- /dev/net/tun, network namespaces, cgroup v2, the default image, the state and run dirs,
 -- and which VMM fireclaw would choose.
 -- One line per check: ok / warn / fail, what was found, and (indented) the fix. Exit status
@@ -29,7 +30,13 @@ end
 
 -- ---- KVM and the VMMs ----
 
-local d = vm.detect()
+-- the default image, if it loads: whether its kernel needs a Firecracker with ACPI devices
+local img_ok, img = pcall(require("fireclaw.image").load, config.image)
+if not img_ok then img = nil end
+-- the same choice a run makes (flag > FIRECLAW_VMM > config > auto; doctor has no flag)
+local d = vm.detect { cmdline_devices = img and img.cmdline_devices }
+local vmm_want, vmm_source = config.choice("vmm")
+local firecracker = require "fireclaw.vmm.firecracker"
 
 local function check_kvm()
 	if d.kvm == "hardware" then
@@ -46,14 +53,32 @@ local function check_kvm()
 	end
 end
 
+-- What this Firecracker's version cannot do: boot a kernel that finds its devices only
+-- through ACPI (< 1.8), or restore clones safely (< 1.16.1).
+local function check_firecracker_version()
+	local v = d.firecracker_version
+	if not v then return end
+	local old = firecracker.acpi_problem(v)
+	if old and not (img and img.cmdline_devices) then
+		report(vmm_want == "firecracker" and "fail" or "warn", "firecracker",
+			string.format("%s: it cannot boot the '%s' image%s", old, config.image,
+				vmm_want == "firecracker" and " (" .. vmm_source .. ")" or " (QEMU is used instead)"),
+			firecracker.FIX_ACPI)
+	elseif not util.version_at_least(v, firecracker.CLONE_SAFE_SINCE) then
+		report("warn", "firecracker", string.format("firecracker %s is older than %s, which fixes clones "
+			.. "restored from a snapshot (VMGenID, vsock after restore, monotonic clock)", v,
+			firecracker.CLONE_SAFE_SINCE), "install Firecracker >= " .. firecracker.CLONE_SAFE_SINCE)
+	end
+end
+
 local function check_firecracker()
 	if not d.firecracker then
 		local where = d.firecracker_wanted and ("FIRECLAW_FIRECRACKER=" .. d.firecracker_wanted
 			.. " does not exist") or "no firecracker on PATH"
 		local fix = "install a Firecracker release binary and put it on PATH, or set "
 			.. "FIRECLAW_FIRECRACKER"
-		if config.vmm == "firecracker" then
-			report("fail", "firecracker", where .. ", and FIRECLAW_VMM=firecracker needs it", fix)
+		if vmm_want == "firecracker" then
+			report("fail", "firecracker", where .. ", and " .. vmm_source .. " needs it", fix)
 		else
 			report("warn", "firecracker", where .. " (QEMU is used instead)", fix)
 		end
@@ -68,12 +93,13 @@ local function check_firecracker()
 	end
 	if d.kvm ~= "hardware" then
 		report("warn", "firecracker", what .. ", but its guests cannot boot with this /dev/kvm"
-			.. (d.vmm == "firecracker" and " (FIRECLAW_VMM=firecracker: the API works, guests "
+			.. (d.vmm == "firecracker" and " (" .. vmm_source .. ": the API works, guests "
 				.. "do not boot)" or " (QEMU is used instead)"),
 			"run on a host with hardware virtualization")
 	else
 		report("ok", "firecracker", what)
 	end
+	check_firecracker_version()
 end
 
 local function qemu_machines()
@@ -205,7 +231,12 @@ local function check_dir(what, dir, env, fatal)
 end
 
 local function check_choice()
-	if d.vmm and d.accel then
+	local old = d.vmm == "firecracker" and not (img and img.cmdline_devices)
+		and firecracker.acpi_problem(d.firecracker_version)
+	if old then
+		report("fail", "vm", string.format("fireclaw would use firecracker (%s), which cannot boot the '%s' "
+			.. "image: %s", vmm_source, config.image, old), firecracker.FIX_ACPI)
+	elseif d.vmm and d.accel then
 		report("ok", "vm", string.format("fireclaw will use %s%s: %s", d.vmm,
 			d.vmm == "qemu" and (" with " .. d.accel) or "", d.why))
 	else

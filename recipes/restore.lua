@@ -12,14 +12,18 @@ local vm = require "fireclaw.vm"
 
 local M = {}
 
--- The snapshot to restore for these options, if there is a usable one.
+-- The snapshot to restore for these options, if there is a usable one. opts.detected:
+-- the run's vm.choose result (else it is made here); a VMM choice that cannot work raises.
 function M.find(opts)
 	local img = image.load(opts.image or "default")
 	local snap, why = snapshot.load(opts.snapshot or img.name)
 	if not snap then return nil, why end
-	local d = vm.detect { vmm = opts.vmm, accel = opts.accel }
+	local d = opts.detected
+	if not d or d.versions == false then
+		d = vm.choose { vmm = opts.vmm, accel = opts.accel, cmdline_devices = img.cmdline_devices }
+	end
 	local version = d.vmm == "firecracker" and d.firecracker_version or d.qemu_version
-	local ok, reason = snapshot.compatible(snap, img, d.vmm, version)
+	local ok, reason = snapshot.compatible(snap, img, d.vmm, version, d.accel, d.accel_source)
 	if not ok then return nil, string.format("snapshot '%s' cannot be used: %s", snap.name, reason) end
 	return snap
 end
@@ -39,13 +43,15 @@ local function main(args)
 		about = "Restore a VM from a snapshot, print where the time went, run CMD if given, destroy it.",
 		{ "--image NAME", "image", default = "default" },
 		{ "--snapshot NAME", "snapshot (default: the image's)" },
-		{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
+		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
 	local o = { image = opts.image, snapshot = opts.snapshot, vmm = opts.vmm, keep = opts.keep,
 		boot_timeout = opts.boot_timeout }
+	-- once, for the snapshot check and the VM
+	o.detected = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices }
 	local snap, why = M.find(o)
 	if not snap then error(why .. " (create one with: fireclaw snapshot create)", 0) end
 	local sb = M.restore(o, snap)

@@ -13,6 +13,7 @@ local json = require "fireclaw.json"
 local log = require "fireclaw.log"
 local runtime = require "fireclaw.runtime"
 local sandbox = require "fireclaw.sandbox"
+local vm = require "fireclaw.vm"
 
 local coldboot = cli.use "coldboot"
 local restore = cli.use "restore"
@@ -30,7 +31,7 @@ local SPEC = {
 	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
 	{ "--mem MIB", "memory in MiB (cold boot)", type = "number", default = 256 },
 	{ "--timeout S", "stop CMD after S seconds (exit status 124)", type = "number" },
-	{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
+	{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 	{ "--no-snapshot", "always cold boot" },
 	{ "--put LOCAL:REMOTE", "copy a file into the guest before CMD (repeatable)", multi = true },
 	{ "--get REMOTE:LOCAL", "copy a file out of the guest after CMD (repeatable)", multi = true },
@@ -52,7 +53,7 @@ local function check_options(o, cmd)
 	end
 	if o.timeout and o.timeout <= 0 then cli.usage_error("--timeout must be positive") end
 	if o.max_output < 0 or o.max_output % 1 ~= 0 then cli.usage_error("--max-output must be a byte count, got %s", o.max_output) end
-	if o.vmm ~= "auto" and o.vmm ~= "firecracker" and o.vmm ~= "qemu" then
+	if o.vmm and o.vmm ~= "auto" and o.vmm ~= "firecracker" and o.vmm ~= "qemu" then
 		cli.usage_error("--vmm must be auto, firecracker or qemu, got '%s'", o.vmm)
 	end
 	o.puts, o.gets, o.envs = {}, {}, {}
@@ -78,8 +79,11 @@ end
 
 -- A VM ready for exec: restored from the snapshot if possible, else cold booted.
 local function start_vm(o)
+	-- one choice of VMM for the whole run (flag > FIRECLAW_VMM > config > auto): the
+	-- snapshot check and the VM use the same; an impossible one is one line, now
+	local d = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices }
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
-		boot_timeout = o.boot_timeout }
+		boot_timeout = o.boot_timeout, detected = d }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap then

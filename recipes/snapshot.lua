@@ -48,7 +48,8 @@ end
 function M.create(opts)
 	local img = image.load(opts.image or "default")
 	snapshot.abort(snapshot.begin(opts.name or img.name)) -- a state dir we cannot write fails now, not after a boot
-	local sb = coldboot.boot { image = img.name, vcpu = opts.vcpu, mem_mib = opts.mem_mib, vmm = opts.vmm }
+	local sb = coldboot.boot { image = img.name, vcpu = opts.vcpu, mem_mib = opts.mem_mib, vmm = opts.vmm,
+		boot_timeout = opts.boot_timeout }
 	return sandbox.with(sb, M.take, opts.name or img.name)
 end
 
@@ -64,12 +65,14 @@ local function cmd_create(args)
 		{ "--name SNAP", "snapshot name (default: the image's name, which run uses)" },
 		{ "--vcpu N", "vCPUs", type = "number", default = 1 },
 		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
-		{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
+		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
+		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
 	snapshot.clean_temp()
 	local t0 = require("fireclaw.runtime").now()
-	local meta = M.create { image = o.image, name = o.name, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm }
+	local meta = M.create { image = o.image, name = o.name, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm,
+		boot_timeout = o.boot_timeout }
 	log.note("snapshot '%s' created in %.1f s (%s %s, %d MiB) at %s", meta.name,
 		require("fireclaw.runtime").now() - t0, meta.vmm, meta.vmm_version or "", meta.mem_mib, meta.dir)
 	return 0

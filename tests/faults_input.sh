@@ -142,8 +142,13 @@ rm -f "$(readlink -f "$FIRECLAW_STATE/images/nokernel")"/vmlinu*
 expect 1 "'nokernel' in .* is incomplete" "run with the kernel file gone" "$fc" run --image nokernel -- true
 import notext4 "$img/vmlinux" "$tmp/garbage"
 ok $? "import of a rootfs that is not ext4" "$(cat "$tmp/import.err")"
-expect 1 "qemu exited \(status 0\) before its SSH server answered; its console ends with: .*cannot mount" \
-	"run with a rootfs that is not ext4 (the guest says why)" "$fc" run --image notext4 -- true
+# a boot that fails: one line with the likely cause, then the console's last lines
+check "$fc" run --image notext4 -- true
+is "$rc" 1 "run with a rootfs that is not ext4: exit 1"
+like "$(head -1 "$tmp/err")" "qemu exited \(status 0\) before its SSH server answered; likely cause: the kernel cannot find or mount its root disk .*the console says: fireclaw-initrd: cannot mount" \
+	"run with a rootfs that is not ext4: the guest says why, on the first line"
+like "$(sed -n 2p "$tmp/err")" "^the console ends with:$" "then the console's last lines"
+no_leaks "run with a rootfs that is not ext4"
 
 # ---- snapshots: truncated, corrupt, from another VMM or version (restore --snapshot bad) ----
 snaps=$FIRECLAW_STATE/snapshots

@@ -430,8 +430,9 @@ local function ip(args)
 end
 
 local function kvm_usable()
-	if config.accel == "tcg" then return false end
-	if config.accel == "kvm" then return true end
+	local accel = config.choice("accel")
+	if accel == "tcg" then return false end
+	if accel == "kvm" then return true end
 	local f = io.open("/dev/kvm", "rb")
 	if not f then return false end
 	f:close()

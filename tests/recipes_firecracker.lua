@@ -69,8 +69,11 @@ t.ok(image.exists("default"), "the default image is visible through the temporar
 
 -- 1. cold boot through the coldboot recipe: the documented sequence, explicit boot args
 local coldboot = cli.use "coldboot"
-t.raises(function() coldboot.boot { vmm = "firecracker", boot_timeout = 1 } end,
-	"^ssh: 172%.16%.0%.2:22 in fc%-%w*rfc%x+: timed out", "the fake never answers SSH: a clear timeout")
+local ok, err = pcall(coldboot.boot, { vmm = "firecracker", boot_timeout = 1 })
+t.like(not ok and tostring(err) or "", "^ssh: 172%.16%.0%.2:22 in fc%-%w*rfc%x+: timed out",
+	"the fake never answers SSH: a clear timeout")
+t.like(tostring(err), "; likely cause: [^\n]+\nthe console ends with:\n  .*fake%-firecracker: InstanceStart",
+	"with a likely cause and the console's last lines")
 local r = requests()
 t.is(calls(r), "GET /version, PUT /logger, PUT /machine-config, PUT /boot-source, "
 	.. "PUT /drives/rootfs, PUT /network-interfaces/eth0, PUT /actions",
@@ -142,6 +145,14 @@ if snap then
 	t.is(load.clock_realtime, nil, "v1.0: no clock_realtime")
 end
 nothing_left("restore on v1.0")
+
+-- 5. a cold boot on Firecracker v1.0 of an image whose kernel finds devices through ACPI
+-- only (the default one): refused right after the version is known, nothing configured
+t.raises(function() coldboot.boot { vmm = "firecracker", boot_timeout = 1 } end,
+	"^vm %x+: cannot boot: firecracker 1%.0%.0 lists devices only on the kernel command line",
+	"v1.0 + an ACPI-only kernel: refused")
+t.is(calls(requests()), "GET /version", "refused before anything was configured")
+nothing_left("refused cold boot on v1.0")
 
 proc.run { "rm", "-rf", tmp }
 return t.done()

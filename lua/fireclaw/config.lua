@@ -12,8 +12,11 @@ M.netns_prefix = os.getenv("FIRECLAW_NETNS_PREFIX") or "fc-"
 M.vcpu = 1
 M.mem_mib = 256
 M.image = "default"
-M.vmm = os.getenv("FIRECLAW_VMM") or "auto"     -- auto | firecracker | qemu
-M.accel = os.getenv("FIRECLAW_ACCEL") or "auto" -- auto | kvm | tcg (QEMU)
+-- The VMM and QEMU's accelerator. Never read these two directly: M.choice says what a run
+-- uses, with one rule everywhere (recipes, vm.detect, doctor): a flag (--vmm) wins, then
+-- the environment (FIRECLAW_VMM, FIRECLAW_ACCEL), then what a script set here, then auto.
+M.vmm = "auto"   -- auto | firecracker | qemu
+M.accel = "auto" -- auto | kvm | tcg (QEMU)
 M.firecracker = os.getenv("FIRECLAW_FIRECRACKER") -- path to the binary, else PATH
 M.qemu = os.getenv("FIRECLAW_QEMU") or "qemu-system-x86_64"
 -- who QEMU runs as: "auto" (a uid of its own per VM, see fireclaw.vmm.qemu), "root", "UID:GID"
@@ -30,6 +33,22 @@ M.net = {
 	tap_mac = "06:00:ac:10:00:01",
 	guest_mac = "06:00:ac:10:00:02",
 }
+
+local CHOICE_ENV = { vmm = "FIRECLAW_VMM", accel = "FIRECLAW_ACCEL" }
+
+-- What a run uses for `name` ("vmm" or "accel") given the flag's value (nil: not given):
+-- the value and where it came from, for messages ("--vmm firecracker",
+-- "FIRECLAW_ACCEL=kvm", "config.vmm = qemu"; "auto" when nothing chose).
+function M.choice(name, flag)
+	local env = CHOICE_ENV[name]
+	if not env then error("config.choice: no choice named '" .. tostring(name) .. "'", 2) end
+	if flag ~= nil and flag ~= "" then return flag, "--" .. name .. " " .. flag end
+	local v = os.getenv(env)
+	if v and v ~= "" then return v, env .. "=" .. v end
+	v = M[name]
+	if v ~= nil and v ~= "auto" then return v, "config." .. name .. " = " .. tostring(v) end
+	return "auto", "auto"
+end
 
 function M.image_dir(name)
 	return M.state_dir .. "/images/" .. (name or M.image)

@@ -4,7 +4,9 @@
 --
 --   image.build{name=, packages={…}, size="64M"|bytes, force=, kernel_package=}
 --       -> manifest, built   (built = false when the image was already up to date)
---   image.import{name=, kernel=, rootfs=, initrd=, host_key=, boot_args=, force=} -> manifest
+--   image.import{name=, kernel=, rootfs=, initrd=, host_key=, boot_args=, cmdline_devices=,
+--                force=} -> manifest   (cmdline_devices: the kernel finds virtio-mmio devices
+--                on its command line, so Firecracker < 1.8 can boot it)
 --   image.load(name) -> manifest + absolute paths: dir, kernel (= vmlinux if there is one),
 --       vmlinux, vmlinuz, initrd, rootfs, host_key_pub (path), host_key ("ssh-ed25519 AAAA…"),
 --       client_key (private key path), client_key_pub
@@ -1531,6 +1533,8 @@ function M.import(opts)
 			boot_args_tcg = json.array(khz and { "tsc_early_khz=" .. khz } or {}),
 			guest = { ip = config.net.guest_ip, gateway = config.net.host_ip, netmask = config.net.netmask,
 				mac = config.net.guest_mac, user = "root", ssh_port = 22 },
+			-- absent: the kernel finds its devices through ACPI only (Firecracker >= 1.8)
+			cmdline_devices = opts.cmdline_devices and true or nil,
 		}
 		write_file(out .. "/manifest.json", json.encode(manifest, { pretty = true }) .. "\n", "644")
 		install(name, out)

@@ -15,6 +15,7 @@
 -- fault.point(NAME) marks where tests stop a run (FIRECLAW_FAULT, see fireclaw.fault).
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
+local guest = require "fireclaw.guest"
 local image = require "fireclaw.image"
 local log = require "fireclaw.log"
 local net = require "fireclaw.net"
@@ -27,6 +28,17 @@ local vm = require "fireclaw.vm"
 local M = {}
 local Sandbox = {}
 Sandbox.__index = Sandbox
+
+-- Run fn(...) as stage `name`: when it fails, its time is still its own (labelled
+-- "name (failed)" / "VMM boot (qemu, failed)"), not teardown's.
+local function stage(self, name, fn, ...)
+	local ok, err = pcall(fn, ...)
+	if not ok then
+		self.timer:stage(name:find("%)$") and name:gsub("%)$", ", failed)") or name .. " (failed)")
+		error(err, 0)
+	end
+	self.timer:stage(name)
+end
 
 -- The VMM goes into the record the moment it exists (a kept VM has no PR_SET_PDEATHSIG).
 local function record_vmm(self)
@@ -51,6 +63,7 @@ function M.new(opts)
 	local ok, err = pcall(function()
 		fault.point("record")
 		self.vm = vm.new { id = self.id, dir = self.dir, vmm = opts.vmm, accel = opts.accel,
+			detected = opts.detected, cmdline_devices = img.cmdline_devices,
 			netns = self.netns, tap = config.net.tap, mac = config.net.guest_mac, keep = opts.keep,
 			on_spawn = function() record_vmm(self) end }
 	end)
@@ -87,13 +100,15 @@ function Sandbox:boot_spec()
 		initrd = img.initrd,
 		boot_args = image.boot_args(img, { tcg = self.vm.vmm == "qemu" and self.vm.accel == "tcg" }),
 		rootfs = self.disk_path, vcpu = self.vcpu, mem_mib = self.mem_mib,
+		-- unless its manifest says otherwise (image import --cmdline-devices), an image's
+		-- kernel finds its virtio devices through ACPI only
+		acpi_devices = not img.cmdline_devices,
 	}
 end
 
 function Sandbox:boot()
 	self.how = "cold"
-	self.vm:boot(self:boot_spec())
-	self.timer:stage("VMM boot (" .. self.vm.vmm .. ")")
+	stage(self, "VMM boot (" .. self.vm.vmm .. ")", self.vm.boot, self.vm, self:boot_spec())
 end
 
 -- Restore from a loaded snapshot (fireclaw.snapshot.load); the disk must be a copy of the
@@ -105,18 +120,89 @@ function Sandbox:restore(snap)
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
-	self.vm:restore(snap.dir, spec)
-	self.timer:stage("VMM restore (" .. self.vm.vmm .. ")")
+	stage(self, "VMM restore (" .. self.vm.vmm .. ")", self.vm.restore, self.vm, snap.dir, spec)
 end
 
--- err, or when the VMM has exited, one line saying how (and what the guest said last).
-local function vmm_gone(self, err, when, console)
+-- The guest's console is the guest's: a line of it is printed only as printable ASCII
+-- (no escape sequences reach the user's terminal), cut at CONSOLE_LINE bytes.
+local CONSOLE_LINES, CONSOLE_LINE = 8, 160
+
+local function printable(line)
+	line = line:gsub("\27%[[%d;?]*[%a@]", ""):gsub("[%z\1-\31\127-\255]", "?")
+	if #line > CONSOLE_LINE then line = line:sub(1, CONSOLE_LINE) .. "…" end
+	return line
+end
+
+-- The console's tail (the last 8 KiB at most: the file may be capped, only its tail is
+-- read) as text to search, and its last lines made printable.
+local function console_tail(self)
+	local text = self.vm and vm.log_tail(self.vm.console_path, 200) or ""
+	local lines = {}
+	for line in text:gmatch("[^\r\n]+") do
+		if line:find("%S") then lines[#lines + 1] = printable(line) end
+	end
+	return text, { unpack(lines, math.max(1, #lines - CONSOLE_LINES + 1)) }
+end
+
+-- The first console line containing `pattern`, printable, or nil.
+local function console_line(text, pattern)
+	for line in text:gmatch("[^\r\n]+") do
+		if line:find(pattern) then return printable((line:gsub("^%[[%s%d.]+%]%s*", ""))) end
+	end
+end
+
+-- Why a guest likely never answered, from its console and how its VMM was chosen.
+local function likely_cause(self, text, exited)
+	local v = self.vm
+	local root = console_line(text, "VFS: Unable to mount root") or console_line(text, "Cannot open root device")
+		or console_line(text, "fireclaw%-initrd: root device .- did not appear")
+		or console_line(text, "fireclaw%-initrd: cannot mount")
+	if root then
+		return "the kernel cannot find or mount its root disk (check root= in the image's boot args, and that "
+			.. "its kernel or initrd has virtio_mmio and virtio_blk); the console says: " .. root
+	end
+	local panic = console_line(text, "Kernel panic %- not syncing")
+	if panic then return "the guest kernel panicked: " .. panic end
+	if v.vmm == "qemu" and v.accel == "kvm" and v.kvm == "kvm_pvm" then
+		return "KVM was forced (" .. tostring(v.accel_source) .. "), but this host's " .. tostring(v.kvm_why)
+			.. ": unset it, and fireclaw uses QEMU with TCG"
+	end
+	if v.vmm == "firecracker" and v.kvm ~= "hardware" then
+		return "Firecracker needs hardware KVM, and " .. tostring(v.kvm_why) .. " (" .. tostring(v.vmm_source)
+			.. "; use --vmm qemu)"
+	end
+	if v.vmm == "qemu" and v.accel_source ~= "auto" then
+		return "the accelerator was forced (" .. tostring(v.accel_source) .. ")" .. (v.accel == "tcg"
+			and ": TCG boots far slower than KVM (give it longer with --boot-timeout, or unset it)"
+			or ": unset it to let fireclaw choose")
+	end
+	if not text:find("%S") then
+		return "the guest printed nothing on its console: its kernel did not start"
+	end
+	if exited then return "the VM stopped before it finished booting (its console is below)" end
+	if text:find(guest.READY, 1, true) then
+		return "the guest says it is ready, but its SSH server did not answer on " .. config.net.guest_ip
+			.. ":22 (its network setup: ip= in the boot args; its sshd)"
+	end
+	return "the guest did not finish booting in time (its console is below; --boot-timeout gives it longer)"
+end
+
+-- err, or when the VMM has exited, one line saying how; with `diagnose`, the likely cause
+-- and the console's last lines follow (a boot that never answered).
+local function vmm_gone(self, err, when, diagnose)
 	local st = self.vm and self.vm.proc and self.vm.proc:wait(0)
-	if not st then return err end
-	local last = {}
-	for line in vm.log_tail(self.vm.console_path, 3):gmatch("[^\r\n]+") do last[#last + 1] = line end
-	return string.format("VM %s: %s %s %s%s", self.id, self.vm.vmm, util.describe_exit(st), when,
-		console and #last > 0 and ("; its console ends with: " .. table.concat(last, " | ")) or "")
+	local msg = type(err) == "table" and tostring(err.message or err) or tostring(err)
+	if st then
+		msg = string.format("VM %s: %s %s %s", self.id, self.vm.vmm, util.describe_exit(st), when)
+	end
+	if not diagnose then
+		if not st then return err end
+		return msg
+	end
+	local text, lines = console_tail(self)
+	msg = msg .. "; likely cause: " .. likely_cause(self, text, st ~= nil)
+	if #lines == 0 then return msg .. " (the console is empty)" end
+	return msg .. "\nthe console ends with:\n  " .. table.concat(lines, "\n  ")
 end
 
 -- Every wait on the guest also watches the VMM: a VM whose VMM died never answers again.
@@ -127,7 +213,11 @@ function Sandbox:connect(timeout)
 		watch_fd = self.vm.proc and self.vm.proc:pidfd(),
 		watch_msg = string.format("the VM is gone (%s, pid %s, exited)", self.vm.vmm, tostring(self.vm.pid)),
 	})
-	if not ok then error(vmm_gone(self, session, "before its SSH server answered", true), 0) end
+	if not ok then
+		self.timer:stage("SSH wait (failed)") -- the wait's time is the wait's, not teardown's
+		if type(session) ~= "string" or session:match("^interrupted") then error(session, 0) end -- Ctrl-C
+		error(vmm_gone(self, session, "before its SSH server answered", true), 0)
+	end
 	self.session = session
 	fault.point("ssh-ready")
 	self.timer:stage("SSH ready")

@@ -93,8 +93,11 @@ function M.load(name)
 	return meta
 end
 
--- Can this snapshot be restored with this image and this VMM? true, or false and why.
-function M.compatible(meta, img, vmm, vmm_version)
+-- Can this snapshot be restored with this image, this VMM and this accelerator? true, or
+-- false and why. accel_source (config.choice) says whether the accelerator was forced.
+-- A QEMU snapshot holds CPU state of its accelerator: TCG's and KVM's do not load into
+-- each other.
+function M.compatible(meta, img, vmm, vmm_version, accel, accel_source)
 	if meta.image ~= img.name then
 		return false, string.format("it was taken from image '%s', not '%s'", tostring(meta.image), img.name)
 	end
@@ -107,6 +110,11 @@ function M.compatible(meta, img, vmm, vmm_version)
 	if meta.vmm_version ~= vmm_version then
 		return false, string.format("it was taken with %s %s, this is %s", vmm, tostring(meta.vmm_version),
 			tostring(vmm_version))
+	end
+	if accel and meta.accel and meta.accel ~= accel then
+		local forced = accel_source and accel_source ~= "auto"
+		return false, string.format("it was taken under %s, this run %s %s%s", tostring(meta.accel),
+			forced and "forces" or "uses", accel, forced and (" (" .. accel_source .. ")") or "")
 	end
 	return true
 end

@@ -7,8 +7,12 @@
 --                     -- optional: firecracker = path, qemu = path, env = {K = V} for the
 --                     -- VMM process, socket_timeout = s (VMM start to API/QMP socket),
 --                     -- on_spawn = fn(v): called as soon as v.pid is known (to record it),
---                     -- user = "auto" | "root" | "UID:GID": who QEMU runs as (config.vmm_user) }
---   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256 }
+--                     -- user = "auto" | "root" | "UID:GID": who QEMU runs as (config.vmm_user),
+--                     -- detected = a vm.choose result (no second detection),
+--                     -- cmdline_devices = the kernel takes virtio-mmio devices on its cmdline }
+--   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256,
+--           acpi_devices = true: the kernel finds devices through ACPI only (Firecracker < 1.8
+--           refuses at once) }
 --   v:wait_console(text, timeout_s)   -- plain text, searched from the start of the console
 --   v:pause()  v:resume()
 --   local info = v:snapshot(dir)      -- dir/vmstate + dir/memory; info for meta.json
@@ -21,7 +25,10 @@
 --   v.api (Firecracker) / v.qmp (QEMU): the VMM's client, for what the object does not wrap
 --
 --   vm.detect([opts]) -> {kvm = "hardware" | "kvm_pvm" | "none", kvm_why =, firecracker =,
---                         firecracker_version =, qemu =, qemu_version =, vmm =, accel =, why =}
+--                         firecracker_version =, qemu =, qemu_version =, vmm =, accel =, why =,
+--                         vmm_source =, accel_source =}   (opts.vmm/accel: the flags; the
+--                         environment and config apply through config.choice)
+--   vm.choose([opts]) -> the same, or raises "vm: cannot run a VM: <why>" (a run's one choice)
 --   vm.api_client, vm.qmp_connect, vm.wait_socket, vm.log_tail: see core/vm.c
 local core = require "fireclaw.core.vm"
 local config = require "fireclaw.config"
@@ -90,8 +97,17 @@ local function find_firecracker(opts)
 	return util.which("firecracker"), nil
 end
 
-local function choose_vmm(want, d)
+local FIX_FIRECRACKER = "install Firecracker and put it on PATH, or point FIRECLAW_FIRECRACKER at it; "
+	.. "or use --vmm qemu"
+
+-- want: auto | firecracker | qemu; src: where that came from (config.choice), for messages.
+local function choose_vmm(want, src, d)
 	if want == "auto" then
+		local old = not d.cmdline_devices and d.firecracker
+			and require("fireclaw.vmm.firecracker").acpi_problem(d.firecracker_version)
+		if d.firecracker and d.kvm == "hardware" and old then
+			return "qemu", old .. " (upgrade Firecracker to use it)"
+		end
 		if d.firecracker and d.kvm == "hardware" then
 			return "firecracker", "firecracker " .. (d.firecracker_version or "?")
 				.. " found and " .. d.kvm_why
@@ -103,60 +119,88 @@ local function choose_vmm(want, d)
 	end
 	if want == "firecracker" then
 		if not d.firecracker then
-			return nil, "vmm=firecracker, but " .. (d.firecracker_wanted
+			return nil, src .. ", but " .. (d.firecracker_wanted
 				and ("FIRECLAW_FIRECRACKER=" .. d.firecracker_wanted .. " does not exist")
-				or "no firecracker binary on PATH (set FIRECLAW_FIRECRACKER)")
+				or "there is no firecracker on PATH") .. " (" .. FIX_FIRECRACKER .. ")"
 		end
 		if d.kvm ~= "hardware" then
-			return "firecracker", "vmm=firecracker as asked (warning: " .. d.kvm_why
+			return "firecracker", "firecracker as asked (" .. src .. "; warning: " .. d.kvm_why
 				.. "; its guests will not boot)"
 		end
-		return "firecracker", "vmm=firecracker as asked"
+		return "firecracker", "firecracker as asked (" .. src .. ")"
 	end
 	if want == "qemu" then
-		if not d.qemu then return nil, "vmm=qemu, but no " .. (config.qemu or "qemu") .. " found" end
-		return "qemu", "vmm=qemu as asked"
+		if not d.qemu then
+			return nil, src .. ", but there is no " .. (config.qemu or "qemu")
+				.. " (apt-get install qemu-system-x86, or set FIRECLAW_QEMU)"
+		end
+		return "qemu", "qemu as asked (" .. src .. ")"
 	end
-	return nil, "unknown vmm '" .. tostring(want) .. "' (auto, firecracker or qemu)"
+	return nil, "unknown vmm '" .. tostring(want) .. "' (" .. src .. "; use auto, firecracker or qemu)"
 end
 
-local function choose_accel(vmm, want, d)
+local function choose_accel(vmm, want, src, d)
 	if vmm == "firecracker" then return "kvm" end
 	if want == "auto" then
 		if d.kvm == "hardware" then return "kvm", "KVM: " .. d.kvm_why end
 		return "tcg", "TCG, " .. d.kvm_why .. " (slower)"
 	end
 	if want == "kvm" then
-		if d.kvm == "none" then return nil, "accel=kvm, but " .. d.kvm_why end
-		return "kvm", "accel=kvm as asked"
+		if d.kvm == "none" then return nil, src .. ", but " .. d.kvm_why .. " (unset it to use TCG)" end
+		if d.kvm == "kvm_pvm" then
+			return "kvm", "KVM as asked (" .. src .. "; warning: " .. d.kvm_why .. ": guests will not boot)"
+		end
+		return "kvm", "KVM as asked (" .. src .. ")"
 	end
-	if want == "tcg" then return "tcg", "accel=tcg as asked" end
-	return nil, "unknown accel '" .. tostring(want) .. "' (auto, kvm or tcg)"
+	if want == "tcg" then return "tcg", "TCG as asked (" .. src .. ")" end
+	return nil, "unknown accel '" .. tostring(want) .. "' (" .. src .. "; use auto, kvm or tcg)"
 end
+M.choose_vmm, M.choose_accel = choose_vmm, choose_accel
 
--- Probe the host and pick a VMM and accelerator. opts: vmm, accel, firecracker, qemu;
--- versions = false skips running the binaries for their versions (vm.new does: the VMM
--- reports its version itself). Never raises: an impossible choice leaves vmm (or accel)
--- nil and says why.
+-- Probe the host and pick a VMM and accelerator. opts: vmm, accel (the flags' values: nil
+-- when not given; config.choice applies the environment and the defaults), firecracker,
+-- qemu, cmdline_devices (the image's kernel takes virtio-mmio devices from its command
+-- line, so an older Firecracker can boot it); versions = false skips running the binaries
+-- for their versions (vm.new does: the VMM reports its version itself; auto still asks an
+-- installed Firecracker on a hardware-KVM host, to know whether it can boot the image's
+-- kernel). Never raises: an impossible choice leaves vmm (or accel) nil and says why.
+-- d.vmm_source / d.accel_source say who chose ("--vmm qemu", "FIRECLAW_ACCEL=kvm", "auto").
 function M.detect(opts)
 	opts = opts or {}
 	local d = {}
 	d.kvm, d.kvm_why = M.kvm_kind()
 	d.firecracker, d.firecracker_wanted = find_firecracker(opts)
 	local versions = opts.versions ~= false
+	d.versions = versions
 	if d.firecracker then
 		d.firecracker_version = versions and tool_version({ d.firecracker, "--version" }) or nil
-		d.jailer = util.which((d.firecracker:gsub("firecracker$", "jailer")))
+		local dir = d.firecracker:match("^(.*/)firecracker$") -- its jailer lies next to it
+		d.jailer = dir and util.which(dir .. "jailer") or nil
 	end
 	d.qemu = util.which(opts.qemu or config.qemu or "qemu-system-x86_64")
 	if d.qemu and versions then d.qemu_version = require("fireclaw.vmm.qemu").probe(d.qemu).version end
+	local vmm_want, accel_want
+	vmm_want, d.vmm_source = config.choice("vmm", opts.vmm)
+	accel_want, d.accel_source = config.choice("accel", opts.accel)
+	-- auto picks Firecracker only if it can boot the image's kernel, which its version says
+	d.cmdline_devices = opts.cmdline_devices
+	if d.firecracker and not d.firecracker_version and vmm_want == "auto" and d.kvm == "hardware" then
+		d.firecracker_version = tool_version({ d.firecracker, "--version" })
+	end
 	local vmm_why, accel_why
-	d.vmm, vmm_why = choose_vmm(opts.vmm or config.vmm or "auto", d)
+	d.vmm, vmm_why = choose_vmm(vmm_want, d.vmm_source, d)
 	if d.vmm then
-		d.accel, accel_why = choose_accel(d.vmm, opts.accel or config.accel or "auto", d)
+		d.accel, accel_why = choose_accel(d.vmm, accel_want, d.accel_source, d)
 	end
 	d.why = d.vmm and (vmm_why .. (accel_why and "; " .. accel_why or "")) or vmm_why
 	if d.vmm and not d.accel then d.why = accel_why end
+	return d
+end
+
+-- The choice as a run makes it: the detection, or an error saying why no VM can run.
+function M.choose(opts)
+	local d = M.detect(opts)
+	if not d.vmm or not d.accel then error("vm: cannot run a VM: " .. d.why, 0) end
 	return d
 end
 
@@ -170,7 +214,8 @@ local DRIVERS = { firecracker = "fireclaw.vmm.firecracker", qemu = "fireclaw.vmm
 function M.new(opts)
 	assert(type(opts) == "table", "vm.new: options table expected")
 	if not opts.id or not opts.dir then error("vm: new needs id and dir", 0) end
-	local d = M.detect(setmetatable({ versions = false }, { __index = opts }))
+	-- a run detects once (vm.choose) and hands the result down as opts.detected
+	local d = opts.detected or M.detect(setmetatable({ versions = false }, { __index = opts }))
 	if not d.vmm or not d.accel then error("vm: cannot run a VM: " .. d.why, 0) end
 	util.verbose("VM %s: %s chosen: %s", opts.id,
 		d.vmm .. (d.vmm == "qemu" and " with " .. d.accel or ""), d.why)
@@ -180,7 +225,8 @@ function M.new(opts)
 		id = opts.id, dir = dir, netns = opts.netns, tap = opts.tap, mac = opts.mac,
 		env = opts.env, socket_timeout = opts.socket_timeout, keep = opts.keep, on_spawn = opts.on_spawn,
 		user = opts.user,
-		vmm = d.vmm, accel = d.accel, why = d.why,
+		vmm = d.vmm, accel = d.accel, why = d.why, vmm_source = d.vmm_source,
+		accel_source = d.accel_source, kvm = d.kvm, kvm_why = d.kvm_why,
 		binary = d.vmm == "firecracker" and d.firecracker or d.qemu,
 		console_path = dir .. "/console.log",
 		timings = {},

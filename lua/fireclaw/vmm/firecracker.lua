@@ -24,6 +24,25 @@ M.REQUEST_TIMEOUT = 30 -- a full snapshot of a large VM takes a while
 -- boot args are always sent.
 M.DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 
+-- Firecracker describes its virtio-mmio devices to the guest through ACPI from 1.8 on;
+-- older versions only on the kernel command line (virtio_mmio.device=…), which a kernel
+-- without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES (Debian's, the default image's) ignores: it
+-- then finds no disk and no NIC, and the boot only ends at the SSH deadline.
+M.ACPI_DEVICES_SINCE = "1.8"
+-- Fixes for clones restored from a snapshot: VMGenID under the ACPI id Linux binds,
+-- monotonic clock not jumping, clock_realtime (1.16.0); vsock after restore (1.16.1).
+M.CLONE_SAFE_SINCE = "1.16.1"
+
+-- Why firecracker `version` cannot boot a kernel that finds its devices only through
+-- ACPI, or nil when it can (or the version is unknown).
+function M.acpi_problem(version)
+	if not version or util.version_at_least(version, M.ACPI_DEVICES_SINCE) then return nil end
+	return string.format("firecracker %s lists devices only on the kernel command line "
+		.. "(ACPI from %s on), which this image's kernel ignores", version, M.ACPI_DEVICES_SINCE)
+end
+M.FIX_ACPI = "install Firecracker >= " .. M.CLONE_SAFE_SINCE .. ", use --vmm qemu, or import a kernel "
+	.. "built with VIRTIO_MMIO_CMDLINE_DEVICES with fireclaw image import --cmdline-devices"
+
 -- First version whose request schema has each optional field (the v1.0.0 spec has none of
 -- them; mem_backend came with v1.1; the others are known from the v1.16.1 spec and are
 -- gated there, conservatively).
@@ -109,11 +128,14 @@ local function devices(v, spec)
 end
 
 -- Cold boot: logger, (metrics), machine config, boot source, root drive, network,
--- InstanceStart.
+-- InstanceStart. spec.acpi_devices: the kernel finds its devices only through ACPI (an
+-- older Firecracker is refused at once instead of booting a guest that never answers).
 function M.boot(v, spec)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
 	util.check_tap(v)
 	spawn(v)
+	local problem = spec.acpi_devices and M.acpi_problem(v.vmm_version)
+	if problem then error(string.format("vm %s: cannot boot: %s; %s", v.id, problem, M.FIX_ACPI), 0) end
 	put_logger(v)
 	if spec.metrics then
 		util.touch(v.dir .. "/metrics.json")
