@@ -108,6 +108,10 @@ function M.compatible(meta, img, vmm, vmm_version)
 		return false, string.format("it was taken with %s %s, this is %s", vmm, tostring(meta.vmm_version),
 			tostring(vmm_version))
 	end
+	-- taken before VMs had an entropy device (the device set is part of the saved state)
+	if type(meta.vmm_info) ~= "table" or type(meta.vmm_info.rng) ~= "boolean" then
+		return false, "it was taken by an older fireclaw (no entropy device): re-create it"
+	end
 	return true
 end
 

@@ -168,6 +168,11 @@ local function machine_args(v, spec, ram, fd)
 			"-drive", "id=root,if=none,format=raw,werror=report,rerror=report,file.locking=off,file=/dev/fdset/1",
 			"-device", "virtio-blk-device,drive=root")
 	end
+	if fd.rng then
+		-- an entropy device fed from the host's /dev/urandom (given as an fd, like every file)
+		append(a, "-add-fd", "fd=" .. fd.rng .. ",set=3", "-object", "rng-random,id=rng0,filename=/dev/fdset/3",
+			"-device", "virtio-rng-device,rng=rng0")
+	end
 	if v.tap then
 		local how = fd.tap and ("fd=" .. fd.tap) or ("ifname=" .. optval(v.tap) .. ",script=no,downscript=no")
 		append(a, "-netdev", "tap,id=net0," .. how,
@@ -265,6 +270,10 @@ local function open_fds(v, spec, ram, fds)
 		pass("disk", open_fd(spec.rootfs, O_RDWR))
 		pass("disk_ro", open_fd(spec.rootfs, O_RDONLY))
 		paths["/dev/fdset/1"] = spec.rootfs
+	end
+	if spec.rng ~= false then -- a restore repeats what its snapshot had (older ones: none)
+		pass("rng", open_fd("/dev/urandom", O_RDONLY))
+		paths["/dev/fdset/3"] = "/dev/urandom"
 	end
 	local uid, gid = wanted_user(v)
 	local why = uid and root_needed(v, path_fds)
@@ -411,7 +420,7 @@ function M.snapshot(v, dir)
 	local s = v.spec
 	return { mem_mib = mem, vcpu = s.vcpu or 1, kernel = s.kernel, initrd = s.initrd,
 		boot_args = s.boot_args, boot_args_tcg = s.boot_args_tcg, rootfs_path_in_vmm = s.rootfs,
-		tap = v.tap, mac = v.mac, vmstate = "vmstate", memory = "memory" }
+		tap = v.tap, mac = v.mac, vmstate = "vmstate", memory = "memory", rng = s.rng ~= false }
 end
 
 local function incoming_done(v)
