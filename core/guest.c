@@ -26,15 +26,16 @@ extern const char fc_guest_helper_end[] __asm__("fc_guest_helper_end");
 
 static int l_helper(lua_State *L)
 {
-	lua_pushlstring(L, fc_guest_helper_start, (size_t)(fc_guest_helper_end - fc_guest_helper_start));
+	lua_pushlstring(L, fc_guest_helper_start,
+			(size_t)(fc_guest_helper_end - fc_guest_helper_start));
 	return 1;
 }
 
 int luaopen_fireclaw_guest(lua_State *L)
 {
 	static const luaL_Reg fns[] = {
-		{"helper", l_helper},
-		{NULL, NULL},
+	    {"helper", l_helper},
+	    {NULL, NULL},
 	};
 	lua_newtable(L);
 	luaL_register(L, NULL, fns);

@@ -40,7 +40,9 @@ static int fail(int status, const char *what)
 
 static int usage(const char *msg)
 {
-	fprintf(stderr, "fireclaw-guest: %s (usage: fireclaw-guest reseed [NS] | clock NS | version)\n", msg);
+	fprintf(stderr,
+		"fireclaw-guest: %s (usage: fireclaw-guest reseed [NS] | clock NS | version)\n",
+		msg);
 	return 2;
 }
 

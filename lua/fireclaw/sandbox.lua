@@ -222,6 +222,7 @@ function Sandbox:reseed()
 				self.img.name, guest.HELPER)
 		end
 	end
+	fault.point("reseeded")
 	self.timer:stage("reseed + clock")
 end
 

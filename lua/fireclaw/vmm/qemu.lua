@@ -5,10 +5,11 @@
 -- the RAM file to dir/memory. A restore maps dir/memory with share=off (copy-on-write: the
 -- file stays pristine for any number of clones) and migrates the device state back in.
 -- A restore needs the very same machine and device options as the snapshot, so both go
--- through machine_args().
+-- through machine_args(). Every VM has a virtio-rng device reading the host's /dev/urandom
+-- (spec.rng = false leaves it out: a restore of a snapshot taken without one).
 --
 -- Least privilege: QEMU gets every file it uses as a descriptor opened here — tap, QMP
--- socket, disk, console, RAM file, kernel, initrd, migration streams (QMP getfd) — and runs
+-- socket, disk, console, /dev/urandom, RAM file, kernel, initrd, migration streams (QMP getfd) — and runs
 -- as a user of its own (uid UID_BASE + 1 + the VM id, group UID_BASE shared by all VMMs),
 -- with no capabilities, no access to fireclaw's directories, under a seccomp filter that
 -- also denies exec, set*id and resource control (-sandbox). FIRECLAW_VMM_USER=root keeps
