@@ -2,10 +2,10 @@
  * fireclaw-guest: the small static program fireclaw installs in every image it builds
  * (/usr/sbin/fireclaw-guest). The host runs it over SSH; it does what busybox cannot.
  *
- *   fireclaw-guest reseed [NS]   read 32..4096 bytes of host entropy from stdin, credit
- *                                them to the kernel (RNDADDENTROPY) and reseed the CRNG
- *                                at once (RNDRESEEDCRNG); with NS, then set the clock to
- *                                NS nanoseconds since 1970 (CLOCK_REALTIME)
+ *   fireclaw-guest reseed [NS]   with NS, set the clock to NS nanoseconds since 1970
+ *                                (CLOCK_REALTIME); then read 32..4096 bytes of host
+ *                                entropy from stdin, credit them to the kernel
+ *                                (RNDADDENTROPY) and reseed the CRNG at once (RNDRESEEDCRNG)
  *   fireclaw-guest clock NS      set the clock only
  *   fireclaw-guest version       print the protocol version
  *
@@ -97,6 +97,11 @@ static int reseed(int argc, char **argv)
 	} req;
 	if (argc > 3)
 		return usage("reseed takes at most one argument");
+	/* the clock first: the host's time is already as old as this exec, and reading
+	 * stdin to its end waits for the host's EOF */
+	int rc = argc == 3 ? set_clock(argv[2]) : 0;
+	if (rc != 0)
+		return rc;
 	ssize_t n = read_all(0, req.buf, sizeof req.buf);
 	if (n < 0)
 		return fail(1, "reading the entropy from stdin");
@@ -107,15 +112,12 @@ static int reseed(int argc, char **argv)
 		return fail(1, "open /dev/urandom");
 	req.info.entropy_count = (int)n * 8; /* bits: the host's getrandom output is full entropy */
 	req.info.buf_size = (int)n;
-	int rc = 0;
 	if (ioctl(fd, RNDADDENTROPY, &req.info) != 0)
 		rc = fail(1, "ioctl RNDADDENTROPY");
 	else if (ioctl(fd, RNDRESEEDCRNG) != 0)
 		rc = fail(1, "ioctl RNDRESEEDCRNG");
 	close(fd);
 	explicit_bzero(req.buf, sizeof req.buf);
-	if (rc == 0 && argc == 3)
-		rc = set_clock(argv[2]);
 	return rc;
 }
 

@@ -2,6 +2,8 @@
 -- (restore.restore, no run recipe), each asked at once for 16 random bytes, a UUID and its
 -- clock. Prints, per VM, "vm I RANDHEX UUID GUEST_TIME HOST_BEFORE HOST_AFTER" (times in
 -- seconds with microseconds; HOST_* taken around that exec), for tests/hostile_entropy.sh.
+-- On the second VM, sb:reseed() again with a failing helper ("failing helper: ERROR") and as
+-- for an image without one ("no helper: ok GUEST_SECONDS HOST_SECONDS", a note on stderr).
 local cli = require "fireclaw.cli"
 local ffi = require "ffi"
 local sandbox = require "fireclaw.sandbox"
@@ -32,6 +34,19 @@ for i = 1, 2 do
 		local t1 = now()
 		local rand, uuid, gt = r.stdout:match("^(%x+)\n(%S+)\n([%d.]+)\n$")
 		print(string.format("vm %d %s %s %s %.6f %.6f", i, tostring(rand), tostring(uuid), tostring(gt), t0, t1))
+		if i == 2 then
+			-- a helper that fails: the reseed raises (a run stops there)
+			sb:exec("printf '#!/bin/sh\\necho broken >&2; exit 1\\n' >/tmp/broken && chmod 755 /tmp/broken"
+				.. " && mount --bind /tmp/broken /usr/sbin/fireclaw-guest")
+			local ok, err = pcall(sb.reseed, sb)
+			print("failing helper: " .. (ok and "no error" or tostring(err)))
+			-- an image without the helper (imported, older): bytes mixed in, whole seconds, a note
+			sb:exec("date -s @1000000000 >/dev/null")
+			sb.img = setmetatable({ guest = {} }, { __index = sb.img })
+			ok, err = pcall(sb.reseed, sb)
+			local r = sb:exec("date +%s")
+			print(string.format("no helper: %s %s %d", ok and "ok" or tostring(err), r.stdout:match("%d+"), os.time()))
+		end
 	end)
 end
 return 0
