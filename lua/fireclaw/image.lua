@@ -1440,8 +1440,8 @@ function M.build(opts)
 			guest = { ip = config.net.guest_ip, gateway = config.net.host_ip, netmask = config.net.netmask,
 				mac = config.net.guest_mac, user = "root", ssh_port = 22, ready_marker = guest.READY,
 				helper = guest.HELPER, helper_sha256 = M.helper_sha256(),
-				reseed = guest.HELPER .. " reseed NS < 32..4096 bytes of host entropy (RNDADDENTROPY + "
-					.. "RNDRESEEDCRNG, then the clock set to NS nanoseconds since 1970)",
+				reseed = guest.HELPER .. " reseed NS < 32..4096 bytes of host entropy (the clock set to NS "
+					.. "nanoseconds since 1970, then RNDADDENTROPY + RNDRESEEDCRNG)",
 				shutdown = "poweroff -f (QEMU: ACPI power off); reboot -f (Firecracker; QEMU with -no-reboot)" },
 			inputs = p.fingerprint,
 		}
