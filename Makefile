@@ -7,7 +7,7 @@
 #   make install PREFIX=/usr/local
 #   make bench           benchmark, writes BENCHMARKS.md
 #   make fuzz            libFuzzer targets (clang) in build/fuzz/, see fuzz/fuzz.mk
-#   make format          clang-format core/ and tests/unit/
+#   make format          clang-format core/, guest/ and tests/unit/
 
 PREFIX ?= /usr/local
 PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs com_err libmnl libedit
@@ -38,6 +38,14 @@ LIBOBJS := $(filter-out $(OBJDIR)/main.o,$(OBJS))
 UNIT := $(patsubst tests/unit/%.c,$(OBJDIR)/unit/%,$(wildcard tests/unit/*.c))
 
 all: $(BIN)
+
+# the guest helper (guest/fireclaw-guest.c): a static binary every image gets as
+# /usr/sbin/fireclaw-guest, compiled into fireclaw by core/guest.c (.incbin)
+GUEST_BIN := build/guest/fireclaw-guest
+$(GUEST_BIN): guest/fireclaw-guest.c build/.deps
+	@mkdir -p build/guest
+	$(CC) -std=gnu11 -Os -Wall -Wextra -Werror -static -s -o $@ guest/fireclaw-guest.c
+$(OBJDIR)/guest.o: $(GUEST_BIN)
 
 build/.deps: tools/deps.sh
 	@mkdir -p build
@@ -87,7 +95,7 @@ bench: fireclaw
 	bench/run.sh
 
 # libFuzzer targets (clang + ASan/UBSan) in build/fuzz/; tests/fuzz.sh runs them
-fuzz: build/pkg.mk build/embed.c build/modules.c
+fuzz: build/pkg.mk build/embed.c build/modules.c $(GUEST_BIN)
 	$(MAKE) -f fuzz/fuzz.mk
 
 install: fireclaw
@@ -96,7 +104,7 @@ install: fireclaw
 	install -m 644 docs/fireclaw.1 $(DESTDIR)$(PREFIX)/share/man/man1/fireclaw.1
 
 format:
-	clang-format -i core/*.c core/*.h $(wildcard tests/unit/*.c)
+	clang-format -i core/*.c core/*.h guest/*.c $(wildcard tests/unit/*.c)
 
 clean:
 	rm -rf build fireclaw

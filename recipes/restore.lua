@@ -2,7 +2,7 @@
 --
 -- As a library (cli.use "restore"):
 --   restore.find(opts) -> snapshot meta, or nil and why it cannot be used
---   restore.restore(opts, snap) -> a sandbox ready for exec
+--   restore.restore(opts, snap) -> a sandbox ready for exec (reseeded, clock set: unique)
 -- Alone: restores, prints the stage times, runs CMD if given, destroys the VM.
 local cli = require "fireclaw.cli"
 local image = require "fireclaw.image"
@@ -34,6 +34,7 @@ function M.restore(opts, snap)
 		sb:disk(snap.disk)            -- this clone's own copy of the snapshot-time disk
 		sb:restore(snap)              -- a fresh VMM loads device state + memory (copy-on-write)
 		sb:connect(opts.boot_timeout) -- the guest's sshd, running since the snapshot
+		sb:reseed()                   -- fresh host entropy, CRNG reseeded, clock set: one exec
 	end)
 end
 
@@ -56,7 +57,6 @@ local function main(args)
 	if not snap then error(why .. " (create one with: fireclaw snapshot create)", 0) end
 	local sb = M.restore(o, snap)
 	return sandbox.with(sb, function()
-		sb:set_clock()
 		io.stderr:write(sb:stage_report())
 		local status = #cmd > 0 and sb:exec_streaming(cmd) or 0
 		if opts.keep then io.stderr:write(sb:reach_hint()) end

@@ -33,6 +33,7 @@ local SPEC = {
 	{ "--timeout S", "stop CMD after S seconds (exit status 124)", type = "number" },
 	{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 	{ "--no-snapshot", "always cold boot" },
+	{ "--snapshot NAME", "restore this snapshot (default: the image's)" },
 	{ "--put LOCAL:REMOTE", "copy a file into the guest before CMD (repeatable)", multi = true },
 	{ "--get REMOTE:LOCAL", "copy a file out of the guest after CMD (repeatable)", multi = true },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
@@ -52,6 +53,7 @@ local function check_options(o, cmd)
 		cli.usage_error("--mem must be 64 to 65536 MiB, got %s", o.mem)
 	end
 	if o.timeout and o.timeout <= 0 then cli.usage_error("--timeout must be positive") end
+	if o.snapshot and o.no_snapshot then cli.usage_error("--snapshot and --no-snapshot exclude each other") end
 	if o.max_output < 0 or o.max_output % 1 ~= 0 then cli.usage_error("--max-output must be a byte count, got %s", o.max_output) end
 	if o.vmm and o.vmm ~= "auto" and o.vmm ~= "firecracker" and o.vmm ~= "qemu" then
 		cli.usage_error("--vmm must be auto, firecracker or qemu, got '%s'", o.vmm)
@@ -83,13 +85,14 @@ local function start_vm(o)
 	-- snapshot check and the VM use the same; an impossible one is one line, now
 	local d = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices }
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
-		boot_timeout = o.boot_timeout, detected = d }
+		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap then
 			local sb = restore.restore(vmopts, snap)
 			return sb
 		end
+		if o.snapshot then error(why .. " (create it with: fireclaw snapshot create --name " .. o.snapshot .. ")", 0) end
 		if not why:match("^no snapshot named") then log.note("%s; cold booting", why) end
 	end
 	return coldboot.boot(vmopts)
@@ -104,9 +107,8 @@ end
 local function run_command(sb, o, cmd)
 	for _, p in ipairs(o.puts) do sb:put(p[1], p[2]) end
 	local ssh = require "fireclaw.ssh"
+	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
 	local line = ssh.quote(cmd)
-	-- a restored guest wakes up at snapshot time: set its clock in the same round trip
-	if sb.how == "snapshot" then line = string.format("date -s @%d >/dev/null 2>&1; %s", os.time(), line) end
 	local opts = { env = o.envs, timeout = o.timeout }
 	if ffi.C.isatty(0) == 0 then opts.stdin = 0 end
 	if o.json then

@@ -253,8 +253,8 @@ elif [ "${FIRECLAW_FAULTS_ASAN:-1}" = 1 ]; then
 	d=$repo/build/faults-asan
 	(
 		flock 9
-		mkdir -p "$d" && cd "$d" && rm -rf core lua recipes tools vendor &&
-			cp -rp "$repo"/{Makefile,core,lua,recipes,tools,vendor} . &&
+		mkdir -p "$d" && cd "$d" && rm -rf core guest lua recipes tools vendor &&
+			cp -rp "$repo"/{Makefile,core,guest,lua,recipes,tools,vendor} . &&
 			make -s -j2 SANITIZE=1
 	) 9>"$repo/build/faults-asan.lock" >"$tmp/asan.log" 2>&1
 	ok $? "a sanitizer build (build/faults-asan)" "$(tail -5 "$tmp/asan.log")"

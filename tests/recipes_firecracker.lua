@@ -76,8 +76,9 @@ t.like(tostring(err), "; likely cause: [^\n]+\nthe console ends with:\n  .*fake%
 	"with a likely cause and the console's last lines")
 local r = requests()
 t.is(calls(r), "GET /version, PUT /logger, PUT /machine-config, PUT /boot-source, "
-	.. "PUT /drives/rootfs, PUT /network-interfaces/eth0, PUT /actions",
-	"cold boot: the documented request sequence")
+	.. "PUT /drives/rootfs, PUT /network-interfaces/eth0, PUT /entropy, PUT /actions",
+	"cold boot: the documented request sequence (v1.16: with the entropy device)")
+t.same(find(r, "PUT", "/entropy"), {}, "PUT /entropy with the default (no rate limit)")
 local bs = find(r, "PUT", "/boot-source") or {}
 t.like(bs.boot_args or "", "^console=ttyS0 root=/dev/vda rw ip=172%.16%.0%.2::172%.16%.0%.1:", "explicit boot args")
 t.ok(not (bs.boot_args or ""):find("nomodule"), "no nomodule in the boot args")
@@ -110,6 +111,7 @@ t.is(sc.snapshot_type, "Full", "a full snapshot")
 t.like(sc.snapshot_path or "", "/snapshots/%.tmp%-fc%-test%-%d+/vmstate$", "written to a temporary directory first")
 t.is(meta and meta.vmm, "firecracker", "meta.json records the VMM")
 t.is(meta and meta.vmm_version, "1.16.1", "and its version")
+t.is(meta and meta.vmm_info.rng, true, "and that the VM has an entropy device")
 nothing_left("snapshot")
 
 -- 3. restore through the restore recipe: a fresh process loads the snapshot

@@ -5,6 +5,10 @@
 --   guest.initrd_init(modules)  -> /init of the initramfs (modules: names in load order)
 --   guest.rootfs_files(opts)    -> list of {path =, mode =, content =} for the rootfs
 --                                  (opts.hostname, opts.authorized_keys)
+--   guest.HELPER                 where the rootfs has the helper (/usr/sbin/fireclaw-guest)
+--   guest.helper()               -> its bytes (guest/fireclaw-guest.c, compiled into fireclaw)
+--   guest.reseed_command(ns)     -> the shell line that reseeds the guest's CRNG with host
+--                                  entropy on its stdin and sets its clock to ns
 --
 -- Kernel command line understood by the guest (the kernel has no IP autoconfig):
 --   root=/dev/vda rootfstype=ext4 rootflags=… ro|rw init=/sbin/init
@@ -13,12 +17,27 @@
 --   fireclaw.gw_mac=MAC         permanent neighbour entry for the gateway (no ARP)
 --   fireclaw.hostname=NAME      hostname (else the ip= field, else /etc/hostname)
 --   fireclaw.debug              progress lines from the initramfs, sshd logs on the console
+local core = require "fireclaw.core.guest"
+
 local M = {}
 
 M.READY = "fireclaw: guest ready"
 
 -- Bump when the guest side changes in a way that needs a rebuilt image.
-M.VERSION = 1
+-- 2: /usr/sbin/fireclaw-guest (reseed + clock) replaces the fireclaw-clock script
+M.VERSION = 2
+
+M.HELPER = "/usr/sbin/fireclaw-guest"
+M.helper = core.helper
+-- bytes of host entropy per reseed (the helper takes 32..4096)
+M.RESEED_BYTES = 64
+
+-- One exec does both: credit the host's bytes (stdin) and reseed the CRNG, then set the
+-- clock to ns (an integer, nanoseconds since 1970).
+function M.reseed_command(ns)
+	if type(ns) ~= "number" or ns < 0 or ns % 1 ~= 0 then error("guest: reseed_command wants integer ns", 2) end
+	return string.format("%s reseed %.0f", M.HELPER, ns)
+end
 
 local INITRD_INIT = [=[
 #!/bin/busybox sh
@@ -209,18 +228,6 @@ mount -o remount,ro / 2>/dev/null
 exit 0
 ]=]
 
-local CLOCK = [=[
-#!/bin/sh
-# fireclaw-clock EPOCH: set the guest clock to EPOCH (seconds since 1970, UTC; a fraction
-# is dropped) and print the new time. The host runs it over SSH after a boot or a snapshot
-# restore (a restored guest wakes up with the clock of the moment it was saved).
-# Same as: date -s @EPOCH
-case "${1:-}" in
-'' | *[!0-9.]*) echo "usage: fireclaw-clock EPOCH" >&2; exit 2 ;;
-esac
-date -s "@${1%%.*}" >/dev/null && date +%s
-]=]
-
 -- mounted by rcS with `mount -a` (/, /proc, /sys and /dev come from the initramfs)
 local FSTAB = [=[
 # fireclaw guest
@@ -245,7 +252,6 @@ function M.rootfs_files(opts)
 		{ path = "etc/inittab", mode = "644", content = INITTAB },
 		{ path = "etc/init.d/rcS", mode = "755", content = (RCS:gsub("@READY@", M.READY)) },
 		{ path = "etc/init.d/rcK", mode = "755", content = RCK },
-		{ path = "usr/sbin/fireclaw-clock", mode = "755", content = CLOCK },
 		{ path = "etc/profile", mode = "644", content = PROFILE },
 		{ path = "etc/hostname", mode = "644", content = host .. "\n" },
 		{ path = "etc/hosts", mode = "644",

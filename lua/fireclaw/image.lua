@@ -49,9 +49,10 @@ M.BASE_PACKAGES = { "busybox-static", "dropbear-bin" }
 M.SFTP_PACKAGE = "openssh-sftp-server"
 -- modules the initramfs loads (with their dependencies); optional ones may be missing
 -- (ext4 and the serial console are built into the cloud kernel; ext4 is a module in the
--- generic one)
-M.MODULES = { "virtio_mmio", "virtio_blk", "ext4", "virtio_net", "vmw_vsock_virtio_transport" }
-M.OPTIONAL_MODULES = { vmw_vsock_virtio_transport = true }
+-- generic one). virtio_rng: the VMM's entropy device (host /dev/urandom) feeds the guest's
+-- pool all along; restores are reseeded at once by /usr/sbin/fireclaw-guest (see guest.lua)
+M.MODULES = { "virtio_mmio", "virtio_rng", "virtio_blk", "ext4", "virtio_net", "vmw_vsock_virtio_transport" }
+M.OPTIONAL_MODULES = { vmw_vsock_virtio_transport = true, virtio_rng = true }
 
 -- a few libc calls Lua has no word for (one by one: another module may declare them too)
 for _, decl in ipairs({
@@ -299,6 +300,15 @@ function M.client_key()
 		write_file(pub, line, "644")
 	end
 	return key, (line:gsub("%s+$", ""))
+end
+
+-- sha256 of the guest helper fireclaw installs (part of an image's identity: a changed
+-- helper makes `image build` build anew, and snapshots of the old image stale)
+function M.helper_sha256()
+	if not M._helper_sha then
+		M._helper_sha = run("hashing the guest helper", { "sha256sum" }, { stdin = guest.helper() }).stdout:match("%x+")
+	end
+	return M._helper_sha
 end
 
 -- ---- host facts ----
@@ -984,7 +994,7 @@ local function plan(opts)
 	for _, n in ipairs(opts.packages or {}) do requested[#requested + 1] = n end
 	table.sort(requested)
 	local inputs = json.encode({
-		format = M.FORMAT, guest = guest.VERSION,
+		format = M.FORMAT, guest = guest.VERSION, helper = M.helper_sha256(),
 		guest_files = run("hashing", { "sha256sum" }, { stdin = guest.initrd_init({}) ..
 			json.encode(guest.rootfs_files({ authorized_keys = opts.client_pub })) }).stdout:match("%x+"),
 		kernel = p.kernel.Package .. "=" .. p.kernel.Version,
@@ -1270,6 +1280,8 @@ local function build_rootfs(p, debs, scratch, out, opts)
 	end
 	for _, d in ipairs(guest.rootfs_dirs) do mkdir_p(tree .. "/" .. d[1], d[2]) end
 	if not exists(tree .. "/var/run") then symlink("/run", tree .. "/var/run") end
+	-- the guest helper (reseed + clock after a restore), compiled into fireclaw
+	write_file(tree .. guest.HELPER, guest.helper(), "755")
 	for _, f in ipairs(guest.rootfs_files({ authorized_keys = opts.client_pub .. "\n" })) do
 		local path = tree .. "/" .. f.path
 		mkdir_p(path:match("^(.*)/"), nil)
@@ -1429,7 +1441,9 @@ function M.build(opts)
 				.. "(image.boot_args does). Devices are found through ACPI (QEMU microvm, Firecracker >= 1.8).",
 			guest = { ip = config.net.guest_ip, gateway = config.net.host_ip, netmask = config.net.netmask,
 				mac = config.net.guest_mac, user = "root", ssh_port = 22, ready_marker = guest.READY,
-				clock = "/usr/sbin/fireclaw-clock EPOCH (= date -s @EPOCH)",
+				helper = guest.HELPER, helper_sha256 = M.helper_sha256(),
+				reseed = guest.HELPER .. " reseed NS < 32..4096 bytes of host entropy (the clock set to NS "
+					.. "nanoseconds since 1970, then RNDADDENTROPY + RNDRESEEDCRNG)",
 				shutdown = "poweroff -f (QEMU: ACPI power off); reboot -f (Firecracker; QEMU with -no-reboot)" },
 			inputs = p.fingerprint,
 		}

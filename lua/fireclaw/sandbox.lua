@@ -7,6 +7,7 @@
 --   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse)
 --   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot
 --   sb:connect()              -- SSH with the image's pinned host key
+--   sb:reseed()               -- after a restore: fresh host entropy + the clock (one exec)
 --   local r = sb:exec({"uname", "-a"}, {on_stdout = …})
 --   sb:destroy()              -- everything above, undone; safe twice, never raises
 --
@@ -15,6 +16,7 @@
 -- fault.point(NAME) marks where tests stop a run (FIRECLAW_FAULT, see fireclaw.fault).
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
+local ffi = require "ffi"
 local guest = require "fireclaw.guest"
 local image = require "fireclaw.image"
 local log = require "fireclaw.log"
@@ -24,6 +26,9 @@ local ssh = require "fireclaw.ssh"
 local state = require "fireclaw.state"
 local util = require "fireclaw.vmm.util"
 local vm = require "fireclaw.vm"
+
+pcall(ffi.cdef, "struct fireclaw_sandbox_timespec { long tv_sec; long tv_nsec; };")
+pcall(ffi.cdef, "int clock_gettime(int clk, struct fireclaw_sandbox_timespec *ts);")
 
 local M = {}
 local Sandbox = {}
@@ -119,6 +124,7 @@ function Sandbox:restore(snap)
 	spec.vcpu, spec.mem_mib = snap.vcpu, snap.mem_mib
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
+	spec.rng = snap.vmm_info and snap.vmm_info.rng -- the same devices as the snapshot
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
 	stage(self, "VMM restore (" .. self.vm.vmm .. ")", self.vm.restore, self.vm, snap.dir, spec)
 end
@@ -259,12 +265,58 @@ function Sandbox:exec_streaming(cmd, opts)
 	return r.status or 128, r
 end
 
--- Set the guest clock to the host's (a restored guest wakes up at snapshot time).
-function Sandbox:set_clock()
-	local r = self:exec(string.format("date -s @%d >/dev/null", os.time()))
-	if r.status ~= 0 then error("sandbox: setting the guest clock failed: " .. (r.stderr or ""), 0) end
-	self.timer:stage("clock set")
+local function host_entropy(n)
+	local f = io.open("/dev/urandom", "rb")
+	local b = f and f:read(n)
+	if f then f:close() end
+	if not b or #b ~= n then error("sandbox: cannot read " .. n .. " bytes from the host's /dev/urandom", 0) end
+	return b
 end
+
+local function now_ns()
+	local ts = ffi.new("struct fireclaw_sandbox_timespec")
+	if ffi.C.clock_gettime(0, ts) ~= 0 then return os.time() * 1e9 end -- CLOCK_REALTIME
+	return tonumber(ts.tv_sec) * 1e9 + tonumber(ts.tv_nsec)
+end
+
+-- The guest's words, capped: one line for an error message.
+local function first_line(s)
+	return ((s or ""):match("[^\r\n]*"):sub(1, 200):gsub("[%c\128-\255]", "?"))
+end
+
+local warned_helper = {}
+
+-- Make this VM unique and current before anything else runs in it: host entropy (64 bytes
+-- of /dev/urandom) credited to the guest's pool and its CRNG reseeded at once, and its clock
+-- set to the host's with sub-second precision — one exec, one round trip (the helper
+-- /usr/sbin/fireclaw-guest, see guest/fireclaw-guest.c). Every clone of a snapshot wakes up
+-- with the same CRNG state and the snapshot's clock: without this, clones print the same
+-- "random" bytes and UUIDs. An image without the helper (imported, or built by an older
+-- fireclaw) only gets the bytes mixed in (not reseeded at once) and whole seconds, with a note.
+function Sandbox:reseed()
+	local entropy = host_entropy(guest.RESEED_BYTES)
+	local g = self.img.guest
+	if type(g) == "table" and g.helper == guest.HELPER then
+		local r = self:exec(guest.reseed_command(now_ns()), { stdin = entropy })
+		if r.status ~= 0 then
+			error(string.format("sandbox: VM %s: reseeding the guest failed (%s exited %s): %s", self.id, guest.HELPER,
+				tostring(r.status or r.signal), first_line(r.stderr)), 0)
+		end
+	else
+		local r = self:exec(string.format("cat >/dev/urandom && date -s @%d >/dev/null", os.time()), { stdin = entropy })
+		if r.status ~= 0 then error("sandbox: setting the guest clock failed: " .. first_line(r.stderr), 0) end
+		if not warned_helper[self.img.name] then
+			warned_helper[self.img.name] = true
+			log.note("image '%s' has no %s: restored VMs are not reseeded at once (rebuild it: fireclaw image build --force)",
+				self.img.name, guest.HELPER)
+		end
+	end
+	fault.point("reseeded")
+	self.timer:stage("reseed + clock")
+end
+
+-- The clock is set with the reseed (one path, one round trip).
+Sandbox.set_clock = Sandbox.reseed
 
 function Sandbox:put(localpath, remote, mode) return self.session:put(localpath, remote, mode) end
 function Sandbox:get(remote, localpath) return self.session:get(remote, localpath) end

@@ -116,6 +116,10 @@ function M.compatible(meta, img, vmm, vmm_version, accel, accel_source)
 		return false, string.format("it was taken under %s, this run %s %s%s", tostring(meta.accel),
 			forced and "forces" or "uses", accel, forced and (" (" .. accel_source .. ")") or "")
 	end
+	-- taken before VMs had an entropy device (the device set is part of the saved state)
+	if type(meta.vmm_info) ~= "table" or type(meta.vmm_info.rng) ~= "boolean" then
+		return false, "it was taken by an older fireclaw (no entropy device): re-create it"
+	end
 	return true
 end
 

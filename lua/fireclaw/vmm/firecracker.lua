@@ -46,7 +46,7 @@ M.FIX_ACPI = "install Firecracker >= " .. M.CLONE_SAFE_SINCE .. ", use --vmm qem
 -- First version whose request schema has each optional field (the v1.0.0 spec has none of
 -- them; mem_backend came with v1.1; the others are known from the v1.16.1 spec and are
 -- gated there, conservatively).
-local SINCE = { mem_backend = "1.1", network_overrides = "1.16", clock_realtime = "1.16" }
+local SINCE = { mem_backend = "1.1", network_overrides = "1.16", clock_realtime = "1.16", entropy = "1.16" }
 
 local function supports(v, feature)
 	return util.version_at_least(v.vmm_version or "0", SINCE[feature])
@@ -124,7 +124,11 @@ local function devices(v, spec)
 		v.api:put("/network-interfaces/eth0", { iface_id = "eth0", host_dev_name = v.tap,
 			guest_mac = v.mac })
 	end
-	return rootfs
+	-- a virtio-rng device (Firecracker fills it from the host's CSPRNG); pre-boot only, a
+	-- snapshot keeps it. Older versions have none: restores are reseeded over SSH anyway.
+	local rng = spec.rng ~= false and supports(v, "entropy")
+	if rng then v.api:put("/entropy", {}) end
+	return rootfs, rng
 end
 
 -- Cold boot: logger, (metrics), machine config, boot source, root drive, network,
@@ -144,11 +148,11 @@ function M.boot(v, spec)
 	local vcpu, mem = spec.vcpu or 1, spec.mem_mib or 256
 	v.api:put("/machine-config", { vcpu_count = vcpu, mem_size_mib = mem })
 	local boot = boot_source(v, spec)
-	local rootfs = devices(v, spec)
+	local rootfs, rng = devices(v, spec)
 	v.api:put("/actions", { action_type = "InstanceStart" })
 	v.booted = { kernel = boot.kernel_image_path, initrd = boot.initrd_path,
 		boot_args = boot.boot_args, vcpu = vcpu, mem_mib = mem, rootfs = rootfs,
-		tap = v.tap, mac = v.mac }
+		tap = v.tap, mac = v.mac, rng = rng }
 end
 
 function M.pause(v) v.api:patch("/vm", { state = "Paused" }) end
@@ -169,7 +173,7 @@ function M.snapshot(v, dir)
 	local b = v.booted or {}
 	return { mem_mib = b.mem_mib, vcpu = b.vcpu, kernel = b.kernel, initrd = b.initrd,
 		boot_args = b.boot_args, rootfs_path_in_vmm = b.rootfs, tap = b.tap, mac = b.mac,
-		vmstate = "vmstate", memory = "memory" }
+		vmstate = "vmstate", memory = "memory", rng = b.rng or false }
 end
 
 -- Each clone's disk must be where the snapshot says (inside the VMM's view).
@@ -218,7 +222,7 @@ function M.restore(v, dir, spec)
 	end
 	v.booted = { kernel = spec.kernel, initrd = spec.initrd, boot_args = spec.boot_args,
 		vcpu = spec.vcpu, mem_mib = spec.mem_mib, rootfs = spec.rootfs and in_vmm(v, spec.rootfs),
-		tap = v.tap, mac = v.mac }
+		tap = v.tap, mac = v.mac, rng = spec.rng }
 end
 
 -- Ctrl-Alt-Del: the guest reboots, and Firecracker exits when its guest does.

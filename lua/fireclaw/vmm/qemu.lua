@@ -5,10 +5,11 @@
 -- the RAM file to dir/memory. A restore maps dir/memory with share=off (copy-on-write: the
 -- file stays pristine for any number of clones) and migrates the device state back in.
 -- A restore needs the very same machine and device options as the snapshot, so both go
--- through machine_args().
+-- through machine_args(). Every VM has a virtio-rng device reading the host's /dev/urandom
+-- (spec.rng = false leaves it out: a restore of a snapshot taken without one).
 --
 -- Least privilege: QEMU gets every file it uses as a descriptor opened here — tap, QMP
--- socket, disk, console, RAM file, kernel, initrd, migration streams (QMP getfd) — and runs
+-- socket, disk, console, /dev/urandom, RAM file, kernel, initrd, migration streams (QMP getfd) — and runs
 -- as a user of its own (uid UID_BASE + 1 + the VM id, group UID_BASE shared by all VMMs),
 -- with no capabilities, no access to fireclaw's directories, under a seccomp filter that
 -- also denies exec, set*id and resource control (-sandbox). FIRECLAW_VMM_USER=root keeps
@@ -168,6 +169,11 @@ local function machine_args(v, spec, ram, fd)
 			"-drive", "id=root,if=none,format=raw,werror=report,rerror=report,file.locking=off,file=/dev/fdset/1",
 			"-device", "virtio-blk-device,drive=root")
 	end
+	if fd.rng then
+		-- an entropy device fed from the host's /dev/urandom (given as an fd, like every file)
+		append(a, "-add-fd", "fd=" .. fd.rng .. ",set=3", "-object", "rng-random,id=rng0,filename=/dev/fdset/3",
+			"-device", "virtio-rng-device,rng=rng0")
+	end
 	if v.tap then
 		local how = fd.tap and ("fd=" .. fd.tap) or ("ifname=" .. optval(v.tap) .. ",script=no,downscript=no")
 		append(a, "-netdev", "tap,id=net0," .. how,
@@ -265,6 +271,10 @@ local function open_fds(v, spec, ram, fds)
 		pass("disk", open_fd(spec.rootfs, O_RDWR))
 		pass("disk_ro", open_fd(spec.rootfs, O_RDONLY))
 		paths["/dev/fdset/1"] = spec.rootfs
+	end
+	if spec.rng ~= false then -- a restore repeats what its snapshot had (older ones: none)
+		pass("rng", open_fd("/dev/urandom", O_RDONLY))
+		paths["/dev/fdset/3"] = "/dev/urandom"
 	end
 	local uid, gid = wanted_user(v)
 	local why = uid and root_needed(v, path_fds)
@@ -411,7 +421,7 @@ function M.snapshot(v, dir)
 	local s = v.spec
 	return { mem_mib = mem, vcpu = s.vcpu or 1, kernel = s.kernel, initrd = s.initrd,
 		boot_args = s.boot_args, boot_args_tcg = s.boot_args_tcg, rootfs_path_in_vmm = s.rootfs,
-		tap = v.tap, mac = v.mac, vmstate = "vmstate", memory = "memory" }
+		tap = v.tap, mac = v.mac, vmstate = "vmstate", memory = "memory", rng = s.rng ~= false }
 end
 
 local function incoming_done(v)

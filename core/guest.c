@@ -1,0 +1,43 @@
+/* guest.c - fireclaw.core.guest: the guest helper program, compiled into fireclaw.
+ *
+ *   guest.helper() -> the bytes of build/guest/fireclaw-guest (guest/fireclaw-guest.c, a
+ *                     static x86_64 binary), which fireclaw.image installs in every image
+ *                     it builds as /usr/sbin/fireclaw-guest
+ *
+ * Why compiled in: an image build must not depend on where fireclaw was installed from;
+ * the one binary carries everything it writes into a guest (like the embedded Lua). The
+ * bytes sit in .rodata and cost nothing until an image build reads them.
+ */
+#include "fc.h"
+
+#ifndef FC_GUEST_HELPER
+#define FC_GUEST_HELPER "build/guest/fireclaw-guest"
+#endif
+
+__asm__(".section .rodata\n"
+	".balign 16\n"
+	"fc_guest_helper_start:\n"
+	".incbin \"" FC_GUEST_HELPER "\"\n"
+	"fc_guest_helper_end:\n"
+	".previous\n");
+
+extern const char fc_guest_helper_start[] __asm__("fc_guest_helper_start");
+extern const char fc_guest_helper_end[] __asm__("fc_guest_helper_end");
+
+static int l_helper(lua_State *L)
+{
+	lua_pushlstring(L, fc_guest_helper_start,
+			(size_t)(fc_guest_helper_end - fc_guest_helper_start));
+	return 1;
+}
+
+int luaopen_fireclaw_guest(lua_State *L)
+{
+	static const luaL_Reg fns[] = {
+	    {"helper", l_helper},
+	    {NULL, NULL},
+	};
+	lua_newtable(L);
+	luaL_register(L, NULL, fns);
+	return 1;
+}
