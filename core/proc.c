@@ -9,12 +9,15 @@
  *                  groups = {gid...}, fds = {fd...}, setsid = true, pdeathsig = true}
  *       fds: the child gets these (integer) fds as 3, 4, … in this order; the caller keeps
  *       and closes its own. uid/gid: the child drops to them before exec (supplementary
- *       groups: `groups`, else none); pdeathsig survives the drop.
+ *       groups: `groups`, else none); pdeathsig survives the drop. cgroup: the child
+ *       writes itself into each of these cgroup.procs files first thing after fork, so it
+ *       runs no code of the program outside its cgroups (writing the pid from the parent
+ *       after spawn would let it run unlimited for a moment).
  *   p:pid()  p:pidfd()  p:alive()  p:kill([sig])  p:wait([timeout_s]) -> {status=|signal=} or nil
  *   p:close()   -- kills (SIGKILL) and reaps if still running; never leaves a zombie
  *   p:detach()  -- let it run on after fireclaw (spawn it with pdeathsig = false)
- *   r = proc.run(argv, {stdin = s, cwd =, env =, timeout =, netns =}) -> {status, signal, stdout, stderr, timed_out}
- *   proc.starttime(pid) -> clock ticks since boot, or nil if no such process
+ *   r = proc.run(argv, {stdin = s, cwd =, env =, timeout =, netns =}) -> {status, signal, stdout,
+ * stderr, timed_out} proc.starttime(pid) -> clock ticks since boot, or nil if no such process
  *   proc.alive(pid [, starttime]) -> bool
  *   proc.kill(pid, starttime, [sig], [wait_s]) -> true if it was running (and is now gone)
  *   proc.getpid() -> pid of fireclaw
@@ -41,6 +44,7 @@
 #define MAX_MOUNTS 16
 #define MAX_FDS 16
 #define MAX_GROUPS 8
+#define MAX_CGROUPS 8
 
 extern char **environ;
 
@@ -64,6 +68,8 @@ struct spawn_req {
 	int fds[MAX_FDS]; /* become 3, 4, … in the child */
 	int nfds;
 	int setsid, pdeathsig;
+	const char *cgroups[MAX_CGROUPS]; /* cgroup.procs files to join */
+	int ncgroups;
 	pid_t parent;
 	/* pipes for proc.run: child side fds, or -1 */
 	int in_fd, out_fd, err_fd;
@@ -127,7 +133,8 @@ static void child_mounts(int errpipe, const struct spawn_req *r)
 		const struct mount_op *m = &r->mounts[i];
 		if (!m->bind) {
 			mkdir(m->target, 0700);
-			if (mount("tmpfs", m->target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700") < 0)
+			if (mount("tmpfs", m->target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700") <
+			    0)
 				child_fail(errpipe, m->target);
 			continue;
 		}
@@ -163,6 +170,18 @@ static int child_fds(int errpipe, const struct spawn_req *r)
 	return errpipe;
 }
 
+/* Move ourselves into each cgroup ("0" is the writing process); before anything else, so
+ * even the exec runs under the limits. As root: a later uid drop would forbid it. */
+static void child_cgroups(int errpipe, const struct spawn_req *r)
+{
+	for (int i = 0; i < r->ncgroups; i++) {
+		int fd = open(r->cgroups[i], O_WRONLY | O_CLOEXEC);
+		if (fd < 0 || write(fd, "0", 1) != 1)
+			child_fail(errpipe, r->cgroups[i]);
+		close(fd);
+	}
+}
+
 static void child_main(int errpipe, const struct spawn_req *r)
 {
 	sigset_t none;
@@ -172,6 +191,7 @@ static void child_main(int errpipe, const struct spawn_req *r)
 	signal(SIGPIPE, SIG_DFL);
 	signal(SIGINT, SIG_DFL);
 	signal(SIGTERM, SIG_DFL);
+	child_cgroups(errpipe, r);
 	if (r->setsid && setsid() < 0)
 		child_fail(errpipe, "setsid");
 	if (r->netns_fd >= 0 && setns(r->netns_fd, CLONE_NEWNET) < 0)
@@ -218,7 +238,8 @@ static const char **check_argv(lua_State *L, int idx)
 	for (int i = 1; i <= n; i++) {
 		lua_rawgeti(L, idx, i);
 		if (!lua_isstring(L, -1))
-			fc_error(L, "proc: argv[%d] is a %s, not a string", i, luaL_typename(L, -1));
+			fc_error(L, "proc: argv[%d] is a %s, not a string", i,
+				 luaL_typename(L, -1));
 		argv[i - 1] = lua_tostring(L, -1);
 		/* anchored by the argv table */
 		lua_pop(L, 1);
@@ -257,7 +278,8 @@ static char **build_env(lua_State *L, int idx)
 		size_t klen = eq ? (size_t)(eq - environ[i]) : strlen(environ[i]);
 		int overridden = 0;
 		for (int j = 0; j < k && !overridden; j++)
-			overridden = strncmp(envp[j], environ[i], klen) == 0 && envp[j][klen] == '=';
+			overridden =
+			    strncmp(envp[j], environ[i], klen) == 0 && envp[j][klen] == '=';
 		if (!overridden)
 			envp[k++] = environ[i];
 	}
@@ -311,6 +333,30 @@ static int read_ints(lua_State *L, int t, const char *key, int *out, int max)
 		if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0)
 			fc_error(L, "proc: %s[%d] is not a number >= 0", key, i);
 		out[i - 1] = (int)lua_tointeger(L, -1);
+		lua_pop(L, 1);
+	}
+	lua_pop(L, 1);
+	return n;
+}
+
+/* An optional list of strings at opts[key] into out (at most max); returns the count.
+ * The strings stay referenced by the list inside the options table. */
+static int read_strings(lua_State *L, int t, const char *key, const char **out, int max)
+{
+	lua_getfield(L, t, key);
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return 0;
+	}
+	luaL_checktype(L, -1, LUA_TTABLE);
+	int n = (int)lua_objlen(L, -1);
+	if (n > max)
+		fc_error(L, "proc: at most %d %s", max, key);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, -1, i);
+		if (lua_type(L, -1) != LUA_TSTRING)
+			fc_error(L, "proc: %s[%d] is not a string", key, i);
+		out[i - 1] = lua_tostring(L, -1);
 		lua_pop(L, 1);
 	}
 	lua_pop(L, 1);
@@ -396,6 +442,7 @@ static int l_spawn(lua_State *L)
 	r.ngroups = read_ints(L, 1, "groups", groups, MAX_GROUPS);
 	for (int i = 0; i < r.ngroups; i++)
 		r.groups[i] = (gid_t)groups[i];
+	r.ncgroups = read_strings(L, 1, "cgroup", r.cgroups, MAX_CGROUPS);
 	read_mounts(L, 1, &r);
 	open_netns(L, 1, &r);
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);
@@ -802,15 +849,15 @@ static int l_getpid(lua_State *L)
 int luaopen_fireclaw_proc(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
-		{"pid", p_pid},	    {"pidfd", p_pidfd}, {"alive", p_alive},
-		{"kill", p_kill},   {"wait", p_wait},	{"close", p_close}, {"detach", p_detach},
-		{"__tostring", p_tostring}, {NULL, NULL},
+	    {"pid", p_pid},	  {"pidfd", p_pidfd},	      {"alive", p_alive},
+	    {"kill", p_kill},	  {"wait", p_wait},	      {"close", p_close},
+	    {"detach", p_detach}, {"__tostring", p_tostring}, {NULL, NULL},
 	};
 	static const luaL_Reg buffer_methods[] = {{"close", buffer_close}, {NULL, NULL}};
 	static const luaL_Reg fns[] = {
-		{"spawn", l_spawn},	    {"run", l_run},	{"starttime", l_starttime},
-		{"alive", l_alive},	    {"kill", l_kill},	{"getpid", l_getpid},
-		{NULL, NULL},
+	    {"spawn", l_spawn}, {"run", l_run},	  {"starttime", l_starttime},
+	    {"alive", l_alive}, {"kill", l_kill}, {"getpid", l_getpid},
+	    {NULL, NULL},
 	};
 	fc_class(L, PROC_MT, methods);
 	fc_class(L, BUF_MT, buffer_methods);
