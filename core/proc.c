@@ -6,7 +6,8 @@
  *   p = proc.spawn{argv = {...}, env = {K = V}, stdin = path, stdout = path, stderr = path,
  *                  cwd = dir, netns = "fc-1a2b", mounts = {{type = "tmpfs", target = dir},
  *                  {type = "bind", source = s, target = t}}, uid = n, gid = n,
- *                  groups = {gid...}, fds = {fd...}, setsid = true, pdeathsig = true}
+ *                  groups = {gid...}, fds = {fd...}, setsid = true, pdeathsig = true,
+ *                  cgroup = {procs_path...}}
  *       fds: the child gets these (integer) fds as 3, 4, … in this order; the caller keeps
  *       and closes its own. uid/gid: the child drops to them before exec (supplementary
  *       groups: `groups`, else none); pdeathsig survives the drop. cgroup: the child
@@ -16,8 +17,8 @@
  *   p:pid()  p:pidfd()  p:alive()  p:kill([sig])  p:wait([timeout_s]) -> {status=|signal=} or nil
  *   p:close()   -- kills (SIGKILL) and reaps if still running; never leaves a zombie
  *   p:detach()  -- let it run on after fireclaw (spawn it with pdeathsig = false)
- *   r = proc.run(argv, {stdin = s, cwd =, env =, timeout =, netns =}) -> {status, signal, stdout,
- * stderr, timed_out} proc.starttime(pid) -> clock ticks since boot, or nil if no such process
+ *   r = proc.run(argv, {stdin = s, cwd =, env =, timeout =, netns =}) -> {status, signal, stdout, stderr, timed_out}
+ *   proc.starttime(pid) -> clock ticks since boot, or nil if no such process
  *   proc.alive(pid [, starttime]) -> bool
  *   proc.kill(pid, starttime, [sig], [wait_s]) -> true if it was running (and is now gone)
  *   proc.getpid() -> pid of fireclaw
@@ -133,8 +134,7 @@ static void child_mounts(int errpipe, const struct spawn_req *r)
 		const struct mount_op *m = &r->mounts[i];
 		if (!m->bind) {
 			mkdir(m->target, 0700);
-			if (mount("tmpfs", m->target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700") <
-			    0)
+			if (mount("tmpfs", m->target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700") < 0)
 				child_fail(errpipe, m->target);
 			continue;
 		}
@@ -238,8 +238,7 @@ static const char **check_argv(lua_State *L, int idx)
 	for (int i = 1; i <= n; i++) {
 		lua_rawgeti(L, idx, i);
 		if (!lua_isstring(L, -1))
-			fc_error(L, "proc: argv[%d] is a %s, not a string", i,
-				 luaL_typename(L, -1));
+			fc_error(L, "proc: argv[%d] is a %s, not a string", i, luaL_typename(L, -1));
 		argv[i - 1] = lua_tostring(L, -1);
 		/* anchored by the argv table */
 		lua_pop(L, 1);
@@ -278,8 +277,7 @@ static char **build_env(lua_State *L, int idx)
 		size_t klen = eq ? (size_t)(eq - environ[i]) : strlen(environ[i]);
 		int overridden = 0;
 		for (int j = 0; j < k && !overridden; j++)
-			overridden =
-			    strncmp(envp[j], environ[i], klen) == 0 && envp[j][klen] == '=';
+			overridden = strncmp(envp[j], environ[i], klen) == 0 && envp[j][klen] == '=';
 		if (!overridden)
 			envp[k++] = environ[i];
 	}
@@ -849,15 +847,15 @@ static int l_getpid(lua_State *L)
 int luaopen_fireclaw_proc(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
-	    {"pid", p_pid},	  {"pidfd", p_pidfd},	      {"alive", p_alive},
-	    {"kill", p_kill},	  {"wait", p_wait},	      {"close", p_close},
-	    {"detach", p_detach}, {"__tostring", p_tostring}, {NULL, NULL},
+		{"pid", p_pid},	    {"pidfd", p_pidfd}, {"alive", p_alive},
+		{"kill", p_kill},   {"wait", p_wait},	{"close", p_close}, {"detach", p_detach},
+		{"__tostring", p_tostring}, {NULL, NULL},
 	};
 	static const luaL_Reg buffer_methods[] = {{"close", buffer_close}, {NULL, NULL}};
 	static const luaL_Reg fns[] = {
-	    {"spawn", l_spawn}, {"run", l_run},	  {"starttime", l_starttime},
-	    {"alive", l_alive}, {"kill", l_kill}, {"getpid", l_getpid},
-	    {NULL, NULL},
+		{"spawn", l_spawn},	    {"run", l_run},	{"starttime", l_starttime},
+		{"alive", l_alive},	    {"kill", l_kill},	{"getpid", l_getpid},
+		{NULL, NULL},
 	};
 	fc_class(L, PROC_MT, methods);
 	fc_class(L, BUF_MT, buffer_methods);
