@@ -29,6 +29,7 @@ local SPEC = {
 	{ "--image NAME", "image to run", default = "default" },
 	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
 	{ "--mem MIB", "memory in MiB (cold boot)", type = "number", default = 256 },
+	{ "--cpus N", "limit the VM to N CPUs' worth of time (fractions allowed: 0.5)", type = "number" },
 	{ "--timeout S", "stop CMD after S seconds (exit status 124)", type = "number" },
 	{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
 	{ "--no-snapshot", "always cold boot" },
@@ -51,6 +52,7 @@ local function check_options(o, cmd)
 		cli.usage_error("--mem must be 64 to 65536 MiB, got %s", o.mem)
 	end
 	if o.timeout and o.timeout <= 0 then cli.usage_error("--timeout must be positive") end
+	if o.cpus and (o.cpus < 0.01 or o.cpus > 1024) then cli.usage_error("--cpus must be 0.01 to 1024, got %s", o.cpus) end
 	if o.max_output < 0 or o.max_output % 1 ~= 0 then cli.usage_error("--max-output must be a byte count, got %s", o.max_output) end
 	if o.vmm ~= "auto" and o.vmm ~= "firecracker" and o.vmm ~= "qemu" then
 		cli.usage_error("--vmm must be auto, firecracker or qemu, got '%s'", o.vmm)
@@ -79,7 +81,7 @@ end
 -- A VM ready for exec: restored from the snapshot if possible, else cold booted.
 local function start_vm(o)
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
-		boot_timeout = o.boot_timeout }
+		boot_timeout = o.boot_timeout, cpus = o.cpus }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap then

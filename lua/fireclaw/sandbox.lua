@@ -2,10 +2,12 @@
 -- namespace and tap, its disk copy, the VMM, and an SSH session to the guest. The recipes
 -- (coldboot, restore, run, snapshot) are sequences of these steps:
 --
---   local sb = sandbox.new{image = "default", vcpu = 1, mem_mib = 256, vmm = "auto"}
+--   local sb = sandbox.new{image = "default", vcpu = 1, mem_mib = 256, vmm = "auto",
+--                          cpus = 0.5}   -- optional CPU limit (fireclaw.cgroup)
 --   sb:network()              -- namespace fc-<id> with tap0 (172.16.0.1/30, fixed MACs)
 --   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse)
---   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot
+--   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot, in
+--                             -- its own cgroup (memory, pids, cpu limits) where there is one
 --   sb:connect()              -- SSH with the image's pinned host key
 --   local r = sb:exec({"uname", "-a"}, {on_stdout = …})
 --   sb:destroy()              -- everything above, undone; safe twice, never raises
@@ -13,6 +15,7 @@
 -- The record (fireclaw.state) is written before anything else exists, so a fireclaw that
 -- dies at any point is cleaned up by `fireclaw cleanup`. sb.timer has the stage times.
 -- fault.point(NAME) marks where tests stop a run (FIRECLAW_FAULT, see fireclaw.fault).
+local cgroup = require "fireclaw.cgroup"
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
 local image = require "fireclaw.image"
@@ -34,6 +37,27 @@ local function record_vmm(self)
 	fault.point("vmm-recorded")
 end
 
+-- Where this VM's cgroups will be, in the record before they exist (cleanup removes them).
+-- No usable controller: the VM runs without limits, which -v says.
+local function plan_cgroup(self, cpus)
+	self.cpus = cpus
+	self.cg = cgroup.plan(self.netns, cgroup.limits { mem_mib = self.mem_mib, cpus = cpus })
+	if not self.cg then
+		log.info("VM %s: no resource limits: cgroup %s", self.id, cgroup.describe())
+		return
+	end
+	state.update(self.rec, { cgroups = self.cg.dirs })
+end
+
+-- The cgroups with this VM's limits (RAM known now: a restore takes the snapshot's).
+local function limit(self)
+	if not self.cg then return end
+	self.cg.limits = cgroup.limits { mem_mib = self.mem_mib, cpus = self.cpus }
+	cgroup.create(self.cg)
+	fault.point("cgroup")
+	self.timer:stage("cgroup")
+end
+
 function M.new(opts)
 	opts = opts or {}
 	local img = image.load(opts.image or config.image)
@@ -50,9 +74,10 @@ function M.new(opts)
 	getmetatable(self.guard).__gc = function() if not self.keep then self:destroy() end end
 	local ok, err = pcall(function()
 		fault.point("record")
+		plan_cgroup(self, opts.cpus)
 		self.vm = vm.new { id = self.id, dir = self.dir, vmm = opts.vmm, accel = opts.accel,
 			netns = self.netns, tap = config.net.tap, mac = config.net.guest_mac, keep = opts.keep,
-			on_spawn = function() record_vmm(self) end }
+			cgroup = self.cg and self.cg.procs, on_spawn = function() record_vmm(self) end }
 	end)
 	if not ok then
 		self:destroy()
@@ -92,6 +117,7 @@ end
 
 function Sandbox:boot()
 	self.how = "cold"
+	limit(self)
 	self.vm:boot(self:boot_spec())
 	self.timer:stage("VMM boot (" .. self.vm.vmm .. ")")
 end
@@ -105,14 +131,22 @@ function Sandbox:restore(snap)
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
+	limit(self)
 	self.vm:restore(snap.dir, spec)
 	self.timer:stage("VMM restore (" .. self.vm.vmm .. ")")
 end
 
 -- err, or when the VMM has exited, one line saying how (and what the guest said last).
 local function vmm_gone(self, err, when, console)
-	local st = self.vm and self.vm.proc and self.vm.proc:wait(0)
+	local oom = self.cg and cgroup.oom_kills(self.cg.dirs) > 0
+	-- an OOM kill may reach us (a dropped connection) before the VMM is reaped
+	local st = self.vm and self.vm.proc and self.vm.proc:wait(oom and 2 or 0)
 	if not st then return err end
+	if oom then
+		return string.format("VM %s: %s was killed by the kernel's OOM killer %s: the VM's memory limit "
+			.. "(%d MiB, cgroup %s) was reached", self.id, self.vm.vmm, when,
+			math.floor(self.cg.limits.memory / 1048576), self.cg.dirs[1])
+	end
 	local last = {}
 	for line in vm.log_tail(self.vm.console_path, 3):gmatch("[^\r\n]+") do last[#last + 1] = line end
 	return string.format("VM %s: %s %s %s%s", self.id, self.vm.vmm, util.describe_exit(st), when,

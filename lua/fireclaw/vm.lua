@@ -7,7 +7,8 @@
 --                     -- optional: firecracker = path, qemu = path, env = {K = V} for the
 --                     -- VMM process, socket_timeout = s (VMM start to API/QMP socket),
 --                     -- on_spawn = fn(v): called as soon as v.pid is known (to record it),
---                     -- user = "auto" | "root" | "UID:GID": who QEMU runs as (config.vmm_user) }
+--                     -- user = "auto" | "root" | "UID:GID": who QEMU runs as (config.vmm_user),
+--                     -- cgroup = {cgroup.procs path…}: the VMM joins these before exec }
 --   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256 }
 --   v:wait_console(text, timeout_s)   -- plain text, searched from the start of the console
 --   v:pause()  v:resume()
@@ -179,7 +180,7 @@ function M.new(opts)
 	local self = setmetatable({
 		id = opts.id, dir = dir, netns = opts.netns, tap = opts.tap, mac = opts.mac,
 		env = opts.env, socket_timeout = opts.socket_timeout, keep = opts.keep, on_spawn = opts.on_spawn,
-		user = opts.user,
+		user = opts.user, cgroup = opts.cgroup,
 		vmm = d.vmm, accel = d.accel, why = d.why,
 		binary = d.vmm == "firecracker" and d.firecracker or d.qemu,
 		console_path = dir .. "/console.log",
