@@ -3,7 +3,7 @@
 --   fireclaw doctor
 --
 -- Checks: /dev/kvm and what backs it, firecracker (+ jailer), qemu (microvm, seccomp),
--- /dev/net/tun, network namespaces, cgroup v2, the default image, the state and run dirs,
+-- /dev/net/tun, network namespaces, cgroups for VM limits, the default image, the state and run dirs,
 -- and which VMM fireclaw would choose.
 -- One line per check: ok / warn / fail, what was found, and (indented) the fix. Exit status
 -- 0 when fireclaw can run a VM here (warnings allowed), 1 when it cannot.
