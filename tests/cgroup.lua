@@ -9,6 +9,7 @@ local t = require "tap"
 local cgroup = require "fireclaw.cgroup"
 local fs = require "fireclaw.fs"
 local proc = require "fireclaw.proc"
+local runtime = require "fireclaw.runtime"
 
 local function read(path)
 	local f = io.open(path)
@@ -148,6 +149,20 @@ local ok, err = pcall(function()
 		end
 		t.is(lines, #cg.dirs, "the spawned process is in each of its v1 cgroups")
 		t.ok(not in_cgroup(proc.getpid(), NAME), "fireclaw itself stays where it was")
+		if m.cpu then
+			-- a busy loop under a 1% quota is throttled within a few periods, however busy the host
+			local cpudir = m.cpu .. "/fireclaw/" .. NAME
+			put(cpudir .. "/cpu.cfs_quota_us", "1000")
+			local busy = proc.spawn { argv = { "sh", "-c", "while :; do :; done" }, cgroup = { cpudir .. "/cgroup.procs" } }
+			local function throttled()
+				return tonumber((read(cpudir .. "/cpu.stat") or ""):match("nr_throttled (%d+)")) or 0
+			end
+			local deadline = runtime.now() + 20
+			while throttled() == 0 and runtime.now() < deadline do runtime.sleep(0.05) end
+			t.ok(throttled() > 0, "the cpu quota throttles a busy process in the cgroup (nr_throttled "
+				.. throttled() .. ")")
+			busy:close()
+		end
 		local done = cgroup.remove(cg.dirs)
 		t.like(table.concat(done, "; "), "killed 1 process", "remove kills what is still inside")
 		t.ok(p:wait(5), "the process inside is gone")

@@ -69,6 +69,10 @@ else
 	is "$(cat "$pids/pids.max")" 256 "pids.max"
 	is "$(cat "$cpu/cpu.cfs_quota_us") $(cat "$cpu/cpu.cfs_period_us")" "50000 100000" "cpu quota for --cpus 0.5"
 fi
+# the memory limit is in effect: the VMM's memory is charged there (the CPU quota's
+# effect is checked in tests/cgroup.lua: on a busy host a VMM may never reach 0.5 CPU)
+if [ "$version" = v2 ]; then used=$(cat "$mem/memory.current"); else used=$(cat "$mem/memory.usage_in_bytes"); fi
+[ "$used" -gt $((16 * 1024 * 1024)) ]; ok $? "the VMM's memory is charged to its cgroup ($((used / 1048576)) MiB)"
 # QEMU's tasks all live under the limits: every thread of the VMM is in the cgroup
 threads=$(ls "/proc/$pid/task" | wc -l)
 [ "$threads" -ge 1 ] && [ "$threads" -le 256 ]; ok $? "the VMM's $threads threads fit under pids.max"
@@ -119,6 +123,7 @@ rc=$?
 [ "$rc" != 0 ]; ok $? "a guest past its memory limit fails the run (status $rc)"
 like "$(cat "$tmp/err")" "was killed by the kernel's OOM killer .*memory limit \\([0-9]+ MiB" \
 	"the run says the OOM killer ended it"
+is "$(cat "$tmp/out")" "allocating" "the guest command had started, and did not get past its allocation"
 is "$(grep -c . "$tmp/err")" 1 "in one line"
 [ "$(grep -c . "$tmp/err")" = 1 ] || sed 's/^/#   /' "$tmp/err"
 no_leaks "OOM kill"

@@ -25,6 +25,7 @@
 -- `FIRECLAW_CGROUP_MEM_MIB=N` sets the memory limit itself (the tests set one below the
 -- guest's RAM to make the guest's allocations hit it). See docs/security.md.
 local ffi = require "ffi"
+local fs = require "fireclaw.fs"
 local runtime = require "fireclaw.runtime"
 
 for _, decl in ipairs({
@@ -65,7 +66,7 @@ local function read(path)
 	return s
 end
 
-local function exists(path) return read(path) ~= nil or runtime.listdir(path) ~= nil end
+local exists = fs.exists -- access(2): cgroup.kill is write-only
 
 -- One write(2) of the whole value: cgroupfs takes a value per write, and says why not
 -- in the errno of that write.
