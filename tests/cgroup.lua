@@ -71,6 +71,9 @@ t.is(cgroup.describe(l2), "v2 memory,pids,cpu", "describe v2")
 put(tmp .. "/v2/cgroup.controllers", "pids\n")
 t.same(cgroup.detect({ mounts = V2 }).controllers, { "pids" }, "v2 with only pids")
 
+t.is(cgroup.detect({ mounts = (HYBRID:gsub("rw,relatime,", "ro,relatime,")) }).version, nil,
+	"read-only cgroup mounts (a container's view) do not count")
+
 local none = cgroup.detect { mounts = "proc /proc proc rw 0 0\n" }
 t.is(none.version, nil, "no cgroup mounts: none")
 t.like(cgroup.describe(none), "^none: VMs run without limits", "describe none")

@@ -91,11 +91,13 @@ local function has(list, x)
 end
 
 -- The hierarchies in a /proc/self/mounts text: the cgroup2 mount point (if any) and the v1
--- mount point of each wanted controller (cpu may share one with cpuacct).
+-- mount point of each wanted controller (cpu may share one with cpuacct). A read-only
+-- mount (a container's view) cannot take a VM's cgroup: it does not count.
 local function parse_mounts(text)
 	local v2, v1 = nil, {}
 	for line in text:gmatch("[^\n]+") do
 		local dir, fstype, opts = line:match("^%S+ (%S+) (%S+) (%S+)")
+		if opts and ("," .. opts .. ","):find(",ro,", 1, true) then fstype = nil end
 		if fstype == "cgroup2" and not v2 then v2 = dir end
 		if fstype == "cgroup" then
 			for o in opts:gmatch("[^,]+") do

@@ -8,7 +8,8 @@
 --    created, keep}
 -- A VM is stale when its owner process is gone (pid + start time: pids are reused) and
 -- it was not started with --keep. Reaping kills the VMM only if its pid still has the
--- recorded start time, deletes the namespace, and removes the directory.
+-- recorded start time, removes its cgroups (fireclaw.cgroup), deletes the namespace, and
+-- removes the directory.
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
 local fs = require "fireclaw.fs"
