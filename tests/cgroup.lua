@@ -152,6 +152,12 @@ local ok, err = pcall(function()
 		end
 		t.is(lines, #cg.dirs, "the spawned process is in each of its v1 cgroups")
 		t.ok(not in_cgroup(proc.getpid(), NAME), "fireclaw itself stays where it was")
+		-- the program's first look at itself already shows the cgroup: joined before exec
+		local seen = tmp .. "/self-cgroup"
+		local c = proc.spawn { argv = { "cat", "/proc/self/cgroup" }, stdout = seen, cgroup = cg.procs }
+		c:wait(10)
+		t.ok((read(seen) or ""):find("/fireclaw/" .. NAME .. "\n", 1, true),
+			"a spawned program sees itself in its cgroup from its start")
 		if m.cpu then
 			-- a busy loop under a 1% quota is throttled within a few periods, however busy the host
 			local cpudir = m.cpu .. "/fireclaw/" .. NAME
