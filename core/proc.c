@@ -6,10 +6,14 @@
  *   p = proc.spawn{argv = {...}, env = {K = V}, stdin = path, stdout = path, stderr = path,
  *                  cwd = dir, netns = "fc-1a2b", mounts = {{type = "tmpfs", target = dir},
  *                  {type = "bind", source = s, target = t}}, uid = n, gid = n,
- *                  groups = {gid...}, fds = {fd...}, setsid = true, pdeathsig = true}
+ *                  groups = {gid...}, fds = {fd...}, setsid = true, pdeathsig = true,
+ *                  cgroup = {procs_path...}}
  *       fds: the child gets these (integer) fds as 3, 4, … in this order; the caller keeps
  *       and closes its own. uid/gid: the child drops to them before exec (supplementary
- *       groups: `groups`, else none); pdeathsig survives the drop.
+ *       groups: `groups`, else none); pdeathsig survives the drop. cgroup: the child
+ *       writes itself into each of these cgroup.procs files first thing after fork, so it
+ *       runs no code of the program outside its cgroups (writing the pid from the parent
+ *       after spawn would let it run unlimited for a moment).
  *   p:pid()  p:pidfd()  p:alive()  p:kill([sig])  p:wait([timeout_s]) -> {status=|signal=} or nil
  *   p:close()   -- kills (SIGKILL) and reaps if still running; never leaves a zombie
  *   p:detach()  -- let it run on after fireclaw (spawn it with pdeathsig = false)
@@ -41,6 +45,7 @@
 #define MAX_MOUNTS 16
 #define MAX_FDS 16
 #define MAX_GROUPS 8
+#define MAX_CGROUPS 8
 
 extern char **environ;
 
@@ -64,6 +69,8 @@ struct spawn_req {
 	int fds[MAX_FDS]; /* become 3, 4, … in the child */
 	int nfds;
 	int setsid, pdeathsig;
+	const char *cgroups[MAX_CGROUPS]; /* cgroup.procs files to join */
+	int ncgroups;
 	pid_t parent;
 	/* pipes for proc.run: child side fds, or -1 */
 	int in_fd, out_fd, err_fd;
@@ -163,6 +170,18 @@ static int child_fds(int errpipe, const struct spawn_req *r)
 	return errpipe;
 }
 
+/* Move ourselves into each cgroup ("0" is the writing process); before anything else, so
+ * even the exec runs under the limits. As root: a later uid drop would forbid it. */
+static void child_cgroups(int errpipe, const struct spawn_req *r)
+{
+	for (int i = 0; i < r->ncgroups; i++) {
+		int fd = open(r->cgroups[i], O_WRONLY | O_CLOEXEC);
+		if (fd < 0 || write(fd, "0", 1) != 1)
+			child_fail(errpipe, r->cgroups[i]);
+		close(fd);
+	}
+}
+
 static void child_main(int errpipe, const struct spawn_req *r)
 {
 	sigset_t none;
@@ -172,6 +191,7 @@ static void child_main(int errpipe, const struct spawn_req *r)
 	signal(SIGPIPE, SIG_DFL);
 	signal(SIGINT, SIG_DFL);
 	signal(SIGTERM, SIG_DFL);
+	child_cgroups(errpipe, r);
 	if (r->setsid && setsid() < 0)
 		child_fail(errpipe, "setsid");
 	if (r->netns_fd >= 0 && setns(r->netns_fd, CLONE_NEWNET) < 0)
@@ -317,6 +337,30 @@ static int read_ints(lua_State *L, int t, const char *key, int *out, int max)
 	return n;
 }
 
+/* An optional list of strings at opts[key] into out (at most max); returns the count.
+ * The strings stay referenced by the list inside the options table. */
+static int read_strings(lua_State *L, int t, const char *key, const char **out, int max)
+{
+	lua_getfield(L, t, key);
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return 0;
+	}
+	luaL_checktype(L, -1, LUA_TTABLE);
+	int n = (int)lua_objlen(L, -1);
+	if (n > max)
+		fc_error(L, "proc: at most %d %s", max, key);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, -1, i);
+		if (lua_type(L, -1) != LUA_TSTRING)
+			fc_error(L, "proc: %s[%d] is not a string", key, i);
+		out[i - 1] = lua_tostring(L, -1);
+		lua_pop(L, 1);
+	}
+	lua_pop(L, 1);
+	return n;
+}
+
 /* Fork and exec; returns the pid, or raises with the child's failing step and errno. */
 static pid_t do_spawn(lua_State *L, struct spawn_req *r)
 {
@@ -396,6 +440,7 @@ static int l_spawn(lua_State *L)
 	r.ngroups = read_ints(L, 1, "groups", groups, MAX_GROUPS);
 	for (int i = 0; i < r.ngroups; i++)
 		r.groups[i] = (gid_t)groups[i];
+	r.ncgroups = read_strings(L, 1, "cgroup", r.cgroups, MAX_CGROUPS);
 	read_mounts(L, 1, &r);
 	open_netns(L, 1, &r);
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);

@@ -8,7 +8,7 @@ local sandbox = require "fireclaw.sandbox"
 
 local M = {}
 
--- opts: image, vcpu, mem_mib, vmm, accel, keep, boot_timeout (s)
+-- opts: image, vcpu, mem_mib, vmm, accel, keep, boot_timeout (s), cpus (CPU limit)
 function M.boot(opts)
 	return sandbox.build(opts, function(sb)
 		sb:network()                      -- namespace fc-<id> with tap0
@@ -25,13 +25,17 @@ local function main(args)
 		{ "--image NAME", "image to boot", default = "default" },
 		{ "--vcpu N", "vCPUs", type = "number", default = 1 },
 		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
+		{ "--cpus N", "limit the VM to N CPUs' worth of time (fractions allowed: 0.5)", type = "number" },
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
+	if opts.cpus and (opts.cpus < 0.01 or opts.cpus > 1024) then
+		cli.usage_error("--cpus must be 0.01 to 1024, got %s", opts.cpus)
+	end
 	local sb = M.boot { image = opts.image, vcpu = opts.vcpu, mem_mib = opts.mem, vmm = opts.vmm, keep = opts.keep,
-		boot_timeout = opts.boot_timeout }
+		boot_timeout = opts.boot_timeout, cpus = opts.cpus }
 	return sandbox.with(sb, function()
 		io.stderr:write(sb:stage_report())
 		local status = #cmd > 0 and sb:exec_streaming(cmd) or 0

@@ -4,7 +4,7 @@
 --
 -- Checks: /dev/kvm and what backs it, firecracker (+ jailer; a version that cannot boot
 -- the default image, < 1.8, or restore clones safely, < 1.16.1), qemu (microvm, seccomp),
--- /dev/net/tun, network namespaces, cgroup v2, the default image, the state and run dirs,
+-- /dev/net/tun, network namespaces, cgroups for VM limits, the default image, the state and run dirs,
 -- and which VMM fireclaw would choose.
 -- One line per check: ok / warn / fail, what was found, and (indented) the fix. Exit status
 -- 0 when fireclaw can run a VM here (warnings allowed), 1 when it cannot.
@@ -162,16 +162,15 @@ local function check_netns()
 	end
 end
 
+-- The cgroup layout fireclaw.cgroup uses for VM limits (memory, pids, cpu).
 local function check_cgroup()
-	if util.exists("/sys/fs/cgroup/cgroup.controllers") then
-		report("ok", "cgroup", "cgroup v2 (unified hierarchy)")
-	elseif util.exists("/sys/fs/cgroup/unified/cgroup.controllers") then
-		report("warn", "cgroup", "cgroup v1 with cgroup2 only at /sys/fs/cgroup/unified (hybrid); "
-			.. "fireclaw runs VMs without cgroups", "for the jailer's cgroup v2 mode, boot with "
-			.. "systemd.unified_cgroup_hierarchy=1")
+	local cgroup = require "fireclaw.cgroup"
+	local l = cgroup.detect()
+	if l.version then
+		report("ok", "cgroup", cgroup.describe(l) .. " (per-VM limits: memory, tasks, --cpus)")
 	else
-		report("warn", "cgroup", "no cgroup v2; fireclaw runs VMs without cgroups",
-			"mount cgroup2 on /sys/fs/cgroup for the jailer's cgroup v2 mode")
+		report("warn", "cgroup", cgroup.describe(l),
+			"mount cgroup2 on /sys/fs/cgroup (or the v1 memory, pids, cpu hierarchies)")
 	end
 end
 

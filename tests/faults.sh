@@ -23,7 +23,7 @@ if ! setup_state; then
 fi
 
 # ---- SIGKILL at each point of a restored run, then cleanup ----
-for p in record netns tap disk vmm-spawned vmm-recorded ssh-ready reseeded exec exec-output command-done \
+for p in record netns tap disk cgroup vmm-spawned vmm-recorded ssh-ready reseeded exec exec-output command-done \
 	teardown-session teardown-vmm reap-vmm reap-netns; do
 	is "$(status_of env FIRECLAW_FAULT=$p "$fc" run -- echo hi)" 137 "SIGKILL at $p: fireclaw died there"
 	finish "SIGKILL at $p"
@@ -46,7 +46,7 @@ unlike "$(cat "$tmp/ssh-wait.err")" "SSH ready" "SIGKILL during the SSH wait (no
 finish "SIGKILL during the SSH wait"
 
 # ---- an error raised at each point: the run undoes everything itself ----
-for p in record netns tap disk vmm-spawned vmm-recorded ssh-ready reseeded exec exec-output command-done; do
+for p in record netns tap disk cgroup vmm-spawned vmm-recorded ssh-ready reseeded exec exec-output command-done; do
 	FIRECLAW_FAULT=$p:error "$fc" run -- echo hi >/dev/null 2>"$tmp/err"
 	rc=$?
 	is "$rc:$(cat "$tmp/err")" "1:fireclaw: fault injected at $p" "error at $p: exit 1, one line"

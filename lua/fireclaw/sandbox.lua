@@ -2,10 +2,12 @@
 -- namespace and tap, its disk copy, the VMM, and an SSH session to the guest. The recipes
 -- (coldboot, restore, run, snapshot) are sequences of these steps:
 --
---   local sb = sandbox.new{image = "default", vcpu = 1, mem_mib = 256, vmm = "auto"}
+--   local sb = sandbox.new{image = "default", vcpu = 1, mem_mib = 256, vmm = "auto",
+--                          cpus = 0.5}   -- optional CPU limit (fireclaw.cgroup)
 --   sb:network()              -- namespace fc-<id> with tap0 (172.16.0.1/30, fixed MACs)
 --   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse)
---   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot
+--   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot, in
+--                             -- its own cgroup (memory, pids, cpu limits) where there is one
 --   sb:connect()              -- SSH with the image's pinned host key
 --   sb:reseed()               -- after a restore: fresh host entropy + the clock (one exec)
 --   local r = sb:exec({"uname", "-a"}, {on_stdout = …})
@@ -14,6 +16,7 @@
 -- The record (fireclaw.state) is written before anything else exists, so a fireclaw that
 -- dies at any point is cleaned up by `fireclaw cleanup`. sb.timer has the stage times.
 -- fault.point(NAME) marks where tests stop a run (FIRECLAW_FAULT, see fireclaw.fault).
+local cgroup = require "fireclaw.cgroup"
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
 local ffi = require "ffi"
@@ -51,6 +54,27 @@ local function record_vmm(self)
 	fault.point("vmm-recorded")
 end
 
+-- Where this VM's cgroups will be, in the record before they exist (cleanup removes them).
+-- No usable controller: the VM runs without limits, which -v says.
+local function plan_cgroup(self, cpus)
+	self.cpus = cpus
+	self.cg = cgroup.plan(self.netns, cgroup.limits { mem_mib = self.mem_mib, cpus = cpus })
+	if not self.cg then
+		log.info("VM %s: no resource limits: cgroup %s", self.id, cgroup.describe())
+		return
+	end
+	state.update(self.rec, { cgroups = self.cg.dirs })
+end
+
+-- The cgroups with this VM's limits (RAM known now: a restore takes the snapshot's).
+local function limit(self)
+	if not self.cg then return end
+	self.cg.limits = cgroup.limits { mem_mib = self.mem_mib, cpus = self.cpus }
+	cgroup.create(self.cg)
+	fault.point("cgroup")
+	self.timer:stage("cgroup")
+end
+
 function M.new(opts)
 	opts = opts or {}
 	local img = image.load(opts.image or config.image)
@@ -67,10 +91,11 @@ function M.new(opts)
 	getmetatable(self.guard).__gc = function() if not self.keep then self:destroy() end end
 	local ok, err = pcall(function()
 		fault.point("record")
+		plan_cgroup(self, opts.cpus)
 		self.vm = vm.new { id = self.id, dir = self.dir, vmm = opts.vmm, accel = opts.accel,
 			detected = opts.detected, cmdline_devices = img.cmdline_devices,
 			netns = self.netns, tap = config.net.tap, mac = config.net.guest_mac, keep = opts.keep,
-			on_spawn = function() record_vmm(self) end }
+			cgroup = self.cg and self.cg.procs, on_spawn = function() record_vmm(self) end }
 	end)
 	if not ok then
 		self:destroy()
@@ -113,6 +138,7 @@ end
 
 function Sandbox:boot()
 	self.how = "cold"
+	limit(self)
 	stage(self, "VMM boot (" .. self.vm.vmm .. ")", self.vm.boot, self.vm, self:boot_spec())
 end
 
@@ -126,6 +152,7 @@ function Sandbox:restore(snap)
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	spec.rng = snap.vmm_info and snap.vmm_info.rng -- the same devices as the snapshot
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
+	limit(self)
 	stage(self, "VMM restore (" .. self.vm.vmm .. ")", self.vm.restore, self.vm, snap.dir, spec)
 end
 
@@ -196,7 +223,14 @@ end
 -- err, or when the VMM has exited, one line saying how; with `diagnose`, the likely cause
 -- and the console's last lines follow (a boot that never answered).
 local function vmm_gone(self, err, when, diagnose)
-	local st = self.vm and self.vm.proc and self.vm.proc:wait(0)
+	local oom = self.cg and cgroup.oom_kills(self.cg.dirs) > 0
+	-- an OOM kill may reach us (a dropped connection) before the VMM is reaped
+	local st = self.vm and self.vm.proc and self.vm.proc:wait(oom and 2 or 0)
+	if oom and st then
+		return string.format("VM %s: %s was killed by the kernel's OOM killer %s: the VM's memory limit "
+			.. "(%d MiB, cgroup %s) was reached", self.id, self.vm.vmm, when,
+			math.floor(self.cg.limits.memory / 1048576), self.cg.dirs[1])
+	end
 	local msg = type(err) == "table" and tostring(err.message or err) or tostring(err)
 	if st then
 		msg = string.format("VM %s: %s %s %s", self.id, self.vm.vmm, util.describe_exit(st), when)

@@ -4,10 +4,12 @@
 -- files (sockets, logs, disk copy). The record is written *before* any resource exists
 -- and updated as resources appear, so a fireclaw killed at any point leaves enough
 -- behind for `fireclaw cleanup` to undo it:
---   {id, netns, owner = {pid, start}, vmm = {pid, start, name}, image, created, keep}
+--   {id, netns, owner = {pid, start}, vmm = {pid, start, name}, cgroups = {dir…}, image,
+--    created, keep}
 -- A VM is stale when its owner process is gone (pid + start time: pids are reused) and
 -- it was not started with --keep. Reaping kills the VMM only if its pid still has the
--- recorded start time, deletes the namespace, and removes the directory.
+-- recorded start time, removes its cgroups (fireclaw.cgroup), deletes the namespace, and
+-- removes the directory.
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
 local fs = require "fireclaw.fs"
@@ -129,6 +131,9 @@ function M.reap(rec)
 		done[#done + 1] = "killed VMM " .. rec.vmm.pid
 	end
 	fault.point("reap-vmm")
+	if rec.cgroups then -- after the VMM: a cgroup with a task in it cannot go
+		for _, what in ipairs(require("fireclaw.cgroup").remove(rec.cgroups)) do done[#done + 1] = what end
+	end
 	local net = require "fireclaw.net"
 	if rec.netns and net.netns_exists(rec.netns) then
 		net.netns_delete(rec.netns)

@@ -9,7 +9,8 @@
 --                     -- on_spawn = fn(v): called as soon as v.pid is known (to record it),
 --                     -- user = "auto" | "root" | "UID:GID": who QEMU runs as (config.vmm_user),
 --                     -- detected = a vm.choose result (no second detection),
---                     -- cmdline_devices = the kernel takes virtio-mmio devices on its cmdline }
+--                     -- cmdline_devices = the kernel takes virtio-mmio devices on its cmdline,
+--                     -- cgroup = {cgroup.procs path…}: the VMM joins these before exec }
 --   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256,
 --           acpi_devices = true: the kernel finds devices through ACPI only (Firecracker < 1.8
 --           refuses at once) }
@@ -224,7 +225,7 @@ function M.new(opts)
 	local self = setmetatable({
 		id = opts.id, dir = dir, netns = opts.netns, tap = opts.tap, mac = opts.mac,
 		env = opts.env, socket_timeout = opts.socket_timeout, keep = opts.keep, on_spawn = opts.on_spawn,
-		user = opts.user,
+		user = opts.user, cgroup = opts.cgroup,
 		vmm = d.vmm, accel = d.accel, why = d.why, vmm_source = d.vmm_source,
 		accel_source = d.accel_source, kvm = d.kvm, kvm_why = d.kvm_why,
 		binary = d.vmm == "firecracker" and d.firecracker or d.qemu,

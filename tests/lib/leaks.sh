@@ -2,7 +2,8 @@
 # Tests use a private FIRECLAW_RUN and FIRECLAW_NETNS_PREFIX (fc-<something>) so that other
 # fireclaw runs on the machine do not count.
 # Counts VM namespaces (fc-*), VMM processes started for fireclaw VMs (their command line
-# names a run directory), run directories and mounts under the run dir.
+# names a run directory), run directories, mounts under the run dir, and VM cgroups
+# (fireclaw/<namespace name> under the root of every mounted cgroup hierarchy).
 FIRECLAW_RUN=${FIRECLAW_RUN:-/run/fireclaw}
 leaks() {
 	local out=""
@@ -14,7 +15,16 @@ leaks() {
 	[ -n "$dirs" ] && out+="run directories: $dirs; "
 	local m; m=$(grep -c " $FIRECLAW_RUN/vms" /proc/self/mounts)
 	[ "$m" != 0 ] && out+="mounts: $m; "
+	local cg; cg=$(leaked_cgroups | tr '\n' ' ')
+	[ -n "$cg" ] && out+="cgroups: $cg; "
 	printf '%s' "$out"
+}
+leaked_cgroups() { # the VM cgroups named with this test's namespace prefix, one a line
+	local d
+	awk '$3 == "cgroup" || $3 == "cgroup2" { print $2 }' /proc/self/mounts | sort -u | while read -r d; do
+		ls -d "$d/fireclaw/${FIRECLAW_NETNS_PREFIX:-fc-}"* 2>/dev/null
+	done
+	return 0
 }
 no_leaks() { # no_leaks NAME
 	local l; l=$(leaks)

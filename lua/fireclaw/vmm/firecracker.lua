@@ -89,6 +89,7 @@ local function spawn(v)
 		mounts = { { type = "bind", source = v.dir, target = M.MOUNT } },
 		stdout = v.console_path, -- the guest's serial console
 		stderr = v.dir .. "/vmm.log",
+		cgroup = v.cgroup, -- joined between fork and exec (fireclaw.cgroup)
 	})
 	core.wait_socket(sock_path(v), v.socket_timeout or M.SOCKET_TIMEOUT, v.proc,
 		{ log = { v.dir .. "/vmm.log", v.console_path }, name = "firecracker", what = "API socket" })

@@ -329,6 +329,7 @@ local function spawn(v, spec, ram)
 			stdout = v.dir .. "/vmm.log",
 			stderr = v.dir .. "/vmm.log",
 			fds = fds, uid = uid, gid = gid, groups = uid and v._vmm_groups or nil,
+			cgroup = v.cgroup, -- joined between fork and exec (fireclaw.cgroup)
 		})
 		v.vmm_uid = uid or 0
 	end)
