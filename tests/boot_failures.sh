@@ -65,7 +65,8 @@ else
 		local tmp = snapshot.begin("default")
 		for _, f in ipairs({ "vmstate", "memory", "disk.ext4" }) do fs.write(tmp .. "/" .. f, "x") end
 		snapshot.commit(tmp, "default", { image = "default", image_sha256 = snapshot.image_sha256(img),
-			vmm = "qemu", vmm_version = d.qemu_version, accel = "tcg", vcpu = 1, mem_mib = 256 })'
+			vmm = "qemu", vmm_version = d.qemu_version, vmm_info = { rng = true }, accel = "tcg", vcpu = 1,
+			mem_mib = 256 })'
 	out=$(FIRECLAW_ACCEL=tcg "$fc" -e 'local s, why = require("fireclaw.cli").use("restore").find {} print(s and "usable" or why)')
 	is "$out" "usable" "the TCG snapshot is usable under TCG"
 	err=$(FIRECLAW_ACCEL=kvm "$fc" restore 2>&1)
