@@ -107,9 +107,11 @@ struct fc_embedded {
 };
 extern const struct fc_embedded fc_embedded[];
 
-/* Register embedded and C modules in package.preload, search dirs in package.path
- * (core/runtime.c). */
+/* Register embedded and C modules in package.preload and the search path's loader, and
+ * take the working directory off package.path/cpath (core/runtime.c). */
 void fc_runtime_install(lua_State *L);
+/* Registry key of the array of --recipes directories (set by main before any require). */
+#define FC_RECIPES_DIRS_KEY "fireclaw.recipes_dirs"
 
 /* C modules, generated from the core sources by the Makefile: {"vm", luaopen_fireclaw_vm}, … */
 extern const luaL_Reg fc_cmodules[];
