@@ -61,13 +61,15 @@ static void check_trusted(lua_State *L, const char *path, const struct stat *st,
 	fc_error(L, "refusing %s: %s (chmod go-w %s)", path, why, path);
 }
 
-/* stat + check_trusted for a directory; 0 if it does not exist and `missing_ok`. */
+/* stat + check_trusted for a directory; 0 if it does not exist and `missing_ok` (2: or
+ * we may not look, e.g. HOME=/root in a process that is not root). */
 static int check_dir(lua_State *L, const char *path, int missing_ok, int sticky_ok,
 		     const char *what)
 {
 	struct stat st;
 	if (stat(path, &st) != 0) {
-		if (missing_ok && errno == ENOENT)
+		int skip = errno == ENOENT || (missing_ok == 2 && (errno == EACCES || errno == ENOTDIR));
+		if (missing_ok && skip)
 			return 0;
 		fc_errno_error(L, errno, "%s%s", what, path);
 	}
@@ -123,7 +125,7 @@ static void push_search_dirs(lua_State *L)
 	const char *home = getenv("HOME");
 	if (home && *home &&
 	    (size_t)snprintf(dir, sizeof dir, "%s/.config/fireclaw/recipes", home) < sizeof dir)
-		add_dir(L, &n, dir, 1, "");
+		add_dir(L, &n, dir, 2, "");
 	lua_remove(L, base);
 	lua_pushvalue(L, -1);
 	lua_setfield(L, LUA_REGISTRYINDEX, SEARCH_DIRS_KEY);
