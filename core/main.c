@@ -237,10 +237,39 @@ static char *history_path(void)
 		*p = '/';
 	}
 	mkdir(path, 0700);
+	/* the history is written as root: only into a real directory (a symlink here is not
+	 * followed) that nobody else may write to */
+	struct stat st;
+	int usable = lstat(path, &st) == 0 && S_ISDIR(st.st_mode) &&
+		     !(st.st_mode & (S_IWGRP | S_IWOTH));
 	free(path);
-	if (asprintf(&path, "%s/.local/state/fireclaw/history", home) < 0)
+	if (!usable || asprintf(&path, "%s/.local/state/fireclaw/history", home) < 0)
 		return NULL;
 	return path;
+}
+
+/* Load the history unless its file is a symlink (never read through one). */
+static void load_history(const char *hist)
+{
+	struct stat st;
+	if (lstat(hist, &st) == 0 && S_ISREG(st.st_mode))
+		read_history(hist);
+}
+
+/* Save the history through a new 0600 file renamed over the old one: never written
+ * through a symlink planted at its name (the rename replaces the link itself). */
+static void save_history(const char *hist)
+{
+	char *tmp = NULL;
+	if (asprintf(&tmp, "%s.XXXXXX", hist) < 0)
+		return;
+	int fd = mkstemp(tmp);
+	if (fd >= 0) {
+		close(fd);
+		if (write_history(tmp) != 0 || rename(tmp, hist) != 0)
+			unlink(tmp);
+	}
+	free(tmp);
 }
 
 /* Is the compile error on top of the stack "chunk ended too soon"? */
@@ -276,7 +305,7 @@ static void repl(lua_State *L, const struct options *o)
 {
 	char *hist = history_path();
 	if (hist)
-		read_history(hist);
+		load_history(hist);
 	if (call_lua(L, "fireclaw.repl", "setup", 0, 0) != 0)
 		report_error(L, o), lua_pop(L, 1);
 	printf("fireclaw %s — Lua REPL (%s). Modules: vm net rootfs snapshot ssh json state.\n",
@@ -318,7 +347,7 @@ static void repl(lua_State *L, const struct options *o)
 	free(chunk);
 	printf("\n");
 	if (hist) {
-		write_history(hist);
+		save_history(hist);
 		free(hist);
 	}
 }
