@@ -112,6 +112,14 @@ refused "~/.config/fireclaw/recipes writable by group" "refusing $tmp/home/\.con
 	"$fc" homeonly
 chmod g-w "$tmp/home/.config/fireclaw/recipes"
 
+# not root, with a HOME it may not look into: no search directory there, no error
+if command -v setpriv >/dev/null; then
+	out=$(cd / && setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/root "$fc" -e 'print("ran")' 2>&1)
+	is "$out" "ran" "a HOME whose recipes directory cannot be looked at is skipped"
+else
+	skip "no setpriv"
+fi
+
 # an explicit script path: the user named it; the file and its directory are checked
 printf 'print("script", ...) return 0\n' >"$work/my.lua"
 out=$(cd "$work" && "$fc" ./my.lua a 2>&1)
