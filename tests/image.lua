@@ -229,6 +229,11 @@ local function test_unpack_contained()
 			.. never:gsub("%p", "%%%0") .. " that leads to no directory inside it; refusing to write outside the image",
 		"unpack: a directory symlink leading nowhere inside the tree is refused in one line")
 	t.is(runtime.stat(never), nil, "unpack: the host path it names was not created")
+	-- what the build itself writes into the tree is placed the same way
+	t.is(image.in_tree(tree, "etc/abs/key"), tree .. outside .. "/key", "in_tree: below an absolute symlink: inside the tree")
+	t.is(image.in_tree(tree, "etc/rel", true), tree .. outside, "in_tree: a directory symlink is resolved inside the tree")
+	t.is(image.in_tree(tree, "etc/abs"), tree .. "/etc/abs", "in_tree: a last component that is a symlink is not followed")
+	t.is(image.in_tree(tree, "etc/dangling/x/y"), tree .. never .. "/x/y", "in_tree: a dangling link leads inside the tree")
 	t.same(runtime.listdir(d), { "fct-dangling", "fct-dangling.deb", "fct-files", "fct-files.deb", "fct-links",
 		"fct-links.deb", "outside", "tree" }, "unpack: no staging directory left behind")
 end

@@ -14,7 +14,7 @@
 --   image.tsc_khz() -> host TSC kHz (for tsc_early_khz= under TCG) or nil
 --   image.prune_cache() -> drop cached .debs/kernels no image was built from
 --   pure helpers, tested on their own: parse_size, bzimage_to_elf, ko_info, module_order,
---       elf_info, resolve_depends, parse_records, resolve_in, unpack_into
+--       elf_info, resolve_depends, parse_records, resolve_in, unpack_into, in_tree
 --
 -- Layout in $FIRECLAW_STATE (config.state_dir):
 --   images/NAME -> .img~NAME~STAMP~PID/   a symlink swapped atomically by each build, so a
@@ -1245,6 +1245,7 @@ local function in_tree(tree, rel, whole)
 	local r = M.resolve_in(tree, dir)
 	return tree .. (r ~= "" and "/" .. r or "") .. (base and "/" .. base or "")
 end
+M.in_tree = in_tree
 
 -- The real file in `stage` that path `rel` names, or nil.
 local function stage_file(stage, rel)
