@@ -67,11 +67,13 @@ class Repl:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
-            select.select([self.fd], [], [], 0.05)
-            try:
-                os.read(self.fd, 4096)
-            except OSError:
-                pass
+            # read only what is there: a blocking read would wait forever if the ^D
+            # was lost and the REPL prints nothing more
+            if select.select([self.fd], [], [], 0.05)[0]:
+                try:
+                    os.read(self.fd, 4096)
+                except OSError:
+                    pass
         os.kill(self.pid, 9)
         os.waitpid(self.pid, 0)
         return None
