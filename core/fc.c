@@ -121,21 +121,69 @@ int fc_fd_release(int *guard)
 
 /* ---- options ---- */
 
-const char *fc_opt_string(lua_State *L, int t, const char *key, const char *def)
+/* Registry key of a weak-keyed table: {owner table = {string = true, …}} (fc_keep_string). */
+#define ANCHORS_KEY "fireclaw.anchors"
+
+const char *fc_keep_string(lua_State *L, int owner, size_t *len)
 {
+	int t = lua_type(L, -1);
+	if (t != LUA_TSTRING && t != LUA_TNUMBER)
+		return NULL;
+	if (owner < 0 && owner > LUA_REGISTRYINDEX)
+		owner = lua_gettop(L) + owner + 1;
+	/* a copy, so that a number is converted in a slot of our own (lua_next callers) */
+	lua_pushvalue(L, -1);
+	const char *s = lua_tolstring(L, -1, len);
+	lua_getfield(L, LUA_REGISTRYINDEX, ANCHORS_KEY);
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		lua_newtable(L);
+		lua_createtable(L, 0, 1);
+		lua_pushliteral(L, "k");
+		lua_setfield(L, -2, "__mode");
+		lua_setmetatable(L, -2);
+		lua_pushvalue(L, -1);
+		lua_setfield(L, LUA_REGISTRYINDEX, ANCHORS_KEY);
+	}
+	lua_pushvalue(L, owner);
+	lua_rawget(L, -2);
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		lua_newtable(L);
+		lua_pushvalue(L, owner);
+		lua_pushvalue(L, -2);
+		lua_rawset(L, -4);
+	}
+	lua_pushvalue(L, -3);
+	lua_pushboolean(L, 1);
+	lua_rawset(L, -3);
+	lua_pop(L, 4); /* set, anchors, copy, the value */
+	return s;
+}
+
+const char *fc_opt_lstring(lua_State *L, int t, const char *key, const char *def, size_t *len)
+{
+	if (len)
+		*len = def ? strlen(def) : 0;
 	if (lua_isnoneornil(L, t))
 		return def;
+	if (t < 0 && t > LUA_REGISTRYINDEX)
+		t = lua_gettop(L) + t + 1;
 	lua_getfield(L, t, key);
 	if (lua_isnil(L, -1)) {
 		lua_pop(L, 1);
 		return def;
 	}
-	if (!lua_isstring(L, -1))
+	/* strings only: a number would be converted in our stack slot and freed with it */
+	if (lua_type(L, -1) != LUA_TSTRING)
 		fc_error(L, "option '%s': string expected, got %s", key, luaL_typename(L, -1));
-	/* the string stays referenced by the options table, so the pointer stays valid */
-	const char *s = lua_tostring(L, -1);
-	lua_pop(L, 1);
-	return s;
+	/* kept alive with the table even if __index made it up */
+	return fc_keep_string(L, t, len);
+}
+
+const char *fc_opt_string(lua_State *L, int t, const char *key, const char *def)
+{
+	return fc_opt_lstring(L, t, key, def, NULL);
 }
 
 double fc_opt_number(lua_State *L, int t, const char *key, double def)

@@ -47,9 +47,18 @@ int fc_fd_release(int *guard);
 
 /* ---- options tables: fields of the table at index t, with defaults ---- */
 
+/* A string option (nil = def; anything but a string raises). The pointer stays valid as
+ * long as the table at t lives, however the value was made (__index). */
 const char *fc_opt_string(lua_State *L, int t, const char *key, const char *def);
+const char *fc_opt_lstring(lua_State *L, int t, const char *key, const char *def, size_t *len);
 double fc_opt_number(lua_State *L, int t, const char *key, double def);
 int fc_opt_bool(lua_State *L, int t, const char *key, int def);
+
+/* Pop the string or number on top of the stack and return it as a string that stays valid
+ * as long as the table at `owner` lives (kept in a weak-keyed registry table under it). A
+ * pointer from lua_tostring is only valid while its stack slot holds the string — and for
+ * a number, lua_tostring converts that slot only. NULL (nothing popped) for other types. */
+const char *fc_keep_string(lua_State *L, int owner, size_t *len);
 
 /* ---- time ---- */
 
@@ -107,9 +116,11 @@ struct fc_embedded {
 };
 extern const struct fc_embedded fc_embedded[];
 
-/* Register embedded and C modules in package.preload, search dirs in package.path
- * (core/runtime.c). */
+/* Register embedded and C modules in package.preload and the search path's loader, and
+ * take the working directory off package.path/cpath (core/runtime.c). */
 void fc_runtime_install(lua_State *L);
+/* Registry key of the array of --recipes directories (set by main before any require). */
+#define FC_RECIPES_DIRS_KEY "fireclaw.recipes_dirs"
 
 /* C modules, generated from the core sources by the Makefile: {"vm", luaopen_fireclaw_vm}, … */
 extern const luaL_Reg fc_cmodules[];

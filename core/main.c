@@ -1,6 +1,7 @@
 /* main.c - the fireclaw command: runs a recipe, a script, -e code, or the REPL.
  *
- *   fireclaw [-v|-q] NAME [ARGS…]        run recipe NAME (recipes/NAME.lua)
+ *   fireclaw [-v|-q] [--recipes DIR] NAME [ARGS…]  run recipe NAME (DIR/NAME.lua, or
+ *                                                   the search path, or built in)
  *   fireclaw [-v|-q] SCRIPT.lua [ARGS…]  run a script; `arg` is set as lua(1) does
  *   fireclaw [-v|-q] -e CODE …           run code
  *   fireclaw                              REPL on a terminal, else the script on stdin
@@ -29,7 +30,9 @@ struct options {
 	int verbose, quiet;
 	int ncode;
 	const char **code; /* -e chunks, in order */
-	int target;        /* index in argv of the script or recipe, or argc if none */
+	int nrecipes;
+	const char **recipes; /* --recipes DIRs, in order */
+	int target;            /* index in argv of the script or recipe, or argc if none */
 };
 
 /* Message handler: keep the error value as it is (tables stay tables), remember the
@@ -109,7 +112,8 @@ static void usage_error(const char *fmt, const char *what)
 static void parse_options(int argc, char **argv, struct options *o)
 {
 	o->code = calloc((size_t)argc, sizeof *o->code);
-	if (!o->code) {
+	o->recipes = calloc((size_t)argc, sizeof *o->recipes);
+	if (!o->code || !o->recipes) {
 		perror("fireclaw");
 		exit(1);
 	}
@@ -129,6 +133,14 @@ static void parse_options(int argc, char **argv, struct options *o)
 			if (i + 1 >= argc)
 				usage_error("%s needs an argument", "-e");
 			o->code[o->ncode++] = argv[++i];
+		} else if (strcmp(a, "--recipes") == 0) {
+			if (i + 1 >= argc || !*argv[i + 1])
+				usage_error("%s needs an argument (a directory)", "--recipes");
+			o->recipes[o->nrecipes++] = argv[++i];
+		} else if (strncmp(a, "--recipes=", 10) == 0) {
+			if (!a[10])
+				usage_error("%s needs an argument (a directory)", "--recipes");
+			o->recipes[o->nrecipes++] = a + 10;
 		} else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
 			o->target = -1;
 			return;
@@ -166,19 +178,12 @@ static int is_script_path(const char *s)
 /* Load the script or recipe argv[target]; pushes its function or an error. */
 static int load_target(lua_State *L, const char *name)
 {
-	if (is_script_path(name)) {
-		struct stat st;
-		if (stat(name, &st) != 0) {
-			lua_pushfstring(L, "cannot open %s: %s", name, strerror(errno));
-			return 1;
-		}
-		return luaL_loadfile(L, name);
-	}
 	lua_getglobal(L, "require");
 	lua_pushliteral(L, "fireclaw.runtime");
 	if (docall(L, 1, 1) != 0)
 		return 1;
-	lua_getfield(L, -1, "load_recipe");
+	/* a path is a script the user named; anything else a recipe on the search path */
+	lua_getfield(L, -1, is_script_path(name) ? "load_script" : "load_recipe");
 	lua_remove(L, -2);
 	lua_pushstring(L, name);
 	if (docall(L, 1, 1) != 0)
@@ -232,10 +237,39 @@ static char *history_path(void)
 		*p = '/';
 	}
 	mkdir(path, 0700);
+	/* the history is written as root: only into a real directory (a symlink here is not
+	 * followed) that nobody else may write to */
+	struct stat st;
+	int usable = lstat(path, &st) == 0 && S_ISDIR(st.st_mode) &&
+		     !(st.st_mode & (S_IWGRP | S_IWOTH));
 	free(path);
-	if (asprintf(&path, "%s/.local/state/fireclaw/history", home) < 0)
+	if (!usable || asprintf(&path, "%s/.local/state/fireclaw/history", home) < 0)
 		return NULL;
 	return path;
+}
+
+/* Load the history unless its file is a symlink (never read through one). */
+static void load_history(const char *hist)
+{
+	struct stat st;
+	if (lstat(hist, &st) == 0 && S_ISREG(st.st_mode))
+		read_history(hist);
+}
+
+/* Save the history through a new 0600 file renamed over the old one: never written
+ * through a symlink planted at its name (the rename replaces the link itself). */
+static void save_history(const char *hist)
+{
+	char *tmp = NULL;
+	if (asprintf(&tmp, "%s.XXXXXX", hist) < 0)
+		return;
+	int fd = mkstemp(tmp);
+	if (fd >= 0) {
+		close(fd);
+		if (write_history(tmp) != 0 || rename(tmp, hist) != 0)
+			unlink(tmp);
+	}
+	free(tmp);
 }
 
 /* Is the compile error on top of the stack "chunk ended too soon"? */
@@ -271,7 +305,7 @@ static void repl(lua_State *L, const struct options *o)
 {
 	char *hist = history_path();
 	if (hist)
-		read_history(hist);
+		load_history(hist);
 	if (call_lua(L, "fireclaw.repl", "setup", 0, 0) != 0)
 		report_error(L, o), lua_pop(L, 1);
 	printf("fireclaw %s — Lua REPL (%s). Modules: vm net rootfs snapshot ssh json state.\n",
@@ -313,7 +347,7 @@ static void repl(lua_State *L, const struct options *o)
 	free(chunk);
 	printf("\n");
 	if (hist) {
-		write_history(hist);
+		save_history(hist);
 		free(hist);
 	}
 }
@@ -370,6 +404,12 @@ int main(int argc, char **argv)
 	}
 	luaL_openlibs(L);
 	fc_runtime_install(L);
+	lua_createtable(L, o.nrecipes, 0);
+	for (int i = 0; i < o.nrecipes; i++) {
+		lua_pushstring(L, o.recipes[i]);
+		lua_rawseti(L, -2, i + 1);
+	}
+	lua_setfield(L, LUA_REGISTRYINDEX, FC_RECIPES_DIRS_KEY);
 	fc_signals_init(L);
 	int status = run(L, argc, argv, &o);
 	fflush(stdout);
@@ -377,5 +417,6 @@ int main(int argc, char **argv)
 	 * still open at this point are torn down, not leaked */
 	lua_close(L);
 	free(o.code);
+	free(o.recipes);
 	return status;
 }

@@ -237,11 +237,10 @@ static const char **check_argv(lua_State *L, int idx)
 	const char **argv = lua_newuserdata(L, (size_t)(n + 1) * sizeof *argv);
 	for (int i = 1; i <= n; i++) {
 		lua_rawgeti(L, idx, i);
-		if (!lua_isstring(L, -1))
+		/* a number becomes a string anchored with the argv table (popped here) */
+		argv[i - 1] = fc_keep_string(L, idx, NULL);
+		if (!argv[i - 1])
 			fc_error(L, "proc: argv[%d] is a %s, not a string", i, luaL_typename(L, -1));
-		argv[i - 1] = lua_tostring(L, -1);
-		/* anchored by the argv table */
-		lua_pop(L, 1);
 	}
 	argv[n] = NULL;
 	return argv;
@@ -267,6 +266,13 @@ static char **build_env(lua_State *L, int idx)
 	int anchor = lua_gettop(L);
 	lua_pushnil(L);
 	while (lua_next(L, idx)) {
+		/* converting a number key in place would derail lua_next */
+		if (lua_type(L, -2) != LUA_TSTRING)
+			fc_error(L, "proc: env: variable names must be strings, got %s",
+				 luaL_typename(L, -2));
+		if (!lua_isstring(L, -1))
+			fc_error(L, "proc: env %s: string expected, got %s", lua_tostring(L, -2),
+				 luaL_typename(L, -1));
 		lua_pushfstring(L, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
 		envp[k++] = (char *)lua_tostring(L, -1);
 		lua_rawseti(L, anchor, k);
@@ -310,7 +316,7 @@ static void read_mounts(lua_State *L, int t, struct spawn_req *r)
 		lua_pop(L, 1);
 	}
 	r->nmounts = n;
-	/* the strings stay referenced by the mounts table inside the options table */
+	/* the strings are kept alive with the mount tables (fc_opt_string) */
 	lua_pop(L, 1);
 }
 
@@ -703,9 +709,7 @@ static int l_run(lua_State *L)
 	r.pdeathsig = 1;
 	size_t inlen = 0;
 	const char *in = NULL;
-	lua_getfield(L, 2, "stdin");
-	in = lua_tolstring(L, -1, &inlen); /* anchored by the options table */
-	lua_pop(L, 1);
+	in = fc_opt_lstring(L, 2, "stdin", NULL, &inlen);
 	double timeout = fc_opt_number(L, 2, "timeout", -1);
 	open_netns(L, 2, &r);
 

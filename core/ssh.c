@@ -229,7 +229,8 @@ static void push_quoted_argv(lua_State *L, int idx)
 	for (int i = 1; i <= n; i++) {
 		lua_rawgeti(L, idx, i);
 		size_t len;
-		const char *s = lua_tolstring(L, -1, &len);
+		/* popped; a number becomes a string kept alive with the argv table */
+		const char *s = fc_keep_string(L, idx, &len);
 		if (!s)
 			fc_error(L, "ssh: argv[%d]: string expected, got %s", i,
 				 luaL_typename(L, -1));
@@ -237,7 +238,6 @@ static void push_quoted_argv(lua_State *L, int idx)
 			fc_error(
 			    L, "ssh: argv[%d] contains a NUL byte, which no command line can carry",
 			    i);
-		lua_pop(L, 1); /* the string stays referenced by the table */
 		if (i > 1)
 			luaL_addchar(&b, ' ');
 		add_quoted(&b, s, len);
@@ -293,10 +293,10 @@ static void push_env_prefix(lua_State *L, int idx)
 		const char *k = lua_tostring(L, -1);
 		lua_gettable(L, idx);
 		size_t len;
-		const char *v = lua_tolstring(L, -1, &len);
+		/* popped; a number becomes a string kept alive with the env table */
+		const char *v = fc_keep_string(L, idx, &len);
 		if (!v || memchr(v, '\0', len))
 			fc_error(L, "ssh: env %s: a string without NUL bytes expected", k);
-		lua_pop(L, 1);
 		luaL_addstring(&b, "export ");
 		luaL_addstring(&b, k);
 		luaL_addchar(&b, '=');
@@ -1101,7 +1101,8 @@ static void read_stdin_opt(lua_State *L, int opts, struct exec *x)
 	x->infd = -1;
 	lua_getfield(L, opts, "stdin");
 	if (lua_type(L, -1) == LUA_TSTRING) {
-		x->in = lua_tolstring(L, -1, &x->inlen); /* kept alive by the options table */
+		lua_pushvalue(L, -1); /* fc_keep_string pops it; the pop below takes the other */
+		x->in = fc_keep_string(L, opts, &x->inlen); /* alive as long as the options */
 	} else if (lua_type(L, -1) == LUA_TNUMBER) {
 		x->infd = (int)lua_tointeger(L, -1);
 		if (x->infd < 0 || fcntl(x->infd, F_GETFD) < 0)

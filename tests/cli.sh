@@ -60,22 +60,25 @@ printf -- '-- Say hello from home\nprint("home") return 4\n' > home/.config/fire
 printf -- '-- Only at home\nprint("home only")\n' > home/.config/fireclaw/recipes/homeonly.lua
 out=$(HOME=$tmp/home FIRECLAW_PATH=$tmp/p2:$tmp/p1 $fc hello); rc=$?
 is "$out:$rc" "path:3" "FIRECLAW_PATH comes first"
+out=$(HOME=$tmp/home $fc --recipes recipes hello); rc=$?
+is "$out:$rc" "cwd:0" "--recipes DIR comes first"
 out=$(HOME=$tmp/home $fc hello)
-is "$out" "cwd" "then ./recipes"
-out=$(cd p2 && HOME=$tmp/home $fc hello)
-is "$out" "home" "then ~/.config/fireclaw/recipes"
-help=$(HOME=$tmp/home $fc --help)
-like "$help" "hello +Say hello from \./recipes" "--help lists a recipe with its description"
+is "$out" "home" "then ~/.config/fireclaw/recipes (./recipes is never searched)"
+help=$(HOME=$tmp/home $fc --recipes recipes --help)
+like "$help" "hello +Say hello from \./recipes \[recipes\]" "--help lists a recipe with its description"
 like "$help" "homeonly +Only at home" "--help lists recipes from every search dir"
 
 # a module on the search path overrides the embedded one
 mkdir -p recipes/fireclaw
 printf 'return { encode = function() return "overridden" end }\n' > recipes/fireclaw/json.lua
-out=$($fc -e 'print(require("fireclaw.json").encode{})')
+out=$(FIRECLAW_PATH=$tmp/recipes $fc -e 'print(require("fireclaw.json").encode{})')
 is "$out" "overridden" "a module file on the search path overrides the embedded module"
+out=$($fc -e 'print(require("fireclaw.json").encode{})')
+is "$out" "{}" "... but not from ./recipes"
 rm -r recipes/fireclaw
 
 # recipe arguments and usage errors through fireclaw.cli
+export FIRECLAW_PATH=$tmp/recipes
 cat > recipes/opts.lua <<'LUA'
 -- Parse options
 local cli = require "fireclaw.cli"
@@ -90,6 +93,8 @@ err=$($fc opts --nope 2>&1); rc=$?
 is "$rc" 2 "unknown recipe option exits 2"
 out=$($fc opts --help); rc=$?
 like "$rc:$out" "^0:usage: fireclaw opts" "recipe --help prints usage and exits 0"
+
+unset FIRECLAW_PATH
 
 # stdin as a script when not a terminal
 out=$(echo 'print("from stdin") return 5' | $fc); rc=$?

@@ -194,6 +194,50 @@ end
 
 -- ---- errors that need no image ----
 
+-- Unpacking packages never writes outside the tree: one package ships directory symlinks
+-- (absolute, ../../.., dangling), the next ships files below them. dpkg-deb --build makes
+-- real .debs; unpack_into is what the image build runs for every package.
+local function test_unpack_contained()
+	local d = tmp .. "/unpack"
+	local outside, never = d .. "/outside", d .. "/never" -- host paths the links name
+	local function deb(name, script)
+		local root = d .. "/" .. name
+		sh("mkdir -p " .. q(root .. "/DEBIAN"))
+		write(root .. "/DEBIAN/control", "Package: " .. name ..
+			"\nVersion: 1\nArchitecture: all\nMaintainer: t <t@example.org>\nDescription: t\n")
+		local r = sh("cd " .. q(root) .. " && " .. script .. " && dpkg-deb --root-owner-group --build " ..
+			q(root) .. " " .. q(root .. ".deb"))
+		assert(r.status == 0, "dpkg-deb: " .. r.stderr)
+		return root .. ".deb"
+	end
+	sh("mkdir -p " .. q(outside))
+	local links = deb("fct-links", "mkdir -p etc ." .. q(outside) .. " && ln -s " .. q(outside) .. " etc/abs" ..
+		" && ln -s ../../../../../../../../../.." .. q(outside) .. " etc/rel && ln -s " .. q(never) .. " etc/dangling")
+	local files = deb("fct-files", "mkdir -p etc/abs etc/rel && echo abs > etc/abs/x && echo rel > etc/rel/y")
+	local dangling = deb("fct-dangling", "mkdir -p etc/dangling && echo z > etc/dangling/z")
+	local tree = d .. "/tree"
+	sh("mkdir -p " .. q(tree))
+	image.unpack_into(links, tree)
+	t.is(image.readlink(tree .. "/etc/abs"), outside, "unpack: a package's absolute symlink is kept as it is")
+	local ok, err = pcall(image.unpack_into, files, tree)
+	t.ok(ok, "unpack: files below a package's directory symlinks unpack", err)
+	t.same(runtime.listdir(outside), {}, "unpack: nothing written to the host directory the symlinks name")
+	t.is(read(tree .. outside .. "/x"), "abs\n", "unpack: below an absolute symlink the file lands inside the tree")
+	t.is(read(tree .. outside .. "/y"), "rel\n", "unpack: below a ../../.. symlink likewise")
+	t.raises(function() image.unpack_into(dangling, tree) end,
+		"cannot unpack fct%-dangling.*: it has a directory /etc/dangling, but in the image /etc/dangling is a symlink to "
+			.. never:gsub("%p", "%%%0") .. " that leads to no directory inside it; refusing to write outside the image",
+		"unpack: a directory symlink leading nowhere inside the tree is refused in one line")
+	t.is(runtime.stat(never), nil, "unpack: the host path it names was not created")
+	-- what the build itself writes into the tree is placed the same way
+	t.is(image.in_tree(tree, "etc/abs/key"), tree .. outside .. "/key", "in_tree: below an absolute symlink: inside the tree")
+	t.is(image.in_tree(tree, "etc/rel", true), tree .. outside, "in_tree: a directory symlink is resolved inside the tree")
+	t.is(image.in_tree(tree, "etc/abs"), tree .. "/etc/abs", "in_tree: a last component that is a symlink is not followed")
+	t.is(image.in_tree(tree, "etc/dangling/x/y"), tree .. never .. "/x/y", "in_tree: a dangling link leads inside the tree")
+	t.same(runtime.listdir(d), { "fct-dangling", "fct-dangling.deb", "fct-files", "fct-files.deb", "fct-links",
+		"fct-links.deb", "outside", "tree" }, "unpack: no staging directory left behind")
+end
+
 local function test_errors()
 	local r = fc({ "info", "fct-img-nosuch" })
 	t.is(r.status, 1, "info of an unknown image fails")
@@ -612,6 +656,7 @@ local ok, err = pcall(function()
 	test_helpers()
 	test_bzimage()
 	test_errors()
+	test_unpack_contained()
 	if not is_root then
 		t.skip("not root: the image build needs root")
 		return

@@ -67,11 +67,13 @@ class Repl:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
-            select.select([self.fd], [], [], 0.05)
-            try:
-                os.read(self.fd, 4096)
-            except OSError:
-                pass
+            # read only what is there: a blocking read would wait forever if the ^D
+            # was lost and the REPL prints nothing more
+            if select.select([self.fd], [], [], 0.05)[0]:
+                try:
+                    os.read(self.fd, 4096)
+                except OSError:
+                    pass
         os.kill(self.pid, 9)
         os.waitpid(self.pid, 0)
         return None
@@ -125,6 +127,46 @@ try:
     out = r2.read_until(r"fireclaw> $")
     ok(out is not None and "42" in out, "history is loaded by the next REPL", repr(out))
     r2.close()
+finally:
+    shutil.rmtree(home)
+# the history is never written (or read) through a symlink, and its directory is 0700
+home = tempfile.mkdtemp()
+try:
+    sdir = os.path.join(home, ".local/state/fireclaw")
+    os.makedirs(sdir, mode=0o700)
+    target = os.path.join(home, "precious")
+    with open(target, "w") as f:
+        f.write("precious\n")
+    hist = os.path.join(sdir, "history")
+    os.symlink(target, hist)
+    r = Repl(home)
+    r.read_until(r"fireclaw> $")
+    out = r.ask("6 * 7")
+    ok(out is not None and "42" in out, "REPL with a symlink at the history path runs", repr(out))
+    status = r.close()
+    ok(status == 0, "... exits 0", repr(status))
+    ok(open(target).read() == "precious\n", "the symlink's target is untouched")
+    ok(not os.path.islink(hist) and "6 * 7" in open(hist, errors="replace").read().replace("\\040", " "),
+       "the history replaced the symlink with a file of its own")
+    ok(os.stat(hist).st_mode & 0o777 == 0o600, "the history file is 0600", oct(os.stat(hist).st_mode))
+    # the state directory itself a symlink elsewhere: no history at all
+    shutil.rmtree(sdir)
+    elsewhere = os.path.join(home, "elsewhere")
+    os.mkdir(elsewhere, 0o700)
+    os.symlink(elsewhere, sdir)
+    r = Repl(home)
+    r.read_until(r"fireclaw> $")
+    r.ask("1 + 1")
+    r.close()
+    ok(os.listdir(elsewhere) == [], "a symlinked history directory is not written into", repr(os.listdir(elsewhere)))
+    # a fresh HOME: the directories are created 0700
+    home3 = os.path.join(home, "fresh")
+    os.mkdir(home3, 0o755)
+    r = Repl(home3)
+    r.read_until(r"fireclaw> $")
+    r.close()
+    st = os.stat(os.path.join(home3, ".local/state/fireclaw"))
+    ok(st.st_mode & 0o777 == 0o700, "the history directory is created 0700", oct(st.st_mode))
 finally:
     shutil.rmtree(home)
 print("1..%d" % n)

@@ -181,11 +181,14 @@ function M.help()
 	out[#out + 1] = "  -v, --verbose   progress lines on stderr, tracebacks on error"
 	out[#out + 1] = "  -q, --quiet     only errors on stderr"
 	out[#out + 1] = "  -e CODE         run CODE (repeatable) before the script"
+	out[#out + 1] = "  --recipes DIR   look for recipes and modules in DIR first (repeatable)"
 	out[#out + 1] = "  --version       print the version"
 	out[#out + 1] = "  -h, --help      this help"
 	out[#out + 1] = ""
 	out[#out + 1] = "Recipes and modules on disk override the built-in ones; search path:"
-	out[#out + 1] = "  $FIRECLAW_PATH, ./recipes, ~/.config/fireclaw/recipes"
+	out[#out + 1] = "  --recipes DIR, $FIRECLAW_PATH (DIR:DIR…), ~/.config/fireclaw/recipes"
+	out[#out + 1] = "  (never the working directory; a file or directory there that is not owned by root"
+	out[#out + 1] = "  or you, or is writable by group/other, is refused)"
 	out[#out + 1] = "Exit status: the recipe's (run: the command's), 1 on error, 2 on usage errors."
 	io.stdout:write(table.concat(out, "\n"), "\n")
 end

@@ -16,7 +16,7 @@
 --   image.tsc_khz() -> host TSC kHz (for tsc_early_khz= under TCG) or nil
 --   image.prune_cache() -> drop cached .debs/kernels no image was built from
 --   pure helpers, tested on their own: parse_size, bzimage_to_elf, ko_info, module_order,
---       elf_info, resolve_depends, parse_records, resolve_in
+--       elf_info, resolve_depends, parse_records, resolve_in, unpack_into, in_tree
 --
 -- Layout in $FIRECLAW_STATE (config.state_dir):
 --   images/NAME -> .img~NAME~STAMP~PID/   a symlink swapped atomically by each build, so a
@@ -945,12 +945,60 @@ end
 
 -- ---- build ----
 
-local function unpack_into(deb, tree)
-	-- dpkg-deb -x would replace the tree's merged-/usr symlinks (bin -> usr/bin) with
-	-- directories; tar --keep-directory-symlink follows them like dpkg does
-	run("unpacking " .. deb:match("[^/]+$"), { "bash", "-o", "pipefail", "-c",
-		'dpkg-deb --fsys-tarfile "$1" | tar -x --keep-directory-symlink -C "$2"', "unpack", deb, tree })
+-- "link", "dir", "file" (anything else that exists) or nil; symlinks are not followed.
+local function kind(path)
+	if M.readlink(path) then return "link" end
+	if is_dir(path) then return "dir" end
+	if exists(path) then return "file" end
+	return nil
 end
+
+-- Move the entries of the directory `src` into `tree`/`rel` (`rel` names a directory
+-- inside the tree and has no symlink in it). A directory the tree already has — also
+-- through a symlink, resolved inside the tree as dpkg does for bin -> usr/bin — is merged
+-- into; anything else is renamed into place, which replaces a file or symlink there
+-- without following it.
+local function merge_into(src, tree, rel, pkg)
+	for _, e in ipairs(runtime.listdir(src) or {}) do
+		local s, r = src .. "/" .. e, rel == "" and e or rel .. "/" .. e
+		local d = tree .. "/" .. r
+		local sk, dk = kind(s), kind(d)
+		if sk == "dir" and dk then
+			local into = dk == "link" and M.resolve_in(tree, r) or r
+			if kind(tree .. "/" .. into) ~= "dir" then
+				fail("cannot unpack %s: it has a directory /%s, but in the image /%s is %s; refusing to write outside the image",
+					pkg, r, r, dk == "link" and ("a symlink to " .. M.readlink(d) .. " that leads to no directory inside it")
+						or "not a directory")
+			end
+			merge_into(s, tree, into, pkg)
+		elseif dk == "dir" then
+			fail("cannot unpack %s: its /%s would replace the image's directory /%s", pkg, r, r)
+		else
+			local ok, err = os.rename(s, d)
+			if not ok then fail("cannot unpack %s: moving /%s into the image: %s", pkg, r, tostring(err)) end
+		end
+	end
+end
+
+-- Unpack the files of a .deb into `tree` as dpkg would, never writing outside it: tar
+-- extracts into a fresh empty directory beside the tree (no symlink there to follow; GNU
+-- tar also refuses to write below a symlink it extracted itself), then merge_into moves
+-- the entries in, following the tree's symlinks only as if the tree were / — a package's
+-- etc/foo -> /tmp/x or -> ../../../x cannot make a later one write to the host.
+function M.unpack_into(deb, tree)
+	local pkg = deb:match("[^/]+$")
+	local staging = tree:gsub("/+$", "") .. ".unpack~" .. proc.getpid()
+	rm_rf(staging)
+	mkdir_p(staging, "755")
+	local ok, err = pcall(function()
+		run("unpacking " .. pkg, { "bash", "-o", "pipefail", "-c",
+			'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2"', "unpack", deb, staging })
+		merge_into(staging, tree, "", pkg)
+	end)
+	pcall(rm_rf, staging)
+	if not ok then error(err, 0) end
+end
+local unpack_into = M.unpack_into
 
 local function copy(src, dst)
 	run("copying " .. src, { "cp", "-L", "--sparse=always", "--", src, dst })
@@ -1198,6 +1246,19 @@ function M.resolve_in(root, rel)
 	return table.concat(cur, "/")
 end
 
+-- `tree`/`rel` with every directory on the way resolved inside the tree (symlinks from
+-- packages included), so that what is written there lands inside the tree; `whole` also
+-- resolves the last component (a directory to create or enter).
+local function in_tree(tree, rel, whole)
+	local dir, base = rel:match("^(.*)/([^/]+)$")
+	if whole or not dir then
+		dir, base = whole and rel or "", not whole and rel or nil
+	end
+	local r = M.resolve_in(tree, dir)
+	return tree .. (r ~= "" and "/" .. r or "") .. (base and "/" .. base or "")
+end
+M.in_tree = in_tree
+
 -- The real file in `stage` that path `rel` names, or nil.
 local function stage_file(stage, rel)
 	local path = stage .. "/" .. M.resolve_in(stage, rel)
@@ -1212,7 +1273,7 @@ local function copy_with_libs(stage, tree, relpath, done)
 	local src = stage_file(stage, relpath)
 	local data = src and read_file(src)
 	if not data then fail("%s is missing from the unpacked packages", relpath) end
-	local dst = tree .. "/" .. relpath
+	local dst = in_tree(tree, relpath)
 	mkdir_p(dst:match("^(.*)/"), "755")
 	if not exists(dst) then copy(src, dst) end
 	local info = M.elf_info(data)
@@ -1266,37 +1327,39 @@ local function build_rootfs(p, debs, scratch, out, opts)
 	copy_with_libs(stage, tree, "usr/sbin/dropbear", done)
 	copy_with_libs(stage, tree, "usr/bin/dropbearkey", done)
 	copy_with_libs(stage, tree, "usr/lib/openssh/sftp-server", done)
-	if not exists(tree .. "/usr/lib/sftp-server") then symlink("openssh/sftp-server", tree .. "/usr/lib/sftp-server") end
+	local sftp = in_tree(tree, "usr/lib/sftp-server")
+	if not exists(sftp) then symlink("openssh/sftp-server", sftp) end
 	-- busybox applets, where no package put a real program
 	local applets = run("listing busybox applets", { stage .. "/usr/bin/busybox", "--list-full" }).stdout
 	local nlinks = 0
 	for rel in applets:gmatch("[^\n]+") do
-		local dst = tree .. "/" .. rel
+		local dst = in_tree(tree, rel)
 		if rel ~= "bin/busybox" and rel ~= "usr/bin/busybox" and not exists(dst) then
 			mkdir_p(dst:match("^(.*)/"), "755")
 			symlink("/bin/busybox", dst)
 			nlinks = nlinks + 1
 		end
 	end
-	for _, d in ipairs(guest.rootfs_dirs) do mkdir_p(tree .. "/" .. d[1], d[2]) end
-	if not exists(tree .. "/var/run") then symlink("/run", tree .. "/var/run") end
+	for _, d in ipairs(guest.rootfs_dirs) do mkdir_p(in_tree(tree, d[1], true), d[2]) end
+	local var_run = in_tree(tree, "var/run")
+	if not exists(var_run) then symlink("/run", var_run) end
 	-- the guest helper (reseed + clock after a restore), compiled into fireclaw
-	write_file(tree .. guest.HELPER, guest.helper(), "755")
+	write_file(in_tree(tree, guest.HELPER:sub(2)), guest.helper(), "755")
 	for _, f in ipairs(guest.rootfs_files({ authorized_keys = opts.client_pub .. "\n" })) do
-		local path = tree .. "/" .. f.path
+		local path = in_tree(tree, f.path)
 		mkdir_p(path:match("^(.*)/"), nil)
 		os.remove(path)
 		write_file(path, f.content, f.mode)
 	end
 	-- host key, made here so the host can pin it
-	local hk = tree .. "/etc/dropbear/dropbear_ed25519_host_key"
+	local hk = in_tree(tree, "etc/dropbear/dropbear_ed25519_host_key")
 	os.remove(hk)
 	run("making the host key", { "dropbearkey", "-t", "ed25519", "-f", hk })
 	chmod(hk, "600")
 	local pub = run("reading the host key", { "dropbearkey", "-y", "-f", hk }).stdout:match("(ssh%-ed25519 %S+)")
 	if not pub then fail("dropbearkey -y printed no ssh-ed25519 line") end
 	write_file(out .. "/host_key.pub", pub .. "\n", "644")
-	mkdir_p(tree .. "/var/cache/ldconfig", "700")
+	mkdir_p(in_tree(tree, "var/cache/ldconfig", true), "700")
 	run("running ldconfig for the rootfs", { "ldconfig", "-r", tree })
 	chmod(tree, "755")
 	-- size: what the tree needs (+ room for users), or what was asked for
