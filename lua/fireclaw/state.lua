@@ -4,7 +4,8 @@
 -- files (sockets, logs, disk copy). The record is written *before* any resource exists
 -- and updated as resources appear, so a fireclaw killed at any point leaves enough
 -- behind for `fireclaw cleanup` to undo it:
---   {id, netns, owner = {pid, start}, vmm = {pid, start, name}, image, created, keep}
+--   {id, netns, owner = {pid, start}, vmm = {pid, start, name}, sink = {pid, start}, image,
+--    created, keep}   (sink: the process writing the VM's capped logs, see proc.spawn)
 -- A VM is stale when its owner process is gone (pid + start time: pids are reused) and
 -- it was not started with --keep. Reaping kills the VMM only if its pid still has the
 -- recorded start time, deletes the namespace, and removes the directory.
@@ -127,6 +128,10 @@ function M.reap(rec)
 	local done = {}
 	if rec.vmm and rec.vmm.pid and proc.kill(rec.vmm.pid, rec.vmm.start or 0, 9, 2) then
 		done[#done + 1] = "killed VMM " .. rec.vmm.pid
+	end
+	-- the log sink ends by itself once the VMM is gone; a stuck one goes too
+	if rec.sink and rec.sink.pid and rec.sink.start and proc.kill(rec.sink.pid, rec.sink.start, 9, 2) then
+		done[#done + 1] = "killed log sink " .. rec.sink.pid
 	end
 	fault.point("reap-vmm")
 	local net = require "fireclaw.net"
