@@ -25,7 +25,8 @@
  *   r = proc.run(argv, {stdin = s, cwd =, env =, timeout =, netns =}) -> {status, signal, stdout,
  * stderr, timed_out} proc.starttime(pid) -> clock ticks since boot, or nil if no such process
  *   proc.alive(pid [, starttime]) -> bool
- *   proc.kill(pid, starttime, [sig], [wait_s]) -> true if it was running (and is now gone)
+ *   proc.kill(pid, starttime, [sig], [wait_s]) -> true if it was running (and is now gone);
+ *       a start time that is not > 0 raises: a pid alone may name any process by now
  *   proc.getpid() -> pid of fireclaw
  */
 #include "fc.h"
@@ -906,7 +907,12 @@ static int l_run(lua_State *L)
 	int *fds[3] = {in ? pin[1] : &none, pout[0], perr[0]};
 	double deadline = timeout < 0 ? -1 : fc_now_ms() + timeout * 1000;
 	int timed_out = pump(L, fds, in ? in : "", inlen, out, deadline) < 0;
-	reap_now(p, timed_out);
+	/* a child that closed its stdout and stderr may still run on: its exit is waited for
+	 * under the same deadline, and interruptibly */
+	if (!timed_out && p->pidfd >= 0 && !wait_exit(L, p, fc_ms_left(deadline)))
+		timed_out = 1;
+	if (!try_reap(p))
+		reap_now(p, timed_out);
 	/* done with it: the fd goes now, not at the next garbage collection */
 	close_pidfd(p);
 
@@ -978,7 +984,8 @@ static int l_alive(lua_State *L)
 /* proc.kill(pid, starttime, [sig=KILL], [wait_s=2]): signal a process we may not have
  * started (a record from a dead fireclaw), only if its start time matches, then wait for
  * it to be gone. The pidfd pins the process, so the check and the kill refer to the same
- * one. Returns true if it was running. */
+ * one. Returns true if it was running. Without a start time there is nothing to check the
+ * pid against (pids are reused): refused, never "whatever has that pid now". */
 static int l_kill(lua_State *L)
 {
 	pid_t pid = (pid_t)luaL_checkinteger(L, 1);
@@ -987,6 +994,11 @@ static int l_kill(lua_State *L)
 	double wait_s = luaL_optnumber(L, 4, 2);
 	if (pid <= 0)
 		fc_error(L, "proc: kill: bad pid %d", (int)pid);
+	if (!(starttime > 0))
+		fc_error(L,
+			 "proc: kill %d: no start time (%g): refusing to signal whatever process "
+			 "has that pid now (proc.starttime gives it)",
+			 (int)pid, starttime);
 	int pidfd = pidfd_open(pid);
 	if (pidfd < 0) {
 		lua_pushboolean(L, 0);

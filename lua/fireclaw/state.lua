@@ -13,6 +13,7 @@ local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
 local fs = require "fireclaw.fs"
 local json = require "fireclaw.json"
+local log = require "fireclaw.log"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 
@@ -126,8 +127,13 @@ end
 -- Returns a list of what was done, for `fireclaw cleanup -v`.
 function M.reap(rec)
 	local done = {}
-	if rec.vmm and rec.vmm.pid and proc.kill(rec.vmm.pid, rec.vmm.start or 0, 9, 2) then
-		done[#done + 1] = "killed VMM " .. rec.vmm.pid
+	local v = rec.vmm
+	if v and v.pid and not v.start then
+		-- it was gone before its start time could be read: whatever has the pid now is
+		-- another process (proc.kill refuses it too)
+		done[#done + 1] = "VMM " .. v.pid .. " has no recorded start time: not signalled"
+	elseif v and v.pid and proc.kill(v.pid, v.start, 9, 2) then
+		done[#done + 1] = "killed VMM " .. v.pid
 	end
 	-- the log sink ends by itself once the VMM is gone; a stuck one goes too
 	if rec.sink and rec.sink.pid and rec.sink.start and proc.kill(rec.sink.pid, rec.sink.start, 9, 2) then
@@ -156,16 +162,25 @@ function M.clean_partial()
 end
 
 -- Reap every stale VM (owner gone). Cheap when there is nothing to do: one listdir.
+-- A VM that cannot be reaped (a busy mount, a file that cannot be removed) is skipped with
+-- a note: one broken record must not stop every later run; `fireclaw cleanup` reports it.
+-- Returns the ids reaped, and {id =, error =} for each that could not be.
 function M.reap_stale()
 	M.clean_partial()
-	local reaped = {}
+	local reaped, failed = {}, {}
 	for _, rec in ipairs(M.list()) do
 		if M.is_stale(rec) then
-			M.reap(rec)
-			reaped[#reaped + 1] = rec.id
+			local ok, err = pcall(M.reap, rec)
+			if ok then
+				reaped[#reaped + 1] = rec.id
+			else
+				failed[#failed + 1] = { id = rec.id, error = tostring(err) }
+				log.note("stale VM %s cannot be reaped (%s); skipped: see fireclaw cleanup",
+					rec.id, tostring(err))
+			end
 		end
 	end
-	return reaped
+	return reaped, failed
 end
 
 return M
