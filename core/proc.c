@@ -92,6 +92,7 @@ struct proc {
 	int status; /* waitpid status once reaped */
 	pid_t sink; /* the log sink copying the process's capped logs, 0 if none (or reaped) */
 	int sink_pidfd;
+	int sink_waited; /* wait gave it its grace period once: later waits do not block on it */
 };
 
 static int pidfd_open(pid_t pid)
@@ -651,7 +652,8 @@ static int wait_exit(lua_State *L, struct proc *p, int timeout_ms)
 			return 0;
 	}
 	/* what the process wrote last is in its logs before anyone reads them */
-	sink_reap(L, p, SINK_GRACE_MS, 0, 1);
+	sink_reap(L, p, p->sink_waited ? 0 : SINK_GRACE_MS, 0, 1);
+	p->sink_waited = 1;
 	return 1;
 }
 

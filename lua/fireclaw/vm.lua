@@ -296,7 +296,8 @@ local function console_reader(path, text)
 end
 
 -- Wait until the console log contains `text` (plain text, not a pattern), searching the
--- whole log from its start.
+-- whole log from its start. The log is capped (config.log_cap): past the cap only its
+-- first half stays in place, so a marker must come early (a boot's does).
 function VM:wait_console(text, timeout_s)
 	timeout_s = timeout_s or 60
 	local seen = console_reader(self.console_path, text)
