@@ -578,7 +578,8 @@ static int l_spawn(lua_State *L)
 	r.pdeathsig = fc_opt_bool(L, 1, "pdeathsig", 1);
 	double cap = fc_opt_number(L, 1, "log_cap", LOG_CAP_DEFAULT);
 	if (cap < LOG_CAP_MIN || cap > 1e12)
-		fc_error(L, "proc: log_cap %.0f: between %d and 10^12 bytes", cap, LOG_CAP_MIN);
+		fc_error(L, "proc: log_cap %.0f: between %d and 10^12 bytes (FIRECLAW_LOG_CAP for VMs)",
+			 cap, LOG_CAP_MIN);
 	read_fds(L, 1, &r, &g, fd_log);
 	int groups[MAX_GROUPS];
 	r.ngroups = read_ints(L, 1, "groups", groups, MAX_GROUPS);

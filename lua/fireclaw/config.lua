@@ -21,7 +21,8 @@ M.qemu = os.getenv("FIRECLAW_QEMU") or "qemu-system-x86_64"
 M.vmm_user = os.getenv("FIRECLAW_VMM_USER") or "auto"
 -- bytes each console or VMM log in a VM's directory may hold: the first half of what the
 -- guest and the VMM wrote and the most recent rest (proc.spawn's {log = path})
-M.log_cap = tonumber(os.getenv("FIRECLAW_LOG_CAP") or "") or 1048576
+-- (not a number: -1, which the VM's start refuses with a message naming the variable)
+M.log_cap = os.getenv("FIRECLAW_LOG_CAP") and (tonumber(os.getenv("FIRECLAW_LOG_CAP")) or -1) or 1048576
 
 -- The network every VM gets inside its own namespace fc-<id> (see DESIGN.md).
 M.net = {
