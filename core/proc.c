@@ -80,6 +80,7 @@ struct spawn_req {
 	int fds[MAX_FDS]; /* become 3, 4, … in the child */
 	int nfds;
 	int setsid, pdeathsig;
+	int nowait; /* do not wait for the exec (a failure then only ends the child) */
 	pid_t parent;
 	/* pipes for proc.run: child side fds, or -1 */
 	int in_fd, out_fd, err_fd;
@@ -358,6 +359,10 @@ static pid_t do_spawn(lua_State *L, struct spawn_req *r)
 		child_main(errpipe[1], r);
 	}
 	close(errpipe[1]);
+	if (r->nowait) {
+		close(errpipe[0]);
+		return pid;
+	}
 	char buf[160];
 	ssize_t n;
 	do
@@ -516,6 +521,9 @@ static void start_sink(lua_State *L, struct proc *p, struct logs *g, double cap)
 	/* not in the child's session, no parent-death signal: it ends at EOF, which comes
 	 * when the child dies, so a kept VMM keeps its log */
 	s.setsid = 1;
+	/* its exec (the dynamic linking of fireclaw, a few ms) overlaps the VMM's start; if it
+	 * failed, the VMM's writes to the pipes would fail and only the logs would be lost */
+	s.nowait = 1;
 	p->sink = do_spawn(L, &s);
 	p->sink_pidfd = pidfd_open(p->sink);
 	for (int i = 0; i < g->n; i++) {
