@@ -5,6 +5,7 @@
 -- killed only if that pid still has the recorded start time.
 local cli = require "fireclaw.cli"
 local log = require "fireclaw.log"
+local runtime = require "fireclaw.runtime"
 local snapshot = require "fireclaw.snapshot"
 local state = require "fireclaw.state"
 
@@ -21,6 +22,7 @@ local function main(args)
 			-- one VM that cannot be reaped (a busy mount, an immutable file) does not stop
 			-- the others: it is reported, and the exit status says so
 			local ok, done = pcall(state.reap, rec)
+			if not ok and runtime.signal() ~= 0 then error(done, 0) end -- Ctrl-C: stop here
 			if ok then
 				for _, what in ipairs(done) do log.info("VM %s: %s", rec.id, what) end
 				n = n + 1

@@ -171,6 +171,7 @@ function M.reap_stale()
 	for _, rec in ipairs(M.list()) do
 		if M.is_stale(rec) then
 			local ok, err = pcall(M.reap, rec)
+			if not ok and runtime.signal() ~= 0 then error(err, 0) end -- Ctrl-C is not "cannot"
 			if ok then
 				reaped[#reaped + 1] = rec.id
 			else
