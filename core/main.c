@@ -396,6 +396,8 @@ static int run(lua_State *L, int argc, char **argv, struct options *o)
 int main(int argc, char **argv)
 {
 	struct options o = {0};
+	if (argc > 1 && strcmp(argv[1], "--log-sink") == 0)
+		return fc_log_sink_main(argc, argv); /* internal: see core/proc.c */
 	parse_options(argc, argv, &o);
 	lua_State *L = luaL_newstate();
 	if (!L) {

@@ -33,6 +33,7 @@
 #include "fc.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -100,11 +101,17 @@ static const char *check_netns_name(lua_State *L, int idx)
 	return name;
 }
 
+/* Interface names go into nft scripts and netlink messages: only [A-Za-z0-9_.-], 1-15
+ * characters, never "." or ".." (which the kernel refuses), so that no quote, brace or
+ * newline can ever reach a script. */
 static const char *valid_ifname(lua_State *L, const char *name)
 {
 	size_t len = strlen(name);
-	if (len == 0 || len >= IFNAMSIZ || strpbrk(name, "/: \t\n"))
-		fc_error(L, "net: bad interface name '%s' (1-%d characters, no '/', ':' or spaces)",
+	int ok = len > 0 && len < IFNAMSIZ && strcmp(name, ".") != 0 && strcmp(name, "..") != 0;
+	for (size_t i = 0; ok && i < len; i++)
+		ok = isalnum((unsigned char)name[i]) || strchr("_.-", name[i]) != NULL;
+	if (!ok)
+		fc_error(L, "net: bad interface name '%s': 1-%d characters of A-Z a-z 0-9 _ . -",
 			 name, IFNAMSIZ - 1);
 	return name;
 }

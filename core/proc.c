@@ -7,20 +7,29 @@
  *                  cwd = dir, netns = "fc-1a2b", mounts = {{type = "tmpfs", target = dir},
  *                  {type = "bind", source = s, target = t}}, uid = n, gid = n,
  *                  groups = {gid...}, fds = {fd...}, setsid = true, pdeathsig = true,
- *                  cgroup = {procs_path...}}
+ *                  cgroup = {procs_path...}, log_cap = bytes}
  *       fds: the child gets these (integer) fds as 3, 4, … in this order; the caller keeps
  *       and closes its own. uid/gid: the child drops to them before exec (supplementary
  *       groups: `groups`, else none); pdeathsig survives the drop. cgroup: the child
  *       writes itself into each of these cgroup.procs files first thing after fork, so it
  *       runs no code of the program outside its cgroups (writing the pid from the parent
  *       after spawn would let it run unlimited for a moment).
+ *       Capped logs: stdout, stderr or an entry of fds may be {log = path}: the child then
+ *       writes into a pipe, and a log sink (`fireclaw --log-sink`, a process of its own)
+ *       copies the pipe into path, keeping the first half of log_cap bytes (default
+ *       1 MiB) and the most recent rest, with a line saying how much was dropped between.
+ *       The same path twice is one pipe. The sink ends at EOF, when the child and
+ *       whatever it passed the pipe to are gone; it belongs to p (wait, close, detach).
  *   p:pid()  p:pidfd()  p:alive()  p:kill([sig])  p:wait([timeout_s]) -> {status=|signal=} or nil
+ *       (once the process is gone, wait also lets its log sink finish, up to 2 s)
+ *   p:sink_pid() -> the log sink's pid, or nil
  *   p:close()   -- kills (SIGKILL) and reaps if still running; never leaves a zombie
  *   p:detach()  -- let it run on after fireclaw (spawn it with pdeathsig = false)
- *   r = proc.run(argv, {stdin = s, cwd =, env =, timeout =, netns =}) -> {status, signal, stdout, stderr, timed_out}
- *   proc.starttime(pid) -> clock ticks since boot, or nil if no such process
+ *   r = proc.run(argv, {stdin = s, cwd =, env =, timeout =, netns =}) -> {status, signal, stdout,
+ * stderr, timed_out} proc.starttime(pid) -> clock ticks since boot, or nil if no such process
  *   proc.alive(pid [, starttime]) -> bool
- *   proc.kill(pid, starttime, [sig], [wait_s]) -> true if it was running (and is now gone)
+ *   proc.kill(pid, starttime, [sig], [wait_s]) -> true if it was running (and is now gone);
+ *       a start time that is not > 0 raises: a pid alone may name any process by now
  *   proc.getpid() -> pid of fireclaw
  */
 #include "fc.h"
@@ -46,6 +55,11 @@
 #define MAX_FDS 16
 #define MAX_GROUPS 8
 #define MAX_CGROUPS 8
+#define MAX_LOGS 4
+#define LOG_CAP_DEFAULT (1u << 20)
+#define LOG_CAP_MIN 4096
+/* how long a log sink may take to finish after its writer is gone (wait, close) */
+#define SINK_GRACE_MS 2000
 
 extern char **environ;
 
@@ -57,6 +71,7 @@ struct mount_op {
 /* Everything the child needs, prepared before fork: after fork the child may only make
  * async-signal-safe calls. Strings point into the Lua options table (kept on the stack). */
 struct spawn_req {
+	const char *exe; /* the program to run (no PATH search), else argv[0] on PATH */
 	const char **argv;
 	char **envp;
 	const char *stdin_path, *stdout_path, *stderr_path, *cwd;
@@ -71,6 +86,7 @@ struct spawn_req {
 	int setsid, pdeathsig;
 	const char *cgroups[MAX_CGROUPS]; /* cgroup.procs files to join */
 	int ncgroups;
+	int nowait; /* do not wait for the exec (a failure then only ends the child) */
 	pid_t parent;
 	/* pipes for proc.run: child side fds, or -1 */
 	int in_fd, out_fd, err_fd;
@@ -81,6 +97,9 @@ struct proc {
 	int pidfd;
 	int reaped;
 	int status; /* waitpid status once reaped */
+	pid_t sink; /* the log sink copying the process's capped logs, 0 if none (or reaped) */
+	int sink_pidfd;
+	int sink_waited; /* wait gave it its grace period once: later waits do not block on it */
 };
 
 static int pidfd_open(pid_t pid)
@@ -221,7 +240,10 @@ static void child_main(int errpipe, const struct spawn_req *r)
 		if (getppid() != r->parent) /* the parent died before prctl */
 			_exit(127);
 	}
-	execvpe(r->argv[0], (char *const *)r->argv, r->envp);
+	if (r->exe)
+		execve(r->exe, (char *const *)r->argv, r->envp);
+	else
+		execvpe(r->argv[0], (char *const *)r->argv, r->envp);
 	child_fail(errpipe, r->argv[0]);
 }
 
@@ -360,7 +382,7 @@ static int read_strings(lua_State *L, int t, const char *key, const char **out, 
 		lua_rawgeti(L, -1, i);
 		if (lua_type(L, -1) != LUA_TSTRING)
 			fc_error(L, "proc: %s[%d] is not a string", key, i);
-		out[i - 1] = lua_tostring(L, -1);
+		out[i - 1] = fc_keep_string(L, t, NULL); /* alive with the options table */
 		lua_pop(L, 1);
 	}
 	lua_pop(L, 1);
@@ -386,6 +408,10 @@ static pid_t do_spawn(lua_State *L, struct spawn_req *r)
 		child_main(errpipe[1], r);
 	}
 	close(errpipe[1]);
+	if (r->nowait) {
+		close(errpipe[0]);
+		return pid;
+	}
 	char buf[160];
 	ssize_t n;
 	do
@@ -424,6 +450,170 @@ static void open_netns(lua_State *L, int t, struct spawn_req *r)
 	fc_fd_guard(L, r->netns_fd);
 }
 
+/* ---- capped logs: pipes into a log sink ---- */
+
+/* One capped log: the file, and the pipe into it. Every fd is owned by a guard on the Lua
+ * stack until it is handed on. */
+struct log_pipe {
+	const char *path;
+	int *file, *rd, *wr;
+};
+
+struct logs {
+	struct log_pipe p[MAX_LOGS];
+	int n;
+};
+
+static void guarded_pipe(lua_State *L, int *ends[2]);
+
+/* The pipe into capped log `path`, made on first use (the same path twice is one pipe).
+ * Returns its index. */
+static int log_pipe(lua_State *L, struct logs *g, const char *path)
+{
+	for (int i = 0; i < g->n; i++)
+		if (strcmp(g->p[i].path, path) == 0)
+			return i;
+	if (g->n == MAX_LOGS)
+		fc_error(L, "proc: at most %d capped logs", MAX_LOGS);
+	luaL_checkstack(L, 4, "proc: capped logs");
+	struct log_pipe *lp = &g->p[g->n];
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0)
+		fc_errno_error(L, errno, "proc: log %s", path);
+	lp->file = fc_fd_guard(L, fd);
+	int *ends[2];
+	guarded_pipe(L, ends);
+	lp->rd = ends[0];
+	lp->wr = ends[1];
+	lp->path = path;
+	return g->n++;
+}
+
+/* The path of a {log = path} table at idx (misuse raises). */
+static const char *log_path_of(lua_State *L, int idx, const char *what)
+{
+	lua_getfield(L, idx, "log");
+	if (!lua_isstring(L, -1))
+		fc_error(L, "proc: %s: {log = path} expected", what);
+	const char *path = lua_tostring(L, -1); /* anchored by the options table */
+	lua_pop(L, 1);
+	return path;
+}
+
+/* opts[key]: a path (returned), or a capped log {log = path} (its pipe's index in *log). */
+static const char *read_output(lua_State *L, int t, const char *key, struct logs *g, int *log)
+{
+	*log = -1;
+	lua_getfield(L, t, key);
+	if (!lua_istable(L, -1)) {
+		lua_pop(L, 1);
+		return fc_opt_string(L, t, key, NULL);
+	}
+	const char *path = log_path_of(L, lua_gettop(L), key);
+	lua_pop(L, 1);
+	*log = log_pipe(L, g, path);
+	return NULL;
+}
+
+/* opts.fds: integers (passed as they are) or {log = path} (the write end of that log's
+ * pipe, index in log_of[i]; -1 for an integer). */
+static void read_fds(lua_State *L, int t, struct spawn_req *r, struct logs *g, int *log_of)
+{
+	lua_getfield(L, t, "fds");
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return;
+	}
+	luaL_checktype(L, -1, LUA_TTABLE);
+	int tbl = lua_gettop(L), n = (int)lua_objlen(L, tbl);
+	if (n > MAX_FDS)
+		fc_error(L, "proc: at most %d fds", MAX_FDS);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, tbl, i);
+		log_of[i - 1] = -1;
+		if (lua_istable(L, -1)) {
+			const char *path = log_path_of(L, lua_gettop(L), "fds");
+			lua_pop(L, 1);
+			log_of[i - 1] = log_pipe(L, g, path);
+			continue;
+		}
+		if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0)
+			fc_error(L, "proc: fds[%d] is not a number >= 0 or {log = path}", i);
+		r->fds[i - 1] = (int)lua_tointeger(L, -1);
+		lua_pop(L, 1);
+	}
+	r->nfds = n;
+	lua_remove(L, tbl); /* the guards log_pipe pushed stay on the stack */
+}
+
+/* Start `fireclaw --log-sink CAP PATH…` with the read ends (3, 4, …) and the files after
+ * them; ours close. p owns the sink from here on. */
+static void start_sink(lua_State *L, struct proc *p, struct logs *g, double cap)
+{
+	struct spawn_req s;
+	memset(&s, 0, sizeof s);
+	s.netns_fd = s.in_fd = s.out_fd = s.err_fd = -1;
+	s.uid = s.gid = -1;
+	char capstr[32];
+	snprintf(capstr, sizeof capstr, "%.0f", cap);
+	const char *argv[3 + MAX_LOGS + 1] = {"fireclaw", "--log-sink", capstr};
+	for (int i = 0; i < g->n; i++) {
+		argv[3 + i] = g->p[i].path; /* names the files in ps (and for leak checks) */
+		s.fds[i] = *g->p[i].rd;
+		s.fds[g->n + i] = *g->p[i].file;
+	}
+	argv[3 + g->n] = NULL;
+	s.exe = "/proc/self/exe";
+	s.argv = argv;
+	s.envp = environ;
+	s.nfds = 2 * g->n;
+	/* not in the child's session, no parent-death signal: it ends at EOF, which comes
+	 * when the child dies, so a kept VMM keeps its log */
+	s.setsid = 1;
+	/* its exec (the dynamic linking of fireclaw, a few ms) overlaps the VMM's start; if it
+	 * failed, the VMM's writes to the pipes would fail and only the logs would be lost */
+	s.nowait = 1;
+	p->sink = do_spawn(L, &s);
+	p->sink_pidfd = pidfd_open(p->sink);
+	for (int i = 0; i < g->n; i++) {
+		close(fc_fd_release(g->p[i].rd));
+		close(fc_fd_release(g->p[i].file));
+	}
+}
+
+/* Wait up to ms for the sink to finish, then reap it (SIGKILLed first if kill_late).
+ * Returns 1 once it is reaped. interruptible: a wait through fc_poll (not from close). */
+static int sink_reap(lua_State *L, struct proc *p, int ms, int kill_late, int interruptible)
+{
+	if (p->sink <= 0)
+		return 1;
+	if (p->sink_pidfd >= 0 && ms > 0) {
+		struct pollfd pf = {.fd = p->sink_pidfd, .events = POLLIN};
+		if (interruptible) {
+			fc_poll(L, &pf, 1, ms);
+		} else {
+			double deadline = fc_now_ms() + ms;
+			while (poll(&pf, 1, fc_ms_left(deadline)) < 0 && errno == EINTR)
+				;
+		}
+	}
+	if (waitpid(p->sink, NULL, WNOHANG) == 0) {
+		if (!kill_late)
+			return 0;
+		if (p->sink_pidfd >= 0)
+			pidfd_send_signal(p->sink_pidfd, SIGKILL);
+		else
+			kill(p->sink, SIGKILL);
+		while (waitpid(p->sink, NULL, 0) < 0 && errno == EINTR)
+			;
+	}
+	if (p->sink_pidfd >= 0)
+		close(p->sink_pidfd);
+	p->sink_pidfd = -1;
+	p->sink = 0;
+	return 1;
+}
+
 static int l_spawn(lua_State *L)
 {
 	luaL_checktype(L, 1, LUA_TTABLE);
@@ -433,15 +623,21 @@ static int l_spawn(lua_State *L)
 	r.argv = check_argv(L, lua_gettop(L));
 	lua_getfield(L, 1, "env");
 	r.envp = build_env(L, lua_gettop(L));
+	struct logs g = {.n = 0};
+	int out_log, err_log, fd_log[MAX_FDS];
 	r.stdin_path = fc_opt_string(L, 1, "stdin", NULL);
-	r.stdout_path = fc_opt_string(L, 1, "stdout", NULL);
-	r.stderr_path = fc_opt_string(L, 1, "stderr", NULL);
+	r.stdout_path = read_output(L, 1, "stdout", &g, &out_log);
+	r.stderr_path = read_output(L, 1, "stderr", &g, &err_log);
 	r.cwd = fc_opt_string(L, 1, "cwd", NULL);
 	r.uid = (int)fc_opt_number(L, 1, "uid", -1);
 	r.gid = (int)fc_opt_number(L, 1, "gid", -1);
 	r.setsid = fc_opt_bool(L, 1, "setsid", 1);
 	r.pdeathsig = fc_opt_bool(L, 1, "pdeathsig", 1);
-	r.nfds = read_ints(L, 1, "fds", r.fds, MAX_FDS);
+	double cap = fc_opt_number(L, 1, "log_cap", LOG_CAP_DEFAULT);
+	if (cap < LOG_CAP_MIN || cap > 1e12)
+		fc_error(L, "proc: log_cap %.0f: between %d and 10^12 bytes (FIRECLAW_LOG_CAP for VMs)",
+			 cap, LOG_CAP_MIN);
+	read_fds(L, 1, &r, &g, fd_log);
 	int groups[MAX_GROUPS];
 	r.ngroups = read_ints(L, 1, "groups", groups, MAX_GROUPS);
 	for (int i = 0; i < r.ngroups; i++)
@@ -450,8 +646,22 @@ static int l_spawn(lua_State *L)
 	read_mounts(L, 1, &r);
 	open_netns(L, 1, &r);
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);
-	p->pidfd = -1;
+	p->pidfd = p->sink_pidfd = -1;
+	if (g.n > 0) {
+		start_sink(L, p, &g, cap);
+		if (out_log >= 0)
+			r.out_fd = *g.p[out_log].wr;
+		if (err_log >= 0)
+			r.err_fd = *g.p[err_log].wr;
+		for (int i = 0; i < r.nfds; i++)
+			if (fd_log[i] >= 0)
+				r.fds[i] = *g.p[fd_log[i]].wr;
+	}
 	p->pid = do_spawn(L, &r);
+	/* the child has the write ends now: the sink sees EOF when it (and what it passed
+	 * them to) is gone */
+	for (int i = 0; i < g.n; i++)
+		close(fc_fd_release(g.p[i].wr));
 	p->pidfd = pidfd_open(p->pid);
 	if (p->pidfd < 0)
 		fc_errno_error(L, errno, "proc: pidfd_open %d", (int)p->pid);
@@ -497,9 +707,12 @@ static int wait_exit(lua_State *L, struct proc *p, int timeout_ms)
 	double deadline = timeout_ms < 0 ? -1 : fc_now_ms() + timeout_ms;
 	while (!try_reap(p)) {
 		struct pollfd pfd = {.fd = p->pidfd, .events = POLLIN};
-		if (fc_poll(L, &pfd, 1, fc_ms_left(deadline)) == 0)
-			return try_reap(p);
+		if (fc_poll(L, &pfd, 1, fc_ms_left(deadline)) == 0 && !try_reap(p))
+			return 0;
 	}
+	/* what the process wrote last is in its logs before anyone reads them */
+	sink_reap(L, p, p->sink_waited ? 0 : SINK_GRACE_MS, 0, 1);
+	p->sink_waited = 1;
 	return 1;
 }
 
@@ -576,6 +789,7 @@ static int p_close(lua_State *L)
 	if (p->pid > 0 && !try_reap(p))
 		reap_now(p, 1);
 	close_pidfd(p);
+	sink_reap(L, p, SINK_GRACE_MS, 1, 0);
 	return 0;
 }
 
@@ -589,7 +803,20 @@ static int p_detach(lua_State *L)
 	p->pidfd = -1;
 	p->pid = 0;
 	p->reaped = 1;
+	if (p->sink_pidfd >= 0)
+		close(p->sink_pidfd);
+	p->sink_pidfd = -1;
+	p->sink = 0;
 	return 0;
+}
+
+static int p_sink_pid(lua_State *L)
+{
+	struct proc *p = check_proc(L);
+	if (p->sink <= 0)
+		return 0;
+	lua_pushinteger(L, p->sink);
+	return 1;
 }
 
 static int p_tostring(lua_State *L)
@@ -724,7 +951,7 @@ static int l_run(lua_State *L)
 	if (in) /* a command that does not read its stdin must not block us */
 		fcntl(*pin[1], F_SETFL, O_NONBLOCK);
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);
-	p->pidfd = -1;
+	p->pidfd = p->sink_pidfd = -1;
 	p->pid = do_spawn(L, &r);
 	p->pidfd = pidfd_open(p->pid);
 	/* the child has its ends now */
@@ -739,7 +966,12 @@ static int l_run(lua_State *L)
 	int *fds[3] = {in ? pin[1] : &none, pout[0], perr[0]};
 	double deadline = timeout < 0 ? -1 : fc_now_ms() + timeout * 1000;
 	int timed_out = pump(L, fds, in ? in : "", inlen, out, deadline) < 0;
-	reap_now(p, timed_out);
+	/* a child that closed its stdout and stderr may still run on: its exit is waited for
+	 * under the same deadline, and interruptibly */
+	if (!timed_out && p->pidfd >= 0 && !wait_exit(L, p, fc_ms_left(deadline)))
+		timed_out = 1;
+	if (!try_reap(p))
+		reap_now(p, timed_out);
 	/* done with it: the fd goes now, not at the next garbage collection */
 	close_pidfd(p);
 
@@ -811,7 +1043,8 @@ static int l_alive(lua_State *L)
 /* proc.kill(pid, starttime, [sig=KILL], [wait_s=2]): signal a process we may not have
  * started (a record from a dead fireclaw), only if its start time matches, then wait for
  * it to be gone. The pidfd pins the process, so the check and the kill refer to the same
- * one. Returns true if it was running. */
+ * one. Returns true if it was running. Without a start time there is nothing to check the
+ * pid against (pids are reused): refused, never "whatever has that pid now". */
 static int l_kill(lua_State *L)
 {
 	pid_t pid = (pid_t)luaL_checkinteger(L, 1);
@@ -820,6 +1053,11 @@ static int l_kill(lua_State *L)
 	double wait_s = luaL_optnumber(L, 4, 2);
 	if (pid <= 0)
 		fc_error(L, "proc: kill: bad pid %d", (int)pid);
+	if (!(starttime > 0))
+		fc_error(L,
+			 "proc: kill %d: no start time (%g): refusing to signal whatever process "
+			 "has that pid now (proc.starttime gives it)",
+			 (int)pid, starttime);
 	int pidfd = pidfd_open(pid);
 	if (pidfd < 0) {
 		lua_pushboolean(L, 0);
@@ -842,6 +1080,169 @@ static int l_kill(lua_State *L)
 	return 1;
 }
 
+/* ---- the log sink: `fireclaw --log-sink CAP PATH…` (main.c) ----
+ *
+ * Copies pipe i (fd 3 + i) into file i (fd 3 + n + i) for n logs, until every pipe is at
+ * EOF. A file never grows past CAP bytes: the first half of it is the first bytes of the
+ * log, as they came; once the log is longer than CAP, a fixed-size line saying how many
+ * bytes were dropped follows, and the rest is the most recent bytes, rewritten from a ring
+ * in memory at most every SINK_FLUSH_MS (and at EOF). A reader therefore always sees the
+ * start of a boot and the last lines before a failure. The VMM never waits for the disk:
+ * the pipe is its only file, and a guest flooding its console only costs this process
+ * some copying. Nothing here touches Lua: main.c calls it before any state exists. */
+
+#define SINK_MARK 96
+#define SINK_FLUSH_MS 200
+#define SINK_CHUNK 65536
+
+struct sink_log {
+	int in, out;
+	unsigned long long total; /* bytes read so far */
+	char *ring;		  /* the last `tail` bytes read */
+	size_t ring_len, ring_pos;
+	int dirty; /* the file's tail is behind the ring */
+};
+
+struct sink {
+	size_t cap, head, tail;
+	struct sink_log log[MAX_LOGS];
+	int n;
+};
+
+static void pwrite_all(int fd, const char *d, size_t n, off_t at)
+{
+	while (n > 0) {
+		ssize_t w = pwrite(fd, d, n, at);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return; /* a full disk drops log bytes, never blocks the VMM */
+		d += w;
+		n -= (size_t)w;
+		at += w;
+	}
+}
+
+static void ring_add(const struct sink *s, struct sink_log *l, const char *d, size_t n)
+{
+	if (n >= s->tail) {
+		memcpy(l->ring, d + n - s->tail, s->tail);
+		l->ring_pos = 0;
+		l->ring_len = s->tail;
+		return;
+	}
+	size_t first = s->tail - l->ring_pos < n ? s->tail - l->ring_pos : n;
+	memcpy(l->ring + l->ring_pos, d, first);
+	memcpy(l->ring, d + first, n - first);
+	l->ring_pos = (l->ring_pos + n) % s->tail;
+	l->ring_len = l->ring_len + n < s->tail ? l->ring_len + n : s->tail;
+}
+
+/* The file up to CAP is the log as it came; beyond, only the ring changes. */
+static void sink_add(const struct sink *s, struct sink_log *l, const char *d, size_t n)
+{
+	ring_add(s, l, d, n);
+	if (l->total < s->cap) {
+		size_t room = s->cap - l->total;
+		pwrite_all(l->out, d, n < room ? n : room, (off_t)l->total);
+	}
+	l->total += n;
+	if (l->total > s->cap)
+		l->dirty = 1;
+}
+
+/* Rewrite the file after its head: the "dropped" line, then the ring, oldest byte first
+ * (the ring is full: more than CAP bytes came). The file stays exactly CAP bytes. */
+static void sink_flush(const struct sink *s, struct sink_log *l)
+{
+	if (!l->dirty)
+		return;
+	char mark[SINK_MARK + 1];
+	int k = snprintf(mark, sizeof mark,
+			 "\n[fireclaw: %llu bytes dropped here: this log keeps its first %zu and "
+			 "last %zu bytes]",
+			 l->total - s->head - s->tail, s->head, s->tail);
+	if (k < 0 || k > SINK_MARK - 1)
+		k = SINK_MARK - 1;
+	memset(mark + k, ' ', (size_t)(SINK_MARK - 1 - k));
+	mark[SINK_MARK - 1] = '\n';
+	off_t at = (off_t)s->head;
+	pwrite_all(l->out, mark, SINK_MARK, at);
+	at += SINK_MARK;
+	pwrite_all(l->out, l->ring + l->ring_pos, s->tail - l->ring_pos, at);
+	pwrite_all(l->out, l->ring, l->ring_pos, at + (off_t)(s->tail - l->ring_pos));
+	l->dirty = 0;
+}
+
+/* Read what pipe i has; at EOF flush and stop reading it. Returns 0 once it is closed. */
+static int sink_read(struct sink *s, struct sink_log *l, char *buf)
+{
+	ssize_t r = read(l->in, buf, SINK_CHUNK);
+	if (r > 0) {
+		sink_add(s, l, buf, (size_t)r);
+		return 1;
+	}
+	if (r < 0 && (errno == EINTR || errno == EAGAIN))
+		return 1;
+	sink_flush(s, l);
+	close(l->in);
+	l->in = -1;
+	return 0;
+}
+
+static int sink_run(struct sink *s)
+{
+	static char buf[SINK_CHUNK];
+	int open = s->n;
+	double flushed = fc_now_ms();
+	while (open > 0) {
+		struct pollfd p[MAX_LOGS];
+		int which[MAX_LOGS], k = 0, dirty = 0;
+		for (int i = 0; i < s->n; i++) {
+			dirty |= s->log[i].dirty;
+			if (s->log[i].in >= 0) {
+				p[k] = (struct pollfd){.fd = s->log[i].in, .events = POLLIN};
+				which[k++] = i;
+			}
+		}
+		int r = poll(p, (nfds_t)k, dirty ? SINK_FLUSH_MS : -1);
+		if (r < 0 && errno != EINTR)
+			return 1;
+		for (int j = 0; r > 0 && j < k; j++)
+			if (p[j].revents && !sink_read(s, &s->log[which[j]], buf))
+				open--;
+		if (r == 0 || fc_now_ms() - flushed >= SINK_FLUSH_MS) {
+			for (int i = 0; i < s->n; i++)
+				sink_flush(s, &s->log[i]);
+			flushed = fc_now_ms();
+		}
+	}
+	return 0;
+}
+
+int fc_log_sink_main(int argc, char **argv)
+{
+	struct sink s = {.n = argc - 3};
+	char *end = NULL;
+	unsigned long long cap = argc > 2 ? strtoull(argv[2], &end, 10) : 0;
+	if (s.n < 1 || s.n > MAX_LOGS || !end || *end || cap < LOG_CAP_MIN) {
+		fprintf(stderr, "fireclaw --log-sink CAP PATH…: fireclaw starts this itself\n");
+		return 2;
+	}
+	s.cap = (size_t)cap;
+	s.head = s.cap / 2;
+	s.tail = s.cap - s.head - SINK_MARK;
+	for (int i = 0; i < s.n; i++) {
+		s.log[i].in = 3 + i;
+		s.log[i].out = 3 + s.n + i;
+		s.log[i].ring = malloc(s.tail);
+		if (!s.log[i].ring)
+			return 1;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	return sink_run(&s);
+}
+
 static int l_getpid(lua_State *L)
 {
 	lua_pushinteger(L, getpid());
@@ -853,7 +1254,7 @@ int luaopen_fireclaw_proc(lua_State *L)
 	static const luaL_Reg methods[] = {
 		{"pid", p_pid},	    {"pidfd", p_pidfd}, {"alive", p_alive},
 		{"kill", p_kill},   {"wait", p_wait},	{"close", p_close}, {"detach", p_detach},
-		{"__tostring", p_tostring}, {NULL, NULL},
+		{"sink_pid", p_sink_pid}, {"__tostring", p_tostring}, {NULL, NULL},
 	};
 	static const luaL_Reg buffer_methods[] = {{"close", buffer_close}, {NULL, NULL}};
 	static const luaL_Reg fns[] = {

@@ -1126,19 +1126,12 @@ static void read_stream_opts(lua_State *L, int opts, struct stream *st, const ch
 	st->max = max;
 }
 
-/* Push the command line for arg 2 (argv table or string) after the kill tag (see
- * kill_tagged) and the env prefix. */
+/* Push the command line for arg 2 (argv table or string) after the env prefix and the
+ * kill tag (see kill_tagged). The tag comes after the caller's env, so an env entry named
+ * FIRECLAW_EXEC_TAG cannot replace it and keep a timed-out command from being killed. */
 static void push_command(lua_State *L, int opts, const char *tag)
 {
 	int base = lua_gettop(L);
-	lua_pushfstring(L, "export FIRECLAW_EXEC_TAG=%s; ", tag);
-	if (lua_istable(L, 2))
-		push_quoted_argv(L, 2);
-	else if (lua_type(L, 2) == LUA_TSTRING)
-		lua_pushvalue(L, 2);
-	else
-		fc_error(L, "ssh: exec: argv table or command string expected, got %s",
-			 luaL_typename(L, 2));
 	if (!lua_isnoneornil(L, opts)) {
 		lua_getfield(L, opts, "env");
 		if (lua_istable(L, -1))
@@ -1148,8 +1141,15 @@ static void push_command(lua_State *L, int opts, const char *tag)
 		else
 			lua_pushliteral(L, "");
 		lua_remove(L, -2);
-		lua_insert(L, -2); /* env before the command */
 	}
+	lua_pushfstring(L, "export FIRECLAW_EXEC_TAG=%s; ", tag);
+	if (lua_istable(L, 2))
+		push_quoted_argv(L, 2);
+	else if (lua_type(L, 2) == LUA_TSTRING)
+		lua_pushvalue(L, 2);
+	else
+		fc_error(L, "ssh: exec: argv table or command string expected, got %s",
+			 luaL_typename(L, 2));
 	lua_concat(L, lua_gettop(L) - base);
 }
 

@@ -5,6 +5,7 @@
 -- killed only if that pid still has the recorded start time.
 local cli = require "fireclaw.cli"
 local log = require "fireclaw.log"
+local runtime = require "fireclaw.runtime"
 local snapshot = require "fireclaw.snapshot"
 local state = require "fireclaw.state"
 
@@ -15,17 +16,29 @@ local function main(args)
 		{ "--all", "also stop live and kept VMs" },
 		{ "-v, --verbose", "say what was removed" },
 	})
-	local n = 0
+	local n, failed = 0, 0
 	for _, rec in ipairs(state.list()) do
 		if o.all or state.is_stale(rec) then
-			for _, what in ipairs(state.reap(rec)) do log.info("VM %s: %s", rec.id, what) end
-			n = n + 1
+			-- one VM that cannot be reaped (a busy mount, an immutable file) does not stop
+			-- the others: it is reported, and the exit status says so
+			local ok, done = pcall(state.reap, rec)
+			if not ok and runtime.signal() ~= 0 then error(done, 0) end -- Ctrl-C: stop here
+			if ok then
+				for _, what in ipairs(done) do log.info("VM %s: %s", rec.id, what) end
+				n = n + 1
+			else
+				io.stderr:write(string.format("fireclaw: cleanup: VM %s cannot be reaped: %s; "
+					.. "remove what holds it (a mount, chattr +i), then run cleanup again\n",
+					rec.id, tostring(done)))
+				failed = failed + 1
+			end
 		end
 	end
 	state.clean_partial()
 	snapshot.clean_temp()
-	log.note("cleanup: %d VM%s reaped", n, n == 1 and "" or "s")
-	return 0
+	log.note("cleanup: %d VM%s reaped%s", n, n == 1 and "" or "s",
+		failed > 0 and string.format(", %d could not be", failed) or "")
+	return failed > 0 and 1 or 0
 end
 
 return cli.recipe({}, main, ...)

@@ -190,8 +190,11 @@ class Machine:
     def vmm_log(self, line):
         if self.logger_path:
             try:
-                with open(self.logger_path, "a") as f:
-                    f.write("[fake-firecracker:%s] %s\n" % (self.id, line))
+                fd = os.open(self.logger_path, os.O_RDWR | os.O_APPEND | os.O_NONBLOCK)
+                try:
+                    os.write(fd, ("[fake-firecracker:%s] %s\n" % (self.id, line)).encode())
+                finally:
+                    os.close(fd)
             except OSError:
                 pass
 
@@ -254,9 +257,10 @@ class Machine:
     # -- pre-boot resources --
 
     def existing_file(self, path, what):
+        # as Firecracker opens them (read-write, non-blocking: a FIFO or a pipe works too)
         try:
-            with open(path, "r+b"):
-                return path
+            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+            return path
         except OSError as e:
             raise Fault("%s: Failed to open target file: %s" % (what, os_error(e)))
 

@@ -112,6 +112,14 @@ local function cold_boot(tg, c, base, files)
 		t.is(v.vmm_version, tg.version, tg.name .. ": version from GET /version")
 		t.lives(function() v:wait_console("guest is running", 10) end,
 			tg.name .. ": wait_console sees the boot marker on the serial console")
+		-- console, stderr and logger (opened at /proc/self/fd/3) are pipes into capped files
+		t.ok(v.sink_pid and proc.alive(v.sink_pid, v.sink_starttime), tg.name .. ": a log sink runs with the VMM")
+		t.ok(require("fireclaw.vmm.util").poll(function()
+			local f = io.open(dir .. "/firecracker.log", "rb")
+			local s = f and f:read("*a") or ""
+			if f then f:close() end
+			return s:find("Running Firecracker", 1, true) and true or nil
+		end, 10), tg.name .. ": the logger's lines reach firecracker.log")
 		local calls = method_calls(log)
 		-- the entropy device (virtio-rng) where the version's spec has PUT /entropy
 		local rng = tg.version == "1.16.1"

@@ -1,6 +1,7 @@
 -- fireclaw.config: where things live and the defaults a VM gets.
 -- Environment overrides: FIRECLAW_STATE, FIRECLAW_RUN, FIRECLAW_VMM, FIRECLAW_ACCEL,
--- FIRECLAW_FIRECRACKER, FIRECLAW_QEMU, FIRECLAW_NETNS_PREFIX, FIRECLAW_VMM_USER.
+-- FIRECLAW_FIRECRACKER, FIRECLAW_QEMU, FIRECLAW_NETNS_PREFIX, FIRECLAW_VMM_USER,
+-- FIRECLAW_LOG_CAP.
 local M = {}
 
 M.state_dir = os.getenv("FIRECLAW_STATE") or "/var/lib/fireclaw"
@@ -21,6 +22,10 @@ M.firecracker = os.getenv("FIRECLAW_FIRECRACKER") -- path to the binary, else PA
 M.qemu = os.getenv("FIRECLAW_QEMU") or "qemu-system-x86_64"
 -- who QEMU runs as: "auto" (a uid of its own per VM, see fireclaw.vmm.qemu), "root", "UID:GID"
 M.vmm_user = os.getenv("FIRECLAW_VMM_USER") or "auto"
+-- bytes each console or VMM log in a VM's directory may hold: the first half of what the
+-- guest and the VMM wrote and the most recent rest (proc.spawn's {log = path})
+-- (not a number: -1, which the VM's start refuses with a message naming the variable)
+M.log_cap = os.getenv("FIRECLAW_LOG_CAP") and (tonumber(os.getenv("FIRECLAW_LOG_CAP")) or -1) or 1048576
 
 -- The network every VM gets inside its own namespace fc-<id> (docs/design.md, "The network of a VM").
 M.net = {

@@ -50,7 +50,8 @@ end
 
 -- The VMM goes into the record the moment it exists (a kept VM has no PR_SET_PDEATHSIG).
 local function record_vmm(self)
-	state.update(self.rec, { vmm = { pid = self.vm.pid, start = self.vm.starttime, name = self.vm.vmm } })
+	state.update(self.rec, { vmm = { pid = self.vm.pid, start = self.vm.starttime, name = self.vm.vmm },
+		sink = self.vm.sink_pid and { pid = self.vm.sink_pid, start = self.vm.sink_starttime } or nil })
 	fault.point("vmm-recorded")
 end
 

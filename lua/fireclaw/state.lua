@@ -4,8 +4,9 @@
 -- files (sockets, logs, disk copy). The record is written *before* any resource exists
 -- and updated as resources appear, so a fireclaw killed at any point leaves enough
 -- behind for `fireclaw cleanup` to undo it:
---   {id, netns, owner = {pid, start}, vmm = {pid, start, name}, cgroups = {dir…}, image,
---    created, keep}
+--   {id, netns, owner = {pid, start}, vmm = {pid, start, name}, sink = {pid, start},
+--    cgroups = {dir…}, image, created, keep}   (sink: the process writing the VM's capped
+--    logs, see proc.spawn)
 -- A VM is stale when its owner process is gone (pid + start time: pids are reused) and
 -- it was not started with --keep. Reaping kills the VMM only if its pid still has the
 -- recorded start time, removes its cgroups (fireclaw.cgroup), deletes the namespace, and
@@ -14,6 +15,7 @@ local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
 local fs = require "fireclaw.fs"
 local json = require "fireclaw.json"
+local log = require "fireclaw.log"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 
@@ -127,8 +129,17 @@ end
 -- Returns a list of what was done, for `fireclaw cleanup -v`.
 function M.reap(rec)
 	local done = {}
-	if rec.vmm and rec.vmm.pid and proc.kill(rec.vmm.pid, rec.vmm.start or 0, 9, 2) then
-		done[#done + 1] = "killed VMM " .. rec.vmm.pid
+	local v = rec.vmm
+	if v and v.pid and not v.start then
+		-- it was gone before its start time could be read: whatever has the pid now is
+		-- another process (proc.kill refuses it too)
+		done[#done + 1] = "VMM " .. v.pid .. " has no recorded start time: not signalled"
+	elseif v and v.pid and proc.kill(v.pid, v.start, 9, 2) then
+		done[#done + 1] = "killed VMM " .. v.pid
+	end
+	-- the log sink ends by itself once the VMM is gone; a stuck one goes too
+	if rec.sink and rec.sink.pid and rec.sink.start and proc.kill(rec.sink.pid, rec.sink.start, 9, 2) then
+		done[#done + 1] = "killed log sink " .. rec.sink.pid
 	end
 	fault.point("reap-vmm")
 	if rec.cgroups then -- after the VMM: a cgroup with a task in it cannot go
@@ -156,16 +167,26 @@ function M.clean_partial()
 end
 
 -- Reap every stale VM (owner gone). Cheap when there is nothing to do: one listdir.
+-- A VM that cannot be reaped (a busy mount, a file that cannot be removed) is skipped with
+-- a note: one broken record must not stop every later run; `fireclaw cleanup` reports it.
+-- Returns the ids reaped, and {id =, error =} for each that could not be.
 function M.reap_stale()
 	M.clean_partial()
-	local reaped = {}
+	local reaped, failed = {}, {}
 	for _, rec in ipairs(M.list()) do
 		if M.is_stale(rec) then
-			M.reap(rec)
-			reaped[#reaped + 1] = rec.id
+			local ok, err = pcall(M.reap, rec)
+			if not ok and runtime.signal() ~= 0 then error(err, 0) end -- Ctrl-C is not "cannot"
+			if ok then
+				reaped[#reaped + 1] = rec.id
+			else
+				failed[#failed + 1] = { id = rec.id, error = tostring(err) }
+				log.note("stale VM %s cannot be reaped (%s); skipped: see fireclaw cleanup",
+					rec.id, tostring(err))
+			end
 		end
 	end
-	return reaped
+	return reaped, failed
 end
 
 return M

@@ -23,6 +23,8 @@
 --   v:destroy()                       -- idempotent, never raises
 --   v:state() -> "not started" | "running" | "paused" | "stopped"
 --   v.console_path  v.vmm  v.vmm_version  v.accel  v.pid  v.starttime  v.timings
+--   v.sink_pid  v.sink_starttime: the log sink writing console.log and the VMM's logs, each
+--                                 capped at config.log_cap (first half + most recent rest)
 --   v.api (Firecracker) / v.qmp (QEMU): the VMM's client, for what the object does not wrap
 --
 --   vm.detect([opts]) -> {kvm = "hardware" | "kvm_pvm" | "none", kvm_why =, firecracker =,
@@ -250,6 +252,9 @@ function VM:_started(p)
 	self.proc = p
 	self.pid = p:pid()
 	self.starttime = proc.starttime(self.pid)
+	-- the process copying its console and logs into capped files (see proc.spawn)
+	self.sink_pid = p:sink_pid()
+	self.sink_starttime = self.sink_pid and proc.starttime(self.sink_pid)
 	if self.on_spawn then self.on_spawn(self) end
 	fault.point("vmm-spawned")
 end
@@ -338,7 +343,8 @@ local function console_reader(path, text)
 end
 
 -- Wait until the console log contains `text` (plain text, not a pattern), searching the
--- whole log from its start.
+-- whole log from its start. The log is capped (config.log_cap): past the cap only its
+-- first half stays in place, so a marker must come early (a boot's does).
 function VM:wait_console(text, timeout_s)
 	timeout_s = timeout_s or 60
 	local seen = console_reader(self.console_path, text)

@@ -8,6 +8,7 @@
 -- Version awareness: GET /version once per process; the request shapes follow the
 -- OpenAPI spec of that version (v1.0: /snapshot/load takes mem_file_path; from v1.1 on,
 -- mem_backend). Optional fields are sent only to versions whose spec has them.
+local config = require "fireclaw.config"
 local core = require "fireclaw.core.vm"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
@@ -72,14 +73,16 @@ local function instance_id(id)
 	return (tostring(id):gsub("[^%w%-]", "-"):sub(1, 64))
 end
 
--- Start a fresh Firecracker and connect to its API.
+-- Where Firecracker's logger writes: its descriptor 3, a pipe into firecracker.log.
+M.LOGGER_PATH = "/proc/self/fd/3"
+
+-- Start a fresh Firecracker and connect to its API. Its serial console (stdout), stderr and
+-- logger are pipes into capped files (proc.spawn's log sink): a guest flooding its console
+-- cannot fill the host's disk.
 local function spawn(v)
 	util.mkdir_p(M.MOUNT)
 	-- Firecracker never removes its socket, and refuses to start over an existing one
 	os.remove(sock_path(v))
-	util.touch(v.console_path)
-	util.touch(v.dir .. "/vmm.log")
-	util.touch(v.dir .. "/firecracker.log") -- PUT /logger (v1.0) needs an existing file
 	local t0 = runtime.now()
 	v:_started(proc.spawn{
 		argv = { v.binary, "--api-sock", M.MOUNT .. "/api.sock", "--id", instance_id(v.id) },
@@ -87,8 +90,10 @@ local function spawn(v)
 		netns = v.netns,
 		pdeathsig = not v.keep, -- a kept VM outlives this fireclaw
 		mounts = { { type = "bind", source = v.dir, target = M.MOUNT } },
-		stdout = v.console_path, -- the guest's serial console
-		stderr = v.dir .. "/vmm.log",
+		stdout = { log = v.console_path }, -- the guest's serial console
+		stderr = { log = v.dir .. "/vmm.log" },
+		fds = { { log = v.dir .. "/firecracker.log" } }, -- M.LOGGER_PATH
+		log_cap = config.log_cap,
 		cgroup = v.cgroup, -- joined between fork and exec (fireclaw.cgroup)
 	})
 	core.wait_socket(sock_path(v), v.socket_timeout or M.SOCKET_TIMEOUT, v.proc,
@@ -101,7 +106,8 @@ local function spawn(v)
 end
 
 local function put_logger(v)
-	v.api:put("/logger", { log_path = M.MOUNT .. "/firecracker.log", level = "Info",
+	-- Firecracker opens the path itself (read-write, non-blocking, as it does a FIFO)
+	v.api:put("/logger", { log_path = M.LOGGER_PATH, level = "Info",
 		show_level = true, show_log_origin = false })
 end
 

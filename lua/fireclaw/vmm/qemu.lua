@@ -156,7 +156,7 @@ local function machine_args(v, spec, ram, fd)
 		"-nodefaults", "-no-user-config", "-nographic",
 		-- a guest reboot or panic ends the VMM, as with Firecracker
 		"-no-reboot",
-		"-add-fd", "fd=" .. fd.console .. ",set=2", "-chardev", "file,id=ser0,path=/dev/fdset/2",
+		"-add-fd", "fd=" .. fd.console .. ",set=2", "-chardev", "file,id=ser0,path=/dev/fdset/2,append=on", -- a pipe: no O_TRUNC
 		"-serial", "chardev:ser0",
 		"-chardev", "socket,id=qmp,fd=" .. fd.qmp .. ",server=on,wait=off", "-mon", "chardev=qmp,mode=control",
 		"-kernel", self(fd.kernel), "-append", boot_args(v, spec))
@@ -262,7 +262,9 @@ local function open_fds(v, spec, ram, fds)
 	local qmp = require("fireclaw.net").unix_listen(qmp_path(v))
 	v._qmp_listen = qmp
 	pass("qmp", qmp:fd())
-	pass("console", open_fd(v.console_path, O_WRONLY + O_TRUNC))
+	-- the console and QEMU's own output are pipes into capped files (proc.spawn's log
+	-- sink): a guest flooding its serial port cannot fill the host's disk
+	pass("console", { log = v.console_path })
 	paths["/dev/fdset/2"] = v.console_path
 	local path_fds = {}
 	path_fds.kernel = pass("kernel", open_fd(spec.kernel, O_RDONLY), spec.kernel)
@@ -302,7 +304,9 @@ end
 
 local function close_fds(v, fds)
 	for _, fd in ipairs(fds) do
-		if not ((v._tap and fd == v._tap:fd()) or (v._qmp_listen and fd == v._qmp_listen:fd())) then
+		-- a {log = path} is made and closed by proc.spawn
+		if type(fd) == "number" and not ((v._tap and fd == v._tap:fd())
+			or (v._qmp_listen and fd == v._qmp_listen:fd())) then
 			C.close(fd)
 		end
 	end
@@ -326,8 +330,9 @@ local function spawn(v, spec, ram)
 			netns = v.netns,
 			pdeathsig = not v.keep, -- a kept VM outlives this fireclaw
 			stdin = "/dev/null",
-			stdout = v.dir .. "/vmm.log",
-			stderr = v.dir .. "/vmm.log",
+			stdout = { log = v.dir .. "/vmm.log" },
+			stderr = { log = v.dir .. "/vmm.log" },
+			log_cap = config.log_cap,
 			fds = fds, uid = uid, gid = gid, groups = uid and v._vmm_groups or nil,
 			cgroup = v.cgroup, -- joined between fork and exec (fireclaw.cgroup)
 		})
