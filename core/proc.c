@@ -382,8 +382,8 @@ static int read_strings(lua_State *L, int t, const char *key, const char **out, 
 		lua_rawgeti(L, -1, i);
 		if (lua_type(L, -1) != LUA_TSTRING)
 			fc_error(L, "proc: %s[%d] is not a string", key, i);
-		out[i - 1] = fc_keep_string(L, t, NULL); /* alive with the options table */
-		lua_pop(L, 1);
+		/* kept alive with the options table; pops the value */
+		out[i - 1] = fc_keep_string(L, t, NULL);
 	}
 	lua_pop(L, 1);
 	return n;
