@@ -26,6 +26,7 @@
 local core = require "fireclaw.core.vm"
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
+local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local util = require "fireclaw.vmm.util"
@@ -139,7 +140,7 @@ end
 -- reports its version itself). Never raises: an impossible choice leaves vmm (or accel)
 -- nil and says why.
 function M.detect(opts)
-	opts = opts or {}
+	opts = opts_check.check("vm.detect", opts, { "vmm", "accel", "firecracker", "qemu", "versions" })
 	local d = {}
 	d.kvm, d.kvm_why = M.kvm_kind()
 	d.firecracker, d.firecracker_wanted = find_firecracker(opts)
@@ -167,8 +168,15 @@ VM.__index = VM
 
 local DRIVERS = { firecracker = "fireclaw.vmm.firecracker", qemu = "fireclaw.vmm.qemu" }
 
+M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker", "qemu", "env",
+	"socket_timeout", "on_spawn", "user", "keep" }
+-- What v:boot and v:restore take (the drivers read these).
+M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
+	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime" }
+
 function M.new(opts)
-	assert(type(opts) == "table", "vm.new: options table expected")
+	if type(opts) ~= "table" then error("vm.new: options table expected (id =, dir =, …)", 0) end
+	opts_check.check("vm.new", opts, M.OPTIONS)
 	if not opts.id or not opts.dir then error("vm: new needs id and dir", 0) end
 	local d = M.detect(setmetatable({ versions = false }, { __index = opts }))
 	if not d.vmm or not d.accel then error("vm: cannot run a VM: " .. d.why, 0) end
@@ -219,7 +227,7 @@ end
 function VM:boot(spec)
 	check_state(self, { "not started" }, "boot")
 	local t0 = runtime.now()
-	guarded(self, self.driver.boot, self, spec or {})
+	guarded(self, self.driver.boot, self, opts_check.check("vm:boot", spec, M.SPEC))
 	self._state = "running"
 	self.timings.boot = runtime.now() - t0
 	util.verbose("VM %s: %s started (pid %d)", self.id, self.vmm, self.pid)
@@ -228,7 +236,7 @@ end
 function VM:restore(dir, spec)
 	check_state(self, { "not started" }, "restore into")
 	local t0 = runtime.now()
-	guarded(self, self.driver.restore, self, util.abspath(dir), spec or {})
+	guarded(self, self.driver.restore, self, util.abspath(dir), opts_check.check("vm:restore", spec, M.SPEC))
 	self._state = "running"
 	self.timings.restore = runtime.now() - t0
 	util.verbose("VM %s: restored from %s in %.0f ms", self.id, dir, self.timings.restore * 1e3)
