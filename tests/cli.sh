@@ -219,6 +219,9 @@ like "$out" "Write a file, at once" "and the recipe's description"
 $fc ./own/sidefx.lua -h >/dev/null
 [ ! -e sidefx.out ]; ok $? "nor a script given by path with -h"
 $fc sidefx && [ -e sidefx.out ]; ok $? "without --help the recipe runs"
+out=$($fc "$FIRECLAW_TESTS/../docs/example.lua" --help); rc=$?
+like "$rc:$(printf '%s' "$out" | tr '\n' ' ')" "^0:usage: .*Boot once, run three commands" \
+	"README's example answers --help without booting or snapshotting"
 rm -f sidefx.out
 unset FIRECLAW_PATH
 # every built-in recipe answers --help with its usage, touching no state
