@@ -136,7 +136,8 @@ local COMMANDS = { create = cmd_create, list = cmd_list, ls = cmd_list, info = c
 local function main(args)
 	local sub = table.remove(args, 1)
 	if sub == "-h" or sub == "--help" or not sub then
-		io.stdout:write("usage: fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB]\n"
+		local out = sub and io.stdout or io.stderr -- no command at all is a usage error
+		out:write("usage: fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB]\n"
 			.. "       fireclaw snapshot list [--json] | info [SNAP] | rm SNAP…\n"
 			.. "'fireclaw snapshot COMMAND --help' shows a command's options.\n")
 		return sub and 0 or 2
