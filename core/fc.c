@@ -121,6 +121,27 @@ int fc_fd_release(int *guard)
 
 /* ---- options ---- */
 
+void fc_opt_check(lua_State *L, int t, const char *where, const char *const known[])
+{
+	if (lua_isnoneornil(L, t))
+		return;
+	t = t < 0 && t > LUA_REGISTRYINDEX ? lua_gettop(L) + t + 1 : t;
+	/* one implementation of the check and its "did you mean": fireclaw.opts */
+	lua_getglobal(L, "require");
+	lua_pushliteral(L, "fireclaw.opts");
+	lua_call(L, 1, 1);
+	lua_getfield(L, -1, "check");
+	lua_pushstring(L, where);
+	lua_pushvalue(L, t);
+	lua_newtable(L);
+	for (int i = 0; known[i]; i++) {
+		lua_pushstring(L, known[i]);
+		lua_rawseti(L, -2, i + 1);
+	}
+	lua_call(L, 3, 0);
+	lua_pop(L, 1);
+}
+
 /* Registry key of a weak-keyed table: {owner table = {string = true, …}} (fc_keep_string). */
 #define ANCHORS_KEY "fireclaw.anchors"
 
@@ -240,14 +261,51 @@ int fc_ms_left(double deadline)
  * records the signal, writes a byte to a self-pipe (so fc_poll wakes up) and sets a Lua
  * hook (so pure Lua code is interrupted at the next instruction), as luajit.c does.
  * A second signal while the first is being handled restores the default action and
- * re-raises it: a second Ctrl-C always gets out.
+ * re-raises it: a second Ctrl-C always gets out. Before that it says, with write(2) (all a
+ * handler may use), what is left behind: the note Lua keeps current (fc_signals_note) is
+ * in one of two buffers; the setter fills the other one and then switches `note`, so the
+ * handler never reads a half-written note.
  */
+#define NOTE_MAX 1024
 static struct {
 	lua_State *L;
 	int pipe[2];
 	volatile sig_atomic_t signo;
 	volatile sig_atomic_t pending;
-} sig = {NULL, {-1, -1}, 0, 0};
+	volatile sig_atomic_t note; /* index of the current note in notes, -1 for none */
+	char notes[2][NOTE_MAX];
+} sig = {NULL, {-1, -1}, 0, 0, -1, {{0}, {0}}};
+
+void fc_signals_note(const char *text)
+{
+	if (!text || !*text) {
+		sig.note = -1;
+		return;
+	}
+	int next = sig.note == 0 ? 1 : 0;
+	snprintf(sig.notes[next], NOTE_MAX, "%s", text);
+	sig.note = next;
+}
+
+static void say(const char *s)
+{
+	if (write(STDERR_FILENO, s, strlen(s)) < 0) {
+		/* nothing to do: we are about to die anyway */
+	}
+}
+
+/* The last words on a second signal (async-signal-safe). */
+static void say_leaving(void)
+{
+	int n = sig.note;
+	say("\nfireclaw: interrupted again: exiting at once");
+	if (n >= 0) {
+		say(", leaving ");
+		say(sig.notes[n]);
+		say(" behind (its VMM dies with fireclaw); 'fireclaw cleanup' removes it");
+	}
+	say("\n");
+}
 
 static void drain_pipe(void)
 {
@@ -275,6 +333,7 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar)
 static void on_signal(int signo)
 {
 	if (sig.signo != 0) {
+		say_leaving();
 		signal(signo, SIG_DFL);
 		raise(signo);
 		return;

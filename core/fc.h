@@ -47,6 +47,10 @@ int fc_fd_release(int *guard);
 
 /* ---- options tables: fields of the table at index t, with defaults ---- */
 
+/* Raise "WHERE: unknown option 'x' (did you mean 'y'?)" if the table at index t (nil is
+ * fine) has a key not in known (NULL-terminated); fireclaw.opts.check does the work. */
+void fc_opt_check(lua_State *L, int t, const char *where, const char *const known[]);
+
 /* A string option (nil = def; anything but a string raises). The pointer stays valid as
  * long as the table at t lives, however the value was made (__index). */
 const char *fc_opt_string(lua_State *L, int t, const char *key, const char *def);
@@ -74,6 +78,9 @@ int fc_ms_left(double deadline);
 void fc_signals_init(lua_State *L);
 /* The signal that interrupted the run (0 if none). */
 int fc_signal_received(void);
+/* What a second Ctrl-C leaves behind, said on stderr before exiting (copied; NULL or ""
+ * for nothing): "VM 1a2b3c (namespace fc-1a2b3c, …)". Kept current by fireclaw.state. */
+void fc_signals_note(const char *text);
 /* Forget a handled interrupt (the REPL goes on after Ctrl-C). */
 void fc_signals_reset(void);
 /* Raise "interrupted by SIGINT" if a signal is pending (and clear it). */

@@ -205,6 +205,8 @@ static json_object *encode_value(lua_State *L, int idx, int depth)
 static int l_encode(lua_State *L)
 {
 	luaL_checkany(L, 1);
+	static const char *const known[] = {"pretty", NULL};
+	fc_opt_check(L, 2, "json.encode", known);
 	int flags = JSON_C_TO_STRING_NOSLASHESCAPE;
 	flags |= fc_opt_bool(L, 2, "pretty", 0) ? JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED
 						: JSON_C_TO_STRING_PLAIN;

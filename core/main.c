@@ -79,6 +79,8 @@ static int report_error(lua_State *L, const struct options *o)
 		status = 128 + fc_signal_received();
 	if (is_table && !msg && exit_given)
 		return status; /* e.g. --help: a clean exit with a status, nothing to say */
+	/* what the script printed comes before the error, also when both go to one file */
+	fflush(stdout);
 	fprintf(stderr, "fireclaw: %s\n", msg ? msg : "error (the error object is not a string)");
 	if (o->verbose) {
 		lua_getfield(L, LUA_REGISTRYINDEX, TRACEBACK_KEY);
@@ -219,6 +221,22 @@ static int call_lua(lua_State *L, const char *module, const char *fn, int nargs,
 	return docall(L, nargs, nres);
 }
 
+/* `fireclaw NAME --help` for a recipe that does not parse its options: cli.recipe_help
+ * prints its description instead of running it. 0 if it did, -1 to run the recipe. */
+static int recipe_help(lua_State *L, const char *target, const struct options *o)
+{
+	lua_pushstring(L, target);
+	lua_pushboolean(L, is_script_path(target));
+	if (call_lua(L, "fireclaw.cli", "recipe_help", 2, 1) != 0) {
+		report_error(L, o);
+		lua_pop(L, 1);
+		return -1;
+	}
+	int done = lua_toboolean(L, -1);
+	lua_pop(L, 1);
+	return done ? 0 : -1;
+}
+
 /* ---- REPL ---- */
 
 static char *history_path(void)
@@ -306,10 +324,13 @@ static void repl(lua_State *L, const struct options *o)
 	char *hist = history_path();
 	if (hist)
 		load_history(hist);
-	if (call_lua(L, "fireclaw.repl", "setup", 0, 0) != 0)
-		report_error(L, o), lua_pop(L, 1);
-	printf("fireclaw %s — Lua REPL (%s). Modules: vm net rootfs snapshot ssh json state.\n",
-	       FC_VERSION, LUAJIT_VERSION);
+	const char *globals = "(none: fireclaw.repl failed to load)";
+	if (call_lua(L, "fireclaw.repl", "setup", 0, 1) != 0)
+		report_error(L, o);
+	else if (lua_isstring(L, -1))
+		globals = lua_tostring(L, -1);
+	printf("fireclaw %s — Lua REPL (%s). Globals: %s.\n", FC_VERSION, LUAJIT_VERSION, globals);
+	lua_pop(L, 1);
 	char *chunk = NULL;
 	for (;;) {
 		char *line = readline(chunk ? ">> " : "fireclaw> ");
@@ -374,6 +395,10 @@ static int run(lua_State *L, int argc, char **argv, struct options *o)
 			return report_error(L, o);
 	}
 	if (o->target < argc) {
+		const char *first = o->target + 1 < argc ? argv[o->target + 1] : "";
+		if ((strcmp(first, "-h") == 0 || strcmp(first, "--help") == 0) &&
+		    recipe_help(L, argv[o->target], o) == 0)
+			return 0;
 		int base = lua_gettop(L);
 		if (load_target(L, argv[o->target]) != 0)
 			return report_error(L, o);
@@ -388,6 +413,9 @@ static int run(lua_State *L, int argc, char **argv, struct options *o)
 		repl(L, o);
 		return 0;
 	}
+	/* a script piped in gets what the REPL has: the module globals */
+	if (call_lua(L, "fireclaw.repl", "setup", 0, 0) != 0)
+		return report_error(L, o);
 	if (luaL_loadfile(L, NULL) != 0 || docall(L, 0, LUA_MULTRET) != 0)
 		return report_error(L, o);
 	return result_status(L, lua_gettop(L));

@@ -821,9 +821,12 @@ struct tap_opts {
 
 static void read_tap_opts(lua_State *L, int t, struct tap_opts *o)
 {
+	static const char *const known[] = {"name",	"mac",	     "mtu", "addr",
+					    "guest_ip", "guest_mac", "uid", NULL};
 	memset(o, 0, sizeof *o);
 	if (!lua_isnoneornil(L, t))
 		luaL_checktype(L, t, LUA_TTABLE);
+	fc_opt_check(L, t, "net.tap_create", known);
 	o->name = valid_ifname(L, fc_opt_string(L, t, "name", "tap0"));
 	const char *mac = fc_opt_string(L, t, "mac", NULL);
 	if (mac) {
@@ -1257,9 +1260,12 @@ static uint32_t fnv1a(const char *s)
 
 static void read_egress_opts(lua_State *L, const char *netns, int t, struct egress_opts *o)
 {
+	static const char *const known[] = {"uplink_netns", "ifname", "uplink_ifname", "cidr",
+					    NULL};
 	memset(o, 0, sizeof *o);
 	if (!lua_isnoneornil(L, t))
 		luaL_checktype(L, t, LUA_TTABLE);
+	fc_opt_check(L, t, "net.egress", known);
 	o->uplink = fc_opt_string(L, t, "uplink_netns", NULL);
 	if (o->uplink && (!*o->uplink || strchr(o->uplink, '/')))
 		fc_error(L, "net: egress for %s: bad uplink_netns '%s'", netns, o->uplink);

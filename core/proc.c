@@ -329,6 +329,9 @@ static void read_mounts(lua_State *L, int t, struct spawn_req *r)
 	for (int i = 1; i <= n; i++) {
 		lua_rawgeti(L, -1, i);
 		int m = lua_gettop(L);
+		static const char *const known[] = {"type", "source", "target", NULL};
+		luaL_checktype(L, m, LUA_TTABLE);
+		fc_opt_check(L, m, "proc.spawn: mounts", known);
 		const char *type = fc_opt_string(L, m, "type", "bind");
 		r->mounts[i - 1].bind = strcmp(type, "bind") == 0;
 		r->mounts[i - 1].source = fc_opt_string(L, m, "source", NULL);
@@ -616,7 +619,11 @@ static int sink_reap(lua_State *L, struct proc *p, int ms, int kill_late, int in
 
 static int l_spawn(lua_State *L)
 {
+	static const char *const known[] = {"argv", "env",    "stdin",	"stdout", "stderr",
+					    "cwd",  "uid",    "gid",	"setsid", "pdeathsig",
+					    "fds",  "groups", "mounts", "netns",  NULL};
 	luaL_checktype(L, 1, LUA_TTABLE);
+	fc_opt_check(L, 1, "proc.spawn", known);
 	struct spawn_req r;
 	init_req(&r);
 	lua_getfield(L, 1, "argv");
@@ -927,6 +934,9 @@ static int l_run(lua_State *L)
 		lua_newtable(L);
 		lua_replace(L, 2);
 	}
+	static const char *const known[] = {"env", "cwd", "stdin", "timeout", "netns", NULL};
+	luaL_checktype(L, 2, LUA_TTABLE);
+	fc_opt_check(L, 2, "proc.run", known);
 	struct spawn_req r;
 	init_req(&r);
 	r.argv = check_argv(L, 1);

@@ -568,8 +568,10 @@ static unsigned opt_mode(lua_State *L, int t, const char *key, unsigned def)
 
 static void read_attrs(lua_State *L, int t, unsigned def_mode, struct attrs *a)
 {
+	static const char *const known[] = {"mode", "dir_mode", "uid", "gid", NULL};
 	if (!lua_isnoneornil(L, t))
 		luaL_checktype(L, t, LUA_TTABLE);
+	fc_opt_check(L, t, "rootfs", known);
 	a->mode = opt_mode(L, t, "mode", def_mode);
 	a->dir_mode = opt_mode(L, t, "dir_mode", 0755);
 	double uid = fc_opt_number(L, t, "uid", 0), gid = fc_opt_number(L, t, "gid", 0);

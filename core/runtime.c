@@ -363,6 +363,13 @@ static int l_signal(lua_State *L)
 	return 1;
 }
 
+/* runtime.interrupt_note(text|nil): what a second Ctrl-C would leave behind (it says so). */
+static int l_interrupt_note(lua_State *L)
+{
+	fc_signals_note(luaL_optstring(L, 1, NULL));
+	return 0;
+}
+
 /* runtime.check_interrupt(): raise "interrupted" if Ctrl-C/SIGTERM arrived. */
 static int l_check_interrupt(lua_State *L)
 {
@@ -450,6 +457,7 @@ int luaopen_fireclaw_runtime(lua_State *L)
 		{"search_dirs", l_search_dirs},
 		{"signal", l_signal},
 		{"check_interrupt", l_check_interrupt},
+		{"interrupt_note", l_interrupt_note},
 		{"sleep", l_sleep},
 		{"now", l_now},
 		{"listdir", l_listdir},

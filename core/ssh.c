@@ -524,7 +524,20 @@ static void check_key_file(lua_State *L, const char *path)
 
 static void read_connect_opts(lua_State *L, struct connect_opts *o)
 {
+	static const char *const known[] = {"host",
+					    "netns",
+					    "user",
+					    "key",
+					    "port",
+					    "timeout",
+					    "watch_fd",
+					    "watch_msg",
+					    "host_key",
+					    "host_key_file",
+					    "insecure_ignore_host_key",
+					    NULL};
 	luaL_checktype(L, 1, LUA_TTABLE);
+	fc_opt_check(L, 1, "ssh.connect", known);
 	o->host = fc_opt_string(L, 1, "host", NULL);
 	o->netns = fc_opt_string(L, 1, "netns", NULL);
 	o->user = fc_opt_string(L, 1, "user", "root");
@@ -1198,9 +1211,13 @@ static int l_exec(lua_State *L)
 {
 	struct session *S = check_open(L, 1);
 	const int opts = 3;
+	static const char *const known[] = {"stdin",	   "env",	"timeout",
+					    "max_capture", "capture",	"pty",
+					    "on_stdout",   "on_stderr", NULL};
 	lua_settop(L, opts);
 	if (!lua_isnil(L, opts))
 		luaL_checktype(L, opts, LUA_TTABLE);
+	fc_opt_check(L, opts, "ssh: exec", known);
 	/* a userdata, so an error while reading options leaks nothing; it owns no resource
 	 * until the body runs, and exec_cleanup always runs after the body */
 	struct exec *x = lua_newuserdata(L, sizeof *x);

@@ -428,7 +428,9 @@ static int api_setup(struct api *a)
 
 static int l_api_client(lua_State *L)
 {
+	static const char *const known[] = {"timeout", "name", NULL};
 	const char *path = luaL_checkstring(L, 1);
+	fc_opt_check(L, 2, "vm.api_client", known);
 	double timeout = fc_opt_number(L, 2, "timeout", 10);
 	const char *name = fc_opt_string(L, 2, "name", "firecracker");
 	if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path))
@@ -574,6 +576,8 @@ static int l_wait_socket(lua_State *L)
 		lua_newtable(L);
 		lua_replace(L, 4);
 	}
+	static const char *const known[] = {"name", "what", "log", NULL};
+	fc_opt_check(L, 4, "vm.wait_socket", known);
 	const char *name = fc_opt_string(L, 4, "name", "the VMM");
 	const char *what = fc_opt_string(L, 4, "what", "socket");
 	struct sockaddr_un sa;

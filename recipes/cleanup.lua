@@ -11,7 +11,7 @@ local state = require "fireclaw.state"
 
 local function main(args)
 	local o = cli.parse(args, {
-		usage = "fireclaw cleanup [--all]",
+		usage = "fireclaw cleanup [--all]", args = 0,
 		about = "Remove what dead fireclaw runs left behind: VMM processes, namespaces, run directories.",
 		{ "--all", "also stop live and kept VMs" },
 		{ "-v, --verbose", "say what was removed" },

@@ -4,12 +4,14 @@
 -- Alone: boots, prints the stage times, runs CMD if one is given, and destroys the VM
 -- (or keeps it with --keep).
 local cli = require "fireclaw.cli"
+local opts_check = require "fireclaw.opts"
 local sandbox = require "fireclaw.sandbox"
 
 local M = {}
 
 -- opts: image, vcpu, mem_mib, vmm, accel, keep, boot_timeout (s), cpus (CPU limit)
 function M.boot(opts)
+	opts = opts_check.check("coldboot.boot", opts, sandbox.OPTIONS)
 	return sandbox.build(opts, function(sb)
 		sb:network()                      -- namespace fc-<id> with tap0
 		sb:disk(sb.img.rootfs)            -- this VM's own copy of the image's disk

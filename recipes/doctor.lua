@@ -15,7 +15,7 @@ local util = require "fireclaw.vmm.util"
 local vm = require "fireclaw.vm"
 
 cli.parse({ ... }, {
-	usage = "fireclaw doctor",
+	usage = "fireclaw doctor", args = 0,
 	about = "Check that this machine can run fireclaw VMs, and say how to fix what is missing.",
 })
 
@@ -200,9 +200,9 @@ local function check_image()
 			"fireclaw image build --force")
 		return
 	end
-	local okinfo, info = pcall(image.info, config.image)
-	local kernel = okinfo and type(info) == "table" and type(info.kernel) == "table"
-		and info.kernel.release or "?"
+	-- a built image knows its kernel release, an imported one only the kernel's format
+	local k = type(img.kernel_info) == "table" and img.kernel_info or {}
+	local kernel = k.release or k.format or "?"
 	report("ok", "image", string.format("'%s' in %s (kernel %s, built %s)", config.image,
 		config.image_dir(config.image), kernel, img.created or "?"))
 end

@@ -33,11 +33,18 @@ commands:
 
 local quiet_opt = { "-q, --quiet", "no progress lines on stderr" }
 
+-- Creation times as `snapshot list` prints them: UTC, to the minute (the manifest has
+-- 2026-01-02T03:04:05Z).
+local function created(iso)
+	local d, hm = tostring(iso):match("^(%d+%-%d+%-%d+)T(%d+:%d+)")
+	return d and (d .. " " .. hm) or "?"
+end
+
 local commands = {}
 
 function commands.build(argv)
 	local opts = cli.parse(argv, {
-		usage = "fireclaw image build [options]",
+		usage = "fireclaw image build [options]", args = 0,
 		about = "Build a guest image from Debian packages: linux-image-cloud-amd64 (vmlinux + vmlinuz),\n"
 			.. "an initramfs with the virtio modules, an ext4 rootfs with busybox + dropbear, the\n"
 			.. "client key and a pinned host key. Cached: a second build with nothing changed does\n"
@@ -61,14 +68,14 @@ function commands.build(argv)
 end
 
 function commands.list(argv)
-	cli.parse(argv, { usage = "fireclaw image list", about = "List the images." })
+	cli.parse(argv, { usage = "fireclaw image list", about = "List the images.", args = 0 })
 	local list = image.list()
 	if #list == 0 then
 		io.stderr:write("no images (build one with: fireclaw image build)\n")
 		return 0
 	end
 	io.stdout:write(string.format("%-16s %-7s %-26s %9s %9s  %s\n", "NAME", "SOURCE", "KERNEL", "SIZE",
-		"ALLOCATED", "CREATED"))
+		"ALLOCATED", "CREATED (UTC)"))
 	for _, e in ipairs(list) do
 		local m = e.manifest
 		if m then
@@ -79,7 +86,7 @@ function commands.list(argv)
 			end
 			local k = m.kernel_info or {}
 			io.stdout:write(string.format("%-16s %-7s %-26s %9s %9s  %s\n", e.name, m.source or "?",
-				k.release or k.format or "?", image.human(size), image.human(alloc), m.created or "?"))
+				k.release or k.format or "?", image.human(size), image.human(alloc), created(m.created)))
 		else
 			io.stdout:write(string.format("%-16s (broken: %s)\n", e.name, e.error))
 		end
@@ -88,7 +95,7 @@ function commands.list(argv)
 end
 
 function commands.info(argv)
-	local _, rest = cli.parse(argv, { usage = "fireclaw image info [NAME]",
+	local _, rest = cli.parse(argv, { usage = "fireclaw image info [NAME]", args = 1,
 		about = "Print the manifest of image NAME (default: " .. config.image .. ") as JSON." })
 	local m = image.info(rest[1] or config.image)
 	io.stdout:write(json.encode(m, { pretty = true }), "\n")
@@ -96,11 +103,15 @@ function commands.info(argv)
 end
 
 commands["rm"] = function(argv)
-	local _, rest = cli.parse(argv, { usage = "fireclaw image rm NAME…", about = "Remove images." })
+	local _, rest = cli.parse(argv, { usage = "fireclaw image rm NAME…",
+		about = "Remove images, and the snapshots taken from them (no image can restore them)." })
 	if #rest == 0 then cli.usage_error("image rm: which image? (see: fireclaw image list)") end
 	for _, name in ipairs(rest) do
-		image.remove(name)
-		if not runtime.quiet then io.stderr:write("image: removed '", name, "'\n") end
+		local snaps = image.remove(name)
+		if not runtime.quiet then
+			io.stderr:write("image: removed '", name, "'", #snaps > 0 and string.format(" and its snapshot%s '%s'",
+				#snaps == 1 and "" or "s", table.concat(snaps, "', '")) or "", "\n")
+		end
 	end
 	return 0
 end
@@ -108,7 +119,7 @@ commands.remove = commands["rm"]
 
 function commands.import(argv)
 	local opts = cli.parse(argv, {
-		usage = "fireclaw image import --name NAME --kernel K --rootfs R [options]",
+		usage = "fireclaw image import --name NAME --kernel K --rootfs R [options]", args = 0,
 		about = "Register your own kernel (ELF vmlinux or bzImage) and ext4 rootfs as an image (copied).\n"
 			.. "The guest must run sshd for root with the client key ("
 			.. config.state_dir .. "/keys/id_ed25519.pub).",

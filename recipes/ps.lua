@@ -4,7 +4,7 @@ local json = require "fireclaw.json"
 local state = require "fireclaw.state"
 
 local function main(args)
-	local o = cli.parse(args, { usage = "fireclaw ps [--json]", { "--json", "print JSON" } })
+	local o = cli.parse(args, { usage = "fireclaw ps [--json]", args = 0, { "--json", "print JSON" } })
 	local rows = json.array()
 	for _, rec in ipairs(state.list()) do
 		local owner = rec.broken and "broken" or rec.keep and "kept" or state.owner_alive(rec) and "alive" or "gone (stale)"

@@ -6,15 +6,22 @@
 -- Alone: restores, prints the stage times, runs CMD if given, destroys the VM.
 local cli = require "fireclaw.cli"
 local image = require "fireclaw.image"
+local opts_check = require "fireclaw.opts"
 local sandbox = require "fireclaw.sandbox"
 local snapshot = require "fireclaw.snapshot"
 local vm = require "fireclaw.vm"
 
 local M = {}
 
+-- The options of find and restore: a sandbox's, and which snapshot (default: the image's).
+local function check(where, opts)
+	return opts_check.check(where, opts, sandbox.OPTIONS, { "snapshot" })
+end
+
 -- The snapshot to restore for these options, if there is a usable one. opts.detected:
 -- the run's vm.choose result (else it is made here); a VMM choice that cannot work raises.
 function M.find(opts)
+	opts = check("restore.find", opts)
 	local img = image.load(opts.image or "default")
 	local snap, why = snapshot.load(opts.snapshot or img.name)
 	if not snap then return nil, why end
@@ -29,7 +36,15 @@ function M.find(opts)
 end
 
 function M.restore(opts, snap)
-	return sandbox.build(opts, function(sb)
+	opts = check("restore.restore", opts)
+	if type(snap) ~= "table" or not snap.dir then
+		error("restore.restore: snap must be a snapshot from restore.find or snapshot.load", 0)
+	end
+	local sbopts = {}
+	for k, v in pairs(opts) do
+		if k ~= "snapshot" then sbopts[k] = v end
+	end
+	return sandbox.build(sbopts, function(sb)
 		sb:network()                  -- namespace fc-<id> with tap0, same addresses and MACs
 		sb:disk(snap.disk)            -- this clone's own copy of the snapshot-time disk
 		sb:restore(snap)              -- a fresh VMM loads device state + memory (copy-on-write)

@@ -39,7 +39,7 @@ local SPEC = {
 	{ "--get REMOTE:LOCAL", "copy a file out of the guest after CMD (repeatable)", multi = true },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
-	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id} instead of streaming" },
+	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id, stages} instead of streaming" },
 	{ "--max-output BYTES", "with --json: keep at most this much of each stream", type = "number",
 		default = 16 * 1024 * 1024 },
 	{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },

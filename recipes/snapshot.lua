@@ -10,6 +10,7 @@ local fault = require "fireclaw.fault"
 local image = require "fireclaw.image"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
+local checkopts = require "fireclaw.opts"
 local rootfs = require "fireclaw.rootfs"
 local sandbox = require "fireclaw.sandbox"
 local snapshot = require "fireclaw.snapshot"
@@ -45,11 +46,13 @@ function M.take(sb, name)
 	return res
 end
 
+-- opts: image, name (default: the image's), vcpu, mem_mib, vmm, accel, boot_timeout
 function M.create(opts)
+	opts = checkopts.check("snapshot.create", opts, { "image", "name", "vcpu", "mem_mib", "vmm", "accel", "boot_timeout" })
 	local img = image.load(opts.image or "default")
 	snapshot.abort(snapshot.begin(opts.name or img.name)) -- a state dir we cannot write fails now, not after a boot
 	local sb = coldboot.boot { image = img.name, vcpu = opts.vcpu, mem_mib = opts.mem_mib, vmm = opts.vmm,
-		boot_timeout = opts.boot_timeout }
+		accel = opts.accel, boot_timeout = opts.boot_timeout }
 	return sandbox.with(sb, M.take, opts.name or img.name)
 end
 
@@ -60,7 +63,7 @@ end
 
 local function cmd_create(args)
 	local o = cli.parse(args, {
-		usage = "fireclaw snapshot create [options]",
+		usage = "fireclaw snapshot create [options]", args = 0,
 		{ "--image NAME", "image to boot", default = "default" },
 		{ "--name SNAP", "snapshot name (default: the image's name, which run uses)" },
 		{ "--vcpu N", "vCPUs", type = "number", default = 1 },
@@ -78,16 +81,28 @@ local function cmd_create(args)
 	return 0
 end
 
-local function cmd_list()
+-- Creation times as `image list` prints them: UTC, to the minute.
+local function created(t)
+	return tonumber(t) and os.date("!%Y-%m-%d %H:%M", tonumber(t)) or "?"
+end
+
+local function cmd_list(args)
+	local o = cli.parse(args, { usage = "fireclaw snapshot list [--json]", about = "List the snapshots.", args = 0,
+		{ "--json", "print a JSON array: the meta.json of each snapshot, or {name, error}" } })
 	local list = snapshot.list()
+	if o.json then
+		local rows = json.array()
+		for _, s in ipairs(list) do rows[#rows + 1] = s.meta or { name = s.name, error = s.error } end
+		io.stdout:write(json.encode(rows), "\n")
+		return 0
+	end
 	if #list == 0 then print("no snapshots (create one with: fireclaw snapshot create)") return 0 end
-	print(string.format("%-16s %-10s %-12s %-6s %-8s %s", "NAME", "IMAGE", "VMM", "VCPU", "MEM", "CREATED"))
+	print(string.format("%-16s %-10s %-12s %-6s %-8s %s", "NAME", "IMAGE", "VMM", "VCPU", "MEM", "CREATED (UTC)"))
 	for _, s in ipairs(list) do
 		local m = s.meta
 		if m then
 			print(string.format("%-16s %-10s %-12s %-6d %-8s %s", s.name, tostring(m.image),
-				m.vmm .. " " .. tostring(m.vmm_version or ""), m.vcpu, m.mem_mib .. "M",
-				os.date("%Y-%m-%d %H:%M", tonumber(m.created) or 0)))
+				m.vmm .. " " .. tostring(m.vmm_version or ""), m.vcpu, m.mem_mib .. "M", created(m.created)))
 		else
 			print(string.format("%-16s (unusable: %s)", s.name, s.error))
 		end
@@ -96,16 +111,25 @@ local function cmd_list()
 end
 
 local function cmd_info(args)
-	local name = args[1] or "default"
+	local _, rest = cli.parse(args, { usage = "fireclaw snapshot info [SNAP]", args = 1,
+		about = "Print the meta.json of snapshot SNAP (default: default)." })
+	local name = rest[1] or "default"
 	local meta, why = snapshot.load(name)
-	if not meta then error("snapshot: " .. why, 0) end
+	if not meta then
+		if why:match("^no snapshot named") then
+			why = why .. " (see: fireclaw snapshot list; make it with: fireclaw snapshot create"
+				.. (name ~= "default" and " --name " .. name or "") .. ")"
+		end
+		error("snapshot: " .. why, 0)
+	end
 	io.stdout:write(json.encode(meta, { pretty = true }), "\n")
 	return 0
 end
 
 local function cmd_rm(args)
-	if #args == 0 then cli.usage_error("snapshot rm needs a name") end
-	for _, name in ipairs(args) do snapshot.remove(name) log.note("removed snapshot '%s'", name) end
+	local _, rest = cli.parse(args, { usage = "fireclaw snapshot rm SNAP…", about = "Remove snapshots." })
+	if #rest == 0 then cli.usage_error("snapshot rm needs a name (see: fireclaw snapshot list)") end
+	for _, name in ipairs(rest) do snapshot.remove(name) log.note("removed snapshot '%s'", name) end
 	return 0
 end
 
@@ -114,8 +138,10 @@ local COMMANDS = { create = cmd_create, list = cmd_list, ls = cmd_list, info = c
 local function main(args)
 	local sub = table.remove(args, 1)
 	if sub == "-h" or sub == "--help" or not sub then
-		io.stdout:write("usage: fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB]\n"
-			.. "       fireclaw snapshot list | info [SNAP] | rm SNAP…\n")
+		local out = sub and io.stdout or io.stderr -- no command at all is a usage error
+		out:write("usage: fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB]\n"
+			.. "       fireclaw snapshot list [--json] | info [SNAP] | rm SNAP…\n"
+			.. "'fireclaw snapshot COMMAND --help' shows a command's options.\n")
 		return sub and 0 or 2
 	end
 	local fn = COMMANDS[sub]

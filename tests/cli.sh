@@ -161,4 +161,142 @@ kill -INT "$pid"
 wait "$pid"; rc=$?
 is "$rc" 130 "a second Ctrl-C gets out"
 
+# ---- options that were silently ignored ----
+# (a state and run dir of our own: nothing here may touch the suite's)
+export FIRECLAW_STATE=$tmp/state FIRECLAW_RUN=$tmp/run
+err=$($fc snapshot list --bogus 2>&1); rc=$?
+is "$rc:$err" "2:fireclaw: unknown option '--bogus' (see 'fireclaw snapshot list --help')" \
+	"snapshot list rejects an unknown option"
+out=$($fc snapshot list --json); rc=$?
+is "$rc:$out" "0:[]" "snapshot list --json prints a JSON array"
+err=$($fc ps extra 2>&1); rc=$?
+is "$rc:$err" "2:fireclaw: unexpected argument 'extra' (usage: fireclaw ps [--json])" "ps rejects an extra argument"
+err=$($fc cleanup now 2>&1); rc=$?
+is "$rc" 2 "cleanup rejects an extra argument"
+err=$($fc run --image -- true 2>&1); rc=$?
+is "$rc:$err" "2:fireclaw: option --image needs a value (NAME)" "run --image -- true: the value is missing"
+err=$($fc run --image --vcpu 2 -- true 2>&1); rc=$?
+is "$rc:$err" "2:fireclaw: option --image needs a value (NAME)" "an option is not taken as another's value"
+like "$($fc run --help)" "--json .*stages" "run --help names every --json field (stages)"
+
+# unknown keys in the options tables of the Lua API raise, with a suggestion
+api_err() { $fc -e "$1" 2>&1; }
+is "$(api_err 'require("fireclaw.sandbox").new{vcpus = 2}')" \
+	"fireclaw: sandbox.new: unknown option 'vcpus' (did you mean 'vcpu'?)" "sandbox.new{vcpus=}"
+is "$(api_err 'require("fireclaw.cli").use("coldboot").boot{mem = 512}')" \
+	"fireclaw: coldboot.boot: unknown option 'mem' (did you mean 'mem_mib'?)" "coldboot.boot{mem=}"
+is "$(api_err 'require("fireclaw.cli").use("restore").find{snap = "x"}')" \
+	"fireclaw: restore.find: unknown option 'snap' (did you mean 'snapshot'?)" "restore.find{snap=}"
+is "$(api_err 'require("fireclaw.cli").use("restore").restore({imag = "x"}, {})')" \
+	"fireclaw: restore.restore: unknown option 'imag' (did you mean 'image'?)" "restore.restore{imag=}"
+is "$(api_err 'require("fireclaw.cli").use("snapshot").create{vcpus = 1}')" \
+	"fireclaw: snapshot.create: unknown option 'vcpus' (did you mean 'vcpu'?)" "snapshot.create{vcpus=}"
+is "$(api_err 'require("fireclaw.image").build{nmae = "x"}')" \
+	"fireclaw: image.build: unknown option 'nmae' (did you mean 'name'?)" "image.build{nmae=}"
+is "$(api_err 'require("fireclaw.image").import{name = "x", kernal = "k"}')" \
+	"fireclaw: image.import: unknown option 'kernal' (did you mean 'kernel'?)" "image.import{kernal=}"
+is "$(api_err 'require("fireclaw.vm").new{id = "x", dir = "/nonexistent", vmm = "qemu", cpus = 1}')" \
+	"fireclaw: vm.new: unknown option 'cpus' (known: id, dir, vmm, accel, netns, tap, mac, firecracker, qemu, env, socket_timeout, on_spawn, user, keep)" \
+	"vm.new lists the known options when nothing is close"
+is "$(api_err 'require("fireclaw.sandbox").new("default")')" \
+	"fireclaw: sandbox.new: options must be a table, got string" "an options table that is not a table"
+# the C primitives share the check
+is "$(api_err 'require("fireclaw.proc").run({"true"}, {timout = 1})')" \
+	"fireclaw: proc.run: unknown option 'timout' (did you mean 'timeout'?)" "proc.run (C)"
+is "$(api_err 'require("fireclaw.ssh").connect{hots = "x", key = "k"}')" \
+	"fireclaw: ssh.connect: unknown option 'hots' (did you mean 'host'?)" "ssh.connect (C)"
+is "$(api_err 'print(require("fireclaw.json").encode({1}, {prety = true}))')" \
+	"fireclaw: json.encode: unknown option 'prety' (did you mean 'pretty'?)" "json.encode (C)"
+is "$(api_err 'require("fireclaw.net").tap_create("fct-none", {nmae = "tap0"})')" \
+	"fireclaw: net.tap_create: unknown option 'nmae' (did you mean 'name'?)" "net.tap_create (C)"
+is "$(api_err 'print(require("fireclaw.json").encode({1}, {pretty = true}))' | tr -d ' \n')" "[1]" \
+	"known options still work"
+
+# `fireclaw RECIPE --help` never runs a recipe that does not parse its options
+mkdir -p own
+printf -- '-- Write a file, at once\nio.open("sidefx.out", "w"):write("ran") return 0\n' > own/sidefx.lua
+export FIRECLAW_PATH=$tmp/own
+out=$($fc sidefx --help); rc=$?
+is "$rc" 0 "--help of a recipe without cli.parse exits 0"
+like "$out" "^usage: fireclaw sidefx " "and prints a usage line"
+like "$out" "Write a file, at once" "and the recipe's description"
+[ ! -e sidefx.out ]; ok $? "and does not run the recipe"
+$fc ./own/sidefx.lua -h >/dev/null
+[ ! -e sidefx.out ]; ok $? "nor a script given by path with -h"
+$fc sidefx && [ -e sidefx.out ]; ok $? "without --help the recipe runs"
+out=$($fc "$FIRECLAW_TESTS/../docs/example.lua" --help); rc=$?
+like "$rc:$(printf '%s' "$out" | tr '\n' ' ')" "^0:usage: .*Boot once, run three commands" \
+	"README's example answers --help without booting or snapshotting"
+rm -f sidefx.out
+unset FIRECLAW_PATH
+# every built-in recipe answers --help with its usage, touching no state
+for r in $($fc --help | sed -n '/^recipes:/,/^$/p' | awk '/^  [a-z]/ && !/\[/ {print $1}'); do
+	out=$(FIRECLAW_STATE=$tmp/help-state FIRECLAW_RUN=$tmp/help-run $fc "$r" --help 2>&1); rc=$?
+	like "$rc:$out" "^0:usage: fireclaw $r" "built-in '$r --help' prints its usage"
+done
+[ ! -e "$tmp/help-state" ] && [ ! -e "$tmp/help-run" ]
+ok $? "no built-in recipe's --help created a state or run directory"
+
+# what was printed comes before the error line, also in one file
+$fc -e 'io.write("printed first\n") error("then the error", 0)' > both.out 2>&1
+is "$(cat both.out)" "$(printf 'printed first\nfireclaw: then the error')" "stdout is flushed before the error line"
+
+# a script piped to fireclaw gets the REPL's globals
+out=$(echo 'print(type(sandbox), type(cli), type(snapshot), type(json))' | $fc)
+is "$out" "$(printf 'table\ttable\ttable\ttable')" "a piped script has the REPL's globals"
+
+# one time format in image list and snapshot list; image rm takes the image's snapshots along
+mkdir -p "$FIRECLAW_STATE/images/fct-t"
+echo '{"name": "fct-t", "source": "import", "created": "2026-01-02T03:04:05Z", "files": {}}' \
+	> "$FIRECLAW_STATE/images/fct-t/manifest.json"
+$fc -e '
+local snapshot = require "fireclaw.snapshot"
+local tmp = snapshot.begin("fct-snap")
+for _, f in ipairs({ "vmstate", "memory", "disk.ext4" }) do io.open(tmp .. "/" .. f, "w"):close() end
+snapshot.commit(tmp, "fct-snap", { image = "fct-t", vmm = "qemu", vmm_version = "1", vcpu = 1, mem_mib = 64,
+	created = os.time({ year = 2026, month = 1, day = 2, hour = 3, min = 4, isdst = false }) })'
+ilist=$($fc image list | grep '^fct-t ')
+slist=$($fc snapshot list | grep '^fct-snap ')
+itime=$(printf '%s' "$ilist" | grep -oE '[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9:]+Z?$')
+stime=$(printf '%s' "$slist" | grep -oE '[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9:]+Z?$')
+like "$itime" '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}$' "image list: time as YYYY-MM-DD HH:MM" 
+is "$(printf '%s' "$stime" | sed 's/[0-9]/9/g')" "$(printf '%s' "$itime" | sed 's/[0-9]/9/g')" \
+	"snapshot list prints times in the same format"
+like "$($fc image list | head -1)$($fc snapshot list | head -1)" "CREATED \(UTC\).*CREATED \(UTC\)" \
+	"both say the times are UTC"
+err=$($fc image rm fct-t 2>&1); rc=$?
+is "$rc:$err" "0:image: removed 'fct-t' and its snapshot 'fct-snap'" "image rm says it removed the image's snapshots"
+[ ! -e "$FIRECLAW_STATE/snapshots/fct-snap" ]; ok $? "and they are gone"
+
+err=$($fc snapshot info nosuch 2>&1); rc=$?
+like "$rc:$err" "^1:fireclaw: snapshot: no snapshot named 'nosuch' \(see: fireclaw snapshot list; make it with: fireclaw snapshot create --name nosuch\)" \
+	"snapshot info of a missing snapshot says how to list and create one"
+err=$($fc snapshot rm nosuch 2>&1)
+like "$err" "no snapshot named 'nosuch' \(see: fireclaw snapshot list\)" "snapshot rm too"
+
+# a second Ctrl-C exits at once and says what it leaves behind and how to remove it
+cat > dbl.lua <<'LUA'
+local runtime = require "fireclaw.runtime"
+local rec = require("fireclaw.state").create { image = "x" }
+pcall(function()
+	io.stdout:write("ready ", rec.id, "\n"); io.stdout:flush()
+	runtime.sleep(30)
+end)
+io.stdout:write("unwinding\n"); io.stdout:flush()
+local i = 0 while true do i = i + 1 end -- a teardown that never ends
+LUA
+"$fc" ./dbl.lua > dbl.out 2>&1 &
+pid=$!
+wait_for dbl.out ready
+kill -INT "$pid"
+wait_for dbl.out unwinding
+kill -INT "$pid"
+wait "$pid"; rc=$?
+id=$(sed -n 's/^ready //p' dbl.out)
+is "$rc" 130 "a second Ctrl-C exits 130"
+like "$(cat dbl.out)" "interrupted again: exiting at once, leaving VM $id \(namespace [a-z-]*$id, $FIRECLAW_RUN/vms/$id\) .*'fireclaw cleanup' removes it" \
+	"and says which VM it leaves behind and that fireclaw cleanup removes it"
+$fc cleanup -q
+[ ! -e "$FIRECLAW_RUN/vms/$id" ]; ok $? "fireclaw cleanup removes it"
+
 done_testing

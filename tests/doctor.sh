@@ -34,6 +34,15 @@ else
 fi
 unlike "$out" "^fail " "no check fails"
 
+# the image line names the kernel the manifest records
+release=$("$FC" -e 'local ok, m = pcall(require("fireclaw.image").info) io.write(ok and m.kernel_info and m.kernel_info.release or "")')
+if [ -n "$release" ]; then
+	like "$out" "^ok +image +'default' .*\(kernel ${release//./\\.}, built " "the image line shows the kernel release"
+else
+	skip "no default image built in $FIRECLAW_STATE"
+fi
+unlike "$out" "kernel \?" "no unknown kernel on the image line"
+
 out=$(FIRECLAW_VMM=firecracker FIRECLAW_FIRECRACKER=/nonexistent "$FC" doctor 2>&1)
 rc=$?
 isnt() { [ "$1" != "$2" ]; ok $? "$3" "got: $1"; }

@@ -84,6 +84,18 @@ try:
     r = Repl(home)
     banner = r.read_until(r"fireclaw> $")
     ok(banner is not None and "fireclaw" in banner, "banner and prompt", repr(banner))
+    # the globals README promises, listed by the banner, exist
+    promised = ["sandbox", "cli", "vm", "net", "rootfs", "snapshot", "ssh", "json", "state"]
+    listed = re.search(r"Globals: ([a-z ]+)\.", banner or "")
+    ok(listed is not None and all(g in listed.group(1).split() for g in promised),
+       "the banner lists the globals, sandbox and cli among them", repr(banner))
+    out = r.ask("type(sandbox.new) .. type(cli.parse) .. type(snapshot.load)")
+    ok(out is not None and '"functionfunctionfunction"' in out, "sandbox, cli and snapshot are globals", repr(out))
+    out = r.ask('"a\\nb\\tc\\0"')
+    ok(out is not None and '"a\\nb\\tc\\000"\r\n' in out.replace("\r\r", "\r"),
+       "a string prints escaped on one line", repr(out))
+    out = r.ask('{s = "x\\ny"}')
+    ok(out is not None and 's = "x\\ny"\r\n' in out.replace("\r\r", "\r"), "strings in tables too", repr(out))
     out = r.ask("1+1")
     ok(out is not None and "\n2\r\n" in out.replace("\r\r", "\r"), "a bare expression prints its value", repr(out))
     out = r.ask("=math.max(3, 9)")

@@ -11,6 +11,8 @@
 -- Options stop at "--" or at the first argument that is not an option; the rest is
 -- returned as a list. `--name=value` and `--name value` both work. An unknown option or
 -- a bad value raises a usage error (exit status 2); --help prints the usage (exit 0).
+-- spec.args = N: at most N arguments may follow the options (0: none), more is a usage
+-- error; without it the rest is the recipe's to check.
 local runtime = require "fireclaw.runtime"
 
 local M = {}
@@ -65,6 +67,16 @@ local function convert(opt, name, value)
 	return value
 end
 
+-- The command a usage line is about: its leading lowercase words ("fireclaw snapshot list").
+local function command_of(usage)
+	local words = {}
+	for w in usage:gmatch("%S+") do
+		if not w:match("^%l[%l%d_-]*$") then break end
+		words[#words + 1] = w
+	end
+	return #words > 0 and table.concat(words, " ") or "fireclaw"
+end
+
 function M.parse(args, spec)
 	local byname = parse_spec(spec)
 	local opts, rest = {}, {}
@@ -90,13 +102,15 @@ function M.parse(args, spec)
 			local name, value = a:match("^(%-%-[^=]+)=(.*)$")
 			name = name or a
 			local o = byname[name]
-			if not o then M.usage_error("unknown option '%s' (see '%s --help')", name,
-				spec.usage:match("^(%S+%s+%S+)") or "fireclaw") end
+			if not o then M.usage_error("unknown option '%s' (see '%s --help')", name, command_of(spec.usage)) end
 			if o.metavar then
 				if not value then
 					i = i + 1
 					value = args[i]
-					if value == nil then M.usage_error("option %s needs a value (%s)", name, o.metavar) end
+					-- "--image -- true" or "--image --vcpu 2": the value was forgotten
+					if value == nil or value == "--" or byname[value] then
+						M.usage_error("option %s needs a value (%s)", name, o.metavar)
+					end
 				end
 				value = convert(o, name, value)
 			else
@@ -110,6 +124,9 @@ function M.parse(args, spec)
 		i = i + 1
 	end
 	for j = i, n do rest[#rest + 1] = args[j] end
+	if spec.args and #rest > spec.args then
+		M.usage_error("unexpected argument '%s' (usage: %s)", rest[spec.args + 1], spec.usage)
+	end
 	if opts.verbose then runtime.verbose = true end
 	return opts, rest
 end
@@ -158,6 +175,37 @@ local function recipe_list()
 	for name in pairs(found) do names[#names + 1] = name end
 	table.sort(names)
 	return names, found
+end
+
+-- `fireclaw NAME --help` must never run a recipe that does not expect it (a recipe that
+-- does its work at once would do it). main.c asks here first: a recipe whose source
+-- parses its options (cli.parse) or looks for --help itself runs and answers; for any
+-- other, its description and a usage line are printed instead and true is returned.
+-- Built-in recipes all answer --help themselves. `target` is a recipe name or a path.
+function M.recipe_help(target, is_path)
+	local path = is_path and target or nil
+	if not path then
+		for _, dir in ipairs(runtime.search_dirs()) do
+			local p = dir .. "/" .. target .. ".lua"
+			local f = io.open(p)
+			if f then
+				f:close()
+				path = p
+				break
+			end
+		end
+		if not path then return false end -- built in
+	end
+	local f = io.open(path)
+	if not f then return false end -- the runner says it cannot open it
+	local src = f:read("*a") or ""
+	f:close()
+	if src:find("[%.:]parse%s*[%(%{]") or src:find("%-%-help[\"']") then return false end
+	local about = describe(src)
+	io.stdout:write(string.format("usage: fireclaw %s [ARGS…]\n\n%s%s(%s does not parse options with "
+		.. "fireclaw.cli, so --help shows this instead of running it)\n", target,
+		about ~= "" and about or "", about ~= "" and "\n" or "", path))
+	return true
 end
 
 function M.help()

@@ -11,7 +11,7 @@
 --       vmlinux, vmlinuz, initrd, rootfs, host_key_pub (path), host_key ("ssh-ed25519 AAAA…"),
 --       client_key (private key path), client_key_pub
 --   image.info(name) -> manifest;  image.list() -> {{name=, manifest=}…};  image.exists(name)
---   image.remove(name);  image.client_key() -> private key path, public key line
+--   image.remove(name) -> names of the snapshots removed with it;  image.client_key() -> private key path, public key line
 --   image.boot_args(img, {tcg=bool}) -> kernel command line string
 --   image.tsc_khz() -> host TSC kHz (for tsc_early_khz= under TCG) or nil
 --   image.prune_cache() -> drop cached .debs/kernels no image was built from
@@ -33,6 +33,7 @@
 local config = require "fireclaw.config"
 local guest = require "fireclaw.guest"
 local json = require "fireclaw.json"
+local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local ffi = require "ffi"
@@ -336,7 +337,7 @@ M.default_boot_args = default_boot_args
 -- The kernel command line for an image (a load() or manifest table). Under TCG the
 -- tsc_early_khz of *this* host replaces the build host's.
 function M.boot_args(img, opts)
-	opts = opts or {}
+	opts = opts_check.check("image.boot_args", opts, { "tcg" })
 	local args = {}
 	for _, a in ipairs(img.boot_args or default_boot_args()) do args[#args + 1] = a end
 	if opts.tcg then
@@ -892,6 +893,8 @@ function M.list()
 	return out
 end
 
+-- Remove image `name` and the snapshots taken from it (they restore only with this very
+-- image: left alone they would be refused forever). Returns the removed snapshots' names.
 function M.remove(name)
 	check_name(name)
 	local link = images_dir() .. "/" .. name
@@ -905,7 +908,11 @@ function M.remove(name)
 	else
 		rm_rf(link)
 	end
+	local snapshot = require "fireclaw.snapshot"
+	local snaps = snapshot.of_image(name)
+	for _, s in ipairs(snaps) do snapshot.remove(s) end
 	M.prune_cache()
+	return snaps
 end
 
 -- Keep in cache/ only what an existing image was built from: the .debs its manifest
@@ -1404,7 +1411,10 @@ end
 
 -- Build image opts.name (default "default"). See the module comment.
 function M.build(opts)
-	opts = opts or {}
+	opts = opts_check.check("image.build", opts, { "name", "packages", "size", "force", "kernel_package" })
+	local o = {}
+	for k, v in pairs(opts) do o[k] = v end
+	opts = o -- the caller's table stays as it was (client_pub is added below)
 	local T0 = runtime.now()
 	local name = check_name(opts.name or config.image)
 	if not is_root() then
@@ -1545,6 +1555,8 @@ end
 
 -- Register a user's own kernel (ELF vmlinux or bzImage) and ext4 rootfs as image `name`.
 function M.import(opts)
+	opts = opts_check.check("image.import", opts,
+		{ "name", "kernel", "rootfs", "initrd", "host_key", "boot_args", "force" })
 	local T0 = runtime.now()
 	local name = check_name(opts.name)
 	if not opts.kernel or not opts.rootfs then fail("import needs a kernel and a rootfs") end

@@ -6,6 +6,7 @@ local runtime = require "fireclaw.runtime"
 local M = {}
 
 local function emit(prefix, fmt, ...)
+	io.stdout:flush() -- what was printed before comes before, also when both go to one file
 	io.stderr:write("[fireclaw] ", prefix, string.format(fmt, ...), "\n")
 	io.stderr:flush()
 end

@@ -1,36 +1,49 @@
--- fireclaw.repl: what the REPL needs from Lua — the module globals and a value printer.
+-- fireclaw.repl: what the REPL (and a script piped to fireclaw) needs from Lua — the
+-- module globals and a value printer.
 local M = {}
 
--- Globals for the fireclaw modules, loaded on first use (a missing one stays nil).
-local MODULES = { vm = true, net = true, rootfs = true, snapshot = true, ssh = true,
-	json = true, state = true, proc = true, image = true, config = true }
+-- The globals: fireclaw.<name> for each, loaded on first use. README and the REPL's
+-- banner list them from here.
+M.GLOBALS = { "sandbox", "cli", "vm", "net", "rootfs", "snapshot", "image", "ssh", "state", "proc",
+	"json", "fs", "config", "runtime" }
 
+local MODULES = {}
+for _, name in ipairs(M.GLOBALS) do MODULES[name] = true end
+
+-- Install the globals; returns their names, space-separated (for the banner).
 function M.setup()
 	setmetatable(_G, {
 		__index = function(_, name)
 			if MODULES[name] then
-				local ok, mod = pcall(require, "fireclaw." .. name)
-				if ok then
-					rawset(_G, name, mod)
-					return mod
-				end
+				local mod = require("fireclaw." .. name) -- a module that fails to load says why
+				rawset(_G, name, mod)
+				return mod
 			end
 			return nil
 		end,
 	})
+	return table.concat(M.GLOBALS, " ")
 end
 
 local MAX_ITEMS, MAX_DEPTH = 50, 6
 
+local ESCAPES = { ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t", ['"'] = '\\"', ["\\"] = "\\\\" }
+
+-- A string as a Lua literal on one line: newlines and other control bytes escaped (%q
+-- would keep a newline as a backslash and a real line break).
+function M.quote(s)
+	return '"' .. s:gsub('[%c"\\\127]', function(c) return ESCAPES[c] or string.format("\\%03d", c:byte()) end) .. '"'
+end
+
 local function key_repr(k)
 	if type(k) == "string" and k:match("^[%a_][%w_]*$") then return k end
-	return "[" .. (type(k) == "string" and string.format("%q", k) or tostring(k)) .. "]"
+	return "[" .. (type(k) == "string" and M.quote(k) or tostring(k)) .. "]"
 end
 
 -- Pretty-print a value: nested tables indented, cycles marked, long tables elided.
 function M.format(v, indent, seen, depth)
 	indent, seen, depth = indent or "", seen or {}, depth or 0
-	if type(v) == "string" then return string.format("%q", v) end
+	if type(v) == "string" then return M.quote(v) end
 	if type(v) ~= "table" then return tostring(v) end
 	if seen[v] then return "<cycle: " .. tostring(v) .. ">" end
 	if depth >= MAX_DEPTH then return "{…}" end

@@ -24,6 +24,7 @@ local guest = require "fireclaw.guest"
 local image = require "fireclaw.image"
 local log = require "fireclaw.log"
 local net = require "fireclaw.net"
+local opts_check = require "fireclaw.opts"
 local rootfs = require "fireclaw.rootfs"
 local ssh = require "fireclaw.ssh"
 local state = require "fireclaw.state"
@@ -55,6 +56,10 @@ local function record_vmm(self)
 	fault.point("vmm-recorded")
 end
 
+-- The options sandbox.new (and sandbox.build, coldboot.boot, restore.restore) takes;
+-- boot_timeout is how long sb:connect() waits by default (s).
+M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected" }
+
 -- Where this VM's cgroups will be, in the record before they exist (cleanup removes them).
 -- No usable controller: the VM runs without limits, which -v says.
 local function plan_cgroup(self, cpus)
@@ -77,14 +82,14 @@ local function limit(self)
 end
 
 function M.new(opts)
-	opts = opts or {}
+	opts = opts_check.check("sandbox.new", opts, M.OPTIONS)
 	local img = image.load(opts.image or config.image)
 	state.reap_stale() -- what a killed fireclaw left behind (one listdir when there is none)
 	local rec = state.create { image = img.name, keep = opts.keep }
 	local self = setmetatable({
 		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
-		keep = opts.keep, timer = log.timer("VM " .. rec.id),
+		keep = opts.keep, boot_timeout = opts.boot_timeout, timer = log.timer("VM " .. rec.id),
 	}, Sandbox)
 	-- a sandbox nobody destroyed goes when it is collected, at the latest when fireclaw exits
 	-- (a recipe that errors before sandbox.with leaves nothing behind either)
@@ -246,8 +251,21 @@ local function vmm_gone(self, err, when, diagnose)
 	return msg .. "\nthe console ends with:\n  " .. table.concat(lines, "\n  ")
 end
 
+-- A sandbox that was destroyed cannot be used again: say so, not what its dead VMM says.
+local function alive(self, what)
+	if self.released then
+		error(string.format("sandbox: cannot %s: VM %s was released (kept running; remove it with "
+			.. "fireclaw rm %s)", what, self.id, self.id), 0)
+	elseif self.destroyed then
+		error(string.format("sandbox: cannot %s: VM %s was destroyed (sb:destroy()); make a new sandbox",
+			what, self.id), 0)
+	end
+end
+
 -- Every wait on the guest also watches the VMM: a VM whose VMM died never answers again.
 function Sandbox:connect(timeout)
+	alive(self, "connect")
+	timeout = timeout or self.boot_timeout
 	local ok, session = pcall(ssh.connect, {
 		netns = self.netns, host = config.net.guest_ip, port = 22, user = "root",
 		key = self.img.client_key, host_key = self.img.host_key, timeout = timeout or 60,
@@ -284,6 +302,7 @@ end
 
 -- Run a command in the guest (argv table or shell string); see fireclaw.ssh for opts.
 function Sandbox:exec(cmd, opts)
+	alive(self, "exec")
 	if not self.session then self:connect() end
 	fault.point("exec")
 	local ok, r = pcall(function() return self.session:exec(short_command(self, cmd), opts) end)
@@ -353,8 +372,14 @@ end
 -- The clock is set with the reseed (one path, one round trip).
 Sandbox.set_clock = Sandbox.reseed
 
-function Sandbox:put(localpath, remote, mode) return self.session:put(localpath, remote, mode) end
-function Sandbox:get(remote, localpath) return self.session:get(remote, localpath) end
+function Sandbox:put(localpath, remote, mode)
+	alive(self, "put")
+	return self.session:put(localpath, remote, mode)
+end
+function Sandbox:get(remote, localpath)
+	alive(self, "get")
+	return self.session:get(remote, localpath)
+end
 
 -- How to reach a VM kept with --keep, and how to remove it.
 -- The guest's host key goes into a known_hosts file in the VM's directory, so the hint
@@ -386,12 +411,14 @@ end
 function Sandbox:release()
 	if self.session then pcall(self.session.close, self.session) end
 	if self.vm and self.vm.proc then self.vm.proc:detach() end
-	self.destroyed = true
+	state.release(self.rec)
+	self.destroyed, self.released = true, true
 end
 
 -- A new sandbox brought up by steps(sb); if a step fails, what the earlier ones made is
 -- destroyed before the error goes on. Returns the sandbox, ready for exec.
 function M.build(opts, steps)
+	opts_check.check("sandbox.build", opts, M.OPTIONS)
 	local sb = M.new(opts)
 	local ok, err = pcall(steps, sb)
 	if not ok then

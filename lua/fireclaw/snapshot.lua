@@ -145,9 +145,21 @@ function M.list()
 	return out
 end
 
+-- The names of the snapshots taken from image `name` (unusable ones too), sorted.
+function M.of_image(image_name)
+	local out = {}
+	for _, name in ipairs(runtime.listdir(root()) or {}) do
+		local text = not name:match("^%.") and fs.read(root() .. "/" .. name .. "/meta.json")
+		local ok, meta = pcall(json.decode, text or "")
+		if text and ok and type(meta) == "table" and meta.image == image_name then out[#out + 1] = name end
+	end
+	table.sort(out)
+	return out
+end
+
 function M.remove(name)
 	local dir = M.dir(name)
-	if not fs.exists(dir) then error("snapshot: no snapshot named '" .. name .. "'", 0) end
+	if not fs.exists(dir) then error("snapshot: no snapshot named '" .. name .. "' (see: fireclaw snapshot list)", 0) end
 	fs.rm_rf(dir)
 end
 

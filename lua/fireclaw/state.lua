@@ -16,6 +16,7 @@ local fault = require "fireclaw.fault"
 local fs = require "fireclaw.fs"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
+local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 
@@ -35,6 +36,37 @@ function M.netns_name(id) return config.netns_prefix .. id end
 
 local function record_path(dir) return dir .. "/record.json" end
 
+-- The VMs this process created and has not reaped or released yet: a second Ctrl-C, which
+-- exits at once, names them (runtime.interrupt_note) and says how to remove them.
+local mine, mine_order = {}, {}
+
+local function note_mine()
+	local parts = {}
+	for _, id in ipairs(mine_order) do
+		local rec = mine[id]
+		parts[#parts + 1] = string.format("VM %s (namespace %s, %s)", id, rec.netns, rec.dir)
+	end
+	runtime.interrupt_note(#parts > 0 and table.concat(parts, "; ") or nil)
+end
+
+local function remember(rec)
+	mine[rec.id] = rec
+	mine_order[#mine_order + 1] = rec.id
+	note_mine()
+end
+
+local function forget(rec)
+	if not rec or not mine[rec.id] then return end
+	mine[rec.id] = nil
+	for i, id in ipairs(mine_order) do
+		if id == rec.id then table.remove(mine_order, i) break end
+	end
+	note_mine()
+end
+
+-- A VM kept on purpose (--keep) is not left behind by an interrupt.
+M.release = forget
+
 local function save(rec)
 	fs.write(record_path(rec.dir), json.encode(rec, { pretty = true }), "600")
 end
@@ -44,6 +76,7 @@ end
 -- its record inside: a VM directory without a record never exists, so a concurrent
 -- cleanup can never mistake a VM being created for a broken one.
 function M.create(fields)
+	fields = opts_check.check("state.create", fields, { "id", "image", "keep" })
 	local id = fields.id or M.new_id()
 	local dir = config.vm_dir(id)
 	local me = proc.getpid()
@@ -73,6 +106,7 @@ function M.create(fields)
 	end
 	rec.dir = dir
 	save(rec)
+	remember(rec)
 	return rec
 end
 
@@ -155,6 +189,7 @@ function M.reap(rec)
 		fs.rm_rf(rec.dir)
 		done[#done + 1] = "removed " .. rec.dir
 	end
+	forget(rec)
 	return done
 end
 

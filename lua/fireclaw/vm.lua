@@ -36,6 +36,7 @@
 local core = require "fireclaw.core.vm"
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
+local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local util = require "fireclaw.vmm.util"
@@ -169,7 +170,7 @@ M.choose_vmm, M.choose_accel = choose_vmm, choose_accel
 -- kernel). Never raises: an impossible choice leaves vmm (or accel) nil and says why.
 -- d.vmm_source / d.accel_source say who chose ("--vmm qemu", "FIRECLAW_ACCEL=kvm", "auto").
 function M.detect(opts)
-	opts = opts or {}
+	opts = opts_check.check("vm.detect", opts, { "vmm", "accel", "firecracker", "qemu", "versions", "cmdline_devices" })
 	local d = {}
 	d.kvm, d.kvm_why = M.kvm_kind()
 	d.firecracker, d.firecracker_wanted = find_firecracker(opts)
@@ -214,8 +215,15 @@ VM.__index = VM
 
 local DRIVERS = { firecracker = "fireclaw.vmm.firecracker", qemu = "fireclaw.vmm.qemu" }
 
+M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker", "qemu", "env",
+	"socket_timeout", "on_spawn", "user", "keep", "detected", "cmdline_devices", "cgroup" }
+-- What v:boot and v:restore take (the drivers read these).
+M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
+	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices" }
+
 function M.new(opts)
-	assert(type(opts) == "table", "vm.new: options table expected")
+	if type(opts) ~= "table" then error("vm.new: options table expected (id =, dir =, …)", 0) end
+	opts_check.check("vm.new", opts, M.OPTIONS)
 	if not opts.id or not opts.dir then error("vm: new needs id and dir", 0) end
 	-- a run detects once (vm.choose) and hands the result down as opts.detected
 	local d = opts.detected or M.detect(setmetatable({ versions = false }, { __index = opts }))
@@ -271,7 +279,7 @@ end
 function VM:boot(spec)
 	check_state(self, { "not started" }, "boot")
 	local t0 = runtime.now()
-	guarded(self, self.driver.boot, self, spec or {})
+	guarded(self, self.driver.boot, self, opts_check.check("vm:boot", spec, M.SPEC))
 	self._state = "running"
 	self.timings.boot = runtime.now() - t0
 	util.verbose("VM %s: %s started (pid %d)", self.id, self.vmm, self.pid)
@@ -280,7 +288,7 @@ end
 function VM:restore(dir, spec)
 	check_state(self, { "not started" }, "restore into")
 	local t0 = runtime.now()
-	guarded(self, self.driver.restore, self, util.abspath(dir), spec or {})
+	guarded(self, self.driver.restore, self, util.abspath(dir), opts_check.check("vm:restore", spec, M.SPEC))
 	self._state = "running"
 	self.timings.restore = runtime.now() - t0
 	util.verbose("VM %s: restored from %s in %.0f ms", self.id, dir, self.timings.restore * 1e3)
