@@ -621,7 +621,8 @@ static int l_spawn(lua_State *L)
 {
 	static const char *const known[] = {"argv", "env",    "stdin",	"stdout", "stderr",
 					    "cwd",  "uid",    "gid",	"setsid", "pdeathsig",
-					    "fds",  "groups", "mounts", "netns",  NULL};
+					    "fds",  "groups", "mounts", "netns",  "cgroup",
+					    "log_cap", NULL};
 	luaL_checktype(L, 1, LUA_TTABLE);
 	fc_opt_check(L, 1, "proc.spawn", known);
 	struct spawn_req r;
