@@ -30,10 +30,18 @@ end
 -- The known key closest to `key`, if it is close enough to be a typo.
 function M.suggest(key, known)
 	local lkey = key:lower()
-	local best, bestd
+	-- ties go to the longer common prefix ("vcpus": "vcpu", not "cpus"), then the alphabet
+	local function prefix(k)
+		local n = 0
+		while n < #k and n < #lkey and k:byte(n + 1) == lkey:byte(n + 1) do n = n + 1 end
+		return n
+	end
+	local best, bestd, bestp
 	for _, k in ipairs(known) do
-		local d = distance(lkey, k:lower())
-		if not bestd or d < bestd or (d == bestd and k < best) then best, bestd = k, d end
+		local d, p = distance(lkey, k:lower()), prefix(k:lower())
+		if not bestd or d < bestd or (d == bestd and (p > bestp or (p == bestp and k < best))) then
+			best, bestd, bestp = k, d, p
+		end
 	end
 	if best and bestd <= math.max(1, math.floor(#key / 3)) then return best end
 	-- "mem" for "mem_mib", "timeout" for "boot_timeout": a word of the key
