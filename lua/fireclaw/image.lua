@@ -1556,7 +1556,7 @@ end
 -- Register a user's own kernel (ELF vmlinux or bzImage) and ext4 rootfs as image `name`.
 function M.import(opts)
 	opts = opts_check.check("image.import", opts,
-		{ "name", "kernel", "rootfs", "initrd", "host_key", "boot_args", "force" })
+		{ "name", "kernel", "rootfs", "initrd", "host_key", "boot_args", "force", "cmdline_devices" })
 	local T0 = runtime.now()
 	local name = check_name(opts.name)
 	if not opts.kernel or not opts.rootfs then fail("import needs a kernel and a rootfs") end
