@@ -176,8 +176,11 @@ function Sandbox:set_clock()
 	self.timer:stage("clock set")
 end
 
-function Sandbox:put(localpath, remote, mode) return self.session:put(localpath, remote, mode) end
-function Sandbox:get(remote, localpath) return self.session:get(remote, localpath) end
+-- Copy files in and out (SFTP); opts is a mode or {mode =, max_bytes =, stall =, uid =, gid =}
+-- (see fireclaw.ssh: a got file is data, never privileges; both are capped and time out
+-- when they stall). Each returns the path it wrote (a directory target gets the basename).
+function Sandbox:put(localpath, remote, opts) return self.session:put(localpath, remote, opts) end
+function Sandbox:get(remote, localpath, opts) return self.session:get(remote, localpath, opts) end
 
 -- How to reach a VM kept with --keep, and how to remove it.
 -- The guest's host key goes into a known_hosts file in the VM's directory, so the hint
