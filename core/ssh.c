@@ -1255,6 +1255,9 @@ static int l_exec(lua_State *L)
 #define DEFAULT_STALL_S 30.0
 #define MAX_BYTES_LIMIT 9007199254740992.0 /* 2^53: exact in a Lua number */
 #define CAP_HINT "--max-transfer / max_bytes raises it"
+#define DISK_HINT                                                                                  \
+	"; put a smaller file or make room in the guest (a bigger image: fireclaw image build "    \
+	"--size)"
 
 struct xfer {
 	struct session *S;
@@ -1263,11 +1266,14 @@ struct xfer {
 	const char *src;       /* the source path as given */
 	long mode;	       /* -1: from the source */
 	unsigned long long max_bytes, done, size;
+	unsigned long long room;  /* the guest's free bytes where a put goes */
+	char room_text[128];	  /* "2 MiB free of 58 MiB; the file is 3 MiB", or "" */
 	double stall_ms, last_ms; /* stall limit, last progress (monotonic ms) */
 	long long uid, gid;	  /* owner of a got file; -1: ours */
 	LIBSSH2_SFTP *sftp;
 	LIBSSH2_SFTP_HANDLE *h;
 	int fd, dirfd;
+	int desync; /* a write failed: the SFTP stream may be out of step (see check_room) */
 	int tmp_live;
 	char tmp[32];
 	char base[NAME_MAX + 1];
@@ -1494,37 +1500,47 @@ static const char *source_problem(const char *path, unsigned long long max, int 
 	return NULL;
 }
 
-/* After a put's write or close failed: a generic failure from sftp-server is most often a
- * full disk (it has no status code for ENOSPC), so ask the guest how much room is left. */
+/* The guest's free space where the file goes, asked right after the open (statvfs@openssh.com;
+ * skipped when the server lacks it): a file that cannot fit fails before a byte is sent.
+ * Asking only after a failed write is no option: libssh2 1.10 drops a write request it
+ * had half sent when an earlier one fails, and the SFTP stream is out of step from then
+ * on (every later request waits forever). */
+static void check_room(lua_State *L, struct xfer *t)
+{
+	LIBSSH2_SFTP_STATVFS v;
+	memset(&v, 0, sizeof v);
+	int rc;
+	XFER_CALL(L, t, rc, libssh2_sftp_fstatvfs(t->h, &v));
+	if (rc != 0 || v.f_blocks == 0)
+		return;
+	unsigned long long bs = v.f_frsize ? v.f_frsize : v.f_bsize;
+	t->room = (unsigned long long)v.f_bfree * bs; /* sftp-server runs as root: f_bfree */
+	human_size(t->room_text, sizeof t->room_text, t->room);
+	char total[32], size[32];
+	human_size(total, sizeof total, (unsigned long long)v.f_blocks * bs);
+	human_size(size, sizeof size, t->size);
+	size_t n = strlen(t->room_text);
+	snprintf(t->room_text + n, sizeof t->room_text - n, " free of %s; the file is %s", total,
+		 size);
+	if (t->size > t->room)
+		xfer_fail(L, t, "the guest's disk is full (%s)" DISK_HINT, t->room_text);
+}
+
+/* After a put's write or close failed. sftp-server has no status code for ENOSPC (it says
+ * FAILURE), so a generic failure is told with the room check_room saw. */
 static void __attribute__((noreturn)) put_fail(lua_State *L, struct xfer *t, const char *what)
 {
 	unsigned long code = sftp_status(t);
-	if (code == LIBSSH2_FX_FAILURE || code == LIBSSH2_FX_NO_SPACE_ON_FILESYSTEM ||
-	    code == LIBSSH2_FX_QUOTA_EXCEEDED) {
-		LIBSSH2_SFTP_STATVFS v;
-		memset(&v, 0, sizeof v);
-		int rc;
-		if (t->h)
-			XFER_CALL(L, t, rc, libssh2_sftp_fstatvfs(t->h, &v));
-		else
-			rc = -1;
-		if (rc == 0) {
-			unsigned long long bs = v.f_frsize ? v.f_frsize : v.f_bsize;
-			unsigned long long left = (unsigned long long)v.f_bfree * bs;
-			char fr[32], tot[32];
-			human_size(fr, sizeof fr, left);
-			human_size(tot, sizeof tot, (unsigned long long)v.f_blocks * bs);
-			if (left < (1u << 20) || left < t->size - t->done)
-				xfer_fail(
-				    L, t,
-				    "the guest's disk is full (%s free of %s); put a smaller "
-				    "file or make room in the guest (a bigger image: fireclaw "
-				    "image build --size)",
-				    fr, tot);
-			xfer_fail(L, t, "remote %s: %s (%s free of %s on its file system)", t->to,
-				  sftp_status_text(code), fr, tot);
-		}
-	}
+	char done[32];
+	human_size(done, sizeof done, t->done);
+	if (t->room_text[0] &&
+	    (code == LIBSSH2_FX_FAILURE || code == LIBSSH2_FX_NO_SPACE_ON_FILESYSTEM ||
+	     code == LIBSSH2_FX_QUOTA_EXCEEDED))
+		xfer_fail(
+		    L, t,
+		    "the guest stopped writing after %s: its disk is most likely full (before "
+		    "the put: %s)" DISK_HINT,
+		    done, t->room_text);
 	xfer_fail_remote(L, t, what);
 }
 
@@ -1559,8 +1575,10 @@ static void send_all(lua_State *L, struct xfer *t, const char *p, size_t n)
 			xfer_wait(L, t);
 			continue;
 		}
-		if (w < 0)
+		if (w < 0) {
+			t->desync = 1;
 			put_fail(L, t, "write");
+		}
 		progress(t);
 		t->done += (unsigned long long)w;
 		p += w;
@@ -1583,6 +1601,7 @@ static int put_body(lua_State *L)
 	put_resolve_remote(L, t, dest);
 	sftp_open_remote(L, t, t->to, LIBSSH2_FXF_WRITE | LIBSSH2_FXF_CREAT | LIBSSH2_FXF_TRUNC,
 			 mode);
+	check_room(L, t);
 	for (;;) {
 		ssize_t n = read(t->fd, t->buf, sizeof t->buf);
 		if (n < 0 && errno == EINTR)
@@ -1780,6 +1799,10 @@ static void sftp_drain_channel(struct session *S, LIBSSH2_SFTP *sftp)
 static void xfer_cleanup(struct xfer *t)
 {
 	int rc;
+	/* after a failed write no request gets an answer any more: end the channel instead
+	 * (sftp-server exits at its EOF), leaving libssh2 the handle's few bytes */
+	if (t->desync)
+		t->h = NULL;
 	if (t->h) {
 		NB_SETTLE(t->S, rc, libssh2_sftp_close_handle(t->h));
 		if (rc == LIBSSH2_ERROR_TIMEOUT)

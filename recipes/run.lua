@@ -13,7 +13,6 @@ local json = require "fireclaw.json"
 local log = require "fireclaw.log"
 local runtime = require "fireclaw.runtime"
 local sandbox = require "fireclaw.sandbox"
-local ssh = require "fireclaw.ssh"
 
 local coldboot = cli.use "coldboot"
 local restore = cli.use "restore"
@@ -33,9 +32,10 @@ local SPEC = {
 	{ "--timeout S", "stop CMD after S seconds (exit status 124)", type = "number" },
 	{ "--vmm NAME", "auto, firecracker or qemu", default = "auto" },
 	{ "--no-snapshot", "always cold boot" },
-	{ "--put LOCAL:REMOTE", "copy a file into the guest before CMD (repeatable)", multi = true },
-	{ "--get REMOTE:LOCAL", "copy a file out of the guest after CMD (repeatable)", multi = true },
-	{ "--max-transfer SIZE", "cap on each --put/--get file, e.g. 64K, 512M, 2G", default = "1G" },
+	{ "--put LOCAL:REMOTE", "copy a file in before CMD (REMOTE may be a directory; repeatable)", multi = true },
+	{ "--get REMOTE:LOCAL", "copy a file out after CMD, never setuid (LOCAL may be a directory; repeatable)",
+		multi = true },
+	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id} instead of streaming" },
@@ -72,7 +72,7 @@ local function check_options(o, cmd)
 		local l, r = p:match("^([^:]+):(.+)$")
 		if not l then cli.usage_error("--put wants LOCAL:REMOTE, got '%s'", p) end
 		if not fs.exists(l) then cli.usage_error("--put: no such file '%s'", l) end
-		local size, why = ssh.check_source(l, o.max_transfer)
+		local size, why = require("fireclaw.ssh").check_source(l, o.max_transfer)
 		if not size then cli.usage_error("--put: '%s' %s", l, why) end
 		o.puts[#o.puts + 1] = { l, r }
 	end
@@ -113,6 +113,7 @@ end
 
 local function run_command(sb, o, cmd)
 	for _, p in ipairs(o.puts) do sb:put(p[1], p[2], { max_bytes = o.max_transfer }) end
+	local ssh = require "fireclaw.ssh"
 	local line = ssh.quote(cmd)
 	-- a restored guest wakes up at snapshot time: set its clock in the same round trip
 	if sb.how == "snapshot" then line = string.format("date -s @%d >/dev/null 2>&1; %s", os.time(), line) end
