@@ -43,10 +43,10 @@ truncate -s 2G "$tmp/huge"
 check "$fc" run --put "$tmp:/root/x" -- true
 is "$rc" 2 "--put DIR: exit 2"
 one_line "^fireclaw: --put: '$tmp' is a directory; directory trees are not supported yet" "--put DIR: says it is a directory"
-check "$fc" run --put "$tmp/fifo:/root/x" -- true
+check timeout -k 10 60 "$fc" run --put "$tmp/fifo:/root/x" -- true
 is "$rc" 2 "--put FIFO: exit 2, at once (not waiting for a writer)"
 one_line "^fireclaw: --put: '.*/fifo' is not a regular file \(a FIFO" "--put FIFO: says why"
-check "$fc" run --put "$tmp/huge:/root/x" -- true
+check timeout -k 10 60 "$fc" run --put "$tmp/huge:/root/x" -- true
 is "$rc" 2 "--put of a 2 GiB file: exit 2"
 one_line "^fireclaw: --put: '.*/huge' is 2 GiB, more than 1 GiB \(--max-transfer" "--put of a 2 GiB file: over the 1 GiB default cap"
 check "$fc" run --max-transfer lots -- true
