@@ -1634,8 +1634,8 @@ static int put_body(lua_State *L)
 static void get_resolve_local(lua_State *L, struct xfer *t, const char *dest)
 {
 	size_t n = strlen(dest);
-	if (n == 0)
-		xfer_fail(L, t, "empty local path");
+	if (n == 0 || n >= PATH_MAX)
+		xfer_fail(L, t, "local path empty or too long");
 	struct stat st;
 	int into = dest[n - 1] == '/' || (lstat(dest, &st) == 0 && S_ISDIR(st.st_mode));
 	char dir[PATH_MAX];
@@ -1970,6 +1970,8 @@ static int l_check_source(lua_State *L)
 {
 	const char *path = luaL_checkstring(L, 1);
 	double max = luaL_optnumber(L, 2, (double)DEFAULT_MAX_BYTES);
+	if (!(max >= 0 && max <= MAX_BYTES_LIMIT))
+		luaL_argerror(L, 2, "a byte count expected");
 	int fd;
 	struct stat st;
 	char why[160];
