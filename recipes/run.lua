@@ -67,6 +67,10 @@ local function check_options(o, cmd)
 	end
 	o.max_transfer = parse_size(o.max_transfer)
 	if not o.max_transfer then cli.usage_error("--max-transfer wants a size such as 64K, 512M or 2G") end
+	local stall = os.getenv("FIRECLAW_TRANSFER_STALL_S")
+	if stall and stall ~= "" and not ((tonumber(stall) or 0) > 0) then
+		cli.usage_error("FIRECLAW_TRANSFER_STALL_S must be a number of seconds > 0, got '%s'", stall)
+	end
 	o.puts, o.gets, o.envs = {}, {}, {}
 	for _, p in ipairs(o.put) do
 		local l, r = p:match("^([^:]+):(.+)$")

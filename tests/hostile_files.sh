@@ -51,6 +51,9 @@ is "$rc" 2 "--put of a 2 GiB file: exit 2"
 one_line "^fireclaw: --put: '.*/huge' is 2 GiB, more than 1 GiB \(--max-transfer" "--put of a 2 GiB file: over the 1 GiB default cap"
 check "$fc" run --max-transfer lots -- true
 is "$rc:$err" "2:fireclaw: --max-transfer wants a size such as 64K, 512M or 2G" "--max-transfer lots: usage error"
+check env FIRECLAW_TRANSFER_STALL_S=soon "$fc" run -- true
+is "$rc:$err" "2:fireclaw: FIRECLAW_TRANSFER_STALL_S must be a number of seconds > 0, got 'soon'" \
+	"FIRECLAW_TRANSFER_STALL_S=soon: usage error"
 check "$fc" run --get "/etc/hostname:$tmp/nodir/x" -- true
 is "$rc" 2 "--get into a missing directory: exit 2"
 one_line "^fireclaw: --get: no directory '$tmp/nodir'" "--get into a missing directory: one line"
