@@ -1255,6 +1255,12 @@ static int l_exec(lua_State *L)
 #define DEFAULT_STALL_S 30.0
 #define MAX_BYTES_LIMIT 9007199254740992.0 /* 2^53: exact in a Lua number */
 #define CAP_HINT "--max-transfer / max_bytes raises it"
+/* libssh2 1.10 pipelines the write requests of one libssh2_sftp_write call (30000 bytes
+ * each) and, when one fails, drops the others — one of them possibly half sent, which
+ * leaves the SFTP stream out of step: no later request, not even the close, is ever
+ * answered. One request per call (at most 30000 bytes) cannot be half sent when its
+ * answer comes; under TCG it is no slower. */
+#define PUT_CHUNK 30000
 #define DISK_HINT                                                                                  \
 	"; put a smaller file or make room in the guest (a bigger image: fireclaw image build "    \
 	"--size)"
@@ -1273,7 +1279,6 @@ struct xfer {
 	LIBSSH2_SFTP *sftp;
 	LIBSSH2_SFTP_HANDLE *h;
 	int fd, dirfd;
-	int desync; /* a write failed: the SFTP stream may be out of step (see check_room) */
 	int tmp_live;
 	char tmp[32];
 	char base[NAME_MAX + 1];
@@ -1501,10 +1506,8 @@ static const char *source_problem(const char *path, unsigned long long max, int 
 }
 
 /* The guest's free space where the file goes, asked right after the open (statvfs@openssh.com;
- * skipped when the server lacks it): a file that cannot fit fails before a byte is sent.
- * Asking only after a failed write is no option: libssh2 1.10 drops a write request it
- * had half sent when an earlier one fails, and the SFTP stream is out of step from then
- * on (every later request waits forever). */
+ * skipped when the server lacks it): a file that cannot fit fails before a byte is sent,
+ * and a write that fails later is told with these numbers. */
 static void check_room(lua_State *L, struct xfer *t)
 {
 	LIBSSH2_SFTP_STATVFS v;
@@ -1575,10 +1578,8 @@ static void send_all(lua_State *L, struct xfer *t, const char *p, size_t n)
 			xfer_wait(L, t);
 			continue;
 		}
-		if (w < 0) {
-			t->desync = 1;
+		if (w < 0)
 			put_fail(L, t, "write");
-		}
 		progress(t);
 		t->done += (unsigned long long)w;
 		p += w;
@@ -1603,7 +1604,7 @@ static int put_body(lua_State *L)
 			 mode);
 	check_room(L, t);
 	for (;;) {
-		ssize_t n = read(t->fd, t->buf, sizeof t->buf);
+		ssize_t n = read(t->fd, t->buf, PUT_CHUNK);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)
@@ -1799,10 +1800,6 @@ static void sftp_drain_channel(struct session *S, LIBSSH2_SFTP *sftp)
 static void xfer_cleanup(struct xfer *t)
 {
 	int rc;
-	/* after a failed write no request gets an answer any more: end the channel instead
-	 * (sftp-server exits at its EOF), leaving libssh2 the handle's few bytes */
-	if (t->desync)
-		t->h = NULL;
 	if (t->h) {
 		NB_SETTLE(t->S, rc, libssh2_sftp_close_handle(t->h));
 		if (rc == LIBSSH2_ERROR_TIMEOUT)
