@@ -35,8 +35,10 @@ local SPEC = {
 	{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 	{ "--no-snapshot", "always cold boot" },
 	{ "--snapshot NAME", "restore this snapshot (default: the image's)" },
-	{ "--put LOCAL:REMOTE", "copy a file into the guest before CMD (repeatable)", multi = true },
-	{ "--get REMOTE:LOCAL", "copy a file out of the guest after CMD (repeatable)", multi = true },
+	{ "--put LOCAL:REMOTE", "copy a file in before CMD (REMOTE may be a directory; repeatable)", multi = true },
+	{ "--get REMOTE:LOCAL", "copy a file out after CMD, never setuid (LOCAL may be a directory; repeatable)",
+		multi = true },
+	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id, stages} instead of streaming" },
@@ -45,6 +47,14 @@ local SPEC = {
 	{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 	{ "-v, --verbose", "progress lines with the time of each stage" },
 }
+
+-- "64K", "512M", "2G", "1000" -> bytes (binary units), nil if it is not a size.
+local function parse_size(s)
+	local num, unit = s:match("^(%d+%.?%d*)([kKmMgGtT]?)[iI]?[bB]?$")
+	if not num then return nil end
+	local n = math.floor(tonumber(num) * ({ [""] = 1, k = 2 ^ 10, m = 2 ^ 20, g = 2 ^ 30, t = 2 ^ 40 })[unit:lower()])
+	return n <= 2 ^ 53 and n or nil
+end
 
 -- Check everything the user typed before a VM exists: bad input costs nothing.
 local function check_options(o, cmd)
@@ -60,11 +70,19 @@ local function check_options(o, cmd)
 	if o.vmm and o.vmm ~= "auto" and o.vmm ~= "firecracker" and o.vmm ~= "qemu" then
 		cli.usage_error("--vmm must be auto, firecracker or qemu, got '%s'", o.vmm)
 	end
+	o.max_transfer = parse_size(o.max_transfer)
+	if not o.max_transfer then cli.usage_error("--max-transfer wants a size such as 64K, 512M or 2G") end
+	local stall = os.getenv("FIRECLAW_TRANSFER_STALL_S")
+	if stall and stall ~= "" and not ((tonumber(stall) or 0) > 0) then
+		cli.usage_error("FIRECLAW_TRANSFER_STALL_S must be a number of seconds > 0, got '%s'", stall)
+	end
 	o.puts, o.gets, o.envs = {}, {}, {}
 	for _, p in ipairs(o.put) do
 		local l, r = p:match("^([^:]+):(.+)$")
 		if not l then cli.usage_error("--put wants LOCAL:REMOTE, got '%s'", p) end
-		if not fs.exists(l) or fs.is_dir(l) then cli.usage_error("--put: no such file '%s'", l) end
+		if not fs.exists(l) then cli.usage_error("--put: no such file '%s'", l) end
+		local size, why = require("fireclaw.ssh").check_source(l, o.max_transfer)
+		if not size then cli.usage_error("--put: '%s' %s", l, why) end
 		o.puts[#o.puts + 1] = { l, r }
 	end
 	for _, g in ipairs(o.get) do
@@ -107,7 +125,7 @@ local function exit_status(r)
 end
 
 local function run_command(sb, o, cmd)
-	for _, p in ipairs(o.puts) do sb:put(p[1], p[2]) end
+	for _, p in ipairs(o.puts) do sb:put(p[1], p[2], { max_bytes = o.max_transfer }) end
 	local ssh = require "fireclaw.ssh"
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
 	local line = ssh.quote(cmd)
@@ -122,7 +140,7 @@ local function run_command(sb, o, cmd)
 	local r = sb:exec(line, opts)
 	fault.point("command-done")
 	sb.timer:stage("command")
-	for _, g in ipairs(o.gets) do sb:get(g[1], g[2]) end
+	for _, g in ipairs(o.gets) do sb:get(g[1], g[2], { max_bytes = o.max_transfer }) end
 	return r
 end
 

@@ -80,7 +80,7 @@ usage_cases=(
 	"--vmm bogus|--vmm must be auto, firecracker or qemu|run --vmm bogus -- true"
 	"no command|no command given|run"
 	"--put of a missing file|--put: no such file '/nonexistent'|run --put /nonexistent:/x -- true"
-	"--put of a directory|--put: no such file '/'|run --put /:/x -- true"
+	"--put of a directory|--put: '/' is a directory; directory trees are not supported yet|run --put /:/x -- true"
 	"--put without a colon|--put wants LOCAL:REMOTE|run --put nocolon -- true"
 	"--get into a missing directory|--get: no directory '/nonexistent/dir'|run --get /etc/hostname:/nonexistent/dir/x -- true"
 	"--get without a colon|--get wants REMOTE:LOCAL|run --get nocolon -- true"

@@ -247,7 +247,7 @@ local function test_sftp(s, name, lab)
 	t.is(sum2, sum1, name .. ": sha256 of the round trip")
 	t.is(sh("stat -c %a " .. q(back)):match("%d+"), "640", name .. ": get kept the remote mode")
 	t.raises(function() s:put(lab.dir .. "/nope", dst) end,
-		"^ssh: put .*/nope → .*: local .*/nope: No such file", name .. ": put of a missing file")
+		"^ssh: put .*/nope → .*: local .*/nope does not exist", name .. ": put of a missing file")
 	t.raises(function() s:get(lab.dir .. "/nope", back) end,
 		"^ssh: get .*/nope → .*/down: remote .*/nope: no such file", name .. ": get of a missing file")
 	t.raises(function() s:put(src, lab.dir .. "/no/such/dir/x") end, "remote .*: no such file",
@@ -258,6 +258,79 @@ local function test_sftp(s, name, lab)
 	os.remove(src)
 	os.remove(dst)
 	os.remove(back)
+end
+
+-- What comes back is data: no privileges, no symlink followed, bounded in size and time.
+-- Runs last on a session: the stall case cuts its connection.
+local function test_sftp_hostile(s, name, lab)
+	local ffi = require "ffi"
+	pcall(ffi.cdef, "int setenv(const char *, const char *, int); int unsetenv(const char *);")
+	local d = lab.dir .. "/hostile_" .. name
+	sh("rm -rf " .. q(d) .. " && mkdir -p " .. q(d .. "/in/rdir") .. " " .. q(d .. "/out/sub"))
+	local src = d .. "/in/suid"
+	write_file(src, "#!/bin/sh\n")
+	sh("chmod 6777 " .. q(src))
+	local function mode(p) return tonumber(sh("stat -c %a " .. q(p)):match("%d+"), 8) end
+	local function temps() return sh("ls -A " .. q(d .. "/out") .. " | grep -c fctmp || true"):match("%d+") end
+	local umask = tonumber(sh("umask"):match("%d+"), 8)
+	local got = s:get(src, d .. "/out/x")
+	t.is(got, d .. "/out/x", name .. ": get returns the path it wrote")
+	t.is(mode(got), bit.band(tonumber("777", 8), bit.bnot(umask)),
+		name .. ": get drops setuid, setgid and sticky (mode & 0777 & ~umask)")
+	t.is(s:get(src, d .. "/out/"), d .. "/out/suid", name .. ": get into DIR/ takes the remote basename")
+	t.is(s:get(src, d .. "/out/sub"), d .. "/out/sub/suid", name .. ": get into an existing directory")
+	write_file(d .. "/precious", "precious\n")
+	sh("ln -s " .. q(d .. "/precious") .. " " .. q(d .. "/out/link"))
+	s:get(src, d .. "/out/link")
+	t.is(sh("test -L " .. q(d .. "/out/link") .. " && echo link || echo file"), "file\n",
+		name .. ": a symlink at the target is replaced")
+	t.is(read_file(d .. "/precious"), "precious\n", name .. ": ... and its target is untouched")
+	t.raises(function() s:get(src, d .. "/nodir/x") end, "local directory .*/nodir does not exist %(create it first%)$",
+		name .. ": get into a missing directory: one line")
+	t.raises(function() s:get(src, d .. "/out/y", tonumber("4755", 8)) end, "bad mode .*never setuid",
+		name .. ": get refuses an explicit setuid mode")
+	t.raises(function() s:get("/", d .. "/out/") end, "remote / has no file name",
+		name .. ": get of / into a directory: no name to give it")
+	s:get(src, d .. "/out/owned", { uid = 12345, gid = 23456 })
+	t.is(sh("stat -c %u:%g " .. q(d .. "/out/owned")), "12345:23456\n", name .. ": get with uid/gid")
+	ffi.C.setenv("SUDO_UID", "4242", 1)
+	ffi.C.setenv("SUDO_GID", "4343", 1)
+	local ok = pcall(s.get, s, src, d .. "/out/sudo")
+	ffi.C.setenv("SUDO_UID", "x", 1)
+	t.raises(function() s:get(src, d .. "/out/sudo2") end, "SUDO_UID/SUDO_GID %('x', '4343'%) are not user and group ids",
+		name .. ": a malformed SUDO_UID is refused")
+	ffi.C.unsetenv("SUDO_UID")
+	ffi.C.unsetenv("SUDO_GID")
+	t.ok(ok, name .. ": get under sudo")
+	t.is(sh("stat -c %u:%g " .. q(d .. "/out/sudo")), "4242:4343\n", name .. ": ... belongs to SUDO_UID:SUDO_GID")
+	-- puts: directory targets, caps, what is not a file
+	t.is(s:put(src, d .. "/in/rdir/"), d .. "/in/rdir/suid", name .. ": put into DIR/")
+	t.is(s:put(src, d .. "/in/rdir"), d .. "/in/rdir/suid", name .. ": put into an existing directory")
+	t.raises(function() s:put(d .. "/in", d .. "/in/x") end, "local .*/in is a directory; directory trees are not supported yet",
+		name .. ": put of a directory")
+	sh("mkfifo " .. q(d .. "/in/fifo"))
+	t.raises(function() s:put(d .. "/in/fifo", d .. "/in/x") end, "local .*/fifo is not a regular file",
+		name .. ": put of a FIFO: refused at once, not waited on")
+	write_file(d .. "/in/2k", string.rep("x", 2048))
+	t.raises(function() s:put(d .. "/in/2k", d .. "/in/x", { max_bytes = 1024 }) end,
+		"local .*/2k is 2 KiB, more than 1 KiB %(%-%-max%-transfer / max_bytes raises it%)$", name .. ": put over max_bytes")
+	t.is((ssh.check_source(d .. "/in/2k")), 2048, name .. ": check_source gives the size")
+	t.is(select(2, ssh.check_source(d .. "/in/2k", 1024)), "is 2 KiB, more than 1 KiB (--max-transfer / max_bytes raises it)",
+		name .. ": check_source says why not")
+	sh("cp " .. q(d .. "/precious") .. " " .. q(d .. "/out/keep"))
+	t.raises(function() s:get(d .. "/in/2k", d .. "/out/keep", { max_bytes = 1024 }) end,
+		"the guest's file is 2 KiB, more than 1 KiB %(", name .. ": get of a file said to be over max_bytes")
+	t.raises(function() s:get("/proc/self/pagemap", d .. "/out/keep", { max_bytes = 65536 }) end,
+		"the guest sent more than 64 KiB %(", name .. ": get of a file that is bigger than it says: cut at max_bytes")
+	t.is(read_file(d .. "/out/keep"), "precious\n", name .. ": ... the old target stays")
+	t.is(temps(), "0", name .. ": ... and no partial file is left")
+	-- a FIFO nobody writes: sftp-server's open never returns
+	local t0 = require("fireclaw.runtime").now()
+	t.raises(function() s:get(d .. "/in/fifo", d .. "/out/f", { stall = 1 }) end,
+		"no progress for 1 s: the guest stalled", name .. ": get of a FIFO nobody writes ends at the stall limit")
+	t.ok(require("fireclaw.runtime").now() - t0 < 30, name .. ": ... (not after the default 30 s)")
+	sh("timeout 5 sh -c 'echo > " .. d .. "/in/fifo' || true") -- let that sftp-server go
+	t.is(temps(), "0", name .. ": ... no partial file")
 end
 
 local function test_many_channels(srv, name)
@@ -347,6 +420,7 @@ local function run_server_suite(lab, srv, other)
 	test_streaming(s, name)
 	test_pty(s, name)
 	test_sftp(s, name, lab)
+	test_sftp_hostile(s, name, lab)
 	s:close()
 	test_many_channels(srv, name)
 	test_auth_errors(srv, other, lab, name)

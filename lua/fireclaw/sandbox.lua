@@ -372,13 +372,16 @@ end
 -- The clock is set with the reseed (one path, one round trip).
 Sandbox.set_clock = Sandbox.reseed
 
-function Sandbox:put(localpath, remote, mode)
+-- Copy files in and out (SFTP); opts is a mode or {mode =, max_bytes =, stall =, uid =, gid =}
+-- (see fireclaw.ssh: a got file is data, never privileges; both are capped and time out
+-- when they stall). Each returns the path it wrote (a directory target gets the basename).
+function Sandbox:put(localpath, remote, opts)
 	alive(self, "put")
-	return self.session:put(localpath, remote, mode)
+	return self.session:put(localpath, remote, opts)
 end
-function Sandbox:get(remote, localpath)
+function Sandbox:get(remote, localpath, opts)
 	alive(self, "get")
-	return self.session:get(remote, localpath)
+	return self.session:get(remote, localpath, opts)
 end
 
 -- How to reach a VM kept with --keep, and how to remove it.
