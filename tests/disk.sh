@@ -82,6 +82,21 @@ ok $? "the host's disk copy is sparse (${alloc:-?} KiB allocated of 512 MiB)"
 kept=""
 no_leaks "a grown disk"
 
+# ---- killed while the disk is being grown: cleanup leaves nothing ----
+FIRECLAW_FAULT=disk-grown "$fc" -q run --no-snapshot --disk 512M -- true >/dev/null 2>&1; rc=$?
+is "$rc" 137 "a run killed right after growing its disk"
+"$fc" -q cleanup >/dev/null 2>&1
+no_leaks "cleanup after a kill at disk-grown"
+err=$(FIRECLAW_FAULT=disk-grown:error "$fc" run --no-snapshot --disk 512M -- true 2>&1); rc=$?
+is "$rc" 1 "a run failing right after growing its disk exits 1"
+no_leaks "a failure at disk-grown cleans up after itself"
+
+# ---- coldboot --disk ----
+out=$("$fc" -q coldboot --disk 1G -- cat /sys/block/vda/size 2>"$tmp/err"); rc=$?
+is "$rc:$out" "0:2097152" "coldboot --disk 1G: the guest's disk is 1 GiB"
+[ $rc = 0 ] || sed 's/^/#   /' "$tmp/err"
+no_leaks "coldboot --disk"
+
 # ---- room to work: 200 MiB fit with --disk 512M, not without ----
 big='dd if=/dev/zero of=/root/big bs=1M count=200 && sync'
 "$fc" run --no-snapshot --disk 512M -- sh -c "$big" >"$tmp/out" 2>&1; rc=$?

@@ -81,7 +81,7 @@ M.human_size = mib
 -- turn junk into a usage error); sandbox.new checks it against the image and the host.
 function M.disk_bytes(value)
 	local ok, bytes = pcall(image.parse_size, value)
-	if not ok or type(value) == "boolean" then
+	if not ok then
 		return nil, string.format("bad disk size '%s' (e.g. 512M, 2G)", tostring(value))
 	end
 	if bytes < 1 then return nil, string.format("bad disk size '%s' (e.g. 512M, 2G)", tostring(value)) end
@@ -199,6 +199,7 @@ local function grow(self, bytes)
 			r.timed_out and "timed out" or "exited " .. tostring(r.status or r.signal), last), 0)
 	end
 	self.disk_grown = true
+	fault.point("disk-grown")
 	self.timer:stage("disk grown to " .. mib(bytes))
 end
 
