@@ -5,6 +5,7 @@
 --   restore.restore(opts, snap) -> a sandbox ready for exec (reseeded, clock set: unique)
 -- Alone: restores, prints the stage times, runs CMD if given, destroys the VM.
 local cli = require "fireclaw.cli"
+local fs = require "fireclaw.fs"
 local image = require "fireclaw.image"
 local opts_check = require "fireclaw.opts"
 local sandbox = require "fireclaw.sandbox"
@@ -24,7 +25,10 @@ local function disk_mismatch(opts, snap)
 	if opts.disk == nil then return nil end
 	local want, err = sandbox.disk_bytes(opts.disk)
 	if not want then return "sandbox: " .. err end
-	local have = snap.files["disk.ext4"].size
+	-- (what snapshot.load checked against meta.json; a hand-made snap: the file itself)
+	local f = type(snap.files) == "table" and snap.files["disk.ext4"]
+	local have = type(f) == "table" and f.size or fs.size(snap.disk or "")
+	if not have then return string.format("restore: snapshot '%s' has no disk.ext4", tostring(snap.name)) end
 	if want == have then return nil end
 	return string.format("snapshot '%s' cannot be used: its disk is %s, not %s (a restored VM keeps its snapshot's "
 		.. "disk; make one with: fireclaw snapshot create --disk %s%s)", snap.name, sandbox.human_size(have),
