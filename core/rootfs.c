@@ -20,6 +20,8 @@
  *                                      twice; also __gc
  *   rootfs.write/read/exists/mkdir/remove/list/stat(image, path, ...)   one call each:
  *       open, do it, close.
+ *   rootfs.space(path) -> bytes        free to an unprivileged writer on path's
+ *       filesystem (statvfs f_bavail): what a disk copy there can still grow into.
  *
  *   opts: mode (a number such as tonumber("600", 8), or an octal string "0600"; default
  *   0644 for files, 0755 for directories), uid, gid (default 0).
@@ -48,6 +50,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -246,6 +249,16 @@ static int l_copy(lua_State *L)
 	if (job.result < 0)
 		fc_errno_error(L, -job.result, "rootfs: copy %s to %s", src, dst);
 	lua_pushstring(L, job.result == 1 ? "reflink" : "sparse");
+	return 1;
+}
+
+static int l_space(lua_State *L)
+{
+	const char *path = luaL_checkstring(L, 1);
+	struct statvfs sv;
+	if (statvfs(path, &sv) < 0)
+		fc_errno_error(L, errno, "rootfs: free space on %s", path);
+	lua_pushnumber(L, (lua_Number)sv.f_bavail * (lua_Number)sv.f_frsize);
 	return 1;
 }
 
@@ -1238,7 +1251,7 @@ int luaopen_fireclaw_rootfs(lua_State *L)
 	    {"copy", l_copy},	    {"open", l_open},	    {"write", l_m_write},
 	    {"read", l_m_read},	    {"exists", l_m_exists}, {"mkdir", l_m_mkdir},
 	    {"remove", l_m_remove}, {"list", l_m_list},	    {"stat", l_m_stat},
-	    {NULL, NULL},
+	    {"space", l_space},	    {NULL, NULL},
 	};
 	/* libext2fs reports com_err codes; register their texts once */
 	initialize_ext2_error_table();

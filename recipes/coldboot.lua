@@ -9,12 +9,13 @@ local sandbox = require "fireclaw.sandbox"
 
 local M = {}
 
--- opts: image, vcpu, mem_mib, vmm, accel, keep, boot_timeout (s), cpus (CPU limit)
+-- opts: image, vcpu, mem_mib, vmm, accel, keep, boot_timeout (s), cpus (CPU limit),
+-- disk (root disk size, "2G": the copy and its ext4 are grown before the VMM starts)
 function M.boot(opts)
 	opts = opts_check.check("coldboot.boot", opts, sandbox.OPTIONS)
 	return sandbox.build(opts, function(sb)
 		sb:network()                      -- namespace fc-<id> with tap0
-		sb:disk(sb.img.rootfs)            -- this VM's own copy of the image's disk
+		sb:disk(sb.img.rootfs)            -- this VM's own copy of the image's disk (grown to opts.disk)
 		sb:boot()                         -- the VMM boots the kernel
 		sb:connect(opts.boot_timeout)     -- until the guest's sshd answers (pinned host key)
 	end)
@@ -28,6 +29,7 @@ local function main(args)
 		{ "--vcpu N", "vCPUs", type = "number", default = 1 },
 		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
 		{ "--cpus N", "limit the VM to N CPUs' worth of time (fractions allowed: 0.5)", type = "number" },
+		{ "--disk SIZE", "grow the VM's root disk to SIZE (e.g. 512M, 2G; sparse, never shrunk)" },
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
@@ -36,8 +38,12 @@ local function main(args)
 	if opts.cpus and (opts.cpus < 0.01 or opts.cpus > 1024) then
 		cli.usage_error("--cpus must be 0.01 to 1024, got %s", opts.cpus)
 	end
+	if opts.disk then
+		local ok, err = sandbox.disk_bytes(opts.disk)
+		if not ok then cli.usage_error("--disk: %s", err) end
+	end
 	local sb = M.boot { image = opts.image, vcpu = opts.vcpu, mem_mib = opts.mem, vmm = opts.vmm, keep = opts.keep,
-		boot_timeout = opts.boot_timeout, cpus = opts.cpus }
+		boot_timeout = opts.boot_timeout, cpus = opts.cpus, disk = opts.disk }
 	return sandbox.with(sb, function()
 		io.stderr:write(sb:stage_report())
 		local status = #cmd > 0 and sb:exec_streaming(cmd) or 0

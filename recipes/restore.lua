@@ -5,6 +5,7 @@
 --   restore.restore(opts, snap) -> a sandbox ready for exec (reseeded, clock set: unique)
 -- Alone: restores, prints the stage times, runs CMD if given, destroys the VM.
 local cli = require "fireclaw.cli"
+local fs = require "fireclaw.fs"
 local image = require "fireclaw.image"
 local opts_check = require "fireclaw.opts"
 local sandbox = require "fireclaw.sandbox"
@@ -16,6 +17,23 @@ local M = {}
 -- The options of find and restore: a sandbox's, and which snapshot (default: the image's).
 local function check(where, opts)
 	return opts_check.check(where, opts, sandbox.OPTIONS, { "snapshot" })
+end
+
+-- A restore keeps its snapshot's disk (the saved memory knows that filesystem): a `disk`
+-- size other than the snapshot's cannot be had from it. Why not, or nil.
+local function disk_mismatch(opts, snap)
+	if opts.disk == nil then return nil end
+	local want, err = sandbox.disk_bytes(opts.disk)
+	if not want then return "sandbox: " .. err end
+	-- (what snapshot.load checked against meta.json; a hand-made snap: the file itself)
+	local f = type(snap.files) == "table" and snap.files["disk.ext4"]
+	local have = type(f) == "table" and f.size or fs.size(snap.disk or "")
+	if not have then return string.format("restore: snapshot '%s' has no disk.ext4", tostring(snap.name)) end
+	if want == have then return nil end
+	return string.format("snapshot '%s' cannot be used: its disk is %s, not %s (a restored VM keeps its snapshot's "
+		.. "disk; make one with: fireclaw snapshot create --disk %s%s)", snap.name, sandbox.human_size(have),
+		sandbox.human_size(want), type(opts.disk) == "string" and opts.disk or string.format("%dM", want / 2 ^ 20),
+		snap.name ~= snap.image and " --name " .. snap.name or "")
 end
 
 -- The snapshot to restore for these options, if there is a usable one. opts.detected:
@@ -32,6 +50,8 @@ function M.find(opts)
 	local version = d.vmm == "firecracker" and d.firecracker_version or d.qemu_version
 	local ok, reason = snapshot.compatible(snap, img, d.vmm, version, d.accel, d.accel_source)
 	if not ok then return nil, string.format("snapshot '%s' cannot be used: %s", snap.name, reason) end
+	local why = disk_mismatch(opts, snap)
+	if why then return nil, why end
 	return snap
 end
 
@@ -40,6 +60,8 @@ function M.restore(opts, snap)
 	if type(snap) ~= "table" or not snap.dir then
 		error("restore.restore: snap must be a snapshot from restore.find or snapshot.load", 0)
 	end
+	local why = disk_mismatch(opts, snap)
+	if why then error(why, 0) end
 	local sbopts = {}
 	for k, v in pairs(opts) do
 		if k ~= "snapshot" then sbopts[k] = v end

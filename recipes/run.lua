@@ -31,6 +31,7 @@ local SPEC = {
 	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
 	{ "--mem MIB", "memory in MiB (cold boot)", type = "number", default = 256 },
 	{ "--cpus N", "limit the VM to N CPUs' worth of time (fractions allowed: 0.5)", type = "number" },
+	{ "--disk SIZE", "grow the root disk to SIZE (e.g. 512M, 2G; cold boot, or a snapshot made with --disk)" },
 	{ "--timeout S", "stop CMD after S seconds (exit status 124)", type = "number" },
 	{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 	{ "--no-snapshot", "always cold boot" },
@@ -66,6 +67,10 @@ local function check_options(o, cmd)
 	if o.timeout and o.timeout <= 0 then cli.usage_error("--timeout must be positive") end
 	if o.snapshot and o.no_snapshot then cli.usage_error("--snapshot and --no-snapshot exclude each other") end
 	if o.cpus and (o.cpus < 0.01 or o.cpus > 1024) then cli.usage_error("--cpus must be 0.01 to 1024, got %s", o.cpus) end
+	if o.disk then
+		local ok, err = sandbox.disk_bytes(o.disk)
+		if not ok then cli.usage_error("--disk: %s", err) end
+	end
 	if o.max_output < 0 or o.max_output % 1 ~= 0 then cli.usage_error("--max-output must be a byte count, got %s", o.max_output) end
 	if o.vmm and o.vmm ~= "auto" and o.vmm ~= "firecracker" and o.vmm ~= "qemu" then
 		cli.usage_error("--vmm must be auto, firecracker or qemu, got '%s'", o.vmm)
@@ -105,14 +110,18 @@ local function start_vm(o)
 	-- snapshot check and the VM use the same; an impossible one is one line, now
 	local d = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices }
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
-		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus }
+		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap then
 			local sb = restore.restore(vmopts, snap)
 			return sb
 		end
-		if o.snapshot then error(why .. " (create it with: fireclaw snapshot create --name " .. o.snapshot .. ")", 0) end
+		if o.snapshot then
+			-- (a reason that says how to make a fitting snapshot needs no second hint)
+			if why:find("fireclaw snapshot create", 1, true) then error(why, 0) end
+			error(why .. " (create it with: fireclaw snapshot create --name " .. o.snapshot .. ")", 0)
+		end
 		if not why:match("^no snapshot named") then log.note("%s; cold booting", why) end
 	end
 	return coldboot.boot(vmopts)

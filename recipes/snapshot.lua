@@ -1,6 +1,6 @@
 -- Snapshots: create one from a warm VM, list, show, remove
 --
---   fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB]
+--   fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB] [--disk SIZE]
 --   fireclaw snapshot list | info [SNAP] | rm SNAP
 -- create: cold boot, wait until SSH answers (the snapshot is taken warm), pause, save
 -- device state + memory + the disk as of that moment + meta.json, destroy the VM.
@@ -46,13 +46,15 @@ function M.take(sb, name)
 	return res
 end
 
--- opts: image, name (default: the image's), vcpu, mem_mib, vmm, accel, boot_timeout
+-- opts: image, name (default: the image's), vcpu, mem_mib, vmm, accel, boot_timeout, disk
+-- (a bigger root disk, "2G": every restore gets a copy of it)
 function M.create(opts)
-	opts = checkopts.check("snapshot.create", opts, { "image", "name", "vcpu", "mem_mib", "vmm", "accel", "boot_timeout" })
+	opts = checkopts.check("snapshot.create", opts,
+		{ "image", "name", "vcpu", "mem_mib", "vmm", "accel", "boot_timeout", "disk" })
 	local img = image.load(opts.image or "default")
 	snapshot.abort(snapshot.begin(opts.name or img.name)) -- a state dir we cannot write fails now, not after a boot
 	local sb = coldboot.boot { image = img.name, vcpu = opts.vcpu, mem_mib = opts.mem_mib, vmm = opts.vmm,
-		accel = opts.accel, boot_timeout = opts.boot_timeout }
+		accel = opts.accel, boot_timeout = opts.boot_timeout, disk = opts.disk }
 	return sandbox.with(sb, M.take, opts.name or img.name)
 end
 
@@ -68,14 +70,19 @@ local function cmd_create(args)
 		{ "--name SNAP", "snapshot name (default: the image's name, which run uses)" },
 		{ "--vcpu N", "vCPUs", type = "number", default = 1 },
 		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
+		{ "--disk SIZE", "grow the root disk to SIZE (e.g. 512M, 2G); every restore gets a copy of it" },
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
+	if o.disk then
+		local ok, err = sandbox.disk_bytes(o.disk)
+		if not ok then cli.usage_error("--disk: %s", err) end
+	end
 	snapshot.clean_temp()
 	local t0 = require("fireclaw.runtime").now()
 	local meta = M.create { image = o.image, name = o.name, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm,
-		boot_timeout = o.boot_timeout }
+		boot_timeout = o.boot_timeout, disk = o.disk }
 	log.note("snapshot '%s' created in %.1f s (%s %s, %d MiB) at %s", meta.name,
 		require("fireclaw.runtime").now() - t0, meta.vmm, meta.vmm_version or "", meta.mem_mib, meta.dir)
 	return 0
@@ -139,7 +146,7 @@ local function main(args)
 	local sub = table.remove(args, 1)
 	if sub == "-h" or sub == "--help" or not sub then
 		local out = sub and io.stdout or io.stderr -- no command at all is a usage error
-		out:write("usage: fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB]\n"
+		out:write("usage: fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB] [--disk SIZE]\n"
 			.. "       fireclaw snapshot list [--json] | info [SNAP] | rm SNAP…\n"
 			.. "'fireclaw snapshot COMMAND --help' shows a command's options.\n")
 		return sub and 0 or 2

@@ -3,9 +3,10 @@
 -- (coldboot, restore, run, snapshot) are sequences of these steps:
 --
 --   local sb = sandbox.new{image = "default", vcpu = 1, mem_mib = 256, vmm = "auto",
---                          cpus = 0.5}   -- optional CPU limit (fireclaw.cgroup)
+--                          cpus = 0.5,    -- optional CPU limit (fireclaw.cgroup)
+--                          disk = "2G"}   -- optional: a bigger root disk (cold boot)
 --   sb:network()              -- namespace fc-<id> with tap0 (172.16.0.1/30, fixed MACs)
---   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse)
+--   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse), grown to `disk`
 --   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot, in
 --                             -- its own cgroup (memory, pids, cpu limits) where there is one
 --   sb:connect()              -- SSH with the image's pinned host key
@@ -19,12 +20,14 @@
 local cgroup = require "fireclaw.cgroup"
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
+local fs = require "fireclaw.fs"
 local ffi = require "ffi"
 local guest = require "fireclaw.guest"
 local image = require "fireclaw.image"
 local log = require "fireclaw.log"
 local net = require "fireclaw.net"
 local opts_check = require "fireclaw.opts"
+local proc = require "fireclaw.proc"
 local rootfs = require "fireclaw.rootfs"
 local ssh = require "fireclaw.ssh"
 local state = require "fireclaw.state"
@@ -58,7 +61,58 @@ end
 
 -- The options sandbox.new (and sandbox.build, coldboot.boot, restore.restore) takes;
 -- boot_timeout is how long sb:connect() waits by default (s).
-M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected" }
+M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk" }
+
+-- ---- disk size (--disk) ----
+
+local MIB = 2 ^ 20
+M.DISK_MAX = 2 ^ 40 -- 1 TiB: more is a typo, not a workload
+
+-- 536870912 -> "512 MiB", 2^40 -> "1 TiB", 82887716864 -> "77.2 GiB"
+local function mib(bytes)
+	local n, unit = bytes / MIB, "MiB"
+	if bytes >= 2 ^ 40 then n, unit = bytes / 2 ^ 40, "TiB" elseif bytes >= 2 ^ 30 then n, unit = bytes / 2 ^ 30, "GiB" end
+	return (string.format("%.1f", n):gsub("%.0$", "")) .. " " .. unit
+end
+M.human_size = mib
+
+-- The root disk size asked for ("512M", "2G", or bytes) in bytes, rounded up to a whole
+-- MiB; or nil and why not. Only the value itself is checked here (the CLI calls this to
+-- turn junk into a usage error); sandbox.new checks it against the image and the host.
+function M.disk_bytes(value)
+	local ok, bytes = pcall(image.parse_size, value)
+	if not ok then
+		return nil, string.format("bad disk size '%s' (e.g. 512M, 2G)", tostring(value))
+	end
+	if bytes < 1 then return nil, string.format("bad disk size '%s' (e.g. 512M, 2G)", tostring(value)) end
+	bytes = math.ceil(bytes / MIB) * MIB
+	if bytes > M.DISK_MAX then
+		return nil, string.format("disk size %s is more than %s", tostring(value), mib(M.DISK_MAX))
+	end
+	return bytes
+end
+
+-- The disk size for this image, checked before anything exists: not smaller than the
+-- image's disk (an ext4 is grown, never shrunk), not more than the run directory's
+-- filesystem has free (the copy is sparse, but the guest may fill it).
+local function disk_size(value, img)
+	if value == nil then return nil end
+	local bytes, err = M.disk_bytes(value)
+	if not bytes then error("sandbox: " .. err, 0) end
+	local have = fs.size(img.rootfs)
+	if have and bytes < have then
+		error(string.format("sandbox: disk size %s is smaller than the disk of image '%s' (%s): shrinking is not "
+			.. "supported", mib(bytes), img.name, mib(have)), 0)
+	end
+	local dir = config.run_dir -- (made by the first VM: its nearest existing parent until then)
+	while not fs.is_dir(dir) and dir:match("./") do dir = dir:match("^(.*)/[^/]*$") end
+	local free = rootfs.space(dir ~= "" and dir or "/")
+	if bytes - (have or 0) > free then
+		error(string.format("sandbox: disk size %s is more than %s has free (%s)", mib(bytes), config.run_dir,
+			mib(free)), 0)
+	end
+	return bytes
+end
 
 -- Where this VM's cgroups will be, in the record before they exist (cleanup removes them).
 -- No usable controller: the VM runs without limits, which -v says.
@@ -84,12 +138,14 @@ end
 function M.new(opts)
 	opts = opts_check.check("sandbox.new", opts, M.OPTIONS)
 	local img = image.load(opts.image or config.image)
+	local disk_bytes = disk_size(opts.disk, img)
 	state.reap_stale() -- what a killed fireclaw left behind (one listdir when there is none)
 	local rec = state.create { image = img.name, keep = opts.keep }
 	local self = setmetatable({
 		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
 		keep = opts.keep, boot_timeout = opts.boot_timeout, timer = log.timer("VM " .. rec.id),
+		disk_bytes = disk_bytes,
 	}, Sandbox)
 	-- a sandbox nobody destroyed goes when it is collected, at the latest when fireclaw exits
 	-- (a recipe that errors before sandbox.with leaves nothing behind either)
@@ -121,11 +177,40 @@ function Sandbox:network()
 	self.timer:stage("network")
 end
 
+-- Grow the disk copy (a sparse file) and its ext4 to `bytes`, offline, before any VMM
+-- has it: resize2fs extends the file itself and writes only the new metadata. The guest's
+-- virtio-blk sees the file's size at boot, and its / is already that big.
+local function grow(self, bytes)
+	local have = fs.size(self.disk_path)
+	if bytes == have then return end
+	if bytes < have then
+		error(string.format("sandbox: VM %s: disk size %s is smaller than its disk (%s): shrinking is not supported",
+			self.id, mib(bytes), mib(have)), 0)
+	end
+	local ok, r = pcall(proc.run, { "resize2fs", "-f", self.disk_path, math.floor(bytes / 1024) .. "K" },
+		{ timeout = 120 })
+	if not ok then
+		if tostring(r):match("^interrupted") then error(r, 0) end
+		error(string.format("sandbox: cannot run resize2fs (%s): install e2fsprogs", tostring(r)), 0)
+	end
+	if r.timed_out or r.status ~= 0 then
+		local last = ((r.stderr or "") .. "\n" .. (r.stdout or "")):match("([^\n]*%S[^\n]*)\n*$") or ""
+		error(string.format("sandbox: VM %s: growing its disk to %s failed (resize2fs %s): %s", self.id, mib(bytes),
+			r.timed_out and "timed out" or "exited " .. tostring(r.status or r.signal), last), 0)
+	end
+	self.disk_grown = true
+	fault.point("disk-grown")
+	self.timer:stage("disk grown to " .. mib(bytes))
+end
+
+-- This VM's own copy of src (the image's disk, or a snapshot's) in its run directory,
+-- grown to the size sandbox.new was given (`disk`), if any.
 function Sandbox:disk(src)
 	self.disk_path = self.dir .. "/disk.ext4"
 	self.disk_method = rootfs.copy(src, self.disk_path)
 	fault.point("disk")
 	self.timer:stage("disk copy (" .. self.disk_method .. ")")
+	if self.disk_bytes then grow(self, self.disk_bytes) end
 end
 
 -- What the VMM needs to boot this image (also what a restore must repeat exactly).
@@ -152,6 +237,11 @@ end
 -- snapshot's own disk.ext4.
 function Sandbox:restore(snap)
 	self.how = "snapshot"
+	-- the saved VM's memory knows its disk as it was: a grown one would be corrupted
+	if self.disk_grown then
+		error(string.format("sandbox: VM %s: a restore keeps its snapshot's disk (%s); a different disk size "
+			.. "needs a cold boot", self.id, mib(fs.size(snap.disk) or 0)), 0)
+	end
 	local spec = self:boot_spec()
 	spec.vcpu, spec.mem_mib = snap.vcpu, snap.mem_mib
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
