@@ -25,12 +25,16 @@ seed_state() {
 	[ -f "$dir/images/default/manifest.json" ] && return 0
 	[ -f "$seed/images/default/manifest.json" ] && [ -d "$seed/keys" ] || return 0
 	img=$(readlink -f "$seed/images/default") || return 0
-	rm -rf "$dir/images/default" "$dir/keys"
+	rm -rf "$dir/images" "$dir/keys"
 	mkdir -p "$dir/images"
-	if link_dir "$img" "$dir/images/default" && link_dir "$seed/keys" "$dir/keys"; then
+	# the same layout as a build makes: images/default -> .img~default~… (tests check it)
+	local real=default
+	[ -L "$seed/images/default" ] && real=${img##*/}
+	if link_dir "$img" "$dir/images/$real" && link_dir "$seed/keys" "$dir/keys"; then
 		chmod 700 "$dir/keys"
+		[ "$real" = default ] || ln -s "$real" "$dir/images/default"
 	else
-		rm -rf "$dir/images/default" "$dir/keys"
+		rm -rf "$dir/images" "$dir/keys"
 	fi
 	return 0
 }
