@@ -6,22 +6,18 @@
 -- 124 on --timeout) and destroys the VM whatever happens.
 local cli = require "fireclaw.cli"
 local fault = require "fireclaw.fault"
-local ffi = require "ffi"
 local fs = require "fireclaw.fs"
 local image = require "fireclaw.image"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
 local runtime = require "fireclaw.runtime"
 local sandbox = require "fireclaw.sandbox"
+local sys = require "fireclaw.sys"
 local vm = require "fireclaw.vm"
 
 local coldboot = cli.use "coldboot"
 local restore = cli.use "restore"
 
-ffi.cdef "int isatty(int fd);"
-
-local SIGNALS = { HUP = 1, INT = 2, QUIT = 3, ILL = 4, TRAP = 5, ABRT = 6, BUS = 7, FPE = 8, KILL = 9,
-	USR1 = 10, SEGV = 11, USR2 = 12, PIPE = 13, ALRM = 14, TERM = 15 }
 
 local SPEC = {
 	usage = "fireclaw run [options] -- CMD [ARGS…]",
@@ -102,7 +98,7 @@ end
 
 local function exit_status(r)
 	if r.timed_out then return 124 end
-	if r.signal then return 128 + (SIGNALS[r.signal] or tonumber(r.signal) or 0) end
+	if r.signal then return 128 + (sys.signal["SIG" .. r.signal] or tonumber(r.signal) or 0) end
 	return r.status or 1
 end
 
@@ -112,7 +108,7 @@ local function run_command(sb, o, cmd)
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
 	local line = ssh.quote(cmd)
 	local opts = { env = o.envs, timeout = o.timeout }
-	if ffi.C.isatty(0) == 0 then opts.stdin = 0 end
+	if not sys.isatty(0) then opts.stdin = 0 end
 	if o.json then
 		opts.max_capture = o.max_output
 	else

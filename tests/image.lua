@@ -10,11 +10,11 @@ local config = require "fireclaw.config"
 local json = require "fireclaw.json"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
-local ffi = require "ffi"
+local sys = require "fireclaw.sys"
 
 local PID = proc.getpid()
 local FIRECLAW -- set below: a copy of the binary running this test
-local is_root = ffi.C.geteuid() == 0
+local is_root = sys.geteuid() == 0
 
 local cleanups = {}
 local function defer(fn) table.insert(cleanups, 1, fn) end

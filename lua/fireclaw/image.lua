@@ -36,7 +36,7 @@ local json = require "fireclaw.json"
 local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
-local ffi = require "ffi"
+local sys = require "fireclaw.sys"
 
 local M = {}
 
@@ -55,19 +55,6 @@ M.SFTP_PACKAGE = "openssh-sftp-server"
 M.MODULES = { "virtio_mmio", "virtio_rng", "virtio_blk", "ext4", "virtio_net", "vmw_vsock_virtio_transport" }
 M.OPTIONAL_MODULES = { vmw_vsock_virtio_transport = true, virtio_rng = true }
 
--- a few libc calls Lua has no word for (one by one: another module may declare them too)
-for _, decl in ipairs({
-	"int symlink(const char *target, const char *linkpath);",
-	"long readlink(const char *path, char *buf, unsigned long size);",
-	"int link(const char *oldpath, const char *newpath);",
-	"int mkdir(const char *path, unsigned int mode);",
-	"int chmod(const char *path, unsigned int mode);",
-	"unsigned int geteuid(void);",
-	"char *strerror(int errnum);",
-}) do
-	pcall(ffi.cdef, decl)
-end
-
 -- ---- small helpers ----
 
 local function fail(fmt, ...)
@@ -80,10 +67,6 @@ local function log(fmt, ...)
 	io.stderr:flush()
 end
 M.log = log
-
-local function errno_str(e)
-	return ffi.string(ffi.C.strerror(e or ffi.errno()))
-end
 
 local function human(n)
 	if n >= 1024 * 1024 * 1024 then return string.format("%.1f GiB", n / 2 ^ 30) end
@@ -158,7 +141,7 @@ local function write_file(path, content, mode)
 		if e:find(NOSPACE, 1, true) then fail("no space left on device writing %s", path) end
 		fail("cannot write %s: %s", path, e)
 	end
-	if mode then ffi.C.chmod(tmp, tonumber(mode, 8)) end
+	if mode then sys.chmod(tmp, mode) end
 	local rok, rerr = os.rename(tmp, path)
 	if not rok then
 		os.remove(tmp)
@@ -167,16 +150,13 @@ local function write_file(path, content, mode)
 end
 
 local function mkdir_p(path, mode)
-	local m = tonumber(mode or "755", 8)
 	local cur = path:sub(1, 1) == "/" and "" or "."
 	for part in path:gmatch("[^/]+") do
 		cur = cur .. "/" .. part
-		if ffi.C.mkdir(cur, m) ~= 0 then
-			local e = ffi.errno() -- before is_dir() sets another one
-			if not is_dir(cur) then fail("cannot create directory %s: %s", cur, errno_str(e)) end
-		end
+		local ok, err = sys.mkdir(cur, mode or "755")
+		if not ok and not is_dir(cur) then fail("cannot create directory %s: %s", cur, err) end
 	end
-	if mode then ffi.C.chmod(path, m) end
+	if mode then sys.chmod(path, mode) end
 end
 
 -- rm -rf in Lua: symlinks are removed, never followed. No child process, so it also works
@@ -196,23 +176,18 @@ local function rm_rf(path)
 end
 
 local function symlink(target, path)
-	if ffi.C.symlink(target, path) ~= 0 then
-		fail("cannot create symlink %s -> %s: %s", path, target, errno_str())
-	end
+	local ok, err = sys.symlink(target, path)
+	if not ok then fail("cannot create symlink %s -> %s: %s", path, target, err) end
 end
 
 -- The target of a symlink, or nil if path is not one.
 function M.readlink(path)
-	local buf = ffi.new("char[4096]")
-	local n = tonumber(ffi.C.readlink(path, buf, 4096))
-	if n < 0 then return nil end
-	return ffi.string(buf, n)
+	return (sys.readlink(path))
 end
 
 local function chmod(path, mode)
-	if ffi.C.chmod(path, tonumber(mode, 8)) ~= 0 then
-		fail("cannot chmod %s: %s", path, errno_str())
-	end
+	local ok, err = sys.chmod(path, mode)
+	if not ok then fail("cannot chmod %s: %s", path, err) end
 end
 
 -- sha256 of files: {path = hex}
@@ -242,7 +217,7 @@ local function file_size(path)
 end
 
 local function is_root()
-	return ffi.C.geteuid() == 0
+	return sys.geteuid() == 0
 end
 
 local function pid_alive(pid)
@@ -288,7 +263,7 @@ function M.client_key()
 		run("creating the client key", { "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
 			"fireclaw", "-f", tmp })
 		chmod(tmp, "600")
-		ffi.C.link(tmp, key) -- EEXIST: someone else won, use theirs
+		sys.link(tmp, key) -- EEXIST: someone else won, use theirs
 		os.remove(tmp)
 		os.remove(tmp .. ".pub")
 		log("keys: client key %s (new)", key)
