@@ -55,8 +55,9 @@ function M.write(path, data, mode)
 	local tmp = string.format("%s.tmp%d", path, sys.getpid())
 	local f, err = io.open(tmp, "wb")
 	if not f then error("fs: write " .. path .. ": " .. tostring(err):gsub("^[^:]*: ", ""), 0) end
-	if mode then sys.chmod(tmp, mode) end
-	local ok, werr = f:write(data)
+	local ok, werr = true, nil
+	if mode then ok, werr = sys.chmod(tmp, mode) end -- a file just made is ours: never expected
+	if ok then ok, werr = f:write(data) end
 	local cok, cerr = f:close()
 	if not ok or not cok then
 		os.remove(tmp)
