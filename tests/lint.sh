@@ -1,6 +1,7 @@
 #!/bin/bash
-# tools/lint.sh --ffi: this tree passes, and the check fails on a tree that has FFI
-# outside core/ (fireclaw.sys is the one home of system calls). Needs neither root nor a VM.
+# tools/lint.sh (make lint): this tree passes, and each check fails on a tree that has
+# what it must catch — FFI outside core/ (fireclaw.sys is the one home of system calls),
+# a luacheck warning. Needs neither root nor a VM.
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 source "$root/tests/lib/tap.sh"
@@ -35,5 +36,20 @@ plant "$tmp/d" tests/lib/ssh_sys.lua 'ffi.cdef "int getpid(void);"'
 out=$("$lint" --ffi "$tmp/d" 2>&1)
 ok $? "core/ and the one allowed test helper may use the FFI" "$out"
 
+if command -v luacheck >/dev/null; then
+	out=$("$lint" "$root" 2>&1)
+	ok $? "luacheck: no warnings in lua/ recipes/ tests/ bench/ docs/example.lua" "$out"
+	cp "$root/.luacheckrc" "$tmp/d/"
+	plant "$tmp/d" lua/fireclaw/y.lua 'local unused = 1
+return {}'
+	out=$("$lint" "$tmp/d" 2>&1)
+	[ $? != 0 ]
+	ok $? "luacheck: an unused variable fails" "$out"
+	like "$out" "y.lua:1:7: \(W211\) unused variable 'unused'" "luacheck: it says where and what"
+else
+	skip "luacheck not installed (lua-check; tools/deps.sh)"
+	skip "luacheck not installed"
+	skip "luacheck not installed"
+fi
 echo "1..$_tap_n"
 [ "$_tap_failed" = 0 ]
