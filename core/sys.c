@@ -44,52 +44,55 @@ struct constant {
 	const char *name;
 	long value;
 };
-#define C_(prefix, x) {#x, prefix##x}
+/* {NV(EPERM)} is {"EPERM", EPERM}; {PV(O_, PATH)} is {"PATH", O_PATH} */
+#define NV(x) #x, x
+#define PV(prefix, x) #x, prefix##x
 
 static const struct constant errnos[] = {
-#define E_(x) {#x, x}
-	E_(EPERM),	  E_(ENOENT),	    E_(ESRCH),	      E_(EINTR),	E_(EIO),
-	E_(ENXIO),	  E_(E2BIG),	    E_(ENOEXEC),      E_(EBADF),	E_(ECHILD),
-	E_(EAGAIN),	  E_(EWOULDBLOCK),  E_(ENOMEM),	      E_(EACCES),	E_(EFAULT),
-	E_(EBUSY),	  E_(EEXIST),	    E_(EXDEV),	      E_(ENODEV),	E_(ENOTDIR),
-	E_(EISDIR),	  E_(EINVAL),	    E_(ENFILE),	      E_(EMFILE),	E_(ENOTTY),
-	E_(ETXTBSY),	  E_(EFBIG),	    E_(ENOSPC),	      E_(ESPIPE),	E_(EROFS),
-	E_(EMLINK),	  E_(EPIPE),	    E_(ERANGE),	      E_(EDEADLK),	E_(ENAMETOOLONG),
-	E_(ENOSYS),	  E_(ENOTEMPTY),    E_(ELOOP),	      E_(ENOTSUP),	E_(EOPNOTSUPP),
-	E_(EOVERFLOW),	  E_(ECANCELED),    E_(ETIMEDOUT),    E_(ECONNREFUSED), E_(ECONNRESET),
-	E_(EADDRINUSE),	  E_(EADDRNOTAVAIL), E_(ENETUNREACH), E_(EHOSTUNREACH), E_(EINPROGRESS),
-	E_(EALREADY),	  E_(ENOTCONN),	    E_(ESTALE),	      E_(EDQUOT),	{NULL, 0},
-#undef E_
+    {NV(EPERM)},	{NV(ENOENT)},	   {NV(ESRCH)},		{NV(EINTR)},
+    {NV(EIO)},		{NV(ENXIO)},	   {NV(E2BIG)},		{NV(ENOEXEC)},
+    {NV(EBADF)},	{NV(ECHILD)},	   {NV(EAGAIN)},	{NV(EWOULDBLOCK)},
+    {NV(ENOMEM)},	{NV(EACCES)},	   {NV(EFAULT)},	{NV(EBUSY)},
+    {NV(EEXIST)},	{NV(EXDEV)},	   {NV(ENODEV)},	{NV(ENOTDIR)},
+    {NV(EISDIR)},	{NV(EINVAL)},	   {NV(ENFILE)},	{NV(EMFILE)},
+    {NV(ENOTTY)},	{NV(ETXTBSY)},	   {NV(EFBIG)},		{NV(ENOSPC)},
+    {NV(ESPIPE)},	{NV(EROFS)},	   {NV(EMLINK)},	{NV(EPIPE)},
+    {NV(ERANGE)},	{NV(EDEADLK)},	   {NV(ENAMETOOLONG)},	{NV(ENOSYS)},
+    {NV(ENOTEMPTY)},	{NV(ELOOP)},	   {NV(ENOTSUP)},	{NV(EOPNOTSUPP)},
+    {NV(EOVERFLOW)},	{NV(ECANCELED)},   {NV(ETIMEDOUT)},	{NV(ECONNREFUSED)},
+    {NV(ECONNRESET)},	{NV(EADDRINUSE)},  {NV(EADDRNOTAVAIL)}, {NV(ENETUNREACH)},
+    {NV(EHOSTUNREACH)}, {NV(EINPROGRESS)}, {NV(EALREADY)},	{NV(ENOTCONN)},
+    {NV(ESTALE)},	{NV(EDQUOT)},	   {NULL, 0},
 };
 
 static const struct constant signals[] = {
-#define S_(x) {#x, x}
-	S_(SIGHUP),  S_(SIGINT),  S_(SIGQUIT), S_(SIGILL),    S_(SIGTRAP), S_(SIGABRT),
-	S_(SIGBUS),  S_(SIGFPE),  S_(SIGKILL), S_(SIGUSR1),   S_(SIGSEGV), S_(SIGUSR2),
-	S_(SIGPIPE), S_(SIGALRM), S_(SIGTERM), S_(SIGCHLD),   S_(SIGCONT), S_(SIGSTOP),
-	S_(SIGTSTP), S_(SIGTTIN), S_(SIGTTOU), S_(SIGURG),    S_(SIGXCPU), S_(SIGXFSZ),
-	S_(SIGVTALRM), S_(SIGPROF), S_(SIGWINCH), S_(SIGIO), S_(SIGPWR),  S_(SIGSYS),
-	{NULL, 0},
-#undef S_
+    {NV(SIGHUP)},    {NV(SIGINT)},  {NV(SIGQUIT)},  {NV(SIGILL)},  {NV(SIGTRAP)}, {NV(SIGABRT)},
+    {NV(SIGBUS)},    {NV(SIGFPE)},  {NV(SIGKILL)},  {NV(SIGUSR1)}, {NV(SIGSEGV)}, {NV(SIGUSR2)},
+    {NV(SIGPIPE)},   {NV(SIGALRM)}, {NV(SIGTERM)},  {NV(SIGCHLD)}, {NV(SIGCONT)}, {NV(SIGSTOP)},
+    {NV(SIGTSTP)},   {NV(SIGTTIN)}, {NV(SIGTTOU)},  {NV(SIGURG)},  {NV(SIGXCPU)}, {NV(SIGXFSZ)},
+    {NV(SIGVTALRM)}, {NV(SIGPROF)}, {NV(SIGWINCH)}, {NV(SIGIO)},   {NV(SIGPWR)},  {NV(SIGSYS)},
+    {NULL, 0},
 };
 
 static const struct constant oflags[] = {
-	C_(O_, RDONLY),	   C_(O_, WRONLY),   C_(O_, RDWR),	C_(O_, CREAT),	  C_(O_, EXCL),
-	C_(O_, NOCTTY),	   C_(O_, TRUNC),    C_(O_, APPEND),	C_(O_, NONBLOCK), C_(O_, DIRECTORY),
-	C_(O_, NOFOLLOW),  C_(O_, CLOEXEC),  C_(O_, PATH),	C_(O_, SYNC),	  C_(O_, DSYNC),
-	C_(O_, TMPFILE),   C_(O_, NOATIME),  {NULL, 0},
+    {PV(O_, RDONLY)},	{PV(O_, WRONLY)},    {PV(O_, RDWR)},	 {PV(O_, CREAT)},
+    {PV(O_, EXCL)},	{PV(O_, NOCTTY)},    {PV(O_, TRUNC)},	 {PV(O_, APPEND)},
+    {PV(O_, NONBLOCK)}, {PV(O_, DIRECTORY)}, {PV(O_, NOFOLLOW)}, {PV(O_, CLOEXEC)},
+    {PV(O_, PATH)},	{PV(O_, SYNC)},	     {PV(O_, DSYNC)},	 {PV(O_, TMPFILE)},
+    {PV(O_, NOATIME)},	{NULL, 0},
 };
 
 static const struct constant modes[] = {
-	C_(S_, IFMT),  C_(S_, IFREG), C_(S_, IFDIR), C_(S_, IFLNK), C_(S_, IFCHR), C_(S_, IFBLK),
-	C_(S_, IFIFO), C_(S_, IFSOCK), C_(S_, ISUID), C_(S_, ISGID), C_(S_, ISVTX), C_(S_, IRWXU),
-	C_(S_, IRUSR), C_(S_, IWUSR), C_(S_, IXUSR), C_(S_, IRWXG), C_(S_, IRGRP), C_(S_, IWGRP),
-	C_(S_, IXGRP), C_(S_, IRWXO), C_(S_, IROTH), C_(S_, IWOTH), C_(S_, IXOTH), {NULL, 0},
+    {PV(S_, IFMT)},  {PV(S_, IFREG)}, {PV(S_, IFDIR)},	{PV(S_, IFLNK)}, {PV(S_, IFCHR)},
+    {PV(S_, IFBLK)}, {PV(S_, IFIFO)}, {PV(S_, IFSOCK)}, {PV(S_, ISUID)}, {PV(S_, ISGID)},
+    {PV(S_, ISVTX)}, {PV(S_, IRWXU)}, {PV(S_, IRUSR)},	{PV(S_, IWUSR)}, {PV(S_, IXUSR)},
+    {PV(S_, IRWXG)}, {PV(S_, IRGRP)}, {PV(S_, IWGRP)},	{PV(S_, IXGRP)}, {PV(S_, IRWXO)},
+    {PV(S_, IROTH)}, {PV(S_, IWOTH)}, {PV(S_, IXOTH)},	{NULL, 0},
 };
 
 static const struct constant clocks[] = {
-	C_(CLOCK_, REALTIME),	       C_(CLOCK_, MONOTONIC),	      C_(CLOCK_, BOOTTIME),
-	C_(CLOCK_, PROCESS_CPUTIME_ID), C_(CLOCK_, THREAD_CPUTIME_ID), {NULL, 0},
+    {PV(CLOCK_, REALTIME)},	      {PV(CLOCK_, MONOTONIC)},	       {PV(CLOCK_, BOOTTIME)},
+    {PV(CLOCK_, PROCESS_CPUTIME_ID)}, {PV(CLOCK_, THREAD_CPUTIME_ID)}, {NULL, 0},
 };
 
 /* Push a table name -> value of the constants and store it as field `field` of the module
@@ -461,36 +464,21 @@ static int l_setenv(lua_State *L)
 int luaopen_fireclaw_sys(lua_State *L)
 {
 	static const luaL_Reg fns[] = {
-		{"strerror", l_strerror},
-		{"open", l_open},
-		{"close", l_close},
-		{"write", l_write},
-		{"dup", l_dup},
-		{"stat", l_stat},
-		{"lstat", l_lstat},
-		{"fstat", l_fstat},
-		{"access", l_access},
-		{"mkdir", l_mkdir},
-		{"rmdir", l_rmdir},
-		{"unlink", l_unlink},
-		{"rename", l_rename},
-		{"link", l_link},
-		{"symlink", l_symlink},
-		{"readlink", l_readlink},
-		{"chmod", l_chmod},
-		{"fchmod", l_fchmod},
-		{"fchown", l_fchown},
-		{"memfd_create", l_memfd_create},
-		{"isatty", l_isatty},
-		{"clock_gettime", l_clock_gettime},
-		{"getpid", l_getpid},
-		{"getuid", l_getuid},
-		{"geteuid", l_geteuid},
-		{"getgid", l_getgid},
-		{"getegid", l_getegid},
-		{"kill", l_kill},
-		{"setenv", l_setenv},
-		{NULL, NULL},
+	    {"strerror", l_strerror}, {"open", l_open},
+	    {"close", l_close},	      {"write", l_write},
+	    {"dup", l_dup},	      {"stat", l_stat},
+	    {"lstat", l_lstat},	      {"fstat", l_fstat},
+	    {"access", l_access},     {"mkdir", l_mkdir},
+	    {"rmdir", l_rmdir},	      {"unlink", l_unlink},
+	    {"rename", l_rename},     {"link", l_link},
+	    {"symlink", l_symlink},   {"readlink", l_readlink},
+	    {"chmod", l_chmod},	      {"fchmod", l_fchmod},
+	    {"fchown", l_fchown},     {"memfd_create", l_memfd_create},
+	    {"isatty", l_isatty},     {"clock_gettime", l_clock_gettime},
+	    {"getpid", l_getpid},     {"getuid", l_getuid},
+	    {"geteuid", l_geteuid},   {"getgid", l_getgid},
+	    {"getegid", l_getegid},   {"kill", l_kill},
+	    {"setenv", l_setenv},     {NULL, NULL},
 	};
 	lua_newtable(L);
 	luaL_register(L, NULL, fns);
