@@ -135,7 +135,7 @@ local function test_argv(s, name)
 	local ok, r = roundtrip(hostile)
 	t.ok(ok, name .. ": hostile argv arrives verbatim", r.stdout)
 	local bad
-	for i = 1, 30 do
+	for _ = 1, 30 do
 		local args = {}
 		for j = 1, math.random(1, 6) do args[j] = random_arg(math.random(0, 40)) end
 		if not roundtrip(args) then bad = args break end
@@ -220,9 +220,9 @@ local function test_streaming(s, name)
 	t.is(s:exec("echo after").stdout, "after\n", name .. ": ... and the session goes on")
 	local errs = 0
 	for _ = 1, 20 do
-		local ok = pcall(s.exec, s, "echo x; echo y >&2", {on_stdout = function() error("b", 0) end})
-		local r = s:exec("echo z")
-		if ok or r.stdout ~= "z\n" then errs = errs + 1 end
+		local aborted_ok = pcall(s.exec, s, "echo x; echo y >&2", {on_stdout = function() error("b", 0) end})
+		local after = s:exec("echo z")
+		if aborted_ok or after.stdout ~= "z\n" then errs = errs + 1 end
 	end
 	t.is(errs, 0, name .. ": 20 aborted execs in a row leave the session healthy")
 end

@@ -351,7 +351,7 @@ local function apt_options()
 	return o
 end
 
-local function apt_cache(what, args)
+local function apt_cache(_what, args)
 	local argv = { "apt-cache" }
 	for _, a in ipairs(apt_options()) do argv[#argv + 1] = a end
 	for _, a in ipairs(args) do argv[#argv + 1] = a end
@@ -413,7 +413,7 @@ end
 -- package's providers take one already chosen, else the first real one.
 -- Returns the sorted list of real package names.
 function M.resolve_depends(text, roots)
-	local blocks, order = {}, {}
+	local blocks = {}
 	local cur, group_open
 	for line in text:gmatch("[^\n]+") do
 		if not line:match("^%s") then
@@ -423,7 +423,6 @@ function M.resolve_depends(text, roots)
 			else
 				cur = { groups = {} }
 				blocks[name] = cur
-				order[#order + 1] = name
 			end
 			group_open = false
 		elseif cur then
@@ -471,7 +470,6 @@ function M.resolve_depends(text, roots)
 				for _, alt in ipairs(group) do
 					if not alt.virtual and blocks[alt.name] then
 						choose(alt.name)
-						done = true
 						break
 					end
 					for _, p in ipairs(alt.providers) do
@@ -1431,7 +1429,6 @@ function M.build(opts)
 		local debs = download(all)
 		local itree = scratch .. "/initrd"
 		local k = build_kernel(p, debs, scratch, out, itree)
-		local t0 = runtime.now()
 		local busybox_deb
 		for _, r in ipairs(p.base) do if r.Package == "busybox-static" then busybox_deb = debs[r.Package] end end
 		local bbdir = scratch .. "/busybox"
@@ -1444,7 +1441,6 @@ function M.build(opts)
 		log("rootfs: %s ext4 (sparse), tree %s in %d files, %d busybox applets%s (%s)", human(rf.size), human(rf.used),
 			rf.files, rf.applets, #p.extra > 0 and string.format(", %d extra packages", #p.extra) or "", secs(rf.t0))
 		log("keys: client %s, host key ed25519 pinned in host_key.pub", client_key)
-		t0 = runtime.now()
 		rm_rf(scratch)
 		local names = { "vmlinux", "vmlinuz", "initrd", "rootfs.ext4", "host_key.pub" }
 		local paths = {}
@@ -1454,12 +1450,12 @@ function M.build(opts)
 		for i, n in ipairs(names) do
 			files[n] = { sha256 = sums[paths[i]], size = sz[paths[i]].size, allocated = sz[paths[i]].allocated }
 		end
-		local function pkgs(list, role, o)
+		local function pkgs(list, role, out_list)
 			for _, r in ipairs(list) do
-				o[#o + 1] = { name = r.Package, version = r.Version, role = role, sha256 = r.SHA256,
+				out_list[#out_list + 1] = { name = r.Package, version = r.Version, role = role, sha256 = r.SHA256,
 					file = deb_filename(r) }
 			end
-			return o
+			return out_list
 		end
 		local plist = pkgs({ p.kernel }, "kernel", json.array())
 		pkgs(p.base, "base", plist)
@@ -1541,8 +1537,8 @@ function M.import(opts)
 	if M.exists(name) and not opts.force then
 		fail("an image named '%s' exists (fireclaw image rm %s, or --force to replace it)", name, name)
 	end
-	local kind = kernel_kind(opts.kernel)
-	if not kind then fail("%s is neither an ELF vmlinux nor a bzImage", opts.kernel) end
+	local kernel_format = kernel_kind(opts.kernel)
+	if not kernel_format then fail("%s is neither an ELF vmlinux nor a bzImage", opts.kernel) end
 	local host_key
 	if opts.host_key then
 		host_key = (read_file(opts.host_key) or ""):match("(ssh%-[%w-]+ [A-Za-z0-9+/=]+)")
@@ -1556,7 +1552,7 @@ function M.import(opts)
 	local ok, res = pcall(function()
 		local out = work .. "/out"
 		local compression
-		if kind == "elf" then
+		if kernel_format == "elf" then
 			copy(opts.kernel, out .. "/vmlinux")
 		else
 			copy(opts.kernel, out .. "/vmlinuz")
@@ -1590,7 +1586,7 @@ function M.import(opts)
 			created = os.date("!%Y-%m-%dT%H:%M:%SZ"),
 			imported_from = { kernel = opts.kernel, rootfs = opts.rootfs, initrd = opts.initrd,
 				host_key = opts.host_key },
-			kernel_info = { compression = compression, format = kind },
+			kernel_info = { compression = compression, format = kernel_format },
 			files = files,
 			packages = json.array(),
 			boot_args = args,
@@ -1603,7 +1599,7 @@ function M.import(opts)
 		write_file(out .. "/manifest.json", json.encode(manifest, { pretty = true }) .. "\n", "644")
 		install(name, out)
 		rm_rf(work)
-		log("imported '%s' (%s kernel%s) in %s", name, kind, opts.initrd and ", initrd" or "", secs(T0))
+		log("imported '%s' (%s kernel%s) in %s", name, kernel_format, opts.initrd and ", initrd" or "", secs(T0))
 		return manifest
 	end)
 	if not ok then

@@ -41,8 +41,8 @@ for i = 1, 2 do
 			sb:exec("date -s @1000000000 >/dev/null")
 			sb.img = setmetatable({ guest = {} }, { __index = sb.img })
 			ok, err = pcall(sb.reseed, sb)
-			local r = sb:exec("date +%s")
-			print(string.format("no helper: %s %s %d", ok and "ok" or tostring(err), r.stdout:match("%d+"), os.time()))
+			local r2 = sb:exec("date +%s")
+			print(string.format("no helper: %s %s %d", ok and "ok" or tostring(err), r2.stdout:match("%d+"), os.time()))
 		end
 	end)
 end

@@ -332,8 +332,8 @@ local function spawn(v, spec, ram)
 	-- QEMU has its copies now (or failed): ours go, so that the QMP socket closes with QEMU
 	close_fds(v, fds)
 	if not ok then error(err, 0) end
-	local ok, q = pcall(core.qmp_connect, qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
-	if not ok then
+	local qok, q = pcall(core.qmp_connect, qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
+	if not qok then
 		-- the socket is ours and listens at once, QEMU may still fail on its options
 		-- (kernel, disk, tap): say so with its own words rather than the reset connection
 		local st = v.proc:wait(2)
@@ -345,8 +345,8 @@ local function spawn(v, spec, ram)
 	end
 	v.qmp = q
 	v.timings.api_ready = runtime.now() - t0
-	local q = v.qmp:greeting().QMP.version.qemu
-	v.vmm_version = string.format("%d.%d.%d", q.major, q.minor, q.micro)
+	local ver = v.qmp:greeting().QMP.version.qemu
+	v.vmm_version = string.format("%d.%d.%d", ver.major, ver.minor, ver.micro)
 	v.ram = ram
 	v.spec = spec
 	util.verbose("VM %s: qemu %s QMP ready in %.0f ms", v.id, v.vmm_version,
