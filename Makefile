@@ -3,6 +3,9 @@
 #   make test            C unit tests, Lua tests and integration tests on real VMs
 #   make SANITIZE=1 test the same with ASan + UBSan (binary: build/san/fireclaw)
 #   make test TESTS="tests/json.lua tests/e2e.sh"   some test files only
+#   make check           the unit tier: C unit tests and the tests that need neither root
+#                        nor a VM (seconds; any user)
+#   make lint            luacheck (.luacheckrc) and no LuaJIT FFI outside core/ (tools/lint.sh)
 #   make deps            install every Debian package the project needs
 #   make install PREFIX=/usr/local
 #   make bench           benchmark, writes BENCHMARKS.md
@@ -87,6 +90,15 @@ $(OBJDIR)/unit/%: tests/unit/%.c $(LIBOBJS)
 test: $(BIN) $(UNIT)
 	FIRECLAW=$(abspath $(BIN)) UNIT_DIR=$(OBJDIR)/unit tests/run $(TESTS)
 
+# the unit tier: no root, no VM, no network namespace, a few seconds (docs/HACKING.md)
+CHECK_TESTS := tests/json.lua tests/sys.lua tests/cgroup.lua tests/cstrings.lua tests/rootfs.lua \
+	tests/docs.sh tests/lint.sh tests/repl.py
+check: $(BIN) $(UNIT)
+	FIRECLAW=$(abspath $(BIN)) UNIT_DIR=$(OBJDIR)/unit tests/run $(UNIT) $(CHECK_TESTS)
+
+lint:
+	tools/lint.sh
+
 deps:
 	tools/deps.sh
 
@@ -109,4 +121,4 @@ format:
 clean:
 	rm -rf build fireclaw
 
-.PHONY: all test deps install format clean bench fuzz FORCE
+.PHONY: all test check lint deps install format clean bench fuzz FORCE

@@ -2,27 +2,19 @@
 --
 --   FCB_STAGECPU_OUT=FILE fireclaw bench/stagecpu.lua [run options] -- CMD [ARGS…]
 -- runs the built-in `run` recipe unchanged, but wraps fireclaw.log's stage timer so that each
--- stage also records getrusage(RUSAGE_SELF) (this process only: the VMM and helpers are
+-- stage also records its CPU time (CLOCK_PROCESS_CPUTIME_ID: this process only: the VMM and helpers are
 -- children, not counted). Appends one JSON line to FILE:
 --   {"start": cpu_ms at script start (process start-up), "stages": [{name, cpu_ms, ms}…],
 --    "before": cpu_ms from script start to the first stage's start (before_ms: wall),
 --    "after": cpu_ms from the last stage to the end of the recipe (after_ms: wall)}
-local ffi = require "ffi"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
 local runtime = require "fireclaw.runtime"
+local sys = require "fireclaw.sys"
 
-ffi.cdef [[
-struct fcb_timeval { long tv_sec; long tv_usec; };
-struct fcb_rusage { struct fcb_timeval ru_utime; struct fcb_timeval ru_stime; long rest[14]; };
-int getrusage(int who, struct fcb_rusage *usage);
-]]
-
-local ru = ffi.new("struct fcb_rusage")
 local function cpu_ms()
-	ffi.C.getrusage(0, ru) -- RUSAGE_SELF
-	return (tonumber(ru.ru_utime.tv_sec) + tonumber(ru.ru_stime.tv_sec)) * 1e3
-		+ (tonumber(ru.ru_utime.tv_usec) + tonumber(ru.ru_stime.tv_usec)) / 1e3
+	local sec, nsec = sys.clock_gettime(sys.CLOCK.PROCESS_CPUTIME_ID)
+	return sec * 1e3 + nsec / 1e6
 end
 
 local t_start, w_start = cpu_ms(), runtime.now()

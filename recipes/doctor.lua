@@ -185,15 +185,15 @@ local function check_image()
 			"fireclaw image build")
 		return
 	end
-	local loaded, img = pcall(image.load, config.image)
+	local loaded, manifest = pcall(image.load, config.image)
 	if not loaded then
-		report("fail", "image", "'" .. config.image .. "' is broken: " .. tostring(img),
+		report("fail", "image", "'" .. config.image .. "' is broken: " .. tostring(manifest),
 			"fireclaw image build --force")
 		return
 	end
 	local missing = {}
 	for _, k in ipairs({ "kernel", "initrd", "rootfs" }) do
-		if img[k] and not util.exists(img[k]) then missing[#missing + 1] = img[k] end
+		if manifest[k] and not util.exists(manifest[k]) then missing[#missing + 1] = manifest[k] end
 	end
 	if #missing > 0 then
 		report("fail", "image", "'" .. config.image .. "' lacks " .. table.concat(missing, ", "),
@@ -201,10 +201,10 @@ local function check_image()
 		return
 	end
 	-- a built image knows its kernel release, an imported one only the kernel's format
-	local k = type(img.kernel_info) == "table" and img.kernel_info or {}
+	local k = type(manifest.kernel_info) == "table" and manifest.kernel_info or {}
 	local kernel = k.release or k.format or "?"
 	report("ok", "image", string.format("'%s' in %s (kernel %s, built %s)", config.image,
-		config.image_dir(config.image), kernel, img.created or "?"))
+		config.image_dir(config.image), kernel, manifest.created or "?"))
 end
 
 -- Writable, or creatable below its nearest existing parent.

@@ -50,8 +50,8 @@ function M.find(opts)
 	local version = d.vmm == "firecracker" and d.firecracker_version or d.qemu_version
 	local ok, reason = snapshot.compatible(snap, img, d.vmm, version, d.accel, d.accel_source)
 	if not ok then return nil, string.format("snapshot '%s' cannot be used: %s", snap.name, reason) end
-	local why = disk_mismatch(opts, snap)
-	if why then return nil, why end
+	local mismatch = disk_mismatch(opts, snap)
+	if mismatch then return nil, mismatch end
 	return snap
 end
 

@@ -6,22 +6,18 @@
 -- 124 on --timeout) and destroys the VM whatever happens.
 local cli = require "fireclaw.cli"
 local fault = require "fireclaw.fault"
-local ffi = require "ffi"
 local fs = require "fireclaw.fs"
 local image = require "fireclaw.image"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
 local runtime = require "fireclaw.runtime"
 local sandbox = require "fireclaw.sandbox"
+local sys = require "fireclaw.sys"
 local vm = require "fireclaw.vm"
 
 local coldboot = cli.use "coldboot"
 local restore = cli.use "restore"
 
-ffi.cdef "int isatty(int fd);"
-
-local SIGNALS = { HUP = 1, INT = 2, QUIT = 3, ILL = 4, TRAP = 5, ABRT = 6, BUS = 7, FPE = 8, KILL = 9,
-	USR1 = 10, SEGV = 11, USR2 = 12, PIPE = 13, ALRM = 14, TERM = 15 }
 
 local SPEC = {
 	usage = "fireclaw run [options] -- CMD [ARGS…]",
@@ -78,7 +74,7 @@ local function check_options(o, cmd)
 	o.max_transfer = parse_size(o.max_transfer)
 	if not o.max_transfer then cli.usage_error("--max-transfer wants a size such as 64K, 512M or 2G") end
 	local stall = os.getenv("FIRECLAW_TRANSFER_STALL_S")
-	if stall and stall ~= "" and not ((tonumber(stall) or 0) > 0) then
+	if stall and stall ~= "" and (tonumber(stall) or 0) <= 0 then
 		cli.usage_error("FIRECLAW_TRANSFER_STALL_S must be a number of seconds > 0, got '%s'", stall)
 	end
 	o.puts, o.gets, o.envs = {}, {}, {}
@@ -129,7 +125,7 @@ end
 
 local function exit_status(r)
 	if r.timed_out then return 124 end
-	if r.signal then return 128 + (SIGNALS[r.signal] or tonumber(r.signal) or 0) end
+	if r.signal then return 128 + (sys.signal["SIG" .. r.signal] or tonumber(r.signal) or 0) end
 	return r.status or 1
 end
 
@@ -139,7 +135,7 @@ local function run_command(sb, o, cmd)
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
 	local line = ssh.quote(cmd)
 	local opts = { env = o.envs, timeout = o.timeout }
-	if ffi.C.isatty(0) == 0 then opts.stdin = 0 end
+	if not sys.isatty(0) then opts.stdin = 0 end
 	if o.json then
 		opts.max_capture = o.max_output
 	else

@@ -11,7 +11,6 @@ local runtime = require "fireclaw.runtime"
 
 local FIRECLAW = os.getenv("FIRECLAW") or "./fireclaw"
 local tmp = proc.run({ "mktemp", "-d", "/tmp/fct-holes.XXXXXX" }).stdout:gsub("%s+$", "")
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 local function read(path) return fs.read(path) or "" end
 -- wait (bounded) until cond() is true
 local function wait_until(cond, seconds)

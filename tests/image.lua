@@ -10,11 +10,11 @@ local config = require "fireclaw.config"
 local json = require "fireclaw.json"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
-local ffi = require "ffi"
+local sys = require "fireclaw.sys"
 
 local PID = proc.getpid()
 local FIRECLAW -- set below: a copy of the binary running this test
-local is_root = ffi.C.geteuid() == 0
+local is_root = sys.geteuid() == 0
 
 local cleanups = {}
 local function defer(fn) table.insert(cleanups, 1, fn) end
@@ -535,14 +535,14 @@ local function boot(img, n, opts)
 	local ssh_base = { "ssh", "-F", "/dev/null", "-i", img.client_key, "-o", "UserKnownHostsFile=" .. dir .. "/known_hosts",
 		"-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=2",
 		"-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=3", "-o", "LogLevel=ERROR", "root@" .. net.guest_ip }
-	local function ssh(cmd, opts)
+	local function ssh(cmd, run_opts)
 		local a = {}
 		for _, x in ipairs(ssh_base) do a[#a + 1] = x end
 		a[#a + 1] = cmd
-		opts = opts or {}
-		opts.netns = ns
-		opts.timeout = opts.timeout or 60
-		return proc.run(a, opts)
+		run_opts = run_opts or {}
+		run_opts.netns = ns
+		run_opts.timeout = run_opts.timeout or 60
+		return proc.run(a, run_opts)
 	end
 	local res = { ns = ns, dir = dir, vm = vm, ssh = ssh, kvm = kvm, console_path = console }
 	if opts.no_disk then return res end

@@ -15,8 +15,7 @@ local tmp = proc.run({ "mktemp", "-d" }).stdout:gsub("%s+$", "")
 local log = tmp .. "/requests.jsonl"
 
 -- private run dir, namespace prefix and a state dir holding the real image and keys
-local posix = { setenv = function(k, v) require("ffi").C.setenv(k, v, 1) end }
-require("ffi").cdef "int setenv(const char *name, const char *value, int overwrite);"
+local posix = { setenv = require("fireclaw.sys").setenv }
 -- the suite's state (tests/run's, never the user's) holds the image this test borrows
 local outer = os.getenv("FIRECLAW_STATE") or "/var/lib/fireclaw"
 posix.setenv("FIRECLAW_RUN", tmp .. "/run")

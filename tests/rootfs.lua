@@ -225,7 +225,7 @@ local function body()
 	t.is(rootfs.read(tiny, "/keep"), "old contents\n", "... and the old file is intact")
 	t.ok(fsck_clean(tiny), "full image: e2fsck clean after the failed replacement")
 	local tfs = rootfs.open(tiny, "rw")
-	local made, err = 0, nil
+	local made, err = 0
 	while true do
 		local ok, e = pcall(tfs.mkdir, tfs, "/d" .. made .. "/sub")
 		if not ok then err = e break end

@@ -209,7 +209,7 @@ local function snapshot(tg, v, base, log)
 	return snap, info
 end
 
-local function clones(tg, c, base, files, snap, info, spec)
+local function clones(tg, c, base, _files, snap, info, spec)
 	local vms = {}
 	for i = 1, 2 do
 		local ns = vt.netns(c, NS_PREFIX .. "c" .. i)
@@ -456,9 +456,9 @@ v:boot{ kernel = "/dev/null" }
 
 	local sock = base .. "/busy.sock"
 	io.open(sock, "w"):close()
-	local p = proc.spawn{ argv = { FAKE, "--api-sock", sock }, stderr = base .. "/busy.err" }
-	c:add(function() p:close() end)
-	t.raises(function() core.wait_socket(sock, 10, p, { log = base .. "/busy.err",
+	local busy = proc.spawn{ argv = { FAKE, "--api-sock", sock }, stderr = base .. "/busy.err" }
+	c:add(function() busy:close() end)
+	t.raises(function() core.wait_socket(sock, 10, busy, { log = base .. "/busy.err",
 		name = "firecracker", what = "API socket" }) end,
 		"firecracker exited %(status 1%) before its API socket appeared: .*Address in use",
 		"wait_socket: the process died over a stale socket file")

@@ -174,7 +174,7 @@ end
 
 -- ---- failures ----
 
-local function failures(c, base, snap)
+local function failures(c, base, _snap)
 	local v = new_vm(c, base, "bad-kernel", nil)
 	-- QEMU gets its files as descriptors: a missing one is found before it starts
 	t.raises(function() v:boot({ kernel = base .. "/no-such-kernel", mem_mib = 64 }) end,

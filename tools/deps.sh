@@ -12,7 +12,7 @@ libssh2-1-dev libssl-dev libjson-c-dev libext2fs-dev libmnl-dev libedit-dev"
 RUN="qemu-system-x86 iproute2 e2fsprogs nftables"
 IMAGE="busybox-static dropbear-bin openssh-client cpio lz4 xz-utils zstd"
 TEST="python3-yaml python3-jsonschema socat openssh-server hyperfine clang
-libclang-rt-14-dev valgrind"
+libclang-rt-14-dev valgrind lua-check"
 
 APT_GET=${FIRECLAW_DEPS_APT_GET:-apt-get}
 POLICY=${FIRECLAW_DEPS_POLICY_RC:-/usr/sbin/policy-rc.d}

@@ -24,22 +24,12 @@
 -- Pure file operations on cgroupfs; `FIRECLAW_CGROUP=none` turns limits off,
 -- `FIRECLAW_CGROUP_MEM_MIB=N` sets the memory limit itself (the tests set one below the
 -- guest's RAM to make the guest's allocations hit it). See docs/security.md.
-local ffi = require "ffi"
 local fs = require "fireclaw.fs"
 local runtime = require "fireclaw.runtime"
 
-for _, decl in ipairs({
-	"int mkdir(const char *path, unsigned int mode);",
-	"int rmdir(const char *path);",
-	"int open(const char *path, int flags, ...);",
-	"long write(int fd, const void *buf, unsigned long n);",
-	"int close(int fd);",
-	"int kill(int pid, int sig);",
-	"char *strerror(int errnum);",
-}) do pcall(ffi.cdef, decl) end
-local C = ffi.C
-local O_WRONLY, O_CLOEXEC = 1, 0x80000
-local EEXIST, ENOENT = 17, 2
+local sys = require "fireclaw.sys"
+
+local E, SIGKILL = sys.errno, sys.signal.SIGKILL
 
 local M = {}
 
@@ -56,8 +46,6 @@ M.ROOT = "/sys/fs/cgroup"
 M.DIR = "fireclaw" -- under each hierarchy's root
 local WANTED = { "memory", "pids", "cpu" }
 
-local function errstr() return ffi.string(C.strerror(ffi.errno())) end
-
 local function read(path)
 	local f = io.open(path, "rb")
 	if not f then return nil end
@@ -71,17 +59,17 @@ local exists = fs.exists -- access(2): cgroup.kill is write-only
 -- One write(2) of the whole value: cgroupfs takes a value per write, and says why not
 -- in the errno of that write.
 local function write(path, value)
-	local fd = C.open(path, bit.bor(O_WRONLY, O_CLOEXEC))
-	if fd < 0 then error(string.format("cgroup: open %s: %s", path, errstr()), 0) end
-	local n = C.write(fd, value, #value)
-	local e = errstr()
-	C.close(fd)
-	if n ~= #value then error(string.format("cgroup: write '%s' to %s: %s", value, path, e), 0) end
+	local fd, oerr = sys.open(path, sys.O.WRONLY)
+	if not fd then error(string.format("cgroup: open %s: %s", path, oerr), 0) end
+	local n, e = sys.write(fd, value)
+	sys.close(fd)
+	if n ~= #value then error(string.format("cgroup: write '%s' to %s: %s", value, path, e or "short write"), 0) end
 end
 
 local function mkdir(path)
-	if C.mkdir(path, tonumber("755", 8)) ~= 0 and ffi.errno() ~= EEXIST then
-		error(string.format("cgroup: mkdir %s: %s", path, errstr()), 0)
+	local ok, err, e = sys.mkdir(path, "755")
+	if not ok and e ~= E.EEXIST then
+		error(string.format("cgroup: mkdir %s: %s", path, err), 0)
 	end
 end
 
@@ -271,7 +259,10 @@ end
 
 local function pids_in(dir)
 	local out = {}
-	for p in (read(dir .. "/cgroup.procs") or ""):gmatch("%d+") do out[#out + 1] = tonumber(p) end
+	-- 0: a process of another pid namespace (kill(0) would mean our own process group)
+	for p in (read(dir .. "/cgroup.procs") or ""):gmatch("%d+") do
+		if tonumber(p) > 0 then out[#out + 1] = tonumber(p) end
+	end
 	return out
 end
 
@@ -295,17 +286,17 @@ function M.remove(dirs)
 			local left = pids_in(d)
 			if #left > 0 then
 				if not write_if(d .. "/cgroup.kill", "1") then
-					for _, pid in ipairs(left) do C.kill(pid, 9) end
+					for _, pid in ipairs(left) do sys.kill(pid, SIGKILL) end
 				end
 				done[#done + 1] = string.format("killed %d process(es) in %s", #left, d)
 			end
 			-- a killed task leaves its cgroup when it has exited: at most a few seconds
 			local deadline = runtime.now() + 5
 			while true do
-				if C.rmdir(d) == 0 or ffi.errno() == ENOENT then break end
-				local e = errstr()
+				local ok, e, errno = sys.rmdir(d)
+				if ok or errno == E.ENOENT then break end
 				if runtime.now() > deadline then error(string.format("cgroup: rmdir %s: %s", d, e), 0) end
-				for _, pid in ipairs(pids_in(d)) do C.kill(pid, 9) end
+				for _, pid in ipairs(pids_in(d)) do sys.kill(pid, SIGKILL) end
 				runtime.sleep(0.02)
 			end
 			done[#done + 1] = "removed cgroup " .. d

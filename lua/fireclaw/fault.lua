@@ -23,7 +23,7 @@ if want then
 		io.stderr:flush()
 		local proc = require "fireclaw.proc"
 		local me = proc.getpid()
-		proc.kill(me, proc.starttime(me), 9, 0)
+		proc.kill(me, proc.starttime(me), require("fireclaw.sys").signal.SIGKILL, 0)
 	end
 end
 

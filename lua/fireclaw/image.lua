@@ -36,7 +36,7 @@ local json = require "fireclaw.json"
 local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
-local ffi = require "ffi"
+local sys = require "fireclaw.sys"
 
 local M = {}
 
@@ -55,19 +55,6 @@ M.SFTP_PACKAGE = "openssh-sftp-server"
 M.MODULES = { "virtio_mmio", "virtio_rng", "virtio_blk", "ext4", "virtio_net", "vmw_vsock_virtio_transport" }
 M.OPTIONAL_MODULES = { vmw_vsock_virtio_transport = true, virtio_rng = true }
 
--- a few libc calls Lua has no word for (one by one: another module may declare them too)
-for _, decl in ipairs({
-	"int symlink(const char *target, const char *linkpath);",
-	"long readlink(const char *path, char *buf, unsigned long size);",
-	"int link(const char *oldpath, const char *newpath);",
-	"int mkdir(const char *path, unsigned int mode);",
-	"int chmod(const char *path, unsigned int mode);",
-	"unsigned int geteuid(void);",
-	"char *strerror(int errnum);",
-}) do
-	pcall(ffi.cdef, decl)
-end
-
 -- ---- small helpers ----
 
 local function fail(fmt, ...)
@@ -80,10 +67,6 @@ local function log(fmt, ...)
 	io.stderr:flush()
 end
 M.log = log
-
-local function errno_str(e)
-	return ffi.string(ffi.C.strerror(e or ffi.errno()))
-end
 
 local function human(n)
 	if n >= 1024 * 1024 * 1024 then return string.format("%.1f GiB", n / 2 ^ 30) end
@@ -158,7 +141,7 @@ local function write_file(path, content, mode)
 		if e:find(NOSPACE, 1, true) then fail("no space left on device writing %s", path) end
 		fail("cannot write %s: %s", path, e)
 	end
-	if mode then ffi.C.chmod(tmp, tonumber(mode, 8)) end
+	if mode then sys.chmod(tmp, mode) end
 	local rok, rerr = os.rename(tmp, path)
 	if not rok then
 		os.remove(tmp)
@@ -167,16 +150,13 @@ local function write_file(path, content, mode)
 end
 
 local function mkdir_p(path, mode)
-	local m = tonumber(mode or "755", 8)
 	local cur = path:sub(1, 1) == "/" and "" or "."
 	for part in path:gmatch("[^/]+") do
 		cur = cur .. "/" .. part
-		if ffi.C.mkdir(cur, m) ~= 0 then
-			local e = ffi.errno() -- before is_dir() sets another one
-			if not is_dir(cur) then fail("cannot create directory %s: %s", cur, errno_str(e)) end
-		end
+		local ok, err = sys.mkdir(cur, mode or "755")
+		if not ok and not is_dir(cur) then fail("cannot create directory %s: %s", cur, err) end
 	end
-	if mode then ffi.C.chmod(path, m) end
+	if mode then sys.chmod(path, mode) end
 end
 
 -- rm -rf in Lua: symlinks are removed, never followed. No child process, so it also works
@@ -196,23 +176,18 @@ local function rm_rf(path)
 end
 
 local function symlink(target, path)
-	if ffi.C.symlink(target, path) ~= 0 then
-		fail("cannot create symlink %s -> %s: %s", path, target, errno_str())
-	end
+	local ok, err = sys.symlink(target, path)
+	if not ok then fail("cannot create symlink %s -> %s: %s", path, target, err) end
 end
 
 -- The target of a symlink, or nil if path is not one.
 function M.readlink(path)
-	local buf = ffi.new("char[4096]")
-	local n = tonumber(ffi.C.readlink(path, buf, 4096))
-	if n < 0 then return nil end
-	return ffi.string(buf, n)
+	return (sys.readlink(path))
 end
 
 local function chmod(path, mode)
-	if ffi.C.chmod(path, tonumber(mode, 8)) ~= 0 then
-		fail("cannot chmod %s: %s", path, errno_str())
-	end
+	local ok, err = sys.chmod(path, mode)
+	if not ok then fail("cannot chmod %s: %s", path, err) end
 end
 
 -- sha256 of files: {path = hex}
@@ -242,7 +217,7 @@ local function file_size(path)
 end
 
 local function is_root()
-	return ffi.C.geteuid() == 0
+	return sys.geteuid() == 0
 end
 
 local function pid_alive(pid)
@@ -288,7 +263,7 @@ function M.client_key()
 		run("creating the client key", { "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
 			"fireclaw", "-f", tmp })
 		chmod(tmp, "600")
-		ffi.C.link(tmp, key) -- EEXIST: someone else won, use theirs
+		sys.link(tmp, key) -- EEXIST: someone else won, use theirs
 		os.remove(tmp)
 		os.remove(tmp .. ".pub")
 		log("keys: client key %s (new)", key)
@@ -376,7 +351,7 @@ local function apt_options()
 	return o
 end
 
-local function apt_cache(what, args)
+local function apt_cache(_what, args)
 	local argv = { "apt-cache" }
 	for _, a in ipairs(apt_options()) do argv[#argv + 1] = a end
 	for _, a in ipairs(args) do argv[#argv + 1] = a end
@@ -438,7 +413,7 @@ end
 -- package's providers take one already chosen, else the first real one.
 -- Returns the sorted list of real package names.
 function M.resolve_depends(text, roots)
-	local blocks, order = {}, {}
+	local blocks = {}
 	local cur, group_open
 	for line in text:gmatch("[^\n]+") do
 		if not line:match("^%s") then
@@ -448,7 +423,6 @@ function M.resolve_depends(text, roots)
 			else
 				cur = { groups = {} }
 				blocks[name] = cur
-				order[#order + 1] = name
 			end
 			group_open = false
 		elseif cur then
@@ -496,7 +470,6 @@ function M.resolve_depends(text, roots)
 				for _, alt in ipairs(group) do
 					if not alt.virtual and blocks[alt.name] then
 						choose(alt.name)
-						done = true
 						break
 					end
 					for _, p in ipairs(alt.providers) do
@@ -1456,7 +1429,6 @@ function M.build(opts)
 		local debs = download(all)
 		local itree = scratch .. "/initrd"
 		local k = build_kernel(p, debs, scratch, out, itree)
-		local t0 = runtime.now()
 		local busybox_deb
 		for _, r in ipairs(p.base) do if r.Package == "busybox-static" then busybox_deb = debs[r.Package] end end
 		local bbdir = scratch .. "/busybox"
@@ -1469,7 +1441,6 @@ function M.build(opts)
 		log("rootfs: %s ext4 (sparse), tree %s in %d files, %d busybox applets%s (%s)", human(rf.size), human(rf.used),
 			rf.files, rf.applets, #p.extra > 0 and string.format(", %d extra packages", #p.extra) or "", secs(rf.t0))
 		log("keys: client %s, host key ed25519 pinned in host_key.pub", client_key)
-		t0 = runtime.now()
 		rm_rf(scratch)
 		local names = { "vmlinux", "vmlinuz", "initrd", "rootfs.ext4", "host_key.pub" }
 		local paths = {}
@@ -1479,12 +1450,12 @@ function M.build(opts)
 		for i, n in ipairs(names) do
 			files[n] = { sha256 = sums[paths[i]], size = sz[paths[i]].size, allocated = sz[paths[i]].allocated }
 		end
-		local function pkgs(list, role, o)
+		local function pkgs(list, role, out_list)
 			for _, r in ipairs(list) do
-				o[#o + 1] = { name = r.Package, version = r.Version, role = role, sha256 = r.SHA256,
+				out_list[#out_list + 1] = { name = r.Package, version = r.Version, role = role, sha256 = r.SHA256,
 					file = deb_filename(r) }
 			end
-			return o
+			return out_list
 		end
 		local plist = pkgs({ p.kernel }, "kernel", json.array())
 		pkgs(p.base, "base", plist)
@@ -1566,8 +1537,8 @@ function M.import(opts)
 	if M.exists(name) and not opts.force then
 		fail("an image named '%s' exists (fireclaw image rm %s, or --force to replace it)", name, name)
 	end
-	local kind = kernel_kind(opts.kernel)
-	if not kind then fail("%s is neither an ELF vmlinux nor a bzImage", opts.kernel) end
+	local kernel_format = kernel_kind(opts.kernel)
+	if not kernel_format then fail("%s is neither an ELF vmlinux nor a bzImage", opts.kernel) end
 	local host_key
 	if opts.host_key then
 		host_key = (read_file(opts.host_key) or ""):match("(ssh%-[%w-]+ [A-Za-z0-9+/=]+)")
@@ -1581,7 +1552,7 @@ function M.import(opts)
 	local ok, res = pcall(function()
 		local out = work .. "/out"
 		local compression
-		if kind == "elf" then
+		if kernel_format == "elf" then
 			copy(opts.kernel, out .. "/vmlinux")
 		else
 			copy(opts.kernel, out .. "/vmlinuz")
@@ -1615,7 +1586,7 @@ function M.import(opts)
 			created = os.date("!%Y-%m-%dT%H:%M:%SZ"),
 			imported_from = { kernel = opts.kernel, rootfs = opts.rootfs, initrd = opts.initrd,
 				host_key = opts.host_key },
-			kernel_info = { compression = compression, format = kind },
+			kernel_info = { compression = compression, format = kernel_format },
 			files = files,
 			packages = json.array(),
 			boot_args = args,
@@ -1628,7 +1599,7 @@ function M.import(opts)
 		write_file(out .. "/manifest.json", json.encode(manifest, { pretty = true }) .. "\n", "644")
 		install(name, out)
 		rm_rf(work)
-		log("imported '%s' (%s kernel%s) in %s", name, kind, opts.initrd and ", initrd" or "", secs(T0))
+		log("imported '%s' (%s kernel%s) in %s", name, kernel_format, opts.initrd and ", initrd" or "", secs(T0))
 		return manifest
 	end)
 	if not ok then

@@ -21,7 +21,6 @@ local cgroup = require "fireclaw.cgroup"
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
 local fs = require "fireclaw.fs"
-local ffi = require "ffi"
 local guest = require "fireclaw.guest"
 local image = require "fireclaw.image"
 local log = require "fireclaw.log"
@@ -31,11 +30,9 @@ local proc = require "fireclaw.proc"
 local rootfs = require "fireclaw.rootfs"
 local ssh = require "fireclaw.ssh"
 local state = require "fireclaw.state"
+local sys = require "fireclaw.sys"
 local util = require "fireclaw.vmm.util"
 local vm = require "fireclaw.vm"
-
-pcall(ffi.cdef, "struct fireclaw_sandbox_timespec { long tv_sec; long tv_nsec; };")
-pcall(ffi.cdef, "int clock_gettime(int clk, struct fireclaw_sandbox_timespec *ts);")
 
 local M = {}
 local Sandbox = {}
@@ -418,9 +415,9 @@ local function host_entropy(n)
 end
 
 local function now_ns()
-	local ts = ffi.new("struct fireclaw_sandbox_timespec")
-	if ffi.C.clock_gettime(0, ts) ~= 0 then return os.time() * 1e9 end -- CLOCK_REALTIME
-	return tonumber(ts.tv_sec) * 1e9 + tonumber(ts.tv_nsec)
+	local sec, nsec = sys.clock_gettime(sys.CLOCK.REALTIME)
+	if not sec then return os.time() * 1e9 end
+	return sec * 1e9 + nsec
 end
 
 -- The guest's words, capped: one line for an error message.

@@ -19,6 +19,7 @@ local log = require "fireclaw.log"
 local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
+local sys = require "fireclaw.sys"
 
 local M = {}
 
@@ -168,11 +169,11 @@ function M.reap(rec)
 		-- it was gone before its start time could be read: whatever has the pid now is
 		-- another process (proc.kill refuses it too)
 		done[#done + 1] = "VMM " .. v.pid .. " has no recorded start time: not signalled"
-	elseif v and v.pid and proc.kill(v.pid, v.start, 9, 2) then
+	elseif v and v.pid and proc.kill(v.pid, v.start, sys.signal.SIGKILL, 2) then
 		done[#done + 1] = "killed VMM " .. v.pid
 	end
 	-- the log sink ends by itself once the VMM is gone; a stuck one goes too
-	if rec.sink and rec.sink.pid and rec.sink.start and proc.kill(rec.sink.pid, rec.sink.start, 9, 2) then
+	if rec.sink and rec.sink.pid and rec.sink.start and proc.kill(rec.sink.pid, rec.sink.start, sys.signal.SIGKILL, 2) then
 		done[#done + 1] = "killed log sink " .. rec.sink.pid
 	end
 	fault.point("reap-vmm")

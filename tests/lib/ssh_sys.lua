@@ -1,7 +1,10 @@
 -- ssh_sys.lua: the few system calls the SSH tests need that Lua has no word for
 -- (spawning a server as our own child, waiting for it, pipes as raw fds), via LuaJIT's FFI.
 -- All cdefs live here: ffi.cdef of the same name twice raises, so other helpers require this.
+-- (The one place outside core/ with ffi.cdef, allowed by tests/lint.sh: fireclaw.sys has
+-- no posix_spawn/waitpid because the library never needs them. Constants come from sys.)
 local ffi = require "ffi"
+local sys = require "fireclaw.sys"
 
 ffi.cdef [[
 typedef int pid_t;
@@ -24,9 +27,10 @@ char *strerror(int errnum);
 local C = ffi.C
 local M = {}
 
-M.SIGKILL, M.SIGTERM = 9, 15
-local O_CLOEXEC, O_RDONLY, POLLIN = 0x80000, 0, 1
-local SYS_pidfd_open = 434
+M.SIGKILL, M.SIGTERM = sys.signal.SIGKILL, sys.signal.SIGTERM
+local O_CLOEXEC, O_RDONLY = sys.O.CLOEXEC, sys.O.RDONLY
+local POLLIN = 1 -- the same on every Linux architecture
+local SYS_pidfd_open = 434 -- the unified syscall table (every architecture but alpha)
 
 local function errno_text() return ffi.string(C.strerror(ffi.errno())) end
 

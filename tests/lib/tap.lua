@@ -12,7 +12,7 @@ local function report(pass, name, diag)
 	if not pass then
 		failed = failed + 1
 		-- the first frame outside this file (tail calls hide some levels)
-		local level, info = 2, nil
+		local level, info = 2
 		repeat
 			info = debug.getinfo(level, "Sl")
 			level = level + 1

@@ -18,9 +18,9 @@
 -- See docs/security.md.
 local config = require "fireclaw.config"
 local core = require "fireclaw.core.vm"
-local ffi = require "ffi"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
+local sys = require "fireclaw.sys"
 local util = require "fireclaw.vmm.util"
 
 local M = {}
@@ -28,21 +28,8 @@ local M = {}
 -- above systemd's container range (524288..1879048191), below its dynamic userns range
 M.UID_BASE = 0x70000000
 
-for _, decl in ipairs({
-	"int open(const char *path, int flags, ...);",
-	"int close(int fd);",
-	"int fchown(int fd, unsigned int uid, unsigned int gid);",
-	"int fchmod(int fd, unsigned int mode);",
-	"struct fireclaw_qemu_stat { unsigned long dev, ino, nlink; unsigned int mode, uid, gid, pad;"
-		.. " unsigned long rdev; long size, blksize, blocks, times[6], reserved[3]; };",
-	"int fstat(int fd, struct fireclaw_qemu_stat *st);",
-	"char *strerror(int errnum);",
-	"int memfd_create(const char *name, unsigned int flags);",
-	"int fcntl(int fd, int cmd, ...);",
-}) do pcall(ffi.cdef, decl) end
-local C = ffi.C
-local O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_PATH, O_CLOEXEC =
-	0, 1, 2, 0x40, 0x200, 0x200000, 0x80000
+local O, S = sys.O, sys.S
+local O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_PATH = O.RDONLY, O.WRONLY, O.RDWR, O.CREAT, O.TRUNC, O.PATH
 
 M.SOCKET_TIMEOUT = 10
 M.MIGRATE_TIMEOUT = 120
@@ -189,18 +176,15 @@ end
 
 -- ---- descriptors and the unprivileged user ----
 
-local function errno_text() return ffi.string(C.strerror(ffi.errno())) end
-
 local function open_fd(path, flags, mode)
-	-- a Lua number in a C vararg is a double: the mode goes as an unsigned int
-	local fd = C.open(path, bit.bor(flags, O_CLOEXEC), ffi.new("unsigned int", mode or 0))
-	if fd < 0 then error(string.format("qemu: open %s: %s", path, errno_text()), 0) end
+	local fd, err = sys.open(path, flags, mode) -- O_CLOEXEC always
+	if not fd then error(string.format("qemu: open %s: %s", path, err), 0) end
 	return fd
 end
 
 local function fstat(fd)
-	local st = ffi.new("struct fireclaw_qemu_stat")
-	if C.fstat(fd, st) ~= 0 then error("qemu: fstat: " .. errno_text(), 0) end
+	local st, err = sys.fstat(fd)
+	if not st then error("qemu: fstat: " .. err, 0) end
 	return st
 end
 
@@ -228,15 +212,16 @@ end
 local function root_needed(v, path_fds)
 	if v.tap and not v.netns then return "its tap is in the host's namespace (opened by name)" end
 	for name, fd in pairs(path_fds) do
-		if bit.band(fstat(fd).mode, 4) == 0 then return "the " .. name .. " is not readable by others" end
+		if bit.band(fstat(fd).mode, S.IROTH) == 0 then return "the " .. name .. " is not readable by others" end
 	end
 	if v.accel == "kvm" then
-		local fd = C.open("/dev/kvm", bit.bor(O_PATH, O_CLOEXEC))
-		if fd < 0 then return nil end -- QEMU will say
+		local fd = sys.open("/dev/kvm", O_PATH)
+		if not fd then return nil end -- QEMU will say
 		local st = fstat(fd)
-		C.close(fd)
-		if bit.band(st.mode, 6) == 6 then return nil end
-		if bit.band(st.mode, 48) == 48 then v._vmm_groups = { st.gid } return nil end
+		sys.close(fd)
+		local others, group = bit.bor(S.IROTH, S.IWOTH), bit.bor(S.IRGRP, S.IWGRP)
+		if bit.band(st.mode, others) == others then return nil end
+		if bit.band(st.mode, group) == group then v._vmm_groups = { st.gid } return nil end
 		return "/dev/kvm is open to root only"
 	end
 	return nil
@@ -285,18 +270,24 @@ local function open_fds(v, spec, ram, fds)
 		uid, gid = nil, nil
 	end
 	if ram.memfd then -- the boot's own RAM: an anonymous tmpfs file (see M.boot)
-		local r = C.memfd_create("fireclaw-ram", 1) -- MFD_CLOEXEC
-		if r < 0 then error("qemu: memfd_create: " .. errno_text(), 0) end
+		local r, merr = sys.memfd_create("fireclaw-ram")
+		if not r then error("qemu: memfd_create: " .. merr, 0) end
 		pass("ram", r, "guest RAM")
 		-- our own copy stays open: a snapshot copies the RAM from it
-		ram.fd = C.fcntl(r, 1030, ffi.new("int", 3)) -- F_DUPFD_CLOEXEC
-		if ram.fd < 0 then error("qemu: dup: " .. errno_text(), 0) end
+		local derr
+		ram.fd, derr = sys.dup(r, 3)
+		if not ram.fd then error("qemu: dup: " .. derr, 0) end
 		ram.path = "/proc/self/fd/" .. ram.fd
-		if uid and C.fchown(r, uid, gid) ~= 0 then error("qemu: chown guest RAM: " .. errno_text(), 0) end
+		local ok, err = true, nil
+		if uid then ok, err = sys.fchown(r, uid, gid) end
+		if not ok then error("qemu: chown guest RAM: " .. err, 0) end
 	else -- a snapshot's RAM file: QEMU 7.2 opens it read-write even with share=off
 		local r = pass("ram", open_fd(ram.path, O_RDONLY), ram.path)
-		if uid and (C.fchown(r, 0xffffffff, gid) ~= 0 or C.fchmod(r, tonumber("660", 8)) ~= 0) then
-			error("qemu: give the VMM group " .. gid .. " " .. ram.path .. ": " .. errno_text(), 0)
+		local ok, err = true, nil
+		if uid then ok, err = sys.fchown(r, nil, gid) end
+		if ok and uid then ok, err = sys.fchmod(r, "660") end
+		if not ok then
+			error("qemu: give the VMM group " .. gid .. " " .. ram.path .. ": " .. err, 0)
 		end
 	end
 	return num, uid, gid
@@ -307,7 +298,7 @@ local function close_fds(v, fds)
 		-- a {log = path} is made and closed by proc.spawn
 		if type(fd) == "number" and not ((v._tap and fd == v._tap:fd())
 			or (v._qmp_listen and fd == v._qmp_listen:fd())) then
-			C.close(fd)
+			sys.close(fd)
 		end
 	end
 	if v._tap then v._tap:close() end
@@ -341,8 +332,8 @@ local function spawn(v, spec, ram)
 	-- QEMU has its copies now (or failed): ours go, so that the QMP socket closes with QEMU
 	close_fds(v, fds)
 	if not ok then error(err, 0) end
-	local ok, q = pcall(core.qmp_connect, qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
-	if not ok then
+	local qok, q = pcall(core.qmp_connect, qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
+	if not qok then
 		-- the socket is ours and listens at once, QEMU may still fail on its options
 		-- (kernel, disk, tap): say so with its own words rather than the reset connection
 		local st = v.proc:wait(2)
@@ -354,8 +345,8 @@ local function spawn(v, spec, ram)
 	end
 	v.qmp = q
 	v.timings.api_ready = runtime.now() - t0
-	local q = v.qmp:greeting().QMP.version.qemu
-	v.vmm_version = string.format("%d.%d.%d", q.major, q.minor, q.micro)
+	local ver = v.qmp:greeting().QMP.version.qemu
+	v.vmm_version = string.format("%d.%d.%d", ver.major, ver.minor, ver.micro)
 	v.ram = ram
 	v.spec = spec
 	util.verbose("VM %s: qemu %s QMP ready in %.0f ms", v.id, v.vmm_version,
@@ -401,9 +392,9 @@ end
 -- Hand QEMU the migration stream (QMP getfd) as "vmstate": it needs no access to dir, and
 -- runs no program for it.
 local function give_stream(v, path, flags)
-	local fd = open_fd(path, flags, tonumber("600", 8))
+	local fd = open_fd(path, flags, "600")
 	local ok, err = pcall(v.qmp.execute, v.qmp, "getfd", { fdname = "vmstate" }, nil, fd)
-	C.close(fd)
+	sys.close(fd)
 	if not ok then error(err, 0) end
 end
 
@@ -483,7 +474,7 @@ function M.destroy(v)
 	os.remove(qmp_path(v))
 	-- the boot RAM (a memfd) goes with our last descriptor; a restore's is the snapshot's
 	if v.ram and v.ram.fd and v.ram.fd >= 0 then
-		C.close(v.ram.fd)
+		sys.close(v.ram.fd)
 		v.ram.fd = -1
 	end
 end

@@ -135,7 +135,6 @@ end
 -- inode): running `qemu -version` costs ~20 ms of every run otherwise. A changed or
 -- replaced binary is probed again; an unwritable cache only costs the probe.
 function M.cached_probe(kind, binary, probe)
-	local runtime = require "fireclaw.runtime"
 	local json = require "fireclaw.json"
 	local config = require "fireclaw.config"
 	local st = runtime.stat(binary)
@@ -149,7 +148,6 @@ function M.cached_probe(kind, binary, probe)
 	if result then
 		cache[key] = result
 		pcall(function()
-			local fs = require "fireclaw.fs"
 			fs.mkdir_p(config.state_dir .. "/cache", "700")
 			fs.write(path, json.encode(cache), "600")
 		end)
