@@ -69,9 +69,11 @@ local function cmd_create(args)
 		{ "--vcpu N", "vCPUs", type = "number", default = 1 },
 		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
+		{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
+	if o.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	snapshot.clean_temp()
 	local t0 = require("fireclaw.runtime").now()
 	local meta = M.create { image = o.image, name = o.name, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm,
