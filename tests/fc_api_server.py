@@ -683,7 +683,8 @@ def run_fake(argv):
     app.log({"event": "start", "pid": os.getpid(), "argv": argv, "version": version,
              "netns": os.readlink("/proc/self/ns/net"), "mntns": os.readlink("/proc/self/ns/mnt"),
              "vm_dir": stat_id("/run/fireclaw/vm"), "uid": os.getuid(), "gid": os.getgid(),
-             "groups": os.getgroups(), "root": ROOT, "cwd": os.getcwd()})
+             "groups": os.getgroups(), "root": ROOT, "cwd": os.getcwd(),
+             "host_pid": int(os.readlink("/proc/self"))})
     if mode == "exit-early":
         sys.stderr.write("fake-firecracker: starting\n"
                          "fake-firecracker: cannot create the VM: Bad file descriptor "

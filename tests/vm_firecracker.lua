@@ -433,6 +433,7 @@ local function socket_faults(c, base)
 	local f = io.open(script, "w")
 	f:write(string.format([[
 local vm = require "fireclaw.vm"
+require("fireclaw.config").unsafe_no_jailer = true
 local v = vm.new{ id = "intr", dir = %q, vmm = "firecracker", firecracker = %q,
 	env = { FAKE_FC_MODE = "mute" } }
 local core = require "fireclaw.core.vm"

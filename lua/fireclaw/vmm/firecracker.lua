@@ -342,6 +342,8 @@ function M.destroy(v)
 	if j and j.pid and j.start then proc.kill(j.pid, j.start, 9, 2) end
 	if v.proc then v.proc:close() end
 	if j then
+		-- its init reaps it as the namespace goes, a moment after unshare's death
+		if j.pid and j.start then util.poll(function() return not proc.alive(j.pid, j.start) or nil end, 2) end
 		jailer.close(j)
 		jailer.remove(j.dir)
 	else

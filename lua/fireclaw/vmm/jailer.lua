@@ -152,10 +152,11 @@ function M.writable_dir(j, name)
 	return d
 end
 
--- The init script: copy the logger FIFO to descriptor 3 (the capped log), run the jailer,
--- return its (Firecracker's) status. `cat` starts after the jailer so that the jailer is
--- the shell's first child.
-local INIT = 'f=$1; shift; "$@" & j=$!; cat <"$f" >&3 & wait "$j"; exit $?'
+-- The init script: run the jailer, copy the logger FIFO to descriptor 3 (the capped log),
+-- return the jailer's (Firecracker's) status. cat opens the FIFO read-write: it never
+-- sees an end of file between two writers, and dies with the namespace when the shell,
+-- its pid 1, exits.
+local INIT = 'f=$1; shift; "$@" & j=$!; cat 0<>"$f" >&3 & wait "$j"; exit $?'
 
 function M.argv(j, netns)
 	local a = { "unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--",
