@@ -180,14 +180,15 @@ local function children(pid)
 	return out
 end
 
--- The jailer's (then Firecracker's) host pid: the init shell's child that is not `cat`.
+-- The jailer's (then Firecracker's) host pid: the init shell's first child, pid 2 in the
+-- jail's pid namespace (cat, forked after it, is 3).
 function M.find_vmm(p, timeout_s)
 	return util.poll(function()
 		if not p:alive() then return false end
 		for _, init in ipairs(children(p:pid())) do
 			for _, c in ipairs(children(init)) do
-				local comm = (fs.read("/proc/" .. c .. "/comm") or ""):gsub("\n$", "")
-				if comm ~= "cat" and comm ~= "" then return c end
+				local nspid = (fs.read("/proc/" .. c .. "/status") or ""):match("\nNSpid:[^\n]-(%d+)\n")
+				if nspid == "2" then return c end
 			end
 		end
 		return nil
