@@ -310,6 +310,24 @@ do
 	config.unsafe_no_jailer = false
 end
 
+-- ---- 5b. a dynamically linked exec-file gets its loader and libraries in the jail ----
+
+do
+	t.is(jailer.dynamic("/bin/true"), true, "/bin/true is dynamically linked (PT_INTERP)")
+	t.is(jailer.dynamic(FAKE), false, "a script is not")
+	local j = { exec = "/bin/true", root = base .. "/libjail/root" }
+	fs.mkdir_p(j.root, "700")
+	local n = jailer.copy_libs(j)
+	local interp = vt.run({ "sh", "-c", "ldd /bin/true | awk '/ld-linux/ {print $1}'" })
+	t.ok(n >= 2 and vt.exists(j.root .. interp), "its loader and libraries copied to the same paths in the jail", n)
+	vt.run({ "cp", "/bin/true", j.root .. "/true" })
+	t.is(proc.run({ "chroot", j.root, "/true" }).status, 0, "with them, the dynamic binary runs inside the chroot")
+	local bare = base .. "/libjail/bare"
+	fs.mkdir_p(bare, "700")
+	vt.run({ "cp", "/bin/true", bare .. "/true" })
+	t.isnt(proc.run({ "chroot", bare, "/true" }).status, 0, "without them it cannot (what the copy is for)")
+end
+
 -- ---- 6. doctor's confinement line ----
 
 do

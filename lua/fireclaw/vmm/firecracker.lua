@@ -112,6 +112,11 @@ local function spawn_jailed(v, place)
 	local j = jailer.plan(v, v.jailer)
 	v.jail = j
 	jailer.prepare(j)
+	local libs = jailer.copy_libs(j)
+	if libs > 0 then
+		util.verbose("VM %s: %s is dynamically linked: %d libraries copied into its jail (release "
+			.. "builds are static)", v.id, j.exec, libs)
+	end
 	place(j)
 	local t0 = runtime.now()
 	local p = proc.spawn{

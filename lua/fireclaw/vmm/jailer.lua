@@ -112,6 +112,48 @@ function M.prepare(j)
 	M.chown(j, j.root .. M.LOGGER)
 end
 
+-- Is `path` a dynamically linked ELF executable (a PT_INTERP program header)? Release
+-- builds of Firecracker are static; a distribution's or a local build may not be.
+function M.dynamic(path)
+	local f = io.open(path, "rb")
+	if not f then return false end
+	local h = f:read(64) or ""
+	local function u(off, n)
+		local v = 0
+		for i = n, 1, -1 do v = v * 256 + (h:byte(off + i) or 0) end
+		return v
+	end
+	if #h < 64 or h:sub(1, 4) ~= "\127ELF" or h:byte(5) ~= 2 then f:close() return false end
+	local phoff, phentsize, phnum = u(32, 8), u(54, 2), u(56, 2)
+	local found = false
+	for i = 0, math.min(phnum, 64) - 1 do
+		f:seek("set", phoff + i * phentsize)
+		local ph = f:read(4) or ""
+		if #ph == 4 and ph:byte(1) == 3 and ph:byte(2) == 0 and ph:byte(3) == 0 and ph:byte(4) == 0 then
+			found = true
+			break
+		end
+	end
+	f:close()
+	return found
+end
+
+-- A dynamically linked exec-file cannot start in the chroot without its loader and
+-- libraries: copy what ldd lists to the same paths inside (root's, modes kept). Returns
+-- how many, or 0 for a static binary.
+function M.copy_libs(j)
+	if not M.dynamic(j.exec) then return 0 end
+	local r = util.run({ "ldd", j.exec }, "ldd " .. j.exec)
+	local n = 0
+	for path in r.stdout:gmatch("(/[^%s]+) %(0x") do
+		local dst = j.root .. path
+		fs.mkdir_p(dst:match("^(.*)/"), "755")
+		util.run({ "cp", "-L", "--preserve=mode", path, dst }, "copy " .. path .. " into the jail")
+		n = n + 1
+	end
+	return n
+end
+
 function M.chown(j, path, mode)
 	util.run({ "chown", j.uid .. ":" .. j.gid, path }, "chown " .. path)
 	if mode then fs.chmod(path, mode) end
