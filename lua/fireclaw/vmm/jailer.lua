@@ -1,4 +1,4 @@
--- fireclaw.vmm.jailer: Firecracker through its jailer (docs/security.md, "Firecracker").
+-- fireclaw.vmm.jailer: Firecracker through its jailer (docs/security.md, "Least privilege").
 --
 -- Every Firecracker started while a jailer is found runs as a user of its own (uid
 -- UID_BASE + 1 + the VM id, group UID_BASE shared by every VMM: QEMU's scheme), chrooted
