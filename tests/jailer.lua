@@ -50,6 +50,14 @@ local function find_call(log, method, path)
 	end
 end
 
+-- Can the VM's user open jail-relative `name` for appending? Through a descriptor of the
+-- chroot (the directories above it are root's 0700, as a real chroot never sees them).
+local function uid_can_write(j, name)
+	local r = proc.run({ "bash", "-c", 'exec 9<"$1" && exec setpriv --reuid="$2" --regid="$3" --clear-groups '
+		.. 'sh -c ": >>/proc/self/fd/9/$4"', "-", j.root, tostring(j.uid), tostring(j.gid), name })
+	return r.status == 0
+end
+
 local function status_ids(pid)
 	local s = fs.read("/proc/" .. pid .. "/status") or ""
 	return tonumber(s:match("\nUid:%s*(%d+)")), tonumber(s:match("\nGid:%s*(%d+)"))
@@ -148,6 +156,8 @@ local function lifecycle(version)
 	local d = stat(j.root .. "/disk.ext4") or {}
 	t.is(d.uid .. " " .. d.mode, uid .. " 600", tag .. "disk: the VM user's own copy")
 	t.is(d.ino, vt.inode(a.dir .. "/disk.ext4"), tag .. "disk: the VM's per-run copy, linked")
+	t.ok(uid_can_write(j, "disk.ext4"), tag .. "the VM user can write its disk")
+	t.ok(not uid_can_write(j, "vmlinux"), tag .. "but not the kernel")
 	t.is((stat(j.root .. "/dev/kvm") or {}).kind, "character special file", tag .. "dev/kvm made by the jailer")
 	t.is((stat(j.root .. "/firecracker.log") or {}).kind, "fifo", tag .. "the logger is a FIFO in the jail")
 	t.is((find_call(log, "PUT", "/boot-source") or { body = {} }).body.kernel_image_path, "/vmlinux",
@@ -206,6 +216,9 @@ local function lifecycle(version)
 			t.ok(m.uid == 0 and m.mode == "644" and m.ino == ms.ino, tag .. "clone " .. i
 				.. ": /memory is the snapshot's (a link), root's, read-only to it")
 		end
+		t.ok(not uid_can_write(cj, "memory") and not uid_can_write(cj, "vmstate"),
+			tag .. "clone " .. i .. ": its user cannot write the snapshot's files")
+		t.ok(uid_can_write(cj, "disk.ext4"), tag .. "clone " .. i .. ": but can write its disk")
 		local dd = stat((cj.root or "") .. "/disk.ext4") or {}
 		t.ok(dd.uid == cj.uid and dd.mode == "600", tag .. "clone " .. i .. ": its own disk, its own user's")
 	end
@@ -300,7 +313,8 @@ do
 		"in one line saying how to get the jailer and how to opt out")
 	env.FIRECLAW_JAILER = base .. "/no-such-jailer"
 	r = proc.run({ FIRECLAW, "coldboot", "--vmm", "firecracker" }, { env = env, timeout = 60 })
-	t.like(r.status .. " " .. r.stderr, "^1 fireclaw: [^\n]*no jailer found", "FIRECLAW_JAILER naming nothing: refused too")
+	t.like(r.status .. " " .. r.stderr, "^1 fireclaw: [^\n]*no jailer found %(FIRECLAW_JAILER=[^\n]*/no%-such%-jailer does not exist%)",
+		"FIRECLAW_JAILER naming nothing: refused too, naming it")
 	env.FIRECLAW_JAILER = nil
 	r = proc.run({ FIRECLAW, "coldboot", "--vmm", "firecracker", "--unsafe-no-jailer", "--boot-timeout", "1" },
 		{ env = env, timeout = 60 })

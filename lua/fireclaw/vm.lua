@@ -113,7 +113,7 @@ local function choose_vmm(want, src, d)
 			return "qemu", old .. " (upgrade Firecracker to use it)"
 		end
 		local unjailed = d.firecracker and d.kvm == "hardware"
-			and require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer)
+			and require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted)
 		if unjailed then -- QEMU runs confined; an unjailed Firecracker would be root
 			return "qemu", "firecracker found, but no jailer (" .. require("fireclaw.vmm.jailer").FIX
 				.. "; or --vmm firecracker --unsafe-no-jailer)"
@@ -133,7 +133,7 @@ local function choose_vmm(want, src, d)
 				and ("FIRECLAW_FIRECRACKER=" .. d.firecracker_wanted .. " does not exist")
 				or "there is no firecracker on PATH") .. " (" .. FIX_FIRECRACKER .. ")"
 		end
-		local unjailed = require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer)
+		local unjailed = require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted)
 		if unjailed then return nil, src .. ", but " .. unjailed end
 		if d.kvm ~= "hardware" then
 			return "firecracker", "firecracker as asked (" .. src .. "; warning: " .. d.kvm_why

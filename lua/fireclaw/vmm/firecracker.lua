@@ -91,9 +91,11 @@ local function logger_path(v) return v.jail and jailer.LOGGER or M.LOGGER_PATH e
 
 -- Why this Firecracker may not start: no jailer while fireclaw is root, unless the user
 -- opted in (--unsafe-no-jailer, FIRECLAW_UNSAFE_NO_JAILER=1, config.unsafe_no_jailer).
-function M.unjailed_problem(jailer_path)
+-- wanted: the FIRECLAW_JAILER that named nothing, for the message.
+function M.unjailed_problem(jailer_path, wanted)
 	if jailer_path or config.unsafe_no_jailer or not jailer.running_as_root() then return nil end
-	return "no jailer found, and Firecracker would run as root with the host's files in view; "
+	return "no jailer found" .. (wanted and (" (FIRECLAW_JAILER=" .. wanted .. " does not exist)") or "")
+		.. ", and Firecracker would run as root with the host's files in view; "
 		.. jailer.FIX .. " (or pass --unsafe-no-jailer)"
 end
 
