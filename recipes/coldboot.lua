@@ -32,9 +32,11 @@ local function main(args)
 		{ "--disk SIZE", "grow the VM's root disk to SIZE (e.g. 512M, 2G; sparse, never shrunk)" },
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
+		{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
+	if opts.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	if opts.cpus and (opts.cpus < 0.01 or opts.cpus > 1024) then
 		cli.usage_error("--cpus must be 0.01 to 1024, got %s", opts.cpus)
 	end

@@ -71,6 +71,31 @@ local function check_firecracker_version()
 	end
 end
 
+-- How a Firecracker would be confined: jailed (a user of its own, a chroot), or not at all.
+local function check_confinement()
+	local jailer = require "fireclaw.vmm.jailer"
+	local config = require "fireclaw.config"
+	if d.jailer then
+		local jv = proc.run({ d.jailer, "--version" }, { timeout = 10 })
+		local v = (jv.stdout .. jv.stderr):match("(%d+%.%d+%.%d+)")
+		local text = string.format("Firecracker jailed by %s: uid %d+1+id per VM, gid %d, chroot %s/<exec>/<id>/root, "
+			.. "a pid namespace of its own", d.jailer, jailer.UID_BASE, jailer.UID_BASE, jailer.base())
+		if v and d.firecracker_version and v ~= d.firecracker_version then
+			report("warn", "confinement", text .. string.format("; but jailer %s with firecracker %s", v,
+				d.firecracker_version), "use the jailer of the same release as firecracker")
+		else
+			report("ok", "confinement", text)
+		end
+	elseif config.unsafe_no_jailer then
+		report("warn", "confinement", "no jailer, and FIRECLAW_UNSAFE_NO_JAILER/config.unsafe_no_jailer: "
+			.. "Firecracker runs as root with the host's files in view", jailer.FIX)
+	else
+		report("warn", "confinement", "no jailer" .. (d.jailer_wanted and (" (FIRECLAW_JAILER=" .. d.jailer_wanted
+			.. " does not exist)") or "") .. ": Firecracker is refused as root (auto picks QEMU; "
+			.. "--unsafe-no-jailer runs it unconfined)", jailer.FIX)
+	end
+end
+
 local function check_firecracker()
 	if not d.firecracker then
 		local where = d.firecracker_wanted and ("FIRECLAW_FIRECRACKER=" .. d.firecracker_wanted
@@ -100,6 +125,7 @@ local function check_firecracker()
 		report("ok", "firecracker", what)
 	end
 	check_firecracker_version()
+	check_confinement()
 end
 
 local function qemu_machines()

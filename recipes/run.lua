@@ -38,6 +38,7 @@ local SPEC = {
 	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
+	{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id, stages} instead of streaming" },
 	{ "--max-output BYTES", "with --json: keep at most this much of each stream", type = "number",
 		default = 16 * 1024 * 1024 },
@@ -152,6 +153,7 @@ end
 local function main(args)
 	local o, cmd = cli.parse(args, SPEC)
 	check_options(o, cmd)
+	if o.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	if not image.exists(o.image) then
 		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end
 		log.note("no default image yet: building it (once)")

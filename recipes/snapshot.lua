@@ -72,6 +72,7 @@ local function cmd_create(args)
 		{ "--mem MIB", "memory in MiB", type = "number", default = 256 },
 		{ "--disk SIZE", "grow the root disk to SIZE (e.g. 512M, 2G); every restore gets a copy of it" },
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
+		{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
@@ -79,6 +80,7 @@ local function cmd_create(args)
 		local ok, err = sandbox.disk_bytes(o.disk)
 		if not ok then cli.usage_error("--disk: %s", err) end
 	end
+	if o.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	snapshot.clean_temp()
 	local t0 = require("fireclaw.runtime").now()
 	local meta = M.create { image = o.image, name = o.name, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm,

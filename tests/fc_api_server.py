@@ -11,6 +11,13 @@ Two uses:
       "serial output" goes to stdout, like Firecracker's. Nothing boots: InstanceStart
       prints a fake boot log, snapshots are small JSON files plus a sparse memory file.
 
+      --root DIR (not a Firecracker option; tests/fake-jailer passes /proc/self/fd/N, a
+      descriptor of the chroot it kept open, so the directories above it need not be open
+      to the VM's user): every path the API or --api-sock names is taken inside DIR, the
+      way a jailed Firecracker sees its chroot; ".." stops at DIR and a symlink inside it is
+      not followed. The fake jailer does not chroot for real (python needs its stdlib):
+      this is its jail.
+
       Environment:
         FAKE_FC_VERSION  "1.16.1" (default) or "1.0.0": the spec and behaviour to play
         FAKE_FC_LOG      append one JSON line per request ({"method", "path", "body",
@@ -47,6 +54,25 @@ DEFAULT_VERSION = "1.16.1"
 # Firecracker exits with this status after a failed /snapshot/load (measured with v1.0.0)
 EXIT_BAD_SNAPSHOT = 152
 EXIT_ARG_PARSING = 153
+
+
+ROOT = None  # --root: the jail
+
+
+def host(path):
+    """The file a path names: inside ROOT when there is one. ".." cannot climb out of it
+    (as in a chroot), and a symlink inside it is not followed (a real chroot would follow
+    it inside; fireclaw never puts one there): such a path does not exist."""
+    if ROOT is None:
+        return path
+    cur = ROOT
+    for comp in os.path.normpath("/" + path).split("/"):
+        if comp in ("", "."):
+            continue
+        cur = os.path.join(cur, comp)
+        if os.path.islink(cur):
+            raise FileNotFoundError(2, "No such file or directory (a symlink in the jail)", path)
+    return cur
 
 
 def spec_dir():
@@ -190,7 +216,7 @@ class Machine:
     def vmm_log(self, line):
         if self.logger_path:
             try:
-                fd = os.open(self.logger_path, os.O_RDWR | os.O_APPEND | os.O_NONBLOCK)
+                fd = os.open(host(self.logger_path), os.O_RDWR | os.O_APPEND | os.O_NONBLOCK)
                 try:
                     os.write(fd, ("[fake-firecracker:%s] %s\n" % (self.id, line)).encode())
                 finally:
@@ -199,7 +225,7 @@ class Machine:
                 pass
 
     def opened(self, path):
-        st = os.stat(path)
+        st = os.stat(host(path))
         self.log({"event": "open", "path": path, "dev": st.st_dev, "ino": st.st_ino})
 
     # -- dispatch --
@@ -259,7 +285,7 @@ class Machine:
     def existing_file(self, path, what):
         # as Firecracker opens them (read-write, non-blocking: a FIFO or a pipe works too)
         try:
-            os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+            os.close(os.open(host(path), os.O_RDWR | os.O_NONBLOCK))
             return path
         except OSError as e:
             raise Fault("%s: Failed to open target file: %s" % (what, os_error(e)))
@@ -303,7 +329,7 @@ class Machine:
         for key, what in (("kernel_image_path", "kernel"), ("initrd_path", "initrd")):
             if key in body:
                 try:
-                    open(body[key], "rb").close()
+                    open(host(body[key]), "rb").close()
                 except OSError as e:
                     raise Fault("Boot source error: The %s file cannot be opened: %s"
                                 % (what, os_error(e)))
@@ -322,7 +348,7 @@ class Machine:
         self.check_id(params[0], body["drive_id"])
         if "path_on_host" in body:
             try:  # Firecracker opens the backing file when the drive is configured
-                open(body["path_on_host"], "rb" if body.get("is_read_only") else "r+b").close()
+                open(host(body["path_on_host"]), "rb" if body.get("is_read_only") else "r+b").close()
             except OSError as e:
                 raise Fault("Drive config error: Unable to create the virtio block device: "
                             "Virtio backend error: Error manipulating the backing file: %s %s"
@@ -414,12 +440,12 @@ class Machine:
                  "machine-config": self.machine, "boot-source": self.boot,
                  "drives": self.drives, "network-interfaces": self.nets}
         try:
-            with open(body["snapshot_path"], "w") as f:
+            with open(host(body["snapshot_path"]), "w") as f:
                 json.dump(state, f)
         except OSError as e:
             raise Fault("Create snapshot error: Cannot open snapshot file: %s" % os_error(e))
         try:
-            with open(body["mem_file_path"], "wb") as f:
+            with open(host(body["mem_file_path"]), "wb") as f:
                 f.truncate(self.machine["mem_size_mib"] << 20)
         except OSError as e:
             raise Fault("Create snapshot error: Cannot open memory file: %s" % os_error(e))
@@ -446,7 +472,7 @@ class Machine:
         if has_backend and body["mem_backend"]["backend_type"] != "File":
             raise self.load_failed("Failed to load guest memory: this fake serves File only")
         try:
-            with open(body["snapshot_path"]) as f:
+            with open(host(body["snapshot_path"])) as f:
                 state = json.load(f)
         except OSError as e:
             raise self.load_failed("Failed to get snapshot state from file: Failed to open "
@@ -462,7 +488,7 @@ class Machine:
                                    "made by Firecracker %s; this is %s" % (state["version"],
                                                                           self.version))
         try:
-            size = os.stat(mem).st_size
+            size = os.stat(host(mem)).st_size
         except OSError as e:
             raise self.load_failed("Failed to load guest memory: %s" % os_error(e))
         if size != state["machine-config"]["mem_size_mib"] << 20:
@@ -470,7 +496,7 @@ class Machine:
                                    "bytes, the snapshot needs %d" %
                                    (size, state["machine-config"]["mem_size_mib"] << 20))
         for d in state["drives"].values():
-            if "path_on_host" in d and not os.path.exists(d["path_on_host"]):
+            if "path_on_host" in d and not os.path.exists(host(d["path_on_host"])):
                 raise self.load_failed("Failed to build microVM from snapshot: Cannot restore "
                                        "devices: Block(BackingFile(Os { code: 2, kind: NotFound, "
                                        "message: \"No such file or directory\" }, \"%s\"))"
@@ -614,13 +640,21 @@ def parse_args(argv):
     opts = {"api_sock": "/run/firecracker.socket", "id": "anonymous-instance"}
     valued = {"--api-sock": "api_sock", "--id": "id", "--seccomp-filter": None,
               "--log-path": None, "--level": None, "--config-file": None,
-              "--metadata": None, "--mmds-size-limit": None, "--http-api-max-payload-size": None}
+              "--metadata": None, "--mmds-size-limit": None, "--http-api-max-payload-size": None,
+              # what the jailer adds before the caller's arguments
+              "--start-time-us": None, "--start-time-cpu-us": None, "--parent-cpu-time-us": None,
+              "--root": "root"}
     flags = {"--no-seccomp", "--boot-timer", "--show-level", "--show-log-origin", "--no-api",
              "--version", "--describe-snapshot"}
     i = 0
     while i < len(argv):
         a = argv[i]
         if a in valued and i + 1 < len(argv):
+            if a in opts.get("seen", ()):
+                sys.stderr.write("error: The argument '%s' was provided more than once, but "
+                                 "cannot be used multiple times\n" % a[2:])
+                sys.exit(EXIT_ARG_PARSING)
+            opts.setdefault("seen", set()).add(a)
             if valued[a]:
                 opts[valued[a]] = argv[i + 1]
             i += 2
@@ -637,7 +671,10 @@ def parse_args(argv):
 
 def run_fake(argv):
     version = os.environ.get("FAKE_FC_VERSION", DEFAULT_VERSION)
+    global ROOT
     opts = parse_args(argv)
+    if opts.get("root"):
+        ROOT = opts["root"]
     if opts.get("--version"):
         print("Firecracker v%s\n" % version)
         return 0
@@ -645,7 +682,9 @@ def run_fake(argv):
     app = App(version, opts["id"], os.environ.get("FAKE_FC_LOG"))
     app.log({"event": "start", "pid": os.getpid(), "argv": argv, "version": version,
              "netns": os.readlink("/proc/self/ns/net"), "mntns": os.readlink("/proc/self/ns/mnt"),
-             "vm_dir": stat_id("/run/fireclaw/vm")})
+             "vm_dir": stat_id("/run/fireclaw/vm"), "uid": os.getuid(), "gid": os.getgid(),
+             "groups": os.getgroups(), "root": ROOT, "cwd": os.getcwd(),
+             "host_pid": int(os.readlink("/proc/self"))})
     if mode == "exit-early":
         sys.stderr.write("fake-firecracker: starting\n"
                          "fake-firecracker: cannot create the VM: Bad file descriptor "
@@ -654,7 +693,7 @@ def run_fake(argv):
     if mode == "no-listen":
         while True:
             signal.pause()
-    path = opts["api_sock"]
+    path = host(opts["api_sock"])
     if os.path.exists(path):
         # Firecracker never removes its socket file and refuses to start over one
         sys.stderr.write("Error creating the API server: Failed to bind and run the HTTP "

@@ -24,8 +24,11 @@ posix.setenv("FIRECLAW_NETNS_PREFIX", "fc-" .. (os.getenv("FIRECLAW_TEST_TAG") o
 posix.setenv("FIRECLAW_VMM", "firecracker")
 posix.setenv("FIRECLAW_FIRECRACKER", tests .. "/fake-firecracker")
 posix.setenv("FAKE_FC_LOG", log)
+-- sections 1-5 drive the unjailed Firecracker (no jailer here): the explicit opt-in
+posix.setenv("FIRECLAW_UNSAFE_NO_JAILER", "1")
 fs.mkdir_p(tmp .. "/state/images", "700")
 local image = require "fireclaw.image"
+require("fireclaw.config").unsafe_no_jailer = true -- config read the environment at load
 local real = outer .. "/images/default"
 fs.symlink(fs.readlink(real) and (real:match("^(.*)/") .. "/" .. fs.readlink(real)) or real, tmp .. "/state/images/default")
 fs.symlink(outer .. "/keys", tmp .. "/state/keys")
@@ -41,7 +44,7 @@ local function requests()
 		local rec = json.decode(line)
 		if rec.method then out[#out + 1] = rec end -- not the process events
 	end
-	fs.write(log, "")
+	fs.write(log, "", "666") -- a jailed fake Firecracker writes it as the VM's user (section 6)
 	return out
 end
 
@@ -154,6 +157,65 @@ t.raises(function() coldboot.boot { vmm = "firecracker", boot_timeout = 1 } end,
 	"v1.0 + an ACPI-only kernel: refused")
 t.is(calls(requests()), "GET /version", "refused before anything was configured")
 nothing_left("refused cold boot on v1.0")
+
+-- 6. the same flows through the jailer (tests/fake-jailer): the paths are the jail's, the
+-- record names the jail, nothing is left
+local config = require "fireclaw.config"
+posix.setenv("FIRECLAW_FIRECRACKER", tests .. "/fake-firecracker")
+config.firecracker = tests .. "/fake-firecracker"
+config.jailer = tests .. "/fake-jailer"
+config.unsafe_no_jailer = false
+proc.run { "chmod", "711", tmp } -- the fake Firecracker appends to the request log as the VM's user
+fs.write(log, "", "666")
+local function jails()
+	local out = {}
+	for _, e in ipairs(require("fireclaw.runtime").listdir(tmp .. "/run/jail") or {}) do
+		for _, id in ipairs(require("fireclaw.runtime").listdir(tmp .. "/run/jail/" .. e) or {}) do out[#out + 1] = id end
+	end
+	return table.concat(out, " ")
+end
+local jsb = sandbox.new { vmm = "firecracker" }
+local jmeta, jrec
+t.lives(function()
+	jsb:network()
+	jsb:disk(jsb.img.rootfs)
+	jsb:boot()
+	jrec = json.decode(fs.read(jsb.dir .. "/record.json"))
+	jmeta = snapshots.take(jsb, "fc-jail")
+end, "jailed: boot and snapshot.take through the jailer")
+jsb:destroy()
+t.like(jrec and jrec.jail and jrec.jail.dir or "", "/run/jail/fake%-firecracker/" .. jsb.id .. "$", "jailed: the record names the jail")
+t.ok(jrec and jrec.jail and jrec.jail.pid and jrec.jail.start, "jailed: and Firecracker's pid + start time")
+r = requests()
+t.is((find(r, "PUT", "/boot-source") or {}).kernel_image_path, "/vmlinux", "jailed: the kernel at /vmlinux")
+t.is((find(r, "PUT", "/drives/rootfs") or {}).path_on_host, "/disk.ext4", "jailed: the disk at /disk.ext4")
+t.same(find(r, "PUT", "/snapshot/create"), { snapshot_type = "Full", snapshot_path = "/snap/vmstate",
+	mem_file_path = "/snap/memory" }, "jailed: the snapshot written in the jail")
+t.is(jmeta and jmeta.vmm_info.rootfs_path_in_vmm, "/disk.ext4", "jailed: meta.json records /disk.ext4")
+local mst = proc.run({ "stat", "-c", "%u %a", jmeta and jmeta.memory or "/nonexistent" }).stdout
+t.is(mst, "0 644\n", "jailed: the snapshot's memory is root's, 0644")
+nothing_left("jailed snapshot")
+t.is(jails(), "", "no jail left: jailed snapshot")
+local jsnap, jwhy = restore.find { vmm = "firecracker", snapshot = "fc-jail" }
+t.ok(jsnap, "jailed: the snapshot is usable", jwhy)
+if jsnap then
+	t.raises(function() restore.restore({ vmm = "firecracker", boot_timeout = 1 }, jsnap) end,
+		"timed out", "jailed: restore into another jail ends at the SSH wait")
+end
+r = requests()
+t.is(calls(r), "GET /version, PUT /logger, PUT /snapshot/load", "jailed restore: version, logger, load")
+local jload = find(r, "PUT", "/snapshot/load") or {}
+t.is(jload.snapshot_path, "/vmstate", "jailed restore: /vmstate")
+t.same(jload.mem_backend, { backend_type = "File", backend_path = "/memory" }, "jailed restore: /memory")
+nothing_left("jailed restore")
+t.is(jails(), "", "no jail left: jailed restore")
+if snap then -- section 2's snapshot, taken unjailed, names its disk at /run/fireclaw/vm/…
+	snap.vmm_version = "1.16.1"
+	t.raises(function() restore.restore({ vmm = "firecracker", boot_timeout = 1 }, snap) end,
+		"a snapshot of an unjailed Firecracker does not load in a jail", "an unjailed snapshot in a jail: refused, saying why")
+	nothing_left("unjailed snapshot refused in a jail")
+	t.is(jails(), "", "no jail left: refused restore")
+end
 
 proc.run { "rm", "-rf", tmp }
 return t.done()

@@ -200,7 +200,8 @@ io.open(dir .. "/vmlinux", "w"):close()
 local ok, err = pcall(function()
 	v:boot { kernel = dir .. "/vmlinux", boot_args = "console=ttyS0" }
 	local function st(argv) return proc.run(argv).status end
-	local sock = dir .. "/api.sock"
+	local sock = v.jail and (v.jail.root .. "/api.sock") or (dir .. "/api.sock")
+	if v.jail then print("uid " .. (proc.run({ "stat", "-c", "%u", "/proc/" .. v.jail.pid }).stdout:gsub("%s+$", ""))) end
 	print("mode " .. proc.run({ "stat", "-c", "%a", sock }).stdout:gsub("%s+$", ""))
 	print("root " .. st({ "socat", "-u", "OPEN:/dev/null", "UNIX-CONNECT:" .. sock }))
 	print("nobody " .. st({ "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "socat", "-u",
@@ -211,16 +212,35 @@ if not ok then print("error " .. tostring(err)) end
 EOF
 mkdir -p "$FIRECLAW_RUN/vms/fct-secfc"
 chmod 700 "$FIRECLAW_RUN/vms/fct-secfc"
-out=$(FIRECLAW_VMM=firecracker "$fc" "$tmp/fcsock.lua" "$FIRECLAW_RUN/vms/fct-secfc" "$FIRECLAW_TESTS/fake-firecracker" 2>&1)
+out=$(FIRECLAW_UNSAFE_NO_JAILER=1 FIRECLAW_JAILER= FIRECLAW_VMM=firecracker "$fc" "$tmp/fcsock.lua" "$FIRECLAW_RUN/vms/fct-secfc" "$FIRECLAW_TESTS/fake-firecracker" 2>&1)
 rm -rf "$FIRECLAW_RUN/vms/fct-secfc"
 like "$out" "root 0" "firecracker: root can connect to the API socket" 
 like "$out" "nobody [1-9]" "firecracker: another user cannot connect to the API socket"
 no_leaks "firecracker API socket"
 
-# ---- the jailer (docs/security.md): only where a jailer and a firecracker are installed ----
-jailer=$(command -v jailer)
-fcbin=$(command -v firecracker)
-if [ -n "$jailer" ] && [ -n "$fcbin" ]; then
+# the same through the jailer (tests/fake-jailer): Firecracker as the VM's user, its socket
+# in the chroot (0700, that user's): root connects, nobody else
+mkdir -p "$FIRECLAW_RUN/vms/fct-secfc"
+chmod 700 "$FIRECLAW_RUN/vms/fct-secfc"
+out=$(FIRECLAW_JAILER="$FIRECLAW_TESTS/fake-jailer" FIRECLAW_VMM=firecracker "$fc" "$tmp/fcsock.lua" "$FIRECLAW_RUN/vms/fct-secfc" "$FIRECLAW_TESTS/fake-firecracker" 2>&1)
+rm -rf "$FIRECLAW_RUN/vms/fct-secfc"
+juid=$(printf '%s\n' "$out" | awk '$1 == "uid" {print $2}')
+[ -n "$juid" ] && [ "$juid" -gt $((0x70000000)) ] && [ "$juid" -le $((0x70000000 + 0x1000000)) ]
+ok $? "jailed firecracker: runs as a VM user (UID_BASE + 1 + id)" "$out"
+like "$out" "root 0" "jailed firecracker: root connects to the API socket in the chroot"
+like "$out" "nobody [1-9]" "jailed firecracker: another user cannot"
+[ -z "$(ls -A "$FIRECLAW_RUN/jail/fake-firecracker" 2>/dev/null)" ]
+ok $? "jailed firecracker: its chroot is gone after destroy" "$(ls -A "$FIRECLAW_RUN/jail/fake-firecracker" 2>/dev/null)"
+no_leaks "jailed firecracker API socket"
+
+# ---- the jailer (docs/security.md): only where a real jailer and firecracker are installed
+# (FIRECLAW_JAILER / FIRECLAW_FIRECRACKER, else on PATH; tests/jailer.lua drives fireclaw
+# through tests/fake-jailer everywhere) ----
+jailer=${FIRECLAW_JAILER:-$(command -v jailer)}
+fcbin=${FIRECLAW_FIRECRACKER:-$(command -v firecracker)}
+case "$fcbin" in *fake-firecracker) fcbin=$(command -v firecracker) ;; esac
+case "$jailer" in *fake-jailer) jailer="" ;; esac
+if [ -n "$jailer" ] && [ -x "$jailer" ] && [ -n "$fcbin" ]; then
 	jns=fct-secjail-$$ jid=fct-secjail
 	juid=$((0x70000000 + 1 + 0xfffffe)) jgid=$((0x70000000))
 	ip netns add "$jns"
@@ -244,7 +264,7 @@ if [ -n "$jailer" ] && [ -n "$fcbin" ]; then
 	ip netns delete "$jns"
 	rm -rf "$tmp/jail"
 else
-	skip "no jailer and firecracker on PATH: the jailer arguments in docs/security.md are not tested here"
+	skip "no real jailer and firecracker (FIRECLAW_JAILER, FIRECLAW_FIRECRACKER or PATH): the real jailer is not run here (tests/jailer.lua uses the fake)"
 fi
 
 done_testing

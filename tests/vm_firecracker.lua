@@ -6,6 +6,9 @@
 local t = require "tap"
 local vt = require "vmtest"
 local vm = require "fireclaw.vm"
+-- this file drives the unjailed Firecracker (tests/jailer.lua the jailed one): without a
+-- jailer that needs the explicit opt-in
+require("fireclaw.config").unsafe_no_jailer = true
 local core = require "fireclaw.core.vm"
 local fcdrv = require "fireclaw.vmm.firecracker"
 local proc = require "fireclaw.proc"
@@ -430,6 +433,7 @@ local function socket_faults(c, base)
 	local f = io.open(script, "w")
 	f:write(string.format([[
 local vm = require "fireclaw.vm"
+require("fireclaw.config").unsafe_no_jailer = true
 local v = vm.new{ id = "intr", dir = %q, vmm = "firecracker", firecracker = %q,
 	env = { FAKE_FC_MODE = "mute" } }
 local core = require "fireclaw.core.vm"

@@ -1,6 +1,6 @@
 -- fireclaw.config: where things live and the defaults a VM gets.
 -- Environment overrides: FIRECLAW_STATE, FIRECLAW_RUN, FIRECLAW_VMM, FIRECLAW_ACCEL,
--- FIRECLAW_FIRECRACKER, FIRECLAW_QEMU, FIRECLAW_NETNS_PREFIX, FIRECLAW_VMM_USER,
+-- FIRECLAW_FIRECRACKER, FIRECLAW_JAILER, FIRECLAW_UNSAFE_NO_JAILER, FIRECLAW_QEMU, FIRECLAW_NETNS_PREFIX, FIRECLAW_VMM_USER,
 -- FIRECLAW_LOG_CAP.
 local M = {}
 
@@ -20,6 +20,10 @@ M.vmm = "auto"   -- auto | firecracker | qemu
 M.accel = "auto" -- auto | kvm | tcg (QEMU)
 M.firecracker = os.getenv("FIRECLAW_FIRECRACKER") -- path to the binary, else PATH
 M.qemu = os.getenv("FIRECLAW_QEMU") or "qemu-system-x86_64"
+-- Firecracker's jailer (path or name; else `jailer` beside firecracker, else on PATH). Without
+-- one, Firecracker is refused as root unless unsafe_no_jailer (--unsafe-no-jailer).
+M.jailer = os.getenv("FIRECLAW_JAILER")
+M.unsafe_no_jailer = os.getenv("FIRECLAW_UNSAFE_NO_JAILER") == "1"
 -- who QEMU runs as: "auto" (a uid of its own per VM, see fireclaw.vmm.qemu), "root", "UID:GID"
 M.vmm_user = os.getenv("FIRECLAW_VMM_USER") or "auto"
 -- bytes each console or VMM log in a VM's directory may hold: the first half of what the

@@ -52,7 +52,8 @@ end
 -- The VMM goes into the record the moment it exists (a kept VM has no PR_SET_PDEATHSIG).
 local function record_vmm(self)
 	state.update(self.rec, { vmm = { pid = self.vm.pid, start = self.vm.starttime, name = self.vm.vmm },
-		sink = self.vm.sink_pid and { pid = self.vm.sink_pid, start = self.vm.sink_starttime } or nil })
+		sink = self.vm.sink_pid and { pid = self.vm.sink_pid, start = self.vm.sink_starttime } or nil,
+		jail = self.vm.jail and { dir = self.vm.jail.dir, pid = self.vm.jail.pid, start = self.vm.jail.start } or nil })
 	fault.point("vmm-recorded")
 end
 

@@ -5,12 +5,14 @@
 -- and updated as resources appear, so a fireclaw killed at any point leaves enough
 -- behind for `fireclaw cleanup` to undo it:
 --   {id, netns, owner = {pid, start}, vmm = {pid, start, name}, sink = {pid, start},
---    cgroups = {dir…}, image, created, keep}   (sink: the process writing the VM's capped
---    logs, see proc.spawn)
+--    cgroups = {dir…}, jail = {dir, pid, start}, image, created, keep}   (sink: the process
+--    writing the VM's capped logs, see proc.spawn; jail: a jailed Firecracker's chroot and
+--    host pid, fireclaw.vmm.jailer)
 -- A VM is stale when its owner process is gone (pid + start time: pids are reused) and
 -- it was not started with --keep. Reaping kills the VMM only if its pid still has the
--- recorded start time, removes its cgroups (fireclaw.cgroup), deletes the namespace, and
--- removes the directory.
+-- recorded start time (a jailed Firecracker too), removes its cgroups (fireclaw.cgroup),
+-- deletes the namespace, removes its jail (<run>/jail/*/<id>: also one made before the
+-- record named it) and the directory.
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
 local fs = require "fireclaw.fs"
@@ -172,6 +174,10 @@ function M.reap(rec)
 	elseif v and v.pid and proc.kill(v.pid, v.start, sys.signal.SIGKILL, 2) then
 		done[#done + 1] = "killed VMM " .. v.pid
 	end
+	local j = rec.jail
+	if j and j.pid and j.start and proc.kill(j.pid, j.start, 9, 2) then
+		done[#done + 1] = "killed jailed Firecracker " .. j.pid
+	end
 	-- the log sink ends by itself once the VMM is gone; a stuck one goes too
 	if rec.sink and rec.sink.pid and rec.sink.start and proc.kill(rec.sink.pid, rec.sink.start, sys.signal.SIGKILL, 2) then
 		done[#done + 1] = "killed log sink " .. rec.sink.pid
@@ -186,6 +192,14 @@ function M.reap(rec)
 		done[#done + 1] = "deleted namespace " .. rec.netns
 	end
 	fault.point("reap-netns")
+	local jails = config.run_dir .. "/jail"
+	for _, exec in ipairs(rec.id and runtime.listdir(jails) or {}) do
+		local d = jails .. "/" .. exec .. "/" .. rec.id
+		if fs.exists(d) then
+			fs.rm_rf(d)
+			done[#done + 1] = "removed jail " .. d
+		end
+	end
 	if rec.dir and fs.exists(rec.dir) then
 		fs.rm_rf(rec.dir)
 		done[#done + 1] = "removed " .. rec.dir

@@ -112,9 +112,15 @@ local function choose_vmm(want, src, d)
 		if d.firecracker and d.kvm == "hardware" and old then
 			return "qemu", old .. " (upgrade Firecracker to use it)"
 		end
+		local unjailed = d.firecracker and d.kvm == "hardware"
+			and require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted)
+		if unjailed then -- QEMU runs confined; an unjailed Firecracker would be root
+			return "qemu", "firecracker found, but no jailer (" .. require("fireclaw.vmm.jailer").FIX
+				.. "; or --vmm firecracker --unsafe-no-jailer)"
+		end
 		if d.firecracker and d.kvm == "hardware" then
 			return "firecracker", "firecracker " .. (d.firecracker_version or "?")
-				.. " found and " .. d.kvm_why
+				.. " found and " .. d.kvm_why .. (d.jailer and ", jailed" or ", NOT jailed (--unsafe-no-jailer)")
 		end
 		if not d.firecracker then
 			return "qemu", "no firecracker binary (set FIRECLAW_FIRECRACKER or put it on PATH)"
@@ -127,6 +133,8 @@ local function choose_vmm(want, src, d)
 				and ("FIRECLAW_FIRECRACKER=" .. d.firecracker_wanted .. " does not exist")
 				or "there is no firecracker on PATH") .. " (" .. FIX_FIRECRACKER .. ")"
 		end
+		local unjailed = require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted)
+		if unjailed then return nil, src .. ", but " .. unjailed end
 		if d.kvm ~= "hardware" then
 			return "firecracker", "firecracker as asked (" .. src .. "; warning: " .. d.kvm_why
 				.. "; its guests will not boot)"
@@ -178,8 +186,7 @@ function M.detect(opts)
 	d.versions = versions
 	if d.firecracker then
 		d.firecracker_version = versions and tool_version({ d.firecracker, "--version" }) or nil
-		local dir = d.firecracker:match("^(.*/)firecracker$") -- its jailer lies next to it
-		d.jailer = dir and util.which(dir .. "jailer") or nil
+		d.jailer, d.jailer_wanted = require("fireclaw.vmm.jailer").find(d.firecracker)
 	end
 	d.qemu = util.which(opts.qemu or config.qemu or "qemu-system-x86_64")
 	if d.qemu and versions then d.qemu_version = require("fireclaw.vmm.qemu").probe(d.qemu).version end
@@ -239,6 +246,7 @@ function M.new(opts)
 		vmm = d.vmm, accel = d.accel, why = d.why, vmm_source = d.vmm_source,
 		accel_source = d.accel_source, kvm = d.kvm, kvm_why = d.kvm_why,
 		binary = d.vmm == "firecracker" and d.firecracker or d.qemu,
+		jailer = d.vmm == "firecracker" and d.jailer or nil, -- fireclaw.vmm.jailer
 		console_path = dir .. "/console.log",
 		timings = {},
 		_state = "not started",

@@ -2,7 +2,8 @@
 # Tests use a private FIRECLAW_RUN and FIRECLAW_NETNS_PREFIX (fc-<something>) so that other
 # fireclaw runs on the machine do not count.
 # Counts VM namespaces (fc-*), VMM processes started for fireclaw VMs (their command line
-# names a run directory), run directories, mounts under the run dir, and VM cgroups
+# names a run directory), run directories, jailer chroots (<run>/jail/<exec>/<id>), mounts
+# under the run dir, and VM cgroups
 # (fireclaw/<namespace name> under the root of every mounted cgroup hierarchy).
 FIRECLAW_RUN=${FIRECLAW_RUN:-/run/fireclaw}
 leaks() {
@@ -15,6 +16,8 @@ leaks() {
 	[ -n "$dirs" ] && out+="run directories: $dirs; "
 	local m; m=$(grep -c " $FIRECLAW_RUN/vms" /proc/self/mounts)
 	[ "$m" != 0 ] && out+="mounts: $m; "
+	local jails; jails=$(ls -d "$FIRECLAW_RUN"/jail/*/* 2>/dev/null | tr '\n' ' ')
+	[ -n "$jails" ] && out+="jails: $jails; "
 	local cg; cg=$(leaked_cgroups | tr '\n' ' ')
 	[ -n "$cg" ] && out+="cgroups: $cg; "
 	printf '%s' "$out"

@@ -1,15 +1,20 @@
 -- fireclaw.vmm.firecracker: the Firecracker driver behind fireclaw.vm.
 --
--- Every Firecracker runs in the VM's network namespace and in a private mount namespace
--- where the VM's own directory is bind-mounted on the fixed path MOUNT. The process sees
--- its socket, logs and disk at MOUNT/{api.sock,disk.ext4,...}, so a snapshot records only
--- fixed names, and each clone restored from one snapshot opens its own disk copy.
+-- Jailed (a jailer was found: fireclaw.vmm.jailer): Firecracker runs as a user of its own
+-- in a chroot holding only what it needs, at fixed paths (/vmlinux, /disk.ext4, /vmstate,
+-- /memory, /api.sock). Unjailed (no jailer, only with --unsafe-no-jailer): it runs as root
+-- in the VM's network namespace and in a private mount namespace where the VM's own
+-- directory is bind-mounted on the fixed path MOUNT, and sees its socket, logs and disk at
+-- MOUNT/{api.sock,disk.ext4,...}. Either way a snapshot records only fixed names, and each
+-- clone restored from one snapshot opens its own disk copy.
 --
 -- Version awareness: GET /version once per process; the request shapes follow the
 -- OpenAPI spec of that version (v1.0: /snapshot/load takes mem_file_path; from v1.1 on,
 -- mem_backend). Optional fields are sent only to versions whose spec has them.
 local config = require "fireclaw.config"
 local core = require "fireclaw.core.vm"
+local fs = require "fireclaw.fs"
+local jailer = require "fireclaw.vmm.jailer"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local util = require "fireclaw.vmm.util"
@@ -53,16 +58,21 @@ local function supports(v, feature)
 	return util.version_at_least(v.vmm_version or "0", SINCE[feature])
 end
 
--- The path the VMM sees for a host path: inside the VM dir → under MOUNT.
+-- The path the VMM sees for a host path: inside the VM dir → under MOUNT. In a jail the
+-- driver puts each file at a fixed name and passes that name itself.
 local function in_vmm(v, path)
 	path = util.abspath(path)
+	if v.jail then return "/" .. path:match("([^/]+)$") end
 	if path == v.dir then return M.MOUNT end
 	if path:sub(1, #v.dir + 1) == v.dir .. "/" then return M.MOUNT .. path:sub(#v.dir + 1) end
 	return path
 end
 M.in_vmm = in_vmm
 
-local function sock_path(v) return v.dir .. "/api.sock" end
+local function sock_path(v)
+	if v.jail then return jailer.socket(v.jail) end
+	return v.dir .. "/api.sock"
+end
 
 function M.log_files(v)
 	return { v.dir .. "/vmm.log", v.dir .. "/firecracker.log" }
@@ -73,13 +83,74 @@ local function instance_id(id)
 	return (tostring(id):gsub("[^%w%-]", "-"):sub(1, 64))
 end
 
--- Where Firecracker's logger writes: its descriptor 3, a pipe into firecracker.log.
+-- Where Firecracker's logger writes: its descriptor 3, a pipe into firecracker.log (in a
+-- jail: a FIFO the jail's init copies into that pipe).
 M.LOGGER_PATH = "/proc/self/fd/3"
+
+local function logger_path(v) return v.jail and jailer.LOGGER or M.LOGGER_PATH end
+
+-- Why this Firecracker may not start: no jailer while fireclaw is root, unless the user
+-- opted in (--unsafe-no-jailer, FIRECLAW_UNSAFE_NO_JAILER=1, config.unsafe_no_jailer).
+-- wanted: the FIRECLAW_JAILER that named nothing, for the message.
+function M.unjailed_problem(jailer_path, wanted)
+	if jailer_path or config.unsafe_no_jailer or not jailer.running_as_root() then return nil end
+	return "no jailer found" .. (wanted and (" (FIRECLAW_JAILER=" .. wanted .. " does not exist)") or "")
+		.. ", and Firecracker would run as root with the host's files in view; "
+		.. jailer.FIX .. " (or pass --unsafe-no-jailer)"
+end
+
+local function connect(v, t0)
+	core.wait_socket(sock_path(v), v.socket_timeout or M.SOCKET_TIMEOUT, v.proc,
+		{ log = { v.dir .. "/vmm.log", v.console_path }, name = "firecracker", what = "API socket" })
+	v.timings.api_ready = runtime.now() - t0
+	v.api = core.api_client(sock_path(v), { timeout = M.REQUEST_TIMEOUT, name = "firecracker" })
+	v.vmm_version = v.api:get("/version").firecracker_version
+	util.verbose("VM %s: firecracker %s API ready in %.0f ms%s", v.id, v.vmm_version,
+		v.timings.api_ready * 1e3, v.jail and (" (jailed: uid " .. v.jail.uid .. ", " .. v.jail.root .. ")") or "")
+end
+
+-- The jail: chroot filled by place(j) before the jailer runs (fireclaw.vmm.jailer).
+local function spawn_jailed(v, place)
+	local j = jailer.plan(v, v.jailer)
+	v.jail = j
+	jailer.prepare(j)
+	local libs = jailer.copy_libs(j)
+	if libs > 0 then
+		util.verbose("VM %s: %s is dynamically linked: %d libraries copied into its jail (release "
+			.. "builds are static)", v.id, j.exec, libs)
+	end
+	place(j)
+	local t0 = runtime.now()
+	local p = proc.spawn{
+		argv = jailer.argv(j, v.netns),
+		env = v.env,
+		pdeathsig = not v.keep, -- unshare's: its death kills the jail's init, and so the jail
+		stdout = { log = v.console_path },
+		stderr = { log = v.dir .. "/vmm.log" },
+		fds = { { log = v.dir .. "/firecracker.log" } }, -- the init's cat of the logger FIFO
+		log_cap = config.log_cap,
+		cgroup = v.cgroup, -- unshare joins them before exec: the whole jail is inside
+	}
+	v.proc = p
+	j.pid = jailer.find_vmm(p, v.socket_timeout or M.SOCKET_TIMEOUT)
+	if not j.pid then
+		local st = p:wait(2)
+		error(string.format("vm %s: the jailer %s before Firecracker started; its log ends with:\n%s",
+			v.id, util.describe_exit(st), core.log_tail({ v.dir .. "/vmm.log" }, 10)), 0)
+	end
+	j.start = proc.starttime(j.pid)
+	v.vmm_uid = j.uid
+	v:_started(p)
+	connect(v, t0)
+end
 
 -- Start a fresh Firecracker and connect to its API. Its serial console (stdout), stderr and
 -- logger are pipes into capped files (proc.spawn's log sink): a guest flooding its console
--- cannot fill the host's disk.
-local function spawn(v)
+-- cannot fill the host's disk. place(j): what to put into the jail, if there is one.
+local function spawn(v, place)
+	if v.jailer then return spawn_jailed(v, place) end
+	local problem = M.unjailed_problem(nil)
+	if problem then error("vm " .. v.id .. ": " .. problem, 0) end
 	util.mkdir_p(M.MOUNT)
 	-- Firecracker never removes its socket, and refuses to start over an existing one
 	os.remove(sock_path(v))
@@ -96,33 +167,27 @@ local function spawn(v)
 		log_cap = config.log_cap,
 		cgroup = v.cgroup, -- joined between fork and exec (fireclaw.cgroup)
 	})
-	core.wait_socket(sock_path(v), v.socket_timeout or M.SOCKET_TIMEOUT, v.proc,
-		{ log = { v.dir .. "/vmm.log", v.console_path }, name = "firecracker", what = "API socket" })
-	v.timings.api_ready = runtime.now() - t0
-	v.api = core.api_client(sock_path(v), { timeout = M.REQUEST_TIMEOUT, name = "firecracker" })
-	v.vmm_version = v.api:get("/version").firecracker_version
-	util.verbose("VM %s: firecracker %s API ready in %.0f ms", v.id, v.vmm_version,
-		v.timings.api_ready * 1e3)
+	connect(v, t0)
 end
 
 local function put_logger(v)
 	-- Firecracker opens the path itself (read-write, non-blocking, as it does a FIFO)
-	v.api:put("/logger", { log_path = M.LOGGER_PATH, level = "Info",
+	v.api:put("/logger", { log_path = logger_path(v), level = "Info",
 		show_level = true, show_log_origin = false })
 end
 
 local function boot_source(v, spec)
 	local args = spec.boot_args
 	if type(args) == "table" then args = table.concat(args, " ") end -- a manifest's list
-	local boot = { kernel_image_path = in_vmm(v, spec.kernel),
+	local boot = { kernel_image_path = v.jail and "/vmlinux" or in_vmm(v, spec.kernel),
 		boot_args = args or M.DEFAULT_BOOT_ARGS }
-	if spec.initrd then boot.initrd_path = in_vmm(v, spec.initrd) end
+	if spec.initrd then boot.initrd_path = v.jail and "/initrd" or in_vmm(v, spec.initrd) end
 	v.api:put("/boot-source", boot)
 	return boot
 end
 
 local function devices(v, spec)
-	local rootfs = spec.rootfs and in_vmm(v, spec.rootfs)
+	local rootfs = spec.rootfs and (v.jail and "/disk.ext4" or in_vmm(v, spec.rootfs))
 	if rootfs then
 		v.api:put("/drives/rootfs", { drive_id = "rootfs", path_on_host = rootfs,
 			is_root_device = true, is_read_only = spec.read_only or false })
@@ -144,13 +209,24 @@ end
 function M.boot(v, spec)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
 	util.check_tap(v)
-	spawn(v)
+	spawn(v, function(j)
+		jailer.place_ro(j, spec.kernel, "vmlinux")
+		if spec.initrd then jailer.place_ro(j, spec.initrd, "initrd") end
+		if spec.rootfs and spec.read_only then jailer.place_ro(j, spec.rootfs, "disk.ext4")
+		elseif spec.rootfs then jailer.place_rw(j, spec.rootfs, "disk.ext4") end
+	end)
 	local problem = spec.acpi_devices and M.acpi_problem(v.vmm_version)
 	if problem then error(string.format("vm %s: cannot boot: %s; %s", v.id, problem, M.FIX_ACPI), 0) end
 	put_logger(v)
 	if spec.metrics then
-		util.touch(v.dir .. "/metrics.json")
-		v.api:put("/metrics", { metrics_path = M.MOUNT .. "/metrics.json" })
+		if v.jail then
+			util.touch(v.jail.root .. "/metrics.json")
+			jailer.chown(v.jail, v.jail.root .. "/metrics.json", "600")
+			v.api:put("/metrics", { metrics_path = "/metrics.json" })
+		else
+			util.touch(v.dir .. "/metrics.json")
+			v.api:put("/metrics", { metrics_path = M.MOUNT .. "/metrics.json" })
+		end
 	end
 	local vcpu, mem = spec.vcpu or 1, spec.mem_mib or 256
 	v.api:put("/machine-config", { vcpu_count = vcpu, mem_size_mib = mem })
@@ -172,11 +248,31 @@ function M.query_state(v)
 	return STATES[v.api:get("/").state]
 end
 
+-- Move a file the jailed VMM wrote out of the jail, and make it root's (read-only for
+-- every later VM user: restores hard-link it into their jails).
+local function take_out(src, dst)
+	local ok = pcall(fs.rename, src, dst)
+	if not ok then -- another filesystem
+		util.copy_sparse(src, dst)
+		os.remove(src)
+	end
+	util.run({ "chown", "0:0", dst }, "chown " .. dst)
+	fs.chmod(dst, "644")
+end
+
 -- Pause and write a full snapshot: dir/vmstate and dir/memory.
 function M.snapshot(v, dir)
 	if v._state ~= "paused" then M.pause(v) end
-	v.api:put("/snapshot/create", { snapshot_type = "Full",
-		snapshot_path = in_vmm(v, dir .. "/vmstate"), mem_file_path = in_vmm(v, dir .. "/memory") })
+	if v.jail then -- written into the jail as the VM's user, then moved out
+		local snap = jailer.writable_dir(v.jail, "snap")
+		v.api:put("/snapshot/create", { snapshot_type = "Full",
+			snapshot_path = "/snap/vmstate", mem_file_path = "/snap/memory" })
+		take_out(snap .. "/vmstate", dir .. "/vmstate")
+		take_out(snap .. "/memory", dir .. "/memory")
+	else
+		v.api:put("/snapshot/create", { snapshot_type = "Full",
+			snapshot_path = in_vmm(v, dir .. "/vmstate"), mem_file_path = in_vmm(v, dir .. "/memory") })
+	end
 	local b = v.booted or {}
 	return { mem_mib = b.mem_mib, vcpu = b.vcpu, kernel = b.kernel, initrd = b.initrd,
 		boot_args = b.boot_args, rootfs_path_in_vmm = b.rootfs, tap = b.tap, mac = b.mac,
@@ -186,11 +282,12 @@ end
 -- Each clone's disk must be where the snapshot says (inside the VMM's view).
 local function check_disk(v, spec)
 	if not spec.rootfs then return end
-	local seen = in_vmm(v, spec.rootfs)
+	local seen = v.jailer and "/disk.ext4" or in_vmm(v, spec.rootfs)
 	if spec.rootfs_path_in_vmm and seen ~= spec.rootfs_path_in_vmm then
-		error(string.format("vm %s: the snapshot opens its disk at %s, but %s is seen as %s: "
-			.. "put this clone's copy at %s", v.id, spec.rootfs_path_in_vmm, spec.rootfs, seen,
-			v.dir .. spec.rootfs_path_in_vmm:sub(#M.MOUNT + 1)), 0)
+		error(string.format("vm %s: the snapshot opens its disk at %s, but %s is seen as %s%s", v.id,
+			spec.rootfs_path_in_vmm, spec.rootfs, seen, v.jailer
+				and " (a snapshot of an unjailed Firecracker does not load in a jail: take it again)"
+				or (": put this clone's copy at " .. v.dir .. spec.rootfs_path_in_vmm:sub(#M.MOUNT + 1))), 0)
 	end
 	if not util.exists(spec.rootfs) then
 		error("vm " .. v.id .. ": no disk copy at " .. spec.rootfs, 0)
@@ -220,7 +317,11 @@ end
 function M.restore(v, dir, spec)
 	check_disk(v, spec)
 	util.check_tap(v)
-	spawn(v)
+	spawn(v, function(j)
+		jailer.place_ro(j, dir .. "/vmstate", "vmstate")
+		jailer.place_ro(j, dir .. "/memory", "memory")
+		if spec.rootfs then jailer.place_rw(j, spec.rootfs, "disk.ext4") end
+	end)
 	put_logger(v)
 	local ok, err = pcall(v.api.put, v.api, "/snapshot/load", load_body(v, dir, spec))
 	if not ok then
@@ -228,7 +329,8 @@ function M.restore(v, dir, spec)
 		error(err, 0)
 	end
 	v.booted = { kernel = spec.kernel, initrd = spec.initrd, boot_args = spec.boot_args,
-		vcpu = spec.vcpu, mem_mib = spec.mem_mib, rootfs = spec.rootfs and in_vmm(v, spec.rootfs),
+		vcpu = spec.vcpu, mem_mib = spec.mem_mib,
+		rootfs = spec.rootfs and (v.jail and "/disk.ext4" or in_vmm(v, spec.rootfs)),
 		tap = v.tap, mac = v.mac, rng = spec.rng }
 end
 
@@ -241,8 +343,19 @@ end
 
 function M.destroy(v)
 	if v.api then v.api:close() end
+	local j = v.jail
+	-- the jail dies with its init (unshare's child); killing Firecracker first means it is
+	-- gone when this returns
+	if j and j.pid and j.start then proc.kill(j.pid, j.start, 9, 2) end
 	if v.proc then v.proc:close() end
-	os.remove(sock_path(v))
+	if j then
+		-- its init reaps it as the namespace goes, a moment after unshare's death
+		if j.pid and j.start then util.poll(function() return not proc.alive(j.pid, j.start) or nil end, 2) end
+		jailer.close(j)
+		jailer.remove(j.dir)
+	else
+		os.remove(sock_path(v))
+	end
 end
 
 return M
