@@ -74,7 +74,6 @@ end
 -- How a Firecracker would be confined: jailed (a user of its own, a chroot), or not at all.
 local function check_confinement()
 	local jailer = require "fireclaw.vmm.jailer"
-	local config = require "fireclaw.config"
 	if d.jailer then
 		local jv = proc.run({ d.jailer, "--version" }, { timeout = 10 })
 		local v = (jv.stdout .. jv.stderr):match("(%d+%.%d+%.%d+)")

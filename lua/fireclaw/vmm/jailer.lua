@@ -26,20 +26,13 @@
 -- through the shell and unshare, so fireclaw waits on unshare as before.
 local bit = require "bit"
 local config = require "fireclaw.config"
-local ffi = require "ffi"
 local fs = require "fireclaw.fs"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
+local sys = require "fireclaw.sys"
 local util = require "fireclaw.vmm.util"
 
 local M = {}
-
-for _, decl in ipairs({
-	"int open(const char *path, int flags, ...);",
-	"int close(int fd);",
-}) do pcall(ffi.cdef, decl) end
-local C = ffi.C
-local O_PATH, O_DIRECTORY, O_CLOEXEC = 0x200000, 0x10000, 0x80000
 
 -- QEMU's per-VM users (fireclaw.vmm.qemu): above systemd's container range
 M.UID_BASE = 0x70000000
@@ -242,15 +235,15 @@ end
 -- by fireclaw (j.fd, closed by M.close), never does.
 function M.socket(j)
 	if not j.fd then
-		local fd = C.open(j.root, bit.bor(O_PATH, O_DIRECTORY, O_CLOEXEC))
-		if fd < 0 then error("jailer: cannot open " .. j.root .. ": errno " .. ffi.errno(), 0) end
+		local fd, err = sys.open(j.root, "PATH|DIRECTORY") -- close-on-exec, as every sys.open
+		if not fd then error("jailer: cannot open " .. j.root .. ": " .. err, 0) end
 		j.fd = fd
 	end
 	return "/proc/self/fd/" .. j.fd .. M.API_SOCK
 end
 
 function M.close(j)
-	if j.fd then C.close(j.fd) end
+	if j.fd then sys.close(j.fd) end
 	j.fd = nil
 end
 
