@@ -84,8 +84,8 @@ def on_signal(sig, frame):
     raise Interrupted(signal.Signals(sig).name)
 
 
-# fireclaw runs in a neutral directory: in the repository, ./recipes would override the
-# embedded recipes (read and parsed from disk), which is not what a user's run does
+# fireclaw runs in a neutral directory, as a user's run does (the working directory is
+# never on the recipe search path; this keeps it that way should that change)
 CWD = ["/"]
 
 
@@ -1000,7 +1000,7 @@ class Bench:
           "the baseline; fireclaw runs with `-v --json` (for its stage times) and the preloaded rusage helper "
           "(one more tiny shared library to load).")
         w("- fireclaw runs from a neutral working directory (the bench's temporary one), so it uses its embedded "
-          "recipes as a user's run does (in the repository, ./recipes would override them, read from disk).")
+          "recipes as a user's run does.")
         w("- The image, keys and snapshot are hard-linked into a state directory of the bench's own "
           "(FIRECLAW_STATE) after they are checked (or made) in the shared one, so that nothing else running on "
           "the machine can rebuild or replace them halfway through.")
