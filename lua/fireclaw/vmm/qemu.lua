@@ -141,7 +141,8 @@ local function append(t, ...)
 	for _, x in ipairs({ ... }) do t[#t + 1] = x end
 end
 
--- The command line for a boot (ram = {}) or a restore (ram = {from =, incoming = true}).
+-- The command line for a boot (ram = {}) or a restore (ram = {from =, incoming = true}, or
+-- {share = false, incoming = true}: see M.restore).
 -- Everything that shapes the machine is here, for both. fd names the descriptors QEMU
 -- inherits (see open_fds); paths only appear for what it opens itself.
 local function machine_args(v, spec, ram, fd)
@@ -152,7 +153,8 @@ local function machine_args(v, spec, ram, fd)
 	append(a, unpack(accel_args(v)))
 	append(a, "-smp", tostring(vcpu), "-m", mem .. "M",
 		-- QEMU opens mem-path itself: through /proc/self/fd it reaches the file it was given
-		"-object", string.format("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=on", mem, self(fd.ram)),
+		"-object", string.format("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s",
+			mem, self(fd.ram), ram.share == false and "off" or "on"),
 		"-nodefaults", "-no-user-config", "-nographic",
 		-- a guest reboot or panic ends the VMM, as with Firecracker
 		"-no-reboot",
@@ -434,11 +436,26 @@ function M.snapshot(v, dir)
 			.. M.MIGRATE_TIMEOUT .. "s", 0)
 	end
 	local mem = v.spec.mem_mib or 256
-	util.copy_sparse(v.ram.path, dir .. "/memory") -- 0600 root: no VMM ever opens it
+	if v.ram.share ~= false then
+		util.copy_sparse(v.ram.path, dir .. "/memory") -- 0600 root: no VMM ever opens it
+	else
+		-- RAM mapped privately (see M.restore) was not ignored: the stream above holds it
+		util.sparse_file(dir .. "/memory", mem * 1024 * 1024)
+	end
 	local s = v.spec
 	return { mem_mib = mem, vcpu = s.vcpu or 1, kernel = s.kernel, initrd = s.initrd,
 		boot_args = s.boot_args, boot_args_tcg = s.boot_args_tcg, rootfs_path_in_vmm = s.rootfs,
 		tap = v.tap, mac = v.mac, vmstate = "vmstate", memory = "memory", rng = s.rng ~= false }
+end
+
+-- A snapshot of a restored clone taken by an older fireclaw (which mapped the snapshot's
+-- file privately) carries the RAM in its stream, and its `memory` is one hole: x-ignore-shared
+-- refuses a stream with shared RAM in it, so such a restore maps an empty memfd privately.
+local function ram_in_stream(path)
+	local fd = open_fd(path, O_RDONLY)
+	local blocks = fstat(fd).blocks
+	C.close(fd)
+	return tonumber(blocks) == 0
 end
 
 local function incoming_done(v)
@@ -467,7 +484,11 @@ function M.restore(v, dir, spec)
 	end
 	-- a snapshot made by an older fireclaw gave its memory file to the VMM group (0660)
 	fs.chmod(dir .. "/memory", "600")
-	spawn(v, spec, { from = dir .. "/memory", incoming = true })
+	if ram_in_stream(dir .. "/memory") then
+		spawn(v, spec, { share = false, incoming = true })
+	else
+		spawn(v, spec, { from = dir .. "/memory", incoming = true })
+	end
 	local ok, err = pcall(function()
 		set_ignore_shared(v)
 		give_stream(v, dir .. "/vmstate", O_RDONLY)
