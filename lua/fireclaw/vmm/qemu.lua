@@ -20,7 +20,6 @@
 -- /dev/kvm closed to the user) is an error naming the fix. See docs/security.md.
 local config = require "fireclaw.config"
 local core = require "fireclaw.core.vm"
-local fs = require "fireclaw.fs"
 local ffi = require "ffi"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
@@ -35,6 +34,7 @@ for _, decl in ipairs({
 	"int open(const char *path, int flags, ...);",
 	"int close(int fd);",
 	"int fchown(int fd, unsigned int uid, unsigned int gid);",
+	"int fchmod(int fd, unsigned int mode);",
 	"struct fireclaw_qemu_stat { unsigned long dev, ino, nlink; unsigned int mode, uid, gid, pad;"
 		.. " unsigned long rdev; long size, blksize, blocks, times[6], reserved[3]; };",
 	"int fstat(int fd, struct fireclaw_qemu_stat *st);",
@@ -448,14 +448,19 @@ function M.snapshot(v, dir)
 		tap = v.tap, mac = v.mac, vmstate = "vmstate", memory = "memory", rng = s.rng ~= false }
 end
 
--- A snapshot of a restored clone taken by an older fireclaw (which mapped the snapshot's
--- file privately) carries the RAM in its stream, and its `memory` is one hole: x-ignore-shared
--- refuses a stream with shared RAM in it, so such a restore maps an empty memfd privately.
-local function ram_in_stream(path)
+-- A snapshot's memory file, made 0600 if an older fireclaw gave it to the VMM group (0660).
+-- Returns true when its RAM is in the stream instead: a snapshot of a restored clone taken
+-- by an older fireclaw (which mapped the file privately) leaves `memory` one hole, and
+-- x-ignore-shared refuses a stream with shared RAM in it, so such a restore maps an empty
+-- memfd privately.
+local function check_memory(path)
 	local fd = open_fd(path, O_RDONLY)
-	local blocks = fstat(fd).blocks
+	local st = fstat(fd)
+	local ok = bit.band(st.mode, 63) == 0 or C.fchmod(fd, 384) == 0 -- 0077, 0600
+	local err = not ok and errno_text()
 	C.close(fd)
-	return tonumber(blocks) == 0
+	if not ok then error("qemu: chmod 0600 " .. path .. ": " .. err, 0) end
+	return tonumber(st.blocks) == 0
 end
 
 local function incoming_done(v)
@@ -482,9 +487,7 @@ function M.restore(v, dir, spec)
 	if spec.rootfs and not util.exists(spec.rootfs) then
 		error("vm " .. v.id .. ": no disk copy at " .. spec.rootfs, 0)
 	end
-	-- a snapshot made by an older fireclaw gave its memory file to the VMM group (0660)
-	fs.chmod(dir .. "/memory", "600")
-	if ram_in_stream(dir .. "/memory") then
+	if check_memory(dir .. "/memory") then
 		spawn(v, spec, { share = false, incoming = true })
 	else
 		spawn(v, spec, { from = dir .. "/memory", incoming = true })
