@@ -20,6 +20,14 @@
  *   q:greeting() -> the QMP greeting ({QMP = {version = …}})
  *   q:close()
  *
+ *   vm.memfd(bytes [, src_path]) -> fd (an integer the caller closes)
+ *       a memfd of `bytes` bytes; with src_path, the non-zero pages of that file's data
+ *       ranges (its first `bytes` at most) are copied in, zero pages stay holes. A restore
+ *       hands QEMU such a copy of a snapshot's memory (QEMU 7.2 opens its RAM file
+ *       read-write, and a snapshot must stay out of every VMM's reach: docs/security.md,
+ *       "Golden files"), and a kernel or initrd only root can read goes the same way.
+ *   vm.memfd_fill(fd, src_path)   the same copy into an existing file (its size bounds it)
+ *
  * The Firecracker client drives libcurl's multi interface from fc_poll, so a request is
  * interruptible by Ctrl-C like every other wait, and keeps one easy handle per VM so the
  * connection to the API socket is reused across requests.
@@ -31,7 +39,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -944,6 +954,137 @@ static int l_qmp_connect(lua_State *L)
 	return 1;
 }
 
+/* ---- guest RAM ---- */
+
+#define RAM_PAGE 4096
+
+static int page_is_zero(const unsigned char *p)
+{
+	const unsigned long *w = (const unsigned long *)p;
+	unsigned long acc = 0;
+	for (size_t i = 0; i < RAM_PAGE / sizeof *w; i++)
+		acc |= w[i];
+	return acc == 0;
+}
+
+/* Write the non-zero pages of map[off, end) to fd at the same offsets, one pwrite per run
+ * of non-zero pages: zero pages stay holes (no memory for them until the guest writes).
+ * off is page-aligned; end may not be (a file's last page: the mapping reads zeros past
+ * its end). Returns 0 or -errno. */
+static int ram_copy_range(int fd, const unsigned char *map, off_t off, off_t end)
+{
+	off_t run = -1;
+	for (off_t p = off;; p += RAM_PAGE) {
+		int data = p < end && !page_is_zero(map + p);
+		if (data && run < 0)
+			run = p;
+		if (data || run < 0) {
+			if (p >= end)
+				return 0;
+			continue;
+		}
+		off_t stop = p < end ? p : end;
+		for (off_t w = run; w < stop;) {
+			ssize_t r = pwrite(fd, map + w, (size_t)(stop - w), w);
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0)
+				return r < 0 ? -errno : -EIO;
+			w += r;
+		}
+		run = -1;
+		if (p >= end)
+			return 0;
+	}
+}
+
+/* Copy the data ranges of in's first len bytes into fd. */
+static int ram_copy(int fd, int in, off_t len)
+{
+	if (len == 0)
+		return 0;
+	unsigned char *map = mmap(NULL, (size_t)len, PROT_READ, MAP_PRIVATE, in, 0);
+	if (map == MAP_FAILED)
+		return -errno;
+	int err = 0;
+	for (off_t off = 0; off < len && !err;) {
+		off_t data = lseek(in, off, SEEK_DATA);
+		if (data < 0 || data >= len) {
+			err = data < 0 && errno != ENXIO ? -errno : 0;
+			break; /* ENXIO: only a hole is left */
+		}
+		off_t hole = lseek(in, data, SEEK_HOLE);
+		if (hole < 0) {
+			err = -errno;
+			break;
+		}
+		data &= ~(off_t)(RAM_PAGE - 1);
+		hole = (hole + RAM_PAGE - 1) & ~(off_t)(RAM_PAGE - 1);
+		hole = hole > len ? len : hole;
+		madvise(map + data, (size_t)(hole - data), MADV_SEQUENTIAL);
+		err = ram_copy_range(fd, map, data, hole);
+		off = hole;
+	}
+	munmap(map, (size_t)len);
+	return err;
+}
+
+/* Open src for reading: a regular file. Returns the fd and its size, or raises. */
+static int ram_open_src(lua_State *L, const char *src, off_t *size)
+{
+	int in = open(src, O_RDONLY | O_CLOEXEC);
+	if (in < 0)
+		fc_errno_error(L, errno, "vm: open %s", src);
+	struct stat st;
+	int e = fstat(in, &st) < 0 ? errno : S_ISREG(st.st_mode) ? 0 : EINVAL;
+	if (e) {
+		close(in);
+		fc_errno_error(L, e, "vm: %s: not a regular file", src);
+	}
+	*size = st.st_size;
+	return in;
+}
+
+static int l_memfd(lua_State *L)
+{
+	lua_Number n = luaL_checknumber(L, 1);
+	const char *src = luaL_optstring(L, 2, NULL);
+	if (!(n >= 0 && n <= (lua_Number)(1ull << 42) && (off_t)n == n))
+		fc_error(L, "vm: memfd: bad size %.0f", n);
+	off_t size = (off_t)n, src_size = 0;
+	int in = src ? ram_open_src(L, src, &src_size) : -1;
+	int fd = memfd_create("fireclaw", MFD_CLOEXEC);
+	int err = fd < 0 || ftruncate(fd, size) < 0 ? -errno : 0;
+	if (!err && in >= 0)
+		err = ram_copy(fd, in, src_size < size ? src_size : size);
+	if (in >= 0)
+		close(in);
+	if (err) {
+		if (fd >= 0)
+			close(fd);
+		fc_errno_error(L, -err, "vm: memfd of %.0f bytes%s%s", n, src ? " from " : "",
+			       src ? src : "");
+	}
+	lua_pushinteger(L, fd);
+	return 1;
+}
+
+static int l_memfd_fill(lua_State *L)
+{
+	int fd = luaL_checkinteger(L, 1);
+	const char *src = luaL_checkstring(L, 2);
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		fc_errno_error(L, errno, "vm: memfd_fill %d from %s", fd, src);
+	off_t src_size;
+	int in = ram_open_src(L, src, &src_size);
+	int err = ram_copy(fd, in, src_size < st.st_size ? src_size : st.st_size);
+	close(in);
+	if (err)
+		fc_errno_error(L, -err, "vm: memfd_fill from %s", src);
+	return 0;
+}
+
 int luaopen_fireclaw_vm(lua_State *L)
 {
 	static const luaL_Reg api_methods[] = {
@@ -968,6 +1109,8 @@ int luaopen_fireclaw_vm(lua_State *L)
 	    {"wait_socket", l_wait_socket},
 	    {"log_tail", l_log_tail},
 	    {"qmp_connect", l_qmp_connect},
+	    {"memfd", l_memfd},
+	    {"memfd_fill", l_memfd_fill},
 	    {NULL, NULL},
 	};
 	fc_class(L, API_MT, api_methods);

@@ -4,8 +4,8 @@
 --
 -- Checks: /dev/kvm and what backs it, firecracker (+ jailer; a version that cannot boot
 -- the default image, < 1.8, or restore clones safely, < 1.16.1), qemu (microvm, seccomp),
--- /dev/net/tun, network namespaces, cgroups for VM limits, the default image, the state and run dirs,
--- and which VMM fireclaw would choose.
+-- /dev/net/tun, network namespaces, cgroups for VM limits, how each VMM is confined, the
+-- default image, the state and run dirs, and which VMM fireclaw would choose.
 -- One line per check: ok / warn / fail, what was found, and (indented) the fix. Exit status
 -- 0 when fireclaw can run a VM here (warnings allowed), 1 when it cannot.
 local cli = require "fireclaw.cli"
@@ -199,6 +199,46 @@ local function check_cgroup()
 	end
 end
 
+-- How each VMM is confined (docs/security.md, "Least privilege"): one line per VMM.
+local function check_confine_qemu()
+	if not d.qemu then return end
+	local qemu = require "fireclaw.vmm.qemu"
+	local user = tostring(config.vmm_user or "auto")
+	local who = user == "auto" and string.format("uid 0x%x+1+<VM id>, gid 0x%x", qemu.UID_BASE, qemu.UID_BASE)
+		or user == "root" and "root (FIRECLAW_VMM_USER=root)" or ("uid:gid " .. user .. " (FIRECLAW_VMM_USER)")
+	local sandbox = qemu.has_sandbox(d.qemu) and "on" or "off"
+	local cg = require("fireclaw.cgroup").detect()
+	local found = string.format("QEMU as %s, seccomp -sandbox %s, cgroup %s", who, sandbox,
+		cg.version and ("v" .. cg.version) or "none")
+	local ok, err = true, nil
+	if user ~= "root" then ok, err = pcall(qemu.confinement, { accel = d.accel }) end
+	if not ok then
+		report("fail", "confine qemu", found .. ": " .. tostring(err))
+	elseif user == "root" or sandbox == "off" or not cg.version then
+		report("warn", "confine qemu", found, user == "root" and "unset FIRECLAW_VMM_USER" or nil)
+	else
+		report("ok", "confine qemu", found)
+	end
+end
+
+-- Firecracker's confinement is the jailer's (lua/fireclaw/vmm/firecracker.lua): when that
+-- driver says how it confines (firecracker.confinement() -> level, text, fix), that is
+-- the line; until then, whether a jailer binary is there.
+local function check_confine_firecracker()
+	if type(firecracker.confinement) == "function" then
+		local level, found, fix = firecracker.confinement(d)
+		report(level, "confine fc", found, fix)
+		return
+	end
+	if d.jailer then
+		report("ok", "confine fc", "jailer: found at " .. d.jailer)
+	else
+		report(d.firecracker and "warn" or "ok", "confine fc", "jailer: not found"
+			.. (d.firecracker and " (Firecracker runs as root in its own namespaces)" or ""),
+			d.firecracker and "install Firecracker's jailer next to firecracker" or nil)
+	end
+end
+
 local function check_image()
 	local ok, image = pcall(require, "fireclaw.image")
 	if not ok then
@@ -275,6 +315,8 @@ check_qemu()
 check_tun()
 check_netns()
 check_cgroup()
+check_confine_qemu()
+check_confine_firecracker()
 check_image()
 check_dir("state dir", config.state_dir, "FIRECLAW_STATE", false)
 check_dir("run dir", config.run_dir, "FIRECLAW_RUN", true)

@@ -69,7 +69,7 @@ function M.restore(opts, snap)
 	return sandbox.build(sbopts, function(sb)
 		sb:network()                  -- namespace fc-<id> with tap0, same addresses and MACs
 		sb:disk(snap.disk)            -- this clone's own copy of the snapshot-time disk
-		sb:restore(snap)              -- a fresh VMM loads device state + memory (copy-on-write)
+		sb:restore(snap)              -- a fresh VMM loads device state + its own copy of the memory
 		sb:connect(opts.boot_timeout) -- the guest's sshd, running since the snapshot
 		sb:reseed()                   -- fresh host entropy, CRNG reseeded, clock set: one exec
 	end)

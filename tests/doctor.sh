@@ -8,7 +8,7 @@ unset FIRECLAW_VMM FIRECLAW_ACCEL FIRECLAW_FIRECRACKER
 
 out=$("$FC" doctor 2>&1)
 rc=$?
-for check in kvm firecracker qemu tun netns cgroup image "state dir" "run dir" vm; do
+for check in kvm firecracker qemu tun netns cgroup "confine qemu" "confine fc" image "state dir" "run dir" vm; do
 	like "$out" "^(ok|warn|fail) +$check " "a line for the $check check"
 done
 
@@ -33,6 +33,23 @@ else
 	skip "no QEMU on this host"
 fi
 unlike "$out" "^fail " "no check fails"
+
+# how each VMM is confined (docs/security.md, "Least privilege")
+if command -v qemu-system-x86_64 >/dev/null; then
+	like "$out" "^(ok|warn) +confine qemu +QEMU as uid 0x70000000\+1\+<VM id>, gid 0x70000000, seccomp -sandbox (on|off), cgroup (v1|v2|none)" \
+		"confine qemu: the VMM user scheme, seccomp and the cgroup version"
+	like "$(FIRECLAW_VMM_USER=root "$FC" doctor 2>&1)" "^warn +confine qemu +QEMU as root \(FIRECLAW_VMM_USER=root\)" \
+		"FIRECLAW_VMM_USER=root is a warning"
+	if [ -c /dev/kvm ] && [ $((0$(stat -c %a /dev/kvm) & 066)) = 0 ]; then
+		like "$(FIRECLAW_ACCEL=kvm "$FC" doctor 2>&1)" "^fail +confine qemu .*/dev/kvm is open to root only .*FIRECLAW_VMM_USER=root" \
+			"KVM forced with a /dev/kvm open to root only: a confined QEMU cannot use it, and the fix"
+	else
+		skip "/dev/kvm is open to others or its group here"
+	fi
+else
+	skip "no QEMU"; skip "no QEMU"; skip "no QEMU"
+fi
+like "$out" "^(ok|warn) +confine fc +jailer: (found|not found)" "confine fc: whether the jailer is there"
 
 # the image line names the kernel the manifest records
 release=$("$FC" -e 'local ok, m = pcall(require("fireclaw.image").info) io.write(ok and m.kernel_info and m.kernel_info.release or "")')

@@ -148,9 +148,9 @@ local function clones(c, base, snap, disk)
 	t.isnt(vt.inode(vs[1].v.dir .. "/disk.ext4"), vt.inode(vs[2].v.dir .. "/disk.ext4"),
 		"the clones have separate disk copies")
 	t.is(vt.run({ "stat", "-c", "%Y.%s", snap .. "/memory" }), mtime,
-		"the snapshot's memory file stays pristine (mapped copy-on-write)")
+		"the snapshot's memory file stays pristine (each restore copies it)")
 
-	-- a clone maps its RAM privately, so its snapshot carries the RAM in the stream
+	-- a clone's RAM is a memfd of its own, like a cold boot's: its snapshot copies it
 	local snap2 = base .. "/snap2"
 	t.lives(function() vs[1].v:snapshot(snap2) end, "snapshot of a clone")
 	vt.copy(vs[1].v.dir .. "/disk.ext4", base .. "/disk2.ext4")

@@ -1562,6 +1562,11 @@ function M.import(opts)
 		run("copying the rootfs", { "cp", "--reflink=auto", "--sparse=always", "--", opts.rootfs, out .. "/rootfs.ext4" })
 		chmod(out .. "/rootfs.ext4", "600") -- it may hold keys (the guest's host key)
 		if opts.initrd then copy(opts.initrd, out .. "/initrd") end
+		-- cp keeps a 0600 source's mode: the VMM, which runs as a user of its own, reads
+		-- the kernel and initrd by name (they hold no secret; the rootfs stays 0600)
+		for _, n in ipairs({ "vmlinux", "vmlinuz", "initrd" }) do
+			if exists(out .. "/" .. n) then chmod(out .. "/" .. n, "644") end
+		end
 		if host_key then write_file(out .. "/host_key.pub", host_key .. "\n", "644") end
 		local names = {}
 		for _, n in ipairs({ "vmlinux", "vmlinuz", "initrd", "rootfs.ext4", "host_key.pub" }) do

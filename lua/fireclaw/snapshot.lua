@@ -2,7 +2,7 @@
 --
 -- Layout: $FIRECLAW_STATE/snapshots/NAME/ (NAME defaults to the image name)
 --   vmstate     device state (Firecracker snapshot file, or QEMU migration stream)
---   memory      guest RAM (mapped copy-on-write by every restore: never written)
+--   memory      guest RAM (copied or mapped copy-on-write by every restore: never written)
 --   disk.ext4   the disk as it was at snapshot time (each restore gets its own copy)
 --   meta.json   {format, name, image, image_sha256, vmm, vmm_version, accel, vcpu, mem_mib,
 --                guest_ip, guest_mac, tap_mac, host_key, boot_args, created, files}

@@ -1,9 +1,11 @@
 -- fireclaw.vmm.qemu: the QEMU microvm driver behind fireclaw.vm.
 --
--- Guest RAM is a shared file (memory-backend-file, share=on; a memfd) from the cold boot on, so a
--- snapshot is: stop, migrate the device state only (x-ignore-shared) to dir/vmstate, copy
--- the RAM file to dir/memory. A restore maps dir/memory with share=off (copy-on-write: the
--- file stays pristine for any number of clones) and migrates the device state back in.
+-- Guest RAM is a shared file (memory-backend-file, share=on; a memfd), so a snapshot is:
+-- stop, migrate the device state only (x-ignore-shared) to dir/vmstate, copy the RAM file
+-- to dir/memory. A restore copies dir/memory's non-zero pages into a memfd of its own
+-- (QEMU never sees the snapshot's file: QEMU 7.2 opens a RAM file read-write, whatever
+-- share= says) and migrates the device state back in; a restored VM is then like a cold
+-- booted one, and can be snapshotted the same way.
 -- A restore needs the very same machine and device options as the snapshot, so both go
 -- through machine_args(). Every VM has a virtio-rng device reading the host's /dev/urandom
 -- (spec.rng = false leaves it out: a restore of a snapshot taken without one).
@@ -13,9 +15,9 @@
 -- as a user of its own (uid UID_BASE + 1 + the VM id, group UID_BASE shared by all VMMs),
 -- with no capabilities, no access to fireclaw's directories, under a seccomp filter that
 -- also denies exec, set*id and resource control (-sandbox). FIRECLAW_VMM_USER=root keeps
--- root; "UID:GID" picks the user. QEMU stays root, with a note under -v, when it needs a file
--- by path that others cannot read (kernel, initrd) or /dev/kvm closed to the user.
--- See docs/security.md.
+-- root; "UID:GID" picks the user. Never root otherwise: a kernel or initrd others cannot
+-- read goes in as a memfd copy, and what cannot be fixed (a tap outside a namespace,
+-- /dev/kvm closed to the user) is an error naming the fix. See docs/security.md.
 local config = require "fireclaw.config"
 local core = require "fireclaw.core.vm"
 local proc = require "fireclaw.proc"
@@ -127,9 +129,10 @@ local function append(t, ...)
 	for _, x in ipairs({ ... }) do t[#t + 1] = x end
 end
 
--- The command line for a boot (ram = {path, share = true}) or a restore (share = false,
--- incoming = true). Everything that shapes the machine is here, for both. fd names the
--- descriptors QEMU inherits (see open_fds); paths only appear for what it opens itself.
+-- The command line for a boot (ram = {}) or a restore (ram = {from =, incoming = true}, or
+-- {share = false, incoming = true}: see M.restore).
+-- Everything that shapes the machine is here, for both. fd names the descriptors QEMU
+-- inherits (see open_fds); paths only appear for what it opens itself.
 local function machine_args(v, spec, ram, fd)
 	local mem, vcpu = spec.mem_mib or 256, spec.vcpu or 1
 	local self = function(n) return "/proc/self/fd/" .. n end
@@ -139,7 +142,7 @@ local function machine_args(v, spec, ram, fd)
 	append(a, "-smp", tostring(vcpu), "-m", mem .. "M",
 		-- QEMU opens mem-path itself: through /proc/self/fd it reaches the file it was given
 		"-object", string.format("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s",
-			mem, self(fd.ram), ram.share and "on" or "off"),
+			mem, self(fd.ram), ram.share == false and "off" or "on"),
 		"-nodefaults", "-no-user-config", "-nographic",
 		-- a guest reboot or panic ends the VMM, as with Firecracker
 		"-no-reboot",
@@ -207,30 +210,49 @@ local function wanted_user(v)
 	return tonumber(uid), tonumber(gid)
 end
 
--- Why QEMU cannot run as an unprivileged user here, or nil. path_fds: files QEMU opens by
--- name (through /proc/self/fd, which checks the file's own mode).
-local function root_needed(v, path_fds)
-	if v.tap and not v.netns then return "its tap is in the host's namespace (opened by name)" end
-	for name, fd in pairs(path_fds) do
-		if bit.band(fstat(fd).mode, S.IROTH) == 0 then return "the " .. name .. " is not readable by others" end
+local ROOT_HINT = "(or FIRECLAW_VMM_USER=root to run QEMU as root)"
+
+-- Raise when QEMU cannot run as an unprivileged user here and fireclaw cannot fix that:
+-- no silent root. Returns the extra groups it needs (/dev/kvm's), or nil. v: {id, tap,
+-- netns, accel} (doctor asks with {accel}).
+function M.confinement(v)
+	if v.tap and not v.netns then
+		error(string.format("vm %s: qemu would open its tap %s by name in the host's namespace, "
+			.. "which needs root: give the VM a network namespace %s", v.id, v.tap, ROOT_HINT), 0)
 	end
-	if v.accel == "kvm" then
-		local fd = sys.open("/dev/kvm", O_PATH)
-		if not fd then return nil end -- QEMU will say
-		local st = fstat(fd)
-		sys.close(fd)
-		local others, group = bit.bor(S.IROTH, S.IWOTH), bit.bor(S.IRGRP, S.IWGRP)
-		if bit.band(st.mode, others) == others then return nil end
-		if bit.band(st.mode, group) == group then v._vmm_groups = { st.gid } return nil end
-		return "/dev/kvm is open to root only"
+	if v.accel ~= "kvm" then return nil end
+	local fd = sys.open("/dev/kvm", O_PATH)
+	if not fd then return nil end -- QEMU will say
+	local st = fstat(fd)
+	sys.close(fd)
+	local others, group = bit.bor(S.IROTH, S.IWOTH), bit.bor(S.IRGRP, S.IWGRP)
+	if bit.band(st.mode, others) == others then return nil end
+	if bit.band(st.mode, group) == group then return { st.gid } end
+	error(string.format("%s/dev/kvm is open to root only (mode %o): chmod 0660 /dev/kvm and "
+		.. "chgrp it to a kvm group %s", v.id and ("vm " .. v.id .. ": ") or "", bit.band(st.mode, 511),
+		ROOT_HINT), 0)
+end
+
+-- A file QEMU opens by name (kernel, initrd: through /proc/self/fd, which checks the file's
+-- own mode) that others cannot read: a memfd copy owned by the VMM user, or nil when the
+-- file itself will do.
+local function readable_copy(fd, path, uid, gid)
+	local st = fstat(fd)
+	if not uid or bit.band(st.mode, S.IROTH) ~= 0 then return nil end
+	util.verbose("qemu: %s is not readable by others: the VMM gets a copy", path)
+	local copy = core.memfd(tonumber(st.size), path)
+	local cok, err = sys.fchown(copy, uid, gid)
+	if not cok then
+		sys.close(copy)
+		error("qemu: chown a copy of " .. path .. ": " .. err, 0)
 	end
-	return nil
+	return copy
 end
 
 -- Open everything QEMU gets as a descriptor, appending each to `fds` (QEMU sees them as
 -- 3, 4, … in that order) as it goes, so the caller closes them whatever happens. Returns
--- their numbers in QEMU by name, and the uid, gid to run as (nil: root).
-local function open_fds(v, spec, ram, fds)
+-- their numbers in QEMU by name. uid, gid: the VMM's user (nil: root).
+local function open_fds(v, spec, ram, fds, uid, gid)
 	local num, paths = {}, {}
 	v._fd_paths = paths -- for QEMU's messages (log_line)
 	local function pass(name, fd, path)
@@ -251,9 +273,13 @@ local function open_fds(v, spec, ram, fds)
 	-- sink): a guest flooding its serial port cannot fill the host's disk
 	pass("console", { log = v.console_path })
 	paths["/dev/fdset/2"] = v.console_path
-	local path_fds = {}
-	path_fds.kernel = pass("kernel", open_fd(spec.kernel, O_RDONLY), spec.kernel)
-	if spec.initrd then path_fds.initrd = pass("initrd", open_fd(spec.initrd, O_RDONLY), spec.initrd) end
+	local function by_name(name, path)
+		local fd = pass(name, open_fd(path, O_RDONLY), path)
+		local copy = readable_copy(fd, path, uid, gid)
+		if copy then sys.close(fd) fds[#fds] = copy end
+	end
+	by_name("kernel", spec.kernel)
+	if spec.initrd then by_name("initrd", spec.initrd) end
 	if spec.rootfs then
 		pass("disk", open_fd(spec.rootfs, O_RDWR))
 		pass("disk_ro", open_fd(spec.rootfs, O_RDONLY))
@@ -263,34 +289,21 @@ local function open_fds(v, spec, ram, fds)
 		pass("rng", open_fd("/dev/urandom", O_RDONLY))
 		paths["/dev/fdset/3"] = "/dev/urandom"
 	end
-	local uid, gid = wanted_user(v)
-	local why = uid and root_needed(v, path_fds)
-	if why then
-		util.verbose("VM %s: qemu runs as root: %s", v.id, why)
-		uid, gid = nil, nil
+	-- Guest RAM: a memfd, empty for a boot; a restore fills it with a copy of the
+	-- snapshot's memory (see spawn). The snapshot's file itself is never handed to QEMU,
+	-- so no VMM can write it.
+	local r = pass("ram", core.memfd((spec.mem_mib or 256) * 1024 * 1024),
+		ram.from and ("guest RAM from " .. ram.from) or "guest RAM")
+	if uid then
+		local cok, cerr = sys.fchown(r, uid, gid)
+		if not cok then error("qemu: chown guest RAM: " .. cerr, 0) end
 	end
-	if ram.memfd then -- the boot's own RAM: an anonymous tmpfs file (see M.boot)
-		local r, merr = sys.memfd_create("fireclaw-ram")
-		if not r then error("qemu: memfd_create: " .. merr, 0) end
-		pass("ram", r, "guest RAM")
-		-- our own copy stays open: a snapshot copies the RAM from it
-		local derr
-		ram.fd, derr = sys.dup(r, 3)
-		if not ram.fd then error("qemu: dup: " .. derr, 0) end
-		ram.path = "/proc/self/fd/" .. ram.fd
-		local ok, err = true, nil
-		if uid then ok, err = sys.fchown(r, uid, gid) end
-		if not ok then error("qemu: chown guest RAM: " .. err, 0) end
-	else -- a snapshot's RAM file: QEMU 7.2 opens it read-write even with share=off
-		local r = pass("ram", open_fd(ram.path, O_RDONLY), ram.path)
-		local ok, err = true, nil
-		if uid then ok, err = sys.fchown(r, nil, gid) end
-		if ok and uid then ok, err = sys.fchmod(r, "660") end
-		if not ok then
-			error("qemu: give the VMM group " .. gid .. " " .. ram.path .. ": " .. err, 0)
-		end
-	end
-	return num, uid, gid
+	-- our own copy stays open: a snapshot copies the RAM from it
+	local derr
+	ram.fd, derr = sys.dup(r, 3)
+	if not ram.fd then error("qemu: dup: " .. derr, 0) end
+	ram.path = "/proc/self/fd/" .. ram.fd
+	return num
 end
 
 local function close_fds(v, fds)
@@ -308,13 +321,16 @@ end
 
 local function spawn(v, spec, ram)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
+	local uid, gid = wanted_user(v)
+	if uid then v._vmm_groups = M.confinement(v) end
 	util.check_tap(v)
 	os.remove(qmp_path(v))
 	util.touch(v.console_path) -- no stale output from an earlier VM in this dir
 	local t0 = runtime.now()
 	local fds = {}
+	v.ram = ram -- destroy closes our copy of its memfd, even when the spawn fails
 	local ok, err = pcall(function()
-		local num, uid, gid = open_fds(v, spec, ram, fds)
+		local num = open_fds(v, spec, ram, fds, uid, gid)
 		v:_started(proc.spawn{
 			argv = machine_args(v, spec, ram, num),
 			env = v.env,
@@ -332,6 +348,9 @@ local function spawn(v, spec, ram)
 	-- QEMU has its copies now (or failed): ours go, so that the QMP socket closes with QEMU
 	close_fds(v, fds)
 	if not ok then error(err, 0) end
+	-- a restore's RAM is filled while QEMU starts: it reads none of it before the incoming
+	-- migration (its ROM reset skips RAM then), and this copy is most of a restore's cost
+	if ram.from then core.memfd_fill(ram.fd, ram.from) end
 	local qok, q = pcall(core.qmp_connect, qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
 	if not qok then
 		-- the socket is ours and listens at once, QEMU may still fail on its options
@@ -347,17 +366,16 @@ local function spawn(v, spec, ram)
 	v.timings.api_ready = runtime.now() - t0
 	local ver = v.qmp:greeting().QMP.version.qemu
 	v.vmm_version = string.format("%d.%d.%d", ver.major, ver.minor, ver.micro)
-	v.ram = ram
 	v.spec = spec
 	util.verbose("VM %s: qemu %s QMP ready in %.0f ms", v.id, v.vmm_version,
 		v.timings.api_ready * 1e3)
 end
 
--- A cold boot's RAM is a memfd shared with QEMU (share=on, so a snapshot can leave it out
--- of the migration stream and copy it as a file): it lives in memory wherever the run
--- directory is, costs no file to create, fill and unlink, and goes with the last fd.
+-- Guest RAM is a memfd shared with QEMU (share=on, so a snapshot can leave it out of the
+-- migration stream and copy it as a file): it lives in memory wherever the run directory
+-- is, costs no file to create, fill and unlink, and goes with the last fd.
 function M.boot(v, spec)
-	spawn(v, spec, { memfd = true, share = true })
+	spawn(v, spec, {})
 end
 
 function M.pause(v) v.qmp:execute("stop") end
@@ -408,17 +426,31 @@ function M.snapshot(v, dir)
 			.. M.MIGRATE_TIMEOUT .. "s", 0)
 	end
 	local mem = v.spec.mem_mib or 256
-	if v.ram.share then
-		util.copy_sparse(v.ram.path, dir .. "/memory")
+	if v.ram.share ~= false then
+		util.copy_sparse(v.ram.path, dir .. "/memory") -- 0600 root: no VMM ever opens it
 	else
-		-- a restored clone maps its RAM privately: it was not ignored, the stream above
-		-- holds all of it, and the restore only needs a file of the right size to map
+		-- RAM mapped privately (see M.restore) was not ignored: the stream above holds it
 		util.sparse_file(dir .. "/memory", mem * 1024 * 1024)
 	end
 	local s = v.spec
 	return { mem_mib = mem, vcpu = s.vcpu or 1, kernel = s.kernel, initrd = s.initrd,
 		boot_args = s.boot_args, boot_args_tcg = s.boot_args_tcg, rootfs_path_in_vmm = s.rootfs,
 		tap = v.tap, mac = v.mac, vmstate = "vmstate", memory = "memory", rng = s.rng ~= false }
+end
+
+-- A snapshot's memory file, made 0600 if an older fireclaw gave it to the VMM group (0660).
+-- Returns true when its RAM is in the stream instead: a snapshot of a restored clone taken
+-- by an older fireclaw (which mapped the file privately) leaves `memory` one hole, and
+-- x-ignore-shared refuses a stream with shared RAM in it, so such a restore maps an empty
+-- memfd privately.
+local function check_memory(path)
+	local fd = open_fd(path, O_RDONLY)
+	local st = fstat(fd)
+	local ok, err = true, nil
+	if bit.band(st.mode, bit.bor(S.IRWXG, S.IRWXO)) ~= 0 then ok, err = sys.fchmod(fd, "600") end
+	sys.close(fd)
+	if not ok then error("qemu: chmod 0600 " .. path .. ": " .. err, 0) end
+	return tonumber(st.blocks) == 0
 end
 
 local function incoming_done(v)
@@ -445,7 +477,11 @@ function M.restore(v, dir, spec)
 	if spec.rootfs and not util.exists(spec.rootfs) then
 		error("vm " .. v.id .. ": no disk copy at " .. spec.rootfs, 0)
 	end
-	spawn(v, spec, { path = dir .. "/memory", share = false, incoming = true })
+	if check_memory(dir .. "/memory") then
+		spawn(v, spec, { share = false, incoming = true })
+	else
+		spawn(v, spec, { from = dir .. "/memory", incoming = true })
+	end
 	local ok, err = pcall(function()
 		set_ignore_shared(v)
 		give_stream(v, dir .. "/vmstate", O_RDONLY)
@@ -472,7 +508,7 @@ function M.destroy(v)
 	if v.qmp then v.qmp:close() end
 	if v.proc then v.proc:close() end
 	os.remove(qmp_path(v))
-	-- the boot RAM (a memfd) goes with our last descriptor; a restore's is the snapshot's
+	-- the RAM (a memfd) goes with our last descriptor
 	if v.ram and v.ram.fd and v.ram.fd >= 0 then
 		sys.close(v.ram.fd)
 		v.ram.fd = -1

@@ -1,0 +1,158 @@
+# Golden files on real VMs (QEMU microvm; docs/security.md, "Golden files"): no VMM user can
+# open a snapshot's memory, device state or disk, or an image's files, for writing — not by
+# path, not by reopening a descriptor it was given; QEMU holds no writable descriptor on
+# them; a guest writing nearly all its RAM leaves the snapshot unchanged; three clones
+# restore from one snapshot at once; a restored clone can be snapshotted and restored. And
+# no silent root (fail closed): a 0600 kernel still runs confined, a tap outside a
+# namespace is an error naming the fix.
+set -u
+source "$FIRECLAW_TESTS/lib/tap.sh"
+source "$FIRECLAW_TESTS/lib/leaks.sh"
+state=${FIRECLAW_STATE:-/var/lib/fireclaw}
+tmp=$(mktemp -d)
+# a copy of the binary under test: a concurrent build cannot swap it mid-run
+cp "$FIRECLAW" "$tmp/fireclaw"
+fc=$tmp/fireclaw
+export FIRECLAW_VMM=qemu
+export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}gd
+snap=gd-$$ snap2=gd2-$$ img=gd-$$
+cleanup() {
+	"$fc" cleanup --all -q >/dev/null 2>&1
+	"$fc" -q snapshot rm "$snap" "$snap2" >/dev/null 2>&1
+	"$fc" -q image rm "$img" >/dev/null 2>&1
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+# a VMM's user: uid 0x70000000 + 1 + a VM id, the group all VMMs share
+VMM_UID=$((0x70000000 + 1 + 0xabcdef)) VMM_GID=$((0x70000000))
+AS_VMM=(setpriv --reuid=$VMM_UID --regid=$VMM_GID --clear-groups)
+# the value of a field in a JSON file, through fireclaw's own decoder
+jget() { "$fc" -e "local v = require('fireclaw.json').decode(io.read('*a')) for k in ('$2'):gmatch('[^.]+') do v = v[k] end print(v)" <"$1"; }
+sums() { sha256sum "$state/snapshots/$snap/memory" "$state/snapshots/$snap/vmstate" "$state/snapshots/$snap/disk.ext4" | awk '{print $1}'; }
+# A VMM's user opens FILE for writing (append: nothing changes if it works), by its path
+# and by reopening a read-only descriptor root gave it (/proc/self/fd checks only the
+# file's own mode — how QEMU reaches every file it gets). 0 if either worked.
+vmm_can_write() {
+	"${AS_VMM[@]}" sh -c ': >>"$1"' sh "$1" </dev/null >/dev/null 2>&1 && return 0
+	"${AS_VMM[@]}" sh -c ': >>/proc/self/fd/9' 9<"$1" </dev/null >/dev/null 2>&1
+}
+# a kept VM: its id in $kept, its VMM's pid in $vmm
+keep() {
+	kept=$("$fc" run --keep "$@" -- true 2>&1 >/dev/null | grep -oE 'fireclaw rm [0-9a-f]+' | awk '{print $3}' | head -1)
+	vmm=$([ -n "$kept" ] && jget "$FIRECLAW_RUN/vms/$kept/record.json" vmm.pid)
+}
+
+"$fc" cleanup -q >/dev/null 2>&1
+no_leaks "before the tests"
+if ! "$fc" -q image build >/dev/null 2>"$tmp/err" || ! "$fc" -q snapshot create --name "$snap" >/dev/null 2>"$tmp/err"; then
+	ok 1 "default image and a snapshot" "$(cat "$tmp/err")"
+	done_testing
+	exit
+fi
+ok 0 "snapshot $snap of the default image"
+
+# ---- no VMM user can write a golden file ----
+"$fc" run --snapshot "$snap" -- true; is $? 0 "a restore (an older fireclaw gave the memory file to the VMM group here)"
+touch "$tmp/probe" && chgrp $VMM_GID "$tmp/probe" && chmod 660 "$tmp/probe"
+"${AS_VMM[@]}" sh -c ': >>/proc/self/fd/9' 9<"$tmp/probe" </dev/null >/dev/null 2>&1
+ok $? "the check below is not vacuous: a VMM user reopens a 0660 file of the VMM group given read-only"
+for f in memory vmstate disk.ext4 meta.json; do
+	vmm_can_write "$state/snapshots/$snap/$f"
+	ok $((!$?)) "a VMM user cannot open the snapshot's $f for writing ($(stat -c '%a %U:%G' "$state/snapshots/$snap/$f"))"
+done
+imgdir=$(readlink -f "$state/images/default")
+for f in vmlinuz vmlinux initrd rootfs.ext4 manifest.json host_key.pub; do
+	[ -e "$imgdir/$f" ] || continue
+	vmm_can_write "$imgdir/$f"
+	ok $((!$?)) "a VMM user cannot open the image's $f for writing"
+done
+
+# what a restored QEMU holds: no descriptor on the snapshot at all, the image's files read-only
+keep --snapshot "$snap"
+[ -n "$vmm" ] && kill -0 "$vmm"; ok $? "a kept restored VM (pid ${vmm:-?})"
+is "$(ls -l /proc/"$vmm"/fd 2>/dev/null | grep -F "$state/snapshots/" || true)" "" "QEMU holds no descriptor on a snapshot file"
+writable=""
+for fd in /proc/"$vmm"/fd/*; do
+	target=$(readlink "$fd")
+	case "$target" in "$state"/*) ;; *) continue ;; esac
+	flags=$(awk '/^flags:/ {print $2}' /proc/"$vmm"/fdinfo/"${fd##*/}")
+	[ $((0$flags & 3)) != 0 ] && writable+="$target "
+done
+is "$writable" "" "every descriptor QEMU holds on the state dir is read-only"
+like "$(ls -l /proc/"$vmm"/fd 2>/dev/null)" "memfd:fireclaw" "its RAM is a memfd of its own"
+uid=$(awk '/^Uid:/ {print $2}' /proc/"$vmm"/status 2>/dev/null)
+[ -n "$uid" ] && [ "$uid" != 0 ]; ok $? "the restored QEMU runs as uid ${uid:-?}, not root"
+"$fc" rm "$kept" >/dev/null 2>&1; is $? 0 "rm the kept VM"
+no_leaks "a kept restored VM"
+
+# ---- a guest that writes nearly all its RAM leaves the snapshot as it was ----
+before=$(sums)
+out=$("$fc" run --snapshot "$snap" -- sh -c 'mount -t tmpfs -o size=200m none /mnt &&
+	head -c 16777216 /dev/urandom >/mnt/seed && for i in 1 2 3 4 5 6 7 8 9; do cat /mnt/seed >/mnt/f$i || exit 1; done &&
+	echo filled $(du -sm /mnt | cut -f1)' 2>&1)
+like "$out" "^filled (1[5-9][0-9])" "the guest fills 150+ MiB of its 256 MiB with random bytes"
+is "$(sums)" "$before" "the snapshot's memory, vmstate and disk keep their sha256"
+
+# ---- three clones of one snapshot at once ----
+for i in 1 2 3; do "$fc" run --snapshot "$snap" -- sh -c "echo clone$i; cat /proc/sys/kernel/random/uuid" >"$tmp/c$i" 2>&1 & done
+wait
+is "$(cat "$tmp/c1" "$tmp/c2" "$tmp/c3" | grep -c '^clone')" 3 "three concurrent restores from one memory file all run"
+is "$(cat "$tmp/c1" "$tmp/c2" "$tmp/c3" | grep -v '^clone' | sort -u | wc -l)" 3 "with three different uuids"
+is "$(sums)" "$before" "the snapshot is still unchanged"
+no_leaks "concurrent clones"
+
+# ---- a snapshot of a restored clone (its RAM a memfd, like a cold boot's) ----
+"$fc" -e "
+local cli = require 'fireclaw.cli'
+local sandbox = require 'fireclaw.sandbox'
+local restore, snapshots = cli.use 'restore', cli.use 'snapshot'
+local sb = restore.restore({ snapshot = '$snap' }, assert(restore.find { snapshot = '$snap' }))
+sandbox.with(sb, function()
+	assert(sb:exec { 'sh', '-c', 'echo in-ram >/dev/shm/mark; echo on-disk >/root/mark; sync' }.status == 0)
+	snapshots.take(sb, '$snap2')
+end)" 2>"$tmp/err"
+ok $? "snapshot a restored clone" "$(cat "$tmp/err")"
+is "$(stat -c %a "$state/snapshots/$snap2/memory" 2>/dev/null)" 600 "its memory file is 0600"
+out=$("$fc" run --snapshot "$snap2" -- cat /dev/shm/mark /root/mark 2>&1)
+is "$out" "in-ram
+on-disk" "a restore of it has the clone's RAM and disk"
+no_leaks "snapshot of a clone"
+
+# ---- fail closed: never root without being asked ----
+cp "$imgdir/vmlinuz" "$tmp/kernel" && chmod 600 "$tmp/kernel"
+cp "$imgdir/rootfs.ext4" "$tmp/rootfs"
+"$fc" -q image import --name "$img" --kernel "$tmp/kernel" --initrd "$imgdir/initrd" --rootfs "$tmp/rootfs" \
+	--host-key "$imgdir/host_key.pub" >/dev/null 2>"$tmp/err"
+ok $? "import an image with a 0600 kernel" "$(cat "$tmp/err")"
+is "$(stat -c %a "$state/images/$img/vmlinuz" 2>/dev/null)" 644 "the imported kernel is 0644 (it holds no secret)"
+# a kernel and initrd only root can read (as a recipe may pass): a copy for the VMM
+for f in vmlinux vmlinuz initrd; do [ -e "$state/images/$img/$f" ] && chmod 600 "$state/images/$img/$f"; done
+keep --no-snapshot --image "$img"
+uid=$(awk '/^Uid:/ {print $2}' /proc/"${vmm:-0}"/status 2>/dev/null)
+[ -n "$vmm" ] && [ -n "$uid" ] && [ "$uid" != 0 ]; ok $? "a 0600 kernel and initrd: QEMU still runs as uid ${uid:-?}, not root"
+[ -n "$kept" ] && "$fc" rm "$kept" >/dev/null 2>&1
+no_leaks "a 0600 kernel"
+FIRECLAW_VMM_USER=root "$fc" run --no-snapshot --image "$img" -- true
+is $? 0 "FIRECLAW_VMM_USER=root: the explicit way to a root QEMU still works"
+out=$("$fc" -e "
+local vm = require 'fireclaw.vm'
+local image = require 'fireclaw.image'
+local img = image.load('default')
+local v = vm.new { id = 'gdtap', dir = '$tmp/vmtap', vmm = 'qemu', tap = 'fcgdtap0' }
+local ok, err = pcall(v.boot, v, { kernel = img.kernel, initrd = img.initrd, boot_args = img.boot_args })
+v:destroy()
+print(err)" 2>&1)
+like "$out" "tap fcgdtap0 by name in the host's namespace.*FIRECLAW_VMM_USER=root" "a tap outside a namespace: one line naming the fix, no root QEMU"
+ip link show fcgdtap0 >/dev/null 2>&1
+ok $((!$?)) "and no tap appeared on the host"
+if [ -c /dev/kvm ] && [ $((0$(stat -c %a /dev/kvm) & 066)) = 0 ]; then
+	err=$(FIRECLAW_ACCEL=kvm "$fc" run --no-snapshot -- true 2>&1)
+	is "$?:$(printf '%s\n' "$err" | wc -l)" "1:1" "KVM forced, /dev/kvm open to root only: one line, exit 1"
+	like "$err" "/dev/kvm is open to root only .*chmod 0660 /dev/kvm.*FIRECLAW_VMM_USER=root" "it names the fix"
+else
+	skip "/dev/kvm is open to others or its group here"
+	skip "/dev/kvm is open to others or its group here"
+fi
+no_leaks "fail closed"
+
+done_testing
