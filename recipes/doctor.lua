@@ -80,16 +80,16 @@ local function check_confinement()
 		local text = string.format("Firecracker jailed by %s: uid %d+1+id per VM, gid %d, chroot %s/<exec>/<id>/root, "
 			.. "a pid namespace of its own", d.jailer, jailer.UID_BASE, jailer.UID_BASE, jailer.base())
 		if v and d.firecracker_version and v ~= d.firecracker_version then
-			report("warn", "confinement", text .. string.format("; but jailer %s with firecracker %s", v,
+			report("warn", "confine fc", text .. string.format("; but jailer %s with firecracker %s", v,
 				d.firecracker_version), "use the jailer of the same release as firecracker")
 		else
-			report("ok", "confinement", text)
+			report("ok", "confine fc", text)
 		end
 	elseif config.unsafe_no_jailer then
-		report("warn", "confinement", "no jailer, and FIRECLAW_UNSAFE_NO_JAILER/config.unsafe_no_jailer: "
+		report("warn", "confine fc", "no jailer, and FIRECLAW_UNSAFE_NO_JAILER/config.unsafe_no_jailer: "
 			.. "Firecracker runs as root with the host's files in view", jailer.FIX)
 	else
-		report("warn", "confinement", "no jailer" .. (d.jailer_wanted and (" (FIRECLAW_JAILER=" .. d.jailer_wanted
+		report("warn", "confine fc", "no jailer" .. (d.jailer_wanted and (" (FIRECLAW_JAILER=" .. d.jailer_wanted
 			.. " does not exist)") or "") .. ": Firecracker is refused as root (auto picks QEMU; "
 			.. "--unsafe-no-jailer runs it unconfined)", jailer.FIX)
 	end
@@ -124,7 +124,6 @@ local function check_firecracker()
 		report("ok", "firecracker", what)
 	end
 	check_firecracker_version()
-	check_confinement()
 end
 
 local function qemu_machines()
@@ -221,22 +220,12 @@ local function check_confine_qemu()
 	end
 end
 
--- Firecracker's confinement is the jailer's (lua/fireclaw/vmm/firecracker.lua): when that
--- driver says how it confines (firecracker.confinement() -> level, text, fix), that is
--- the line; until then, whether a jailer binary is there.
+-- Firecracker's confinement: jailed (check_confinement, above) when there is a Firecracker;
+-- without one, only whether a jailer binary is there.
 local function check_confine_firecracker()
-	if type(firecracker.confinement) == "function" then
-		local level, found, fix = firecracker.confinement(d)
-		report(level, "confine fc", found, fix)
-		return
-	end
-	if d.jailer then
-		report("ok", "confine fc", "jailer: found at " .. d.jailer)
-	else
-		report(d.firecracker and "warn" or "ok", "confine fc", "jailer: not found"
-			.. (d.firecracker and " (Firecracker runs as root in its own namespaces)" or ""),
-			d.firecracker and "install Firecracker's jailer next to firecracker" or nil)
-	end
+	if d.firecracker then return check_confinement() end
+	report("ok", "confine fc", "jailer: " .. (d.jailer and ("found at " .. d.jailer) or "not found")
+		.. " (no firecracker: nothing to confine)")
 end
 
 local function check_image()

@@ -364,17 +364,17 @@ local function main()
 		local env = { FIRECLAW_FIRECRACKER = FAKE, FIRECLAW_RUN = base .. "/doc-run", FIRECLAW_JAILER = JAILER,
 			FAKE_FC_VERSION = "1.16.1" }
 		local out = proc.run({ FIRECLAW, "doctor" }, { env = env, timeout = 120 }).stdout
-		t.like(out, "\nok +confinement +Firecracker jailed by [^\n]*fake%-jailer: uid " .. jailer.UID_BASE
+		t.like(out, "\nok +confine fc +Firecracker jailed by [^\n]*fake%-jailer: uid " .. jailer.UID_BASE
 			.. "%+1%+id per VM, gid " .. jailer.UID_BASE .. ", chroot [^\n]*/doc%-run/jail/<exec>/<id>/root",
 			"doctor: jailed, by which jailer, the uid scheme and the chroot")
 		fs.write(base .. "/jailer-1.0", "#!/bin/sh\nFAKE_FC_VERSION=1.0.0 exec " .. JAILER .. " \"$@\"\n", "755")
 		env.FIRECLAW_JAILER = base .. "/jailer-1.0"
 		out = proc.run({ FIRECLAW, "doctor" }, { env = env, timeout = 120 }).stdout
-		t.like(out, "\nwarn +confinement +[^\n]*; but jailer 1%.0%.0 with firecracker 1%.16%.1\n",
+		t.like(out, "\nwarn +confine fc +[^\n]*; but jailer 1%.0%.0 with firecracker 1%.16%.1\n",
 			"doctor: a jailer of another release is a warning")
 		env.FIRECLAW_JAILER = base .. "/no-jailer"
 		out = proc.run({ FIRECLAW, "doctor" }, { env = env, timeout = 120 }).stdout
-		t.like(out, "\nwarn +confinement +no jailer %(FIRECLAW_JAILER=[^\n]*/no%-jailer does not exist%): "
+		t.like(out, "\nwarn +confine fc +no jailer %(FIRECLAW_JAILER=[^\n]*/no%-jailer does not exist%): "
 			.. "Firecracker is refused as root", "doctor: no jailer, and what that means")
 		t.like(out, "fix: get jailer from the Firecracker release", "doctor: and how to get one")
 	end
