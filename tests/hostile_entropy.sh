@@ -55,6 +55,10 @@ is "$good" 20 "20 restored runs (8 sequential, 12 four at a time) each printed b
 	"$(cat "$tmp"/err.* | sort | uniq -c | head -5)"
 rand=$(for i in $(seq 1 20); do sed -n 1p "$tmp/out.$i"; done)
 uuid=$(for i in $(seq 1 20); do sed -n 2p "$tmp/out.$i"; done)
+# the samples, for the record (snapshot, /dev/urandom, UUID)
+for i in $(seq 1 20); do
+	echo "#   restore $i from ${snaps[$((i % 3))]}: $(sed -n 1p "$tmp/out.$i") $(sed -n 2p "$tmp/out.$i")"
+done
 is "$(echo "$rand" | grep -cE '^[0-9a-f]{32}$')" 20 "every sample is 16 bytes of hex"
 n=$(echo "$rand" | sort -u | wc -l)
 [ "$n" = 20 ]
