@@ -13,6 +13,16 @@
  * and the file itself must be owned by root, the real uid or $SUDO_UID, and not be
  * writable by group or others. Anything else is refused with one line saying what to do.
  * The file is checked and read through one descriptor, so what is checked is what runs.
+ *
+ *   runtime.load_recipe(name) -> function | nil     runtime.load_script(path) -> function
+ *   runtime.embedded("module" | "recipe") -> {name = chunkname}
+ *   runtime.description(name) -> a built-in recipe's one-line description | nil
+ *   runtime.search_dirs() -> {dir...}
+ *   runtime.signal() -> the SIGINT/SIGTERM that interrupted the run, or 0
+ *   runtime.check_interrupt()   runtime.interrupt_note(text | nil)
+ *   runtime.sleep(s)   runtime.now() -> monotonic seconds
+ *   runtime.listdir(path) -> {names} | nil, err   runtime.stat(path) -> {...} | nil, err
+ *   runtime.verbose, runtime.quiet, runtime.version
  */
 #include "fc.h"
 

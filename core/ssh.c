@@ -9,6 +9,7 @@
  *   session:put(local, remote [, mode]), session:get(remote, local)     (SFTP)
  *   session:close()                                                      (idempotent, __gc)
  *   ssh.quote(argv) -> string    (the POSIX shell quoting exec uses for an argv)
+ *   ssh.check_source(path [, max_bytes]) -> size | nil, why   (could put send this file?)
  *
  * exec results: `signal` (e.g. "KILL") and no `status` when the server reports the command
  * died of a signal; on timeout `timed_out=true` and no status. A shell may also report a

@@ -1,6 +1,7 @@
 -- Cold boot a VM from an image and wait until SSH answers (half of `run`)
 --
--- As a library (cli.use "coldboot"): coldboot.boot(opts) -> a sandbox ready for exec.
+-- As a library (cli.use "coldboot"): coldboot.boot(opts [, steps]) -> a sandbox ready for
+-- exec; steps: sandbox.steps.coldboot(), edited (insert_after, swap, remove), by default as is.
 -- Alone: boots, prints the stage times, runs CMD if one is given, and destroys the VM
 -- (or keeps it with --keep).
 local cli = require "fireclaw.cli"
@@ -10,15 +11,13 @@ local sandbox = require "fireclaw.sandbox"
 local M = {}
 
 -- opts: image, vcpu, mem_mib, vmm, accel, keep, boot_timeout (s), cpus (CPU limit),
--- disk (root disk size, "2G": the copy and its ext4 are grown before the VMM starts)
-function M.boot(opts)
+-- disk (root disk size, "2G": the copy and its ext4 are grown before the VMM starts).
+-- The steps (sandbox.steps.coldboot): network (namespace fc-<id> with tap0), disk (this
+-- VM's own copy of the image's disk, grown to opts.disk), cgroup (its limits), boot (the
+-- VMM boots the kernel), connect (until the guest's sshd answers, pinned host key).
+function M.boot(opts, steps)
 	opts = opts_check.check("coldboot.boot", opts, sandbox.OPTIONS)
-	return sandbox.build(opts, function(sb)
-		sb:network()                      -- namespace fc-<id> with tap0
-		sb:disk(sb.img.rootfs)            -- this VM's own copy of the image's disk (grown to opts.disk)
-		sb:boot()                         -- the VMM boots the kernel
-		sb:connect(opts.boot_timeout)     -- until the guest's sshd answers (pinned host key)
-	end)
+	return sandbox.build(opts, steps or sandbox.steps.coldboot())
 end
 
 local function main(args)

@@ -2,7 +2,8 @@
 --
 -- As a library (cli.use "restore"):
 --   restore.find(opts) -> snapshot meta, or nil and why it cannot be used
---   restore.restore(opts, snap) -> a sandbox ready for exec (reseeded, clock set: unique)
+--   restore.restore(opts, snap [, steps]) -> a sandbox ready for exec (reseeded, clock set:
+--     unique); steps: sandbox.steps.restore(snap), edited, by default as is
 -- Alone: restores, prints the stage times, runs CMD if given, destroys the VM.
 local cli = require "fireclaw.cli"
 local fs = require "fireclaw.fs"
@@ -55,7 +56,11 @@ function M.find(opts)
 	return snap
 end
 
-function M.restore(opts, snap)
+-- The steps (sandbox.steps.restore): network (namespace fc-<id> with tap0, the same
+-- addresses and MACs), disk (this clone's own copy of the snapshot-time disk), cgroup,
+-- restore (a fresh VMM loads device state + memory, copy-on-write), connect (the guest's
+-- sshd, running since the snapshot), reseed (fresh host entropy, CRNG reseeded, clock set).
+function M.restore(opts, snap, steps)
 	opts = check("restore.restore", opts)
 	if type(snap) ~= "table" or not snap.dir then
 		error("restore.restore: snap must be a snapshot from restore.find or snapshot.load", 0)
@@ -66,13 +71,7 @@ function M.restore(opts, snap)
 	for k, v in pairs(opts) do
 		if k ~= "snapshot" then sbopts[k] = v end
 	end
-	return sandbox.build(sbopts, function(sb)
-		sb:network()                  -- namespace fc-<id> with tap0, same addresses and MACs
-		sb:disk(snap.disk)            -- this clone's own copy of the snapshot-time disk
-		sb:restore(snap)              -- a fresh VMM loads device state + its own copy of the memory
-		sb:connect(opts.boot_timeout) -- the guest's sshd, running since the snapshot
-		sb:reseed()                   -- fresh host entropy, CRNG reseeded, clock set: one exec
-	end)
+	return sandbox.build(sbopts, steps or sandbox.steps.restore(snap))
 end
 
 local function main(args)

@@ -14,8 +14,15 @@
 --   local r = sb:exec({"uname", "-a"}, {on_stdout = …})
 --   sb:destroy()              -- everything above, undone; safe twice, never raises
 --
+-- Each step that succeeds pushes its undo on the sandbox's cleanup stack (sb:on_destroy);
+-- destroy runs them in reverse, every one of them, and reports each that fails. The
+-- recipes' flows are lists of named steps (sandbox.steps.coldboot(), .restore(snap)) that
+-- a recipe can edit (insert_after, swap, remove) before sandbox.build runs them.
+--
 -- The record (fireclaw.state) is written before anything else exists, so a fireclaw that
--- dies at any point is cleaned up by `fireclaw cleanup`. sb.timer has the stage times.
+-- dies at any point is cleaned up by `fireclaw cleanup`; its undo (state.reap) is the
+-- bottom of the stack and also removes what a failed step made but could not register.
+-- sb.timer has the stage times.
 -- fault.point(NAME) marks where tests stop a run (FIRECLAW_FAULT, see fireclaw.fault).
 local cgroup = require "fireclaw.cgroup"
 local config = require "fireclaw.config"
@@ -124,11 +131,21 @@ local function plan_cgroup(self, cpus)
 	state.update(self.rec, { cgroups = self.cg.dirs })
 end
 
+-- Push fn(sb) on the cleanup stack under `name`: sb:destroy() runs it (last pushed, first
+-- run). A step's undo goes on once the step has succeeded.
+function Sandbox:on_destroy(name, fn)
+	assert(type(name) == "string" and type(fn) == "function", "sb:on_destroy(name, fn)")
+	self.undo[#self.undo + 1] = { name = name, fn = fn }
+end
+
 -- The cgroups with this VM's limits (RAM known now: a restore takes the snapshot's).
-local function limit(self)
-	if not self.cg then return end
+-- Once: boot and restore make them when no step did, so a VMM never runs outside them.
+function Sandbox:limit()
+	if not self.cg or self.limited then return end
+	self.limited = true
 	self.cg.limits = cgroup.limits { mem_mib = self.mem_mib, cpus = self.cpus }
 	cgroup.create(self.cg)
+	self:on_destroy("cgroup", function() cgroup.remove(self.cg.dirs) end)
 	fault.point("cgroup")
 	self.timer:stage("cgroup")
 end
@@ -143,8 +160,14 @@ function M.new(opts)
 		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
 		keep = opts.keep, boot_timeout = opts.boot_timeout, timer = log.timer("VM " .. rec.id),
-		disk_bytes = disk_bytes,
+		disk_bytes = disk_bytes, undo = {},
 	}, Sandbox)
+	-- the bottom of the stack: whatever the record still lists (the VMM of a boot that
+	-- failed halfway, a namespace whose tap failed), the run directory, the record itself
+	self:on_destroy("record", function()
+		local ok, err = pcall(state.reap, self.rec)
+		if not ok then error(string.format("cleanup incomplete (%s); run: fireclaw cleanup", tostring(err)), 0) end
+	end)
 	-- a sandbox nobody destroyed goes when it is collected, at the latest when fireclaw exits
 	-- (a recipe that errors before sandbox.with leaves nothing behind either)
 	self.guard = newproxy(true)
@@ -168,6 +191,10 @@ end
 function Sandbox:network()
 	local n = config.net
 	net.netns_create(self.netns)
+	-- (the tap goes with its namespace)
+	self:on_destroy("network", function()
+		if net.netns_exists(self.netns) then net.netns_delete(self.netns) end
+	end)
 	fault.point("netns")
 	net.tap_create(self.netns, { name = n.tap, addr = n.host_ip .. "/" .. n.prefix, mac = n.tap_mac,
 		guest_ip = n.guest_ip, guest_mac = n.guest_mac })
@@ -206,6 +233,10 @@ end
 function Sandbox:disk(src)
 	self.disk_path = self.dir .. "/disk.ext4"
 	self.disk_method = rootfs.copy(src, self.disk_path)
+	self:on_destroy("disk", function()
+		local ok, err, errno = sys.unlink(self.disk_path)
+		if not ok and errno ~= sys.errno.ENOENT then error("remove " .. self.disk_path .. ": " .. err, 0) end
+	end)
 	fault.point("disk")
 	self.timer:stage("disk copy (" .. self.disk_method .. ")")
 	if self.disk_bytes then grow(self, self.disk_bytes) end
@@ -225,10 +256,19 @@ function Sandbox:boot_spec()
 	}
 end
 
+-- The VMM's undo: kill it, reap it, close its clients (vm:destroy never raises).
+local function push_vmm_undo(self, name)
+	self:on_destroy(name, function()
+		self.vm:destroy()
+		fault.point("teardown-vmm")
+	end)
+end
+
 function Sandbox:boot()
 	self.how = "cold"
-	limit(self)
+	self:limit()
 	stage(self, "VMM boot (" .. self.vm.vmm .. ")", self.vm.boot, self.vm, self:boot_spec())
+	push_vmm_undo(self, "boot")
 end
 
 -- Restore from a loaded snapshot (fireclaw.snapshot.load); the disk must be a copy of the
@@ -246,8 +286,9 @@ function Sandbox:restore(snap)
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	spec.rng = snap.vmm_info and snap.vmm_info.rng -- the same devices as the snapshot
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
-	limit(self)
+	self:limit()
 	stage(self, "VMM restore (" .. self.vm.vmm .. ")", self.vm.restore, self.vm, snap.dir, spec)
+	push_vmm_undo(self, "restore")
 end
 
 -- The guest's console is the guest's: a line of it is printed only as printable ASCII
@@ -364,6 +405,12 @@ function Sandbox:connect(timeout)
 		self.timer:stage("SSH wait (failed)") -- the wait's time is the wait's, not teardown's
 		if type(session) ~= "string" or session:match("^interrupted") then error(session, 0) end -- Ctrl-C
 		error(vmm_gone(self, session, "before its SSH server answered", true), 0)
+	end
+	if not self.session then
+		self:on_destroy("connect", function()
+			self.session:close()
+			fault.point("teardown-session")
+		end)
 	end
 	self.session = session
 	fault.point("ssh-ready")
@@ -484,17 +531,30 @@ function Sandbox:reach_hint()
 		self.id, tostring(self.vm.pid), self.netns, self.img.client_key, known, config.net.guest_ip, self.id)
 end
 
--- Tear everything down; never raises (it runs on error paths and from signals).
+-- Tear everything down: the cleanup stack, last step first, every undo tried even when one
+-- fails. Never raises (it runs on error paths and from signals); returns true, or nil and
+-- the failures as a list of "step: error" (each also a note: visible unless -q; what the
+-- record still lists, `fireclaw cleanup` reaps). A second call returns true at once.
+-- While it runs, an undo can still use what is not undone yet (sb:exec, sb:get before
+-- the session's undo).
 function Sandbox:destroy()
-	if self.destroyed then return end
+	if self.destroyed or self.destroying then return true end
+	self.destroying = true
+	local failed = {}
+	for i = #self.undo, 1, -1 do
+		local u = self.undo[i]
+		self.undo[i] = nil
+		local ok, err = pcall(u.fn, self)
+		if not ok then
+			failed[#failed + 1] = u.name .. ": " .. tostring(err)
+			log.note("VM %s: %s", self.id, u.name == "record" and tostring(err) or "teardown of step '" .. u.name
+				.. "' failed: " .. tostring(err))
+		end
+	end
 	self.destroyed = true
-	if self.session then pcall(self.session.close, self.session) end
-	fault.point("teardown-session")
-	if self.vm then pcall(self.vm.destroy, self.vm) end
-	fault.point("teardown-vmm")
-	local ok, err = pcall(state.reap, self.rec)
-	if not ok then log.note("VM %s: cleanup incomplete (%s); run: fireclaw cleanup", self.id, tostring(err)) end
 	self.timer:stage("teardown")
+	if #failed > 0 then return nil, failed end
+	return true
 end
 
 -- Leave the VM running after fireclaw exits (--keep): its record says so, and cleanup
@@ -506,12 +566,150 @@ function Sandbox:release()
 	self.destroyed, self.released = true, true
 end
 
--- A new sandbox brought up by steps(sb); if a step fails, what the earlier ones made is
--- destroyed before the error goes on. Returns the sandbox, ready for exec.
+-- ---- named steps ----
+--
+-- A flow is a list of steps {name =, run = function(sb), undo = function(sb)}, run in order
+-- by sandbox.build. The library's own steps register their undo themselves (the sb:network()
+-- … methods do, so a hand-written flow is undone the same way); a step a recipe adds may
+-- give `undo`, pushed on the cleanup stack once its run has succeeded. Modelled on
+-- firecracker-go-sdk's handler lists (Append, AppendAfter, Swap, Remove).
+
+local Steps = {}
+Steps.__index = Steps
+local STEP_KEYS = { "name", "run", "undo" }
+local own_steps = setmetatable({}, { __mode = "k" }) -- the library's: their errors go on as they are
+
+local function check_step(step, where)
+	if type(step) ~= "table" then error(where .. ": a step is a table {name =, run =, undo =}", 2) end
+	opts_check.check(where, step, STEP_KEYS)
+	if type(step.name) ~= "string" or step.name == "" then error(where .. ": a step needs a name", 3) end
+	if type(step.run) ~= "function" then error(where .. ": step '" .. step.name .. "' needs run = function(sb)", 3) end
+	if step.undo ~= nil and type(step.undo) ~= "function" then
+		error(where .. ": step '" .. step.name .. "': undo must be a function(sb)", 3)
+	end
+	return step
+end
+
+-- The position of step `name`; misuse (no such step) raises, naming the ones there are.
+function Steps:index(name)
+	for i, step in ipairs(self) do
+		if step.name == name then return i end
+	end
+	error(string.format("sandbox steps: no step named '%s' (there are: %s)", tostring(name),
+		table.concat(self:names(), ", ")), 2)
+end
+
+function Steps:has(name)
+	for _, step in ipairs(self) do
+		if step.name == name then return true end
+	end
+	return false
+end
+
+function Steps:names()
+	local out = {}
+	for i, step in ipairs(self) do out[i] = step.name end
+	return out
+end
+
+local function add(self, pos, step, where)
+	check_step(step, where)
+	if self:has(step.name) then error(where .. ": there is a step named '" .. step.name .. "' already", 3) end
+	table.insert(self, pos, step)
+	return self
+end
+
+function Steps:append(step) return add(self, #self + 1, step, "steps:append") end
+function Steps:insert_after(name, step) return add(self, self:index(name) + 1, step, "steps:insert_after") end
+function Steps:insert_before(name, step) return add(self, self:index(name), step, "steps:insert_before") end
+
+-- Replace step `name` with `step` (which may have another name).
+function Steps:swap(name, step)
+	local i = self:index(name)
+	check_step(step, "steps:swap")
+	if step.name ~= name and self:has(step.name) then
+		error("steps:swap: there is a step named '" .. step.name .. "' already", 2)
+	end
+	self[i] = step
+	return self
+end
+
+function Steps:remove(name)
+	table.remove(self, self:index(name))
+	return self
+end
+
+-- A list of steps: sandbox.steps.list{step, …}; the recipes' flows below.
+local function list(steps)
+	local l = setmetatable({}, Steps)
+	for _, step in ipairs(steps or {}) do l:append(step) end
+	return l
+end
+
+local function own(steps)
+	local l = list(steps)
+	for _, step in ipairs(l) do own_steps[step] = true end
+	return l
+end
+
+M.steps = { list = list }
+
+-- Cold boot from the image: network, disk, cgroup, boot, connect.
+function M.steps.coldboot()
+	return own {
+		{ name = "network", run = function(sb) sb:network() end },        -- namespace fc-<id> with tap0
+		{ name = "disk", run = function(sb) sb:disk(sb.img.rootfs) end }, -- the VM's copy (grown to `disk`)
+		{ name = "cgroup", run = function(sb) sb:limit() end },           -- its limits, if there are cgroups
+		{ name = "boot", run = function(sb) sb:boot() end },              -- the VMM boots the kernel
+		{ name = "connect", run = function(sb) sb:connect() end },        -- the guest's sshd (pinned key)
+	}
+end
+
+-- Restore from a loaded snapshot: network, disk, cgroup, restore, connect, reseed.
+function M.steps.restore(snap)
+	if type(snap) ~= "table" or not snap.dir then
+		error("sandbox.steps.restore: snap must be a snapshot from restore.find or snapshot.load", 2)
+	end
+	return own {
+		{ name = "network", run = function(sb) sb:network() end }, -- the same addresses and MACs
+		{ name = "disk", run = function(sb) sb:disk(snap.disk) end }, -- the clone's copy of the snapshot's disk
+		{ name = "cgroup", run = function(sb)                      -- limits for the snapshot's RAM
+			sb.vcpu, sb.mem_mib = snap.vcpu, snap.mem_mib
+			sb:limit()
+		end },
+		{ name = "restore", run = function(sb) sb:restore(snap) end }, -- device state + memory (copy-on-write)
+		{ name = "connect", run = function(sb) sb:connect() end },     -- the sshd running since the snapshot
+		{ name = "reseed", run = function(sb) sb:reseed() end },       -- fresh entropy + clock: one exec
+	}
+end
+
+-- Run one step; an error of a step a recipe brought names the step (the library's own
+-- messages already say what failed, and stay one line).
+local function run_step(sb, step)
+	local ok, err = pcall(step.run, sb)
+	if ok then
+		if step.undo then sb:on_destroy(step.name, step.undo) end
+		return
+	end
+	log.info("VM %s: step %s failed", sb.id, step.name)
+	if own_steps[step] or type(err) ~= "string" or err:match("^interrupted") then error(err, 0) end
+	error(string.format("sandbox: step '%s': %s", step.name, err), 0)
+end
+
+-- A new sandbox brought up by the steps (a list from sandbox.steps; or a function(sb));
+-- if a step fails, the cleanup stack is run before the error goes on. Returns the
+-- sandbox, ready for exec.
 function M.build(opts, steps)
 	opts_check.check("sandbox.build", opts, M.OPTIONS)
+	if type(steps) == "function" then steps = list { { name = "steps", run = steps } } end
+	if getmetatable(steps) ~= Steps then
+		error("sandbox.build: steps must be a list from sandbox.steps (or a function(sb))", 2)
+	end
 	local sb = M.new(opts)
-	local ok, err = pcall(steps, sb)
+	sb.steps = steps:names()
+	local ok, err = pcall(function()
+		for _, step in ipairs(steps) do run_step(sb, step) end
+	end)
 	if not ok then
 		sb:destroy()
 		error(err, 0)
