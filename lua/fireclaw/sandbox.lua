@@ -677,7 +677,7 @@ function M.steps.restore(snap)
 			sb.vcpu, sb.mem_mib = snap.vcpu, snap.mem_mib
 			sb:limit()
 		end },
-		{ name = "restore", run = function(sb) sb:restore(snap) end }, -- device state + memory (copy-on-write)
+		{ name = "restore", run = function(sb) sb:restore(snap) end }, -- device state + a copy of its memory
 		{ name = "connect", run = function(sb) sb:connect() end },     -- the sshd running since the snapshot
 		{ name = "reseed", run = function(sb) sb:reseed() end },       -- fresh entropy + clock: one exec
 	}
