@@ -90,11 +90,9 @@ function M.depends_names(field)
 	return out
 end
 
--- Resolve the dependency closure from `apt-cache depends --recurse` output: follow
--- Depends and PreDepends from the roots; of alternatives (a | b) and of a virtual
--- package's providers take one already chosen, else the first real one.
--- Returns the sorted list of real package names.
-function M.resolve_depends(text, roots)
+-- `apt-cache depends --recurse` output -> {name = {groups = {{alt, …}, …}}} (a group: the
+-- alternatives of one Depends/PreDepends; alt = {name=, virtual=, providers={…}})
+local function depends_blocks(text)
 	local blocks = {}
 	local cur, group_open
 	for line in text:gmatch("[^\n]+") do
@@ -129,6 +127,15 @@ function M.resolve_depends(text, roots)
 			end
 		end
 	end
+	return blocks
+end
+
+-- Resolve the dependency closure from `apt-cache depends --recurse` output: follow
+-- Depends and PreDepends from the roots; of alternatives (a | b) and of a virtual
+-- package's providers take one already chosen, else the first real one.
+-- Returns the sorted list of real package names.
+function M.resolve_depends(text, roots)
+	local blocks = depends_blocks(text)
 	local chosen, list, queue = {}, {}, {}
 	local function choose(name)
 		if not chosen[name] and blocks[name] then

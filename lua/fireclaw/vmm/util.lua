@@ -168,9 +168,9 @@ end
 -- kernel's TSC calibration hangs in about 3 boots out of 5 without tsc_early_khz=
 -- (docs/guest-notes.md, "Booting under TCG"): the extras carry the build host's value,
 -- this host's replaces it (or it goes, when this host's is unknown), and it is added
--- when neither args nor the extras have one.
-function M.tcg_boot_args(args, extra)
-	local khz = M.tsc_khz()
+-- when neither args nor the extras have one. (cpuinfo: for the tests, as for tsc_khz.)
+function M.tcg_boot_args(args, extra, cpuinfo)
+	local khz = M.tsc_khz(cpuinfo)
 	local out = {}
 	for _, a in ipairs(type(extra) == "table" and extra or {}) do out[#out + 1] = a end
 	if type(extra) == "string" then
