@@ -73,9 +73,9 @@ args=(-M microvm,memory-backend=mem "${accel[@]}" -smp "$FCB_VCPU" -m "${FCB_MEM
 [ -n "$FCB_INITRD" ] && args+=(-initrd "$FCB_INITRD")
 args+=(-drive "id=root,if=none,format=raw,werror=report,rerror=report,file.locking=off,file=$dir/disk.ext4"
 	-device virtio-blk-device,drive=root
+	-object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-device,rng=rng0
 	-netdev tap,id=net0,ifname=tap0,script=no,downscript=no
-	-device virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02
-	-object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-device,rng=rng0)
+	-device virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02)
 # fireclaw's seccomp groups, but spawn: the baseline's migration streams go through exec:cat
 [ "${FCB_SANDBOX:-0}" = 1 ] && args+=(-sandbox on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny)
 [ "$mode" = restore ] && args+=(-incoming defer)

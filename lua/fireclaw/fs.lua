@@ -1,9 +1,11 @@
 -- fireclaw.fs: the file operations the library needs, without spawning tools.
 --   fs.exists(path)  fs.is_dir(path)  fs.read(path) -> data | nil, err
 --   fs.write(path, data, mode)   atomic: temporary name in the same directory, then rename
---   fs.mkdir(path, mode) (exclusive)  fs.mkdir_p(path, mode)  fs.rm_rf(path)  fs.chmod(path, mode)  fs.rename(a, b)
+--   fs.mkdir(path, mode) (exclusive)  fs.mkdir_p(path, mode[, {chmod_may_fail=true}])  fs.rm_rf(path)
+--   fs.chmod(path, mode)  fs.rename(a, b)
 --   fs.symlink(target, path)  fs.readlink(path)  fs.size(path)
 -- Modes are octal strings ("600"). Failures raise "fs: <op> <path>: <errno text>".
+local opts_check = require "fireclaw.opts"
 local runtime = require "fireclaw.runtime"
 local sys = require "fireclaw.sys"
 
@@ -76,14 +78,21 @@ function M.mkdir(path, mode)
 	if not ok then fail("mkdir", path, err) end
 end
 
-function M.mkdir_p(path, mode)
+-- chmod_may_fail: a failing chmod of `path` is not an error — a directory that already
+-- exists and belongs to another user (a shared state dir) keeps the mode it has.
+function M.mkdir_p(path, mode, opts)
+	opts = opts_check.check("fs.mkdir_p", opts, { "chmod_may_fail" })
 	local cur = path:sub(1, 1) == "/" and "" or "."
 	for part in path:gmatch("[^/]+") do
 		cur = cur .. "/" .. part
 		local ok, err, e = sys.mkdir(cur, mode or "755")
 		if not ok and e ~= E.EEXIST then fail("mkdir", cur, err) end
 	end
-	if mode then M.chmod(path, mode) end
+	if mode and opts.chmod_may_fail then
+		sys.chmod(path, mode)
+	elseif mode then
+		M.chmod(path, mode)
+	end
 end
 
 -- Remove a file or a directory tree (symlinks are removed, never followed). Missing is fine.

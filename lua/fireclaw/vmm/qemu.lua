@@ -82,39 +82,16 @@ function M.has_sandbox(binary)
 end
 local has_sandbox = M.has_sandbox
 
--- The host TSC frequency in kHz: under TCG the guest kernel's TSC calibration hangs in
--- about 3 boots out of 5 without tsc_early_khz= (docs/guest-notes.md, "Booting under TCG").
-local function host_tsc_khz()
-	local info = util.read_file("/proc/cpuinfo") or ""
-	local mhz = tonumber(info:match("cpu MHz%s*:%s*([%d%.]+)"))
-	return mhz and math.floor(mhz * 1000 + 0.5) or nil
-end
-
 -- Boot args may come as a string or as a list (an image manifest keeps lists).
 local function words(x)
 	if type(x) == "table" then return table.concat(x, " ") end
 	return x
 end
 
--- The image's TCG extras carry the build host's tsc_early_khz: this host's is the one
--- that counts.
-local function tcg_args(spec, args)
-	local extra = words(spec.boot_args_tcg) or ""
-	local khz = host_tsc_khz()
-	if khz then
-		extra = extra:gsub("tsc_early_khz=%d+", "tsc_early_khz=" .. khz)
-		if not (extra .. " " .. args):find("tsc_early_khz=", 1, true) then
-			extra = extra .. " tsc_early_khz=" .. khz
-		end
-	end
-	return (extra:gsub("^%s+", ""))
-end
-
 local function boot_args(v, spec)
 	local args = words(spec.boot_args) or M.DEFAULT_BOOT_ARGS
 	if v.accel ~= "tcg" then return args end
-	local extra = tcg_args(spec, args)
-	return extra ~= "" and (args .. " " .. extra) or args
+	return util.tcg_boot_args(args, spec.boot_args_tcg)
 end
 
 local function accel_args(v)

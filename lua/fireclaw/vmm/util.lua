@@ -155,4 +155,38 @@ function M.cached_probe(kind, binary, probe)
 	return result
 end
 
+-- The host's TSC frequency in kHz, for tsc_early_khz= (cpuinfo: the text of /proc/cpuinfo,
+-- read when not given): "cpu MHz" (constant_tsc hosts), nil without one.
+function M.tsc_khz(cpuinfo)
+	cpuinfo = cpuinfo or fs.read("/proc/cpuinfo") or ""
+	local mhz = tonumber(cpuinfo:match("cpu MHz%s*:%s*([%d.]+)"))
+	return mhz and math.floor(mhz * 1000 + 0.5) or nil
+end
+
+-- The one TCG boot-argument policy (image.boot_args and the QEMU driver both use it):
+-- `args` (a string) plus the image's TCG extras (a list or a string). Under TCG the guest
+-- kernel's TSC calibration hangs in about 3 boots out of 5 without tsc_early_khz=
+-- (docs/guest-notes.md, "Booting under TCG"): the extras carry the build host's value,
+-- this host's replaces it (or it goes, when this host's is unknown), and it is added
+-- when neither args nor the extras have one. (cpuinfo: for the tests, as for tsc_khz.)
+function M.tcg_boot_args(args, extra, cpuinfo)
+	local khz = M.tsc_khz(cpuinfo)
+	local out = {}
+	for _, a in ipairs(type(extra) == "table" and extra or {}) do out[#out + 1] = a end
+	if type(extra) == "string" then
+		for a in extra:gmatch("%S+") do out[#out + 1] = a end
+	end
+	for i = #out, 1, -1 do
+		if out[i]:match("^tsc_early_khz=") then
+			if khz then out[i] = "tsc_early_khz=" .. khz else table.remove(out, i) end
+		end
+	end
+	local line = table.concat(out, " ")
+	if khz and not (args .. " " .. line):find("tsc_early_khz=", 1, true) then
+		out[#out + 1] = "tsc_early_khz=" .. khz
+		line = table.concat(out, " ")
+	end
+	return line ~= "" and (args .. " " .. line) or args
+end
+
 return M
