@@ -205,6 +205,11 @@ static int prepare_netns_dir(void)
 	return 0;
 }
 
+static int bind_here(void *path)
+{
+	return mount("/proc/thread-self/ns/net", path, "none", MS_BIND, NULL) < 0 ? -errno : 0;
+}
+
 /* Create a namespace and bind it at path (which must not exist). Only the calling thread
  * moves into the new namespace, and only for the bind mount: it always comes back. */
 static int bind_new_netns(const char *path)
@@ -213,22 +218,7 @@ static int bind_new_netns(const char *path)
 	if (fd < 0)
 		return -errno;
 	close(fd);
-	int err = 0;
-	int self = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
-	if (self < 0) {
-		err = -errno;
-	} else if (unshare(CLONE_NEWNET) < 0) {
-		err = -errno;
-	} else {
-		if (mount("/proc/thread-self/ns/net", path, "none", MS_BIND, NULL) < 0)
-			err = -errno;
-		/* going back to where we were a moment ago cannot fail; carrying on in the
-		 * wrong namespace would be worse than stopping */
-		if (setns(self, CLONE_NEWNET) < 0)
-			abort();
-	}
-	if (self >= 0)
-		close(self);
+	int err = fc_netns_run(FC_NETNS_NEW, bind_here, (void *)path);
 	if (err)
 		unlink(path);
 	return err;
@@ -290,11 +280,6 @@ static int dirguard_close(lua_State *L)
 	return 0;
 }
 
-static int cmp_strings(const void *a, const void *b)
-{
-	return strcmp(*(const char *const *)a, *(const char *const *)b);
-}
-
 /* Replace the array of strings on top of the stack by a sorted copy. */
 static void sort_string_array(lua_State *L)
 {
@@ -305,7 +290,7 @@ static void sort_string_array(lua_State *L)
 		v[i] = lua_tostring(L, -1); /* anchored by the table below */
 		lua_pop(L, 1);
 	}
-	qsort(v, n, sizeof *v, cmp_strings);
+	fc_sort_strings(v, (size_t)n);
 	lua_createtable(L, n, 0);
 	for (int i = 0; i < n; i++) {
 		lua_pushstring(L, v[i]);
@@ -341,30 +326,16 @@ static int l_netns_list(lua_State *L)
 	return 1;
 }
 
-/* Run fn(arg) with the calling thread inside namespace netns, then come back. Returns
- * fn's result, or -E_NO_NETNS / -errno if the namespace cannot be entered. fn must not
- * raise (a Lua error would leave the thread in the other namespace). */
+/* Run fn(arg) with the calling thread inside namespace netns, then come back
+ * (fc_netns_run). Returns fn's result, or -E_NO_NETNS / -errno if the namespace cannot be
+ * entered. fn must not raise. */
 static int in_netns(const char *netns, int (*fn)(void *), void *arg)
 {
 	int target = fc_netns_open(netns);
 	if (target < 0)
 		return errno == ENOENT ? -E_NO_NETNS : -errno;
-	int self = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
-	if (self < 0) {
-		int e = errno;
-		close(target);
-		return -e;
-	}
-	int r;
-	if (setns(target, CLONE_NEWNET) < 0) {
-		r = -errno;
-	} else {
-		r = fn(arg);
-		if (setns(self, CLONE_NEWNET) < 0)
-			abort(); /* see bind_new_netns */
-	}
+	int r = fc_netns_run(target, fn, arg);
 	close(target);
-	close(self);
 	return r;
 }
 

@@ -838,42 +838,18 @@ static int p_tostring(lua_State *L)
 
 #define BUF_MT "fireclaw.proc.buffer"
 
-/* A growable byte buffer owned by a userdata, so output captured so far is freed if the
- * run is interrupted. */
-struct buffer {
-	char *data;
-	size_t len, cap;
-};
-
+/* The captured output lives in a userdata (a struct fc_buf), so what was captured so far
+ * is freed if the run is interrupted. */
 static int buffer_close(lua_State *L)
 {
-	struct buffer *b = luaL_checkudata(L, 1, BUF_MT);
-	free(b->data);
-	b->data = NULL;
-	b->len = b->cap = 0;
+	fc_buf_free(luaL_checkudata(L, 1, BUF_MT));
 	return 0;
-}
-
-static void buffer_add(lua_State *L, struct buffer *b, const char *s, size_t n)
-{
-	if (b->len + n > b->cap) {
-		size_t cap = b->cap ? b->cap * 2 : 16384;
-		while (cap < b->len + n)
-			cap *= 2;
-		char *d = realloc(b->data, cap);
-		if (!d)
-			fc_error(L, "proc: out of memory capturing output");
-		b->data = d;
-		b->cap = cap;
-	}
-	memcpy(b->data + b->len, s, n);
-	b->len += n;
 }
 
 /* Feed stdin and drain stdout/stderr until both close or the deadline passes.
  * fds[0] stdin (write end) or -1, fds[1] stdout, fds[2] stderr (read ends). Returns 0, or
  * -1 on timeout. Closes and sets to -1 every fd it finishes with. */
-static int pump(lua_State *L, int *fds[3], const char *in, size_t inlen, struct buffer *out[2],
+static int pump(lua_State *L, int *fds[3], const char *in, size_t inlen, struct fc_buf *out[2],
 		double deadline)
 {
 	size_t off = 0;
@@ -907,7 +883,8 @@ static int pump(lua_State *L, int *fds[3], const char *in, size_t inlen, struct 
 			}
 			ssize_t r = read(*fds[i], chunk, sizeof chunk);
 			if (r > 0) {
-				buffer_add(L, out[i - 1], chunk, (size_t)r);
+				if (fc_buf_append(out[i - 1], chunk, (size_t)r) < 0)
+					fc_error(L, "proc: out of memory capturing output");
 			} else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {
 				close(*fds[i]);
 				*fds[i] = -1;
@@ -971,8 +948,8 @@ static int l_run(lua_State *L)
 	if (in)
 		close(fc_fd_release(pin[0]));
 
-	struct buffer *out[2] = {fc_new(L, sizeof(struct buffer), BUF_MT),
-				 fc_new(L, sizeof(struct buffer), BUF_MT)};
+	struct fc_buf *out[2] = {fc_new(L, sizeof(struct fc_buf), BUF_MT),
+				 fc_new(L, sizeof(struct fc_buf), BUF_MT)};
 	int none = -1;
 	int *fds[3] = {in ? pin[1] : &none, pout[0], perr[0]};
 	double deadline = timeout < 0 ? -1 : fc_now_ms() + timeout * 1000;

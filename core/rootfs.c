@@ -1131,11 +1131,6 @@ static int collect_name(struct ext2_dir_entry *d, int offset, int blocksize, cha
 	return 0;
 }
 
-static int cmp_names(const void *a, const void *b)
-{
-	return strcmp(*(const char *const *)a, *(const char *const *)b);
-}
-
 static int l_list(lua_State *L)
 {
 	struct image *img;
@@ -1161,7 +1156,7 @@ static int l_list(lua_State *L)
 		v[i] = nm.buf + off;
 		off += strlen(v[i]) + 1;
 	}
-	qsort(v, nm.n, sizeof *v, cmp_names);
+	fc_sort_strings(v, (size_t)nm.n);
 	lua_createtable(L, nm.n, 0);
 	for (int i = 0; i < nm.n; i++) {
 		lua_pushstring(L, v[i]);

@@ -717,8 +717,8 @@ struct stream {
 	int callback; /* stack index (in the body's frame) of the callback, 0 if none */
 	int capture;
 	int eof, truncated;
-	char *buf;
-	size_t len, cap, max;
+	struct fc_buf buf;
+	size_t max;
 };
 
 struct exec {
@@ -745,26 +745,12 @@ struct exec {
 
 static void stream_append(lua_State *L, struct stream *st, const char *data, size_t n)
 {
-	if (st->len + n > st->max) {
+	if (st->buf.len + n > st->max) {
 		st->truncated = 1;
-		n = st->max - st->len;
+		n = st->max - st->buf.len;
 	}
-	if (n == 0)
-		return;
-	if (st->len + n > st->cap) {
-		size_t cap = st->cap ? st->cap : 65536;
-		while (cap < st->len + n)
-			cap *= 2;
-		if (cap > st->max)
-			cap = st->max;
-		char *p = realloc(st->buf, cap);
-		if (!p)
-			fc_error(L, "ssh: out of memory capturing output");
-		st->buf = p;
-		st->cap = cap;
-	}
-	memcpy(st->buf + st->len, data, n);
-	st->len += n;
+	if (n > 0 && fc_buf_append(&st->buf, data, n) < 0)
+		fc_error(L, "ssh: out of memory capturing output");
 }
 
 static void deliver(lua_State *L, struct stream *st, const char *data, size_t n)
@@ -1013,7 +999,7 @@ static void finish_channel(lua_State *L, struct exec *x)
 
 static void push_stream(lua_State *L, struct stream *st, const char *name, const char *flag)
 {
-	lua_pushlstring(L, st->buf ? st->buf : "", st->len);
+	lua_pushlstring(L, st->buf.data ? st->buf.data : "", st->buf.len);
 	lua_setfield(L, -2, name);
 	lua_pushboolean(L, st->truncated);
 	lua_setfield(L, -2, flag);
@@ -1104,9 +1090,8 @@ static void exec_cleanup(struct exec *x)
 	if (x->signal)
 		libssh2_free(x->S->s, x->signal);
 	x->signal = NULL;
-	free(x->out.buf);
-	free(x->err.buf);
-	x->out.buf = x->err.buf = NULL;
+	fc_buf_free(&x->out.buf);
+	fc_buf_free(&x->err.buf);
 }
 
 static void read_stdin_opt(lua_State *L, int opts, struct exec *x)

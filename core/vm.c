@@ -45,40 +45,6 @@
  * ones are a few KiB; a VMM that sends more is broken (or not the VMM). */
 #define MAX_MESSAGE (16u << 20)
 
-/* ---- a growable byte buffer ---- */
-
-struct buf {
-	char *data;
-	size_t len, cap;
-};
-
-/* Append n bytes; returns -1 when out of memory (callers decide how to fail: curl's
- * write callback must not raise a Lua error across libcurl's frames). */
-static int buf_add(struct buf *b, const char *s, size_t n)
-{
-	if (b->len + n + 1 > b->cap) {
-		size_t cap = b->cap ? b->cap * 2 : 4096;
-		while (cap < b->len + n + 1)
-			cap *= 2;
-		char *d = realloc(b->data, cap);
-		if (!d)
-			return -1;
-		b->data = d;
-		b->cap = cap;
-	}
-	memcpy(b->data + b->len, s, n);
-	b->len += n;
-	b->data[b->len] = '\0';
-	return 0;
-}
-
-static void buf_free(struct buf *b)
-{
-	free(b->data);
-	b->data = NULL;
-	b->len = b->cap = 0;
-}
-
 /* ---- JSON through fireclaw.json (one implementation of the null/array rules) ---- */
 
 static void push_json_fn(lua_State *L, const char *fn)
@@ -115,12 +81,12 @@ struct api {
 	CURL *easy;
 	struct curl_slist *headers;
 	char *socket_path;
-	char name[32];	 /* error prefix: "firecracker" */
-	long timeout_ms; /* per request */
-	int attached;	 /* easy is in multi (a request is in flight or was interrupted) */
-	struct buf resp; /* body of the current response */
-	int resp_oom;	 /* the write callback ran out of memory */
-	int resp_big;	 /* the body was larger than MAX_MESSAGE */
+	char name[32];	    /* error prefix: "firecracker" */
+	long timeout_ms;    /* per request */
+	int attached;	    /* easy is in multi (a request is in flight or was interrupted) */
+	struct fc_buf resp; /* body of the current response */
+	int resp_oom;	    /* the write callback ran out of memory */
+	int resp_big;	    /* the body was larger than MAX_MESSAGE */
 	char errbuf[CURL_ERROR_SIZE];
 	/* the sockets libcurl asked us to watch, and its timer */
 	struct {
@@ -138,7 +104,7 @@ static size_t on_body(char *p, size_t size, size_t n, void *userp)
 		a->resp_big = 1;
 		return 0; /* CURLE_WRITE_ERROR, as below */
 	}
-	if (buf_add(&a->resp, p, size * n) < 0) {
+	if (fc_buf_append(&a->resp, p, size * n) < 0) {
 		a->resp_oom = 1;
 		return 0; /* makes libcurl fail the transfer with CURLE_WRITE_ERROR */
 	}
@@ -207,7 +173,7 @@ static int api_close(lua_State *L)
 		curl_easy_cleanup(a->easy);
 	curl_slist_free_all(a->headers);
 	free(a->socket_path);
-	buf_free(&a->resp);
+	fc_buf_free(&a->resp);
 	a->easy = NULL;
 	a->multi = NULL;
 	a->headers = NULL;
@@ -458,7 +424,7 @@ static int l_api_client(lua_State *L)
 /* ==== waiting for a socket ==== */
 
 /* The last `lines` lines of one file, appended to b (nothing if it is missing or empty). */
-static void tail_file(struct buf *b, const char *path, int lines)
+static void tail_file(struct fc_buf *b, const char *path, int lines)
 {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
@@ -480,14 +446,14 @@ static void tail_file(struct buf *b, const char *path, int lines)
 			break;
 	}
 	if (b->len)
-		buf_add(b, "\n", 1);
-	buf_add(b, chunk + start, (size_t)(n - start));
+		fc_buf_append(b, "\n", 1);
+	fc_buf_append(b, chunk + start, (size_t)(n - start));
 }
 
 /* Push the tails of the file (a string) or files (an array) at idx, joined. */
 static void push_tail(lua_State *L, int idx, int lines)
 {
-	struct buf b = {0};
+	struct fc_buf b = {0};
 	if (lua_isstring(L, idx)) {
 		tail_file(&b, lua_tostring(L, idx), lines);
 	} else if (lua_istable(L, idx)) {
@@ -500,7 +466,7 @@ static void push_tail(lua_State *L, int idx, int lines)
 		}
 	}
 	lua_pushlstring(L, b.data ? b.data : "", b.len);
-	buf_free(&b);
+	fc_buf_free(&b);
 }
 
 static int l_log_tail(lua_State *L)
@@ -621,7 +587,7 @@ static int l_wait_socket(lua_State *L)
 struct qmp {
 	int fd;
 	long next_id;
-	struct buf in; /* bytes read but not yet split into messages */
+	struct fc_buf in; /* bytes read but not yet split into messages */
 };
 
 static int qmp_close(lua_State *L)
@@ -630,7 +596,7 @@ static int qmp_close(lua_State *L)
 	if (q->fd >= 0)
 		close(q->fd);
 	q->fd = -1;
-	buf_free(&q->in);
+	fc_buf_free(&q->in);
 	return 0;
 }
 
@@ -657,7 +623,7 @@ static int qmp_fill(lua_State *L, struct qmp *q, int wait_ms)
 		fc_errno_error(L, errno, "qmp: read");
 	if (n == 0)
 		fc_error(L, "qmp: QEMU closed the connection");
-	if (buf_add(&q->in, chunk, (size_t)n) < 0)
+	if (fc_buf_append(&q->in, chunk, (size_t)n) < 0)
 		fc_error(L, "qmp: out of memory");
 	return 1;
 }
