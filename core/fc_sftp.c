@@ -38,9 +38,6 @@
  *   resolves a remote directory target the same way.
  */
 
-#define DEFAULT_MAX_BYTES (1ull << 30)
-#define DEFAULT_STALL_S 30.0
-#define MAX_BYTES_LIMIT 9007199254740992.0 /* 2^53: exact in a Lua number */
 #define CAP_HINT "--max-transfer / max_bytes raises it"
 /* libssh2 1.10 pipelines the write requests of one libssh2_sftp_write call (30000 bytes
  * each) and, when one fails, drops the others — one of them possibly half sent, which
@@ -51,27 +48,6 @@
 #define DISK_HINT                                                                                  \
 	"; put a smaller file or make room in the guest (a bigger image: fireclaw image build "    \
 	"--size)"
-
-struct xfer {
-	struct session *S;
-	const char *op;
-	const char *from, *to; /* for messages: the source, the (resolved) target */
-	const char *src;       /* the source path as given */
-	long mode;	       /* -1: from the source */
-	unsigned long long max_bytes, done, size;
-	unsigned long long room;  /* the guest's free bytes where a put goes */
-	char room_text[128];	  /* "2 MiB free of 58 MiB; the file is 3 MiB", or "" */
-	double stall_ms, last_ms; /* stall limit, last progress (monotonic ms) */
-	long long uid, gid;	  /* owner of a got file; -1: ours */
-	LIBSSH2_SFTP *sftp;
-	LIBSSH2_SFTP_HANDLE *h;
-	int fd, dirfd;
-	int tmp_live;
-	char tmp[32];
-	char base[NAME_MAX + 1];
-	char resolved[PATH_MAX];
-	char buf[65536];
-};
 
 static void human_size(char *out, size_t n, unsigned long long b)
 {
@@ -615,98 +591,6 @@ static void xfer_cleanup(struct xfer *t)
 	t->dirfd = -1;
 }
 
-/* ---- options ---- */
-
-/* fc_error formats like lua_pushfstring (no %g, %lo): these messages need printf's. */
-static void __attribute__((noreturn, format(printf, 2, 3)))
-opt_fail(lua_State *L, const char *fmt, ...)
-{
-	char msg[256];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof msg, fmt, ap);
-	va_end(ap);
-	fc_error(L, "%s", msg);
-}
-
-static int parse_id(const char *s, long long *out)
-{
-	char *end;
-	if (!s || *s < '0' || *s > '9')
-		return 0;
-	errno = 0;
-	unsigned long long v = strtoull(s, &end, 10);
-	if (errno || *end || v >= 4294967295ull)
-		return 0;
-	*out = (long long)v;
-	return 1;
-}
-
-/* Run through sudo, a got file belongs to the user who ran sudo, not to root. */
-static void sudo_owner(lua_State *L, struct xfer *t)
-{
-	const char *u = getenv("SUDO_UID"), *g = getenv("SUDO_GID");
-	if (geteuid() != 0 || (!u && !g))
-		return;
-	if (!parse_id(u, &t->uid) || !parse_id(g, &t->gid))
-		fc_error(L,
-			 "ssh: get %s: SUDO_UID/SUDO_GID ('%s', '%s') are not user and group ids; "
-			 "unset both to keep the file root's",
-			 t->src, u ? u : "", g ? g : "");
-}
-
-static double default_stall_s(lua_State *L)
-{
-	const char *s = getenv("FIRECLAW_TRANSFER_STALL_S");
-	if (!s || !*s)
-		return DEFAULT_STALL_S;
-	char *end;
-	double v = strtod(s, &end);
-	if (*end || !(v > 0) || v > 1e6)
-		opt_fail(L, "FIRECLAW_TRANSFER_STALL_S must be a number of seconds > 0, got '%s'",
-			 s);
-	return v;
-}
-
-/* The 4th argument: a mode (number) or {mode =, max_bytes =, stall =, uid =, gid =}. */
-static void read_xfer_opts(lua_State *L, struct xfer *t, int idx)
-{
-	double mode = -1, max = (double)DEFAULT_MAX_BYTES, stall = -1, uid = -2, gid = -2;
-	if (lua_type(L, idx) == LUA_TNUMBER) {
-		mode = lua_tonumber(L, idx);
-	} else if (lua_istable(L, idx)) {
-		mode = fc_opt_number(L, idx, "mode", -1);
-		max = fc_opt_number(L, idx, "max_bytes", max);
-		stall = fc_opt_number(L, idx, "stall", -1);
-		uid = fc_opt_number(L, idx, "uid", -2);
-		gid = fc_opt_number(L, idx, "gid", -2);
-	} else if (!lua_isnoneornil(L, idx)) {
-		luaL_argerror(L, idx, "mode or options table expected");
-	}
-	long maxmode = t->op[0] == 'g' ? 0777 : 07777;
-	if (mode != -1 && (mode < 0 || mode > maxmode || mode != (long)mode))
-		opt_fail(L, "ssh: %s: bad mode %g (0 to 0%lo%s)", t->op, mode, maxmode,
-			 maxmode == 0777 ? ": a got file is never setuid, setgid or sticky" : "");
-	if (!(max >= 0 && max <= MAX_BYTES_LIMIT) || max != (double)(unsigned long long)max)
-		opt_fail(L, "ssh: %s: max_bytes must be a byte count, got %g", t->op, max);
-	if (stall != -1 && !(stall > 0 && stall <= 1e6))
-		opt_fail(L, "ssh: %s: stall must be seconds > 0, got %g", t->op, stall);
-	if ((uid == -2) != (gid == -2) ||
-	    (uid != -2 && (uid < -1 || uid >= 4294967295.0 || gid < -1 || gid >= 4294967295.0 ||
-			   uid != (long long)uid || gid != (long long)gid)))
-		fc_error(L, "ssh: %s: uid and gid go together, as ids (or -1: ours)", t->op);
-	t->mode = (long)mode;
-	t->max_bytes = (unsigned long long)max;
-	t->stall_ms = (stall == -1 ? default_stall_s(L) : stall) * 1e3;
-	t->uid = t->gid = -1;
-	if (uid != -2) {
-		t->uid = (long long)uid;
-		t->gid = (long long)gid;
-	} else if (t->op[0] == 'g') {
-		sudo_owner(L, t);
-	}
-}
-
 static int run_xfer(lua_State *L, lua_CFunction body, const char *op)
 {
 	struct session *S = ssh_check_open(L, 1);
@@ -720,7 +604,7 @@ static int run_xfer(lua_State *L, lua_CFunction body, const char *op)
 	t->from = t->src = a;
 	t->to = b;
 	t->fd = t->dirfd = -1;
-	read_xfer_opts(L, t, 4);
+	sftp_read_xfer_opts(L, t, 4);
 	progress(t);
 	lua_pushcfunction(L, body);
 	lua_pushvalue(L, ud);

@@ -8,6 +8,8 @@
 #include "fc.h"
 
 #include <libssh2.h>
+#include <libssh2_sftp.h>
+#include <limits.h>
 
 #define SESSION_MT "fireclaw.ssh.session"
 
@@ -82,6 +84,36 @@ struct session *ssh_check_open(lua_State *L, int idx);
 			}                                                                          \
 		}                                                                                  \
 	} while (0)
+
+/* ---- SFTP transfers (core/fc_sftp.c, core/fc_sftp_opts.c) ---- */
+
+#define DEFAULT_MAX_BYTES (1ull << 30)
+#define DEFAULT_STALL_S 30.0
+#define MAX_BYTES_LIMIT 9007199254740992.0 /* 2^53: exact in a Lua number */
+
+struct xfer {
+	struct session *S;
+	const char *op;
+	const char *from, *to; /* for messages: the source, the (resolved) target */
+	const char *src;       /* the source path as given */
+	long mode;	       /* -1: from the source */
+	unsigned long long max_bytes, done, size;
+	unsigned long long room;  /* the guest's free bytes where a put goes */
+	char room_text[128];	  /* "2 MiB free of 58 MiB; the file is 3 MiB", or "" */
+	double stall_ms, last_ms; /* stall limit, last progress (monotonic ms) */
+	long long uid, gid;	  /* owner of a got file; -1: ours */
+	LIBSSH2_SFTP *sftp;
+	LIBSSH2_SFTP_HANDLE *h;
+	int fd, dirfd;
+	int tmp_live;
+	char tmp[32];
+	char base[NAME_MAX + 1];
+	char resolved[PATH_MAX];
+	char buf[65536];
+};
+
+/* Read put/get's argument idx (a mode, or an options table) into t; raises on bad ones. */
+void sftp_read_xfer_opts(lua_State *L, struct xfer *t, int idx);
 
 /* ---- methods and functions of the other files ---- */
 
