@@ -139,7 +139,7 @@ int fc_tcp_connect(lua_State *L, const char *netns, const char *host, int port, 
  * against libcurl; only the Firecracker driver needs it. */
 const char *fc_curl_load(void);
 
-/* ---- the log sink (core/proc.c) ---- */
+/* ---- the log sink (core/fc_logsink.c) ---- */
 
 /* `fireclaw --log-sink CAP PATH…`: copy pipes 3… into capped files (proc.spawn's
  * {log = path} outputs start it). Runs before any Lua state exists; returns the status. */

@@ -8,6 +8,7 @@
  *   net.netns_list([prefix]) -> {names}    sorted
  *   net.netns_exists(name) -> bool
  *   net.tap_create(netns, opts)            a configured persistent tap, see l_tap_create
+ *                                          (fc_net_sock.c)
  *   net.link_up(netns, ifname)
  *   net.addr_add(netns, ifname, cidr)      "172.16.0.1/30" (or IPv6); replaces a same one
  *   net.neigh_add(netns, ifname, ip, mac)  permanent neighbour entry (no ARP needed)

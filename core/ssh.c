@@ -14,7 +14,7 @@
  * died of a signal; on timeout `timed_out=true` and no status. A shell may also report a
  * killed child as status 128+N: what the server says is what is returned. Every command
  * runs with FIRECLAW_EXEC_TAG=<random> in its environment; that is how a timed-out or
- * interrupted command is killed (see kill_tagged).
+ * interrupted command is killed (see kill_tagged in fc_ssh_exec.c).
  *
  * libssh2 runs in non-blocking mode and every wait is a poll() on the session's socket
  * through fc_poll, so Ctrl-C interrupts any operation and a deadline bounds it. A
