@@ -151,18 +151,24 @@ static void read_mounts(lua_State *L, int t, struct spawn_req *r)
 	lua_pop(L, 1);
 }
 
-/* An optional list of integers at opts[key] into out (at most max); returns the count. */
-static int read_ints(lua_State *L, int t, const char *key, int *out, int max)
+/* Push the optional list at opts[key] (nil if absent: length 0) and return its length,
+ * at most max. */
+static int push_list(lua_State *L, int t, const char *key, int max)
 {
 	lua_getfield(L, t, key);
-	if (lua_isnil(L, -1)) {
-		lua_pop(L, 1);
+	if (lua_isnil(L, -1))
 		return 0;
-	}
 	luaL_checktype(L, -1, LUA_TTABLE);
 	int n = (int)lua_objlen(L, -1);
 	if (n > max)
 		fc_error(L, "proc: at most %d %s", max, key);
+	return n;
+}
+
+/* An optional list of integers at opts[key] into out (at most max); returns the count. */
+static int read_ints(lua_State *L, int t, const char *key, int *out, int max)
+{
+	int n = push_list(L, t, key, max);
 	for (int i = 1; i <= n; i++) {
 		lua_rawgeti(L, -1, i);
 		if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0)
@@ -178,15 +184,7 @@ static int read_ints(lua_State *L, int t, const char *key, int *out, int max)
  * The strings stay referenced by the list inside the options table. */
 static int read_strings(lua_State *L, int t, const char *key, const char **out, int max)
 {
-	lua_getfield(L, t, key);
-	if (lua_isnil(L, -1)) {
-		lua_pop(L, 1);
-		return 0;
-	}
-	luaL_checktype(L, -1, LUA_TTABLE);
-	int n = (int)lua_objlen(L, -1);
-	if (n > max)
-		fc_error(L, "proc: at most %d %s", max, key);
+	int n = push_list(L, t, key, max);
 	for (int i = 1; i <= n; i++) {
 		lua_rawgeti(L, -1, i);
 		if (lua_type(L, -1) != LUA_TSTRING)
