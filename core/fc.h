@@ -119,7 +119,9 @@ int fc_netns_open(const char *name);
  * the namespace cannot be entered (fn not run). fn must not raise (a Lua error would leave
  * the thread in the other namespace). Going back cannot fail for a namespace the thread
  * was in a moment ago; if it does anyway, fireclaw says so on stderr and aborts, since
- * carrying on in the wrong namespace would be worse than stopping. */
+ * carrying on in the wrong namespace would be worse than stopping. (A forked child that
+ * is about to exec, as proc.spawn's or nft's in core/fc_egress.c, enters with a plain
+ * setns(): it never comes back.) */
 #define FC_NETNS_NEW (-1)
 int fc_netns_run(int nsfd, int (*fn)(void *), void *arg);
 /* socket() created inside network namespace `netns` (NULL or "" = current one). The
