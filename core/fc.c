@@ -237,13 +237,15 @@ int fc_opt_bool(lua_State *L, int t, const char *key, int def)
 
 int fc_buf_reserve(struct fc_buf *b, size_t n)
 {
-	if (n >= SIZE_MAX / 2 - b->len)
+	if (n >= SIZE_MAX / 2 - b->len || (b->max && b->len + n > b->max))
 		return -1;
 	if (b->len + n + 1 <= b->cap)
 		return 0;
 	size_t cap = b->cap ? b->cap * 2 : 4096;
 	while (cap < b->len + n + 1)
 		cap *= 2;
+	if (b->max && cap > b->max + 1)
+		cap = b->max + 1;
 	char *d = realloc(b->data, cap);
 	if (!d)
 		return -1;

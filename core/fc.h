@@ -97,8 +97,10 @@ int fc_poll(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms);
 struct fc_buf {
 	char *data;
 	size_t len, cap;
+	size_t max; /* 0, or the most bytes it holds: it never allocates more than max + 1 */
 };
-/* Room for n more bytes (and the NUL) without another realloc: 0, or -1 out of memory. */
+/* Room for n more bytes (and the NUL) without another realloc: 0, or -1 out of memory
+ * (or past max). */
 int fc_buf_reserve(struct fc_buf *b, size_t n);
 /* Append n bytes: 0, or -1 out of memory (b unchanged). */
 int fc_buf_append(struct fc_buf *b, const char *s, size_t n);

@@ -558,7 +558,7 @@ static void read_stream_opts(lua_State *L, int opts, struct stream *st, const ch
 		fc_error(L, "ssh: exec: %s: function expected, got %s", cb, luaL_typename(L, -1));
 	lua_pop(L, 1);
 	st->capture = !has_cb || capture;
-	st->max = max;
+	st->max = st->buf.max = max; /* never more memory than the cap */
 }
 
 /* Push the command line for arg 2 (argv table or string) after the env prefix and the
@@ -617,7 +617,7 @@ static void read_exec_opts(lua_State *L, int opts, struct exec *x)
 		read_stream_opts(L, opts, &x->err, "on_stderr", capture, max);
 	} else {
 		x->out.capture = x->err.capture = 1;
-		x->out.max = x->err.max = max;
+		x->out.max = x->err.max = x->out.buf.max = x->err.buf.max = max;
 	}
 }
 
