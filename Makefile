@@ -64,7 +64,7 @@ build/pkg.mk: build/.deps Makefile
 $(BIN): $(OBJS)
 	$(CC) $(LDFLAGS) -o $@ $(OBJS) $(PKG_LIBS) $(LDLIBS)
 
-$(OBJDIR)/%.o: core/%.c core/fc.h build/pkg.mk
+$(OBJDIR)/%.o: core/%.c $(wildcard core/*.h) build/pkg.mk
 	@mkdir -p $(OBJDIR)
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) -c -o $@ $<
 

@@ -233,6 +233,56 @@ int fc_opt_bool(lua_State *L, int t, const char *key, int def)
 	return v;
 }
 
+/* ---- growable byte buffer ---- */
+
+int fc_buf_reserve(struct fc_buf *b, size_t n)
+{
+	if (n >= SIZE_MAX / 2 - b->len || (b->max && b->len + n > b->max))
+		return -1;
+	if (b->len + n + 1 <= b->cap)
+		return 0;
+	size_t cap = b->cap ? b->cap * 2 : 4096;
+	while (cap < b->len + n + 1)
+		cap *= 2;
+	if (b->max && cap > b->max + 1)
+		cap = b->max + 1;
+	char *d = realloc(b->data, cap);
+	if (!d)
+		return -1;
+	b->data = d;
+	b->cap = cap;
+	return 0;
+}
+
+int fc_buf_append(struct fc_buf *b, const char *s, size_t n)
+{
+	if (fc_buf_reserve(b, n) < 0)
+		return -1;
+	memcpy(b->data + b->len, s, n);
+	b->len += n;
+	b->data[b->len] = '\0';
+	return 0;
+}
+
+void fc_buf_free(struct fc_buf *b)
+{
+	free(b->data);
+	b->data = NULL;
+	b->len = b->cap = 0;
+}
+
+/* ---- strings ---- */
+
+static int cmp_strings(const void *a, const void *b)
+{
+	return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+void fc_sort_strings(const char **v, size_t n)
+{
+	qsort(v, n, sizeof *v, cmp_strings);
+}
+
 /* ---- time ---- */
 
 double fc_now_ms(void)
@@ -418,33 +468,58 @@ int fc_netns_open(const char *name)
 	return open(path, O_RDONLY | O_CLOEXEC);
 }
 
-int fc_socket_in_netns(const char *netns, int domain, int type, int protocol)
+int fc_netns_run(int nsfd, int (*fn)(void *), void *arg)
 {
-	if (!netns || !*netns)
-		return socket(domain, type | SOCK_CLOEXEC, protocol);
 	int self = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
 	if (self < 0)
-		return -1;
-	int target = fc_netns_open(netns);
-	if (target < 0) {
-		int e = errno;
+		return -errno;
+	int r = nsfd == FC_NETNS_NEW ? unshare(CLONE_NEWNET) : setns(nsfd, CLONE_NEWNET);
+	if (r < 0) {
+		r = -errno;
 		close(self);
-		errno = e;
+		return r;
+	}
+	r = fn(arg);
+	int e = errno; /* fn's errno, for callers that report it */
+	if (setns(self, CLONE_NEWNET) < 0) {
+		char msg[160];
+		snprintf(
+		    msg, sizeof msg,
+		    "fireclaw: cannot return to the original network namespace (%s); stopping\n",
+		    strerror(errno));
+		say(msg);
+		abort();
+	}
+	close(self);
+	errno = e;
+	return r;
+}
+
+struct socket_req {
+	int domain, type, protocol;
+};
+
+static int socket_here(void *arg)
+{
+	const struct socket_req *q = arg;
+	int fd = socket(q->domain, q->type | SOCK_CLOEXEC, q->protocol);
+	return fd < 0 ? -errno : fd;
+}
+
+int fc_socket_in_netns(const char *netns, int domain, int type, int protocol)
+{
+	struct socket_req q = {domain, type, protocol};
+	if (!netns || !*netns)
+		return socket(domain, type | SOCK_CLOEXEC, protocol);
+	int target = fc_netns_open(netns);
+	if (target < 0)
+		return -1;
+	int fd = fc_netns_run(target, socket_here, &q);
+	close(target);
+	if (fd < 0) {
+		errno = -fd;
 		return -1;
 	}
-	int fd = -1, err = 0;
-	if (setns(target, CLONE_NEWNET) < 0) {
-		err = errno;
-	} else {
-		fd = socket(domain, type | SOCK_CLOEXEC, protocol);
-		err = errno;
-		/* going back cannot fail for a namespace we were in a moment ago */
-		if (setns(self, CLONE_NEWNET) < 0)
-			abort();
-	}
-	close(target);
-	close(self);
-	errno = err;
 	return fd;
 }
 

@@ -89,10 +89,43 @@ void fc_check_interrupt(lua_State *L);
  * and takes its timeout in ms (-1 = forever). fds may be NULL with n == 0 (a sleep). */
 int fc_poll(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms);
 
+/* ---- growable byte buffer ---- */
+
+/* Bytes data[0..len), always NUL-terminated once anything was appended (data[len] == 0).
+ * Zero-initialise ({0}); fc_buf_free releases it. Nothing here raises: out of memory is
+ * -1, and the caller decides how to fail (a libcurl callback must not raise, say). */
+struct fc_buf {
+	char *data;
+	size_t len, cap;
+	size_t max; /* 0, or the most bytes it holds: it never allocates more than max + 1 */
+};
+/* Room for n more bytes (and the NUL) without another realloc: 0, or -1 out of memory
+ * (or past max). */
+int fc_buf_reserve(struct fc_buf *b, size_t n);
+/* Append n bytes: 0, or -1 out of memory (b unchanged). */
+int fc_buf_append(struct fc_buf *b, const char *s, size_t n);
+void fc_buf_free(struct fc_buf *b);
+
+/* ---- strings ---- */
+
+/* Sort n C strings in place, bytewise (strcmp). */
+void fc_sort_strings(const char **v, size_t n);
+
 /* ---- namespaces ---- */
 
 /* Open /run/netns/NAME (O_RDONLY|O_CLOEXEC); -1 with errno set on failure. */
 int fc_netns_open(const char *name);
+/* The one way fireclaw enters a network namespace and comes back: run fn(arg) with the
+ * calling thread inside the namespace open at nsfd (FC_NETNS_NEW: a new one, unshared),
+ * then return the thread to the namespace it was in. Returns fn's result, or -errno when
+ * the namespace cannot be entered (fn not run). fn must not raise (a Lua error would leave
+ * the thread in the other namespace). Going back cannot fail for a namespace the thread
+ * was in a moment ago; if it does anyway, fireclaw says so on stderr and aborts, since
+ * carrying on in the wrong namespace would be worse than stopping. (A forked child that
+ * is about to exec, as proc.spawn's or nft's in core/fc_egress.c, enters with a plain
+ * setns(): it never comes back.) */
+#define FC_NETNS_NEW (-1)
+int fc_netns_run(int nsfd, int (*fn)(void *), void *arg);
 /* socket() created inside network namespace `netns` (NULL or "" = current one). The
  * calling thread switches into the namespace and back around socket(). Returns the fd, or
  * -1 with errno set. */
@@ -110,7 +143,7 @@ int fc_tcp_connect(lua_State *L, const char *netns, const char *host, int port, 
  * against libcurl; only the Firecracker driver needs it. */
 const char *fc_curl_load(void);
 
-/* ---- the log sink (core/proc.c) ---- */
+/* ---- the log sink (core/fc_logsink.c) ---- */
 
 /* `fireclaw --log-sink CAP PATH…`: copy pipes 3… into capped files (proc.spawn's
  * {log = path} outputs start it). Runs before any Lua state exists; returns the status. */

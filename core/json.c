@@ -125,11 +125,6 @@ static json_object *encode_array(lua_State *L, int idx, long n, int depth, json_
 	return arr;
 }
 
-static int cmp_keys(const void *a, const void *b)
-{
-	return strcmp(*(const char *const *)a, *(const char *const *)b);
-}
-
 static json_object *encode_object(lua_State *L, int idx, int depth, json_object *obj)
 {
 	size_t n = 0;
@@ -150,7 +145,7 @@ static json_object *encode_object(lua_State *L, int idx, int depth, json_object 
 		lua_pop(L, 1);
 		keys[i++] = lua_tostring(L, -1);
 	}
-	qsort(keys, n, sizeof *keys, cmp_keys);
+	fc_sort_strings(keys, (size_t)n);
 	for (i = 0; i < n; i++) {
 		lua_getfield(L, idx, keys[i]);
 		json_object *v = encode_value(L, lua_gettop(L), depth + 1);

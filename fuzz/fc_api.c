@@ -1,4 +1,4 @@
-/* fuzz/fc_api.c - the Firecracker API client of core/vm.c reading arbitrary HTTP
+/* fuzz/fc_api.c - the Firecracker API client of core/fc_vm_api.c reading arbitrary HTTP
  * responses: the input is what the "VMM" answers on its API socket (status line, headers,
  * body, in pieces), read through libcurl exactly as vm.api_client does, then a second
  * request on the same client (connection reuse after the peer hung up). The status/body

@@ -1,7 +1,7 @@
 # fuzz.mk - libFuzzer targets (clang, ASan + UBSan) in build/fuzz/; run by `make fuzz`,
 # after the main Makefile has generated build/pkg.mk, build/embed.c and build/modules.c.
 #   build/fuzz/json     core/json.c: decode -> encode round trip
-#   build/fuzz/fc_api   core/vm.c: Firecracker API responses (HTTP over a unix socket)
+#   build/fuzz/fc_api   core/fc_vm_api.c: Firecracker API responses (HTTP over a unix socket)
 #   build/fuzz/qmp      core/vm.c: the QMP reader (greeting, returns, errors, events)
 # tests/fuzz.sh runs each on fuzz/corpus/<target>/ and replays fuzz/regressions/<target>/.
 include build/pkg.mk
@@ -18,7 +18,7 @@ FUZZ_OBJS := $(patsubst %.c,$(FUZZ_OBJDIR)/%.o,$(notdir $(FUZZ_CORE)))
 
 all: $(patsubst %,build/fuzz/%,$(FUZZ_TARGETS))
 
-$(FUZZ_OBJDIR)/%.o: core/%.c core/fc.h build/pkg.mk
+$(FUZZ_OBJDIR)/%.o: core/%.c $(wildcard core/*.h) build/pkg.mk
 	@mkdir -p $(FUZZ_OBJDIR)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link $(PKG_CFLAGS) -c -o $@ $<
 
