@@ -40,7 +40,9 @@ local function test_capped_logs()
 			.. " head -c 3000000 /dev/zero | tr '\\0' x; echo; echo LAST >&2; echo to-fd3 >&3" },
 		stdout = { log = out }, stderr = { log = out }, fds = { { log = fd3 } }, log_cap = cap,
 	}
-	t.ok(p:sink_pid() and sinks_for(out) == 1, "one log sink process, named after its files")
+	-- the sink is not waited for at spawn (its exec may still be under way): wait for its name
+	t.ok(p:sink_pid() and wait_until(function() return sinks_for(out) == 1 end, 10),
+		"one log sink process, named after its files")
 	local st = p:wait(30)
 	t.is(st and st.status, 0, "the writer ends")
 	t.is(p:sink_pid(), nil, "wait let the sink finish and reaped it")
