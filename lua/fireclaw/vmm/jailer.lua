@@ -69,16 +69,7 @@ function M.instance_id(id)
 	return s
 end
 
--- A small stable number for an id (the same as fireclaw.vmm.qemu's).
-local function id_number(id)
-	id = tostring(id)
-	if id:match("^%x%x%x%x%x%x$") then return tonumber(id, 16) end
-	local h = 5381
-	for i = 1, #id do h = (h * 33 + id:byte(i)) % 16777216 end
-	return h
-end
-
-function M.uid_gid(id) return M.UID_BASE + 1 + id_number(id), M.UID_BASE end
+function M.uid_gid(id) return M.UID_BASE + 1 + util.id_number(id), M.UID_BASE end
 
 function M.base() return config.run_dir .. "/jail" end
 

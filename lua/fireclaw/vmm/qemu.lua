@@ -168,20 +168,11 @@ local function fstat(fd)
 	return st
 end
 
--- A small stable number for an id that is not the usual 6 hex digits.
-local function id_number(id)
-	id = tostring(id)
-	if id:match("^%x%x%x%x%x%x$") then return tonumber(id, 16) end
-	local h = 5381
-	for i = 1, #id do h = (h * 33 + id:byte(i)) % 16777216 end
-	return h
-end
-
 -- uid, gid QEMU should run as, or nil for root.
 local function wanted_user(v)
 	local want = tostring(v.user or config.vmm_user or "auto")
 	if want == "root" then return nil end
-	if want == "auto" then return M.UID_BASE + 1 + id_number(v.id), M.UID_BASE end
+	if want == "auto" then return M.UID_BASE + 1 + util.id_number(v.id), M.UID_BASE end
 	local uid, gid = want:match("^(%d+):(%d+)$")
 	if not uid then error("vm: FIRECLAW_VMM_USER is auto, root or UID:GID, not '" .. want .. "'", 0) end
 	return tonumber(uid), tonumber(gid)

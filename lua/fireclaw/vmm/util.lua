@@ -189,4 +189,14 @@ function M.tcg_boot_args(args, extra, cpuinfo)
 	return line ~= "" and (args .. " " .. line) or args
 end
 
+-- A small stable number for a VM id: the usual 6 hex digits as they are, any other id
+-- hashed (djb2, 24 bits). Both VMMs' per-VM users are UID_BASE + 1 + this.
+function M.id_number(id)
+	id = tostring(id)
+	if id:match("^%x%x%x%x%x%x$") then return tonumber(id, 16) end
+	local h = 5381
+	for i = 1, #id do h = (h * 33 + id:byte(i)) % 16777216 end
+	return h
+end
+
 return M
