@@ -177,7 +177,8 @@ mkbad
 truncate -s 100M "$snaps/bad/memory.new" && replace "$snaps/bad/memory"
 expect 1 "memory is 104857600 bytes, meta.json says" "memory truncated" restore_bad
 setmeta 'm["files"]["memory"]["size"] = 100 << 20'
-expect 1 "backing store size .* does not match" "memory truncated, meta.json agreeing" restore_bad
+expect 1 "restore failed \(a damaged snapshot\?\): .*memory is 104857600 bytes, the VM's RAM is 256 MiB" \
+	"memory truncated, meta.json agreeing" restore_bad
 mkbad
 rm "$snaps/bad/disk.ext4"
 expect 1 "snapshot 'bad' is missing disk.ext4" "disk.ext4 missing" restore_bad

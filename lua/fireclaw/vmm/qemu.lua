@@ -411,9 +411,17 @@ end
 -- by an older fireclaw (which mapped the file privately) leaves `memory` one hole, and
 -- x-ignore-shared refuses a stream with shared RAM in it, so such a restore maps an empty
 -- memfd privately.
-local function check_memory(path)
+local function check_memory(path, mem_mib)
 	local fd = open_fd(path, O_RDONLY)
 	local st = fstat(fd)
+	-- the copy fills a memfd of the VM's RAM size: a file of another size is a damaged
+	-- snapshot (mapping the file itself, QEMU used to refuse it; a copy would boot garbage)
+	local want = mem_mib * 1024 * 1024
+	if tonumber(st.size) ~= want then
+		sys.close(fd)
+		error(string.format("qemu: restore failed (a damaged snapshot?): %s is %d bytes, the VM's RAM is "
+			.. "%d MiB (%d bytes)", path, tonumber(st.size), mem_mib, want), 0)
+	end
 	local ok, err = true, nil
 	if bit.band(st.mode, bit.bor(S.IRWXG, S.IRWXO)) ~= 0 then ok, err = sys.fchmod(fd, "600") end
 	sys.close(fd)
@@ -445,7 +453,7 @@ function M.restore(v, dir, spec)
 	if spec.rootfs and not util.exists(spec.rootfs) then
 		error("vm " .. v.id .. ": no disk copy at " .. spec.rootfs, 0)
 	end
-	if check_memory(dir .. "/memory") then
+	if check_memory(dir .. "/memory", spec.mem_mib or 256) then
 		spawn(v, spec, { share = false, incoming = true })
 	else
 		spawn(v, spec, { from = dir .. "/memory", incoming = true })
