@@ -892,8 +892,11 @@ class Bench:
           "QMP through one `socat` connection (restore: `migrate-set-capabilities x-ignore-shared`, "
           "`migrate-incoming exec:cat vmstate`, `query-status` polled every 2 ms until it leaves `inmigrate`, `cont`), "
           "a TCP probe loop (`socat … connect-timeout=0.05` every 10 ms) then the OpenSSH client with the pinned host "
-          "key (`ssh … root@172.16.0.2 true`; restored: `date -s @NOW >/dev/null 2>&1; true`, as fireclaw sets the "
-          "clock in the same round trip), and teardown: `kill -KILL` of QEMU's pid, `wait`, `ip netns del`, `rm -rf`.")
+          "key (`ssh … root@172.16.0.2 true`; restored: `date -s @NOW >/dev/null 2>&1; true`, the clock set in the "
+          "same round trip; fireclaw instead makes each clone unique first — host entropy credited, CRNG reseeded, "
+          "clock set — in an exec of its own, then runs the command, and gives QEMU a memfd copy of the snapshot's "
+          "memory where the baseline maps the file itself: see the stage table), and teardown: `kill -KILL` of "
+          "QEMU's pid, `wait`, `ip netns del`, `rm -rf`.")
         w("")
         w(f"Baseline snapshot: {self.snapshot_source}.")
         w("")
