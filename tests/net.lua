@@ -237,6 +237,11 @@ local function body()
 	t.is(net.netns_delete(NS), true, "netns_delete with a tap and a veth in it")
 	net.egress_disable(NS, { uplink_netns = UP, ifname = "up0" })
 	t.is(sh("ip netns exec " .. UP .. " nft list ruleset"), "", "egress_disable after the VM namespace is gone")
+	-- the kernel tears a deleted namespace's devices down in a work queue, after
+	-- netns_delete returns: the veth's other end goes a moment later (bounded wait)
+	local runtime = require "fireclaw.runtime"
+	local deadline = runtime.now() + 5
+	while sh("ip -n " .. UP .. " -br link"):find("fcv") and runtime.now() < deadline do runtime.sleep(0.02) end
 	t.ok(not sh("ip -n " .. UP .. " -br link"):find("fcv"), "the veth went with the VM namespace")
 	net.netns_delete(UP)
 	t.ok(not exists("/run/netns/" .. NS), "netns_delete: file gone")
