@@ -309,9 +309,24 @@ static int pump(lua_State *L, struct exec *x)
 	return 1;
 }
 
+/* Whether libssh2 already holds what the next pump needs, so that the socket may never
+ * wake us for it: every libssh2 read or write first processes the packets that have
+ * arrived, so a drain may take in the window adjust a blocked stdin write waits for, and a
+ * write may queue stdout data, after the call that would have used it said EAGAIN. */
+static int ready_in_libssh2(struct exec *x)
+{
+	if (libssh2_poll_channel_read(x->ch, 0) || libssh2_poll_channel_read(x->ch, 1))
+		return 1;
+	int outbound = libssh2_session_block_directions(x->S->s) & LIBSSH2_SESSION_BLOCK_OUTBOUND;
+	return !x->eof_sent && x->inoff < x->inlen && !outbound &&
+	       libssh2_channel_window_write(x->ch) > 0;
+}
+
 /* Wait for the socket (and the stdin fd when its buffer is empty). 0 on deadline. */
 static int wait_exec(lua_State *L, struct exec *x)
 {
+	if (ready_in_libssh2(x))
+		return fc_ms_left(x->deadline) != 0;
 	struct pollfd p[3] = {{.fd = x->S->fd, .events = POLLIN | ssh_socket_events(x->S)}};
 	nfds_t n = 1;
 	int in = x->infd >= 0 && !x->in_eof && !x->eof_sent && x->inoff >= x->inlen;
