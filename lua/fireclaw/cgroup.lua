@@ -247,14 +247,17 @@ local function create_v1(cg)
 	end
 end
 
--- Create the VM's cgroups with their limits. On error, what was made is removed.
+-- Create the VM's cgroups with their limits. On error, what was made is removed. The
+-- shared fireclaw/ parent goes with the last VM (M.remove): one that another VM removes
+-- between our mkdir of it and of ours makes this try fail, and the next one remake it.
 function M.create(cg)
-	local ok, err = pcall(cg.layout.version == 2 and create_v2 or create_v1, cg)
-	if not ok then
+	local ok, err
+	for _ = 1, 3 do
+		ok, err = pcall(cg.layout.version == 2 and create_v2 or create_v1, cg)
+		if ok then return cg end
 		pcall(M.remove, cg.dirs)
-		error(err, 0)
 	end
-	return cg
+	error(err, 0)
 end
 
 local function pids_in(dir)
@@ -301,6 +304,9 @@ function M.remove(dirs)
 			end
 			done[#done + 1] = "removed cgroup " .. d
 		end
+		-- the shared parent goes with the last VM's cgroup (busy while another VM has one)
+		local parent = d:match("^(.*)/[^/]+$")
+		if parent and parent:match("/" .. M.DIR .. "$") then sys.rmdir(parent) end
 	end
 	return done
 end
