@@ -48,7 +48,14 @@ GUEST_BIN := build/guest/fireclaw-guest
 $(GUEST_BIN): guest/fireclaw-guest.c build/.deps
 	@mkdir -p build/guest
 	$(CC) -std=gnu11 -Os -Wall -Wextra -Werror -static -s -o $@ guest/fireclaw-guest.c
-$(OBJDIR)/guest.o: $(GUEST_BIN)
+# the guest agent (guest/fireclaw-agent.c, docs/agent-protocol.md): every image gets it as
+# /usr/sbin/fireclaw-agent, also compiled into fireclaw by core/guest.c
+AGENT_BIN := build/guest/fireclaw-agent
+$(AGENT_BIN): guest/fireclaw-agent.c guest/agent-proto.h build/.deps
+	@mkdir -p build/guest
+	$(CC) -std=gnu11 -Os -Wall -Wextra -Werror -static -s -o $@ guest/fireclaw-agent.c
+$(OBJDIR)/guest.o: $(GUEST_BIN) $(AGENT_BIN)
+$(OBJDIR)/agent.o $(OBJDIR)/fc_agent_ops.o: guest/agent-proto.h
 
 build/.deps: tools/deps.sh
 	@mkdir -p build
@@ -107,7 +114,7 @@ bench: fireclaw
 	bench/run.sh
 
 # libFuzzer targets (clang + ASan/UBSan) in build/fuzz/; tests/fuzz.sh runs them
-fuzz: build/pkg.mk build/embed.c build/modules.c $(GUEST_BIN)
+fuzz: build/pkg.mk build/embed.c build/modules.c $(GUEST_BIN) $(AGENT_BIN)
 	$(MAKE) -f fuzz/fuzz.mk
 
 install: fireclaw

@@ -1,0 +1,75 @@
+/* fc_agent.h - what the files of fireclaw.core.agent share: core/agent.c (the module:
+ * connections, the frame reader, hello and hand-off) and core/fc_agent_ops.c (exec, put,
+ * get and the loop that drives several of them at once on one connection). The wire
+ * format is guest/agent-proto.h; the Lua interface is in core/agent.c's opening comment. */
+#ifndef FC_AGENT_H
+#define FC_AGENT_H
+#include "fc.h"
+
+#include "../guest/agent-proto.h"
+
+#include <limits.h>
+
+#define AGENT_MT "fireclaw.agent.conn"
+/* frames the host ignores (for streams it has finished) before it calls the agent broken */
+#define AGENT_MAX_STRAY 100000
+/* bytes of stale frames skipped while waiting for the hello answer */
+#define AGENT_MAX_SKIP (16u << 20)
+#define AGENT_DEFAULT_MAX_CAPTURE (16u << 20)
+/* after a timeout's KILL, how long the agent gets to report the end */
+#define AGENT_KILL_GRACE_MS 2000
+/* after a forwarded Ctrl-C, how long the command gets before fireclaw stops it */
+#define AGENT_INT_GRACE_MS 2000
+/* cleanup after an error: flushing the CLOSE frames */
+#define AGENT_CLEANUP_MS 1000
+
+struct agent_conn {
+	int fd;
+	int lock_fd;  /* the port's lock (agent.attach), or -1 */
+	int watch_fd; /* readable once the VMM is gone, or -1 */
+	int broken;   /* a protocol error or a lost channel: every call fails */
+	int busy;
+	uint32_t next_id;
+	unsigned long stray;
+	int version, agent_pid;
+	unsigned char *in; /* AGP_HDR + AGP_MAX_PAYLOAD */
+	size_t inlen;
+	struct fc_buf out;
+	char watch_msg[160];
+	char where[200]; /* "VM 1a2b (port 0)": what every message names */
+	char broken_msg[256];
+};
+
+/* One frame as read: header, then payload (pointer into conn->in, valid until the next
+ * read). */
+struct agent_frame {
+	struct agp_hdr h;
+	unsigned char *p;
+};
+
+/* ---- core/agent.c ---- */
+
+/* Raise "agent: WHERE: MESSAGE" (and mark the connection broken when `broken`). */
+void agent_fail(lua_State *L, struct agent_conn *c, int broken, const char *fmt, ...)
+    __attribute__((noreturn, format(printf, 4, 5)));
+/* Queue a frame (payload a then b). Raises only on out of memory. */
+void agent_queue(lua_State *L, struct agent_conn *c, uint32_t stream, uint8_t type, const void *a,
+		 size_t alen, const void *b, size_t blen);
+/* Write what is queued without waiting: 0, or -1 (errno) when the channel is gone. */
+int agent_flush(struct agent_conn *c);
+/* Take the next whole frame out of the input buffer: 1 (f filled), 0 (need more bytes);
+ * a frame that breaks the protocol raises. */
+int agent_next_frame(lua_State *L, struct agent_conn *c, struct agent_frame *f, size_t *consumed);
+/* Read what the channel has (non-blocking): 0, or raises when it closed. */
+void agent_read(lua_State *L, struct agent_conn *c);
+/* The open connection at idx (raises if closed, broken or busy). */
+struct agent_conn *agent_check(lua_State *L, int idx);
+
+/* ---- core/fc_agent_ops.c ---- */
+
+int agent_l_exec(lua_State *L);	 /* conn:exec(argv, opts) */
+int agent_l_put(lua_State *L);	 /* conn:put(local, remote, opts) */
+int agent_l_get(lua_State *L);	 /* conn:get(remote, local, opts) */
+int agent_l_batch(lua_State *L); /* conn:batch{ {exec = argv, ...}, {get = …}, … } */
+
+#endif
