@@ -71,7 +71,7 @@ function M.restore(opts, snap, steps)
 	for k, v in pairs(opts) do
 		if k ~= "snapshot" then sbopts[k] = v end
 	end
-	return sandbox.build(sbopts, steps or sandbox.steps.restore(snap))
+	return sandbox.build(sbopts, steps or sandbox.steps.restore(snap, { exec = opts.exec }))
 end
 
 local function main(args)

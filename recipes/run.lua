@@ -2,7 +2,7 @@
 --
 --   fireclaw run [options] -- CMD [ARGS…]
 -- Restores from the image's snapshot when a usable one exists (else cold boots), runs CMD
--- over SSH with its output streamed, exits with its status (128+N if killed by signal N,
+-- through the guest agent (else over SSH) with its output streamed, exits with its status (128+N if killed by signal N,
 -- 124 on --timeout) and destroys the VM whatever happens.
 local cli = require "fireclaw.cli"
 local fault = require "fireclaw.fault"
@@ -30,6 +30,8 @@ local SPEC = {
 	{ "--disk SIZE", "grow the root disk to SIZE (e.g. 512M, 2G; cold boot, or a snapshot made with --disk)" },
 	{ "--timeout S", "stop CMD after S seconds (exit status 124)", type = "number" },
 	{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
+	{ "--exec HOW", "auto, agent or ssh: how CMD and files reach the guest (default: $FIRECLAW_EXEC, else auto: "
+		.. "the guest agent when the image has it)" },
 	{ "--no-snapshot", "always cold boot" },
 	{ "--snapshot NAME", "restore this snapshot (default: the image's)" },
 	{ "--put LOCAL:REMOTE", "copy a file in before CMD (REMOTE may be a directory; repeatable)", multi = true },
@@ -69,6 +71,9 @@ local function check_options(o, cmd)
 		if not ok then cli.usage_error("--disk: %s", err) end
 	end
 	if o.max_output < 0 or o.max_output % 1 ~= 0 then cli.usage_error("--max-output must be a byte count, got %s", o.max_output) end
+	if o.exec and not sandbox.EXEC_MODES[o.exec] then
+		cli.usage_error("--exec must be auto, agent or ssh, got '%s'", o.exec)
+	end
 	if o.vmm and o.vmm ~= "auto" and o.vmm ~= "firecracker" and o.vmm ~= "qemu" then
 		cli.usage_error("--vmm must be auto, firecracker or qemu, got '%s'", o.vmm)
 	end
@@ -107,7 +112,8 @@ local function start_vm(o)
 	-- snapshot check and the VM use the same; an impossible one is one line, now
 	local d = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices }
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
-		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk }
+		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk,
+		exec = o.exec }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap then
@@ -132,10 +138,10 @@ end
 
 local function run_command(sb, o, cmd)
 	for _, p in ipairs(o.puts) do sb:put(p[1], p[2], { max_bytes = o.max_transfer }) end
-	local ssh = require "fireclaw.ssh"
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
-	local line = ssh.quote(cmd)
-	local opts = { env = o.envs, timeout = o.timeout }
+	-- the first Ctrl-C goes to the command (the agent sends it SIGINT, as a terminal would);
+	-- if it has not ended 2 s later, or on a second Ctrl-C, fireclaw stops
+	local opts = { env = o.envs, timeout = o.timeout, forward_sigint = true }
 	if not sys.isatty(0) then opts.stdin = 0 end
 	if o.json then
 		opts.max_capture = o.max_output
@@ -143,7 +149,7 @@ local function run_command(sb, o, cmd)
 		opts.on_stdout = function(d) fault.point("exec-output") io.stdout:write(d) io.stdout:flush() end
 		opts.on_stderr = function(d) io.stderr:write(d) io.stderr:flush() end
 	end
-	local r = sb:exec(line, opts)
+	local r = sb:exec(cmd, opts)
 	fault.point("command-done")
 	sb.timer:stage("command")
 	for _, g in ipairs(o.gets) do sb:get(g[1], g[2], { max_bytes = o.max_transfer }) end

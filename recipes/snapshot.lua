@@ -2,7 +2,7 @@
 --
 --   fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB] [--disk SIZE]
 --   fireclaw snapshot list | info [SNAP] | rm SNAP
--- create: cold boot, wait until SSH answers (the snapshot is taken warm), pause, save
+-- create: cold boot, wait until the agent and SSH answer (the snapshot is taken warm), pause, save
 -- device state + memory + the disk as of that moment + meta.json, destroy the VM.
 local cli = require "fireclaw.cli"
 local config = require "fireclaw.config"
@@ -25,6 +25,8 @@ function M.take(sb, name)
 	local ok, res = pcall(function()
 		-- a restored guest must not wake up holding a session to a client that is gone
 		if sb.session then sb.session:close() end
+		-- nor a connection on the agent's port (a restore's host connects anew)
+		if sb.agent then sb.agent:close() end
 		local info = sb.vm:snapshot(tmp)           -- pause; device state + memory
 		sb.timer:stage("snapshot (" .. info.vmm .. ")")
 		fault.point("snapshot-saved")
@@ -37,6 +39,9 @@ function M.take(sb, name)
 			vcpu = sb.vcpu, mem_mib = sb.mem_mib, boot_args = sb:boot_spec().boot_args,
 			guest_ip = n.guest_ip, guest_mac = n.guest_mac, tap_mac = n.tap_mac,
 			host_key = sb.img.host_key, vmm_info = info,
+			-- how restores reach the guest: "agent" only when its channel was there and
+			-- the agent answered before the snapshot
+			exec_channels = sb.exec_channels or { "ssh" },
 		})
 	end)
 	if not ok then
@@ -55,7 +60,16 @@ function M.create(opts)
 	snapshot.abort(snapshot.begin(opts.name or img.name)) -- a state dir we cannot write fails now, not after a boot
 	local sb = coldboot.boot { image = img.name, vcpu = opts.vcpu, mem_mib = opts.mem_mib, vmm = opts.vmm,
 		accel = opts.accel, boot_timeout = opts.boot_timeout, disk = opts.disk }
-	return sandbox.with(sb, M.take, opts.name or img.name)
+	return sandbox.with(sb, function()
+		-- a snapshot is taken once both channels answer: its restores may use either
+		sb.exec_channels = { "ssh" }
+		if sb:agent_usable() then
+			if not sb.agent then sb:agent_connect() end
+			sb.exec_channels = { "agent", "ssh" }
+		end
+		if not sb.session then sb:connect() end
+		return M.take(sb, opts.name or img.name)
+	end)
 end
 
 local function human(n)

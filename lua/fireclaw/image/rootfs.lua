@@ -52,6 +52,8 @@ local function guest_files(tree, out, client_pub)
 	if not fs.exists(var_run) then fs.symlink("/run", var_run) end
 	-- the guest helper (reseed + clock after a restore), compiled into fireclaw
 	fs.write(in_tree(tree, guest.HELPER:sub(2)), guest.helper(), "755")
+	-- the agent (fireclaw's channel: exec, files, the restore hand-off), started by rcS
+	fs.write(in_tree(tree, guest.AGENT:sub(2)), guest.agent(), "755")
 	for _, f in ipairs(guest.rootfs_files({ authorized_keys = client_pub .. "\n" })) do
 		local path = in_tree(tree, f.path)
 		fs.mkdir_p(path:match("^(.*)/"), nil)
