@@ -393,10 +393,11 @@ static int l_handoff(lua_State *L)
 	agent_queue(L, c, 0, AGP_T_HANDOFF, b, 8, ent, n);
 	double deadline = fc_now_ms() + timeout * 1e3;
 	unsigned long stray = 0;
-	for (;;) {
+	for (int first = 1;; first = 0) {
 		if (agent_flush(c) < 0)
 			agent_fail(L, c, 1, "writing the channel: %s", strerror(errno));
-		wait_channel(L, c, deadline, "the guest agent did not acknowledge the hand-off");
+		if (!first) /* first: what is in the buffer already */
+			wait_channel(L, c, deadline, "the guest agent did not acknowledge the hand-off");
 		size_t used = 0;
 		struct agent_frame f;
 		while (agent_next_frame(L, c, &f, &used)) {

@@ -674,6 +674,18 @@ static int all_done(struct batch *b)
 	return 1;
 }
 
+/* Handle every whole frame in the input buffer. */
+static void take_frames(lua_State *L, struct batch *b)
+{
+	struct agent_conn *c = b->c;
+	size_t used = 0;
+	struct agent_frame f;
+	while (!all_done(b) && agent_next_frame(L, c, &f, &used))
+		on_frame(L, b, &f);
+	memmove(c->in, c->in + used, c->inlen - used);
+	c->inlen -= used;
+}
+
 static int drive(lua_State *L)
 {
 	struct batch *b = lua_touserdata(L, 1);
@@ -688,6 +700,7 @@ static int drive(lua_State *L)
 		o->last_ms = fc_now_ms();
 	}
 	double last_rx = fc_now_ms(), last_ping = last_rx;
+	take_frames(L, b); /* what came with an earlier answer */
 	while (!all_done(b)) {
 		for (int i = 0; i < b->n; i++)
 			feed(L, b, &b->ops[i]);
@@ -746,15 +759,7 @@ static int drive(lua_State *L)
 		if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
 			agent_read(L, c);
 			last_rx = fc_now_ms();
-			size_t used = 0;
-			struct agent_frame f;
-			while (agent_next_frame(L, c, &f, &used)) {
-				on_frame(L, b, &f);
-				if (c->fd < 0)
-					break;
-			}
-			memmove(c->in, c->in + used, c->inlen - used);
-			c->inlen -= used;
+			take_frames(L, b);
 		}
 		for (nfds_t i = first_in; i < n; i++)
 			if (p[i].revents)
