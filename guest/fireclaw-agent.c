@@ -337,7 +337,6 @@ static void __attribute__((noreturn)) child(struct exec_req *r, int in, int out,
 		if (chdir("/") != 0)
 			_exit(1);
 	}
-	environ = r->envp;
 	execvpe(r->argv[0], r->argv, r->envp);
 	int e = errno;
 	dprintf(2, "fireclaw-agent: %s: %s\n", r->argv[0], strerror(e));
@@ -379,7 +378,9 @@ static void start_exec(struct conn *c, uint32_t id, unsigned char *p, size_t n)
 	} else {
 		fail = pipe2(pin, O_CLOEXEC) || pipe2(pout, O_CLOEXEC) || pipe2(perr, O_CLOEXEC);
 	}
-	pid_t pid = fail ? -1 : fork();
+	/* vfork: no copy of the agent's page tables, which a restored TCG guest pays for
+	 * dearly; the child only sets up its descriptors and session, then execs */
+	pid_t pid = fail ? -1 : vfork();
 	if (pid == 0) {
 		if (m >= 0)
 			child(&r, m, m, m, 1);
