@@ -44,7 +44,7 @@ local SPEC = {
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id, stages} instead of streaming" },
 	{ "--max-output BYTES", "with --json: keep at most this much of each stream", type = "number",
 		default = 16 * 1024 * 1024 },
-	{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
+	{ "--boot-timeout S", "how long to wait for the guest's agent or SSH", type = "number", default = 60 },
 	{ "-v, --verbose", "progress lines with the time of each stage" },
 }
 

@@ -87,7 +87,7 @@ local function cmd_create(args)
 		{ "--disk SIZE", "grow the root disk to SIZE (e.g. 512M, 2G); every restore gets a copy of it" },
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
-		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
+		{ "--boot-timeout S", "how long to wait for the guest's agent or SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
 	if o.disk then

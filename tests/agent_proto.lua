@@ -60,7 +60,7 @@ r = c:exec({ "sh", "-c", "cat " .. tmp .. "/bytes; cat " .. tmp .. "/bytes >&2" 
 t.ok(r.stdout == all .. "\255\254 not utf-8 \192" and r.stderr == r.stdout, "stdout and stderr: every byte value, "
 	.. "non-UTF-8, exact")
 local order = {}
-r = c:exec({ "sh", "-c", "echo 1; sleep 0.1; echo 2 >&2; sleep 0.1; echo 3" }, {
+c:exec({ "sh", "-c", "echo 1; sleep 0.1; echo 2 >&2; sleep 0.1; echo 3" }, {
 	on_stdout = function(d) order[#order + 1] = "o" .. d:gsub("\n", "") end,
 	on_stderr = function(d) order[#order + 1] = "e" .. d:gsub("\n", "") end,
 })
