@@ -242,9 +242,12 @@ class Bench:
     # -- one fireclaw run
 
     def fc_start(self, mode):
+        """mode: restore, cold, or restore-ssh / cold-ssh (the same over SSH: --exec ssh)."""
         n = self.next_id()
         ru = os.path.join(self.tmp, f"rusage-{n}")
-        argv = [FC, "run", "-v", "--json"] + (["--no-snapshot"] if mode == "cold" else []) + ["--", "true"]
+        base, _, via = mode.partition("-")
+        argv = [FC, "run", "-v", "--json"] + (["--no-snapshot"] if base == "cold" else []) + \
+            (["--exec", via] if via else []) + ["--", "true"]
         env = dict(self.fc_env, LD_PRELOAD=self.rusage_so, FCB_RUSAGE_OUT=ru)
         t0 = time.perf_counter()
         p = start(argv, env)
@@ -258,7 +261,7 @@ class Bench:
             j = json.loads(out)
         except ValueError:
             return r
-        want = "snapshot" if h["mode"] == "restore" else "cold"
+        want = "snapshot" if h["mode"].startswith("restore") else "cold"
         r["boot"] = j.get("boot")
         r["ok"] = st == 0 and j.get("exit_code") == 0 and j.get("boot") == want
         if j.get("boot") != want:
@@ -465,6 +468,8 @@ class Bench:
             "FCB_TMP": self.tmp, "FCB_QEMU": shutil.which("qemu-system-x86_64"), "FCB_ACCEL": accel,
             "FCB_SANDBOX": "1" if self.sandbox else "0",
             "FCB_KEY": os.path.join(self.state, "keys", "id_ed25519"), "FCB_KNOWN_HOSTS": known,
+            # the guest agent's virtio-serial ports: the snapshot's machine has them
+            "FCB_AGENT_PORTS": str((meta.get("vmm_info") or {}).get("agent_ports") or 0),
         }
         self.bl_env = {
             "cold": dict(common, FCB_KERNEL=kernel, FCB_INITRD=initrd if os.path.exists(initrd) else "",
@@ -549,6 +554,14 @@ class Bench:
                          f"{med([r['wall'] for r in fc if r['ok']]):.0f} ms, baseline "
                          f"{med([r['wall'] for r in bl if r['ok']]):.0f} ms")
         return fc, bl
+
+    def exec_live(self):
+        st, out, err = run([FC, os.path.join(ROOT, "bench", "exec_live.lua"), "100"], env=self.fc_env)
+        try:
+            return json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            self.notes.append("bench/exec_live.lua failed: " + " / ".join(err.strip().splitlines()[-3:]))
+            return {}
 
     def concurrency(self):
         res = {}
@@ -655,6 +668,11 @@ class Bench:
         self.restore = self.interleaved("restore", N_RESTORE)
         self.log(f"1. cold runs: {N_COLD} pairs, interleaved")
         self.cold = self.interleaved("cold", N_COLD)
+        self.log(f"1. the SSH path: {N_RESTORE} restored and {N_COLD} cold runs with --exec ssh")
+        self.ssh_runs = {"restore": [self.fc_run("restore-ssh") for _ in range(N_RESTORE)],
+                         "cold": [self.fc_run("cold-ssh") for _ in range(N_COLD)]}
+        self.log("1. execs on a live VM: 100 through the agent, 100 over SSH (bench/exec_live.lua)")
+        self.live = self.exec_live()
         self.log(f"2. fireclaw's CPU per stage: {N_STAGECPU} restored and {N_STAGECPU} cold runs")
         self.cpu_stages = {"restore": self.stage_cpu("restore", N_STAGECPU), "cold": self.stage_cpu("cold", N_STAGECPU)}
         self.log(f"2. start-up: hyperfine, {N_STARTUP} runs each")
@@ -845,6 +863,11 @@ class Bench:
             ("teardown ≤ 20 ms", f"{med(teardown['restore']):.1f} ms restored, {med(teardown['cold']):.1f} ms cold "
              "(medians)", max(med(teardown["restore"]), med(teardown["cold"])) <= TARGETS["teardown_ms"]),
             ("no failures under concurrency", f"{conc_fails} of {conc_total} runs failed", conc_fails == 0),
+            ("restored run through the agent ≤ 0.35× the hand-made baseline (issue 14)", f"{r_ratio:.2f}× (medians)",
+             r_ratio <= 0.35),
+            ("cold run ≤ 0.7× the hand-made baseline (issue 14)", f"{c_ratio:.2f}× (medians)", c_ratio <= 0.7),
+            ("a second exec on a live VM (agent) ≤ 15 ms", f"{med(self.live.get('agent') or [float('nan')]):.1f} ms "
+             "(median of 100)", med(self.live.get("agent") or [1e9]) <= 15),
         ]
 
         L = []
@@ -914,6 +937,30 @@ class Bench:
         w(" ".join(self.argv_check["restore"][1]))
         w("```")
         w("</details>")
+        w("")
+        ssh_r, ssh_c = self.ssh_runs["restore"], self.ssh_runs["cold"]
+        w("### The guest agent and the SSH path")
+        w("")
+        w("The runs above go through the guest agent (docs/agent-protocol.md) when the image has it. The same "
+          "runs over SSH (`--exec ssh`: libssh2 connect, handshake, auth, the reseed exec), right after, not "
+          "interleaved with the baseline:")
+        w("")
+        w("| | agent, ms | SSH, ms | SSH ÷ agent | failures (SSH) |")
+        w("|---|---:|---:|---:|---:|")
+        for name, a, b in (("from the snapshot", fc_r, ssh_r), ("cold", fc_c, ssh_c)):
+            w(f"| {name} | {summary(walls(a))} | {summary(walls(b))} | "
+              f"{(med(walls(b)) / med(walls(a))) if walls(a) and walls(b) else float('nan'):.2f}× | {nfail(b)} |")
+        lv = self.live
+        if lv.get("agent") and lv.get("ssh"):
+            w("")
+            w("Execs of `true` on one live, restored VM (bench/exec_live.lua: 100 each, after a first one), "
+              "and this process's descriptors and RSS before and after the 100:")
+            w("")
+            w("| | per exec, ms | descriptors | RSS, KiB |")
+            w("|---|---:|---:|---:|")
+            for k in ("agent", "ssh"):
+                w(f"| {k} | {summary(lv[k], 2)} | {lv[k + '_fds'][0]} → {lv[k + '_fds'][1]} | "
+                  f"{lv[k + '_rss_kib'][0]} → {lv[k + '_rss_kib'][1]} |")
         w("")
         w("## 2. fireclaw's own cost per run (the guest and the VMM excluded)")
         w("")

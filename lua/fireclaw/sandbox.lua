@@ -385,7 +385,9 @@ end
 local function vmm_gone(self, err, when, diagnose)
 	local oom = self.cg and cgroup.oom_kills(self.cg.dirs) > 0
 	-- an OOM kill may reach us (a dropped connection) before the VMM is reaped
-	local st = self.vm and self.vm.proc and self.vm.proc:wait(oom and 2 or 0)
+	-- a VMM that exits closes the agent's socket a moment before it can be reaped
+	local closed = type(err) == "string" and err:match("^agent: .*the channel closed")
+	local st = self.vm and self.vm.proc and self.vm.proc:wait((oom and 2) or (closed and 1) or 0)
 	if oom and st then
 		return string.format("VM %s: %s was killed by the kernel's OOM killer %s: the VM's memory limit "
 			.. "(%d MiB, cgroup %s) was reached", self.id, self.vm.vmm, when,
@@ -469,6 +471,7 @@ function Sandbox:agent_connect(timeout)
 	if not self.agent then
 		self:on_destroy("agent", function()
 			if self.agent then self.agent:close() end
+			fault.point("teardown-agent")
 		end)
 	end
 	self.agent = conn
