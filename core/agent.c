@@ -1,7 +1,7 @@
 /* agent.c - fireclaw.core.agent: the host side of the guest agent's channel (the protocol:
  * guest/agent-proto.h, docs/agent-protocol.md).
  *
- *   agent.attach{dir=, ports=N, timeout=, watch_fd=, watch_msg=, where=} -> conn
+ *   agent.attach{dir=, ports=N, timeout=, retry=, watch_fd=, watch_msg=, where=} -> conn
  *       QEMU: take the first free port of a VM (dir/agent-K.lock, flock(2)) and connect to
  *       its socket dir/agent-K.sock; any process may attach (a kept VM's, from its record)
  *   agent.connect(path, opts) -> conn        a unix socket that is the byte stream
@@ -185,12 +185,14 @@ static struct agent_conn *conn_new(lua_State *L, int fd, int t, const char *wher
 
 /* Wait (interruptibly) for the channel to be readable, or writable while output is
  * queued; raises at the deadline (with `what`) and when the VMM is gone. */
-static void wait_channel(lua_State *L, struct agent_conn *c, double deadline, const char *what)
+static int wait_channel(lua_State *L, struct agent_conn *c, double deadline, const char *what)
 {
 	struct pollfd p[2] = {{.fd = c->fd, .events = POLLIN}, {.fd = c->watch_fd, .events = POLLIN}};
 	if (c->out.len)
 		p[0].events |= POLLOUT;
 	int n = fc_poll(L, p, c->watch_fd >= 0 ? 2 : 1, fc_ms_left(deadline));
+	if (n == 0 && !what)
+		return 0;
 	if (n == 0)
 		agent_fail(L, c, 1, "%s", what);
 	if (c->watch_fd >= 0 && p[1].revents && !(p[0].revents & POLLIN))
@@ -199,10 +201,13 @@ static void wait_channel(lua_State *L, struct agent_conn *c, double deadline, co
 		agent_fail(L, c, 1, "writing the channel: %s", strerror(errno));
 	if (p[0].revents & (POLLIN | POLLHUP | POLLERR))
 		agent_read(L, c);
+	return 1;
 }
 
-/* Hello: frames before the answer are a previous connection's leftovers, skipped. */
-static void hello(lua_State *L, struct agent_conn *c, double timeout_s)
+/* Hello: frames before the answer are a previous connection's leftovers, skipped.
+ * Returns 1 when answered; 0 when `soft` and nothing came by the deadline; raises
+ * otherwise. */
+static int hello(lua_State *L, struct agent_conn *c, double timeout_s, int soft, double total_s)
 {
 	unsigned char b[4];
 	agp_put32(b, AGP_VERSION);
@@ -210,11 +215,12 @@ static void hello(lua_State *L, struct agent_conn *c, double timeout_s)
 	double deadline = fc_now_ms() + timeout_s * 1e3;
 	size_t skipped = 0;
 	char what[128];
-	snprintf(what, sizeof what, "the guest agent did not answer within %g s", timeout_s);
+	snprintf(what, sizeof what, "the guest agent did not answer within %g s", total_s);
 	for (;;) {
 		if (agent_flush(c) < 0)
 			agent_fail(L, c, 1, "writing the channel: %s", strerror(errno));
-		wait_channel(L, c, deadline, what);
+		if (!wait_channel(L, c, deadline, soft ? NULL : what))
+			return 0;
 		size_t used = 0;
 		struct agent_frame f;
 		while (agent_next_frame(L, c, &f, &used)) {
@@ -228,7 +234,7 @@ static void hello(lua_State *L, struct agent_conn *c, double timeout_s)
 						   "the guest agent speaks version %d, fireclaw %d "
 						   "(rebuild the image: fireclaw image build --force)",
 						   c->version, AGP_VERSION);
-				return;
+				return 1;
 			}
 			skipped += AGP_HDR + f.h.len;
 		}
@@ -247,8 +253,8 @@ static double opt_timeout(lua_State *L, int t)
 	return v;
 }
 
-static const char *const OPEN_KNOWN[] = {"timeout",   "watch_fd", "watch_msg", "where",
-					 "dir",	      "ports",	  NULL};
+static const char *const OPEN_KNOWN[] = {"timeout", "watch_fd", "watch_msg", "where",
+					 "dir",	    "ports",	"retry",     NULL};
 
 static int l_wrap(lua_State *L)
 {
@@ -258,7 +264,7 @@ static int l_wrap(lua_State *L)
 	if (own < 0)
 		fc_errno_error(L, errno, "agent.wrap: fd %d", fd);
 	struct agent_conn *c = conn_new(L, own, 2, "channel");
-	hello(L, c, opt_timeout(L, 2));
+	hello(L, c, opt_timeout(L, 2), 0, opt_timeout(L, 2));
 	return 1;
 }
 
@@ -290,7 +296,7 @@ static int l_connect(lua_State *L)
 	if (fd < 0)
 		fc_errno_error(L, errno, "agent: connect %s", path);
 	struct agent_conn *c = conn_new(L, fd, 2, path);
-	hello(L, c, opt_timeout(L, 2));
+	hello(L, c, opt_timeout(L, 2), 0, opt_timeout(L, 2));
 	return 1;
 }
 
@@ -348,8 +354,24 @@ static int l_attach(lua_State *L)
 	struct agent_conn *c = conn_new(L, fd, 1, where);
 	snprintf(c->where, sizeof c->where, "%s", where);
 	c->lock_fd = fc_fd_release(guard);
-	hello(L, c, fc_ms_left(deadline) / 1e3 + 0.001);
-	return 1;
+	/* A hello not answered within `retry` s is sent again on a new connection (the wait
+	 * doubling each time): a restored QEMU may accept the first connection while the
+	 * port cannot take input yet and then never read from it (docs/guest-notes.md, "The
+	 * agent's virtio-serial ports"); the agent answers a new hello at any time. */
+	double retry = fc_opt_number(L, 1, "retry", timeout);
+	if (!(retry > 0))
+		fc_error(L, "agent.attach: retry must be seconds > 0");
+	for (double try_s = retry;; try_s *= 2) {
+		double left = fc_ms_left(deadline) / 1e3 + 0.001;
+		if (hello(L, c, left < try_s ? left : try_s, left > try_s, timeout))
+			return 1;
+		close(c->fd);
+		c->fd = unix_connect(path);
+		if (c->fd < 0)
+			fc_errno_error(L, errno, "agent: connect %s", path);
+		fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
+		c->inlen = c->out.len = 0;
+	}
 }
 
 static int l_info(lua_State *L)

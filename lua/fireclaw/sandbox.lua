@@ -454,11 +454,16 @@ end
 
 -- Connect to the guest agent (waiting up to the boot timeout for it to answer), watching
 -- the VMM like connect() does. Any process can do this for a kept VM (fireclaw.agent).
+-- A restored guest answers at once, but QEMU may not read the first connection of a restore:
+-- after AGENT_RETRY s without an answer, a new one (agent.attach's retry). A cold boot's
+-- agent answers once the guest is up: no retry.
+M.AGENT_RETRY = 0.3
+
 function Sandbox:agent_connect(timeout)
 	alive(self, "connect")
 	timeout = timeout or self.boot_timeout or 60
 	local ok, conn, why = pcall(self.vm.agent_connect, self.vm, {
-		timeout = timeout, where = "VM " .. self.id,
+		timeout = timeout, where = "VM " .. self.id, retry = self.how == "snapshot" and M.AGENT_RETRY or nil,
 		watch_fd = self.vm.proc and self.vm.proc:pidfd(),
 		watch_msg = string.format("the VM is gone (%s, pid %s, exited)", self.vm.vmm, tostring(self.vm.pid)),
 	})
