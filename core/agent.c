@@ -187,7 +187,8 @@ static struct agent_conn *conn_new(lua_State *L, int fd, int t, const char *wher
  * queued; raises at the deadline (with `what`) and when the VMM is gone. */
 static int wait_channel(lua_State *L, struct agent_conn *c, double deadline, const char *what)
 {
-	struct pollfd p[2] = {{.fd = c->fd, .events = POLLIN}, {.fd = c->watch_fd, .events = POLLIN}};
+	struct pollfd p[2] = {{.fd = c->fd, .events = POLLIN},
+			      {.fd = c->watch_fd, .events = POLLIN}};
 	if (c->out.len)
 		p[0].events |= POLLOUT;
 	int n = fc_poll(L, p, c->watch_fd >= 0 ? 2 : 1, fc_ms_left(deadline));
@@ -230,10 +231,11 @@ static int hello(lua_State *L, struct agent_conn *c, double timeout_s, int soft,
 				memmove(c->in, c->in + used, c->inlen - used);
 				c->inlen -= used;
 				if (c->version != AGP_VERSION)
-					agent_fail(L, c, 1,
-						   "the guest agent speaks version %d, fireclaw %d "
-						   "(rebuild the image: fireclaw image build --force)",
-						   c->version, AGP_VERSION);
+					agent_fail(
+					    L, c, 1,
+					    "the guest agent speaks version %d, fireclaw %d "
+					    "(rebuild the image: fireclaw image build --force)",
+					    c->version, AGP_VERSION);
 				return 1;
 			}
 			skipped += AGP_HDR + f.h.len;
@@ -241,7 +243,8 @@ static int hello(lua_State *L, struct agent_conn *c, double timeout_s, int soft,
 		memmove(c->in, c->in + used, c->inlen - used);
 		c->inlen -= used;
 		if (skipped > AGENT_MAX_SKIP)
-			agent_fail(L, c, 1, "the guest sent %zu bytes before answering hello", skipped);
+			agent_fail(L, c, 1, "the guest sent %zu bytes before answering hello",
+				   skipped);
 	}
 }
 
@@ -337,8 +340,9 @@ static int l_attach(lua_State *L)
 	int port = -1, lock;
 	while ((lock = take_port(L, dir, ports, &port)) < 0) {
 		if (fc_ms_left(deadline) == 0)
-			fc_error(L, "agent: %s: all %d agent ports are busy (other fireclaw processes "
-				    "use them) after %g s",
+			fc_error(L,
+				 "agent: %s: all %d agent ports are busy (other fireclaw processes "
+				 "use them) after %g s",
 				 fc_opt_string(L, 1, "where", dir), ports, timeout);
 		fc_poll(L, NULL, 0, LOCK_RETRY_MS);
 	}
@@ -419,7 +423,8 @@ static int l_handoff(lua_State *L)
 		if (agent_flush(c) < 0)
 			agent_fail(L, c, 1, "writing the channel: %s", strerror(errno));
 		if (!first) /* first: what is in the buffer already */
-			wait_channel(L, c, deadline, "the guest agent did not acknowledge the hand-off");
+			wait_channel(L, c, deadline,
+				     "the guest agent did not acknowledge the hand-off");
 		size_t used = 0;
 		struct agent_frame f;
 		while (agent_next_frame(L, c, &f, &used)) {
@@ -434,7 +439,8 @@ static int l_handoff(lua_State *L)
 				memmove(c->in, c->in + used, c->inlen - used);
 				c->inlen -= used;
 				if (err)
-					agent_fail(L, c, 0, "the restore hand-off failed in the guest: %s",
+					agent_fail(L, c, 0,
+						   "the restore hand-off failed in the guest: %s",
 						   msg);
 				return 0;
 			}
@@ -451,9 +457,11 @@ static int l_handoff(lua_State *L)
 int luaopen_fireclaw_agent(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
-	    {"exec", agent_l_exec}, {"put", agent_l_put},	  {"get", agent_l_get},
-	    {"batch", agent_l_batch}, {"handoff", l_handoff}, {"info", l_info},
-	    {"fd", l_fd},		  {"close", l_close},	  {NULL, NULL},
+	    {"exec", agent_l_exec}, {"put", agent_l_put},
+	    {"get", agent_l_get},   {"batch", agent_l_batch},
+	    {"handoff", l_handoff}, {"info", l_info},
+	    {"fd", l_fd},	    {"close", l_close},
+	    {NULL, NULL},
 	};
 	static const luaL_Reg fns[] = {
 	    {"attach", l_attach},

@@ -184,12 +184,11 @@ static void req_add(lua_State *L, struct fc_buf *r, const char *s, size_t n)
 	if (memchr(s, 0, n))
 		fc_error(L, "agent: exec: an argument or variable contains a NUL byte");
 	if (fc_buf_append(r, s, n) != 0 || fc_buf_append(r, "", 1) != 0)
-		fc_error(L, "agent: exec: the request is too big (over %u bytes)",
-			 AGP_MAX_PAYLOAD);
+		fc_error(L, "agent: exec: the request is too big (over %u bytes)", AGP_MAX_PAYLOAD);
 }
 
 static const char *const EXEC_KNOWN[] = {
-    "stdin", "on_stdout", "on_stderr", "capture", "max_capture", "env", "cwd",
+    "stdin", "on_stdout", "on_stderr", "capture", "max_capture",    "env",  "cwd",
     "uid",   "gid",	  "timeout",   "pty",	  "forward_sigint", "exec", NULL};
 
 /* The exec request for argv (table at a) with the options at t. */
@@ -281,9 +280,11 @@ static void build_exec(lua_State *L, struct op *o, int a, int t)
 		lua_pop(L, 1);
 	}
 	lua_getfield(L, t, "on_stdout");
-	o->cb_out = lua_isfunction(L, -1) ? luaL_ref(L, LUA_REGISTRYINDEX) : (lua_pop(L, 1), LUA_NOREF);
+	o->cb_out =
+	    lua_isfunction(L, -1) ? luaL_ref(L, LUA_REGISTRYINDEX) : (lua_pop(L, 1), LUA_NOREF);
 	lua_getfield(L, t, "on_stderr");
-	o->cb_err = lua_isfunction(L, -1) ? luaL_ref(L, LUA_REGISTRYINDEX) : (lua_pop(L, 1), LUA_NOREF);
+	o->cb_err =
+	    lua_isfunction(L, -1) ? luaL_ref(L, LUA_REGISTRYINDEX) : (lua_pop(L, 1), LUA_NOREF);
 	o->capture = fc_opt_bool(L, t, "capture", o->cb_out == LUA_NOREF && o->cb_err == LUA_NOREF);
 	o->max_capture = (size_t)fc_opt_number(L, t, "max_capture", AGENT_DEFAULT_MAX_CAPTURE);
 	double timeout = fc_opt_number(L, t, "timeout", -1);
@@ -303,8 +304,8 @@ static void build_put(lua_State *L, struct op *o, int t)
 	if (o->fd < 0 || fstat(o->fd, &st) != 0)
 		agent_fail(L, NULL, 0, "put %s: %s", o->src, strerror(errno));
 	if (!S_ISREG(st.st_mode))
-		agent_fail(L, NULL, 0, "put %s: not a regular file (a directory: put a tar archive)",
-			   o->src);
+		agent_fail(L, NULL, 0,
+			   "put %s: not a regular file (a directory: put a tar archive)", o->src);
 	if ((unsigned long long)st.st_size > o->max_bytes)
 		agent_fail(L, NULL, 0, "put %s: %lld bytes is over the cap of %llu (max_bytes)",
 			   o->src, (long long)st.st_size, o->max_bytes);
@@ -335,7 +336,8 @@ static void build_get(lua_State *L, struct op *o, int t)
 	o->gid = x.gid;
 	size_t n = strlen(o->dst);
 	struct stat st;
-	int into = n == 0 || o->dst[n - 1] == '/' || (lstat(o->dst, &st) == 0 && S_ISDIR(st.st_mode));
+	int into =
+	    n == 0 || o->dst[n - 1] == '/' || (lstat(o->dst, &st) == 0 && S_ISDIR(st.st_mode));
 	char dir[PATH_MAX];
 	const char *name = into ? o->src : o->dst;
 	const char *slash = strrchr(name, '/');
@@ -347,10 +349,12 @@ static void build_get(lua_State *L, struct op *o, int t)
 	else if (!slash)
 		snprintf(dir, sizeof dir, ".");
 	else
-		snprintf(dir, sizeof dir, "%.*s", slash == o->dst ? 1 : (int)(slash - o->dst), o->dst);
+		snprintf(dir, sizeof dir, "%.*s", slash == o->dst ? 1 : (int)(slash - o->dst),
+			 o->dst);
 	o->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (o->dirfd < 0)
-		agent_fail(L, NULL, 0, "get %s: local directory %s: %s", o->src, dir, strerror(errno));
+		agent_fail(L, NULL, 0, "get %s: local directory %s: %s", o->src, dir,
+			   strerror(errno));
 	snprintf(o->result, sizeof o->result, "%s%s%s", into ? dir : "",
 		 into && dir[strlen(dir) - 1] != '/' ? "/" : "", into ? o->base : o->dst);
 	size_t sl = strlen(o->src);
@@ -395,8 +399,8 @@ static void get_open_temp(lua_State *L, struct batch *b, struct op *o)
 			op_fail(L, b, o, "getrandom: %s", strerror(errno));
 		snprintf(o->tmp, sizeof o->tmp, ".fctmp-%02x%02x%02x%02x%02x%02x", r[0], r[1], r[2],
 			 r[3], r[4], r[5]);
-		o->fd = openat(o->dirfd, o->tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-			       0600);
+		o->fd = openat(o->dirfd, o->tmp,
+			       O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 		if (o->fd < 0 && errno != EEXIST)
 			op_fail(L, b, o, "%.300s: %s", o->result, strerror(errno));
 	}
@@ -449,8 +453,9 @@ static void on_get_frame(lua_State *L, struct batch *b, struct op *o, struct age
 		o->remote_mode = agp_u32(f->p);
 		o->size = agp_u64(f->p + 4);
 		if (o->size > o->max_bytes)
-			op_fail(L, b, o, "the guest's file is %llu bytes, over the cap of %llu "
-					 "(max_bytes / --max-transfer)",
+			op_fail(L, b, o,
+				"the guest's file is %llu bytes, over the cap of %llu "
+				"(max_bytes / --max-transfer)",
 				o->size, o->max_bytes);
 		o->got_file = 1;
 		get_open_temp(L, b, o);
@@ -531,8 +536,9 @@ static void on_frame(lua_State *L, struct batch *b, struct agent_frame *f)
 	struct op *o = f->h.stream ? find_op(b, f->h.stream) : NULL;
 	if (f->h.stream == 0) {
 		if (f->h.type == AGP_T_RESTART)
-			agent_fail(L, c, 1, "the guest agent restarted (was it killed in the guest?): "
-					    "what ran on this channel is gone");
+			agent_fail(L, c, 1,
+				   "the guest agent restarted (was it killed in the guest?): "
+				   "what ran on this channel is gone");
 		if (f->h.type == AGP_T_ERROR) {
 			char msg[256];
 			guest_text(msg, sizeof msg, f->p, f->h.len);
@@ -646,8 +652,9 @@ static int check_times(lua_State *L, struct batch *b, double now)
 				NEXT(o->deadline);
 			}
 			if (o->kill_deadline >= 0 && now >= o->kill_deadline)
-				agent_fail(L, b->c, 1, "the command did not end within %d ms of its "
-						       "KILL (the guest agent does not answer)",
+				agent_fail(L, b->c, 1,
+					   "the command did not end within %d ms of its "
+					   "KILL (the guest agent does not answer)",
 					   AGENT_KILL_GRACE_MS);
 			if (o->kill_deadline >= 0)
 				NEXT(o->kill_deadline);
@@ -657,7 +664,8 @@ static int check_times(lua_State *L, struct batch *b, double now)
 				NEXT(o->int_deadline);
 		} else {
 			if (now - o->last_ms >= o->stall_ms)
-				op_fail(L, b, o, "no progress for %g s (stalled; FIRECLAW_TRANSFER_STALL_S)",
+				op_fail(L, b, o,
+					"no progress for %g s (stalled; FIRECLAW_TRANSFER_STALL_S)",
 					o->stall_ms / 1e3);
 			NEXT(o->last_ms + o->stall_ms);
 		}
@@ -695,7 +703,9 @@ static int drive(lua_State *L)
 		o->id = c->next_id++;
 		if (c->next_id > 0x7fffffff)
 			c->next_id = 1;
-		uint8_t type = o->kind == OP_EXEC ? AGP_T_EXEC : o->kind == OP_PUT ? AGP_T_PUT : AGP_T_GET;
+		uint8_t type = o->kind == OP_EXEC  ? AGP_T_EXEC
+			       : o->kind == OP_PUT ? AGP_T_PUT
+						   : AGP_T_GET;
 		agent_queue(L, c, o->id, type, o->req, o->reqlen, NULL, 0);
 		o->last_ms = fc_now_ms();
 	}
@@ -709,15 +719,17 @@ static int drive(lua_State *L)
 		double now = fc_now_ms();
 		int timeout = check_times(L, b, now);
 		if (now - last_rx >= DEAD_MS)
-			agent_fail(L, c, 1, "the guest agent has not answered for %d s (was it killed "
-					    "in the guest, or is the guest hung?)",
+			agent_fail(L, c, 1,
+				   "the guest agent has not answered for %d s (was it killed "
+				   "in the guest, or is the guest hung?)",
 				   DEAD_MS / 1000);
 		if (now - last_ping >= PING_MS && now - last_rx >= PING_MS) {
 			agent_queue(L, c, 0, AGP_T_PING, "fc", 2, NULL, 0);
 			last_ping = now;
 			continue;
 		}
-		int to_ping = (int)(PING_MS - (now - (last_rx > last_ping ? last_rx : last_ping))) + 1;
+		int to_ping =
+		    (int)(PING_MS - (now - (last_rx > last_ping ? last_rx : last_ping))) + 1;
 		if (to_ping < 1)
 			to_ping = 1;
 		if (timeout < 0 || to_ping < timeout)
@@ -725,7 +737,8 @@ static int drive(lua_State *L)
 		struct pollfd p[2 + MAX_OPS];
 		int who[2 + MAX_OPS];
 		nfds_t n = 0;
-		p[n++] = (struct pollfd){.fd = c->fd, .events = (short)(POLLIN | (c->out.len ? POLLOUT : 0))};
+		p[n++] = (struct pollfd){.fd = c->fd,
+					 .events = (short)(POLLIN | (c->out.len ? POLLOUT : 0))};
 		if (c->watch_fd >= 0)
 			p[n++] = (struct pollfd){.fd = c->watch_fd, .events = POLLIN};
 		nfds_t first_in = n;
@@ -903,8 +916,14 @@ static int xfer(lua_State *L, enum op_kind kind)
 	return 1;
 }
 
-int agent_l_put(lua_State *L) { return xfer(L, OP_PUT); }
-int agent_l_get(lua_State *L) { return xfer(L, OP_GET); }
+int agent_l_put(lua_State *L)
+{
+	return xfer(L, OP_PUT);
+}
+int agent_l_get(lua_State *L)
+{
+	return xfer(L, OP_GET);
+}
 
 int agent_l_batch(lua_State *L)
 {
@@ -936,8 +955,9 @@ int agent_l_batch(lua_State *L)
 				kind = OP_GET;
 		}
 		if (kind < 0)
-			fc_error(L, "agent: batch: entry %d wants exec = argv, put = {local, remote} "
-				    "or get = {remote, local}",
+			fc_error(L,
+				 "agent: batch: entry %d wants exec = argv, put = {local, remote} "
+				 "or get = {remote, local}",
 				 i);
 		int pair = lua_gettop(L);
 		lua_rawgeti(L, pair, 1);

@@ -18,11 +18,11 @@
 
 #define AGP_VERSION 1
 #define AGP_HDR 12
-#define AGP_MAX_PAYLOAD (256u * 1024)  /* any frame; an exec request is the biggest */
-#define AGP_CHUNK 32768u	       /* data frames carry at most this */
-#define AGP_WINDOW (256u * 1024)       /* stdin / put bytes in flight per stream */
-#define AGP_MAX_STREAMS 64	       /* open streams per connection */
-#define AGP_MAX_ARGS 4096	       /* argv entries, and env entries, per exec */
+#define AGP_MAX_PAYLOAD (256u * 1024) /* any frame; an exec request is the biggest */
+#define AGP_CHUNK 32768u	      /* data frames carry at most this */
+#define AGP_WINDOW (256u * 1024)      /* stdin / put bytes in flight per stream */
+#define AGP_MAX_STREAMS 64	      /* open streams per connection */
+#define AGP_MAX_ARGS 4096	      /* argv entries, and env entries, per exec */
 #define AGP_MIN_ENTROPY 32
 #define AGP_MAX_ENTROPY 4096
 #define AGP_MAX_MSG 1024 /* RESULT / ERROR text */
@@ -47,12 +47,12 @@ enum agp_type {
 	/* guest -> host */
 	AGP_T_STDOUT = 32, /* data; empty: EOF */
 	AGP_T_STDERR = 33,
-	AGP_T_EXIT = 34,   /* i32 status (-1: killed), i32 signal (0: exited); the stream ends */
-	AGP_T_WINDOW = 35, /* u32 more bytes the host may send on the stream */
-	AGP_T_RESULT = 36, /* i32 errno (0: done), text; ends a put/get/handoff (stream 0) */
-	AGP_T_FILE = 37,   /* get: u32 mode, u64 size; DATA frames follow, then RESULT */
-	AGP_T_ERROR = 38,  /* stream 0: the agent refuses the connection's input (text) */
-	AGP_T_PONG = 39,   /* stream 0: the PING's bytes */
+	AGP_T_EXIT = 34,    /* i32 status (-1: killed), i32 signal (0: exited); the stream ends */
+	AGP_T_WINDOW = 35,  /* u32 more bytes the host may send on the stream */
+	AGP_T_RESULT = 36,  /* i32 errno (0: done), text; ends a put/get/handoff (stream 0) */
+	AGP_T_FILE = 37,    /* get: u32 mode, u64 size; DATA frames follow, then RESULT */
+	AGP_T_ERROR = 38,   /* stream 0: the agent refuses the connection's input (text) */
+	AGP_T_PONG = 39,    /* stream 0: the PING's bytes */
 	AGP_T_RESTART = 40, /* stream 0: u32 version, u32 pid: a port server that started
 			     * anew (the agent was killed and restarted); whatever ran on the
 			     * port is gone */
@@ -75,7 +75,10 @@ static inline uint32_t agp_u32(const unsigned char *p)
 {
 	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
-static inline uint16_t agp_u16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static inline uint16_t agp_u16(const unsigned char *p)
+{
+	return (uint16_t)(p[0] | p[1] << 8);
+}
 static inline uint64_t agp_u64(const unsigned char *p)
 {
 	return (uint64_t)agp_u32(p) | (uint64_t)agp_u32(p + 4) << 32;

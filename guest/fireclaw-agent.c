@@ -288,7 +288,8 @@ static int parse_exec(unsigned char *p, size_t n, struct exec_req *r)
 	if (!has_path)
 		r->envp[e++] = "PATH=" DEFAULT_PATH;
 	if (!has_home)
-		r->envp[e++] = (r->flags & AGP_EXEC_SETUID) && r->uid != 0 ? "HOME=/" : "HOME=/root";
+		r->envp[e++] =
+		    (r->flags & AGP_EXEC_SETUID) && r->uid != 0 ? "HOME=/" : "HOME=/root";
 	r->envp[e] = NULL;
 	return 0;
 }
@@ -636,7 +637,7 @@ static void start_get(struct conn *c, uint32_t id, unsigned char *p, size_t n)
 	if (e) {
 		free_stream(s);
 		send_result(c, id, e, "%s: %s", path,
-			    e == EISDIR ? "not a regular file"
+			    e == EISDIR	 ? "not a regular file"
 			    : e == EFBIG ? "bigger than the host's cap"
 					 : strerror(e));
 		return;
@@ -1025,9 +1026,8 @@ static int vsock_listen(void)
 	int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -1;
-	struct sockaddr_vm a = {.svm_family = AF_VSOCK,
-				.svm_cid = VMADDR_CID_ANY,
-				.svm_port = AGP_VSOCK_PORT};
+	struct sockaddr_vm a = {
+	    .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = AGP_VSOCK_PORT};
 	if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, 16) != 0) {
 		logmsg("vsock port %d: %s", AGP_VSOCK_PORT, strerror(errno));
 		close(fd);
@@ -1073,7 +1073,8 @@ static int __attribute__((noreturn)) supervise(void)
 	if (n == 0 && lfd < 0)
 		logmsg("no port named " AGP_PORT_PREFIX "N and no vsock: nothing to serve");
 	for (;;) {
-		struct pollfd p[2] = {{.fd = sigfd, .events = POLLIN}, {.fd = lfd, .events = POLLIN}};
+		struct pollfd p[2] = {{.fd = sigfd, .events = POLLIN},
+				      {.fd = lfd, .events = POLLIN}};
 		if (poll(p, lfd >= 0 ? 2 : 1, -1) < 0 && errno != EINTR)
 			sleep(1);
 		if (lfd >= 0 && p[1].revents)
