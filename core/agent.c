@@ -15,6 +15,8 @@
  *       opts: stdin (string or fd), on_stdout/on_stderr (fn(data)), capture, max_capture,
  *             env ({K = v}), cwd, uid, gid, timeout (s), pty (true or {rows =, cols =}),
  *             forward_sigint (the first Ctrl-C goes to the command; see fc_poll_sigint)
+ *   conn:mkdir(path [, mode]) -> path                    (an existing directory is fine)
+ *   conn:list(path) -> {{name =, kind = "file"|"directory"|"link"|"other", mode =, size =}…}
  *   conn:put(local, remote [, opts]) -> remote path      opts: mode, max_bytes, stall
  *   conn:get(remote, local [, opts]) -> local path       opts: mode, max_bytes, stall, uid, gid
  *   conn:batch{ {exec = argv, <exec opts>}, {put = {local, remote}, ...}, {get = {remote,
@@ -461,6 +463,7 @@ int luaopen_fireclaw_agent(lua_State *L)
 	    {"get", agent_l_get},   {"batch", agent_l_batch},
 	    {"handoff", l_handoff}, {"info", l_info},
 	    {"fd", l_fd},	    {"close", l_close},
+	    {"mkdir", agent_l_mkdir}, {"list", agent_l_list},
 	    {NULL, NULL},
 	};
 	static const luaL_Reg fns[] = {

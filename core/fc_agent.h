@@ -71,5 +71,7 @@ int agent_l_exec(lua_State *L);	 /* conn:exec(argv, opts) */
 int agent_l_put(lua_State *L);	 /* conn:put(local, remote, opts) */
 int agent_l_get(lua_State *L);	 /* conn:get(remote, local, opts) */
 int agent_l_batch(lua_State *L); /* conn:batch{ {exec = argv, ...}, {get = …}, … } */
+int agent_l_mkdir(lua_State *L); /* conn:mkdir(path [, mode]) */
+int agent_l_list(lua_State *L);  /* conn:list(path) -> entries */
 
 #endif

@@ -30,7 +30,7 @@
 #define DEAD_MS 10000
 #define MAX_OPS 32
 
-enum op_kind { OP_EXEC, OP_PUT, OP_GET };
+enum op_kind { OP_EXEC, OP_PUT, OP_GET, OP_MKDIR, OP_LIST };
 
 struct op {
 	enum op_kind kind;
@@ -59,6 +59,9 @@ struct op {
 	unsigned remote_mode;
 	char tmp[32], base[NAME_MAX + 1];
 	char src[PATH_MAX], dst[PATH_MAX], result[PATH_MAX];
+	/* list: the entries so far, a Lua table (registry reference) */
+	int entries_ref;
+	unsigned long nentries;
 };
 
 struct batch {
@@ -82,7 +85,8 @@ op_fail(lua_State *L, struct batch *b, struct op *o, const char *fmt, ...)
 	va_end(ap);
 	if (o->kind == OP_EXEC)
 		agent_fail(L, b->c, 0, "%s", msg);
-	agent_fail(L, b->c, 0, "%s %.200s: %s", o->kind == OP_PUT ? "put" : "get", o->src, msg);
+	static const char *const names[] = {"exec", "put", "get", "mkdir", "list"};
+	agent_fail(L, b->c, 0, "%s %.200s: %s", names[o->kind], o->src, msg);
 }
 
 /* The guest's text, printable and short, for a message. */
@@ -113,6 +117,9 @@ static void op_release(lua_State *L, struct op *o)
 	if (o->cb_err != LUA_NOREF)
 		luaL_unref(L, LUA_REGISTRYINDEX, o->cb_err);
 	o->cb_out = o->cb_err = LUA_NOREF;
+	if (o->entries_ref != LUA_NOREF)
+		luaL_unref(L, LUA_REGISTRYINDEX, o->entries_ref);
+	o->entries_ref = LUA_NOREF;
 	fc_buf_free(&o->out);
 	fc_buf_free(&o->err);
 	free(o->req);
@@ -174,7 +181,7 @@ static void op_init(struct op *o, enum op_kind kind)
 	memset(o, 0, sizeof *o);
 	o->kind = kind;
 	o->in_fd = o->fd = o->dirfd = -1;
-	o->cb_out = o->cb_err = LUA_NOREF;
+	o->cb_out = o->cb_err = o->entries_ref = LUA_NOREF;
 	o->deadline = o->kill_deadline = o->int_deadline = -1;
 	o->t0 = fc_now_ms();
 }
@@ -437,7 +444,7 @@ static void on_result(lua_State *L, struct batch *b, struct op *o, struct agent_
 		op_fail(L, b, o, "in the guest: %s", msg);
 	if (o->kind == OP_EXEC)
 		agent_fail(L, b->c, 1, "the guest sent a result for a running command");
-	if (o->kind == OP_PUT) {
+	if (o->kind == OP_PUT || o->kind == OP_MKDIR || o->kind == OP_LIST) {
 		snprintf(o->result, sizeof o->result, "%s", msg);
 		o->done = 1;
 		return;
@@ -522,6 +529,38 @@ static void on_exec_frame(lua_State *L, struct batch *b, struct op *o, struct ag
 	}
 }
 
+/* A directory entry from the guest: its name must be one plain name (the host joins it to
+ * paths), at most NAME_MAX bytes, without '/' or NUL, not "." or "..". */
+static void on_entry(lua_State *L, struct batch *b, struct op *o, struct agent_frame *f)
+{
+	if (f->h.type != AGP_T_ENTRY || f->h.len <= AGP_ENTRY_FIXED ||
+	    f->h.len > AGP_ENTRY_FIXED + NAME_MAX)
+		agent_fail(L, b->c, 1, "the guest sent an unexpected frame (type %u) in a list",
+			   f->h.type);
+	const char *name = (const char *)f->p + AGP_ENTRY_FIXED;
+	size_t n = f->h.len - AGP_ENTRY_FIXED;
+	if (memchr(name, '/', n) || memchr(name, 0, n) || (n == 1 && name[0] == '.') ||
+	    (n == 2 && name[0] == '.' && name[1] == '.'))
+		agent_fail(L, b->c, 1, "the guest sent a directory entry that is not a plain name");
+	if (f->p[0] < AGP_KIND_FILE || f->p[0] > AGP_KIND_OTHER)
+		agent_fail(L, b->c, 1, "the guest sent an entry of an unknown kind");
+	if (++o->nentries > AGP_MAX_ENTRIES)
+		agent_fail(L, b->c, 1, "the guest listed more than %d entries", AGP_MAX_ENTRIES);
+	static const char *const kinds[] = {"", "file", "directory", "link", "other"};
+	lua_rawgeti(L, LUA_REGISTRYINDEX, o->entries_ref);
+	lua_createtable(L, 0, 4);
+	lua_pushlstring(L, name, n);
+	lua_setfield(L, -2, "name");
+	lua_pushstring(L, kinds[f->p[0]]);
+	lua_setfield(L, -2, "kind");
+	lua_pushinteger(L, (lua_Integer)(agp_u32(f->p + 1) & 07777));
+	lua_setfield(L, -2, "mode");
+	lua_pushnumber(L, (lua_Number)agp_u64(f->p + 5));
+	lua_setfield(L, -2, "size");
+	lua_rawseti(L, -2, (int)o->nentries);
+	lua_pop(L, 1);
+}
+
 static struct op *find_op(struct batch *b, uint32_t id)
 {
 	for (int i = 0; i < b->n; i++)
@@ -558,6 +597,8 @@ static void on_frame(lua_State *L, struct batch *b, struct agent_frame *f)
 		on_exec_frame(L, b, o, f);
 	else if (o->kind == OP_GET)
 		on_get_frame(L, b, o, f);
+	else if (o->kind == OP_LIST)
+		on_entry(L, b, o, f);
 	else
 		agent_fail(L, c, 1, "the guest sent an unexpected frame (type %u) in a put",
 			   f->h.type);
@@ -662,7 +703,7 @@ static int check_times(lua_State *L, struct batch *b, double now)
 				fc_error(L, "interrupted by SIGINT");
 			if (o->int_deadline >= 0)
 				NEXT(o->int_deadline);
-		} else {
+		} else if (o->kind == OP_PUT || o->kind == OP_GET) {
 			if (now - o->last_ms >= o->stall_ms)
 				op_fail(L, b, o,
 					"no progress for %g s (stalled; FIRECLAW_TRANSFER_STALL_S)",
@@ -703,9 +744,9 @@ static int drive(lua_State *L)
 		o->id = c->next_id++;
 		if (c->next_id > 0x7fffffff)
 			c->next_id = 1;
-		uint8_t type = o->kind == OP_EXEC  ? AGP_T_EXEC
-			       : o->kind == OP_PUT ? AGP_T_PUT
-						   : AGP_T_GET;
+		static const uint8_t types[] = {AGP_T_EXEC, AGP_T_PUT, AGP_T_GET, AGP_T_MKDIR,
+						AGP_T_LIST};
+		uint8_t type = types[o->kind];
 		agent_queue(L, c, o->id, type, o->req, o->reqlen, NULL, 0);
 		o->last_ms = fc_now_ms();
 	}
@@ -856,6 +897,8 @@ static void push_result(lua_State *L, struct op *o)
 {
 	if (o->kind == OP_EXEC)
 		push_exec_result(L, o);
+	else if (o->kind == OP_LIST)
+		lua_rawgeti(L, LUA_REGISTRYINDEX, o->entries_ref);
 	else
 		lua_pushstring(L, o->result);
 }
@@ -915,6 +958,43 @@ static int xfer(lua_State *L, enum op_kind kind)
 	release_ops(L, b);
 	return 1;
 }
+
+/* conn:mkdir(path [, mode]) -> path; conn:list(path) -> {{name =, kind =, mode =, size =}…}
+ * (kind: "file", "directory", "link", "other"; names are plain: checked here) */
+static int dir_op(lua_State *L, enum op_kind kind)
+{
+	agent_check(L, 1);
+	const char *path = luaL_checkstring(L, 2);
+	lua_Integer mode = luaL_optinteger(L, 3, 0755);
+	if (!*path || strlen(path) >= PATH_MAX)
+		fc_error(L, "agent: %s: empty or too long path", kind == OP_MKDIR ? "mkdir" : "list");
+	if (mode < 0 || mode > 07777)
+		fc_error(L, "agent: mkdir: bad mode");
+	lua_settop(L, 3);
+	struct batch *b = new_batch(L, 1);
+	int bi = lua_gettop(L);
+	struct op *o = add_op(L, b, kind);
+	snprintf(o->src, sizeof o->src, "%s", path);
+	size_t pl = strlen(path), off = kind == OP_MKDIR ? 4 : 0;
+	o->reqlen = off + pl + 1;
+	o->req = malloc(o->reqlen);
+	if (!o->req)
+		fc_error(L, "agent: out of memory");
+	if (kind == OP_MKDIR)
+		agp_put32(o->req, (uint32_t)mode);
+	memcpy(o->req + off, path, pl + 1);
+	if (kind == OP_LIST) {
+		lua_newtable(L);
+		o->entries_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+	}
+	run(L, bi);
+	push_result(L, o);
+	release_ops(L, b);
+	return 1;
+}
+
+int agent_l_mkdir(lua_State *L) { return dir_op(L, OP_MKDIR); }
+int agent_l_list(lua_State *L) { return dir_op(L, OP_LIST); }
 
 int agent_l_put(lua_State *L)
 {

@@ -26,6 +26,9 @@
 #define AGP_MIN_ENTROPY 32
 #define AGP_MAX_ENTROPY 4096
 #define AGP_MAX_MSG 1024 /* RESULT / ERROR text */
+#define AGP_MAX_ENTRIES 100000 /* entries of one LIST */
+#define AGP_ENTRY_FIXED 13
+enum agp_kind { AGP_KIND_FILE = 1, AGP_KIND_DIR = 2, AGP_KIND_LINK = 3, AGP_KIND_OTHER = 4 };
 
 /* the name prefix of the agent's virtio-serial ports; port K is PREFIX "K" */
 #define AGP_PORT_PREFIX "org.fireclaw.agent."
@@ -44,6 +47,8 @@ enum agp_type {
 	AGP_T_GET = 9,	   /* new stream: u64 max bytes, path NUL */
 	AGP_T_CLOSE = 10,  /* abort the stream (kill its processes, drop its file) */
 	AGP_T_PING = 11,   /* stream 0: up to 8 bytes, echoed in a PONG */
+	AGP_T_MKDIR = 12,  /* new stream: u32 mode, path NUL; RESULT (an existing dir is fine) */
+	AGP_T_LIST = 13,   /* new stream: path NUL; ENTRY frames, then RESULT */
 	/* guest -> host */
 	AGP_T_STDOUT = 32, /* data; empty: EOF */
 	AGP_T_STDERR = 33,
@@ -53,6 +58,7 @@ enum agp_type {
 	AGP_T_FILE = 37,    /* get: u32 mode, u64 size; DATA frames follow, then RESULT */
 	AGP_T_ERROR = 38,   /* stream 0: the agent refuses the connection's input (text) */
 	AGP_T_PONG = 39,    /* stream 0: the PING's bytes */
+	AGP_T_ENTRY = 41,   /* list: u8 kind (AGP_KIND_*), u32 mode, u64 size, the name */
 	AGP_T_RESTART = 40, /* stream 0: u32 version, u32 pid: a port server that started
 			     * anew (the agent was killed and restarted); whatever ran on the
 			     * port is gone */

@@ -672,6 +672,64 @@ static void pump_get(struct conn *c, struct stream *s)
 	}
 }
 
+/* ---- directories (trees are walked by the host: one LIST or MKDIR at a time) ---- */
+
+static void do_mkdir(struct conn *c, uint32_t id, unsigned char *p, size_t n)
+{
+	if (n < 6 || p[n - 1] != 0 || strlen((char *)p + 4) != n - 5) {
+		send_result(c, id, EINVAL, "malformed mkdir request");
+		return;
+	}
+	const char *path = (const char *)p + 4;
+	struct stat st;
+	if (mkdir(path, agp_u32(p) & 07777) != 0 &&
+	    !(errno == EEXIST && stat(path, &st) == 0 && S_ISDIR(st.st_mode))) {
+		int e = errno;
+		send_result(c, id, e, "%s: %s", path, strerror(e));
+		return;
+	}
+	send_result(c, id, 0, "%s", path);
+}
+
+static void do_list(struct conn *c, uint32_t id, unsigned char *p, size_t n)
+{
+	if (n < 2 || p[n - 1] != 0 || strlen((char *)p) != n - 1) {
+		send_result(c, id, EINVAL, "malformed list request");
+		return;
+	}
+	const char *path = (const char *)p;
+	DIR *d = opendir(path);
+	if (!d) {
+		int e = errno;
+		send_result(c, id, e, "%s: %s", path, strerror(e));
+		return;
+	}
+	struct dirent *e;
+	unsigned long count = 0;
+	while ((e = readdir(d))) {
+		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+			continue;
+		if (++count > AGP_MAX_ENTRIES) {
+			closedir(d);
+			send_result(c, id, E2BIG, "%s: more than %d entries", path, AGP_MAX_ENTRIES);
+			return;
+		}
+		struct stat st;
+		if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+			continue; /* gone meanwhile */
+		unsigned char b[AGP_ENTRY_FIXED];
+		b[0] = S_ISREG(st.st_mode)   ? AGP_KIND_FILE
+		       : S_ISDIR(st.st_mode) ? AGP_KIND_DIR
+		       : S_ISLNK(st.st_mode) ? AGP_KIND_LINK
+					     : AGP_KIND_OTHER;
+		agp_put32(b + 1, (uint32_t)st.st_mode & 07777);
+		agp_put64(b + 5, (uint64_t)st.st_size);
+		send_frame(c, id, AGP_T_ENTRY, b, sizeof b, e->d_name, strlen(e->d_name));
+	}
+	closedir(d);
+	send_result(c, id, 0, "%s", path);
+}
+
 /* ---- the restore hand-off: the host's clock and entropy, before any command ---- */
 
 static void handoff(struct conn *c, unsigned char *p, size_t n)
@@ -775,6 +833,12 @@ static int on_frame(struct conn *c, struct agp_hdr *h, unsigned char *p)
 			struct winsize ws = {.ws_row = agp_u16(p), .ws_col = agp_u16(p + 2)};
 			ioctl(s->out_fd, TIOCSWINSZ, &ws);
 		}
+		return 0;
+	case AGP_T_MKDIR:
+		do_mkdir(c, h->stream, p, h->len);
+		return 0;
+	case AGP_T_LIST:
+		do_list(c, h->stream, p, h->len);
 		return 0;
 	case AGP_T_PING:
 		if (h->len > 8 || h->stream != 0)

@@ -34,8 +34,10 @@ local SPEC = {
 		.. "the guest agent when the image has it)" },
 	{ "--no-snapshot", "always cold boot" },
 	{ "--snapshot NAME", "restore this snapshot (default: the image's)" },
-	{ "--put LOCAL:REMOTE", "copy a file in before CMD (REMOTE may be a directory; repeatable)", multi = true },
-	{ "--get REMOTE:LOCAL", "copy a file out after CMD, never setuid (LOCAL may be a directory; repeatable)",
+	{ "--put LOCAL:REMOTE", "copy a file (through the agent: or a directory) in before CMD (REMOTE may be a "
+		.. "directory; repeatable)", multi = true },
+	{ "--get REMOTE:LOCAL", "copy a file (through the agent: or a directory) out after CMD, never setuid (LOCAL "
+		.. "may be a directory; repeatable)",
 		multi = true },
 	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
@@ -88,7 +90,8 @@ local function check_options(o, cmd)
 		local l, r = p:match("^([^:]+):(.+)$")
 		if not l then cli.usage_error("--put wants LOCAL:REMOTE, got '%s'", p) end
 		if not fs.exists(l) then cli.usage_error("--put: no such file '%s'", l) end
-		local size, why = require("fireclaw.ssh").check_source(l, o.max_transfer)
+		-- a directory goes as a tree through the agent (run_command checks the channel)
+		local size, why = fs.is_dir(l) or require("fireclaw.ssh").check_source(l, o.max_transfer)
 		if not size then cli.usage_error("--put: '%s' %s", l, why) end
 		o.puts[#o.puts + 1] = { l, r }
 	end
@@ -137,7 +140,13 @@ local function exit_status(r)
 end
 
 local function run_command(sb, o, cmd)
-	for _, p in ipairs(o.puts) do sb:put(p[1], p[2], { max_bytes = o.max_transfer }) end
+	for _, p in ipairs(o.puts) do
+		if fs.is_dir(p[1]) and not sb.agent then
+			error(string.format("--put %s: a directory needs the guest agent (this run uses SSH): put a tar archive",
+				p[1]), 0)
+		end
+		sb:put(p[1], p[2], { max_bytes = o.max_transfer })
+	end
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
 	-- the first Ctrl-C goes to the command (the agent sends it SIGINT, as a terminal would);
 	-- if it has not ended 2 s later, or on a second Ctrl-C, fireclaw stops

@@ -114,6 +114,32 @@ t.is(#runtime.listdir(tmp .. "/out"), 1, "… nor a temporary one")
 t.raises(function() c:get(tmp, tmp .. "/out/x") end, "not a regular file", "get: a directory is refused")
 t.raises(function() c:put(tmp, tmp .. "/y") end, "not a regular file", "put: a directory is refused")
 
+-- ---- directory trees ----
+proc.run({ "sh", "-c", "mkdir -p $0/tree/a/b && printf x > $0/tree/a/b/f && printf y > $0/tree/g && "
+	.. "ln -s /etc/passwd $0/tree/link && mkfifo $0/tree/fifo && chmod 750 $0/tree/a", tmp })
+local top, skipped = agent.put_tree(c, tmp .. "/tree", tmp .. "/tree2")
+t.is(top, tmp .. "/tree2", "put_tree: the target")
+t.ok(fs.read(tmp .. "/tree2/a/b/f") == "x" and fs.read(tmp .. "/tree2/g") == "y", "put_tree: the files")
+t.is(sys.stat(tmp .. "/tree2/a").perm, 488, "put_tree: a directory's mode")
+t.is(#skipped, 2, "put_tree: the symlink and the FIFO are skipped, and said")
+t.ok(not sys.lstat(tmp .. "/tree2/link"), "… not copied")
+t.is(agent.put_tree(c, tmp .. "/tree", tmp .. "/tree2/"), tmp .. "/tree2/tree", "put_tree into a directory: its name")
+local names = {}
+for _, e in ipairs(c:list(tmp .. "/tree")) do names[#names + 1] = e.name .. ":" .. e.kind end
+table.sort(names)
+t.is(table.concat(names, " "), "a:directory fifo:other g:file link:link", "list: names and kinds")
+fs.mkdir_p(tmp .. "/back", "700")
+top, skipped = agent.get_tree(c, tmp .. "/tree", tmp .. "/back/")
+t.is(top, tmp .. "/back/tree", "get_tree into a directory: its name")
+t.ok(fs.read(tmp .. "/back/tree/a/b/f") == "x" and #skipped == 2 and not sys.lstat(tmp .. "/back/tree/link"),
+	"get_tree: the files, not the symlink or the FIFO")
+sys.symlink("/nonexistent-target", tmp .. "/back/evil")
+t.raises(function() agent.get_tree(c, tmp .. "/tree", tmp .. "/back/evil") end, "not followed",
+	"get_tree: a symlink at the target is not followed")
+proc.run({ "sh", "-c", "mkdir -p $0/deep && cd $0/deep && for i in $(seq 70); do mkdir d && cd d; done", tmp })
+t.raises(function() agent.get_tree(c, tmp .. "/deep", tmp .. "/back/deep") end, "directories deep",
+	"get_tree: a tree deeper than 64 stops with one line")
+
 -- ---- several operations at once on one connection ----
 local t0 = runtime.now()
 local res = c:batch {
@@ -173,6 +199,10 @@ local hostile = {
 	{ "a get's data over the cap", frame(12, 1, 37, "\164\1\0\0\1\0\0\0\0\0\0\0") .. frame(2, 1, 8, "ab"),
 		"more than the cap", "get" },
 	{ "too many stray frames", string.rep(frame(0, 999, 32), 100001), "too many stray frames" },
+	{ "a directory entry '..'", frame(15, 1, 41, "\2\237\1\0\0\0\0\0\0\0\0\0\0..") .. frame(4, 1, 36, "\0\0\0\0"),
+		"not a plain name", "list" },
+	{ "a directory entry with a slash", frame(16, 1, 41, "\1\164\1\0\0\0\0\0\0\0\0\0\0a/b"), "not a plain name",
+		"list" },
 }
 for _, h in ipairs(hostile) do
 	local a, b = sys.socketpair()
@@ -180,11 +210,13 @@ for _, h in ipairs(hostile) do
 	-- the fake agent: a child writes its bytes (more than a socket buffer holds) and exits
 	-- (it reads what fireclaw sends first: a socket closed with unread data resets the peer)
 	local w = proc.spawn { argv = { "/bin/sh", "-c", 'cat "$0" >&3; head -c "$1" <&3 >/dev/null; [ "$2" ] || sleep 30',
-		tmp .. "/frames", h[4] == "get" and "48" or "58", h[4] == true and "eof" or "" }, fds = { b } }
+		tmp .. "/frames", ({ get = "48", list = "30" })[h[4]] or "58", h[4] == true and "eof" or "" }, fds = { b } }
 	sys.close(b)
 	local hc = agent.wrap(a, { timeout = 5, where = "fake agent" })
 	sys.close(a)
-	if h[4] == "get" then
+	if h[4] == "list" then
+		ok, err = pcall(agent.get_tree, hc, "/x", tmp .. "/out/hostile-tree")
+	elseif h[4] == "get" then
 		ok, err = pcall(hc.get, hc, "/x/y/z/abcd", tmp .. "/out/hostile", { max_bytes = 1 })
 	else
 		ok, err = pcall(hc.exec, hc, { "true" }, { timeout = 10 })

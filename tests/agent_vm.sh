@@ -56,6 +56,16 @@ cmp -s "$tmp/bin" "$tmp/o" && cmp -s "$tmp/bin" "$tmp/e"
 ok $? "stdout and stderr: 1 MB of random bytes each, exact (put through the agent too)"
 run --get /etc/hostname:"$tmp/h" -- true && [ -s "$tmp/h" ]
 ok $? "get through the agent"
+mkdir -p "$tmp/tree/sub" && echo one >"$tmp/tree/sub/f" && echo two >"$tmp/tree/g"
+run --put "$tmp/tree:/root/t" --get /root/t:"$tmp/back" -- sh -c 'echo three >/root/t/sub/h' &&
+	[ "$(cat "$tmp/back/sub/f" "$tmp/back/g" "$tmp/back/sub/h")" = "one
+two
+three" ]
+ok $? "--put and --get of a directory tree through the agent"
+"$fc" run --snapshot agvm --exec ssh --put "$tmp/tree:/root/t" -- true 2>"$tmp/err"
+is "$?" 1 "--put of a directory over SSH: fails"
+grep -q "needs the guest agent" "$tmp/err"
+ok $? "… saying so" "$(cat "$tmp/err")"
 out=$(run --env 'A=b c' -- sh -c 'echo "$A"; pwd')
 is "$out" "b c
 /root" "env and cwd"

@@ -617,16 +617,41 @@ Sandbox.set_clock = Sandbox.reseed
 -- Copy files in and out (SFTP); opts is a mode or {mode =, max_bytes =, stall =, uid =, gid =}
 -- (see fireclaw.ssh: a got file is data, never privileges; both are capped and time out
 -- when they stall). Each returns the path it wrote (a directory target gets the basename).
+-- Through the agent a directory goes as a tree (fireclaw.agent.put_tree / get_tree: file by
+-- file, with the same caps; symlinks and special files are left out, with a note).
+local function tree_opts(opts)
+	return type(opts) == "table" and { max_bytes = opts.max_bytes, stall = opts.stall } or nil
+end
+
+local function note_skipped(self, what, skipped)
+	if #skipped > 0 then
+		log.note("VM %s: %s: %d symlinks or special files not copied (e.g. %s)", self.id, what, #skipped,
+			printable(skipped[1]))
+	end
+end
+
 function Sandbox:put(localpath, remote, opts)
 	alive(self, "put")
 	if not self.session and not self.agent then self:connect_exec() end
+	if self.agent and fs.is_dir(localpath) then
+		local top, skipped = require("fireclaw.agent").put_tree(self.agent, localpath, remote, tree_opts(opts))
+		note_skipped(self, "put " .. localpath, skipped)
+		return top
+	end
 	if self.agent then return self.agent:put(localpath, remote, opts) end
 	return self.session:put(localpath, remote, opts)
 end
 function Sandbox:get(remote, localpath, opts)
 	alive(self, "get")
 	if not self.session and not self.agent then self:connect_exec() end
-	if self.agent then return self.agent:get(remote, localpath, opts) end
+	if self.agent then
+		local ok, res = pcall(self.agent.get, self.agent, remote, localpath, opts)
+		if ok then return res end
+		if not tostring(res):match("not a regular file$") then error(res, 0) end
+		local top, skipped = require("fireclaw.agent").get_tree(self.agent, remote, localpath, tree_opts(opts))
+		note_skipped(self, "get " .. remote, skipped)
+		return top
+	end
 	return self.session:get(remote, localpath, opts)
 end
 
