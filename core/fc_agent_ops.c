@@ -440,6 +440,13 @@ static void on_result(lua_State *L, struct batch *b, struct op *o, struct agent_
 	int err = (int)agp_u32(f->p);
 	char msg[256];
 	guest_text(msg, sizeof msg, f->p + 4, f->h.len - 4);
+	if (err && (o->kind == OP_PUT || o->kind == OP_GET)) {
+		/* "PATH: Reason" from the agent -> "remote PATH: reason", as the SFTP path says it */
+		char *sep = strrchr(msg, ':');
+		if (sep && sep[1] == ' ' && sep[2] >= 'A' && sep[2] <= 'Z')
+			sep[2] = (char)(sep[2] - 'A' + 'a');
+		op_fail(L, b, o, "remote %s", msg);
+	}
 	if (err)
 		op_fail(L, b, o, "in the guest: %s", msg);
 	if (o->kind == OP_EXEC)

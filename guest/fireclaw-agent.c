@@ -340,7 +340,8 @@ static void __attribute__((noreturn)) child(struct exec_req *r, int in, int out,
 	}
 	execvpe(r->argv[0], r->argv, r->envp);
 	int e = errno;
-	dprintf(2, "fireclaw-agent: %s: %s\n", r->argv[0], strerror(e));
+	/* as a shell says it (scripts and tests look for "not found") */
+	dprintf(2, "fireclaw-agent: %s: %s\n", r->argv[0], e == ENOENT ? "not found" : strerror(e));
 	_exit(e == ENOENT ? 127 : 126);
 }
 
@@ -563,9 +564,11 @@ static void start_put(struct conn *c, uint32_t id, unsigned char *p, size_t n)
 	}
 	if (s->file_fd < 0) {
 		int e = errno;
+		char target[4096];
+		snprintf(target, sizeof target, "%s", s->path);
 		s->tmp[0] = 0;
 		free_stream(s);
-		send_result(c, id, e, "%s: %s", dir, strerror(e));
+		send_result(c, id, e, "%s: %s", target, strerror(e));
 		return;
 	}
 	send_u32(c, id, AGP_T_WINDOW, AGP_WINDOW);

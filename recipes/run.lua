@@ -91,8 +91,13 @@ local function check_options(o, cmd)
 		if not l then cli.usage_error("--put wants LOCAL:REMOTE, got '%s'", p) end
 		if not fs.exists(l) then cli.usage_error("--put: no such file '%s'", l) end
 		-- a directory goes as a tree through the agent (run_command checks the channel)
-		local size, why = fs.is_dir(l) or require("fireclaw.ssh").check_source(l, o.max_transfer)
-		if not size then cli.usage_error("--put: '%s' %s", l, why) end
+		if fs.is_dir(l) and (o.exec or require("fireclaw.config").exec) == "ssh" then
+			cli.usage_error("--put: '%s' is a directory; directory trees go through the guest agent, not SSH "
+				.. "(put a tar archive)", l)
+		elseif not fs.is_dir(l) then
+			local size, why = require("fireclaw.ssh").check_source(l, o.max_transfer)
+			if not size then cli.usage_error("--put: '%s' %s", l, why) end
+		end
 		o.puts[#o.puts + 1] = { l, r }
 	end
 	for _, g in ipairs(o.get) do

@@ -33,7 +33,7 @@ for _, want in ipairs({ 0, 1, 3 }) do
 end
 local r = c:exec({ "no-such-command-here" })
 t.is(r.status, 127, "a missing command: 127")
-t.like(r.stderr, "no%-such%-command%-here: No such file", "… with a line saying so")
+t.like(r.stderr, "no%-such%-command%-here: not found", "… with a line saying so, as a shell would")
 r = c:exec({ "sh", "-c", "kill -TERM $$" })
 t.ok(r.status == nil and r.signal == "TERM", "killed by a signal: signal = TERM, no status", r.signal)
 
