@@ -1043,6 +1043,10 @@ static void __attribute__((noreturn)) serve_port(const char *dev)
 	agp_put32(b, AGP_VERSION);
 	agp_put32(b + 4, (uint32_t)getpid());
 	send_frame(c, 0, AGP_T_RESTART, b, 8, NULL, 0);
+	/* now, before reading: what the last server left unread (the middle of a frame) may
+	 * break the protocol, and a hang-up would drop the frame */
+	if (flush_out(c) < 0 || c->outlen)
+		c->outlen = 0;
 	serve(c);
 	_exit(1);
 }

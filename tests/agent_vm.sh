@@ -63,8 +63,8 @@ two
 three" ]
 ok $? "--put and --get of a directory tree through the agent"
 "$fc" run --snapshot agvm --exec ssh --put "$tmp/tree:/root/t" -- true 2>"$tmp/err"
-is "$?" 1 "--put of a directory over SSH: fails"
-grep -q "needs the guest agent" "$tmp/err"
+is "$?" 2 "--put of a directory with --exec ssh: a usage error"
+grep -q "directory trees go through the guest agent, not SSH" "$tmp/err"
 ok $? "… saying so" "$(cat "$tmp/err")"
 out=$(run --env 'A=b c' -- sh -c 'echo "$A"; pwd')
 is "$out" "b c
