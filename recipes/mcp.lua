@@ -150,7 +150,8 @@ end
 local function exec(sb, a)
 	local r = sb:exec(command_of(a.command), { stdin = a.stdin, env = check_env(a.env),
 		timeout = a.timeout or S.opts.timeout, max_capture = S.opts.max_output })
-	local out = { exit_code = exit_status(r), timed_out = r.timed_out or false, duration_ms = r.duration_ms,
+	local out = { exit_code = exit_status(r), timed_out = r.timed_out or false,
+		duration_ms = math.floor((r.duration_ms or 0) + 0.5),
 		stdout_truncated = r.stdout_truncated or false, stderr_truncated = r.stderr_truncated or false }
 	if r.signal then out.signal = r.signal end
 	put_bytes(out, "stdout", r.stdout or "")

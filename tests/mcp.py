@@ -374,6 +374,39 @@ finally:
     srv.kill()
 no_leaks("SIGTERM with two sandboxes up")
 
+# ---- SIGTERM while a command runs: the call is cut short, the sandbox destroyed ----
+srv = Server()
+try:
+    srv.initialize()
+    st = result(srv.call("start", {"snapshot": SNAP}))
+    ok(st is not None, "a sandbox for the interrupted exec", st)
+    sid = st["id"] if st else "none"
+    # the guest says on its console (a file on the host) when the command runs
+    srv.send({"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": {"name": "exec", "arguments": {
+        "id": sid, "command": "echo MCP-EXEC-RUNNING > /dev/console; sleep 600", "timeout": 900}}})
+    console = os.path.join(ENV["FIRECLAW_RUN"], "vms", sid, "console.log")
+    deadline = time.monotonic() + 120
+    seen = False
+    while not seen and time.monotonic() < deadline and srv.p.poll() is None:
+        try:
+            with open(console, "rb") as f:
+                seen = b"MCP-EXEC-RUNNING" in f.read()
+        except OSError:
+            pass
+        if not seen:
+            select.select([], [], [], 0.05)  # poll the file (bounded by the deadline)
+    ok(seen, "the command runs in the guest (its console says so)")
+    srv.p.send_signal(signal.SIGTERM)
+    try:
+        rc = srv.p.wait(120)  # far less than the command's 600 s
+    except subprocess.TimeoutExpired:
+        rc = None
+    ok(rc == 128 + signal.SIGTERM, "SIGTERM during exec: the server stops the call and exits 143",
+       "exit %s; %s" % (rc, srv.stderr()))
+finally:
+    srv.kill()
+no_leaks("SIGTERM during an exec")
+
 # ---- SIGKILL: the VMMs die with the server, cleanup reaps the records ----
 srv = Server()
 try:
