@@ -188,6 +188,7 @@ local TOOLS = {}
 TOOLS[#TOOLS + 1] = {
 	name = "run",
 	title = "Run a command in a throw-away microVM",
+	annotations = { readOnlyHint = false, destructiveHint = false, openWorldHint = false },
 	description = "Boot a fresh microVM (restored from a snapshot when there is one), run one command, "
 		.. "destroy the VM. Returns exit_code (124: timed out; 128+N: killed by signal N), stdout, stderr "
 		.. "(each capped; *_truncated says so; *_base64 holds the exact bytes when they are not UTF-8). "
@@ -208,6 +209,7 @@ TOOLS[#TOOLS + 1] = {
 TOOLS[#TOOLS + 1] = {
 	name = "start",
 	title = "Start a sandbox for this session",
+	annotations = { readOnlyHint = false, destructiveHint = false, openWorldHint = false },
 	description = "Start a microVM that stays up for exec, write_file and read_file until stop (or until "
 		.. "the MCP server exits). Returns its id. Restored from the image's snapshot when there is one; "
 		.. "'snapshot' names another.",
@@ -233,6 +235,7 @@ TOOLS[#TOOLS + 1] = {
 TOOLS[#TOOLS + 1] = {
 	name = "exec",
 	title = "Run a command in a sandbox",
+	annotations = { readOnlyHint = false, destructiveHint = true, openWorldHint = false },
 	description = "Run a command in a sandbox from start. Files and processes it leaves stay for the next "
 		.. "call. Returns exit_code (124: timed out), stdout and stderr (capped, as for run).",
 	inputSchema = obj({ id = ID, command = COMMAND, stdin = STDIN, timeout = TIMEOUT, env = ENV }, { "id", "command" }),
@@ -251,6 +254,7 @@ local READ = '[ -e "$1" ] || { echo "no such file: $1" >&2; exit 2; }; '
 TOOLS[#TOOLS + 1] = {
 	name = "write_file",
 	title = "Write a file in a sandbox",
+	annotations = { readOnlyHint = false, destructiveHint = true, idempotentHint = true, openWorldHint = false },
 	description = "Create or replace a file in a sandbox (its parent directories are made). content is "
 		.. "text, or base64 with base64: true (binary files).",
 	inputSchema = obj({ id = ID, path = PATH, content = { type = "string", description = "the file's content" },
@@ -275,6 +279,7 @@ TOOLS[#TOOLS + 1] = {
 TOOLS[#TOOLS + 1] = {
 	name = "read_file",
 	title = "Read a file from a sandbox",
+	annotations = { readOnlyHint = true, openWorldHint = false },
 	description = "Read a file from a sandbox. Returns content (text when it is UTF-8, else base64 with "
 		.. "encoding: \"base64\"), bytes, and truncated when the file is longer than max_bytes.",
 	inputSchema = obj({ id = ID, path = PATH,
@@ -298,6 +303,7 @@ TOOLS[#TOOLS + 1] = {
 TOOLS[#TOOLS + 1] = {
 	name = "stop",
 	title = "Stop a sandbox",
+	annotations = { readOnlyHint = false, destructiveHint = true, openWorldHint = false },
 	description = "Destroy a sandbox from start: its VM, disk and everything in it.",
 	inputSchema = obj({ id = ID }, { "id" }),
 	call = function(a)
@@ -312,6 +318,7 @@ TOOLS[#TOOLS + 1] = {
 TOOLS[#TOOLS + 1] = {
 	name = "list",
 	title = "List this session's sandboxes",
+	annotations = { readOnlyHint = true, openWorldHint = false },
 	description = "The sandboxes this server started and has not stopped.",
 	inputSchema = obj({}),
 	call = function()
@@ -376,7 +383,8 @@ end
 function METHODS.tools_list()
 	local list = json.array()
 	for _, t in ipairs(TOOLS) do
-		list[#list + 1] = { name = t.name, title = t.title, description = t.description, inputSchema = t.inputSchema }
+		list[#list + 1] = { name = t.name, title = t.title, description = t.description, inputSchema = t.inputSchema,
+			annotations = t.annotations }
 	end
 	return { tools = list }
 end

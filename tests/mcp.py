@@ -243,6 +243,10 @@ try:
     r = srv.call("read_file", {"id": sid, "path": "/etc"})
     ok(tool_error(r) and "directory" in tool_error(r), "read_file of a directory: isError, says so", r)
 
+    ok(tools["read_file"].get("annotations", {}).get("readOnlyHint") is True and
+       tools["stop"].get("annotations", {}).get("destructiveHint") is True,
+       "tools/list: annotations (read_file read-only, stop destructive)", tools["stop"])
+
     r = srv.call("list")
     ls = result(r)
     ok(ls and [b["id"] for b in ls["sandboxes"]] == [sid], "list shows the sandbox", r)
@@ -252,6 +256,17 @@ try:
     ok(x and x["stdout"] == "x1:in\nLinux\n" and x["exit_code"] == 0 and x["boot"] in ("snapshot", "cold"),
        "run: one-shot with stdin and env", r)
     ok(len(netns()) == 1, "run: its VM is gone again, the session's stays", netns())
+
+    # a guest that ends its own VM: exec says so, stop still cleans up
+    st2 = result(srv.call("start", {"snapshot": SNAP}))
+    sid2 = st2["id"] if st2 else "none"
+    r = srv.call("exec", {"id": sid2, "command": "reboot -f", "timeout": 60})
+    ok(tool_error(r) or (result(r) or {}).get("exit_code") != 0, "exec that reboots its guest: no success", r)
+    r = srv.call("exec", {"id": sid2, "command": "true"})
+    ok(tool_error(r) and "exited" in tool_error(r), "the next exec: isError, the VMM exited", r)
+    r = srv.call("stop", {"id": sid2})
+    ok(result(r) == {"id": sid2, "stopped": True}, "stop of a VM that ended by itself", r)
+    ok(len(netns()) == 1, "… and its namespace is gone", netns())
 
     r = srv.call("stop", {"id": sid})
     ok(result(r) == {"id": sid, "stopped": True}, "stop", r)
