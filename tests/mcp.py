@@ -389,6 +389,23 @@ finally:
     srv.kill()
 no_leaks("SIGTERM with two sandboxes up")
 
+# ---- the client stops reading: the next answer fails, the server cleans up and exits ----
+srv = Server()
+try:
+    srv.initialize()
+    st = result(srv.call("start", {"snapshot": SNAP}))
+    ok(st and len(netns()) == 1, "a sandbox before the client closes its end of stdout", netns())
+    srv.p.stdout.close()
+    srv.send({"jsonrpc": "2.0", "id": 50, "method": "ping"})
+    try:
+        rc = srv.p.wait(120)
+    except subprocess.TimeoutExpired:
+        rc = None
+    ok(rc == 0, "stdout closed: the server exits 0", "exit %s; %s" % (rc, srv.stderr()))
+finally:
+    srv.kill()
+no_leaks("stdout closed by the client")
+
 # ---- SIGTERM while a command runs: the call is cut short, the sandbox destroyed ----
 srv = Server()
 try:
