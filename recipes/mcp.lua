@@ -451,6 +451,10 @@ local function main(args)
 	-- io.stdout, helper programs) now goes to stderr, where a stray line does no harm
 	local out = assert(sys.dup(1, 3))
 	assert(sys.dup2(2, 1))
+	if sys.isatty(0) then
+		log.note("mcp: serving MCP (JSON-RPC, one message per line) on this terminal; an MCP client "
+			.. "normally starts this command (docs/mcp.md). Ctrl-D ends it.")
+	end
 	local rd, send = jsonrpc.reader(0, o.max_message), jsonrpc.writer(out)
 	local ok, why = pcall(serve, rd, send)
 	stop_all(ok and why or "interrupted")

@@ -370,6 +370,29 @@ finally:
     srv.kill()
 no_leaks("bad requests")
 
+# ---- stdout is the protocol's alone: a stray print (here in a copy of the recipe) goes to stderr ----
+rdir = os.path.join(tmp, "recipes")
+os.makedirs(rdir)
+src = open(os.path.join(os.path.dirname(TESTS), "recipes", "mcp.lua")).read()
+marker = "function METHODS.ping()\n"
+with open(os.path.join(rdir, "mcp.lua"), "w") as f:
+    f.write(src.replace(marker, marker + '\tprint("STRAY LINE") io.write("STRAY WRITE\\n") io.stdout:flush()\n'))
+srv = Server()
+srv.p.kill()
+srv.p.wait()
+srv.p = subprocess.Popen([FC, "--recipes", rdir, "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=srv.err, env=ENV)
+try:
+    ok(marker in src, "the recipe copy has the stray print")
+    srv.initialize()
+    p = srv.request("ping")
+    ok(p and p.get("result") == {}, "a ping that prints: stdout still carries only the answer", p)
+    rc = srv.close()
+    ok(rc == 0 and "STRAY LINE" in srv.stderr() and "STRAY WRITE" in srv.stderr(),
+       "… and the stray lines went to stderr", srv.stderr())
+finally:
+    srv.kill()
+
 # ---- limits and SIGTERM mid-session ----
 srv = Server("--max-sandboxes", "2")
 try:
