@@ -457,7 +457,7 @@ local function main(args)
 	end
 	local rd, send = jsonrpc.reader(0, o.max_message), jsonrpc.writer(out)
 	local ok, why = pcall(serve, rd, send)
-	stop_all(ok and why or "interrupted")
+	stop_all(ok and why or "ending (" .. tostring(why) .. ")")
 	if not ok then error(why, 0) end
 	return 0
 end
