@@ -23,6 +23,14 @@ Two uses:
         FAKE_FC_LOG      append one JSON line per request ({"method", "path", "body",
                          "status", "conn": number of the connection it came on}) and per
                          event ({"event": "start" | "open" | "exit"})
+        FAKE_FC_VSOCK    what listens in the "guest" behind the vsock device, as
+                         "PORT=MODE,…" (default "1024=echo", the guest agent's port):
+                         echo (OK, then every byte back), hello (OK and "HELLO\n" in one
+                         write, then echo), late:N (the first N connections closed as if
+                         nothing listened yet, then echo), garbage (answers "NOPE 1\n"),
+                         long (200 bytes without a newline), nonl ("OK 5", then closes),
+                         silent (never answers). Any other port: closed at once (no
+                         listener), as Firecracker does.
         FAKE_FC_MODE     "normal"; "no-listen" (never creates the socket); "exit-early"
                          (complains on stderr and exits 1 before listening); "mute"
                          (accepts connections and requests, never answers)
@@ -183,6 +191,139 @@ def os_error(e):
     return "%s (os error %d)" % (e.strerror, e.errno)
 
 
+def rust_os_error(e):
+    kinds = {98: "AddrInUse", 2: "NotFound", 13: "PermissionDenied"}
+    return 'Os { code: %d, kind: %s, message: "%s" }' % (e.errno, kinds.get(e.errno, "Other"),
+                                                          e.strerror)
+
+
+def parse_vsock_ports(spec):
+    ports = {}
+    for item in filter(None, spec.split(",")):
+        port, _, mode = item.partition("=")
+        ports[int(port)] = mode
+    return ports
+
+
+class VsockBackend:
+    """Firecracker's vsock device seen from the host: a unix socket at uds_path. A
+    connection gets no answer until the guest runs (it has activated its driver; a paused
+    guest does not answer either); then `CONNECT <port>\n` is answered `OK <host port>\n`
+    and the connection is a stream to what listens on that port (FAKE_FC_VSOCK), or
+    closed when nothing does, or when the request is not a CONNECT line."""
+
+    MAX_REQUEST = 64
+
+    def __init__(self, machine, uds_path):
+        self.machine = machine
+        self.uds_path = uds_path
+        self.conns = set()
+        self.lock = threading.Lock()
+        self.closed = False
+        self.accepted = {}  # port -> connections seen (late:N)
+        self.next_port = 1 << 30  # the host ports Firecracker assigns start here
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.bind(host(uds_path))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.listen(16)
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def accept_loop(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                if self.closed:
+                    conn.close()
+                    return
+                self.conns.add(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def drop(self, conn):
+        with self.lock:
+            self.conns.discard(conn)
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.close()
+
+    def reset(self):
+        with self.lock:
+            conns, self.conns = list(self.conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self.machine.cond:
+            self.machine.cond.notify_all()
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+        self.sock.close()
+        self.reset()
+
+    def request(self, conn):
+        line = b""
+        while not line.endswith(b"\n") and len(line) <= self.MAX_REQUEST:
+            c = conn.recv(1)
+            if not c:
+                return None
+            line += c
+        m = re.match(rb"^CONNECT (\d+)\n$", line)
+        return int(m.group(1)) if m else None
+
+    def serve(self, conn):
+        m = self.machine
+        try:
+            with m.cond:  # the device answers once the guest runs
+                m.cond.wait_for(lambda: m.state == "Running" or conn not in self.conns)
+            if conn not in self.conns:
+                return
+            port = self.request(conn)
+            mode = m.vsock_ports.get(port) if port is not None else None
+            n = self.accepted.get(port, 0)
+            self.accepted[port] = n + 1
+            if mode and mode.startswith("late:"):
+                mode = "echo" if n >= int(mode[5:]) else None
+            m.log({"event": "vsock-connect", "port": port, "mode": mode})
+            if mode is None:
+                return  # nothing listens on that port: Firecracker closes the connection
+            self.answer(conn, mode)
+        except OSError:
+            pass
+        finally:
+            self.drop(conn)
+
+    def answer(self, conn, mode):
+        ok = ("OK %d\n" % self.next_port).encode()
+        self.next_port += 1
+        if mode == "garbage":
+            conn.sendall(b"NOPE 1\n")
+        elif mode == "long":
+            conn.sendall(b"OK " + b"9" * 200)
+        elif mode == "nonl":
+            conn.sendall(b"OK 5")
+            return
+        elif mode in ("echo", "hello"):
+            conn.sendall(ok + (b"HELLO\n" if mode == "hello" else b""))
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+        # garbage, long, silent: hold the connection until the peer goes
+        while conn.recv(65536):
+            pass
+
+
 def vtuple(v):
     return tuple(int(x) for x in v.split(".")[:3])
 
@@ -204,6 +345,15 @@ class Machine:
         self.drives = {}
         self.nets = {}
         self.exit_after = None  # exit status once the response is sent
+        self.cond = threading.Condition()  # state changes, for the vsock connections
+        self.vsock = None  # the device ({guest_cid, uds_path}) and its listener
+        self.vsock_backend = None
+        self.vsock_ports = parse_vsock_ports(os.environ.get("FAKE_FC_VSOCK", "1024=echo"))
+
+    def set_state(self, state):
+        with self.cond:
+            self.state = state
+            self.cond.notify_all()
 
     @property
     def started(self):
@@ -255,6 +405,7 @@ class Machine:
             "PATCH /vm": self.patch_vm,
             "PUT /snapshot/create": self.put_snapshot_create,
             "PUT /snapshot/load": self.put_snapshot_load,
+            "PUT /vsock": self.put_vsock,
         }.get(name)
         if fn is None:
             if method != "GET" and not self.started:
@@ -276,9 +427,12 @@ class Machine:
         return dict(self.machine)
 
     def get_vm_config(self, params, body):
-        return {"boot-source": self.boot or {}, "drives": list(self.drives.values()),
-                "machine-config": self.machine,
-                "network-interfaces": list(self.nets.values())}
+        out = {"boot-source": self.boot or {}, "drives": list(self.drives.values()),
+               "machine-config": self.machine,
+               "network-interfaces": list(self.nets.values())}
+        if self.vsock:
+            out["vsock"] = dict(self.vsock)
+        return out
 
     # -- pre-boot resources --
 
@@ -387,6 +541,32 @@ class Machine:
             raise Fault("Network config error: Invalid network interface ID - not found.")
         return None
 
+    def bind_vsock(self, uds_path):
+        """The device's listening socket, bound at once (as v1.0 does at PUT /vsock, before
+        InstanceStart). An existing path fails (EADDRINUSE), a missing directory too."""
+        backend = VsockBackend(self, uds_path)
+        st = os.stat(host(uds_path))
+        self.log({"event": "vsock-bind", "path": uds_path, "dev": st.st_dev, "ino": st.st_ino})
+        return backend
+
+    def put_vsock(self, params, body):
+        if "vsock_id" in body:
+            self.vmm_log("PUT /vsock: vsock_id field is deprecated.")
+        old = self.vsock_backend
+        if old:  # a second PUT replaces the device and unlinks the old socket
+            old.close()
+            try:
+                os.unlink(host(old.uds_path))
+            except OSError:
+                pass
+            self.vsock_backend = self.vsock = None
+        try:
+            self.vsock_backend = self.bind_vsock(body["uds_path"])
+        except OSError as e:
+            raise Fault("Cannot create backend for vsock device: UnixBind(%s)" % rust_os_error(e))
+        self.vsock = {"guest_cid": body["guest_cid"], "uds_path": body["uds_path"]}
+        return None
+
     # -- actions and the running VM --
 
     def put_actions(self, params, body):
@@ -412,7 +592,7 @@ class Machine:
         for d in self.drives.values():
             if "path_on_host" in d:
                 self.opened(d["path_on_host"])
-        self.state = "Running"
+        self.set_state("Running")
         self.console("[    0.000000] Linux version 6.1.0-fake (fake-firecracker %s)" % self.version)
         self.console("[    0.000000] Command line: %s" % self.boot.get("boot_args",
                                                                       DEFAULT_BOOT_ARGS))
@@ -423,7 +603,7 @@ class Machine:
     def patch_vm(self, params, body):
         if not self.started:
             raise Fault(NOT_BEFORE_BOOT)
-        self.state = "Paused" if body["state"] == "Paused" else "Running"
+        self.set_state("Paused" if body["state"] == "Paused" else "Running")
         self.console("fake-firecracker: vm %s" % self.state.lower())
         return None
 
@@ -438,7 +618,8 @@ class Machine:
                         "dirty page tracking disabled.")
         state = {"fake_firecracker_snapshot": 1, "version": self.version,
                  "machine-config": self.machine, "boot-source": self.boot,
-                 "drives": self.drives, "network-interfaces": self.nets}
+                 "drives": self.drives, "network-interfaces": self.nets,
+                 "vsock": self.vsock}
         try:
             with open(host(body["snapshot_path"]), "w") as f:
                 json.dump(state, f)
@@ -449,6 +630,10 @@ class Machine:
                 f.truncate(self.machine["mem_size_mib"] << 20)
         except OSError as e:
             raise Fault("Create snapshot error: Cannot open memory file: %s" % os_error(e))
+        if self.vsock_backend:
+            # VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: the guest drops every connection, and
+            # Firecracker closes their host ends; its listener stays
+            self.vsock_backend.reset()
         return None
 
     def load_failed(self, detail):
@@ -501,6 +686,19 @@ class Machine:
                                        "devices: Block(BackingFile(Os { code: 2, kind: NotFound, "
                                        "message: \"No such file or directory\" }, \"%s\"))"
                                        % d["path_on_host"])
+        vs = state.get("vsock")
+        if vs:
+            # the device binds its socket again at the path the snapshot recorded (v1.16:
+            # or vsock_override's); anything there makes the load fail, and the process end
+            if "vsock_override" in body:
+                vs = dict(vs, uds_path=body["vsock_override"]["uds_path"])
+            try:
+                self.vsock_backend = self.bind_vsock(vs["uds_path"])
+            except OSError as e:
+                raise self.load_failed("Failed to build microVM from snapshot: Cannot restore "
+                                       "devices. Error: VsockUnixBackend(UnixBind(%s))"
+                                       % rust_os_error(e))
+            self.vsock = vs
         for o in body.get("network_overrides", []):
             if o["iface_id"] in state["network-interfaces"]:
                 state["network-interfaces"][o["iface_id"]]["host_dev_name"] = o["host_dev_name"]
@@ -511,7 +709,7 @@ class Machine:
         for d in self.drives.values():
             if "path_on_host" in d:
                 self.opened(d["path_on_host"])
-        self.state = "Running" if body.get("resume_vm") else "Paused"
+        self.set_state("Running" if body.get("resume_vm") else "Paused")
         self.console("fake-firecracker: snapshot loaded (%s)" % self.state.lower())
         return None
 

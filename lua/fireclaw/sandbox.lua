@@ -285,6 +285,7 @@ function Sandbox:restore(snap)
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	spec.rng = snap.vmm_info and snap.vmm_info.rng -- the same devices as the snapshot
+	spec.vsock = snap.vmm_info and snap.vmm_info.vsock or nil -- Firecracker: rebound at its path
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
 	self:limit()
 	stage(self, "VMM restore (" .. self.vm.vmm .. ")", self.vm.restore, self.vm, snap.dir, spec)

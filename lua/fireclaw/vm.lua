@@ -20,6 +20,9 @@
 --   v:restore(dir, spec)              -- a fresh VMM loads dir (spec as for boot, rootfs =
 --                                     -- this clone's own disk copy) and resumes
 --   v:shutdown(timeout_s) -> true if the guest/VMM stopped by itself; destroys either way
+--   v:agent_channel([timeout_s]) -> socket | nil, err   -- a byte stream to the guest agent
+--                                     -- (Firecracker: vsock port 1024), retried until the
+--                                     -- deadline while the agent is not listening yet
 --   v:destroy()                       -- idempotent, never raises
 --   v:state() -> "not started" | "running" | "paused" | "stopped"
 --   v.console_path  v.vmm  v.vmm_version  v.accel  v.pid  v.starttime  v.timings
@@ -226,7 +229,7 @@ M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker",
 	"socket_timeout", "on_spawn", "user", "keep", "detected", "cmdline_devices", "cgroup" }
 -- What v:boot and v:restore take (the drivers read these).
 M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
-	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices" }
+	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock" }
 
 function M.new(opts)
 	if type(opts) ~= "table" then error("vm.new: options table expected (id =, dir =, …)", 0) end
@@ -380,6 +383,18 @@ function VM:wait_console(text, timeout_s)
 	end
 	error(string.format("vm %s: the console did not show '%s' within %gs; it ends with:\n%s",
 		self.id, text, timeout_s, tail ~= "" and tail or "(empty)"), 0)
+end
+
+-- A connected byte stream (a fireclaw.net socket: s:fd(), s:send, s:recv, s:close) to the
+-- guest agent, or nil, err (one line). timeout_s bounds the whole wait, retries included:
+-- give it what is left of the boot deadline.
+function VM:agent_channel(timeout_s)
+	if self.destroyed then return nil, "vm " .. self.id .. ": destroyed" end
+	if self._state == "not started" then return nil, "vm " .. self.id .. ": not started" end
+	if not self.driver.agent_channel then
+		return nil, "vm " .. self.id .. ": " .. self.vmm .. " has no agent channel here"
+	end
+	return self.driver.agent_channel(self, timeout_s)
 end
 
 -- Ask the guest (then the VMM) to stop; destroy the VM either way.

@@ -8,6 +8,12 @@
 -- MOUNT/{api.sock,disk.ext4,...}. Either way a snapshot records only fixed names, and each
 -- clone restored from one snapshot opens its own disk copy.
 --
+-- Every VM has a vsock device (guest CID 3) whose unix socket is at a fixed path in the
+-- VMM's view (/v.sock in a jail, MOUNT/v.sock unjailed): a snapshot records that path, and
+-- each clone's load binds it again inside its own jail or VM directory, so any number of
+-- clones run at once, each with its own socket. v:agent_channel() connects to the guest
+-- agent through it (fireclaw.vmm.vsock).
+--
 -- Version awareness: GET /version once per process; the request shapes follow the
 -- OpenAPI spec of that version (v1.0: /snapshot/load takes mem_file_path; from v1.1 on,
 -- mem_backend). Optional fields are sent only to versions whose spec has them.
@@ -18,6 +24,7 @@ local jailer = require "fireclaw.vmm.jailer"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local util = require "fireclaw.vmm.util"
+local vsock = require "fireclaw.vmm.vsock"
 
 local M = {}
 
@@ -26,6 +33,12 @@ local M = {}
 M.MOUNT = "/run/fireclaw/vm"
 M.SOCKET_TIMEOUT = 10
 M.REQUEST_TIMEOUT = 30 -- a full snapshot of a large VM takes a while
+-- The vsock device: the guest's CID (3 is the lowest a guest may have) and the port the
+-- guest agent listens on.
+M.GUEST_CID = 3
+M.AGENT_PORT = 1024
+M.AGENT_TIMEOUT = 10
+M.VSOCK_NAME = "v.sock"
 -- Firecracker's own defaults include `nomodule` and `8250.nr_uarts=0` (no console), so
 -- boot args are always sent.
 M.DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
@@ -73,6 +86,20 @@ local function sock_path(v)
 	if v.jail then return jailer.socket(v.jail) end
 	return v.dir .. "/api.sock"
 end
+
+-- The vsock socket as the VMM names it (the snapshot records this path).
+local function vsock_in_vmm(v)
+	return v.jail and ("/" .. M.VSOCK_NAME) or (M.MOUNT .. "/" .. M.VSOCK_NAME)
+end
+M.vsock_in_vmm = vsock_in_vmm
+
+-- The same socket as fireclaw reaches it: through the jail's directory descriptor (a short
+-- path, like the API socket's), or in the VM directory.
+local function vsock_host(v)
+	if v.jail then return jailer.socket(v.jail, "/" .. M.VSOCK_NAME) end
+	return v.dir .. "/" .. M.VSOCK_NAME
+end
+M.vsock_host = vsock_host
 
 function M.log_files(v)
 	return { v.dir .. "/vmm.log", v.dir .. "/firecracker.log" }
@@ -152,8 +179,10 @@ local function spawn(v, place)
 	local problem = M.unjailed_problem(nil)
 	if problem then error("vm " .. v.id .. ": " .. problem, 0) end
 	util.mkdir_p(M.MOUNT)
-	-- Firecracker never removes its socket, and refuses to start over an existing one
+	-- Firecracker never removes its sockets, and refuses to start over an existing API
+	-- socket; a stale vsock socket would make PUT /vsock or a snapshot load fail
 	os.remove(sock_path(v))
+	os.remove(vsock_host(v))
 	local t0 = runtime.now()
 	v:_started(proc.spawn{
 		argv = { v.binary, "--api-sock", M.MOUNT .. "/api.sock", "--id", instance_id(v.id) },
@@ -200,11 +229,14 @@ local function devices(v, spec)
 	-- snapshot keeps it. Older versions have none: restores are reseeded over SSH anyway.
 	local rng = spec.rng ~= false and supports(v, "entropy")
 	if rng then v.api:put("/entropy", {}) end
-	return rootfs, rng
+	-- the private channel to the guest agent; Firecracker binds its socket at once (v1.0)
+	local vs = { guest_cid = M.GUEST_CID, uds_path = vsock_in_vmm(v) }
+	v.api:put("/vsock", vs)
+	return rootfs, rng, vs
 end
 
 -- Cold boot: logger, (metrics), machine config, boot source, root drive, network,
--- InstanceStart. spec.acpi_devices: the kernel finds its devices only through ACPI (an
+-- (entropy), vsock, InstanceStart. spec.acpi_devices: the kernel finds its devices only through ACPI (an
 -- older Firecracker is refused at once instead of booting a guest that never answers).
 function M.boot(v, spec)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
@@ -231,11 +263,11 @@ function M.boot(v, spec)
 	local vcpu, mem = spec.vcpu or 1, spec.mem_mib or 256
 	v.api:put("/machine-config", { vcpu_count = vcpu, mem_size_mib = mem })
 	local boot = boot_source(v, spec)
-	local rootfs, rng = devices(v, spec)
+	local rootfs, rng, vs = devices(v, spec)
 	v.api:put("/actions", { action_type = "InstanceStart" })
 	v.booted = { kernel = boot.kernel_image_path, initrd = boot.initrd_path,
 		boot_args = boot.boot_args, vcpu = vcpu, mem_mib = mem, rootfs = rootfs,
-		tap = v.tap, mac = v.mac, rng = rng }
+		tap = v.tap, mac = v.mac, rng = rng, vsock = vs }
 end
 
 function M.pause(v) v.api:patch("/vm", { state = "Paused" }) end
@@ -276,7 +308,7 @@ function M.snapshot(v, dir)
 	local b = v.booted or {}
 	return { mem_mib = b.mem_mib, vcpu = b.vcpu, kernel = b.kernel, initrd = b.initrd,
 		boot_args = b.boot_args, rootfs_path_in_vmm = b.rootfs, tap = b.tap, mac = b.mac,
-		vmstate = "vmstate", memory = "memory", rng = b.rng or false }
+		vmstate = "vmstate", memory = "memory", rng = b.rng or false, vsock = b.vsock or false }
 end
 
 -- Each clone's disk must be where the snapshot says (inside the VMM's view).
@@ -291,6 +323,22 @@ local function check_disk(v, spec)
 	end
 	if not util.exists(spec.rootfs) then
 		error("vm " .. v.id .. ": no disk copy at " .. spec.rootfs, 0)
+	end
+end
+
+-- The snapshot binds its vsock socket again at the path it recorded: that must be this
+-- VM's own (a jailed snapshot names /v.sock, an unjailed one MOUNT/v.sock).
+local function check_vsock(v, spec)
+	local vs = spec.vsock
+	if not vs then return end
+	if type(vs) ~= "table" or type(vs.uds_path) ~= "string" then
+		error("vm " .. v.id .. ": the snapshot's vsock record is not {guest_cid =, uds_path =}", 0)
+	end
+	local want = v.jailer and ("/" .. M.VSOCK_NAME) or (M.MOUNT .. "/" .. M.VSOCK_NAME)
+	if vs.uds_path ~= want then
+		error(string.format("vm %s: the snapshot binds its vsock socket at %s, but this VM's is %s "
+			.. "(a snapshot of a%s Firecracker: take it again)", v.id, vs.uds_path, want,
+			v.jailer and "n unjailed" or " jailed"), 0)
 	end
 end
 
@@ -316,6 +364,7 @@ end
 -- unusable (it exits), so the process is killed with the error.
 function M.restore(v, dir, spec)
 	check_disk(v, spec)
+	check_vsock(v, spec)
 	util.check_tap(v)
 	spawn(v, function(j)
 		jailer.place_ro(j, dir .. "/vmstate", "vmstate")
@@ -331,7 +380,27 @@ function M.restore(v, dir, spec)
 	v.booted = { kernel = spec.kernel, initrd = spec.initrd, boot_args = spec.boot_args,
 		vcpu = spec.vcpu, mem_mib = spec.mem_mib,
 		rootfs = spec.rootfs and (v.jail and "/disk.ext4" or in_vmm(v, spec.rootfs)),
-		tap = v.tap, mac = v.mac, rng = spec.rng }
+		tap = v.tap, mac = v.mac, rng = spec.rng, vsock = spec.vsock or nil }
+end
+
+-- A byte stream to the guest agent (vsock port AGENT_PORT), or nil, err: the VM has no
+-- vsock device (restored from a snapshot taken without one), the VMM is gone, or nothing
+-- accepted within timeout_s (default AGENT_TIMEOUT: give it what is left of the boot
+-- deadline). Right after a boot or restore the agent may not listen yet: Firecracker then
+-- closes the connection, and the connect is retried until the deadline.
+function M.agent_channel(v, timeout_s, port)
+	if not (v.booted and v.booted.vsock) then
+		return nil, "vm " .. v.id .. ": no vsock device (restored from a snapshot taken without one: "
+			.. "take it again)"
+	end
+	return vsock.connect(vsock_host(v), port or M.AGENT_PORT, {
+		timeout = timeout_s or M.AGENT_TIMEOUT, what = "vm " .. v.id,
+		alive = function()
+			if v.destroyed or not v.proc then return false, "the VM was destroyed" end
+			if v.proc:alive() then return true end
+			return false, "firecracker " .. util.describe_exit(v.proc:wait(0))
+		end,
+	})
 end
 
 -- Ctrl-Alt-Del: the guest reboots, and Firecracker exits when its guest does.
@@ -355,6 +424,7 @@ function M.destroy(v)
 		jailer.remove(j.dir)
 	else
 		os.remove(sock_path(v))
+		os.remove(vsock_host(v))
 	end
 end
 
