@@ -49,6 +49,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import socketserver
 import sys
 import tempfile
@@ -1039,8 +1040,94 @@ def self_test():
     t.fault(lambda: check(old, "/drives/rootfs", {"drive_id": "rootfs", "is_root_device": True}),
             "'path_on_host' is a required property", "v1.0.0 requires path_on_host")
 
+    check(old, "/vsock", {"guest_cid": 3, "uds_path": "/v.sock"})
+    t.fault(lambda: check(old, "/vsock", {"guest_cid": 2, "uds_path": "/v.sock"}),
+            "guest_cid.*less than the minimum", "/vsock: the spec's minimum CID (3)")
+    t.fault(lambda: check(new, "/vsock", {"guest_cid": 3}),
+            "'uds_path' is a required property", "/vsock: uds_path required")
+    t.fault(lambda: check(old, "/snapshot/load", {"snapshot_path": "/s", "mem_file_path": "/m",
+                                                  "vsock_override": {"uds_path": "/x"}}),
+            "'vsock_override' was unexpected", "v1.0.0 has no vsock_override")
+
     live_test(t)
+    live_vsock(t)
     return t.done()
+
+
+def live_vsock(t):
+    """The vsock socket: bound at PUT, silent until the guest runs, CONNECT answered,
+    other ports closed, connections reset by a snapshot, bound again by a load."""
+    with tempfile.TemporaryDirectory() as d:
+        open(os.path.join(d, "vmlinux"), "w").close()
+        app = App("1.0.0", "vsock", None)
+        app.machine.console = lambda line: None
+        path = os.path.join(d, "v.sock")
+
+        def call(method, route, body=None, a=app):
+            try:
+                parsed = a.parse(method, route, json.dumps(body).encode() if body else None)
+                return 204, a.machine.handle(*parsed)
+            except Fault as f:
+                return f.status, f.message
+
+        st, msg = call("PUT", "/vsock", {"guest_cid": 3, "uds_path": os.path.join(d, "vmlinux")})
+        t.ok(st == 400 and "UnixBind(Os { code: 98, kind: AddrInUse" in msg,
+             "an existing path: 400 AddrInUse", msg)
+        st, _ = call("PUT", "/vsock", {"guest_cid": 3, "uds_path": path})
+        t.ok(st == 204 and stat.S_ISSOCK(os.stat(path).st_mode), "PUT /vsock binds its socket at once")
+        early = socket.socket(socket.AF_UNIX)
+        early.connect(path)
+        early.sendall(b"CONNECT 1024\n")
+        early.settimeout(0.3)
+        try:
+            got = early.recv(100)
+        except socket.timeout:
+            got = "silence"
+        t.ok(got == "silence", "before the guest runs: no answer, not closed", got)
+        call("PUT", "/boot-source", {"kernel_image_path": os.path.join(d, "vmlinux")})
+        call("PUT", "/actions", {"action_type": "InstanceStart"})
+        early.settimeout(5)
+        t.ok(early.recv(100) == b"OK 1073741824\n", "once running, the waiting CONNECT is answered")
+        early.sendall(b"echo")
+        t.ok(early.recv(100) == b"echo", "and the stream reaches the guest's listener (echo)")
+        for req, name in ((b"CONNECT 7\n", "a port nothing listens on"),
+                          (b"HELLO\n", "a request that is not CONNECT")):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.settimeout(5)
+            s.sendall(req)
+            t.ok(s.recv(100) == b"", name + ": the connection is closed")
+            s.close()
+        call("PATCH", "/vm", {"state": "Paused"})
+        snap, mem = os.path.join(d, "state"), os.path.join(d, "mem")
+        call("PUT", "/snapshot/create", {"snapshot_path": snap, "mem_file_path": mem})
+        t.ok(early.recv(100) == b"", "a snapshot resets the open connection")
+        early.close()
+        with open(snap) as f:
+            t.ok(json.load(f).get("vsock") == {"guest_cid": 3, "uds_path": path},
+                 "the snapshot records the device and its path")
+        clone = App("1.0.0", "clone", None)
+        st, msg = call("PUT", "/snapshot/load", {"snapshot_path": snap, "mem_file_path": mem}, clone)
+        t.ok(st == 400 and "VsockUnixBackend(UnixBind(Os { code: 98" in msg
+             and clone.machine.exit_after == EXIT_BAD_SNAPSHOT,
+             "a load over an existing socket file fails, and the process ends", msg)
+        os.unlink(path)
+        clone = App("1.0.0", "clone2", None)
+        clone.machine.console = lambda line: None
+        st, _ = call("PUT", "/snapshot/load", {"snapshot_path": snap, "mem_file_path": mem,
+                                               "resume_vm": True}, clone)
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        ok = st == 204 and stat.S_ISSOCK(os.stat(path).st_mode)
+        if ok:
+            s.connect(path)
+            s.sendall(b"CONNECT 1024\n")
+            ok = s.recv(100) == b"OK 1073741824\n"
+        t.ok(ok, "a load binds the recorded path again, and it answers")
+        s.close()
+        for a in (app, clone):
+            if a.machine.vsock_backend:
+                a.machine.vsock_backend.close()
 
 
 def live_test(t):

@@ -172,6 +172,20 @@ local function main()
 		t.lives(function() a:wait_console("guest is running", 10) end, tag .. "the console reaches console.log")
 		t.like(a.driver and fs.readlink("/proc/self/fd/" .. j.fd) or "", "/root$", tag .. "the API socket is reached through a descriptor of the chroot")
 		t.ok(#("/proc/self/fd/" .. j.fd .. "/api.sock") < 40, tag .. "a short socket path")
+		-- the vsock socket lives in the chroot: Firecracker (the uid) binds /v.sock there
+		t.same((find_call(log, "PUT", "/vsock") or {}).body, { guest_cid = 3, uds_path = "/v.sock" },
+			tag .. "PUT /vsock names the jail's /v.sock")
+		local vsk = stat(j.root .. "/v.sock") or {}
+		t.is(vsk.kind .. " " .. tostring(vsk.uid), "socket " .. uid, tag .. "the vsock socket is in the chroot, the uid's")
+		t.is(require("fireclaw.vmm.firecracker").vsock_host(a), "/proc/self/fd/" .. j.fd .. "/v.sock",
+			tag .. "fireclaw reaches it through its descriptor of the chroot")
+		local ch, why = a:agent_channel(5)
+		t.ok(ch, tag .. "agent channel through the chroot's socket", why)
+		if ch then
+			ch:send("jailed " .. version .. "\n", 5)
+			t.is(ch:recv(100, 5), "jailed " .. version .. "\n", tag .. "a byte stream to the guest's agent port")
+			ch:close()
+		end
 
 		-- snapshot: written in the jail as the uid, moved out, root's
 		-- v1.16.1's snapshot goes to another filesystem (tmpfs): moved out of the jail by a
@@ -190,6 +204,7 @@ local function main()
 		local ms, vs = stat(snap .. "/memory") or {}, stat(snap .. "/vmstate") or {}
 		t.is(ms.uid .. " " .. ms.mode .. " " .. vs.uid .. " " .. vs.mode, "0 644 0 644", tag .. "the snapshot's files are root's")
 		t.is((info or {}).rootfs_path_in_vmm, "/disk.ext4", tag .. "the snapshot opens its disk at /disk.ext4")
+		t.same((info or {}).vsock, { guest_cid = 3, uds_path = "/v.sock" }, tag .. "the snapshot binds /v.sock again")
 		t.same(runtime.listdir(j.root .. "/snap"), {}, tag .. "nothing left in the jail's /snap")
 		local apid, astart, adir = j.pid, j.start, j.dir
 		a:destroy()
@@ -203,7 +218,8 @@ local function main()
 			local v = new_vm(version, "c" .. i .. version:gsub("%.", ""), log)
 			util.sparse_file(v.dir .. "/disk.ext4", 1048576)
 			t.lives(function() v:restore(snap, { rootfs = v.dir .. "/disk.ext4", mem_mib = 128, vcpu = 1,
-				rootfs_path_in_vmm = info and info.rootfs_path_in_vmm }) end, tag .. "clone " .. i .. " restored in its own jail")
+				rootfs_path_in_vmm = info and info.rootfs_path_in_vmm, vsock = info and info.vsock }) end,
+				tag .. "clone " .. i .. " restored in its own jail")
 			clones[i] = v
 		end
 		local c1, c2 = clones[1].jail or {}, clones[2].jail or {}
@@ -223,6 +239,19 @@ local function main()
 			t.ok(uid_can_write(cj, "disk.ext4"), tag .. "clone " .. i .. ": but can write its disk")
 			local dd = stat((cj.root or "") .. "/disk.ext4") or {}
 			t.ok(dd.uid == cj.uid and dd.mode == "600", tag .. "clone " .. i .. ": its own disk, its own user's")
+		end
+		-- each clone's load bound /v.sock inside its own jail; both channels at once
+		local chs = {}
+		for i, cj in ipairs({ c1, c2 }) do
+			local vsk = stat((cj.root or "") .. "/v.sock") or {}
+			t.ok(vsk.kind == "socket" and vsk.uid == cj.uid, tag .. "clone " .. i .. ": /v.sock bound in its own jail, by its user")
+			chs[i] = clones[i]:agent_channel(5)
+			t.ok(chs[i], tag .. "clone " .. i .. ": agent channel")
+		end
+		for i, ch in ipairs(chs) do
+			ch:send("clone " .. i .. "\n", 5)
+			t.is(ch:recv(100, 5), "clone " .. i .. "\n", tag .. "clone " .. i .. ": its own stream")
+			ch:close()
 		end
 		local loads = {}
 		for _, r in ipairs(events(log)) do
