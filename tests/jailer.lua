@@ -243,15 +243,15 @@ local function main()
 		-- each clone's load bound /v.sock inside its own jail; both channels at once
 		local chs = {}
 		for i, cj in ipairs({ c1, c2 }) do
-			local vsk = stat((cj.root or "") .. "/v.sock") or {}
-			t.ok(vsk.kind == "socket" and vsk.uid == cj.uid, tag .. "clone " .. i .. ": /v.sock bound in its own jail, by its user")
+			local cvs = stat((cj.root or "") .. "/v.sock") or {}
+			t.ok(cvs.kind == "socket" and cvs.uid == cj.uid, tag .. "clone " .. i .. ": /v.sock bound in its own jail, by its user")
 			chs[i] = clones[i]:agent_channel(5)
 			t.ok(chs[i], tag .. "clone " .. i .. ": agent channel")
 		end
-		for i, ch in ipairs(chs) do
-			ch:send("clone " .. i .. "\n", 5)
-			t.is(ch:recv(100, 5), "clone " .. i .. "\n", tag .. "clone " .. i .. ": its own stream")
-			ch:close()
+		for i, cch in ipairs(chs) do
+			cch:send("clone " .. i .. "\n", 5)
+			t.is(cch:recv(100, 5), "clone " .. i .. "\n", tag .. "clone " .. i .. ": its own stream")
+			cch:close()
 		end
 		local loads = {}
 		for _, r in ipairs(events(log)) do
