@@ -367,6 +367,30 @@ local function main()
 		config.unsafe_no_jailer = true
 		t.is(vm.choose_vmm("auto", "auto", d), "firecracker", "auto, no jailer, opted in: Firecracker")
 		config.unsafe_no_jailer = false
+		d.unsafe_no_jailer = true
+		t.is(vm.choose_vmm("auto", "auto", d), "firecracker", "the opt-in as an option of the run (no global)")
+
+		-- --unsafe-no-jailer is an option handed down to the VM (like vmm), not a global
+		-- the recipes set: one sandbox's opt-in does not leak into the next VM of the process
+		local saved = config.jailer
+		config.jailer = base .. "/no-such-jailer"
+		t.raises(function() vm.new { id = "nj1", dir = base .. "/nj1", vmm = "firecracker", firecracker = FAKE } end,
+			"no jailer found", "no jailer, no opt-in: vm.new refuses")
+		local nj, njerr
+		t.lives(function()
+			nj = vm.new { id = "nj2", dir = base .. "/nj2", vmm = "firecracker", firecracker = FAKE, unsafe_no_jailer = true }
+			c:add(function() nj:destroy() end)
+			nj:boot { kernel = "/dev/null" }
+		end, "vm.new{unsafe_no_jailer = true}: the unjailed Firecracker boots")
+		t.ok(nj and nj.jail == nil and nj.pid and nj:state() == "running", "unjailed, running", njerr)
+		if nj then nj:destroy() end
+		t.is(config.unsafe_no_jailer, false, "and the process-wide opt-in is untouched")
+		t.lives(function() require("fireclaw.opts").check("sandbox.new", { unsafe_no_jailer = true },
+			require("fireclaw.sandbox").OPTIONS) end, "unsafe_no_jailer is a sandbox option")
+		local cold = require("fireclaw.cli").use("coldboot")
+		t.raises(function() cold.boot { vmm = "firecracker", unsafe_no_jailer = true, image = "no-such-image" } end,
+			"no image named 'no%-such%-image'", "coldboot.boot takes it too (the image is the first thing missing)")
+		config.jailer = saved
 	end
 
 	-- ---- 5b. a dynamically linked exec-file gets its loader and libraries in the jail ----
@@ -390,9 +414,16 @@ local function main()
 	-- ---- 6. doctor's confinement line ----
 
 	do
+		local dlog = base .. "/doctor.jsonl"
 		local env = { FIRECLAW_FIRECRACKER = FAKE, FIRECLAW_RUN = base .. "/doc-run", FIRECLAW_JAILER = JAILER,
-			FAKE_FC_VERSION = "1.16.1" }
+			FAKE_FC_VERSION = "1.16.1", FAKE_FC_LOG = dlog }
 		local out = proc.run({ FIRECLAW, "doctor" }, { env = env, timeout = 120 }).stdout
+		local asked = 0
+		for _, e in ipairs(events(dlog, "jailer")) do
+			if e.argv and e.argv[1] == "--version" then asked = asked + 1 end
+		end
+		t.is(asked, 1, "doctor: jailer --version is run once")
+		env.FAKE_FC_LOG = nil
 		t.like(out, "\nok +confine fc +Firecracker jailed by [^\n]*fake%-jailer: uid " .. jailer.UID_BASE
 			.. "%+1%+id per VM, gid " .. jailer.UID_BASE .. ", chroot [^\n]*/doc%-run/jail/<exec>/<id>/root",
 			"doctor: jailed, by which jailer, the uid scheme and the chroot")

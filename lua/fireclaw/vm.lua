@@ -10,7 +10,8 @@
 --                     -- user = "auto" | "root" | "UID:GID": who QEMU runs as (config.vmm_user),
 --                     -- detected = a vm.choose result (no second detection),
 --                     -- cmdline_devices = the kernel takes virtio-mmio devices on its cmdline,
---                     -- cgroup = {cgroup.procs path…}: the VMM joins these before exec }
+--                     -- cgroup = {cgroup.procs path…}: the VMM joins these before exec,
+--                     -- unsafe_no_jailer = true: Firecracker may run as root without a jailer }
 --   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256,
 --           acpi_devices = true: the kernel finds devices through ACPI only (Firecracker < 1.8
 --           refuses at once) }
@@ -116,7 +117,7 @@ local function choose_vmm(want, src, d)
 			return "qemu", old .. " (upgrade Firecracker to use it)"
 		end
 		local unjailed = d.firecracker and d.kvm == "hardware"
-			and require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted)
+			and require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted, d.unsafe_no_jailer)
 		if unjailed then -- QEMU runs confined; an unjailed Firecracker would be root
 			return "qemu", "firecracker found, but no jailer (" .. require("fireclaw.vmm.jailer").FIX
 				.. "; or --vmm firecracker --unsafe-no-jailer)"
@@ -136,7 +137,8 @@ local function choose_vmm(want, src, d)
 				and ("FIRECLAW_FIRECRACKER=" .. d.firecracker_wanted .. " does not exist")
 				or "there is no firecracker on PATH") .. " (" .. FIX_FIRECRACKER .. ")"
 		end
-		local unjailed = require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted)
+		local unjailed = require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted,
+			d.unsafe_no_jailer)
 		if unjailed then return nil, src .. ", but " .. unjailed end
 		if d.kvm ~= "hardware" then
 			return "firecracker", "firecracker as asked (" .. src .. "; warning: " .. d.kvm_why
@@ -175,14 +177,16 @@ M.choose_vmm, M.choose_accel = choose_vmm, choose_accel
 -- Probe the host and pick a VMM and accelerator. opts: vmm, accel (the flags' values: nil
 -- when not given; config.choice applies the environment and the defaults), firecracker,
 -- qemu, cmdline_devices (the image's kernel takes virtio-mmio devices from its command
--- line, so an older Firecracker can boot it); versions = false skips running the binaries
+-- line, so an older Firecracker can boot it); unsafe_no_jailer (Firecracker may run as root
+-- without a jailer: --unsafe-no-jailer); versions = false skips running the binaries
 -- for their versions (vm.new does: the VMM reports its version itself; auto still asks an
 -- installed Firecracker on a hardware-KVM host, to know whether it can boot the image's
 -- kernel). Never raises: an impossible choice leaves vmm (or accel) nil and says why.
 -- d.vmm_source / d.accel_source say who chose ("--vmm qemu", "FIRECLAW_ACCEL=kvm", "auto").
 function M.detect(opts)
-	opts = opts_check.check("vm.detect", opts, { "vmm", "accel", "firecracker", "qemu", "versions", "cmdline_devices" })
-	local d = {}
+	opts = opts_check.check("vm.detect", opts, { "vmm", "accel", "firecracker", "qemu", "versions", "cmdline_devices",
+		"unsafe_no_jailer" })
+	local d = { unsafe_no_jailer = opts.unsafe_no_jailer or nil }
 	d.kvm, d.kvm_why = M.kvm_kind()
 	d.firecracker, d.firecracker_wanted = find_firecracker(opts)
 	local versions = opts.versions ~= false
@@ -226,7 +230,7 @@ VM.__index = VM
 local DRIVERS = { firecracker = "fireclaw.vmm.firecracker", qemu = "fireclaw.vmm.qemu" }
 
 M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker", "qemu", "env",
-	"socket_timeout", "on_spawn", "user", "keep", "detected", "cmdline_devices", "cgroup" }
+	"socket_timeout", "on_spawn", "user", "keep", "detected", "cmdline_devices", "cgroup", "unsafe_no_jailer" }
 -- What v:boot and v:restore take (the drivers read these).
 M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
 	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock" }
@@ -245,7 +249,7 @@ function M.new(opts)
 	local self = setmetatable({
 		id = opts.id, dir = dir, netns = opts.netns, tap = opts.tap, mac = opts.mac,
 		env = opts.env, socket_timeout = opts.socket_timeout, keep = opts.keep, on_spawn = opts.on_spawn,
-		user = opts.user, cgroup = opts.cgroup,
+		user = opts.user, cgroup = opts.cgroup, unsafe_no_jailer = opts.unsafe_no_jailer or d.unsafe_no_jailer,
 		vmm = d.vmm, accel = d.accel, why = d.why, vmm_source = d.vmm_source,
 		accel_source = d.accel_source, kvm = d.kvm, kvm_why = d.kvm_why,
 		binary = d.vmm == "firecracker" and d.firecracker or d.qemu,

@@ -117,10 +117,11 @@ M.LOGGER_PATH = "/proc/self/fd/3"
 local function logger_path(v) return v.jail and jailer.LOGGER or M.LOGGER_PATH end
 
 -- Why this Firecracker may not start: no jailer while fireclaw is root, unless the user
--- opted in (--unsafe-no-jailer, FIRECLAW_UNSAFE_NO_JAILER=1, config.unsafe_no_jailer).
+-- opted in (allowed: the sandbox/vm option unsafe_no_jailer, from --unsafe-no-jailer; or
+-- FIRECLAW_UNSAFE_NO_JAILER=1 / config.unsafe_no_jailer for a whole process).
 -- wanted: the FIRECLAW_JAILER that named nothing, for the message.
-function M.unjailed_problem(jailer_path, wanted)
-	if jailer_path or config.unsafe_no_jailer or not jailer.running_as_root() then return nil end
+function M.unjailed_problem(jailer_path, wanted, allowed)
+	if jailer_path or allowed or config.unsafe_no_jailer or not jailer.running_as_root() then return nil end
 	return "no jailer found" .. (wanted and (" (FIRECLAW_JAILER=" .. wanted .. " does not exist)") or "")
 		.. ", and Firecracker would run as root with the host's files in view; "
 		.. jailer.FIX .. " (or pass --unsafe-no-jailer)"
@@ -176,7 +177,7 @@ end
 -- cannot fill the host's disk. place(j): what to put into the jail, if there is one.
 local function spawn(v, place)
 	if v.jailer then return spawn_jailed(v, place) end
-	local problem = M.unjailed_problem(nil)
+	local problem = M.unjailed_problem(nil, nil, v.unsafe_no_jailer)
 	if problem then error("vm " .. v.id .. ": " .. problem, 0) end
 	util.mkdir_p(M.MOUNT)
 	-- Firecracker never removes its sockets, and refuses to start over an existing API
