@@ -549,6 +549,14 @@ end
 -- ---- the agent channel: a hostile or absent answer is one clear error, no hang, no leak ----
 
 local function vsock_faults(c, base)
+	local net = require "fireclaw.net"
+	t.raises(function() net.unix_connect(base .. "/nobody.sock") end,
+		"^net: connect to .*/nobody%.sock: No such file or directory", "net.unix_connect: no socket there")
+	io.open(base .. "/plain", "w"):close()
+	t.raises(function() net.unix_connect(base .. "/plain") end, "^net: connect to .*/plain: Connection refused",
+		"net.unix_connect: a file that is not a listening socket")
+	t.raises(function() net.unix_connect("/" .. string.rep("x", 120)) end, "path too long for a unix socket",
+		"net.unix_connect: a path over 107 bytes")
 	local tg = targets[1]
 	local log = base .. "/vs.log"
 	local ns = vt.netns(c, NS_PREFIX .. "vs")
