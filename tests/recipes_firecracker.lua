@@ -149,9 +149,9 @@ if snap then
 	end, "a restored sandbox, up to its VMM")
 	t.ok(ch, "its agent channel answers", cwhy)
 	if ch then
-		ch:send("restored\n", 5)
-		t.is(ch:recv(100, 5), "restored\n", "a byte stream to the restored guest's agent port")
-		ch:close()
+		local got = require("vmtest").fd_echo(ch, "restored")
+		t.is(got, "restored", "a byte stream to the restored guest's agent port")
+		require("fireclaw.sys").close(ch)
 	end
 	local vdir = rsb and rsb.dir
 	if rsb then rsb:destroy() end

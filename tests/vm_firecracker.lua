@@ -162,12 +162,17 @@ local function cold_boot(tg, c, base, files)
 		local bind = events(log, "vsock-bind")[1] or {}
 		t.ok(kind(dir .. "/v.sock") == "socket" and bind.ino == vt.inode(dir .. "/v.sock"),
 			tg.name .. ": Firecracker's vsock socket is the VM directory's v.sock")
-		local ch, why = v:agent_channel(5)
-		t.ok(ch, tg.name .. ": agent_channel: CONNECT 1024 answered OK", why)
-		if ch then
-			t.ok(echo(ch, "ping\0\255" .. tg.version), tg.name .. ": the channel is a byte stream to the guest's port 1024")
-			ch:close()
+		local fd, why = v:agent_channel(5)
+		t.ok(type(fd) == "number" and (sys.fstat(fd) or {}).type == "socket",
+			tg.name .. ": agent_channel: CONNECT 1024 answered OK; a socket descriptor", why)
+		if fd then
+			t.is(vt.fd_echo(fd, "ping " .. tg.version), "ping " .. tg.version,
+				tg.name .. ": the descriptor is a byte stream to the guest's port 1024 (used by a child)")
+			sys.close(fd)
 		end
+		local s2 = fcdrv.vsock_connect(v, 1024, 5)
+		t.ok(s2 and echo(s2, "ping\0\255" .. tg.version), tg.name .. ": byte for byte, NUL and 0xff too")
+		if s2 then s2:close() end
 		local vc = events(log, "vsock-connect")[1] or {}
 		t.is(vc.port, 1024, tg.name .. ": the connection asked for the agent's port")
 		local ent = find_call(calls, "PUT", "/entropy")
@@ -213,7 +218,7 @@ local function snapshot(tg, v, base, log)
 	local info
 	-- a snapshot resets the guest's vsock connections (TRANSPORT_RESET): the host's end
 	-- sees the stream end
-	local ch = tg.fake and v:agent_channel(5)
+	local ch = tg.fake and fcdrv.vsock_connect(v, 1024, 5)
 	t.lives(function() info = v:snapshot(snap) end, tg.name .. ": snapshot")
 	info = info or {}
 	t.ok(vt.exists(snap .. "/vmstate") and vt.exists(snap .. "/memory"),
@@ -311,7 +316,7 @@ local function clones(tg, c, base, _files, snap, info, spec)
 		local chs = {}
 		for i, x in ipairs(vms) do
 			local why
-			chs[i], why = x.v:agent_channel(5)
+			chs[i], why = fcdrv.vsock_connect(x.v, 1024, 5)
 			t.ok(chs[i], tg.name .. ": clone " .. i .. ": agent channel", why)
 		end
 		for i, ch in ipairs(chs) do
@@ -566,14 +571,14 @@ local function vsock_faults(c, base)
 	io.open(base .. "/vs/disk.ext4", "w"):close()
 	v:boot({ kernel = "/dev/null", rootfs = base .. "/vs/disk.ext4", mem_mib = 128 })
 	local fds = open_fds()
-	local ch, why = v:agent_channel(5)
-	t.ok(ch, "agent_channel on a guest that speaks at once", why)
+	local ch, why = fcdrv.vsock_connect(v, 1024, 5)
+	t.ok(ch, "a channel to a guest that speaks at once", why)
 	if ch then
 		t.is(ch:recv(100, 5), "HELLO\n", "nothing past the OK line was taken from the guest's stream")
 		ch:close()
 	end
 	local function fails(port, timeout, pattern, name)
-		local s, err = fcdrv.agent_channel(v, timeout, port)
+		local s, err = fcdrv.vsock_connect(v, port, timeout)
 		t.ok(s == nil and type(err) == "string" and not err:find("\n") and err:find(pattern) ~= nil, name, err)
 		if s then s:close() end
 	end
@@ -587,7 +592,7 @@ local function vsock_faults(c, base)
 		"an answer cut short")
 	fails(1999, 0.3, "^vm fct%-vs: nothing accepted vsock port 1999 within 0%.3 s %(Firecracker closed %d+ connections?: "
 		.. "no listener in the guest%)$", "a port nothing listens on: Firecracker closes, retried until the deadline")
-	local late, lwhy = fcdrv.agent_channel(v, 5, 2004)
+	local late, lwhy = fcdrv.vsock_connect(v, 2004, 5)
 	t.ok(late and echo(late, "late"), "a listener that comes up later: retried until it answers", lwhy)
 	if late then late:close() end
 	local n = 0
@@ -599,9 +604,10 @@ local function vsock_faults(c, base)
 	v:pause()
 	fails(1024, 0.5, "^vm fct%-vs: no answer to CONNECT 1024", "a paused guest: no answer until the deadline")
 	v:resume()
-	ch = v:agent_channel(5)
-	t.ok(ch, "resumed: the channel works again")
-	if ch then ch:close() end
+	local fd = v:agent_channel(5)
+	-- (this guest says HELLO first: the child reads that back)
+	t.ok(fd and vt.fd_echo(fd, "again") == "HELLO", "resumed: the agent channel works again")
+	if fd then sys.close(fd) end
 	t.is(open_fds(), fds, "no descriptor left open by any of these attempts")
 	v.proc:kill(9)
 	v.proc:wait(5)

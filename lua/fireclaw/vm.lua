@@ -21,9 +21,10 @@
 --   v:restore(dir, spec)              -- a fresh VMM loads dir (spec as for boot, rootfs =
 --                                     -- this clone's own disk copy) and resumes
 --   v:shutdown(timeout_s) -> true if the guest/VMM stopped by itself; destroys either way
---   v:agent_channel([timeout_s]) -> socket | nil, err   -- a byte stream to the guest agent
---                                     -- (Firecracker: vsock port 1024), retried until the
---                                     -- deadline while the agent is not listening yet
+--   v:agent_channel([timeout_s]) -> fd | nil, err   -- a byte stream to the guest agent
+--                                     -- (Firecracker: vsock port 1024; the caller closes
+--                                     -- fd), retried until the deadline while the agent is
+--                                     -- not listening yet
 --   v:destroy()                       -- idempotent, never raises
 --   v:state() -> "not started" | "running" | "paused" | "stopped"
 --   v.console_path  v.vmm  v.vmm_version  v.accel  v.pid  v.starttime  v.timings
@@ -389,9 +390,10 @@ function VM:wait_console(text, timeout_s)
 		self.id, text, timeout_s, tail ~= "" and tail or "(empty)"), 0)
 end
 
--- A connected byte stream (a fireclaw.net socket: s:fd(), s:send, s:recv, s:close) to the
--- guest agent, or nil, err (one line). timeout_s bounds the whole wait, retries included:
--- give it what is left of the boot deadline.
+-- A connected byte stream to the guest agent, as a descriptor the caller owns (close it
+-- with sys.close; close-on-exec), or nil, err (one line). timeout_s bounds the whole wait,
+-- retries included: give it what is left of the boot deadline. driver.agent_channel(v,
+-- timeout_s) gives it (Firecracker: its vsock device).
 function VM:agent_channel(timeout_s)
 	if self.destroyed then return nil, "vm " .. self.id .. ": destroyed" end
 	if self._state == "not started" then return nil, "vm " .. self.id .. ": not started" end

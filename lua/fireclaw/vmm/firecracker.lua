@@ -23,6 +23,7 @@ local fs = require "fireclaw.fs"
 local jailer = require "fireclaw.vmm.jailer"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
+local sys = require "fireclaw.sys"
 local util = require "fireclaw.vmm.util"
 local vsock = require "fireclaw.vmm.vsock"
 
@@ -384,17 +385,17 @@ function M.restore(v, dir, spec)
 		tap = v.tap, mac = v.mac, rng = spec.rng, vsock = spec.vsock or nil }
 end
 
--- A byte stream to the guest agent (vsock port AGENT_PORT), or nil, err: the VM has no
--- vsock device (restored from a snapshot taken without one), the VMM is gone, or nothing
+-- A connection (a fireclaw.net socket) to the guest's vsock port, or nil, err: the VM has
+-- no vsock device (restored from a snapshot taken without one), the VMM is gone, or nothing
 -- accepted within timeout_s (default AGENT_TIMEOUT: give it what is left of the boot
 -- deadline). Right after a boot or restore the agent may not listen yet: Firecracker then
 -- closes the connection, and the connect is retried until the deadline.
-function M.agent_channel(v, timeout_s, port)
+function M.vsock_connect(v, port, timeout_s)
 	if not (v.booted and v.booted.vsock) then
 		return nil, "vm " .. v.id .. ": no vsock device (restored from a snapshot taken without one: "
 			.. "take it again)"
 	end
-	return vsock.connect(vsock_host(v), port or M.AGENT_PORT, {
+	return vsock.connect(vsock_host(v), port, {
 		timeout = timeout_s or M.AGENT_TIMEOUT, what = "vm " .. v.id,
 		alive = function()
 			if v.destroyed or not v.proc then return false, "the VM was destroyed" end
@@ -402,6 +403,17 @@ function M.agent_channel(v, timeout_s, port)
 			return false, "firecracker " .. util.describe_exit(v.proc:wait(0))
 		end,
 	})
+end
+
+-- The guest agent's channel (vsock port AGENT_PORT) as a descriptor the caller owns and
+-- closes (sys.close; close-on-exec), or nil, err: what the agent's client wraps.
+function M.agent_channel(v, timeout_s)
+	local s, err = M.vsock_connect(v, M.AGENT_PORT, timeout_s)
+	if not s then return nil, err end
+	local fd, derr = sys.dup(s:fd())
+	s:close()
+	if not fd then return nil, "vm " .. v.id .. ": agent channel: dup: " .. derr end
+	return fd
 end
 
 -- Ctrl-Alt-Del: the guest reboots, and Firecracker exits when its guest does.
