@@ -8,7 +8,10 @@ Two uses:
       on the unix socket PATH, validates every request against the official OpenAPI spec of
       the version it plays, and keeps Firecracker's state rules (pre-boot-only resources,
       /snapshot/load only on a fresh process, PATCH /vm only when running, ...). Guest
-      "serial output" goes to stdout, like Firecracker's. Nothing boots: InstanceStart
+      "serial output" goes to stdout, like Firecracker's. The vsock device is played as
+      v1.0 does it: its unix socket bound at PUT /vsock (an existing path fails), host
+      `CONNECT <port>` answered once the "guest" runs, connections reset by a snapshot,
+      the socket bound again at the recorded path by a load (an existing path fails it). Nothing boots: InstanceStart
       prints a fake boot log, snapshots are small JSON files plus a sparse memory file.
 
       --root DIR (not a Firecracker option; tests/fake-jailer passes /proc/self/fd/N, a
@@ -22,7 +25,8 @@ Two uses:
         FAKE_FC_VERSION  "1.16.1" (default) or "1.0.0": the spec and behaviour to play
         FAKE_FC_LOG      append one JSON line per request ({"method", "path", "body",
                          "status", "conn": number of the connection it came on}) and per
-                         event ({"event": "start" | "open" | "exit"})
+                         event ({"event": "start" | "open" | "exit" | "vsock-bind" (path,
+                         dev, ino of the socket) | "vsock-connect" (port, mode)})
         FAKE_FC_VSOCK    what listens in the "guest" behind the vsock device, as
                          "PORT=MODE,…" (default "1024=echo", the guest agent's port):
                          echo (OK, then every byte back), hello (OK and "HELLO\n" in one
