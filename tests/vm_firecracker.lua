@@ -592,6 +592,8 @@ local function vsock_faults(c, base)
 		"an answer cut short")
 	fails(1999, 0.3, "^vm fct%-vs: nothing accepted vsock port 1999 within 0%.3 s %(Firecracker closed %d+ connections?: "
 		.. "no listener in the guest%)$", "a port nothing listens on: Firecracker closes, retried until the deadline")
+	t.raises(function() fcdrv.vsock_connect(v, "1024\nCONNECT 7") end, "port must be an integer",
+		"a port that is not a number is misuse (nothing reaches the socket)")
 	local late, lwhy = fcdrv.vsock_connect(v, 2004, 5)
 	t.ok(late and echo(late, "late"), "a listener that comes up later: retried until it answers", lwhy)
 	if late then late:close() end

@@ -238,8 +238,9 @@ local function devices(v, spec)
 end
 
 -- Cold boot: logger, (metrics), machine config, boot source, root drive, network,
--- (entropy), vsock, InstanceStart. spec.acpi_devices: the kernel finds its devices only through ACPI (an
--- older Firecracker is refused at once instead of booting a guest that never answers).
+-- (entropy), vsock, InstanceStart. spec.acpi_devices: the kernel finds its devices only
+-- through ACPI (an older Firecracker is refused at once instead of booting a guest that
+-- never answers).
 function M.boot(v, spec)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
 	util.check_tap(v)
@@ -391,6 +392,9 @@ end
 -- deadline). Right after a boot or restore the agent may not listen yet: Firecracker then
 -- closes the connection, and the connect is retried until the deadline.
 function M.vsock_connect(v, port, timeout_s)
+	if type(port) ~= "number" or port < 0 or port > 0xffffffff or port % 1 ~= 0 then
+		error("vm: vsock_connect: port must be an integer 0-4294967295, got " .. tostring(port), 2)
+	end
 	if not (v.booted and v.booted.vsock) then
 		return nil, "vm " .. v.id .. ": no vsock device (restored from a snapshot taken without one: "
 			.. "take it again)"
