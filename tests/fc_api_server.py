@@ -33,8 +33,10 @@ Two uses:
                          write, then echo), late:N (the first N connections closed as if
                          nothing listened yet, then echo), garbage (answers "NOPE 1\n"),
                          long (200 bytes without a newline), nonl ("OK 5", then closes),
-                         silent (never answers). Any other port: closed at once (no
-                         listener), as Firecracker does.
+                         silent (never answers), serve:PROGRAM (OK, then `PROGRAM
+                         --serve-fd 3` runs with the connection as its descriptor 3: e.g.
+                         the real guest agent, on the host). Any other port: closed at
+                         once (no listener), as Firecracker does.
         FAKE_FC_MODE     "normal"; "no-listen" (never creates the socket); "exit-early"
                          (complains on stderr and exits 1 before listening); "mute"
                          (accepts connections and requests, never answers)
@@ -54,6 +56,7 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import socketserver
 import sys
 import tempfile
@@ -316,6 +319,12 @@ class VsockBackend:
             conn.sendall(b"OK " + b"9" * 200)
         elif mode == "nonl":
             conn.sendall(b"OK 5")
+            return
+        elif mode.startswith("serve:"):
+            conn.sendall(ok)
+            fd = conn.fileno()
+            subprocess.run(["/bin/sh", "-c", 'exec "$0" --serve-fd 3 3<&"$1"', mode[6:], str(fd)],
+                           pass_fds=(fd,), stdin=subprocess.DEVNULL, check=False)
             return
         elif mode in ("echo", "hello"):
             conn.sendall(ok + (b"HELLO\n" if mode == "hello" else b""))

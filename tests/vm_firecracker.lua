@@ -78,7 +78,10 @@ local function echo(ch, data)
 	return got == data, got
 end
 
+-- Descriptors of this process, once the garbage of earlier tests (sockets closed by their
+-- __gc) is collected: what stays open is held on purpose, or leaked.
 local function open_fds()
+	collectgarbage("collect")
 	return #(runtime.listdir("/proc/self/fd") or {})
 end
 
@@ -566,7 +569,13 @@ local function vsock_faults(c, base)
 	local log = base .. "/vs.log"
 	local ns = vt.netns(c, NS_PREFIX .. "vs")
 	local v = new_vm(tg, base .. "/vs", log, { netns = ns })
-	v.env.FAKE_FC_VSOCK = "1024=hello,2000=garbage,2001=long,2002=silent,2003=nonl,2004=late:3"
+	-- a program serving a connection on its descriptor 3, as the guest agent does
+	local server = base .. "/serve-fd"
+	local f = io.open(server, "w")
+	f:write('#!/bin/sh\n[ "$1" = --serve-fd ] || exit 2\nexec /bin/cat <&"$2" >&"$2"\n')
+	f:close()
+	vt.run({ "chmod", "755", server })
+	v.env.FAKE_FC_VSOCK = "1024=hello,2000=garbage,2001=long,2002=silent,2003=nonl,2004=late:3,2005=serve:" .. server
 	c:add(function() v:destroy() end)
 	io.open(base .. "/vs/disk.ext4", "w"):close()
 	v:boot({ kernel = "/dev/null", rootfs = base .. "/vs/disk.ext4", mem_mib = 128 })
@@ -592,6 +601,10 @@ local function vsock_faults(c, base)
 		"an answer cut short")
 	fails(1999, 0.3, "^vm fct%-vs: nothing accepted vsock port 1999 within 0%.3 s %(Firecracker closed %d+ connections?: "
 		.. "no listener in the guest%)$", "a port nothing listens on: Firecracker closes, retried until the deadline")
+	local served = fcdrv.vsock_connect(v, 2005, 5)
+	t.ok(served and echo(served, "served\n"), "the API test server can hand a connection to a program (the agent's "
+		.. "--serve-fd)")
+	if served then served:close() end
 	t.raises(function() fcdrv.vsock_connect(v, "1024\nCONNECT 7") end, "port must be an integer",
 		"a port that is not a number is misuse (nothing reaches the socket)")
 	local late, lwhy = fcdrv.vsock_connect(v, 2004, 5)
