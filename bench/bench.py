@@ -744,23 +744,27 @@ class Bench:
             vmm = sum(ms for name, ms in r["stages"] if name.startswith("VMM"))
             return vmm - r["qmp_ready"] if r["qmp_ready"] is not None else None
 
-        ssh_ready = fc_stage(lambda n: n == "SSH ready")
-        command = fc_stage(lambda n: n == "command")
+        # the guest's channel: the agent (hello; after a restore, its hand-off) or SSH (reseed exec)
+        ssh_ready = fc_stage(lambda n: n in ("SSH ready", "agent ready"))
+        command = fc_stage(lambda n: n == "command" or n.startswith("hand-off") or n.startswith("reseed"))
         rows = [("fireclaw record (state)", fc_stage(lambda n: n == "record"), None),
                 ("namespace + tap", fc_stage(lambda n: n == "network"), bl("network")),
                 ("disk copy", fc_stage(lambda n: n.startswith("disk copy")), bl("disk"))]
         if mode == "restore":
             rows += [("VMM spawn (until QMP answers)", spawn, bl("spawn")),
                      ("restore (migrate-incoming … cont)", rest, bl("restore")),
-                     ("SSH ready (fireclaw: libssh2 connect, handshake, auth; baseline: TCP probe)", ssh_ready,
+                     ("guest channel ready (fireclaw: the agent's hello, or libssh2 connect, handshake, auth; "
+                      "baseline: TCP probe)", ssh_ready,
                       bl("probe")),
-                     ("exec `date -s …; true` (baseline: a whole `ssh` process: handshake, auth, exec)", command,
+                     ("exec `date -s …; true` (fireclaw: hand-off or reseed, then the command; baseline: a whole "
+                      "`ssh` process: handshake, auth, exec)", command,
                       bl("ssh")),
                      ("*the guest-facing part: the two rows above together*",
                       lambda r: ssh_ready(r) + command(r), bl("probe", "ssh"))]
         else:
             rows += [("VMM spawn (fireclaw: until QMP answers; baseline: fork)", spawn, bl("spawn")),
-                     ("boot until sshd answers (fireclaw: + libssh2 connect, handshake, auth)", ssh_ready, bl("probe")),
+                     ("boot until the guest answers (fireclaw: its agent, or sshd + libssh2 connect, handshake, "
+                      "auth)", ssh_ready, bl("probe")),
                      ("exec `true` (baseline: a whole `ssh` process: handshake, auth, exec)", command, bl("ssh")),
                      ("*from spawning the VMM to the command's end: the three rows above together*",
                       lambda r: (spawn(r) or 0) + ssh_ready(r) + command(r), bl("spawn", "probe", "ssh"))]
@@ -1056,9 +1060,11 @@ class Bench:
           "the machine can rebuild or replace them halfway through.")
         w("- Failures are counted, not timed: a fireclaw run fails if its exit status or its command's is not 0, "
           "or if it did not boot the way asked (a restore must say `\"boot\": \"snapshot\"`).")
-        w("- fireclaw's `SSH ready` is its libssh2 connect (TCP, handshake, auth, pinned host key); its `command` "
-          "is one exec on that session. The baseline's `probe` is the TCP probe alone and its `ssh` is a whole "
-          "OpenSSH client process (handshake, auth and exec).")
+        w("- fireclaw's `agent ready` is the guest agent's hello on its virtio-serial port, its `hand-off` the "
+          "restore's clock + entropy frame, its `command` one exec frame (docs/agent-protocol.md); with "
+          "`--exec ssh` they are `SSH ready` (libssh2 connect: TCP, handshake, auth, pinned host key), the "
+          "reseed exec and one exec on that session. The baseline's `probe` is the TCP probe alone and its "
+          "`ssh` is a whole OpenSSH client process (handshake, auth and exec).")
         w("- Under TCG the guest is emulated: most of a run is guest time (its kernel and dropbear), which the "
           "VMM and the tools around it cannot shorten; both sides restore the same snapshot.")
         for n in self.notes:
