@@ -72,6 +72,71 @@ int agent_l_put(lua_State *L);	 /* conn:put(local, remote, opts) */
 int agent_l_get(lua_State *L);	 /* conn:get(remote, local, opts) */
 int agent_l_batch(lua_State *L); /* conn:batch{ {exec = argv, ...}, {get = …}, … } */
 int agent_l_mkdir(lua_State *L); /* conn:mkdir(path [, mode]) */
-int agent_l_list(lua_State *L);  /* conn:list(path) -> entries */
+int agent_l_list(lua_State *L);	 /* conn:list(path) -> entries */
+
+/* ---- operations (core/fc_agent_ops.c: the loop and exec; core/fc_agent_files.c: put, get,
+ * mkdir, list) ---- */
+
+#define MAX_OPS 32
+
+enum op_kind { OP_EXEC, OP_PUT, OP_GET, OP_MKDIR, OP_LIST };
+
+struct op {
+	enum op_kind kind;
+	uint32_t id;
+	int done;
+	double t0;
+	unsigned char *req; /* the request frame's payload */
+	size_t reqlen;
+	uint64_t window; /* bytes we may still send */
+	/* exec */
+	const char *in_data;
+	size_t in_len, in_off;
+	int in_fd, in_eof_sent;
+	int cb_out, cb_err, capture;
+	size_t max_capture;
+	struct fc_buf out, err;
+	int out_trunc, err_trunc, out_eof, err_eof, exited, status, signo;
+	double deadline, kill_deadline, int_deadline;
+	int timed_out, interrupted, forward_int;
+	/* put / get */
+	int fd, dirfd, tmp_live, got_file, data_end;
+	long mode;
+	unsigned long long max_bytes, size, moved;
+	double stall_ms, last_ms;
+	long long uid, gid;
+	unsigned remote_mode;
+	char tmp[32], base[NAME_MAX + 1];
+	char src[PATH_MAX], dst[PATH_MAX], result[PATH_MAX];
+	/* list: the entries so far, a Lua table (registry reference) */
+	int entries_ref;
+	unsigned long nentries;
+};
+
+struct batch {
+	struct agent_conn *c;
+	int n;
+	int conn_ref;
+	struct op ops[MAX_OPS];
+};
+
+/* Raise "agent: WHERE: <op> PATH: MESSAGE" for a failed put/get/mkdir/list. */
+void agent_op_fail(lua_State *L, struct batch *b, struct op *o, const char *fmt, ...)
+    __attribute__((noreturn, format(printf, 4, 5)));
+/* A new batch on the connection at conn_idx, pushed (its __gc releases the operations). */
+struct batch *agent_new_batch(lua_State *L, int conn_idx);
+struct op *agent_add_op(lua_State *L, struct batch *b, enum op_kind kind);
+/* o->src, o->dst from the strings at a and bidx. */
+void agent_set_paths(lua_State *L, struct op *o, int a, int bidx);
+/* Drive the batch at idx to its end under pcall; on an error, abort what is unfinished. */
+void agent_run(lua_State *L, int idx);
+void agent_push_result(lua_State *L, struct op *o);
+void agent_release_ops(lua_State *L, struct batch *b);
+/* core/fc_agent_files.c */
+void agent_build_put(lua_State *L, struct op *o, int t);
+void agent_build_get(lua_State *L, struct op *o, int t);
+void agent_get_finish(lua_State *L, struct batch *b, struct op *o);
+void agent_on_get_frame(lua_State *L, struct batch *b, struct op *o, struct agent_frame *f);
+void agent_on_entry(lua_State *L, struct batch *b, struct op *o, struct agent_frame *f);
 
 #endif

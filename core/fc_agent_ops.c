@@ -1,5 +1,6 @@
-/* fc_agent_ops.c - fireclaw.core.agent: exec, put and get over the agent's channel, and the
- * loop that drives any number of them at once on one connection (conn:batch). See
+/* fc_agent_ops.c - fireclaw.core.agent: exec over the agent's channel, and the loop that
+ * drives any number of operations at once on one connection (conn:batch); put, get, mkdir
+ * and list are built and finished in core/fc_agent_files.c. See
  * core/agent.c for the interface and guest/agent-proto.h for the frames.
  *
  * A call builds its operations in a userdata (so that whatever raises, its files, temp
@@ -28,55 +29,12 @@
 
 #define PING_MS 1000
 #define DEAD_MS 10000
-#define MAX_OPS 32
-
-enum op_kind { OP_EXEC, OP_PUT, OP_GET, OP_MKDIR, OP_LIST };
-
-struct op {
-	enum op_kind kind;
-	uint32_t id;
-	int done;
-	double t0;
-	unsigned char *req; /* the request frame's payload */
-	size_t reqlen;
-	uint64_t window; /* bytes we may still send */
-	/* exec */
-	const char *in_data;
-	size_t in_len, in_off;
-	int in_fd, in_eof_sent;
-	int cb_out, cb_err, capture;
-	size_t max_capture;
-	struct fc_buf out, err;
-	int out_trunc, err_trunc, out_eof, err_eof, exited, status, signo;
-	double deadline, kill_deadline, int_deadline;
-	int timed_out, interrupted, forward_int;
-	/* put / get */
-	int fd, dirfd, tmp_live, got_file, data_end;
-	long mode;
-	unsigned long long max_bytes, size, moved;
-	double stall_ms, last_ms;
-	long long uid, gid;
-	unsigned remote_mode;
-	char tmp[32], base[NAME_MAX + 1];
-	char src[PATH_MAX], dst[PATH_MAX], result[PATH_MAX];
-	/* list: the entries so far, a Lua table (registry reference) */
-	int entries_ref;
-	unsigned long nentries;
-};
-
-struct batch {
-	struct agent_conn *c;
-	int n;
-	int conn_ref;
-	struct op ops[MAX_OPS];
-};
-
 #define BATCH_MT "fireclaw.agent.batch"
 
 /* ---- failures ---- */
 
-static void __attribute__((noreturn, format(printf, 4, 5)))
-op_fail(lua_State *L, struct batch *b, struct op *o, const char *fmt, ...)
+void __attribute__((noreturn, format(printf, 4, 5)))
+agent_op_fail(lua_State *L, struct batch *b, struct op *o, const char *fmt, ...)
 {
 	char msg[400];
 	va_list ap;
@@ -126,7 +84,7 @@ static void op_release(lua_State *L, struct op *o)
 	o->req = NULL;
 }
 
-static void release_ops(lua_State *L, struct batch *b)
+void agent_release_ops(lua_State *L, struct batch *b)
 {
 	for (int i = 0; i < b->n; i++)
 		op_release(L, &b->ops[i]);
@@ -136,7 +94,7 @@ static void release_ops(lua_State *L, struct batch *b)
 static int batch_gc(lua_State *L)
 {
 	struct batch *b = lua_touserdata(L, 1);
-	release_ops(L, b);
+	agent_release_ops(L, b);
 	if (b->conn_ref != LUA_NOREF)
 		luaL_unref(L, LUA_REGISTRYINDEX, b->conn_ref);
 	b->conn_ref = LUA_NOREF;
@@ -300,79 +258,6 @@ static void build_exec(lua_State *L, struct op *o, int a, int t)
 	o->forward_int = fc_opt_bool(L, t, "forward_sigint", 0);
 }
 
-static void build_put(lua_State *L, struct op *o, int t)
-{
-	struct xfer x = {.op = "put"};
-	sftp_read_xfer_opts(L, &x, t);
-	o->max_bytes = x.max_bytes;
-	o->stall_ms = x.stall_ms;
-	o->fd = open(o->src, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-	struct stat st;
-	if (o->fd < 0 || fstat(o->fd, &st) != 0)
-		agent_fail(L, NULL, 0, "put %s: %s", o->src, strerror(errno));
-	if (!S_ISREG(st.st_mode))
-		agent_fail(L, NULL, 0,
-			   "put %s: not a regular file (a directory: put a tar archive)", o->src);
-	if ((unsigned long long)st.st_size > o->max_bytes)
-		agent_fail(L, NULL, 0, "put %s: %lld bytes is over the cap of %llu (max_bytes)",
-			   o->src, (long long)st.st_size, o->max_bytes);
-	o->size = (unsigned long long)st.st_size;
-	o->mode = x.mode >= 0 ? x.mode : (long)(st.st_mode & 07777);
-	const char *slash = strrchr(o->src, '/');
-	snprintf(o->base, sizeof o->base, "%.255s", slash ? slash + 1 : o->src);
-	size_t dl = strlen(o->dst), bl = strlen(o->base);
-	o->reqlen = 12 + dl + 1 + bl + 1;
-	o->req = malloc(o->reqlen);
-	if (!o->req)
-		fc_error(L, "agent: out of memory");
-	agp_put32(o->req, (uint32_t)o->mode);
-	agp_put64(o->req + 4, o->size);
-	memcpy(o->req + 12, o->dst, dl + 1);
-	memcpy(o->req + 12 + dl + 1, o->base, bl + 1);
-}
-
-/* Open the local target's directory and name (a directory target gets the remote's name). */
-static void build_get(lua_State *L, struct op *o, int t)
-{
-	struct xfer x = {.op = "get"};
-	sftp_read_xfer_opts(L, &x, t);
-	o->max_bytes = x.max_bytes;
-	o->stall_ms = x.stall_ms;
-	o->mode = x.mode;
-	o->uid = x.uid;
-	o->gid = x.gid;
-	size_t n = strlen(o->dst);
-	struct stat st;
-	int into =
-	    n == 0 || o->dst[n - 1] == '/' || (lstat(o->dst, &st) == 0 && S_ISDIR(st.st_mode));
-	char dir[PATH_MAX];
-	const char *name = into ? o->src : o->dst;
-	const char *slash = strrchr(name, '/');
-	snprintf(o->base, sizeof o->base, "%.255s", slash ? slash + 1 : name);
-	if (!o->base[0] || !strcmp(o->base, ".") || !strcmp(o->base, ".."))
-		agent_fail(L, NULL, 0, "get %s: no file name to write to %s", o->src, o->dst);
-	if (into)
-		snprintf(dir, sizeof dir, "%s", n ? o->dst : ".");
-	else if (!slash)
-		snprintf(dir, sizeof dir, ".");
-	else
-		snprintf(dir, sizeof dir, "%.*s", slash == o->dst ? 1 : (int)(slash - o->dst),
-			 o->dst);
-	o->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (o->dirfd < 0)
-		agent_fail(L, NULL, 0, "get %s: local directory %s: %s", o->src, dir,
-			   strerror(errno));
-	snprintf(o->result, sizeof o->result, "%s%s%s", into ? dir : "",
-		 into && dir[strlen(dir) - 1] != '/' ? "/" : "", into ? o->base : o->dst);
-	size_t sl = strlen(o->src);
-	o->reqlen = 8 + sl + 1;
-	o->req = malloc(o->reqlen);
-	if (!o->req)
-		fc_error(L, "agent: out of memory");
-	agp_put64(o->req, o->max_bytes);
-	memcpy(o->req + 8, o->src, sl + 1);
-}
-
 /* ---- the loop ---- */
 
 static void deliver(lua_State *L, struct batch *b, struct op *o, int err, const unsigned char *p,
@@ -398,41 +283,6 @@ static void deliver(lua_State *L, struct batch *b, struct op *o, int err, const 
 	}
 }
 
-static void get_open_temp(lua_State *L, struct batch *b, struct op *o)
-{
-	for (int i = 0; i < 16 && o->fd < 0; i++) {
-		unsigned char r[6];
-		if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r)
-			op_fail(L, b, o, "getrandom: %s", strerror(errno));
-		snprintf(o->tmp, sizeof o->tmp, ".fctmp-%02x%02x%02x%02x%02x%02x", r[0], r[1], r[2],
-			 r[3], r[4], r[5]);
-		o->fd = openat(o->dirfd, o->tmp,
-			       O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-		if (o->fd < 0 && errno != EEXIST)
-			op_fail(L, b, o, "%.300s: %s", o->result, strerror(errno));
-	}
-	if (o->fd < 0)
-		op_fail(L, b, o, "%.300s: no temporary name", o->result);
-	o->tmp_live = 1;
-}
-
-static void get_finish(lua_State *L, struct batch *b, struct op *o)
-{
-	mode_t mask = umask(0);
-	umask(mask);
-	mode_t mode = o->mode >= 0 ? (mode_t)o->mode : (mode_t)o->remote_mode & 0777 & ~mask;
-	if (o->uid >= 0 && fchown(o->fd, (uid_t)o->uid, (gid_t)o->gid) != 0)
-		op_fail(L, b, o, "chown %.300s: %s", o->result, strerror(errno));
-	if (fchmod(o->fd, mode) != 0)
-		op_fail(L, b, o, "chmod %.300s: %s", o->result, strerror(errno));
-	int rc = close(o->fd);
-	o->fd = -1;
-	if (rc != 0 || renameat(o->dirfd, o->tmp, o->dirfd, o->base) != 0)
-		op_fail(L, b, o, "%.300s: %s", o->result, strerror(errno));
-	o->tmp_live = 0;
-	o->done = 1;
-}
-
 static void on_result(lua_State *L, struct batch *b, struct op *o, struct agent_frame *f)
 {
 	if (f->h.len < 4)
@@ -441,14 +291,15 @@ static void on_result(lua_State *L, struct batch *b, struct op *o, struct agent_
 	char msg[256];
 	guest_text(msg, sizeof msg, f->p + 4, f->h.len - 4);
 	if (err && (o->kind == OP_PUT || o->kind == OP_GET)) {
-		/* "PATH: Reason" from the agent -> "remote PATH: reason", as the SFTP path says it */
+		/* "PATH: Reason" from the agent -> "remote PATH: reason", as the SFTP path says it
+		 */
 		char *sep = strrchr(msg, ':');
 		if (sep && sep[1] == ' ' && sep[2] >= 'A' && sep[2] <= 'Z')
 			sep[2] = (char)(sep[2] - 'A' + 'a');
-		op_fail(L, b, o, "remote %s", msg);
+		agent_op_fail(L, b, o, "remote %s", msg);
 	}
 	if (err)
-		op_fail(L, b, o, "in the guest: %s", msg);
+		agent_op_fail(L, b, o, "in the guest: %s", msg);
 	if (o->kind == OP_EXEC)
 		agent_fail(L, b->c, 1, "the guest sent a result for a running command");
 	if (o->kind == OP_PUT || o->kind == OP_MKDIR || o->kind == OP_LIST) {
@@ -458,43 +309,7 @@ static void on_result(lua_State *L, struct batch *b, struct op *o, struct agent_
 	}
 	if (!o->got_file || !o->data_end)
 		agent_fail(L, b->c, 1, "the guest ended a get before its data");
-	get_finish(L, b, o);
-}
-
-static void on_get_frame(lua_State *L, struct batch *b, struct op *o, struct agent_frame *f)
-{
-	if (f->h.type == AGP_T_FILE && !o->got_file && f->h.len == 12) {
-		o->remote_mode = agp_u32(f->p);
-		o->size = agp_u64(f->p + 4);
-		if (o->size > o->max_bytes)
-			op_fail(L, b, o,
-				"the guest's file is %llu bytes, over the cap of %llu "
-				"(max_bytes / --max-transfer)",
-				o->size, o->max_bytes);
-		o->got_file = 1;
-		get_open_temp(L, b, o);
-		return;
-	}
-	if (f->h.type != AGP_T_DATA || !o->got_file || o->data_end)
-		agent_fail(L, b->c, 1, "the guest sent an unexpected frame (type %u) in a get",
-			   f->h.type);
-	if (f->h.len == 0) {
-		o->data_end = 1;
-		return;
-	}
-	if (f->h.len > o->max_bytes - o->moved)
-		op_fail(L, b, o, "the guest sent more than the cap of %llu bytes (max_bytes)",
-			o->max_bytes);
-	for (size_t off = 0; off < f->h.len;) {
-		ssize_t w = write(o->fd, f->p + off, f->h.len - off);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			op_fail(L, b, o, "%.300s: %s", o->result, strerror(w < 0 ? errno : EIO));
-		off += (size_t)w;
-	}
-	o->moved += f->h.len;
-	o->last_ms = fc_now_ms();
+	agent_get_finish(L, b, o);
 }
 
 static void on_window(lua_State *L, struct batch *b, struct op *o, struct agent_frame *f)
@@ -536,38 +351,6 @@ static void on_exec_frame(lua_State *L, struct batch *b, struct op *o, struct ag
 	}
 }
 
-/* A directory entry from the guest: its name must be one plain name (the host joins it to
- * paths), at most NAME_MAX bytes, without '/' or NUL, not "." or "..". */
-static void on_entry(lua_State *L, struct batch *b, struct op *o, struct agent_frame *f)
-{
-	if (f->h.type != AGP_T_ENTRY || f->h.len <= AGP_ENTRY_FIXED ||
-	    f->h.len > AGP_ENTRY_FIXED + NAME_MAX)
-		agent_fail(L, b->c, 1, "the guest sent an unexpected frame (type %u) in a list",
-			   f->h.type);
-	const char *name = (const char *)f->p + AGP_ENTRY_FIXED;
-	size_t n = f->h.len - AGP_ENTRY_FIXED;
-	if (memchr(name, '/', n) || memchr(name, 0, n) || (n == 1 && name[0] == '.') ||
-	    (n == 2 && name[0] == '.' && name[1] == '.'))
-		agent_fail(L, b->c, 1, "the guest sent a directory entry that is not a plain name");
-	if (f->p[0] < AGP_KIND_FILE || f->p[0] > AGP_KIND_OTHER)
-		agent_fail(L, b->c, 1, "the guest sent an entry of an unknown kind");
-	if (++o->nentries > AGP_MAX_ENTRIES)
-		agent_fail(L, b->c, 1, "the guest listed more than %d entries", AGP_MAX_ENTRIES);
-	static const char *const kinds[] = {"", "file", "directory", "link", "other"};
-	lua_rawgeti(L, LUA_REGISTRYINDEX, o->entries_ref);
-	lua_createtable(L, 0, 4);
-	lua_pushlstring(L, name, n);
-	lua_setfield(L, -2, "name");
-	lua_pushstring(L, kinds[f->p[0]]);
-	lua_setfield(L, -2, "kind");
-	lua_pushinteger(L, (lua_Integer)(agp_u32(f->p + 1) & 07777));
-	lua_setfield(L, -2, "mode");
-	lua_pushnumber(L, (lua_Number)agp_u64(f->p + 5));
-	lua_setfield(L, -2, "size");
-	lua_rawseti(L, -2, (int)o->nentries);
-	lua_pop(L, 1);
-}
-
 static struct op *find_op(struct batch *b, uint32_t id)
 {
 	for (int i = 0; i < b->n; i++)
@@ -603,9 +386,9 @@ static void on_frame(lua_State *L, struct batch *b, struct agent_frame *f)
 	else if (o->kind == OP_EXEC)
 		on_exec_frame(L, b, o, f);
 	else if (o->kind == OP_GET)
-		on_get_frame(L, b, o, f);
+		agent_on_get_frame(L, b, o, f);
 	else if (o->kind == OP_LIST)
-		on_entry(L, b, o, f);
+		agent_on_entry(L, b, o, f);
 	else
 		agent_fail(L, c, 1, "the guest sent an unexpected frame (type %u) in a put",
 			   f->h.type);
@@ -640,12 +423,12 @@ static void feed(lua_State *L, struct batch *b, struct op *o)
 			if (r < 0 && errno == EINTR)
 				continue;
 			if (r < 0)
-				op_fail(L, b, o, "%s", strerror(errno));
+				agent_op_fail(L, b, o, "%s", strerror(errno));
 			if ((unsigned long long)r > o->size - o->moved)
-				op_fail(L, b, o, "the file grew while it was sent");
+				agent_op_fail(L, b, o, "the file grew while it was sent");
 			if (r == 0) {
 				if (o->moved != o->size)
-					op_fail(L, b, o, "the file shrank while it was sent");
+					agent_op_fail(L, b, o, "the file shrank while it was sent");
 				agent_queue(L, c, o->id, AGP_T_DATA, NULL, 0, NULL, 0);
 				o->in_eof_sent = 1;
 				return;
@@ -712,9 +495,10 @@ static int check_times(lua_State *L, struct batch *b, double now)
 				NEXT(o->int_deadline);
 		} else if (o->kind == OP_PUT || o->kind == OP_GET) {
 			if (now - o->last_ms >= o->stall_ms)
-				op_fail(L, b, o,
-					"no progress for %g s (stalled; FIRECLAW_TRANSFER_STALL_S)",
-					o->stall_ms / 1e3);
+				agent_op_fail(
+				    L, b, o,
+				    "no progress for %g s (stalled; FIRECLAW_TRANSFER_STALL_S)",
+				    o->stall_ms / 1e3);
 			NEXT(o->last_ms + o->stall_ms);
 		}
 	}
@@ -830,7 +614,7 @@ static int drive(lua_State *L)
 }
 
 /* Run the batch at idx (its operations built) under pcall; on error abort what is left. */
-static void run(lua_State *L, int idx)
+void agent_run(lua_State *L, int idx)
 {
 	struct batch *b = lua_touserdata(L, idx);
 	lua_pushcfunction(L, drive);
@@ -842,7 +626,7 @@ static void run(lua_State *L, int idx)
 	}
 }
 
-static struct batch *new_batch(lua_State *L, int conn_idx)
+struct batch *agent_new_batch(lua_State *L, int conn_idx)
 {
 	struct agent_conn *c = agent_check(L, conn_idx);
 	struct batch *b = lua_newuserdata(L, sizeof *b);
@@ -900,7 +684,7 @@ static void push_exec_result(lua_State *L, struct op *o)
 	lua_setfield(L, -2, "duration_ms");
 }
 
-static void push_result(lua_State *L, struct op *o)
+void agent_push_result(lua_State *L, struct op *o)
 {
 	if (o->kind == OP_EXEC)
 		push_exec_result(L, o);
@@ -912,7 +696,7 @@ static void push_result(lua_State *L, struct op *o)
 
 /* Add the operation described at idx to the batch (entry of conn:batch, or the exec / put /
  * get arguments made into one). */
-static struct op *add_op(lua_State *L, struct batch *b, enum op_kind kind)
+struct op *agent_add_op(lua_State *L, struct batch *b, enum op_kind kind)
 {
 	if (b->n >= MAX_OPS)
 		fc_error(L, "agent: batch: at most %d operations at once", MAX_OPS);
@@ -921,7 +705,7 @@ static struct op *add_op(lua_State *L, struct batch *b, enum op_kind kind)
 	return o;
 }
 
-static void set_paths(lua_State *L, struct op *o, int a, int bidx)
+void agent_set_paths(lua_State *L, struct op *o, int a, int bidx)
 {
 	snprintf(o->src, sizeof o->src, "%s", luaL_checkstring(L, a));
 	snprintf(o->dst, sizeof o->dst, "%s", luaL_checkstring(L, bidx));
@@ -939,77 +723,13 @@ int agent_l_exec(lua_State *L)
 		lua_newtable(L);
 	}
 	luaL_checktype(L, 3, LUA_TTABLE);
-	struct batch *b = new_batch(L, 1);
+	struct batch *b = agent_new_batch(L, 1);
 	int bi = lua_gettop(L);
-	build_exec(L, add_op(L, b, OP_EXEC), 2, 3);
-	run(L, bi);
-	push_result(L, &b->ops[0]);
-	release_ops(L, b);
+	build_exec(L, agent_add_op(L, b, OP_EXEC), 2, 3);
+	agent_run(L, bi);
+	agent_push_result(L, &b->ops[0]);
+	agent_release_ops(L, b);
 	return 1;
-}
-
-static int xfer(lua_State *L, enum op_kind kind)
-{
-	agent_check(L, 1);
-	lua_settop(L, 4); /* the options (or nil) at 4, the batch above */
-	struct batch *b = new_batch(L, 1);
-	int bi = lua_gettop(L);
-	struct op *o = add_op(L, b, kind);
-	set_paths(L, o, 2, 3);
-	if (kind == OP_PUT)
-		build_put(L, o, 4);
-	else
-		build_get(L, o, 4);
-	run(L, bi);
-	push_result(L, o);
-	release_ops(L, b);
-	return 1;
-}
-
-/* conn:mkdir(path [, mode]) -> path; conn:list(path) -> {{name =, kind =, mode =, size =}…}
- * (kind: "file", "directory", "link", "other"; names are plain: checked here) */
-static int dir_op(lua_State *L, enum op_kind kind)
-{
-	agent_check(L, 1);
-	const char *path = luaL_checkstring(L, 2);
-	lua_Integer mode = luaL_optinteger(L, 3, 0755);
-	if (!*path || strlen(path) >= PATH_MAX)
-		fc_error(L, "agent: %s: empty or too long path", kind == OP_MKDIR ? "mkdir" : "list");
-	if (mode < 0 || mode > 07777)
-		fc_error(L, "agent: mkdir: bad mode");
-	lua_settop(L, 3);
-	struct batch *b = new_batch(L, 1);
-	int bi = lua_gettop(L);
-	struct op *o = add_op(L, b, kind);
-	snprintf(o->src, sizeof o->src, "%s", path);
-	size_t pl = strlen(path), off = kind == OP_MKDIR ? 4 : 0;
-	o->reqlen = off + pl + 1;
-	o->req = malloc(o->reqlen);
-	if (!o->req)
-		fc_error(L, "agent: out of memory");
-	if (kind == OP_MKDIR)
-		agp_put32(o->req, (uint32_t)mode);
-	memcpy(o->req + off, path, pl + 1);
-	if (kind == OP_LIST) {
-		lua_newtable(L);
-		o->entries_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-	}
-	run(L, bi);
-	push_result(L, o);
-	release_ops(L, b);
-	return 1;
-}
-
-int agent_l_mkdir(lua_State *L) { return dir_op(L, OP_MKDIR); }
-int agent_l_list(lua_State *L) { return dir_op(L, OP_LIST); }
-
-int agent_l_put(lua_State *L)
-{
-	return xfer(L, OP_PUT);
-}
-int agent_l_get(lua_State *L)
-{
-	return xfer(L, OP_GET);
 }
 
 int agent_l_batch(lua_State *L)
@@ -1017,7 +737,7 @@ int agent_l_batch(lua_State *L)
 	agent_check(L, 1);
 	luaL_checktype(L, 2, LUA_TTABLE);
 	lua_settop(L, 2);
-	struct batch *b = new_batch(L, 1);
+	struct batch *b = agent_new_batch(L, 1);
 	int bi = lua_gettop(L);
 	int n = (int)lua_objlen(L, 2);
 	for (int i = 1; i <= n; i++) {
@@ -1026,7 +746,7 @@ int agent_l_batch(lua_State *L)
 		luaL_checktype(L, e, LUA_TTABLE);
 		lua_getfield(L, e, "exec");
 		if (lua_istable(L, -1)) {
-			build_exec(L, add_op(L, b, OP_EXEC), lua_gettop(L), e);
+			build_exec(L, agent_add_op(L, b, OP_EXEC), lua_gettop(L), e);
 			lua_settop(L, bi);
 			continue;
 		}
@@ -1049,8 +769,8 @@ int agent_l_batch(lua_State *L)
 		int pair = lua_gettop(L);
 		lua_rawgeti(L, pair, 1);
 		lua_rawgeti(L, pair, 2);
-		struct op *o = add_op(L, b, (enum op_kind)kind);
-		set_paths(L, o, pair + 1, pair + 2);
+		struct op *o = agent_add_op(L, b, (enum op_kind)kind);
+		agent_set_paths(L, o, pair + 1, pair + 2);
 		lua_newtable(L); /* the transfer's options: the entry's own mode/max_bytes/stall */
 		int t = lua_gettop(L);
 		static const char *const keys[] = {"mode", "max_bytes", "stall", NULL};
@@ -1059,17 +779,17 @@ int agent_l_batch(lua_State *L)
 			lua_setfield(L, t, *k);
 		}
 		if (kind == OP_PUT)
-			build_put(L, o, t);
+			agent_build_put(L, o, t);
 		else
-			build_get(L, o, t);
+			agent_build_get(L, o, t);
 		lua_settop(L, bi);
 	}
-	run(L, bi);
+	agent_run(L, bi);
 	lua_createtable(L, b->n, 0);
 	for (int i = 0; i < b->n; i++) {
-		push_result(L, &b->ops[i]);
+		agent_push_result(L, &b->ops[i]);
 		lua_rawseti(L, -2, i + 1);
 	}
-	release_ops(L, b);
+	agent_release_ops(L, b);
 	return 1;
 }

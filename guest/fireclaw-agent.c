@@ -633,16 +633,19 @@ static void start_get(struct conn *c, uint32_t id, unsigned char *p, size_t n)
 	struct stat st;
 	s->file_fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 	int e = s->file_fd < 0 ? errno : fstat(s->file_fd, &st) != 0 ? errno : 0;
-	if (!e && !S_ISREG(st.st_mode))
+	if (!e && S_ISDIR(st.st_mode))
 		e = EISDIR;
+	else if (!e && !S_ISREG(st.st_mode))
+		e = EINVAL;
 	if (!e && (uint64_t)st.st_size > max)
 		e = EFBIG;
 	if (e) {
 		free_stream(s);
 		send_result(c, id, e, "%s: %s", path,
-			    e == EISDIR	 ? "not a regular file"
-			    : e == EFBIG ? "bigger than the host's cap"
-					 : strerror(e));
+			    e == EISDIR	  ? "is a directory"
+			    : e == EINVAL ? "not a regular file"
+			    : e == EFBIG  ? "bigger than the host's cap"
+					  : strerror(e));
 		return;
 	}
 	unsigned char b[12];
@@ -714,7 +717,8 @@ static void do_list(struct conn *c, uint32_t id, unsigned char *p, size_t n)
 			continue;
 		if (++count > AGP_MAX_ENTRIES) {
 			closedir(d);
-			send_result(c, id, E2BIG, "%s: more than %d entries", path, AGP_MAX_ENTRIES);
+			send_result(c, id, E2BIG, "%s: more than %d entries", path,
+				    AGP_MAX_ENTRIES);
 			return;
 		}
 		struct stat st;

@@ -111,8 +111,11 @@ t.raises(function() c:get(tmp .. "/src", tmp .. "/out/capped", { max_bytes = 100
 	"bigger than the host's cap", "get: over max_bytes fails with one line (the agent checks too)")
 t.ok(not fs.exists(tmp .. "/out/capped"), "… and leaves no file")
 t.is(#runtime.listdir(tmp .. "/out"), 1, "… nor a temporary one")
-t.raises(function() c:get(tmp, tmp .. "/out/x") end, "not a regular file", "get: a directory is refused")
+t.raises(function() c:get(tmp, tmp .. "/out/x") end, "is a directory", "get: a directory is refused (get_tree takes it)")
 t.raises(function() c:put(tmp, tmp .. "/y") end, "not a regular file", "put: a directory is refused")
+proc.run({ "mkfifo", tmp .. "/fifo" })
+t.raises(function() c:get(tmp .. "/fifo", tmp .. "/out/fifo") end, "not a regular file",
+	"get: a FIFO is refused at once (nobody's end to wait for)")
 
 -- ---- directory trees ----
 proc.run({ "sh", "-c", "mkdir -p $0/tree/a/b && printf x > $0/tree/a/b/f && printf y > $0/tree/g && "

@@ -12,6 +12,9 @@ fc=$FIRECLAW
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 export FIRECLAW_VMM=qemu
+# the SFTP path (its messages); the same rules through the guest agent: tests/agent_proto.lua,
+# tests/agent_vm.sh
+export FIRECLAW_EXEC=ssh
 export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}hf
 umask 022
 

@@ -648,7 +648,7 @@ function Sandbox:get(remote, localpath, opts)
 	if self.agent then
 		local ok, res = pcall(self.agent.get, self.agent, remote, localpath, opts)
 		if ok then return res end
-		if not tostring(res):match("not a regular file$") then error(res, 0) end
+		if not tostring(res):match(": is a directory$") then error(res, 0) end
 		local top, skipped = require("fireclaw.agent").get_tree(self.agent, remote, localpath, tree_opts(opts))
 		note_skipped(self, "get " .. remote, skipped)
 		return top
