@@ -18,6 +18,7 @@ local snapshot = require "fireclaw.snapshot"
 local coldboot = cli.use "coldboot"
 
 local M = {}
+local create_from -- (below)
 
 -- Take snapshot NAME of a running sandbox (it ends paused; the caller destroys it).
 function M.take(sb, name)
@@ -63,6 +64,25 @@ local function human(n)
 	return string.format("%.1f MiB", n / 2 ^ 20)
 end
 
+-- snapshot create --from ID: a live kept VM, paused for the save and resumed after; its
+-- clones (run/start --snapshot NAME) are reseeded by the restore like any other.
+create_from = function(o)
+	local name = o.name
+	if not name then cli.usage_error("snapshot create --from needs --name SNAP") end
+	snapshot.clean_temp()
+	local t0 = require("fireclaw.runtime").now()
+	local sb = sandbox.attach(o.from, { what = "snapshot", vmm = true, connect = false })
+	local meta = sandbox.with(sb, function()
+		local ok, res = pcall(M.take, sb, name)
+		pcall(sb.vm.resume, sb.vm) -- the VM goes on, whatever happened to the snapshot
+		if not ok then error(res, 0) end
+		return res
+	end)
+	log.note("snapshot '%s' of VM %s created in %.1f s at %s", meta.name, sb.id,
+		require("fireclaw.runtime").now() - t0, meta.dir)
+	return 0
+end
+
 local function cmd_create(args)
 	local o = cli.parse(args, {
 		usage = "fireclaw snapshot create [options]", args = 0,
@@ -74,8 +94,10 @@ local function cmd_create(args)
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
+		{ "--from ID", "snapshot kept VM ID (or NAME) as it is now; it goes on running" },
 		{ "-v, --verbose", "progress lines" },
 	})
+	if o.from then return create_from(o) end
 	if o.disk then
 		local ok, err = sandbox.disk_bytes(o.disk)
 		if not ok then cli.usage_error("--disk: %s", err) end
