@@ -545,6 +545,18 @@ function Sandbox:get(remote, localpath, opts)
 	return self.session:get(remote, localpath, opts)
 end
 
+-- Directory trees in and out (fireclaw cp); see fireclaw.tree for the checks and caps
+-- (opts: max_bytes, max_total, max_entries, timeout). Over SSH: a tar stream in one exec.
+-- Each returns the number of entries copied.
+function Sandbox:put_tree(localdir, remote, opts)
+	alive(self, "put")
+	return require("fireclaw.tree").put(self, localdir, remote, opts)
+end
+function Sandbox:get_tree(remote, localdir, opts)
+	alive(self, "get")
+	return require("fireclaw.tree").get(self, remote, localdir, opts)
+end
+
 -- How to reach a VM kept with --keep, and how to remove it.
 -- The guest's host key goes into a known_hosts file in the VM's directory, so the hint
 -- keeps the pinning (no StrictHostKeyChecking=no).
