@@ -142,8 +142,9 @@ local function cmd_list(args)
 end
 
 local function cmd_info(args)
-	local _, rest = cli.parse(args, { usage = "fireclaw snapshot info [SNAP]", args = 1,
-		about = "Print the meta.json of snapshot SNAP (default: default)." })
+	local _, rest = cli.parse(args, { usage = "fireclaw snapshot info [--json] [SNAP]", args = 1,
+		about = "Print the meta.json of snapshot SNAP (default: default).",
+		{ "--json", "(the output is JSON anyway)" } })
 	local name = rest[1] or "default"
 	local meta, why = snapshot.load(name)
 	if not meta then

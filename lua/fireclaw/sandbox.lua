@@ -430,7 +430,7 @@ function Sandbox:connect(timeout)
 	if not ok then
 		self.timer:stage("SSH wait (failed)") -- the wait's time is the wait's, not teardown's
 		if type(session) ~= "string" or session:match("^interrupted") then error(session, 0) end -- Ctrl-C
-		error(vmm_gone(self, session, "before its SSH server answered", true), 0)
+		error(vmm_gone(self, session, "before its SSH server answered", not self.attached), 0)
 	end
 	if not self.session then
 		self:on_destroy("connect", function()
