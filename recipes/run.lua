@@ -23,7 +23,7 @@ local SPEC = {
 	usage = "fireclaw run [options] -- CMD [ARGS…]",
 	about = "Run CMD in a throw-away microVM: restore from the image's snapshot (or cold boot),\n"
 		.. "stream its output, exit with its status, destroy the VM.",
-	{ "--image NAME", "image to run", default = "default" },
+	{ "--image NAME", "image to run (default: the snapshot's with --snapshot, else default)" },
 	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
 	{ "--mem MIB", "memory in MiB (cold boot)", type = "number", default = 256 },
 	{ "--cpus N", "limit the VM to N CPUs' worth of time (fractions allowed: 0.5)", type = "number" },
@@ -103,6 +103,10 @@ end
 -- Check everything the user typed before a VM exists: bad input costs nothing.
 local function check_options(o, cmd)
 	if #cmd == 0 then cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])") end
+	if not o.image then -- a snapshot's clones run its image
+		local meta = o.snapshot and not o.no_snapshot and require("fireclaw.snapshot").load(o.snapshot)
+		o.image = meta and meta.image or "default"
+	end
 	if o.vcpu < 1 or o.vcpu > 64 or o.vcpu % 1 ~= 0 then cli.usage_error("--vcpu must be 1 to 64, got %s", o.vcpu) end
 	if o.mem < 64 or o.mem > 65536 or o.mem % 1 ~= 0 then
 		cli.usage_error("--mem must be 64 to 65536 MiB, got %s", o.mem)

@@ -29,7 +29,7 @@ local SPEC = {
 	args = 0,
 	{ "--name N", "a name to use instead of the id (unique)" },
 	{ "--ttl DURATION", "remove the VM after this long: 90s, 15m, 2h, 1d" },
-	{ "--image NAME", "image to run", default = "default" },
+	{ "--image NAME", "image to run (default: the snapshot's with --snapshot, else default)" },
 	{ "--snapshot NAME", "restore this snapshot (default: the image's)" },
 	{ "--no-snapshot", "always cold boot" },
 	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
