@@ -1,4 +1,4 @@
--- Copy files and directory trees between this host and a kept VM: cp SRC DST, ID:path on one side
+-- Copy files and directory trees to or from a kept VM: cp SRC DST, with ID:path on one side
 --
 --   fireclaw cp ./src box:/root/src      fireclaw cp box:/root/out ./out
 -- A directory is copied as a tree (fireclaw.tree: a tree from the guest is checked entry

@@ -1,4 +1,4 @@
--- Run a command in a kept VM (fireclaw start): exec ID|NAME [-it] [--env K=V] [--timeout S] [--json] -- CMD
+-- Run a command in a kept VM (fireclaw start): exec [-it] ID|NAME -- CMD
 --
 -- Any number of processes may exec into one VM at once: each has its own SSH session.
 local cli = require "fireclaw.cli"

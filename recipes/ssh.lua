@@ -1,4 +1,4 @@
--- Run the real ssh client against a kept VM (for tools that want ssh): ssh ID|NAME [SSH ARGS…]
+-- OpenSSH into a kept VM, host key pinned (for tools that want real ssh): ssh ID|NAME [ARGS…]
 --
 -- OpenSSH's ssh, inside the VM's network namespace, with fireclaw's client key and the
 -- guest's host key pinned (a known_hosts file in the VM's directory; never "accept any").
