@@ -189,7 +189,6 @@ struct exec {
 	char *signal; /* allocated by libssh2 */
 };
 
-
 /* ---- the local terminal (opts.tty) ----
  *
  * An interactive exec (fireclaw run -it, shell, exec -it) puts the local terminal in raw
@@ -515,8 +514,8 @@ static void start_command(lua_State *L, struct exec *x)
 	int rc;
 	if (x->pty) {
 		NB_CALL(L, x->S, x->deadline, rc,
-			libssh2_channel_request_pty_ex(x->ch, x->term, (unsigned)strlen(x->term), NULL,
-						       0, (int)x->cols, (int)x->rows, 0, 0));
+			libssh2_channel_request_pty_ex(x->ch, x->term, (unsigned)strlen(x->term),
+						       NULL, 0, (int)x->cols, (int)x->rows, 0, 0));
 		if (rc == LIBSSH2_ERROR_TIMEOUT) {
 			x->timed_out = 1;
 			return;
@@ -720,7 +719,6 @@ static void make_tag(lua_State *L, char *tag, size_t size)
 		snprintf(tag + 2 * i, 3, "%02x", r[i]);
 }
 
-
 /* pty = true | {term = "xterm", cols = 80, rows = 24}; tty = fd of the local terminal:
  * raw for the exec, its size is the PTY's and follows it (implies a PTY). */
 static void read_pty_opts(lua_State *L, int opts, struct exec *x)
@@ -751,7 +749,8 @@ static void read_pty_opts(lua_State *L, int opts, struct exec *x)
 	lua_getfield(L, opts, "tty");
 	if (!lua_isnil(L, -1)) {
 		if (lua_type(L, -1) != LUA_TNUMBER)
-			fc_error(L, "ssh: exec: tty: fd number expected, got %s", luaL_typename(L, -1));
+			fc_error(L, "ssh: exec: tty: fd number expected, got %s",
+				 luaL_typename(L, -1));
 		x->tty = (int)lua_tointeger(L, -1);
 		if (!isatty(x->tty))
 			fc_error(L, "ssh: exec: tty: %d is not a terminal", x->tty);
@@ -797,9 +796,8 @@ int ssh_l_exec(lua_State *L)
 {
 	struct session *S = ssh_check_open(L, 1);
 	const int opts = 3;
-	static const char *const known[] = {"stdin",	 "env",	      "timeout", "max_capture",
-					    "capture",	 "pty",	      "tty",	 "on_stdout",
-					    "on_stderr", NULL};
+	static const char *const known[] = {"stdin", "env", "timeout",	 "max_capture", "capture",
+					    "pty",   "tty", "on_stdout", "on_stderr",	NULL};
 	lua_settop(L, opts);
 	if (!lua_isnil(L, opts))
 		luaL_checktype(L, opts, LUA_TTABLE);
