@@ -565,8 +565,10 @@ function Sandbox:reach_hint()
 	require("fireclaw.fs").write(known, config.net.guest_ip .. " " .. self.img.host_key .. "\n", "600")
 	return string.format("VM %s is still running (vmm pid %s).\n"
 		.. "  reach it: ip netns exec %s ssh -i %s -o UserKnownHostsFile=%s root@%s\n"
+		.. "  use it: fireclaw exec %s -- CMD, fireclaw shell %s, fireclaw cp FILE %s:/root/\n"
 		.. "  remove it: fireclaw rm %s\n",
-		self.id, tostring(self.vm.pid), self.netns, self.img.client_key, known, config.net.guest_ip, self.id)
+		self.id, tostring(self.vm.pid), self.netns, self.img.client_key, known, config.net.guest_ip, self.id,
+		self.id, self.id, self.id)
 end
 
 -- Tear everything down: the cleanup stack, last step first, every undo tried even when one
