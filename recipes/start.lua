@@ -57,7 +57,6 @@ local function main(args)
 	-- run's checks, with the options start does not have
 	o.put, o.get, o.env, o.max_transfer, o.max_output = {}, {}, {}, "1G", 0
 	run.check_options(o, { "true" })
-	if o.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	if not image.exists(o.image) then
 		if o.image ~= "default" then error(string.format("image: no image named '%s'", o.image), 0) end
 		log.note("no default image yet: building it (once)")

@@ -69,7 +69,7 @@ end
 -- keep: the VM outlives this process (fireclaw start, run --keep); name, ttl (s): a kept
 -- VM's name and time to live (state.find, state.expired).
 M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk",
-	"name", "ttl" }
+	"unsafe_no_jailer", "name", "ttl" }
 
 -- ---- disk size (--disk) ----
 
@@ -189,7 +189,7 @@ function M.new(opts)
 		fault.point("record")
 		plan_cgroup(self, opts.cpus)
 		self.vm = vm.new { id = self.id, dir = self.dir, vmm = opts.vmm, accel = opts.accel,
-			detected = opts.detected, cmdline_devices = img.cmdline_devices,
+			detected = opts.detected, cmdline_devices = img.cmdline_devices, unsafe_no_jailer = opts.unsafe_no_jailer,
 			netns = self.netns, tap = config.net.tap, mac = config.net.guest_mac, keep = opts.keep,
 			cgroup = self.cg and self.cg.procs, on_spawn = function() record_vmm(self) end }
 	end)
@@ -310,6 +310,7 @@ function Sandbox:restore(snap)
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	spec.rng = snap.vmm_info and snap.vmm_info.rng -- the same devices as the snapshot
+	spec.vsock = snap.vmm_info and snap.vmm_info.vsock or nil -- Firecracker: rebound at its path
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
 	self:limit()
 	stage(self, "VMM restore (" .. self.vm.vmm .. ")", self.vm.restore, self.vm, snap.dir, spec)
