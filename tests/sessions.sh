@@ -46,8 +46,9 @@ like "$err" "no VM 'nosuchvm'" "... saying there is no such VM"
 err=$("$fc" exec box 2>&1); is $? 2 "exec without a command is a usage error"
 
 # several processes exec'ing into one VM at once
-for i in 1 2 3 4; do "$fc" exec box -- sh -c "sleep 1; echo done-$i" >"$tmp/c$i" 2>&1 & done
-wait
+pids=()
+for i in 1 2 3 4; do "$fc" exec box -- sh -c "sleep 1; echo done-$i" >"$tmp/c$i" 2>&1 & pids+=($!); done
+wait "${pids[@]}"
 all=$(cat "$tmp"/c1 "$tmp"/c2 "$tmp"/c3 "$tmp"/c4 | sort | tr '\n' ' ')
 is "$all" "done-1 done-2 done-3 done-4 " "4 processes exec into one VM at once"
 
@@ -114,9 +115,13 @@ check_refused "a lying tar with ../ names" /root/h5 "'\.\.' component"
 "$fc" exec box -- cp /root/passwd.orig /etc/passwd
 
 # ---- logs, ssh ----
-out=$("$fc" logs box); rc=$?
+# (the console log is written by a log sink process: wait, bounded, for the line)
+"$fc" exec box -- sh -c 'echo console-marker-$((40+2)) >/dev/console'
+for _ in $(seq 100); do out=$("$fc" logs box); rc=$?; case $out in *console-marker-42*) break ;; esac; sleep 0.1; done
 is "$rc" 0 "logs"
-like "$out" "Linux version|fireclaw" "logs prints the console"
+like "$out" "console-marker-42" "logs prints the console"
+"$fc" logs -f box >"$tmp/follow" 2>&1 &
+follower=$!
 "$fc" logs nosuchvm 2>/dev/null; is $? 1 "logs of an unknown VM fails"
 if command -v ssh >/dev/null; then
 	is "$("$fc" ssh box -- echo via-openssh 2>"$tmp/err")" "via-openssh" "ssh ID runs OpenSSH with the host key pinned"
@@ -152,10 +157,12 @@ done
 is "$rc" 0 "snapshot create --from a live VM"
 [ $rc = 0 ] || sed 's/^/#   /' "$tmp/err"
 is "$("$fc" exec box -- cat /root/state)" "kept-data" "the VM goes on running after the snapshot"
+clones=()
 for i in 1 2 3; do
 	"$fc" run --snapshot "$fork" -- sh -c 'cat /root/state; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo' >"$tmp/clone$i" 2>"$tmp/clone$i.err" &
+	clones+=($!)
 done
-wait
+wait "${clones[@]}"
 is "$(cat "$tmp"/clone1 "$tmp"/clone2 "$tmp"/clone3 | grep -c '^kept-data$')" 3 "3 clones run at once, each with the VM's files"
 is "$(cat "$tmp"/clone[123] | grep -v kept-data | grep -E '^[0-9a-f]{32}$' | sort -u | wc -l)" 3 "the 3 clones print distinct random bytes"
 out=$("$fc" run --snapshot "$fork" --vcpu 2 -- true 2>&1)
@@ -165,7 +172,12 @@ is "$("$fc" exec clone -- cat /root/state)" "kept-data" "start --snapshot: a kep
 "$fc" stop clone; is $? 0 "stop the clone"
 
 # ---- stop, TTL, a stopped VM ----
+"$fc" exec box -- sh -c 'echo followed-$((6*7)) >/dev/console'
+for _ in $(seq 100); do grep -q followed-42 "$tmp/follow" && break; sleep 0.1; done
+grep -q followed-42 "$tmp/follow"; ok $? "logs -f prints what the console adds"
 "$fc" stop box; is $? 0 "stop by name"
+for _ in $(seq 50); do kill -0 $follower 2>/dev/null || break; sleep 0.1; done
+! kill -0 $follower 2>/dev/null; ok $? "logs -f ends once the VM is gone"
 err=$("$fc" exec box -- true 2>&1); is $? 1 "exec after stop fails"
 "$fc" stop box 2>/dev/null; is $? 1 "stop of an unknown VM fails"
 [ ! -e "$FIRECLAW_STATE/paused/$id" ]; ok $? "no saved state left"
