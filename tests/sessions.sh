@@ -130,7 +130,7 @@ else
 fi
 
 # ---- pause / resume, twice ----
-"$fc" exec box -- sh -c 'echo kept-data >/root/state; (i=0; while :; do i=$((i+1)); echo $i >/tmp/count; sleep 0.1; done) >/dev/null 2>&1 & echo $! >/tmp/bg'
+"$fc" exec box -- sh -c 'echo kept-data >/root/state; (i=0; while :; do i=$((i+1)); echo $i >/tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 & echo $! >/tmp/bg'
 for round in 1 2; do
 	vmm=$("$fc" ps --json | jget '[v["vmm_pid"] for v in d if v["name"] == "box"][0]')
 	"$fc" pause box 2>"$tmp/err"; rc=$?
