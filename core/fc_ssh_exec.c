@@ -236,6 +236,7 @@ static void tty_setup(lua_State *L, struct exec *x)
 	if (tcsetattr(x->tty, TCSANOW, &raw) < 0)
 		fc_errno_error(L, errno, "ssh: exec: cannot make tty %d raw", x->tty);
 	x->raw = 1;
+	fc_tty_guard(x->tty, &x->saved);
 	if (winch_pipe[0] < 0 && pipe2(winch_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
 		fc_errno_error(L, errno, "ssh: exec: pipe");
 	drain_winch();
@@ -253,8 +254,10 @@ static void tty_restore(struct exec *x)
 	if (x->winch)
 		sigaction(SIGWINCH, &x->old_winch, NULL);
 	x->winch = 0;
-	if (x->raw)
+	if (x->raw) {
+		fc_tty_unguard();
 		tcsetattr(x->tty, TCSAFLUSH, &x->saved);
+	}
 	x->raw = 0;
 }
 

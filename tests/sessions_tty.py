@@ -139,6 +139,17 @@ ok(st is not None and st != 0, "SIGTERM ends exec -it", st)
 ok(t.restored(), "the terminal is restored after SIGTERM")
 t.close()
 
+# a second signal exits at once (no cleanup): the terminal is restored first all the same
+t = Term(["exec", "-it", "tty1", "--", "sh"])
+t.send("echo ready-$((2+2))\r")
+t.read_until("ready-4")
+t.p.terminate()
+os.kill(t.p.pid, 2)  # SIGINT: another signal (a second SIGTERM might merge with the first)
+st = t.wait()
+ok(st is not None and st != 0, "SIGTERM then SIGINT end exec -it at once", st)
+ok(t.restored(), "the terminal is restored after a second signal too")
+t.close()
+
 # exec without -t on a terminal: one line says stdin is not forwarded
 t = Term(["exec", "tty1", "--", "cat"])
 out = t.read_until("not forwarded")
