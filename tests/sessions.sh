@@ -171,6 +171,11 @@ cid=$("$fc" start --snapshot "$fork" --name clone 2>/dev/null)
 is "$("$fc" exec clone -- cat /root/state)" "kept-data" "start --snapshot: a kept clone"
 "$fc" stop clone; is $? 0 "stop the clone"
 
+# a `run --keep` VM is a kept VM like start's
+kid=$("$fc" run --keep -- true 2>&1 | sed -n 's/^VM \([0-9a-f]*\) is still running.*/\1/p')
+is "$("$fc" exec "$kid" -- echo kept-by-run 2>&1)" "kept-by-run" "exec into a run --keep VM"
+"$fc" stop "$kid"; is $? 0 "stop a run --keep VM"
+
 # ---- stop, TTL, a stopped VM ----
 "$fc" exec box -- sh -c 'echo followed-$((6*7)) >/dev/console'
 for _ in $(seq 100); do grep -q followed-42 "$tmp/follow" && break; sleep 0.1; done
