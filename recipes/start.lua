@@ -51,8 +51,11 @@ local function main(args)
 		if not ttl then cli.usage_error("--ttl wants a duration such as 90s, 15m, 2h or 1d, got '%s'", o.ttl) end
 		o.ttl = ttl
 	end
-	if o.name and not o.name:match("^%a[%w._-]*$") then
-		cli.usage_error("--name: a letter, then letters, digits, '.', '_' or '-', got '%s'", o.name)
+	if o.name and (not o.name:match("^%a[%w._-]*$") or #o.name > 64) then
+		cli.usage_error("--name: a letter, then letters, digits, '.', '_' or '-' (at most 64), got '%s'", o.name)
+	end
+	if o.name and o.name:match("^%x%x%x%x%x%x$") then
+		cli.usage_error("--name: '%s' looks like a VM id; choose another", o.name)
 	end
 	-- run's checks, with the options start does not have
 	o.put, o.get, o.env, o.max_transfer, o.max_output = {}, {}, {}, "1G", 0

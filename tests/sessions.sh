@@ -211,5 +211,7 @@ no_leaks "stopped VM"
 
 err=$("$fc" start --ttl soon 2>&1); is $? 2 "start --ttl with junk is a usage error"
 err=$("$fc" start --name '../x' 2>&1); is $? 2 "start --name with junk is a usage error"
+err=$("$fc" start --name abcdef 2>&1); is $? 2 "start --name that looks like an id is a usage error"
+no_leaks "refused starts"
 echo "1..$_tap_n"
 [ "$_tap_failed" = 0 ]

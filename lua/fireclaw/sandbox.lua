@@ -165,6 +165,9 @@ function M.new(opts)
 	if opts.ttl ~= nil and (type(opts.ttl) ~= "number" or opts.ttl <= 0) then
 		error("sandbox: ttl must be a positive number of seconds", 0)
 	end
+	if opts.name and (opts.name:match("^%x%x%x%x%x%x$") or opts.name:sub(1, #config.netns_prefix) == config.netns_prefix) then
+		error(string.format("sandbox: VM name '%s' could be taken for a VM id or namespace; choose another", opts.name), 0)
+	end
 	if opts.name and state.find(opts.name) then
 		error(string.format("sandbox: there is a VM named '%s' already (see fireclaw ps)", opts.name), 0)
 	end
