@@ -57,6 +57,8 @@ mkdir -p "$tmp/src/sub/deeper" "$tmp/src/empty"
 for i in $(seq 1 1000); do head -c $((i * 13 % 9000)) /dev/urandom >"$tmp/src/sub/f$i"; done
 chmod 751 "$tmp/src/sub/f1"; chmod 600 "$tmp/src/sub/f2"; chmod 444 "$tmp/src/sub/f3"; chmod 700 "$tmp/src/sub/deeper"
 printf 'x' >"$tmp/src/sub/deeper/leaf"; ln -s sub/f5 "$tmp/src/link"
+long=$(printf 'n%.0s' $(seq 1 150)) # names past tar's 100 bytes (GNU long name, long link)
+mkdir "$tmp/src/$long"; echo long >"$tmp/src/$long/$long"; ln -s "$long/$long" "$tmp/src/longlink"
 modes() { (cd "$1" && find . -printf '%p %y %m %s %l\n' | sort); }
 "$fc" cp "$tmp/src" box:/root/ 2>"$tmp/err"; rc=$?
 is "$rc" 0 "cp DIR ID:/root/ (a 1,000-file tree in)"
@@ -112,6 +114,8 @@ PY
 	sed -i "s|^root:\(.*\):[^:]*\$|root:\1:/root/evilsh|" /etc/passwd'
 check_refused "a lying tar with ../ names" /root/h5 "'\.\.' component"
 [ ! -e "$tmp/escaped" ]; ok $? "... and nothing was written outside the target"
+"$fc" exec box -- ln -sf /dev/zero /root/evil.tar
+check_refused "an endless stream of zeros" /root/h5 "stream longer than its entries need"
 "$fc" exec box -- cp /root/passwd.orig /etc/passwd
 
 # ---- logs, ssh ----

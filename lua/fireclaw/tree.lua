@@ -77,7 +77,7 @@ local function unpacker(tmp, o, what)
 	local dirs = { [""] = { mode = 493 } } -- rel -> {mode}: the directories this copy made
 	local links, entries, total = {}, 0, 0
 	local st = { mode = "header", pend = {}, need = BLOCK, left = 0 }
-	local cur, longname, zeros, ended = nil, nil, 0, false
+	local cur, longname, longlink, zeros, ended = nil, nil, nil, 0, false
 	local function refuse(fmt, ...)
 		error(string.format("cp: refused %s: " .. fmt, what, ...), 0)
 	end
@@ -86,13 +86,14 @@ local function unpacker(tmp, o, what)
 		local size = h:byte(125) >= 128 and math.huge or octal(h:sub(125, 136))
 		local name = longname or ((h:sub(346, 500):match("^[^%z]*") ~= "" and h:sub(346, 500):match("^[^%z]*") .. "/" or "")
 			.. h:match("^[^%z]*"))
-		longname = nil
-		if typ == "L" then
+		if typ == "L" or typ == "K" then -- GNU long name / long link target for the next entry
 			if size > 4096 then refuse("a name longer than 4096 bytes") end
-			st.mode, st.need, st.pend = "longname", size, {}
+			st.mode, st.need, st.pend, st.long = "longname", size, {}, typ
 			st.pad = (BLOCK - size % BLOCK) % BLOCK
 			return
 		end
+		local link = longlink
+		longname, longlink = nil, nil
 		entries = entries + 1
 		if entries > o.max_entries then refuse("more than %d entries (--max-entries)", o.max_entries) end
 		local parts, why = check_name(name)
@@ -122,7 +123,7 @@ local function unpacker(tmp, o, what)
 			st.pad = (BLOCK - size % BLOCK) % BLOCK
 			if size == 0 then sys.close(fd) cur = nil st.mode, st.left = "pad", st.pad end
 		elseif typ == "2" then
-			local target = h:sub(158, 257):match("^[^%z]*")
+			local target = link or h:sub(158, 257):match("^[^%z]*")
 			if rel == "" or not link_inside(parts, target) then refuse("symlink '%s' -> '%s' points outside the tree", rel, target) end
 			if links[rel] or dirs[rel] then refuse("'%s' twice", rel) end
 			links[rel] = target
@@ -146,8 +147,15 @@ local function unpacker(tmp, o, what)
 		if sum ~= octal(h:sub(149, 156)) then refuse("a damaged archive (bad header checksum)") end
 		entry(h)
 	end
+	-- the stream itself is bounded too: headers, long names and padding beyond what the
+	-- entries can need (a guest sending zeros or long-name headers forever) are refused
+	local streamed = 0
 	local function feed(chunk)
 		local pos, n = 1, #chunk
+		streamed = streamed + n
+		if streamed > total + (entries + 1) * 12 * BLOCK + 20 * BLOCK then
+			refuse("a stream longer than its entries need (more than %d bytes)", streamed)
+		end
 		while pos <= n do
 			if st.mode == "data" then
 				local k = math.min(st.left, n - pos + 1)
@@ -178,7 +186,7 @@ local function unpacker(tmp, o, what)
 					local data = table.concat(st.pend)
 					st.pend = {}
 					if st.mode == "longname" then
-						longname = data:match("^[^%z]*")
+						if st.long == "L" then longname = data:match("^[^%z]*") else longlink = data:match("^[^%z]*") end
 						st.mode, st.left = "pad", st.pad
 						if st.left == 0 then st.mode, st.need = "header", BLOCK end
 					else
