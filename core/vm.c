@@ -31,7 +31,7 @@
  *       a new file dst_path (0600, created exclusively; removed again if the copy fails)
  *       of src_path's size holding its non-zero pages, every zero page a hole: how a
  *       snapshot's memory is written, so that restores find only data in its data ranges
- *       (a restore's copy costs per data page; docs/DECISIONS.md, "Golden memory")
+ *       (a restore's copy costs per data page: the golden memory entries of docs/DECISIONS.md)
  *
  * The Firecracker client drives libcurl's multi interface from fc_poll, so a request is
  * interruptible by Ctrl-C like every other wait, and keeps one easy handle per VM so the

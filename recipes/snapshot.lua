@@ -27,7 +27,7 @@ local M = {}
 -- and the mount go, and their pages return to the free lists holding zeros. At most 1 GiB
 -- (TCG writes ~80 MiB/s): the allocator hands out the most recently freed pages first, the
 -- ones likely to hold stale data. The page cache is kept: the first command after a
--- restore finds its files where they were. Measured in docs/DECISIONS.md ("Golden memory").
+-- restore finds its files where they were. Measured in docs/DECISIONS.md (the golden memory entries).
 M.ZERO_FREE = [[
 set -e
 t=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
