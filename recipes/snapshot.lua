@@ -27,7 +27,8 @@ local M = {}
 -- and the mount go, and their pages return to the free lists holding zeros. At most 1 GiB
 -- (TCG writes ~80 MiB/s): the allocator hands out the most recently freed pages first, the
 -- ones likely to hold stale data. The page cache is kept: the first command after a
--- restore finds its files where they were. Measured in docs/DECISIONS.md (the golden memory entries).
+-- restore finds its files where they were. Measured: the golden memory entries of
+-- docs/DECISIONS.md.
 M.ZERO_FREE = [[
 set -e
 t=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
@@ -51,6 +52,7 @@ M.ZERO_TIMEOUT = 60
 -- Zero the guest's free memory; a failure costs only a larger snapshot (a note says so).
 function M.zero_free(sb)
 	local ok, r = pcall(sb.exec, sb, { "sh", "-c", M.ZERO_FREE }, { timeout = M.ZERO_TIMEOUT, max_capture = 4096 })
+	if not ok and tostring(r):match("^interrupted") then error(r, 0) end -- Ctrl-C stops the snapshot
 	if not ok or r.status ~= 0 then
 		pcall(sb.exec, sb, { "sh", "-c", M.ZERO_UNDO }, { timeout = 10, max_capture = 4096 })
 		local why

@@ -94,8 +94,20 @@ sandbox.with(sb, function()
 	snapshots.take(sb, '$snap3', { zero_free = false })
 end)
 local sb2 = restore.restore({ snapshot = '$snap3' }, assert(restore.find { snapshot = '$snap3' }))
-sandbox.with(sb2, function() snapshots.take(sb2, '$snap4') end)" 2>"$tmp/err"
+sandbox.with(sb2, function()
+	-- a zeroing that fails, and one that hangs holding its mount: a note each, nothing left
+	local script, timeout = snapshots.ZERO_FREE, snapshots.ZERO_TIMEOUT
+	snapshots.ZERO_FREE = 'echo no room here >&2; exit 3'
+	snapshots.zero_free(sb2)
+	snapshots.ZERO_FREE, snapshots.ZERO_TIMEOUT = [[d=\$(mktemp -d /tmp/.fireclaw-zero.XXXXXX) && mount -t tmpfs -o size=8m fireclaw-zero \$d && head -c 4194304 /dev/zero >\$d/zero && sleep 30]], 3
+	snapshots.zero_free(sb2)
+	snapshots.ZERO_FREE, snapshots.ZERO_TIMEOUT = script, timeout
+	snapshots.take(sb2, '$snap4')
+end)" 2>"$tmp/err"
 ok $? "a guest that freed 96 MiB of random bytes: snapshot as it is, and a clone of it snapshotted" "$(cat "$tmp/err")"
+like "$(cat "$tmp/err")" "the guest's free memory was not zeroed \(exit status 3: no room here\); the snapshot is larger" \
+	"a zeroing that fails: one note with the guest's reason"
+like "$(cat "$tmp/err")" "not zeroed \(timed out after 3 s\)" "a zeroing that hangs: stopped, one note"
 read -r alloc nz < <(memstat "$state/snapshots/$snap3/memory")
 [ -n "$nz" ] && [ "$nz" -ge $((256 * 1024 * 50 / 100)) ]
 ok $? "zero_free = false: the freed pages stay in its memory (${nz:-?} KiB non-zero: the check below is not vacuous)"
@@ -106,7 +118,7 @@ out=$("$fc" run --snapshot "$snap4" -- sh -c 'cat /dev/shm/mark /root/mark; kill
 is "$out" "in-ram
 on-disk
 sleeper alive
-0" "a restore of it has its RAM, disk and processes, and no zeroing mount"
+0" "a restore of it has its RAM, disk and processes, and no zeroing mount (the hung one was undone)"
 no_leaks "zeroed snapshots"
 
 # ---- no VMM user can write a golden file ----
