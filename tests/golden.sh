@@ -19,7 +19,7 @@ export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}gd
 snap=gd-$$ snap2=gd2-$$ snap3=gd3-$$ snap4=gd4-$$ img=gd-$$
 cleanup() {
 	"$fc" cleanup --all -q >/dev/null 2>&1
-	"$fc" -q snapshot rm "$snap" "$snap2" "$snap3" "$snap4" >/dev/null 2>&1
+	for s in "$snap" "$snap2" "$snap3" "$snap4"; do "$fc" -q snapshot rm "$s" >/dev/null 2>&1; done
 	"$fc" -q image rm "$img" >/dev/null 2>&1
 	rm -rf "$tmp"
 }
