@@ -1,11 +1,11 @@
 -- fireclaw.vmm.qemu: the QEMU microvm driver behind fireclaw.vm.
 --
 -- Guest RAM is a shared file (memory-backend-file, share=on; a memfd), so a snapshot is:
--- stop, migrate the device state only (x-ignore-shared) to dir/vmstate, copy the RAM file
--- to dir/memory. A restore copies dir/memory's non-zero pages into a memfd of its own
--- (QEMU never sees the snapshot's file: QEMU 7.2 opens a RAM file read-write, whatever
--- share= says) and migrates the device state back in; a restored VM is then like a cold
--- booted one, and can be snapshotted the same way.
+-- stop, migrate the device state only (x-ignore-shared) to dir/vmstate, copy the RAM file's
+-- non-zero pages to dir/memory (zero pages as holes). A restore copies them into a memfd
+-- of its own (QEMU never sees the snapshot's file: QEMU 7.2 opens a RAM file read-write,
+-- whatever share= says) and migrates the device state back in; a restored VM is then like
+-- a cold booted one, and can be snapshotted the same way.
 -- A restore needs the very same machine and device options as the snapshot, so both go
 -- through machine_args(). Every VM has a virtio-rng device reading the host's /dev/urandom
 -- (spec.rng = false leaves it out: a restore of a snapshot taken without one).
@@ -424,7 +424,9 @@ function M.snapshot(v, dir)
 	end
 	local mem = v.spec.mem_mib or 256
 	if v.ram.share ~= false then
-		util.copy_sparse(v.ram.path, dir .. "/memory") -- 0600 root: no VMM ever opens it
+		-- 0600 root: no VMM ever opens it; zero pages become holes, so a restore's copy
+		-- reads only pages that hold data
+		core.ram_save(v.ram.path, dir .. "/memory")
 	else
 		-- RAM mapped privately (see M.restore) was not ignored: the stream above holds it
 		util.sparse_file(dir .. "/memory", mem * 1024 * 1024)
