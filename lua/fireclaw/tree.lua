@@ -153,9 +153,6 @@ local function unpacker(tmp, o, what)
 	local function feed(chunk)
 		local pos, n = 1, #chunk
 		streamed = streamed + n
-		if streamed > total + (entries + 1) * 12 * BLOCK + 20 * BLOCK then
-			refuse("a stream longer than its entries need (more than %d bytes)", streamed)
-		end
 		while pos <= n do
 			if st.mode == "data" then
 				local k = math.min(st.left, n - pos + 1)
@@ -195,7 +192,12 @@ local function unpacker(tmp, o, what)
 				end
 			end
 		end
+		-- (checked after the chunk: its headers count, a chunk is at most one read)
+		if streamed > total + (entries + 1) * 12 * BLOCK + 20 * BLOCK then
+			refuse("a stream longer than its entries need (more than %d bytes)", streamed)
+		end
 	end
+
 	local function finish()
 		if cur then refuse("a truncated archive") end
 		for _, rel in ipairs(links) do
