@@ -19,6 +19,7 @@ local snapshot = require "fireclaw.snapshot"
 local coldboot = cli.use "coldboot"
 
 local M = {}
+local create_from -- (below)
 
 -- Before a snapshot, the guest's free memory is made zero: every restore copies the saved
 -- memory's non-zero pages (QEMU), so stale bytes in free pages are paid for by every run.
@@ -117,6 +118,25 @@ local function human(n)
 	return string.format("%.1f MiB", n / 2 ^ 20)
 end
 
+-- snapshot create --from ID: a live kept VM, paused for the save and resumed after; its
+-- clones (run/start --snapshot NAME) are reseeded by the restore like any other.
+create_from = function(o)
+	local name = o.name
+	if not name then cli.usage_error("snapshot create --from needs --name SNAP") end
+	snapshot.clean_temp()
+	local t0 = require("fireclaw.runtime").now()
+	local sb = sandbox.attach(o.from, { what = "snapshot", vmm = true, connect = false })
+	local meta = sandbox.with(sb, function()
+		local ok, res = pcall(M.take, sb, name)
+		pcall(sb.vm.resume, sb.vm) -- the VM goes on, whatever happened to the snapshot
+		if not ok then error(res, 0) end
+		return res
+	end)
+	log.note("snapshot '%s' of VM %s created in %.1f s at %s", meta.name, sb.id,
+		require("fireclaw.runtime").now() - t0, meta.dir)
+	return 0
+end
+
 local function cmd_create(args)
 	local o = cli.parse(args, {
 		usage = "fireclaw snapshot create [options]", args = 0,
@@ -128,8 +148,10 @@ local function cmd_create(args)
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
+		{ "--from ID", "snapshot kept VM ID (or NAME) as it is now; it goes on running" },
 		{ "-v, --verbose", "progress lines" },
 	})
+	if o.from then return create_from(o) end
 	if o.disk then
 		local ok, err = sandbox.disk_bytes(o.disk)
 		if not ok then cli.usage_error("--disk: %s", err) end
@@ -173,8 +195,9 @@ local function cmd_list(args)
 end
 
 local function cmd_info(args)
-	local _, rest = cli.parse(args, { usage = "fireclaw snapshot info [SNAP]", args = 1,
-		about = "Print the meta.json of snapshot SNAP (default: default)." })
+	local _, rest = cli.parse(args, { usage = "fireclaw snapshot info [--json] [SNAP]", args = 1,
+		about = "Print the meta.json of snapshot SNAP (default: default).",
+		{ "--json", "(the output is JSON anyway)" } })
 	local name = rest[1] or "default"
 	local meta, why = snapshot.load(name)
 	if not meta then
