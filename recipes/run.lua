@@ -22,7 +22,8 @@ local restore = cli.use "restore"
 local SPEC = {
 	usage = "fireclaw run [options] -- CMD [ARGS…]",
 	about = "Run CMD in a throw-away microVM: restore from the image's snapshot (or cold boot),\n"
-		.. "stream its output, exit with its status, destroy the VM.",
+		.. "stream its output, exit with its status, destroy the VM. An image imported with\n"
+		.. "image import --oci runs its Entrypoint + Cmd without CMD; CMD replaces Cmd (as docker run).",
 	{ "--image NAME", "image to run", default = "default" },
 	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
 	{ "--mem MIB", "memory in MiB (cold boot)", type = "number", default = 256 },
@@ -56,7 +57,7 @@ end
 
 -- Check everything the user typed before a VM exists: bad input costs nothing.
 local function check_options(o, cmd)
-	if #cmd == 0 then cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])") end
+	-- (no command: the image's own Entrypoint/Cmd, for an imported OCI image; main checks)
 	if o.vcpu < 1 or o.vcpu > 64 or o.vcpu % 1 ~= 0 then cli.usage_error("--vcpu must be 1 to 64, got %s", o.vcpu) end
 	if o.mem < 64 or o.mem > 65536 or o.mem % 1 ~= 0 then
 		cli.usage_error("--mem must be 64 to 65536 MiB, got %s", o.mem)
@@ -132,10 +133,9 @@ end
 
 local function run_command(sb, o, cmd)
 	for _, p in ipairs(o.puts) do sb:put(p[1], p[2], { max_bytes = o.max_transfer }) end
-	local ssh = require "fireclaw.ssh"
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
-	local line = ssh.quote(cmd)
-	local opts = { env = o.envs, timeout = o.timeout }
+	local line, env = image.command_line(sb.img, cmd, o.envs)
+	local opts = { env = env, timeout = o.timeout }
 	if not sys.isatty(0) then opts.stdin = 0 end
 	if o.json then
 		opts.max_capture = o.max_output
@@ -158,6 +158,9 @@ local function main(args)
 		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end
 		log.note("no default image yet: building it (once)")
 		image.build { name = "default" }
+	end
+	if #cmd == 0 and not image.load(o.image).container then
+		cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])")
 	end
 	local t0 = runtime.now()
 	local sb = start_vm(o)
