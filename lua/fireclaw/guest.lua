@@ -325,8 +325,10 @@ ln -sfn /proc/self/fd/2 /dev/stderr
 
 @NET@
 # sshd: keys only (-s), the host key made at image build time (pinned by the host); run by
-# its own loader and libraries, whatever libc the image has (or none)
-set -- $B/lib/@LOADER@ --library-path $B/lib $B/sbin/dropbear -s -p 22 -P /run/dropbear.pid \
+# its own loader and libraries, whatever libc the image has (or none). A relative argv[0]:
+# dropbear re-executes its absolute argv[0] for every connection, which would load it with
+# the image's loader and libraries (missing, or another libc)
+set -- $B/lib/@LOADER@ --library-path $B/lib --argv0 dropbear $B/sbin/dropbear -s -p 22 -P /run/dropbear.pid \
 	-r $B/etc/dropbear_ed25519_host_key
 if [ -n "$debug" ]; then "$@" -E; else "$@" 2>/dev/null; fi || say "dropbear failed to start"
 n=500
