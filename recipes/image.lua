@@ -139,7 +139,7 @@ function commands.list(argv)
 end
 
 function commands.info(argv)
-	local _, rest = cli.parse(argv, { usage = "fireclaw image info [NAME] [--json]", args = 1,
+	local _, rest = cli.parse(argv, { usage = "fireclaw image info [--json] [NAME]", args = 1,
 		about = "Print the manifest of image NAME (default: " .. config.image .. ") as JSON: base (busybox,\n"
 			.. "debian: suite, mirror, packages; oci: source, digests, layers), sizes, packages, container.",
 		{ "--json", "the same (the manifest is JSON already)" } })

@@ -56,7 +56,7 @@ local function parse_size(s)
 end
 
 -- Check everything the user typed before a VM exists: bad input costs nothing.
-local function check_options(o, cmd)
+local function check_options(o)
 	-- (no command: the image's own Entrypoint/Cmd, for an imported OCI image; main checks)
 	if o.vcpu < 1 or o.vcpu > 64 or o.vcpu % 1 ~= 0 then cli.usage_error("--vcpu must be 1 to 64, got %s", o.vcpu) end
 	if o.mem < 64 or o.mem > 65536 or o.mem % 1 ~= 0 then
@@ -152,7 +152,7 @@ end
 
 local function main(args)
 	local o, cmd = cli.parse(args, SPEC)
-	check_options(o, cmd)
+	check_options(o)
 	if o.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	if not image.exists(o.image) then
 		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end

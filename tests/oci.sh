@@ -47,7 +47,7 @@ ok $rc "import --oci of a docker save tarball" "$out"
 echo "# import (docker save) took $(secs "$t0") s"
 
 # the manifest: base, digests, container settings; list shows base and size
-info=$("$fc" image info lay --json)
+info=$("$fc" image info --json lay)
 cfg=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]+"/index.json")); print(m["manifests"][0]["digest"])' "$tmp/img/layout")
 got=$(printf '%s' "$info" | python3 -c 'import json,sys; m=json.load(sys.stdin); b=m["base"]; c=m["container"]
 print(m["source"], b["kind"], b["format"], b["layers"], b["manifest_digest"], b["tags"], c["entrypoint"], c["cmd"], c["working_dir"], c["env"][1], "init=/.fireclaw/init" in m["boot_args"])')

@@ -124,7 +124,7 @@ local function steps(name, p, opts, work, T0)
 		local tree = scratch .. "/rootfs"
 		rf = { base = opts.tree(tree, scratch) }
 		rf.box = inject.into(tree, rootfs.stage(p, debs, scratch), out, opts.client_pub)
-		for k, v in pairs(rootfs.make_ext4(tree, out, opts.size)) do rf[k] = v end
+		for key, v in pairs(rootfs.make_ext4(tree, out, opts.size)) do rf[key] = v end
 		rf.t0 = t0
 		log("rootfs: %s ext4 (sparse), tree %s in %d files, root's shell %s (%s)", human(rf.size), human(rf.used),
 			rf.files, rf.box.shell, secs(t0))
