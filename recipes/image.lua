@@ -122,15 +122,15 @@ function commands.list(argv)
 		io.stderr:write("no images (build one with: fireclaw image build)\n")
 		return 0
 	end
-	io.stdout:write(string.format("%-16s %-7s %-26s %9s %9s  %-17s %s\n", "NAME", "SOURCE", "KERNEL", "SIZE",
-		"ALLOCATED", "CREATED (UTC)", "BASE"))
+	io.stdout:write(string.format("%-16s %-7s %-26s %9s %9s  %-28s %s\n", "NAME", "SOURCE", "KERNEL", "SIZE",
+		"ALLOCATED", "BASE", "CREATED (UTC)"))
 	for _, e in ipairs(list) do
 		local m = e.manifest
 		if m then
 			local size, alloc = sizes(m)
 			local k = m.kernel_info or {}
-			io.stdout:write(string.format("%-16s %-7s %-26s %9s %9s  %-17s %s\n", e.name, m.source or "?",
-				k.release or k.format or "?", image.human(size), image.human(alloc), created(m.created), base_of(m)))
+			io.stdout:write(string.format("%-16s %-7s %-26s %9s %9s  %-28s %s\n", e.name, m.source or "?",
+				k.release or k.format or "?", image.human(size), image.human(alloc), base_of(m), created(m.created)))
 		else
 			io.stdout:write(string.format("%-16s (broken: %s)\n", e.name, e.error))
 		end

@@ -153,14 +153,15 @@ end
 local function main(args)
 	local o, cmd = cli.parse(args, SPEC)
 	check_options(o)
+	-- no command: only an imported OCI image has one of its own (Entrypoint/Cmd)
+	if #cmd == 0 and not (image.exists(o.image) and image.load(o.image).container) then
+		cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])")
+	end
 	if o.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	if not image.exists(o.image) then
 		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end
 		log.note("no default image yet: building it (once)")
 		image.build { name = "default" }
-	end
-	if #cmd == 0 and not image.load(o.image).container then
-		cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])")
 	end
 	local t0 = runtime.now()
 	local sb = start_vm(o)

@@ -87,5 +87,8 @@ is "$(ls -A "$FIRECLAW_STATE/cache/rootfs" | grep -c '~')" "0" "no temporary tar
 is "$(ls -A "$FIRECLAW_STATE/images" | grep -c '^\.tmp')" "0" "no build directory left"
 "$fc" image info bad >/dev/null 2>&1; ok $(( ! $? )) "no image 'bad'"
 
+"$fc" -q image rm deb deb2
+is "$(ls -A "$FIRECLAW_STATE/cache/rootfs")" "" "the cached tarball goes with the last image built from it"
+
 no_leaks "after the Debian tests"
 done_testing

@@ -84,7 +84,9 @@ out=$("$fc" run --image app --no-snapshot -- false 2>&1); rc=$?
 is "$rc" 1 "a command replaces Cmd, not the Entrypoint (the entrypoint execs it), and its status is run's"
 
 # ---- User, and a distroless image: no shell, no passwd, no libc ----
-out=$("$fc" image import -q --oci "$tmp/img/user.tar" --name usr 2>&1); ok $? "import (User app)" "$out"
+out=$("$fc" image import -q --oci "$tmp/img/user.tar" --name usr --size 200M 2>&1); ok $? "import (User app, --size 200M)" "$out"
+size=$("$fc" image info usr | python3 -c 'import json,sys; print(json.load(sys.stdin)["rootfs"]["size"])')
+is "$size" $((200 * 1048576)) "--size sets the rootfs size"
 out=$("$fc" run --image usr --no-snapshot 2>&1)
 is "$out" "entry: hello from the image in /home/app as 1000" "User: the entrypoint runs as the image's user"
 out=$("$fc" image import -q --oci "$tmp/img/distroless.tar" --name dl 2>&1); ok $? "import a distroless image" "$out"
@@ -127,6 +129,11 @@ out=$("$fc" run --image dl --json | python3 -c 'import json,sys; r=json.load(sys
 is "$out" "snapshot distroless ok" "distroless restored (the reseed helper runs without the image's shell; $(secs "$t0") s)"
 
 # ---- bad input ----
+mkdir -p "$tmp/evil"
+ln -s /etc/shadow "$tmp/evil/manifest.json"
+tar -C "$tmp/evil" -cf "$tmp/evil.tar" manifest.json
+out=$("$fc" image import --oci "$tmp/evil.tar" --name x 2>&1); rc=$?
+is "$rc:$out" "1:fireclaw: image: the image's manifest.json is not a regular file" "an archive whose manifest.json is a symlink out: refused, nothing read"
 out=$("$fc" image import --oci "$tmp/nope" --name x 2>&1); rc=$?
 is "$rc:$out" "1:fireclaw: image: no such file or directory: $tmp/nope (--oci)" "a missing path: one line"
 mkdir "$tmp/empty"

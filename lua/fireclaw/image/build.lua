@@ -41,7 +41,8 @@ local function fingerprint(p, opts)
 	local inputs = json.encode({
 		format = common.FORMAT, guest = guest.VERSION, helper = keys.helper_sha256(),
 		guest_files = common.sha256_of("hashing", guest.initrd_init({}) ..
-			json.encode(guest.rootfs_files({ authorized_keys = opts.client_pub })) .. guest.box_init("ld.so")),
+			json.encode(guest.rootfs_files({ authorized_keys = opts.client_pub })) ..
+			(opts.tree and guest.box_init("ld.so") or "")), -- (the busybox image's inputs as before)
 		kernel = p.kernel.Package .. "=" .. p.kernel.Version,
 		base = pv(p.base), sftp = p.sftp.Package .. "=" .. p.sftp.Version, extra = pv(p.extra),
 		requested = requested, size = opts.size and common.parse_size(opts.size) or "auto",

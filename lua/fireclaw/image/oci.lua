@@ -44,8 +44,9 @@ local function inside(root, rel, what)
 end
 
 local function read_json(path, what)
-	local st = sys.stat(path)
+	local st = sys.lstat(path) -- (a symlink from the archive would lead out of it)
 	if not st then fail("the image has no %s (%s)", what, path) end
+	if st.type ~= "file" then fail("the image's %s is not a regular file", what) end
 	if st.size > MAX_JSON then fail("the image's %s is %d bytes: more than a JSON file here may be", what, st.size) end
 	local ok, v = pcall(json.decode, fs.read(path))
 	if not ok or type(v) ~= "table" then fail("the image's %s is not valid JSON: %s", what, tostring(v)) end
@@ -120,9 +121,9 @@ function M.open(path, scratch)
 		run("unpacking the image archive " .. path, { "tar", "--no-same-owner", "--no-same-permissions", "-xf", path, "-C", root })
 	end
 	local src
-	if fs.exists(root .. "/manifest.json") and not fs.is_dir(root .. "/manifest.json") then
+	if sys.lstat(root .. "/manifest.json") then
 		src = docker_save(root)
-	elseif fs.exists(root .. "/index.json") then
+	elseif sys.lstat(root .. "/index.json") then
 		src = oci_layout(root)
 	else
 		fail("%s is neither a docker save tarball (manifest.json) nor an OCI image layout (index.json)", path)
