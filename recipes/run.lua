@@ -38,6 +38,7 @@ local SPEC = {
 		multi = true },
 	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
+	{ "--entrypoint PROG", "with an image imported with --oci: run PROG instead of its Entrypoint and Cmd ('' for none)" },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
 	{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id, stages} instead of streaming" },
@@ -134,7 +135,7 @@ end
 local function run_command(sb, o, cmd)
 	for _, p in ipairs(o.puts) do sb:put(p[1], p[2], { max_bytes = o.max_transfer }) end
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
-	local line, env = image.command_line(sb.img, cmd, o.envs)
+	local line, env = image.command_line(sb.img, cmd, o.envs, o.entrypoint)
 	local opts = { env = env, timeout = o.timeout }
 	if not sys.isatty(0) then opts.stdin = 0 end
 	if o.json then
@@ -154,7 +155,11 @@ local function main(args)
 	local o, cmd = cli.parse(args, SPEC)
 	check_options(o)
 	-- no command: only an imported OCI image has one of its own (Entrypoint/Cmd)
-	if #cmd == 0 and not (image.exists(o.image) and image.load(o.image).container) then
+	local container = image.exists(o.image) and image.load(o.image).container
+	if o.entrypoint and not container then
+		cli.usage_error("--entrypoint is for images imported with --oci; '%s' is not one", o.image)
+	end
+	if #cmd == 0 and (o.entrypoint == "" or (not o.entrypoint and not container)) then
 		cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])")
 	end
 	if o.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end

@@ -80,6 +80,15 @@ hello from the image
 done
 out=$("$fc" run --image app --no-snapshot --env GREETING=mine 2>&1)
 is "$out" "entry: mine in /work as 0" "--env wins over the image's Env"
+out=$("$fc" run --image app --no-snapshot --entrypoint /bin/sh -- -c 'echo "$0 $GREETING"; ls /opq' 2>&1)
+is "$out" "/bin/sh hello from the image
+new" "--entrypoint replaces Entrypoint and Cmd (the image's Env stays)"
+out=$("$fc" run --image app --no-snapshot --entrypoint '' -- cat /data/keep 2>&1)
+is "$out" "kept from layer 1" "--entrypoint '': the command alone"
+out=$("$fc" run --image app --entrypoint '' 2>&1); rc=$?
+is "$rc:$out" "2:fireclaw: no command given (fireclaw run -- CMD [ARGS…])" "--entrypoint '' without a command: usage error"
+out=$("$fc" run --entrypoint /bin/sh -- true 2>&1); rc=$?
+is "$rc:$out" "2:fireclaw: --entrypoint is for images imported with --oci; 'default' is not one" "--entrypoint with the default image: usage error"
 out=$("$fc" run --image app --no-snapshot -- false 2>&1); rc=$?
 is "$rc" 1 "a command replaces Cmd, not the Entrypoint (the entrypoint execs it), and its status is run's"
 

@@ -8,8 +8,9 @@
 --       (minbase + packages, maintainer scripts run) with fireclaw's box (/.fireclaw)
 --   image.import_oci{name=, oci=PATH, size=, force=} -> manifest: a docker save tarball or an
 --       OCI layout, layers applied safely (fireclaw.image.oci), the box injected
---   image.command_line(img, argv, env) -> shell line, env: what `run` executes — for an
---       imported OCI image its Entrypoint + (argv or Cmd), Env under env, WorkingDir, User
+--   image.command_line(img, argv, env[, entrypoint]) -> shell line, env: what `run` executes —
+--       for an imported OCI image its Entrypoint + (argv or Cmd), Env under env, WorkingDir,
+--       User; entrypoint (docker's --entrypoint) replaces Entrypoint and Cmd
 --   image.import{name=, kernel=, rootfs=, initrd=, host_key=, boot_args=, cmdline_devices=,
 --                force=} -> manifest   (cmdline_devices: the kernel finds virtio-mmio devices
 --                on its command line, so Firecracker < 1.8 can boot it)
@@ -82,17 +83,28 @@ M.resolve_in, M.in_tree, M.unpack_into = unpack.resolve_in, unpack.in_tree, unpa
 -- environment (env: the user's {K = V}, which wins over the image's). An image without a
 -- container config runs argv as it is. With one, docker's rules: Entrypoint followed by
 -- argv, or by Cmd when argv is empty; Env under the user's; WorkingDir as the directory;
--- User (a name or uid in the image's /etc/passwd, group ignored) through busybox su.
-function M.command_line(img, argv, env)
+-- User (a name in the image's /etc/passwd, group ignored) through busybox su.
+-- entrypoint (a string, docker run --entrypoint): replaces the Entrypoint ("" for none) and
+-- drops Cmd.
+function M.command_line(img, argv, env, entrypoint)
 	local ssh = require "fireclaw.ssh"
 	local c = img.container
 	if type(c) ~= "table" then
+		if entrypoint ~= nil then
+			error(string.format("run: --entrypoint is for images imported with --oci; '%s' is not one", img.name), 0)
+		end
 		if #argv == 0 then error("run: no command given (fireclaw run -- CMD [ARGS…])", 0) end
 		return ssh.quote(argv), env
 	end
 	local full = {}
-	for _, a in ipairs(c.entrypoint or {}) do full[#full + 1] = a end
-	for _, a in ipairs(#argv > 0 and argv or c.cmd or {}) do full[#full + 1] = a end
+	if entrypoint ~= nil then
+		if type(entrypoint) ~= "string" then error("image.command_line: entrypoint must be a string", 2) end
+		if entrypoint ~= "" then full[1] = entrypoint end
+		for _, a in ipairs(argv) do full[#full + 1] = a end
+	else
+		for _, a in ipairs(c.entrypoint or {}) do full[#full + 1] = a end
+		for _, a in ipairs(#argv > 0 and argv or c.cmd or {}) do full[#full + 1] = a end
+	end
 	if #full == 0 then
 		error(string.format("run: image '%s' has no Entrypoint or Cmd: give a command (fireclaw run --image %s -- CMD)",
 			img.name, img.name), 0)
