@@ -99,8 +99,10 @@ is "$size" $((200 * 1048576)) "--size sets the rootfs size"
 out=$("$fc" run --image usr --no-snapshot 2>&1)
 is "$out" "entry: hello from the image in /home/app as 1000" "User: the entrypoint runs as the image's user"
 out=$("$fc" image import -q --oci "$tmp/img/distroless.tar" --name dl 2>&1); ok $? "import a distroless image" "$out"
-out=$("$fc" run --image dl --no-snapshot 2>&1)
+head -c 3000 /dev/urandom >"$tmp/blob"
+out=$("$fc" run --image dl --no-snapshot --put "$tmp/blob:/blob" --get "/blob:$tmp/back" 2>&1)
 is "$out" "distroless ok" "distroless: fireclaw's init, sshd and shell need nothing from the image"
+cmp -s "$tmp/blob" "$tmp/back"; ok $? "distroless: --put and --get work (fireclaw's sftp-server)"
 out=$("$fc" run --image dl --no-snapshot -- a b 2>&1)
 is "$out" "distroless ok a b" "distroless: arguments replace Cmd after the Entrypoint"
 login=$("$fc" image info dl | python3 -c 'import json,sys; print(json.load(sys.stdin)["guest"]["login_shell"])')
