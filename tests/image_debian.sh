@@ -87,6 +87,21 @@ is "$(ls -A "$FIRECLAW_STATE/cache/rootfs" | grep -c '~')" "0" "no temporary tar
 is "$(ls -A "$FIRECLAW_STATE/images" | grep -c '^\.tmp')" "0" "no build directory left"
 "$fc" image info bad >/dev/null 2>&1; ok $(( ! $? )) "no image 'bad'"
 
+# ---- a build killed (SIGKILL) while mmdebstrap runs: nothing of it survives ----
+"$fc" -q image build --base debian --packages hello --name killed >/dev/null 2>&1 &
+pid=$!
+n=0
+until pgrep -f "mmdebstrap .*$FIRECLAW_STATE" >/dev/null || [ $n -ge 600 ]; do sleep 0.1; n=$((n + 1)); done
+pgrep -f "mmdebstrap .*$FIRECLAW_STATE" >/dev/null; ok $? "mmdebstrap started"
+kill -9 $pid
+wait $pid 2>/dev/null
+n=0
+while pgrep -f "mmdebstrap .*$FIRECLAW_STATE" >/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+is "$(pgrep -f "mmdebstrap .*$FIRECLAW_STATE")" "" "no mmdebstrap process outlives the killed fireclaw (its pid namespace dies with it)"
+is "$(mounts)" "$m0" "no mount left by the killed build"
+out=$("$fc" image build --base debian --packages python3 --name deb 2>&1)
+like "$out" "removing \.tmp~killed~$pid \(left by an interrupted build\)" "the next build removes what it left"
+
 "$fc" -q image rm deb deb2
 is "$(ls -A "$FIRECLAW_STATE/cache/rootfs")" "" "the cached tarball goes with the last image built from it"
 

@@ -173,7 +173,7 @@ function M.build(opts)
 	local base = opts.base or "busybox"
 	if base == "debian" then
 		opts.debian = debian.inputs(opts)
-		opts.tree = function(tree) return debian.tree(opts.debian, tree, opts.force) end
+		opts.tree = function(tree, scratch) return debian.tree(opts.debian, tree, opts.force, scratch) end
 	elseif base ~= "busybox" then
 		fail("unknown base '%s' (busybox, the small default, or debian)", tostring(base))
 	elseif opts.suite then

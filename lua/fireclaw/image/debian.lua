@@ -94,7 +94,7 @@ end
 
 -- The tarball for `inputs`: from the cache, or made by mmdebstrap (force: made afresh).
 -- Returns its path, whether it came from the cache, and the seconds mmdebstrap took.
-local function tarball(inputs, force)
+local function tarball(inputs, force, scratch)
 	local dir = common.cache_dir() .. "/rootfs"
 	common.mkdir_p(dir, "755")
 	local tar = dir .. "/" .. M.cache_name(inputs)
@@ -102,14 +102,20 @@ local function tarball(inputs, force)
 	local t0 = runtime.now()
 	local tmp = tar .. ".new~" .. proc.getpid()
 	os.remove(tmp)
-	local argv = { "mmdebstrap", "--mode=unshare", "--variant=" .. inputs.variant, "--format=tar", "--quiet" }
+	-- in a pid namespace of its own whose init dies with fireclaw (unshare --kill-child; the
+	-- parent-death signal alone would reach only mmdebstrap's first process, not its helpers)
+	local argv = { "unshare", "--pid", "--fork", "--kill-child", "mmdebstrap", "--mode=unshare", "--variant=" .. inputs.variant, "--format=tar", "--quiet" }
 	if #inputs.packages > 0 then argv[#argv + 1] = "--include=" .. table.concat(inputs.packages, ",") end
 	argv[#argv + 1] = inputs.suite
 	argv[#argv + 1] = tmp
 	argv[#argv + 1] = string.format("deb %s %s main", inputs.mirror, inputs.suite)
 	common.log("debian: mmdebstrap %s (%s) from %s%s", inputs.suite, inputs.variant, inputs.mirror,
 		#inputs.packages > 0 and (" with " .. table.concat(inputs.packages, ",")) or "")
-	local ok, err = pcall(run, "running mmdebstrap", argv)
+	-- its temporary tree goes below the build's own directory, which the next build removes
+	-- if this one is killed (1777: in unshare mode its root is a subordinate uid)
+	local tmpdir = scratch .. "/mmdebstrap-tmp"
+	fs.mkdir_p(tmpdir, "1777")
+	local ok, err = pcall(run, "running mmdebstrap", argv, { env = { TMPDIR = tmpdir } })
 	if not ok then
 		os.remove(tmp)
 		error(err, 0)
@@ -120,13 +126,14 @@ local function tarball(inputs, force)
 	return tar, false, runtime.now() - t0
 end
 
--- The Debian tree in `tree` (empty). Returns {cache=, cached=, seconds=}.
-function M.tree(inputs, tree, force)
-	local tar, cached, secs = tarball(inputs, force)
+-- The Debian tree in `tree` (empty); scratch: the build's scratch directory. Returns
+-- {cache=, cached=, seconds=}.
+function M.tree(inputs, tree, force, scratch)
+	local tar, cached, secs = tarball(inputs, force, scratch)
 	fs.mkdir_p(tree, "755")
 	-- a tarball mmdebstrap made from Debian packages; GNU tar still refuses '..' members and
 	-- defers symlinks it would have to follow
-	run("unpacking the Debian tree", { "tar", "--numeric-owner", "-xpf", tar, "-C", tree })
+	run("unpacking the Debian tree", { "tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", tar, "-C", tree })
 	return { cache = tar:match("[^/]+$"), cached = cached, seconds = secs }
 end
 
