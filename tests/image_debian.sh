@@ -81,7 +81,7 @@ is "$out" "snapshot 42" "restored: python3 runs ($(secs "$t0") s)"
 
 # ---- a failed build: one line, no mount, no temporary tarball, no build directory ----
 out=$("$fc" image build -q --base debian --packages no-such-package-fireclaw --name bad 2>&1); rc=$?
-like "$rc:$out" "^1:fireclaw: image: running mmdebstrap: mmdebstrap exited with status [0-9]+: E: .*no-such-package-fireclaw" "an unknown package fails the build with one line"
+like "$rc:$out" "^1:fireclaw: image: mmdebstrap failed \(status [0-9]+\): E: Unable to locate package no-such-package-fireclaw$" "an unknown package fails the build with one line"
 is "$(mounts)" "$m0" "no mount left after the failure"
 is "$(ls -A "$FIRECLAW_STATE/cache/rootfs" | grep -c '~')" "0" "no temporary tarball left"
 is "$(ls -A "$FIRECLAW_STATE/images" | grep -c '^\.tmp')" "0" "no build directory left"
@@ -93,8 +93,7 @@ pid=$!
 n=0
 until pgrep -f "mmdebstrap .*$FIRECLAW_STATE" >/dev/null || [ $n -ge 600 ]; do sleep 0.1; n=$((n + 1)); done
 pgrep -f "mmdebstrap .*$FIRECLAW_STATE" >/dev/null; ok $? "mmdebstrap started"
-kill -9 $pid
-wait $pid 2>/dev/null
+{ kill -9 $pid; wait $pid; } 2>/dev/null
 n=0
 while pgrep -f "mmdebstrap .*$FIRECLAW_STATE" >/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 is "$(pgrep -f "mmdebstrap .*$FIRECLAW_STATE")" "" "no mmdebstrap process outlives the killed fireclaw (its pid namespace dies with it)"

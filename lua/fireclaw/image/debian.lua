@@ -104,7 +104,8 @@ local function tarball(inputs, force, scratch)
 	os.remove(tmp)
 	-- in a pid namespace of its own whose init dies with fireclaw (unshare --kill-child; the
 	-- parent-death signal alone would reach only mmdebstrap's first process, not its helpers)
-	local argv = { "unshare", "--pid", "--fork", "--kill-child", "mmdebstrap", "--mode=unshare", "--variant=" .. inputs.variant, "--format=tar", "--quiet" }
+	local argv = { "unshare", "--pid", "--fork", "--kill-child",
+		"mmdebstrap", "--mode=unshare", "--variant=" .. inputs.variant, "--format=tar" }
 	if #inputs.packages > 0 then argv[#argv + 1] = "--include=" .. table.concat(inputs.packages, ",") end
 	argv[#argv + 1] = inputs.suite
 	argv[#argv + 1] = tmp
@@ -115,10 +116,19 @@ local function tarball(inputs, force, scratch)
 	-- if this one is killed (1777: in unshare mode its root is a subordinate uid)
 	local tmpdir = scratch .. "/mmdebstrap-tmp"
 	fs.mkdir_p(tmpdir, "1777")
-	local ok, err = pcall(run, "running mmdebstrap", argv, { env = { TMPDIR = tmpdir } })
-	if not ok then
+	local ok, r = pcall(common.try_run, argv, { env = { TMPDIR = tmpdir } })
+	if not ok or r.status ~= 0 or r.signal then
 		os.remove(tmp)
-		error(err, 0)
+		if not ok then error(r, 0) end
+		-- apt's own reason ("Unable to locate package x") rather than mmdebstrap's summary
+		local why
+		for line in (r.stderr or ""):gmatch("[^\n]+") do
+			if line:match("^E: ") and not line:match("^E: setup failed") and not line:match("^E: mmdebstrap failed") then
+				why = why or line
+			end
+		end
+		why = why or (r.stderr or ""):match("(E: [^\n]+)") or "no error message"
+		fail("mmdebstrap failed (%s): %s", r.signal and ("signal " .. r.signal) or ("status " .. tostring(r.status)), why)
 	end
 	local ok2, err2 = os.rename(tmp, tar)
 	if not ok2 then fail("cannot move the tarball into %s: %s", dir, tostring(err2)) end
