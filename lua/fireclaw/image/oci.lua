@@ -220,7 +220,9 @@ function M.apply(layer, tree, i, notes)
 	fs.rm_rf(staging)
 	fs.mkdir_p(staging, "755")
 	local ok, err = pcall(function()
-		local r = common.try_run({ "tar", "--numeric-owner", "-xpf", layer.path, "-C", staging })
+		-- (xattrs: file capabilities live there)
+		local r = common.try_run({ "tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", layer.path,
+			"-C", staging })
 		if r.status ~= 0 or r.signal then
 			local first -- tar's first error (its "Removing leading" lines are warnings)
 			for line in (r.stderr or ""):gmatch("tar: ([^\n]+)") do
