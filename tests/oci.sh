@@ -105,6 +105,9 @@ is "$out" "distroless ok" "distroless: fireclaw's init, sshd and shell need noth
 cmp -s "$tmp/blob" "$tmp/back"; ok $? "distroless: --put and --get work (fireclaw's sftp-server)"
 out=$("$fc" run --image dl --no-snapshot -- a b 2>&1)
 is "$out" "distroless ok a b" "distroless: arguments replace Cmd after the Entrypoint"
+t0=$EPOCHREALTIME
+"$fc" run --image dl --no-snapshot --timeout 3 --entrypoint /app/busybox -- sleep 60 >/dev/null 2>&1; rc=$?
+is "$rc" 124 "distroless: --timeout stops the command (the kill runs in fireclaw's shell; $(secs "$t0") s)"
 login=$("$fc" image info dl | python3 -c 'import json,sys; print(json.load(sys.stdin)["guest"]["login_shell"])')
 is "$login" "/.fireclaw/bin/sh" "distroless: root logs in with fireclaw's shell"
 
