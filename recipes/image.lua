@@ -100,22 +100,24 @@ end
 
 function commands.list(argv)
 	local o = cli.parse(argv, { usage = "fireclaw image list [--json]", about = "List the images.", args = 0,
-		{ "--json", "print a JSON array of {name, source, base, kernel, size, allocated, rootfs_used, created}" } })
+		{ "--json", "print a JSON array: {name, source, base, base_info, kernel, size, allocated, rootfs_used,\n"
+			.. "created}, or {name, error}" } })
 	local list = image.list()
 	if o.json then
-		local out = json.array()
+		local rows = json.array()
 		for _, e in ipairs(list) do
 			local m = e.manifest
 			if m then
 				local size, alloc = sizes(m)
-				out[#out + 1] = { name = e.name, source = m.source, base = base_of(m), base_info = m.base,
-					kernel = (m.kernel_info or {}).release, size = size, allocated = alloc,
-					rootfs_used = (m.rootfs or {}).used, created = m.created }
+				local k = m.kernel_info or {}
+				rows[#rows + 1] = { name = e.name, source = m.source or json.null, kernel = k.release or k.format or json.null,
+					size = size, allocated = alloc, created = m.created or json.null, base = base_of(m),
+					base_info = m.base or json.null, rootfs_used = (m.rootfs or {}).used or json.null }
 			else
-				out[#out + 1] = { name = e.name, error = e.error }
+				rows[#rows + 1] = { name = e.name, error = e.error }
 			end
 		end
-		io.stdout:write(json.encode(out), "\n")
+		io.stdout:write(json.encode(rows), "\n")
 		return 0
 	end
 	if #list == 0 then

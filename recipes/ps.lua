@@ -1,28 +1,41 @@
--- List live VMs: id, VMM pid, age, image, whether their fireclaw is alive
+-- List VMs: id, name, state, age, time to live, image, VMM (--json: all of it)
 local cli = require "fireclaw.cli"
 local json = require "fireclaw.json"
 local state = require "fireclaw.state"
 
+local function age(s)
+	if s == json.null or s == nil then return "-" end
+	if s < 120 then return s .. "s" end
+	if s < 7200 then return math.floor(s / 60) .. "m" end
+	return math.floor(s / 3600) .. "h"
+end
+
 local function main(args)
 	local o = cli.parse(args, { usage = "fireclaw ps [--json]", args = 0, { "--json", "print JSON" } })
+	state.reap_expired() -- expired VMs go first
 	local rows = json.array()
+	local now = os.time()
 	for _, rec in ipairs(state.list()) do
 		local owner = rec.broken and "broken" or rec.keep and "kept" or state.owner_alive(rec) and "alive" or "gone (stale)"
 		rows[#rows + 1] = {
-			id = rec.id, netns = rec.netns, image = rec.image or "?", owner = owner,
-			vmm = rec.vmm and rec.vmm.name or "-", vmm_pid = rec.vmm and rec.vmm.pid or json.null,
-			vmm_alive = state.vmm_alive(rec), age_s = rec.created and os.time() - rec.created or json.null,
+			id = rec.id, name = rec.name or json.null, state = state.status(rec), netns = rec.netns,
+			image = rec.image or "?", owner = owner,
+			vmm = rec.vmm and rec.vmm.name or (rec.vmspec and rec.vmspec.vmm) or "-",
+			vmm_pid = rec.vmm and rec.vmm.pid or json.null,
+			vmm_alive = state.vmm_alive(rec), age_s = rec.created and now - rec.created or json.null,
+			expires = rec.expires or json.null, ttl_left_s = rec.expires and math.max(0, rec.expires - now) or json.null,
 		}
 	end
 	if o.json then
 		io.stdout:write(json.encode(rows), "\n")
 		return 0
 	end
-	print(string.format("%-8s %-12s %-8s %-8s %-10s %s", "ID", "VMM", "PID", "AGE", "IMAGE", "OWNER"))
+	print(string.format("%-8s %-16s %-9s %-6s %-6s %-10s %-8s %s", "ID", "NAME", "STATE", "AGE", "TTL", "IMAGE", "PID",
+		"OWNER"))
 	for _, r in ipairs(rows) do
-		print(string.format("%-8s %-12s %-8s %-8s %-10s %s", r.id, r.vmm .. (r.vmm_alive and "" or " (dead)"),
-			tostring(r.vmm_pid ~= json.null and r.vmm_pid or "-"),
-			r.age_s ~= json.null and (r.age_s .. "s") or "-", r.image, r.owner))
+		print(string.format("%-8s %-16s %-9s %-6s %-6s %-10s %-8s %s", r.id, r.name ~= json.null and r.name or "-",
+			r.state, age(r.age_s), age(r.ttl_left_s), r.image,
+			tostring(r.vmm_pid ~= json.null and r.vmm_pid or "-"), r.owner))
 	end
 	return 0
 end
