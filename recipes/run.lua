@@ -22,7 +22,8 @@ local restore = cli.use "restore"
 local SPEC = {
 	usage = "fireclaw run [options] -- CMD [ARGS…]",
 	about = "Run CMD in a throw-away microVM: restore from the image's snapshot (or cold boot),\n"
-		.. "stream its output, exit with its status, destroy the VM.",
+		.. "stream its output, exit with its status, destroy the VM. An image imported with\n"
+		.. "image import --oci runs its Entrypoint + Cmd without CMD; CMD replaces Cmd (as docker run).",
 	{ "--image NAME", "image to run (default: the snapshot's with --snapshot, else default)" },
 	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
 	{ "--mem MIB", "memory in MiB (cold boot)", type = "number", default = 256 },
@@ -41,6 +42,7 @@ local SPEC = {
 		multi = true },
 	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
+	{ "--entrypoint PROG", "with an image imported with --oci: run PROG instead of its Entrypoint and Cmd ('' for none)" },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
 	{ "-i, --interactive", "forward stdin to CMD (also when it is a terminal)" },
 	{ "-t, --tty", "give CMD a terminal (a PTY in the guest); with -i on a terminal: raw mode, resizes" },
@@ -105,8 +107,8 @@ local function stdin_opts(o, opts)
 end
 
 -- Check everything the user typed before a VM exists: bad input costs nothing.
-local function check_options(o, cmd)
-	if #cmd == 0 then cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])") end
+local function check_options(o)
+	-- (no command: the image's own Entrypoint/Cmd, for an imported OCI image; main checks)
 	if not o.image then -- a snapshot's clones run its image
 		local meta = o.snapshot and not o.no_snapshot and require("fireclaw.snapshot").load(o.snapshot)
 		o.image = meta and meta.image or "default"
@@ -208,16 +210,19 @@ local function run_command(sb, o, cmd)
 		sb:put(p[1], p[2], { max_bytes = o.max_transfer })
 	end
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
+	local line, env = image.command_line(sb.img, cmd, o.envs, o.entrypoint)
+	-- through the agent an image's own command runs as an argv, with no shell in between
+	if sb.agent and type(sb.img.container) ~= "table" then line = cmd end
 	-- the first Ctrl-C goes to the command (the agent sends it SIGINT, as a terminal would);
 	-- if it has not ended 2 s later, or on a second Ctrl-C, fireclaw stops
-	local opts = stdin_opts(o, { env = o.envs, timeout = o.timeout, forward_sigint = true })
+	local opts = stdin_opts(o, { env = env, timeout = o.timeout, forward_sigint = true })
 	if o.json then
 		opts.max_capture = o.max_output
 	else
 		opts.on_stdout = function(d) fault.point("exec-output") io.stdout:write(d) io.stdout:flush() end
 		opts.on_stderr = function(d) io.stderr:write(d) io.stderr:flush() end
 	end
-	local r = sb:exec(cmd, opts)
+	local r = sb:exec(line, opts)
 	fault.point("command-done")
 	sb.timer:stage("command")
 	for _, g in ipairs(o.gets) do sb:get(g[1], g[2], { max_bytes = o.max_transfer }) end
@@ -252,10 +257,18 @@ end
 local function main(args)
 	local o, cmd = cli.parse(split_flags(args), SPEC)
 	o.sized = sized(args)
-	check_options(o, cmd)
+	check_options(o)
 	if o.tty and o.json then cli.usage_error("-t and --json exclude each other (a terminal's output is not JSON)") end
 	if o.tty and o.interactive and not sys.isatty(0) then
 		cli.usage_error("-it needs a terminal on stdin (use -i alone for a pipe)")
+	end
+	-- no command: only an imported OCI image has one of its own (Entrypoint/Cmd)
+	local container = image.exists(o.image) and image.load(o.image).container
+	if o.entrypoint and not container then
+		cli.usage_error("--entrypoint is for images imported with --oci; '%s' is not one", o.image)
+	end
+	if #cmd == 0 and (o.entrypoint == "" or (not o.entrypoint and not container)) then
+		cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])")
 	end
 	if not image.exists(o.image) then
 		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end

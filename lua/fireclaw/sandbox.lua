@@ -543,7 +543,9 @@ end
 
 -- Through the agent: an argv as it is, a shell string through /bin/sh -c.
 local function agent_exec(self, cmd, opts)
-	local argv = type(cmd) == "table" and cmd or { "/bin/sh", "-c", cmd }
+	-- a shell line goes through the image's shell (a boxed image's own, /.fireclaw's)
+	local g = type(self.img.guest) == "table" and self.img.guest or {}
+	local argv = type(cmd) == "table" and cmd or { g.login_shell or "/bin/sh", "-c", cmd }
 	if opts and type(opts.pty) == "table" and opts.pty.term then -- TERM goes in the environment
 		local o, env = {}, {}
 		for k, v in pairs(opts) do o[k] = v end
