@@ -564,10 +564,10 @@ end
 function Sandbox:exec(cmd, opts)
 	alive(self, "exec")
 	if not self.session and not self.agent then self:connect_exec() end
-	-- a terminal forwarded as it is (run -it: opts.tty) is the SSH session's to drive
-	local tty = opts and opts.tty ~= nil
-	if tty and not self.session then self:connect() end
-	if self.agent and not tty then
+	-- a terminal forwarded as it is (run -it, shell, exec -it: opts.tty) goes raw to the
+	-- guest's PTY over either channel; its size follows SIGWINCH (RESIZE frames / SSH's
+	-- window-change)
+	if self.agent then
 		fault.point("exec")
 		return agent_exec(self, cmd, opts)
 	end
