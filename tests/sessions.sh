@@ -136,12 +136,19 @@ PY
 	printf "#!/bin/sh\ncase \"\$2\" in *\"tar -cf\"*) exec cat /root/evil.tar;; esac\nexec /bin/sh \"\$@\"\n" >/root/evilsh &&
 	chmod 755 /root/evilsh && echo /root/evilsh >>/etc/shells &&
 	sed -i "s|^root:\(.*\):[^:]*\$|root:\1:/root/evilsh|" /etc/passwd'
-# (the lie is in root's login shell, which only the SSH path runs: this check is SSH's;
-# the agent's tree goes through the same unpacker, fireclaw.tree)
+# (the lie is in root's login shell, which only the SSH path runs; the agent's tree, a tar
+# stream of an exec too, goes through the same unpacker, fireclaw.tree: checked below)
 FIRECLAW_EXEC=ssh check_refused "a lying tar with ../ names" /root/h5 "'\.\.' component"
 [ ! -e "$tmp/escaped" ]; ok $? "... and nothing was written outside the target"
+# over the agent the command runs as /bin/sh -c …: a /bin/sh that lies
+"$fc" exec box -- sh -c 'printf "#!/bin/busybox sh\ncase \"\$2\" in *\"tar -cf\"*) exec cat /root/evil.tar;; esac\nexec /bin/busybox sh \"\$@\"\n" >/root/evilsh2 &&
+	chmod 755 /root/evilsh2 && ln -sf /root/evilsh2 /bin/sh'
+check_refused "a lying tar with ../ names, over the agent" /root/h5 "'\.\.' component"
+[ ! -e "$tmp/escaped" ]; ok $? "... and nothing was written outside the target (agent)"
 "$fc" exec box -- ln -sf /dev/zero /root/evil.tar
 FIRECLAW_EXEC=ssh check_refused "an endless stream of zeros" /root/h5 "stream longer than its entries need"
+check_refused "an endless stream of zeros, over the agent" /root/h5 "stream longer than its entries need"
+"$fc" exec box -- /bin/busybox ln -sf /bin/busybox /bin/sh
 "$fc" exec box -- cp /root/passwd.orig /etc/passwd
 
 # ---- logs, ssh ----
