@@ -180,8 +180,11 @@ for round in 1 2; do
 	is "$rc" 1 "exec into a paused VM fails ($round)"
 	like "$err" "paused \(fireclaw resume box\)" "... saying how to resume it"
 	[ -s "$FIRECLAW_STATE/paused/$id/vmstate" ]; ok $? "the device state is saved under the state dir ($round)"
-	"$fc" resume box 2>"$tmp/err"; rc=$?
+	# the restore hand-off (clock + entropy): through the agent, or (round 2) over SSH
+	how="hand-off \(clock \+ entropy\)"; [ $round = 2 ] && how="reseed \+ clock"
+	FIRECLAW_EXEC=$([ $round = 2 ] && echo ssh || echo auto) "$fc" resume -v box 2>"$tmp/err"; rc=$?
 	is "$rc" 0 "resume ($round)"
+	like "$(cat "$tmp/err")" "$how" "resume ($round): the guest is reseeded and its clock set ($how)"
 	[ $rc = 0 ] || sed 's/^/#   /' "$tmp/err"
 	out=$("$fc" exec box -- sh -c 'cat /root/state; kill -0 $(cat /tmp/bg) && echo bg-alive; a=$(cat /tmp/count); sleep 0.5; b=$(cat /tmp/count); [ $b -gt $a ] && echo counting')
 	is "$(echo $out)" "kept-data bg-alive counting" "after resume ($round): the file, the background process still running"
@@ -196,12 +199,13 @@ is "$rc" 0 "snapshot create --from a live VM"
 is "$("$fc" exec box -- cat /root/state)" "kept-data" "the VM goes on running after the snapshot"
 clones=()
 for i in 1 2 3; do
-	"$fc" run --snapshot "$fork" -- sh -c 'cat /root/state; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo' >"$tmp/clone$i" 2>"$tmp/clone$i.err" &
+	"$fc" run --snapshot "$fork" -- sh -c 'cat /root/state; [ -z "$SSH_CONNECTION" ] && echo via-agent; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo' >"$tmp/clone$i" 2>"$tmp/clone$i.err" &
 	clones+=($!)
 done
 wait "${clones[@]}"
 is "$(cat "$tmp"/clone1 "$tmp"/clone2 "$tmp"/clone3 | grep -c '^kept-data$')" 3 "3 clones run at once, each with the VM's files"
 is "$(cat "$tmp"/clone[123] | grep -v kept-data | grep -E '^[0-9a-f]{32}$' | sort -u | wc -l)" 3 "the 3 clones print distinct random bytes"
+is "$(cat "$tmp"/clone[123] | grep -c '^via-agent$')" 3 "... over the agent (the snapshot --from has its channel; its hand-off reseeded them)"
 out=$("$fc" run --snapshot "$fork" --vcpu 2 -- true 2>&1)
 like "$out" "--vcpu/--mem ignored: snapshot '$fork' fixes 1 vCPU" "run --snapshot --vcpu says the snapshot fixes the size"
 cid=$("$fc" start --snapshot "$fork" --name clone 2>/dev/null)
