@@ -17,7 +17,9 @@
  *                             stdout_truncated=, stderr_truncated=, interrupted=}
  *       opts: stdin (string or fd), on_stdout/on_stderr (fn(data)), capture, max_capture,
  *             env ({K = v}), cwd, uid, gid, timeout (s), pty (true or {rows =, cols =}),
- *             forward_sigint (the first Ctrl-C goes to the command; see fc_poll_sigint)
+ *             forward_sigint (the first Ctrl-C goes to the command; see fc_poll_sigint),
+ *             tty (with pty, conn:exec only: a local terminal fd, raw for the exec and
+ *             restored on every way out, its size sent as RESIZE now and on SIGWINCH)
  *   conn:mkdir(path [, mode]) -> path                    (an existing directory is fine)
  *   conn:list(path) -> {{name =, kind = "file"|"directory"|"link"|"other", mode =, size =}…}
  *   conn:put(local, remote [, opts]) -> remote path      opts: mode, max_bytes, stall
