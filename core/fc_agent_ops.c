@@ -158,8 +158,8 @@ static void req_add(lua_State *L, struct fc_buf *r, const char *s, size_t n)
 }
 
 static const char *const EXEC_KNOWN[] = {
-    "stdin", "on_stdout", "on_stderr", "capture", "max_capture",    "env",  "cwd",
-    "uid",   "gid",	  "timeout",   "pty",	  "forward_sigint", "exec", "tty", NULL};
+    "stdin", "on_stdout", "on_stderr", "capture",	 "max_capture", "env", "cwd", "uid",
+    "gid",   "timeout",	  "pty",       "forward_sigint", "exec",	"tty", NULL};
 
 /* The exec request for argv (table at a) with the options at t. */
 static void build_exec(lua_State *L, struct op *o, int a, int t)
