@@ -13,7 +13,7 @@
 #   make format          clang-format core/, guest/ and tests/unit/
 
 PREFIX ?= /usr/local
-PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs com_err libmnl libedit
+PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs com_err libmnl libedit libnftables
 CC ?= cc
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Icore

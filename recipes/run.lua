@@ -37,6 +37,11 @@ local SPEC = {
 		multi = true },
 	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
+	{ "--net MODE", "network: none (no way out, the default) or nat (the outside world through the host's NAT)" },
+	{ "--allow HOST[:PORT]", "egress only to this name (and its subdomains; *.NAME: only those), IPv4 address "
+		.. "or CIDR; implies --net nat, everything else is dropped (repeatable)", multi = true },
+	{ "-p, --publish [HOSTIP:]HOSTPORT:GUESTPORT", "publish a guest TCP port on the host (HOSTIP default "
+		.. "127.0.0.1; repeatable)", multi = true },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
 	{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id, stages} instead of streaming" },
@@ -78,6 +83,11 @@ local function check_options(o, cmd)
 	if stall and stall ~= "" and (tonumber(stall) or 0) <= 0 then
 		cli.usage_error("FIRECLAW_TRANSFER_STALL_S must be a number of seconds > 0, got '%s'", stall)
 	end
+	if o.net and o.net ~= "none" and o.net ~= "nat" then cli.usage_error("--net must be none or nat, got '%s'", o.net) end
+	o.policy = { mode = o.net, allow = #o.allow > 0 and o.allow or nil, publish = o.publish }
+	local ok, err = pcall(require("fireclaw.netpolicy").check, o.policy)
+	if not ok then cli.usage_error("%s", (tostring(err):gsub("^network: ", ""))) end
+	if not o.net then o.policy.mode = nil end -- (the config's default, unless --allow)
 	o.puts, o.gets, o.envs = {}, {}, {}
 	for _, p in ipairs(o.put) do
 		local l, r = p:match("^([^:]+):(.+)$")
@@ -107,7 +117,8 @@ local function start_vm(o)
 	-- snapshot check and the VM use the same; an impossible one is one line, now
 	local d = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices }
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
-		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk }
+		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk,
+		net = o.policy }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap then

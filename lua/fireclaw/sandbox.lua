@@ -6,6 +6,9 @@
 --                          cpus = 0.5,    -- optional CPU limit (fireclaw.cgroup)
 --                          disk = "2G"}   -- optional: a bigger root disk (cold boot)
 --   sb:network()              -- namespace fc-<id> with tap0 (172.16.0.1/30, fixed MACs)
+--   sb:network{mode = "nat", allow = {"pypi.org"}, publish = {"127.0.0.1:8080:80"}}
+--                             -- … and a network policy (fireclaw.netpolicy; default: the
+--                             -- `net` option of sandbox.new, else config.net.mode, "none")
 --   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse), grown to `disk`
 --   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot, in
 --                             -- its own cgroup (memory, pids, cpu limits) where there is one
@@ -32,6 +35,7 @@ local guest = require "fireclaw.guest"
 local image = require "fireclaw.image"
 local log = require "fireclaw.log"
 local net = require "fireclaw.net"
+local netpolicy = require "fireclaw.netpolicy"
 local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local rootfs = require "fireclaw.rootfs"
@@ -66,7 +70,8 @@ end
 
 -- The options sandbox.new (and sandbox.build, coldboot.boot, restore.restore) takes;
 -- boot_timeout is how long sb:connect() waits by default (s).
-M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk" }
+-- net: the network policy sb:network() applies ({mode =, allow =, publish =}, fireclaw.netpolicy).
+M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk", "net" }
 
 -- ---- disk size (--disk) ----
 
@@ -154,13 +159,14 @@ function M.new(opts)
 	opts = opts_check.check("sandbox.new", opts, M.OPTIONS)
 	local img = image.load(opts.image or config.image)
 	local disk_bytes = disk_size(opts.disk, img)
+	local policy = netpolicy.check(opts.net or { mode = config.net.mode })
 	state.reap_stale() -- what a killed fireclaw left behind (one listdir when there is none)
 	local rec = state.create { image = img.name, keep = opts.keep }
 	local self = setmetatable({
 		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
 		keep = opts.keep, boot_timeout = opts.boot_timeout, timer = log.timer("VM " .. rec.id),
-		disk_bytes = disk_bytes, undo = {},
+		disk_bytes = disk_bytes, undo = {}, net_policy = policy, net_procs = {},
 	}, Sandbox)
 	-- the bottom of the stack: whatever the record still lists (the VMM of a boot that
 	-- failed halfway, a namespace whose tap failed), the run directory, the record itself
@@ -188,7 +194,10 @@ function M.new(opts)
 	return self
 end
 
-function Sandbox:network()
+-- The VM's namespace and tap, then its network policy (policy: sb:network's argument,
+-- else sandbox.new's `net`): egress, resolver, published ports (fireclaw.netpolicy).
+function Sandbox:network(policy)
+	if policy ~= nil then self.net_policy = netpolicy.check(policy) end
 	local n = config.net
 	net.netns_create(self.netns)
 	-- (the tap goes with its namespace)
@@ -200,6 +209,16 @@ function Sandbox:network()
 		guest_ip = n.guest_ip, guest_mac = n.guest_mac })
 	fault.point("tap")
 	self.timer:stage("network")
+	local p = self.net_policy
+	if p.mode ~= "none" or #p.publish > 0 then
+		netpolicy.apply(self, p)
+		self.timer:stage("network policy (" .. netpolicy.describe(p) .. ")")
+	end
+end
+
+-- The guest's resolver: dnsmasq on the tap's address, when the VM has egress.
+function Sandbox:resolver()
+	return self.net_policy.mode ~= "none" and config.net.host_ip or nil
 end
 
 -- Grow the disk copy (a sparse file) and its ext4 to `bytes`, offline, before any VMM
@@ -248,7 +267,8 @@ function Sandbox:boot_spec()
 	return {
 		kernel = self.vm.vmm == "firecracker" and (img.vmlinux or img.kernel) or img.kernel,
 		initrd = img.initrd,
-		boot_args = image.boot_args(img, { tcg = self.vm.vmm == "qemu" and self.vm.accel == "tcg" }),
+		boot_args = image.boot_args(img, { tcg = self.vm.vmm == "qemu" and self.vm.accel == "tcg",
+			dns = self:resolver() }),
 		rootfs = self.disk_path, vcpu = self.vcpu, mem_mib = self.mem_mib,
 		-- unless its manifest says otherwise (image import --cmdline-devices), an image's
 		-- kernel finds its virtio devices through ACPI only
@@ -486,7 +506,7 @@ function Sandbox:reseed()
 	local entropy = host_entropy(guest.RESEED_BYTES)
 	local g = self.img.guest
 	if type(g) == "table" and g.helper == guest.HELPER then
-		local r = self:exec(guest.reseed_command(now_ns()), { stdin = entropy })
+		local r = self:exec(guest.reseed_command(now_ns(), self:resolver()), { stdin = entropy })
 		if r.status ~= 0 then
 			error(string.format("sandbox: VM %s: reseeding the guest failed (%s exited %s): %s", self.id, guest.HELPER,
 				tostring(r.status or r.signal), first_line(r.stderr)), 0)
@@ -562,6 +582,7 @@ end
 function Sandbox:release()
 	if self.session then pcall(self.session.close, self.session) end
 	if self.vm and self.vm.proc then self.vm.proc:detach() end
+	for _, p in ipairs(self.net_procs) do p:detach() end -- its resolver and forwarders stay too
 	state.release(self.rec)
 	self.destroyed, self.released = true, true
 end
