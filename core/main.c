@@ -32,7 +32,7 @@ struct options {
 	const char **code; /* -e chunks, in order */
 	int nrecipes;
 	const char **recipes; /* --recipes DIRs, in order */
-	int target;	      /* index in argv of the script or recipe, or argc if none */
+	int target;            /* index in argv of the script or recipe, or argc if none */
 };
 
 /* Message handler: keep the error value as it is (tables stay tables), remember the
@@ -258,8 +258,8 @@ static char *history_path(void)
 	/* the history is written as root: only into a real directory (a symlink here is not
 	 * followed) that nobody else may write to */
 	struct stat st;
-	int usable =
-	    lstat(path, &st) == 0 && S_ISDIR(st.st_mode) && !(st.st_mode & (S_IWGRP | S_IWOTH));
+	int usable = lstat(path, &st) == 0 && S_ISDIR(st.st_mode) &&
+		     !(st.st_mode & (S_IWGRP | S_IWOTH));
 	free(path);
 	if (!usable || asprintf(&path, "%s/.local/state/fireclaw/history", home) < 0)
 		return NULL;
