@@ -77,7 +77,9 @@ function M.parse_allow(s)
 	local name = host:lower()
 	local wild = name:match("^%*%.(.+)$")
 	local bare = wild or name
+	-- (a last label of digits only is a mistyped address, not a name: no TLD is numeric)
 	local ok = #bare <= 253 and bare:find("%.") ~= nil and bare:match("^[a-z0-9.-]+$") ~= nil
+		and bare:match("[a-z][a-z0-9-]*$") ~= nil
 	for label in (bare .. "."):gmatch("([^.]*)%.") do
 		if #label == 0 or #label > 63 or label:sub(1, 1) == "-" or label:sub(-1) == "-" then ok = false end
 	end
