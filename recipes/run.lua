@@ -10,6 +10,7 @@ local fs = require "fireclaw.fs"
 local image = require "fireclaw.image"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
+local netpolicy = require "fireclaw.netpolicy"
 local runtime = require "fireclaw.runtime"
 local sandbox = require "fireclaw.sandbox"
 local sys = require "fireclaw.sys"
@@ -37,11 +38,6 @@ local SPEC = {
 		multi = true },
 	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
-	{ "--net MODE", "network: none (no way out, the default) or nat (the outside world through the host's NAT)" },
-	{ "--allow HOST[:PORT]", "egress only to this name (and its subdomains; *.NAME: only those), IPv4 address "
-		.. "or CIDR; implies --net nat, everything else is dropped (repeatable)", multi = true },
-	{ "-p, --publish [HOSTIP:]HOSTPORT:GUESTPORT", "publish a guest TCP port on the host (HOSTIP default "
-		.. "127.0.0.1; repeatable)", multi = true },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
 	{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id, stages} instead of streaming" },
@@ -50,6 +46,14 @@ local SPEC = {
 	{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 	{ "-v, --verbose", "progress lines with the time of each stage" },
 }
+-- --net, --allow, -p (fireclaw.netpolicy), before --keep in --help
+do
+	local at = #SPEC + 1
+	for i, opt in ipairs(SPEC) do
+		if opt[1] == "--keep" then at = i end
+	end
+	for i, opt in ipairs(netpolicy.CLI) do table.insert(SPEC, at + i - 1, opt) end
+end
 
 -- "64K", "512M", "2G", "1000" -> bytes (binary units), nil if it is not a size.
 local function parse_size(s)
@@ -83,11 +87,9 @@ local function check_options(o, cmd)
 	if stall and stall ~= "" and (tonumber(stall) or 0) <= 0 then
 		cli.usage_error("FIRECLAW_TRANSFER_STALL_S must be a number of seconds > 0, got '%s'", stall)
 	end
-	if o.net and o.net ~= "none" and o.net ~= "nat" then cli.usage_error("--net must be none or nat, got '%s'", o.net) end
-	o.policy = { mode = o.net, allow = #o.allow > 0 and o.allow or nil, publish = o.publish }
-	local ok, err = pcall(require("fireclaw.netpolicy").check, o.policy)
-	if not ok then cli.usage_error("%s", (tostring(err):gsub("^network: ", ""))) end
-	if not o.net then o.policy.mode = nil end -- (the config's default, unless --allow)
+	local bad_net
+	o.policy, bad_net = netpolicy.from_cli(o)
+	if not o.policy then cli.usage_error("%s", bad_net) end
 	o.puts, o.gets, o.envs = {}, {}, {}
 	for _, p in ipairs(o.put) do
 		local l, r = p:match("^([^:]+):(.+)$")

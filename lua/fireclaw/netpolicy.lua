@@ -148,6 +148,26 @@ function M.describe(p)
 	return s
 end
 
+-- ---- the command line (run; any verb that makes a VM: append M.CLI to its cli.parse spec) ----
+
+M.CLI = {
+	{ "--net MODE", "network: none (no way out, the default) or nat (the outside world through the host's NAT)" },
+	{ "--allow HOST[:PORT]", "egress only to this name (and its subdomains; *.NAME: only those), IPv4 address "
+		.. "or CIDR; implies --net nat, everything else is dropped (repeatable)", multi = true },
+	{ "-p, --publish [HOSTIP:]HOSTPORT:GUESTPORT", "publish a guest TCP port on the host (HOSTIP default "
+		.. "127.0.0.1; repeatable)", multi = true },
+}
+
+-- The policy table (sandbox.new's `net`) from parsed M.CLI options, checked: nil and the
+-- reason (for cli.usage_error) when it is bad.
+function M.from_cli(o)
+	if o.net and not M.MODES[o.net] then return nil, string.format("--net must be none or nat, got '%s'", o.net) end
+	local p = { mode = o.net, allow = o.allow and #o.allow > 0 and o.allow or nil, publish = o.publish }
+	local ok, err = pcall(M.check, p)
+	if not ok then return nil, (tostring(err):gsub("^network: ", "")) end
+	return p
+end
+
 -- ---- the pieces ----
 
 -- The upstream resolvers dnsmasq forwards to: config.net.dns (FIRECLAW_DNS, comma
