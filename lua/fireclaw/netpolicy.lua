@@ -289,11 +289,15 @@ end
 local function spawn(sb, role, spec)
 	spec.netns, spec.pdeathsig, spec.setsid = sb.netns, not sb.keep, sb.keep or nil
 	spec.stdin = "/dev/null"
-	spec.stdout, spec.stderr = sb.dir .. "/net.log", sb.dir .. "/net.log"
+	-- what it says (dnsmasq's warnings a guest may provoke) is capped like a console
+	spec.stdout, spec.stderr = { log = sb.dir .. "/net.log" }, { log = sb.dir .. "/net.log" }
+	spec.log_cap = config.log_cap
 	local p = proc.spawn(spec)
 	sb.net_procs[#sb.net_procs + 1] = p
 	local n = sb.rec.net
 	n.procs[#n.procs + 1] = { role = role, pid = p:pid(), start = proc.starttime(p:pid()) }
+	local sink = p:sink_pid()
+	if sink then n.procs[#n.procs + 1] = { role = role .. " log sink", pid = sink, start = proc.starttime(sink) } end
 	state.update(sb.rec, { net = n })
 	return p
 end
