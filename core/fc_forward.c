@@ -38,6 +38,10 @@ static int connect_guest(const struct sockaddr_in *sa)
 	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (fd < 0)
 		return -1;
+	/* closed with a RST (also when this process is killed with its VM): an orphaned FIN
+	 * to a guest that is gone would keep the VM's namespace alive for minutes */
+	struct linger lg = {.l_onoff = 1, .l_linger = 0};
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
 	if (connect(fd, (const struct sockaddr *)sa, sizeof *sa) == 0)
 		return fd;
 	if (errno != EINPROGRESS) {

@@ -22,7 +22,14 @@ leaks() {
 	[ -n "$jails" ] && out+="jails: $jails; "
 	if [ -n "${FIRECLAW_UPLINK_NETNS:-}" ] && [ -e "/run/netns/$FIRECLAW_UPLINK_NETNS" ]; then
 		local up=$FIRECLAW_UPLINK_NETNS veths tables
-		veths=$(ip -n "$up" -o link show 2>/dev/null | awk -F': ' '{print $2}' | grep '^fcv' | tr '\n' ' ')
+		# (a deleted VM namespace takes its veth along asynchronously: wait for it, bounded)
+		local n=300
+		while :; do
+			veths=$(ip -n "$up" -o link show 2>/dev/null | awk -F': ' '{print $2}' | grep '^fcv' | tr '\n' ' ')
+			[ -z "$veths" ] || [ $n = 0 ] && break
+			n=$((n - 1))
+			sleep 0.01
+		done
 		[ -n "$veths" ] && out+="uplink veths: $veths; "
 		tables=$(ip netns exec "$up" nft list tables 2>/dev/null | grep fireclaw_ | tr '\n' ' ')
 		[ -n "$tables" ] && out+="uplink nft tables: $tables; "
