@@ -100,6 +100,9 @@ is "$(probe --net nat -- nat.test dns:nat.test 198.18.1.20 169.254.169.254 10.25
 	"169.254.169.254: blocked" "10.253.0.1: blocked" "hostaddr.test: blocked")" \
 	"--net nat: resolves and fetches; metadata and the host's address blocked"
 
+is "$(FIRECLAW_NET=nat "$fc" run -- busybox wget -q -O - http://nat.test/ 2>"$tmp/err")" "hello from 198.18.1.10:80" \
+	"FIRECLAW_NET=nat: the default mode"
+
 # a cold boot gets its resolver from the kernel command line (ip=…:DNS0)
 is "$("$fc" run --no-snapshot --net nat -- sh -c 'cat /etc/resolv.conf; busybox wget -q -O - http://nat.test/' 2>"$tmp/err")" \
 	"$(printf 'nameserver 172.16.0.1\nhello from 198.18.1.10:80')" "--net nat, cold boot: resolver set at boot, fetches"

@@ -34,6 +34,9 @@ end
 -- ---- the policy ----
 t.is(netpolicy.check(nil).mode, "none", "no policy: none")
 t.is(netpolicy.check({ allow = { "x.com" } }).mode, "nat", "an allow list means egress")
+t.is(netpolicy.check(nil, "nat").mode, "nat", "no mode: the image's default (manifest net_mode)")
+t.is(netpolicy.check({ mode = "none" }, "nat").mode, "none", "a mode given beats the image's")
+t.is(netpolicy.check({ allow = { "x.com" } }, "none").mode, "nat", "an image default of none does not stop --allow")
 t.raises(function() netpolicy.check { mode = "none", allow = { "x.com" } } end, "needs egress",
 	"allow with mode none: refused")
 t.raises(function() netpolicy.check { mode = "wifi" } end, "mode must be none or nat", "unknown mode")

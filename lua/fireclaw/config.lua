@@ -46,9 +46,10 @@ M.net = {
 	-- /etc/resolv.conf); the tests point both at namespaces of their own
 	uplink_netns = os.getenv("FIRECLAW_UPLINK_NETNS") ~= "" and os.getenv("FIRECLAW_UPLINK_NETNS") or nil,
 	dns = os.getenv("FIRECLAW_DNS"),
-	-- the default policy of a VM: "none" (no way out) or "nat"; `--net` and sb:network{mode}
-	-- choose per VM
-	mode = os.getenv("FIRECLAW_NET") ~= "" and os.getenv("FIRECLAW_NET") or "none",
+	-- the default mode of a VM's network: "none" (no way out) or "nat"; nil: the image's
+	-- (manifest net_mode, set by `image import --net`), else "none". `--net` and
+	-- sb:network{mode} choose per VM
+	mode = os.getenv("FIRECLAW_NET") ~= "" and os.getenv("FIRECLAW_NET") or nil,
 }
 
 local CHOICE_ENV = { vmm = "FIRECLAW_VMM", accel = "FIRECLAW_ACCEL" }

@@ -109,11 +109,13 @@ end
 -- A policy table ({mode =, allow =, publish =}, or nil for "none") checked and normalized:
 -- {mode = "none"|"nat", allow = {entry…} or nil, publish = {entry…}}. An allow list
 -- needs egress: it makes the mode "nat" unless "none" was asked for, which is an error.
-function M.check(p)
+-- default_mode: the mode when p has none (and no allow list): sandbox.new passes the
+-- image's (manifest `net_mode`); config.net.mode (FIRECLAW_NET, a script) comes first.
+function M.check(p, default_mode)
 	if p == nil then p = {} end
 	if type(p) ~= "table" then error("network: the policy is a table {mode =, allow =, publish =}", 0) end
 	opts_check.check("sb:network", p, M.OPTIONS)
-	local out = { mode = p.mode or config.net.mode or "none", publish = {} }
+	local out = { mode = p.mode or config.net.mode or default_mode or "none", publish = {} }
 	if not M.MODES[out.mode] then
 		error(string.format("network: mode must be none or nat, got '%s'", tostring(out.mode)), 0)
 	end
@@ -122,6 +124,7 @@ function M.check(p)
 		if #p.allow > M.MAX_ALLOW then error("network: more than " .. M.MAX_ALLOW .. " allow entries", 0) end
 		if #p.allow > 0 then
 			if p.mode == "none" then error("network: an allow list needs egress: mode 'nat' (or no mode)", 0) end
+			-- (a default of "none" from the config or the image does not stop an allow list)
 			out.mode, out.allow = "nat", {}
 			for i, s in ipairs(p.allow) do out.allow[i] = M.parse_allow(s) end
 		end

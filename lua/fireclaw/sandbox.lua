@@ -159,7 +159,7 @@ function M.new(opts)
 	opts = opts_check.check("sandbox.new", opts, M.OPTIONS)
 	local img = image.load(opts.image or config.image)
 	local disk_bytes = disk_size(opts.disk, img)
-	local policy = netpolicy.check(opts.net or { mode = config.net.mode })
+	local policy = netpolicy.check(opts.net, img.net_mode) -- (no mode: FIRECLAW_NET, else the image's)
 	state.reap_stale() -- what a killed fireclaw left behind (one listdir when there is none)
 	local rec = state.create { image = img.name, keep = opts.keep }
 	local self = setmetatable({

@@ -128,6 +128,9 @@ function M.imported(name, opts, kernel_info, files)
 		guest = guest_info(),
 		-- absent: the kernel finds its devices through ACPI only (Firecracker >= 1.8)
 		cmdline_devices = opts.cmdline_devices and true or nil,
+		-- absent: "none"; the network mode its VMs get when neither --net nor FIRECLAW_NET
+		-- says (fireclaw.netpolicy)
+		net_mode = opts.net_mode,
 	}
 end
 
