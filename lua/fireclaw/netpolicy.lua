@@ -29,6 +29,7 @@ local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local state = require "fireclaw.state"
+local sys = require "fireclaw.sys"
 
 local M = {}
 
@@ -370,6 +371,23 @@ function M.apply(sb, p)
 	publish(sb, p)
 end
 
+-- The processes inside network namespace `netns` (its nsfs inode, compared with each
+-- /proc/PID/ns/net): {{pid =, start =}…}, none when the namespace is gone.
+function M.netns_pids(netns)
+	local ns = netns and sys.stat("/run/netns/" .. netns)
+	if not ns then return {} end
+	local out = {}
+	for _, e in ipairs(runtime.listdir("/proc") or {}) do
+		local pid = tonumber(e:match("^%d+$"))
+		local st = pid and pid ~= proc.getpid() and sys.stat("/proc/" .. e .. "/ns/net")
+		if st and st.ino == ns.ino and st.dev == ns.dev then
+			local start = proc.starttime(pid)
+			if start then out[#out + 1] = { pid = pid, start = start } end
+		end
+	end
+	return out
+end
+
 -- Undo what rec.net lists: its processes (pid + start time) and the uplink's table; the
 -- caller then deletes the VM's namespace, which takes the veth. Safe twice, and on a record
 -- whose VM never got that far. Returns what was done.
@@ -381,6 +399,11 @@ function M.reap(rec)
 		if pr.pid and pr.start and proc.kill(pr.pid, pr.start, 9, 2) then
 			done[#done + 1] = "killed " .. tostring(pr.role) .. " " .. pr.pid
 		end
+	end
+	-- a helper spawned but not yet in the record (fireclaw killed in between; a kept VM's
+	-- has no parent-death signal): whatever still runs inside this VM's own namespace
+	for _, pr in ipairs(M.netns_pids(rec.netns)) do
+		if proc.kill(pr.pid, pr.start, 9, 2) then done[#done + 1] = "killed " .. pr.pid .. " (in " .. rec.netns .. ")" end
 	end
 	if n.mode == "nat" and n.uplink_ifname then
 		local up = n.uplink ~= "" and n.uplink or nil
