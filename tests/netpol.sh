@@ -152,7 +152,8 @@ for rec in "$FIRECLAW_RUN"/vms/*/record.json; do
 import json, sys
 p = sys.argv[1]
 r = json.load(open(p))
-r["net"]["procs"] = []
+# (their log sinks stay listed: they end by themselves at EOF, but not at once under ASan)
+r["net"]["procs"] = [x for x in r["net"]["procs"] if x["role"].endswith("log sink")]
 json.dump(r, open(p, "w"))
 EOF2
 done
