@@ -1031,10 +1031,12 @@ class Bench:
         w("Restored `run -- true` runs, the modes interleaved; the uplink is a namespace of the bench's own. "
           "*policy* is the run's `network policy (…)` stage: veth, NAT and filter tables (libnftables), dnsmasq "
           "started and answering, forwarders; a restore with egress also writes `/etc/resolv.conf` in the reseed "
-          "exec.")
+          "exec, and its teardown drops the uplink's table. The host is shared (other VMs boot meanwhile): the "
+          "stage columns are the stable ones.")
         w("")
-        w("| mode | runs | failures | total (wall), ms | policy stage, ms | reseed exec, ms | total − `--net none`, ms |")
-        w("|---|---:|---:|---:|---:|---:|---:|")
+        w("| mode | runs | failures | total (wall), ms | policy stage, ms | reseed exec, ms | teardown, ms | "
+          "total − `--net none`, ms |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|")
         base = None
         for label, _ in NET_MODES:
             rs = self.net[label]
@@ -1042,12 +1044,13 @@ class Bench:
             walls = [r["wall"] for r in ok]
             pol = [sum(ms for n, ms in r["stages"] if n.startswith("network policy")) for r in ok]
             rsd = [sum(ms for n, ms in r["stages"] if n.startswith("reseed")) for r in ok]
+            down = [sum(ms for n, ms in r["stages"] if n == "teardown") for r in ok]
             m = med(walls) if walls else None
             if base is None:
                 base = m
             diff = f"{m - base:+.0f}" if m is not None and base is not None else "–"
             w(f"| {label} | {len(rs)} | {len(rs) - len(ok)} | {summary(walls, 0, '')} | "
-              f"{summary(pol, 1, '') if any(pol) else '–'} | {summary(rsd, 0, '')} | {diff} |")
+              f"{summary(pol, 1, '') if any(pol) else '–'} | {summary(rsd, 0, '')} | {summary(down, 0, '')} | {diff} |")
         w("")
         w("## Method")
         w("")
