@@ -91,7 +91,7 @@ test: $(BIN) $(UNIT)
 	FIRECLAW=$(abspath $(BIN)) UNIT_DIR=$(OBJDIR)/unit tests/run $(TESTS)
 
 # the unit tier: no root, no VM, no network namespace, a few seconds (docs/HACKING.md)
-CHECK_TESTS := tests/json.lua tests/sys.lua tests/fs.lua tests/boot_args.lua tests/netpolicy.lua tests/cgroup.lua tests/cstrings.lua \
+CHECK_TESTS := tests/json.lua tests/jsonrpc.lua tests/sys.lua tests/fs.lua tests/boot_args.lua tests/netpolicy.lua tests/cgroup.lua tests/cstrings.lua \
 	tests/rootfs.lua tests/docs.sh tests/apidoc.lua tests/lint.sh tests/repl.py
 check: $(BIN) $(UNIT)
 	FIRECLAW=$(abspath $(BIN)) UNIT_DIR=$(OBJDIR)/unit tests/run $(UNIT) $(CHECK_TESTS)

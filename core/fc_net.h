@@ -107,8 +107,8 @@ int nl_link_report(struct nl *nl, const char *ifname, struct link_report *r);
 
 /* ---- the rest of the module's functions, added to the table on top of the stack ---- */
 
-/* net.tap_create, net.connect, net.probe, net.tap_open, net.unix_listen and the socket
- * class (core/fc_net_sock.c) */
+/* net.tap_create, net.connect, net.probe, net.tap_open, net.unix_listen, net.unix_connect
+ * and the socket class (core/fc_net_sock.c) */
 void fc_net_sock_register(lua_State *L);
 /* net.egress_enable, net.egress_disable (core/fc_egress.c) */
 void fc_net_egress_register(lua_State *L);

@@ -1,6 +1,7 @@
 /* fc_net_sock.c - fireclaw.net: taps (net.tap_create, net.tap_open), TCP sockets opened
- * inside a namespace (net.connect, net.probe) and listening unix sockets for a VMM
- * (net.unix_listen). See core/net.c for the module's interface. */
+ * inside a namespace (net.connect, net.probe), listening unix sockets for a VMM
+ * (net.unix_listen) and connections to a VMM's unix socket (net.unix_connect). See
+ * core/net.c for the module's interface. */
 #include "fc_net.h"
 
 #include <errno.h>
@@ -428,6 +429,36 @@ static int l_unix_listen(lua_State *L)
 	return 1;
 }
 
+/* net.unix_connect(path) -> socket: a stream socket connected to the unix socket at path
+ * (a VMM's, e.g. Firecracker's vsock socket, which speaks a line protocol first). The
+ * connect never waits: a unix connect completes at once or fails (ECONNREFUSED: nobody
+ * listens; EAGAIN: the listener's queue is full), so there is no timeout to give. The
+ * socket is left blocking; s:send and s:recv wait with their own deadlines. */
+static int l_unix_connect(lua_State *L)
+{
+	const char *path = luaL_checkstring(L, 1);
+	struct sockaddr_un sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sun_family = AF_UNIX;
+	if (strlen(path) >= sizeof sa.sun_path)
+		fc_error(L,
+			 "net: connect to %s: path too long for a unix socket (reach it through "
+			 "/proc/self/fd/N of an open directory)",
+			 path);
+	strcpy(sa.sun_path, path);
+	struct sock *s = fc_new(L, sizeof *s, SOCK_MT);
+	snprintf(s->label, sizeof s->label, "unix socket %s", path);
+	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (s->fd < 0)
+		fc_errno_error(L, errno, "net: connect to %s: socket", path);
+	if (connect(s->fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+		fc_errno_error(L, errno, "net: connect to %s", path); /* __gc closes s->fd */
+	int fl = fcntl(s->fd, F_GETFL);
+	if (fl < 0 || fcntl(s->fd, F_SETFL, fl & ~O_NONBLOCK) < 0)
+		fc_errno_error(L, errno, "net: connect to %s: fcntl", path);
+	return 1;
+}
+
 /* net.tcp_listen(host, port) -> socket: a TCP socket listening on host:port (IPv4) in
  * fireclaw's own namespace, for a port forwarder to accept on (proc.spawn{fds = …}): a
  * port that is taken is an error here, before any forwarder exists. */
@@ -467,6 +498,7 @@ void fc_net_sock_register(lua_State *L)
 	    {"tap_open", l_tap_open},
 	    {"unix_listen", l_unix_listen},
 	    {"tcp_listen", l_tcp_listen},
+	    {"unix_connect", l_unix_connect},
 	    {NULL, NULL},
 	};
 	fc_class(L, SOCK_MT, sock_methods);

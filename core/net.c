@@ -19,6 +19,8 @@
  *   net.tap_open(netns, ifname) -> socket  an fd on an existing tap, to hand to a VMM
  *   net.unix_listen(path) -> socket        a listening unix socket, mode 0600, for a VMM
  *   net.tcp_listen(host, port) -> socket   a listening TCP socket here, for a port forwarder
+ *   net.unix_connect(path) -> socket       connected to a VMM's unix socket (Firecracker's
+ *                                          vsock); raises when nobody listens there
  *   net.probe(netns, host, port [, timeout_ms=50]) -> bool
  *   net.egress_enable(netns, opts), net.egress_disable(netns, opts)   see fc_egress.c
  *   net.nft(netns, script)                 nftables through libnftables (fc_egress.c)

@@ -15,6 +15,9 @@
  *   sys.open(path, flags [, mode]) -> fd   flags: a number (bit.bor of sys.O.*) or names
  *                                         "WRONLY|CREAT|TRUNC"
  *   sys.close(fd)  sys.write(fd, s) -> n (one write(2))  sys.dup(fd [, min]) -> fd
+ *   sys.read(fd, max [, timeout_s]) -> data ("" at EOF): waits (interruptibly) until fd is
+ *       readable, then one read(2) of at most max bytes (<= 16 MiB); timeout: nil, text, ETIMEDOUT
+ *   sys.dup2(from, to) -> to   (to is not close-on-exec: it is meant for 0, 1, 2)
  *   sys.stat(path)  sys.lstat(path)  sys.fstat(fd) -> {type=, mode=, perm=, uid=, gid=,
  *       size=, dev=, ino=, nlink=, rdev=, blksize=, blocks=, atime=, mtime=, ctime=}
  *   sys.access(path [, "rwx"])  sys.mkdir(path [, mode])  sys.rmdir  sys.unlink
@@ -35,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -230,6 +234,38 @@ static int l_write(lua_State *L)
 	size_t len;
 	const char *s = luaL_checklstring(L, 2, &len);
 	return number_or_fail(L, (long)write(fd, s, len));
+}
+
+/* sys.read(fd, max [, timeout_s]): the wait goes through fc_poll, so SIGINT/SIGTERM raise
+ * "interrupted by …" there instead of being restarted inside a blocking read(2) (the
+ * handler uses SA_RESTART); a reader of stdin can then clean up. */
+static int l_read(lua_State *L)
+{
+	int fd = check_fd(L, 1);
+	lua_Integer max = luaL_checkinteger(L, 2);
+	if (max < 1 || max > (16 << 20))
+		luaL_argerror(L, 2, "must be 1 to 16 MiB");
+	double timeout = luaL_optnumber(L, 3, -1);
+	struct pollfd p = {.fd = fd, .events = POLLIN};
+	if (fc_poll(L, &p, 1, timeout < 0 ? -1 : (int)(timeout * 1000)) == 0)
+		return fail(L, ETIMEDOUT);
+	/* the buffer is a userdata: the GC owns it, whatever raises */
+	char *buf = lua_newuserdata(L, (size_t)max);
+	ssize_t n;
+	do
+		n = read(fd, buf, (size_t)max);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return fail(L, errno);
+	lua_pushlstring(L, buf, (size_t)n);
+	return 1;
+}
+
+/* sys.dup2(from, to) -> to */
+static int l_dup2(lua_State *L)
+{
+	int from = check_fd(L, 1), to = check_fd(L, 2);
+	return number_or_fail(L, dup2(from, to));
 }
 
 /* sys.dup(fd [, min]) -> the lowest free fd >= min (default 0), close-on-exec */
@@ -470,6 +506,7 @@ int luaopen_fireclaw_sys(lua_State *L)
 	    {"strerror", l_strerror}, {"open", l_open},
 	    {"close", l_close},	      {"write", l_write},
 	    {"dup", l_dup},	      {"stat", l_stat},
+	    {"read", l_read},	      {"dup2", l_dup2},
 	    {"lstat", l_lstat},	      {"fstat", l_fstat},
 	    {"access", l_access},     {"mkdir", l_mkdir},
 	    {"rmdir", l_rmdir},	      {"unlink", l_unlink},

@@ -11,7 +11,8 @@ local sandbox = require "fireclaw.sandbox"
 local M = {}
 
 -- opts: image, vcpu, mem_mib, vmm, accel, keep, boot_timeout (s), cpus (CPU limit),
--- disk (root disk size, "2G": the copy and its ext4 are grown before the VMM starts).
+-- disk (root disk size, "2G": the copy and its ext4 are grown before the VMM starts),
+-- unsafe_no_jailer (Firecracker may run as root when no jailer is found).
 -- The steps (sandbox.steps.coldboot): network (namespace fc-<id> with tap0), disk (this
 -- VM's own copy of the image's disk, grown to opts.disk), cgroup (its limits), boot (the
 -- VMM boots the kernel), connect (until the guest's sshd answers, pinned host key).
@@ -35,7 +36,6 @@ local function main(args)
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
-	if opts.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	if opts.cpus and (opts.cpus < 0.01 or opts.cpus > 1024) then
 		cli.usage_error("--cpus must be 0.01 to 1024, got %s", opts.cpus)
 	end
@@ -44,7 +44,7 @@ local function main(args)
 		if not ok then cli.usage_error("--disk: %s", err) end
 	end
 	local sb = M.boot { image = opts.image, vcpu = opts.vcpu, mem_mib = opts.mem, vmm = opts.vmm, keep = opts.keep,
-		boot_timeout = opts.boot_timeout, cpus = opts.cpus, disk = opts.disk }
+		boot_timeout = opts.boot_timeout, cpus = opts.cpus, disk = opts.disk, unsafe_no_jailer = opts.unsafe_no_jailer }
 	return sandbox.with(sb, function()
 		io.stderr:write(sb:stage_report())
 		local status = #cmd > 0 and sb:exec_streaming(cmd) or 0

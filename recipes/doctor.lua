@@ -71,12 +71,21 @@ local function check_firecracker_version()
 	end
 end
 
+-- The jailer's version, asked once (two checks print it).
+local jailer_version_cache
+local function jailer_version()
+	if jailer_version_cache == nil then
+		local jv = proc.run({ d.jailer, "--version" }, { timeout = 10 })
+		jailer_version_cache = (jv.stdout .. jv.stderr):match("(%d+%.%d+%.%d+)") or false
+	end
+	return jailer_version_cache or nil
+end
+
 -- How a Firecracker would be confined: jailed (a user of its own, a chroot), or not at all.
 local function check_confinement()
 	local jailer = require "fireclaw.vmm.jailer"
 	if d.jailer then
-		local jv = proc.run({ d.jailer, "--version" }, { timeout = 10 })
-		local v = (jv.stdout .. jv.stderr):match("(%d+%.%d+%.%d+)")
+		local v = jailer_version()
 		local text = string.format("Firecracker jailed by %s: uid %d+1+id per VM, gid %d, chroot %s/<exec>/<id>/root, "
 			.. "a pid namespace of its own", d.jailer, jailer.UID_BASE, jailer.UID_BASE, jailer.base())
 		if v and d.firecracker_version and v ~= d.firecracker_version then
@@ -110,11 +119,7 @@ local function check_firecracker()
 	end
 	local what = string.format("firecracker %s at %s", d.firecracker_version or "(version?)",
 		d.firecracker)
-	if d.jailer then
-		local jv = proc.run({ d.jailer, "--version" }, { timeout = 10 })
-		what = what .. string.format("; jailer %s", (jv.stdout .. jv.stderr):match("(%d+%.%d+%.%d+)")
-			or "(version?)")
-	end
+	if d.jailer then what = what .. string.format("; jailer %s", jailer_version() or "(version?)") end
 	if d.kvm ~= "hardware" then
 		report("warn", "firecracker", what .. ", but its guests cannot boot with this /dev/kvm"
 			.. (d.vmm == "firecracker" and " (" .. vmm_source .. ": the API works, guests "

@@ -46,7 +46,8 @@ function M.find(opts)
 	if not snap then return nil, why end
 	local d = opts.detected
 	if not d or d.versions == false then
-		d = vm.choose { vmm = opts.vmm, accel = opts.accel, cmdline_devices = img.cmdline_devices }
+		d = vm.choose { vmm = opts.vmm, accel = opts.accel, cmdline_devices = img.cmdline_devices,
+			unsafe_no_jailer = opts.unsafe_no_jailer }
 	end
 	local version = d.vmm == "firecracker" and d.firecracker_version or d.qemu_version
 	local ok, reason = snapshot.compatible(snap, img, d.vmm, version, d.accel, d.accel_source)
@@ -86,11 +87,11 @@ local function main(args)
 		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
-	if opts.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	local o = { image = opts.image, snapshot = opts.snapshot, vmm = opts.vmm, keep = opts.keep,
-		boot_timeout = opts.boot_timeout }
+		boot_timeout = opts.boot_timeout, unsafe_no_jailer = opts.unsafe_no_jailer }
 	-- once, for the snapshot check and the VM
-	o.detected = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices }
+	o.detected = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices,
+		unsafe_no_jailer = o.unsafe_no_jailer }
 	local snap, why = M.find(o)
 	if not snap then error(why .. " (create one with: fireclaw snapshot create)", 0) end
 	local sb = M.restore(o, snap)

@@ -117,10 +117,11 @@ end
 local function start_vm(o)
 	-- one choice of VMM for the whole run (flag > FIRECLAW_VMM > config > auto): the
 	-- snapshot check and the VM use the same; an impossible one is one line, now
-	local d = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices }
+	local d = vm.choose { vmm = o.vmm, cmdline_devices = image.load(o.image).cmdline_devices,
+		unsafe_no_jailer = o.unsafe_no_jailer }
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
 		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk,
-		net = o.policy }
+		unsafe_no_jailer = o.unsafe_no_jailer, net = o.policy }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap then
@@ -166,7 +167,6 @@ end
 local function main(args)
 	local o, cmd = cli.parse(args, SPEC)
 	check_options(o, cmd)
-	if o.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	if not image.exists(o.image) then
 		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end
 		log.note("no default image yet: building it (once)")

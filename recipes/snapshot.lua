@@ -47,14 +47,14 @@ function M.take(sb, name)
 end
 
 -- opts: image, name (default: the image's), vcpu, mem_mib, vmm, accel, boot_timeout, disk
--- (a bigger root disk, "2G": every restore gets a copy of it)
+-- (a bigger root disk, "2G": every restore gets a copy of it), unsafe_no_jailer
 function M.create(opts)
 	opts = checkopts.check("snapshot.create", opts,
-		{ "image", "name", "vcpu", "mem_mib", "vmm", "accel", "boot_timeout", "disk" })
+		{ "image", "name", "vcpu", "mem_mib", "vmm", "accel", "boot_timeout", "disk", "unsafe_no_jailer" })
 	local img = image.load(opts.image or "default")
 	snapshot.abort(snapshot.begin(opts.name or img.name)) -- a state dir we cannot write fails now, not after a boot
 	local sb = coldboot.boot { image = img.name, vcpu = opts.vcpu, mem_mib = opts.mem_mib, vmm = opts.vmm,
-		accel = opts.accel, boot_timeout = opts.boot_timeout, disk = opts.disk }
+		accel = opts.accel, boot_timeout = opts.boot_timeout, disk = opts.disk, unsafe_no_jailer = opts.unsafe_no_jailer }
 	return sandbox.with(sb, M.take, opts.name or img.name)
 end
 
@@ -80,11 +80,10 @@ local function cmd_create(args)
 		local ok, err = sandbox.disk_bytes(o.disk)
 		if not ok then cli.usage_error("--disk: %s", err) end
 	end
-	if o.unsafe_no_jailer then require("fireclaw.config").unsafe_no_jailer = true end
 	snapshot.clean_temp()
 	local t0 = require("fireclaw.runtime").now()
 	local meta = M.create { image = o.image, name = o.name, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm,
-		boot_timeout = o.boot_timeout, disk = o.disk }
+		boot_timeout = o.boot_timeout, disk = o.disk, unsafe_no_jailer = o.unsafe_no_jailer }
 	log.note("snapshot '%s' created in %.1f s (%s %s, %d MiB) at %s", meta.name,
 		require("fireclaw.runtime").now() - t0, meta.vmm, meta.vmm_version or "", meta.mem_mib, meta.dir)
 	return 0

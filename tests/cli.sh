@@ -196,7 +196,7 @@ is "$(api_err 'require("fireclaw.image").build{nmae = "x"}')" \
 is "$(api_err 'require("fireclaw.image").import{name = "x", kernal = "k"}')" \
 	"fireclaw: image.import: unknown option 'kernal' (did you mean 'kernel'?)" "image.import{kernal=}"
 is "$(api_err 'require("fireclaw.vm").new{id = "x", dir = "/nonexistent", vmm = "qemu", cpus = 1}')" \
-	"fireclaw: vm.new: unknown option 'cpus' (known: id, dir, vmm, accel, netns, tap, mac, firecracker, qemu, env, socket_timeout, on_spawn, user, keep, detected, cmdline_devices, cgroup)" \
+	"fireclaw: vm.new: unknown option 'cpus' (known: id, dir, vmm, accel, netns, tap, mac, firecracker, qemu, env, socket_timeout, on_spawn, user, keep, detected, cmdline_devices, cgroup, unsafe_no_jailer)" \
 	"vm.new lists the known options when nothing is close"
 is "$(api_err 'require("fireclaw.sandbox").new("default")')" \
 	"fireclaw: sandbox.new: options must be a table, got string" "an options table that is not a table"

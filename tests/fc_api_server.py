@@ -8,7 +8,10 @@ Two uses:
       on the unix socket PATH, validates every request against the official OpenAPI spec of
       the version it plays, and keeps Firecracker's state rules (pre-boot-only resources,
       /snapshot/load only on a fresh process, PATCH /vm only when running, ...). Guest
-      "serial output" goes to stdout, like Firecracker's. Nothing boots: InstanceStart
+      "serial output" goes to stdout, like Firecracker's. The vsock device is played as
+      v1.0 does it: its unix socket bound at PUT /vsock (an existing path fails), host
+      `CONNECT <port>` answered once the "guest" runs, connections reset by a snapshot,
+      the socket bound again at the recorded path by a load (an existing path fails it). Nothing boots: InstanceStart
       prints a fake boot log, snapshots are small JSON files plus a sparse memory file.
 
       --root DIR (not a Firecracker option; tests/fake-jailer passes /proc/self/fd/N, a
@@ -22,7 +25,18 @@ Two uses:
         FAKE_FC_VERSION  "1.16.1" (default) or "1.0.0": the spec and behaviour to play
         FAKE_FC_LOG      append one JSON line per request ({"method", "path", "body",
                          "status", "conn": number of the connection it came on}) and per
-                         event ({"event": "start" | "open" | "exit"})
+                         event ({"event": "start" | "open" | "exit" | "vsock-bind" (path,
+                         dev, ino of the socket) | "vsock-connect" (port, mode)})
+        FAKE_FC_VSOCK    what listens in the "guest" behind the vsock device, as
+                         "PORT=MODE,…" (default "1024=echo", the guest agent's port):
+                         echo (OK, then every byte back), hello (OK and "HELLO\n" in one
+                         write, then echo), late:N (the first N connections closed as if
+                         nothing listened yet, then echo), garbage (answers "NOPE 1\n"),
+                         long (200 bytes without a newline), nonl ("OK 5", then closes),
+                         silent (never answers), serve:PROGRAM (OK, then `PROGRAM
+                         --serve-fd 3` runs with the connection as its descriptor 3: e.g.
+                         the real guest agent, on the host). Any other port: closed at
+                         once (no listener), as Firecracker does.
         FAKE_FC_MODE     "normal"; "no-listen" (never creates the socket); "exit-early"
                          (complains on stderr and exits 1 before listening); "mute"
                          (accepts connections and requests, never answers)
@@ -41,6 +55,8 @@ import os
 import re
 import signal
 import socket
+import stat
+import subprocess
 import socketserver
 import sys
 import tempfile
@@ -183,6 +199,145 @@ def os_error(e):
     return "%s (os error %d)" % (e.strerror, e.errno)
 
 
+def rust_os_error(e):
+    kinds = {98: "AddrInUse", 2: "NotFound", 13: "PermissionDenied"}
+    return 'Os { code: %d, kind: %s, message: "%s" }' % (e.errno, kinds.get(e.errno, "Other"),
+                                                          e.strerror)
+
+
+def parse_vsock_ports(spec):
+    ports = {}
+    for item in filter(None, spec.split(",")):
+        port, _, mode = item.partition("=")
+        ports[int(port)] = mode
+    return ports
+
+
+class VsockBackend:
+    """Firecracker's vsock device seen from the host: a unix socket at uds_path. A
+    connection gets no answer until the guest runs (it has activated its driver; a paused
+    guest does not answer either); then `CONNECT <port>\n` is answered `OK <host port>\n`
+    and the connection is a stream to what listens on that port (FAKE_FC_VSOCK), or
+    closed when nothing does, or when the request is not a CONNECT line."""
+
+    MAX_REQUEST = 64
+
+    def __init__(self, machine, uds_path):
+        self.machine = machine
+        self.uds_path = uds_path
+        self.conns = set()
+        self.lock = threading.Lock()
+        self.closed = False
+        self.accepted = {}  # port -> connections seen (late:N)
+        self.next_port = 1 << 30  # the host ports Firecracker assigns start here
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.bind(host(uds_path))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.listen(16)
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def accept_loop(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                if self.closed:
+                    conn.close()
+                    return
+                self.conns.add(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def drop(self, conn):
+        with self.lock:
+            self.conns.discard(conn)
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.close()
+
+    def reset(self):
+        with self.lock:
+            conns, self.conns = list(self.conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self.machine.cond:
+            self.machine.cond.notify_all()
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+        self.sock.close()
+        self.reset()
+
+    def request(self, conn):
+        line = b""
+        while not line.endswith(b"\n") and len(line) <= self.MAX_REQUEST:
+            c = conn.recv(1)
+            if not c:
+                return None
+            line += c
+        m = re.match(rb"^CONNECT (\d+)\n$", line)
+        return int(m.group(1)) if m else None
+
+    def serve(self, conn):
+        m = self.machine
+        try:
+            with m.cond:  # the device answers once the guest runs
+                m.cond.wait_for(lambda: m.state == "Running" or conn not in self.conns)
+            if conn not in self.conns:
+                return
+            port = self.request(conn)
+            mode = m.vsock_ports.get(port) if port is not None else None
+            n = self.accepted.get(port, 0)
+            self.accepted[port] = n + 1
+            if mode and mode.startswith("late:"):
+                mode = "echo" if n >= int(mode[5:]) else None
+            m.log({"event": "vsock-connect", "port": port, "mode": mode})
+            if mode is None:
+                return  # nothing listens on that port: Firecracker closes the connection
+            self.answer(conn, mode)
+        except OSError:
+            pass
+        finally:
+            self.drop(conn)
+
+    def answer(self, conn, mode):
+        ok = ("OK %d\n" % self.next_port).encode()
+        self.next_port += 1
+        if mode == "garbage":
+            conn.sendall(b"NOPE 1\n")
+        elif mode == "long":
+            conn.sendall(b"OK " + b"9" * 200)
+        elif mode == "nonl":
+            conn.sendall(b"OK 5")
+            return
+        elif mode.startswith("serve:"):
+            conn.sendall(ok)
+            fd = conn.fileno()
+            subprocess.run(["/bin/sh", "-c", 'exec "$0" --serve-fd 3 3<&"$1"', mode[6:], str(fd)],
+                           pass_fds=(fd,), stdin=subprocess.DEVNULL, check=False)
+            return
+        elif mode in ("echo", "hello"):
+            conn.sendall(ok + (b"HELLO\n" if mode == "hello" else b""))
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+        # garbage, long, silent: hold the connection until the peer goes
+        while conn.recv(65536):
+            pass
+
+
 def vtuple(v):
     return tuple(int(x) for x in v.split(".")[:3])
 
@@ -204,6 +359,15 @@ class Machine:
         self.drives = {}
         self.nets = {}
         self.exit_after = None  # exit status once the response is sent
+        self.cond = threading.Condition()  # state changes, for the vsock connections
+        self.vsock = None  # the device ({guest_cid, uds_path}) and its listener
+        self.vsock_backend = None
+        self.vsock_ports = parse_vsock_ports(os.environ.get("FAKE_FC_VSOCK", "1024=echo"))
+
+    def set_state(self, state):
+        with self.cond:
+            self.state = state
+            self.cond.notify_all()
 
     @property
     def started(self):
@@ -255,6 +419,7 @@ class Machine:
             "PATCH /vm": self.patch_vm,
             "PUT /snapshot/create": self.put_snapshot_create,
             "PUT /snapshot/load": self.put_snapshot_load,
+            "PUT /vsock": self.put_vsock,
         }.get(name)
         if fn is None:
             if method != "GET" and not self.started:
@@ -276,9 +441,12 @@ class Machine:
         return dict(self.machine)
 
     def get_vm_config(self, params, body):
-        return {"boot-source": self.boot or {}, "drives": list(self.drives.values()),
-                "machine-config": self.machine,
-                "network-interfaces": list(self.nets.values())}
+        out = {"boot-source": self.boot or {}, "drives": list(self.drives.values()),
+               "machine-config": self.machine,
+               "network-interfaces": list(self.nets.values())}
+        if self.vsock:
+            out["vsock"] = dict(self.vsock)
+        return out
 
     # -- pre-boot resources --
 
@@ -387,6 +555,32 @@ class Machine:
             raise Fault("Network config error: Invalid network interface ID - not found.")
         return None
 
+    def bind_vsock(self, uds_path):
+        """The device's listening socket, bound at once (as v1.0 does at PUT /vsock, before
+        InstanceStart). An existing path fails (EADDRINUSE), a missing directory too."""
+        backend = VsockBackend(self, uds_path)
+        st = os.stat(host(uds_path))
+        self.log({"event": "vsock-bind", "path": uds_path, "dev": st.st_dev, "ino": st.st_ino})
+        return backend
+
+    def put_vsock(self, params, body):
+        if "vsock_id" in body:
+            self.vmm_log("PUT /vsock: vsock_id field is deprecated.")
+        old = self.vsock_backend
+        if old:  # a second PUT replaces the device and unlinks the old socket
+            old.close()
+            try:
+                os.unlink(host(old.uds_path))
+            except OSError:
+                pass
+            self.vsock_backend = self.vsock = None
+        try:
+            self.vsock_backend = self.bind_vsock(body["uds_path"])
+        except OSError as e:
+            raise Fault("Cannot create backend for vsock device: UnixBind(%s)" % rust_os_error(e))
+        self.vsock = {"guest_cid": body["guest_cid"], "uds_path": body["uds_path"]}
+        return None
+
     # -- actions and the running VM --
 
     def put_actions(self, params, body):
@@ -412,7 +606,7 @@ class Machine:
         for d in self.drives.values():
             if "path_on_host" in d:
                 self.opened(d["path_on_host"])
-        self.state = "Running"
+        self.set_state("Running")
         self.console("[    0.000000] Linux version 6.1.0-fake (fake-firecracker %s)" % self.version)
         self.console("[    0.000000] Command line: %s" % self.boot.get("boot_args",
                                                                       DEFAULT_BOOT_ARGS))
@@ -423,7 +617,7 @@ class Machine:
     def patch_vm(self, params, body):
         if not self.started:
             raise Fault(NOT_BEFORE_BOOT)
-        self.state = "Paused" if body["state"] == "Paused" else "Running"
+        self.set_state("Paused" if body["state"] == "Paused" else "Running")
         self.console("fake-firecracker: vm %s" % self.state.lower())
         return None
 
@@ -438,7 +632,8 @@ class Machine:
                         "dirty page tracking disabled.")
         state = {"fake_firecracker_snapshot": 1, "version": self.version,
                  "machine-config": self.machine, "boot-source": self.boot,
-                 "drives": self.drives, "network-interfaces": self.nets}
+                 "drives": self.drives, "network-interfaces": self.nets,
+                 "vsock": self.vsock}
         try:
             with open(host(body["snapshot_path"]), "w") as f:
                 json.dump(state, f)
@@ -449,6 +644,10 @@ class Machine:
                 f.truncate(self.machine["mem_size_mib"] << 20)
         except OSError as e:
             raise Fault("Create snapshot error: Cannot open memory file: %s" % os_error(e))
+        if self.vsock_backend:
+            # VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: the guest drops every connection, and
+            # Firecracker closes their host ends; its listener stays
+            self.vsock_backend.reset()
         return None
 
     def load_failed(self, detail):
@@ -501,6 +700,19 @@ class Machine:
                                        "devices: Block(BackingFile(Os { code: 2, kind: NotFound, "
                                        "message: \"No such file or directory\" }, \"%s\"))"
                                        % d["path_on_host"])
+        vs = state.get("vsock")
+        if vs:
+            # the device binds its socket again at the path the snapshot recorded (v1.16:
+            # or vsock_override's); anything there makes the load fail, and the process end
+            if "vsock_override" in body:
+                vs = dict(vs, uds_path=body["vsock_override"]["uds_path"])
+            try:
+                self.vsock_backend = self.bind_vsock(vs["uds_path"])
+            except OSError as e:
+                raise self.load_failed("Failed to build microVM from snapshot: Cannot restore "
+                                       "devices. Error: VsockUnixBackend(UnixBind(%s))"
+                                       % rust_os_error(e))
+            self.vsock = vs
         for o in body.get("network_overrides", []):
             if o["iface_id"] in state["network-interfaces"]:
                 state["network-interfaces"][o["iface_id"]]["host_dev_name"] = o["host_dev_name"]
@@ -511,7 +723,7 @@ class Machine:
         for d in self.drives.values():
             if "path_on_host" in d:
                 self.opened(d["path_on_host"])
-        self.state = "Running" if body.get("resume_vm") else "Paused"
+        self.set_state("Running" if body.get("resume_vm") else "Paused")
         self.console("fake-firecracker: snapshot loaded (%s)" % self.state.lower())
         return None
 
@@ -841,8 +1053,94 @@ def self_test():
     t.fault(lambda: check(old, "/drives/rootfs", {"drive_id": "rootfs", "is_root_device": True}),
             "'path_on_host' is a required property", "v1.0.0 requires path_on_host")
 
+    check(old, "/vsock", {"guest_cid": 3, "uds_path": "/v.sock"})
+    t.fault(lambda: check(old, "/vsock", {"guest_cid": 2, "uds_path": "/v.sock"}),
+            "guest_cid.*less than the minimum", "/vsock: the spec's minimum CID (3)")
+    t.fault(lambda: check(new, "/vsock", {"guest_cid": 3}),
+            "'uds_path' is a required property", "/vsock: uds_path required")
+    t.fault(lambda: check(old, "/snapshot/load", {"snapshot_path": "/s", "mem_file_path": "/m",
+                                                  "vsock_override": {"uds_path": "/x"}}),
+            "'vsock_override' was unexpected", "v1.0.0 has no vsock_override")
+
     live_test(t)
+    live_vsock(t)
     return t.done()
+
+
+def live_vsock(t):
+    """The vsock socket: bound at PUT, silent until the guest runs, CONNECT answered,
+    other ports closed, connections reset by a snapshot, bound again by a load."""
+    with tempfile.TemporaryDirectory() as d:
+        open(os.path.join(d, "vmlinux"), "w").close()
+        app = App("1.0.0", "vsock", None)
+        app.machine.console = lambda line: None
+        path = os.path.join(d, "v.sock")
+
+        def call(method, route, body=None, a=app):
+            try:
+                parsed = a.parse(method, route, json.dumps(body).encode() if body else None)
+                return 204, a.machine.handle(*parsed)
+            except Fault as f:
+                return f.status, f.message
+
+        st, msg = call("PUT", "/vsock", {"guest_cid": 3, "uds_path": os.path.join(d, "vmlinux")})
+        t.ok(st == 400 and "UnixBind(Os { code: 98, kind: AddrInUse" in msg,
+             "an existing path: 400 AddrInUse", msg)
+        st, _ = call("PUT", "/vsock", {"guest_cid": 3, "uds_path": path})
+        t.ok(st == 204 and stat.S_ISSOCK(os.stat(path).st_mode), "PUT /vsock binds its socket at once")
+        early = socket.socket(socket.AF_UNIX)
+        early.connect(path)
+        early.sendall(b"CONNECT 1024\n")
+        early.settimeout(0.3)
+        try:
+            got = early.recv(100)
+        except socket.timeout:
+            got = "silence"
+        t.ok(got == "silence", "before the guest runs: no answer, not closed", got)
+        call("PUT", "/boot-source", {"kernel_image_path": os.path.join(d, "vmlinux")})
+        call("PUT", "/actions", {"action_type": "InstanceStart"})
+        early.settimeout(5)
+        t.ok(early.recv(100) == b"OK 1073741824\n", "once running, the waiting CONNECT is answered")
+        early.sendall(b"echo")
+        t.ok(early.recv(100) == b"echo", "and the stream reaches the guest's listener (echo)")
+        for req, name in ((b"CONNECT 7\n", "a port nothing listens on"),
+                          (b"HELLO\n", "a request that is not CONNECT")):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.settimeout(5)
+            s.sendall(req)
+            t.ok(s.recv(100) == b"", name + ": the connection is closed")
+            s.close()
+        call("PATCH", "/vm", {"state": "Paused"})
+        snap, mem = os.path.join(d, "state"), os.path.join(d, "mem")
+        call("PUT", "/snapshot/create", {"snapshot_path": snap, "mem_file_path": mem})
+        t.ok(early.recv(100) == b"", "a snapshot resets the open connection")
+        early.close()
+        with open(snap) as f:
+            t.ok(json.load(f).get("vsock") == {"guest_cid": 3, "uds_path": path},
+                 "the snapshot records the device and its path")
+        clone = App("1.0.0", "clone", None)
+        st, msg = call("PUT", "/snapshot/load", {"snapshot_path": snap, "mem_file_path": mem}, clone)
+        t.ok(st == 400 and "VsockUnixBackend(UnixBind(Os { code: 98" in msg
+             and clone.machine.exit_after == EXIT_BAD_SNAPSHOT,
+             "a load over an existing socket file fails, and the process ends", msg)
+        os.unlink(path)
+        clone = App("1.0.0", "clone2", None)
+        clone.machine.console = lambda line: None
+        st, _ = call("PUT", "/snapshot/load", {"snapshot_path": snap, "mem_file_path": mem,
+                                               "resume_vm": True}, clone)
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        ok = st == 204 and stat.S_ISSOCK(os.stat(path).st_mode)
+        if ok:
+            s.connect(path)
+            s.sendall(b"CONNECT 1024\n")
+            ok = s.recv(100) == b"OK 1073741824\n"
+        t.ok(ok, "a load binds the recorded path again, and it answers")
+        s.close()
+        for a in (app, clone):
+            if a.machine.vsock_backend:
+                a.machine.vsock_backend.close()
 
 
 def live_test(t):

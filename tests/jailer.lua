@@ -172,6 +172,19 @@ local function main()
 		t.lives(function() a:wait_console("guest is running", 10) end, tag .. "the console reaches console.log")
 		t.like(a.driver and fs.readlink("/proc/self/fd/" .. j.fd) or "", "/root$", tag .. "the API socket is reached through a descriptor of the chroot")
 		t.ok(#("/proc/self/fd/" .. j.fd .. "/api.sock") < 40, tag .. "a short socket path")
+		-- the vsock socket lives in the chroot: Firecracker (the uid) binds /v.sock there
+		t.same((find_call(log, "PUT", "/vsock") or {}).body, { guest_cid = 3, uds_path = "/v.sock" },
+			tag .. "PUT /vsock names the jail's /v.sock")
+		local vsk = stat(j.root .. "/v.sock") or {}
+		t.is(vsk.kind .. " " .. tostring(vsk.uid), "socket " .. uid, tag .. "the vsock socket is in the chroot, the uid's")
+		t.is(require("fireclaw.vmm.firecracker").vsock_host(a), "/proc/self/fd/" .. j.fd .. "/v.sock",
+			tag .. "fireclaw reaches it through its descriptor of the chroot")
+		local fd, why = a:agent_channel(5)
+		t.ok(fd, tag .. "agent channel through the chroot's socket", why)
+		if fd then
+			t.is(vt.fd_echo(fd, "jailed " .. version), "jailed " .. version, tag .. "a byte stream to the guest's agent port")
+			require("fireclaw.sys").close(fd)
+		end
 
 		-- snapshot: written in the jail as the uid, moved out, root's
 		-- v1.16.1's snapshot goes to another filesystem (tmpfs): moved out of the jail by a
@@ -190,6 +203,7 @@ local function main()
 		local ms, vs = stat(snap .. "/memory") or {}, stat(snap .. "/vmstate") or {}
 		t.is(ms.uid .. " " .. ms.mode .. " " .. vs.uid .. " " .. vs.mode, "0 644 0 644", tag .. "the snapshot's files are root's")
 		t.is((info or {}).rootfs_path_in_vmm, "/disk.ext4", tag .. "the snapshot opens its disk at /disk.ext4")
+		t.same((info or {}).vsock, { guest_cid = 3, uds_path = "/v.sock" }, tag .. "the snapshot binds /v.sock again")
 		t.same(runtime.listdir(j.root .. "/snap"), {}, tag .. "nothing left in the jail's /snap")
 		local apid, astart, adir = j.pid, j.start, j.dir
 		a:destroy()
@@ -203,7 +217,8 @@ local function main()
 			local v = new_vm(version, "c" .. i .. version:gsub("%.", ""), log)
 			util.sparse_file(v.dir .. "/disk.ext4", 1048576)
 			t.lives(function() v:restore(snap, { rootfs = v.dir .. "/disk.ext4", mem_mib = 128, vcpu = 1,
-				rootfs_path_in_vmm = info and info.rootfs_path_in_vmm }) end, tag .. "clone " .. i .. " restored in its own jail")
+				rootfs_path_in_vmm = info and info.rootfs_path_in_vmm, vsock = info and info.vsock }) end,
+				tag .. "clone " .. i .. " restored in its own jail")
 			clones[i] = v
 		end
 		local c1, c2 = clones[1].jail or {}, clones[2].jail or {}
@@ -223,6 +238,18 @@ local function main()
 			t.ok(uid_can_write(cj, "disk.ext4"), tag .. "clone " .. i .. ": but can write its disk")
 			local dd = stat((cj.root or "") .. "/disk.ext4") or {}
 			t.ok(dd.uid == cj.uid and dd.mode == "600", tag .. "clone " .. i .. ": its own disk, its own user's")
+		end
+		-- each clone's load bound /v.sock inside its own jail; both channels at once
+		local chs = {}
+		for i, cj in ipairs({ c1, c2 }) do
+			local cvs = stat((cj.root or "") .. "/v.sock") or {}
+			t.ok(cvs.kind == "socket" and cvs.uid == cj.uid, tag .. "clone " .. i .. ": /v.sock bound in its own jail, by its user")
+			chs[i] = clones[i]:agent_channel(5)
+			t.ok(chs[i], tag .. "clone " .. i .. ": agent channel")
+		end
+		for i, cfd in ipairs(chs) do -- both open at once
+			t.is(vt.fd_echo(cfd, "clone " .. i), "clone " .. i, tag .. "clone " .. i .. ": its own stream")
+			require("fireclaw.sys").close(cfd)
 		end
 		local loads = {}
 		for _, r in ipairs(events(log)) do
@@ -338,6 +365,30 @@ local function main()
 		config.unsafe_no_jailer = true
 		t.is(vm.choose_vmm("auto", "auto", d), "firecracker", "auto, no jailer, opted in: Firecracker")
 		config.unsafe_no_jailer = false
+		d.unsafe_no_jailer = true
+		t.is(vm.choose_vmm("auto", "auto", d), "firecracker", "the opt-in as an option of the run (no global)")
+
+		-- --unsafe-no-jailer is an option handed down to the VM (like vmm), not a global
+		-- the recipes set: one sandbox's opt-in does not leak into the next VM of the process
+		local saved = config.jailer
+		config.jailer = base .. "/no-such-jailer"
+		t.raises(function() vm.new { id = "nj1", dir = base .. "/nj1", vmm = "firecracker", firecracker = FAKE } end,
+			"no jailer found", "no jailer, no opt-in: vm.new refuses")
+		local nj
+		t.lives(function()
+			nj = vm.new { id = "nj2", dir = base .. "/nj2", vmm = "firecracker", firecracker = FAKE, unsafe_no_jailer = true }
+			c:add(function() nj:destroy() end)
+			nj:boot { kernel = "/dev/null" }
+		end, "vm.new{unsafe_no_jailer = true}: the unjailed Firecracker boots")
+		t.ok(nj and nj.jail == nil and nj.pid and nj:state() == "running", "unjailed, running")
+		if nj then nj:destroy() end
+		t.is(config.unsafe_no_jailer, false, "and the process-wide opt-in is untouched")
+		t.lives(function() require("fireclaw.opts").check("sandbox.new", { unsafe_no_jailer = true },
+			require("fireclaw.sandbox").OPTIONS) end, "unsafe_no_jailer is a sandbox option")
+		local cold = require("fireclaw.cli").use("coldboot")
+		t.raises(function() cold.boot { vmm = "firecracker", unsafe_no_jailer = true, image = "no-such-image" } end,
+			"no image named 'no%-such%-image'", "coldboot.boot takes it too (the image is the first thing missing)")
+		config.jailer = saved
 	end
 
 	-- ---- 5b. a dynamically linked exec-file gets its loader and libraries in the jail ----
@@ -361,9 +412,16 @@ local function main()
 	-- ---- 6. doctor's confinement line ----
 
 	do
+		local dlog = base .. "/doctor.jsonl"
 		local env = { FIRECLAW_FIRECRACKER = FAKE, FIRECLAW_RUN = base .. "/doc-run", FIRECLAW_JAILER = JAILER,
-			FAKE_FC_VERSION = "1.16.1" }
+			FAKE_FC_VERSION = "1.16.1", FAKE_FC_LOG = dlog }
 		local out = proc.run({ FIRECLAW, "doctor" }, { env = env, timeout = 120 }).stdout
+		local asked = 0
+		for _, e in ipairs(events(dlog, "jailer")) do
+			if e.argv and e.argv[1] == "--version" then asked = asked + 1 end
+		end
+		t.is(asked, 1, "doctor: jailer --version is run once")
+		env.FAKE_FC_LOG = nil
 		t.like(out, "\nok +confine fc +Firecracker jailed by [^\n]*fake%-jailer: uid " .. jailer.UID_BASE
 			.. "%+1%+id per VM, gid " .. jailer.UID_BASE .. ", chroot [^\n]*/doc%-run/jail/<exec>/<id>/root",
 			"doctor: jailed, by which jailer, the uid scheme and the chroot")

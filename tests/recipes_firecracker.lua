@@ -78,8 +78,10 @@ t.like(tostring(err), "; likely cause: [^\n]+\nthe console ends with:\n  .*fake%
 	"with a likely cause and the console's last lines")
 local r = requests()
 t.is(calls(r), "GET /version, PUT /logger, PUT /machine-config, PUT /boot-source, "
-	.. "PUT /drives/rootfs, PUT /network-interfaces/eth0, PUT /entropy, PUT /actions",
-	"cold boot: the documented request sequence (v1.16: with the entropy device)")
+	.. "PUT /drives/rootfs, PUT /network-interfaces/eth0, PUT /entropy, PUT /vsock, PUT /actions",
+	"cold boot: the documented request sequence (v1.16: with the entropy device; the vsock device)")
+t.same(find(r, "PUT", "/vsock"), { guest_cid = 3, uds_path = "/run/fireclaw/vm/v.sock" },
+	"the vsock socket at the fixed path in the VMM's mount namespace")
 t.same(find(r, "PUT", "/entropy"), {}, "PUT /entropy with the default (no rate limit)")
 local bs = find(r, "PUT", "/boot-source") or {}
 t.like(bs.boot_args or "", "^console=ttyS0 root=/dev/vda rw ip=172%.16%.0%.2::172%.16%.0%.1:", "explicit boot args")
@@ -114,6 +116,8 @@ t.like(sc.snapshot_path or "", "/snapshots/%.tmp%-fc%-test%-%d+/vmstate$", "writ
 t.is(meta and meta.vmm, "firecracker", "meta.json records the VMM")
 t.is(meta and meta.vmm_version, "1.16.1", "and its version")
 t.is(meta and meta.vmm_info.rng, true, "and that the VM has an entropy device")
+t.same(meta and meta.vmm_info.vsock, { guest_cid = 3, uds_path = "/run/fireclaw/vm/v.sock" },
+	"and its vsock device, with the path a restore binds again")
 nothing_left("snapshot")
 
 -- 3. restore through the restore recipe: a fresh process loads the snapshot
@@ -129,7 +133,38 @@ local load = find(r, "PUT", "/snapshot/load") or {}
 t.same(load.mem_backend, { backend_type = "File", backend_path = snap and snap.memory }, "v1.16: mem_backend")
 t.is(load.resume_vm, true, "resumed by the load")
 t.is(load.clock_realtime, true, "v1.16: clock_realtime asked")
+t.is(load.vsock_override, nil, "no vsock_override: every clone binds the recorded path in its own directory")
 nothing_left("restore")
+
+-- 3b. a restored sandbox's agent channel (the steps up to the VMM: the fake never answers
+-- SSH): the vsock device comes back from meta.json, bound in this VM's own directory
+if snap then
+	local steps = sandbox.steps.restore(snap)
+	steps:remove("connect")
+	steps:remove("reseed")
+	local rsb, ch, cwhy
+	t.lives(function()
+		rsb = restore.restore({ vmm = "firecracker" }, snap, steps)
+		ch, cwhy = rsb.vm:agent_channel(5)
+	end, "a restored sandbox, up to its VMM")
+	t.ok(ch, "its agent channel answers", cwhy)
+	if ch then
+		local got = require("vmtest").fd_echo(ch, "restored")
+		t.is(got, "restored", "a byte stream to the restored guest's agent port")
+		require("fireclaw.sys").close(ch)
+	end
+	local vdir = rsb and rsb.dir
+	if rsb then rsb:destroy() end
+	t.ok(vdir and not fs.exists(vdir .. "/v.sock"), "the vsock socket went with the sandbox")
+	requests()
+	nothing_left("restored sandbox with an agent channel")
+	-- a snapshot taken before VMs had a vsock device is refused as stale
+	local old = json.decode(fs.read(snap.dir .. "/meta.json"))
+	old.vmm_info.vsock = nil
+	local okc, whyc = require("fireclaw.snapshot").compatible(old, image.load("default"), "firecracker",
+		"1.16.1", "kvm")
+	t.ok(not okc and (whyc or ""):find("no vsock device"), "a Firecracker snapshot without a vsock device: stale", whyc)
+end
 
 -- 4. the same restore against Firecracker v1.0: mem_file_path, no clock_realtime
 -- another binary path: fireclaw asks each binary its version once per process
@@ -192,6 +227,7 @@ t.is((find(r, "PUT", "/drives/rootfs") or {}).path_on_host, "/disk.ext4", "jaile
 t.same(find(r, "PUT", "/snapshot/create"), { snapshot_type = "Full", snapshot_path = "/snap/vmstate",
 	mem_file_path = "/snap/memory" }, "jailed: the snapshot written in the jail")
 t.is(jmeta and jmeta.vmm_info.rootfs_path_in_vmm, "/disk.ext4", "jailed: meta.json records /disk.ext4")
+t.same(jmeta and jmeta.vmm_info.vsock, { guest_cid = 3, uds_path = "/v.sock" }, "jailed: and the jail's /v.sock")
 local mst = proc.run({ "stat", "-c", "%u %a", jmeta and jmeta.memory or "/nonexistent" }).stdout
 t.is(mst, "0 644\n", "jailed: the snapshot's memory is root's, 0644")
 nothing_left("jailed snapshot")

@@ -12,6 +12,8 @@ require("fireclaw.config").unsafe_no_jailer = true
 local core = require "fireclaw.core.vm"
 local fcdrv = require "fireclaw.vmm.firecracker"
 local proc = require "fireclaw.proc"
+local runtime = require "fireclaw.runtime"
+local sys = require "fireclaw.sys"
 
 local FAKE = vt.TESTS .. "/fake-firecracker"
 local NS_PREFIX = "fct-vm-" .. vt.PID .. "-"
@@ -56,6 +58,31 @@ end
 
 local function gone(pid, starttime)
 	return pid ~= nil and not proc.alive(pid, starttime)
+end
+
+local function kind(path)
+	local st = sys.lstat(path)
+	return st and st.type
+end
+
+-- One echo round trip on an agent channel (the fake's guest echoes): true when `data`
+-- came back whole.
+local function echo(ch, data)
+	ch:send(data, 5)
+	local got = ""
+	while #got < #data do
+		local d = ch:recv(65536, 5)
+		if not d then break end
+		got = got .. d
+	end
+	return got == data, got
+end
+
+-- Descriptors of this process, once the garbage of earlier tests (sockets closed by their
+-- __gc) is collected: what stays open is held on purpose, or leaked.
+local function open_fds()
+	collectgarbage("collect")
+	return #(runtime.listdir("/proc/self/fd") or {})
 end
 
 -- ---- targets: the fake as two versions, and a real binary if one is configured ----
@@ -126,10 +153,31 @@ local function cold_boot(tg, c, base, files)
 		local calls = method_calls(log)
 		-- the entropy device (virtio-rng) where the version's spec has PUT /entropy
 		local rng = tg.version == "1.16.1"
-		local nboot = rng and 8 or 7
+		local nboot = rng and 9 or 8
 		t.is(sequence({ unpack(calls, 1, nboot) }), "GET /version, PUT /logger, PUT /machine-config, PUT /boot-source, "
-			.. "PUT /drives/rootfs, PUT /network-interfaces/eth0, " .. (rng and "PUT /entropy, " or "") .. "PUT /actions",
+			.. "PUT /drives/rootfs, PUT /network-interfaces/eth0, " .. (rng and "PUT /entropy, " or "")
+			.. "PUT /vsock, PUT /actions",
 			tg.name .. ": the exact cold-boot sequence" .. (rng and " (with PUT /entropy)" or " (no /entropy in v1.0)"))
+		local vsk = find_call(calls, "PUT", "/vsock") or {}
+		t.same(vsk.body, { guest_cid = 3, uds_path = MOUNT .. "/v.sock" },
+			tg.name .. ": PUT /vsock: guest CID 3, the socket at the fixed in-VMM path (checked against the spec)")
+		t.is(vsk.status, 204, tg.name .. ": PUT /vsock answered 204")
+		local bind = events(log, "vsock-bind")[1] or {}
+		t.ok(kind(dir .. "/v.sock") == "socket" and bind.ino == vt.inode(dir .. "/v.sock"),
+			tg.name .. ": Firecracker's vsock socket is the VM directory's v.sock")
+		local fd, why = v:agent_channel(5)
+		t.ok(type(fd) == "number" and (sys.fstat(fd) or {}).type == "socket",
+			tg.name .. ": agent_channel: CONNECT 1024 answered OK; a socket descriptor", why)
+		if fd then
+			t.is(vt.fd_echo(fd, "ping " .. tg.version), "ping " .. tg.version,
+				tg.name .. ": the descriptor is a byte stream to the guest's port 1024 (used by a child)")
+			sys.close(fd)
+		end
+		local s2 = fcdrv.vsock_connect(v, 1024, 5)
+		t.ok(s2 and echo(s2, "ping\0\255" .. tg.version), tg.name .. ": byte for byte, NUL and 0xff too")
+		if s2 then s2:close() end
+		local vc = events(log, "vsock-connect")[1] or {}
+		t.is(vc.port, 1024, tg.name .. ": the connection asked for the agent's port")
 		local ent = find_call(calls, "PUT", "/entropy")
 		if rng then
 			t.ok(ent and ent.status == 204 and next(ent.body) == nil,
@@ -171,17 +219,27 @@ end
 local function snapshot(tg, v, base, log)
 	local snap = base .. "/snap"
 	local info
+	-- a snapshot resets the guest's vsock connections (TRANSPORT_RESET): the host's end
+	-- sees the stream end
+	local ch = tg.fake and fcdrv.vsock_connect(v, 1024, 5)
 	t.lives(function() info = v:snapshot(snap) end, tg.name .. ": snapshot")
 	info = info or {}
 	t.ok(vt.exists(snap .. "/vmstate") and vt.exists(snap .. "/memory"),
 		tg.name .. ": vmstate and memory written")
 	t.is(v:state(), "paused", tg.name .. ": paused after the snapshot")
+	if ch then
+		local ok, d = pcall(ch.recv, ch, 100, 5)
+		t.ok(ok and d == nil, tg.name .. ": an open agent channel ends with the snapshot (the guest reset it)", d)
+		ch:close()
+	end
 	t.is(info.vmm, "firecracker", tg.name .. ": info.vmm")
 	t.is(info.vmm_version, v.vmm_version, tg.name .. ": info.vmm_version")
 	t.is(info.rootfs_path_in_vmm, MOUNT .. "/disk.ext4", tg.name .. ": info.rootfs_path_in_vmm")
 	t.is(info.mem_mib, 128, tg.name .. ": info.mem_mib")
 	if tg.fake then
 		t.is(info.rng, tg.version == "1.16.1", tg.name .. ": info.rng says whether the snapshot has the entropy device")
+		t.same(info.vsock, { guest_cid = 3, uds_path = MOUNT .. "/v.sock" },
+			tg.name .. ": info.vsock: the snapshot keeps the device and the path it binds again")
 	end
 	if tg.fake then
 		local calls, n = method_calls(log), 0
@@ -200,6 +258,9 @@ local function snapshot(tg, v, base, log)
 	v:destroy()
 	t.ok(gone(pid, st), tg.name .. ": destroy leaves no process")
 	t.ok(not vt.exists(v.dir .. "/api.sock"), tg.name .. ": destroy removes the API socket")
+	t.is(kind(v.dir .. "/v.sock"), nil, tg.name .. ": and the vsock socket (Firecracker never does)")
+	local ch2, why2 = v:agent_channel(1)
+	t.ok(not ch2 and why2:find("destroyed", 1, true), tg.name .. ": agent_channel of a destroyed VM: nil, why", why2)
 	if tg.fake then
 		local conns = {}
 		for _, r in ipairs(method_calls(log)) do conns[r.conn] = true end
@@ -221,8 +282,10 @@ local function clones(tg, c, base, _files, snap, info, spec)
 		local v = new_vm(tg, dir, log, { netns = ns })
 		c:add(function() v:destroy() end)
 		vt.copy(base .. "/a/disk.ext4", dir .. "/disk.ext4")
+		-- a stale socket file where the snapshot binds would fail the load (and end the VMM)
+		if i == 1 then io.open(dir .. "/v.sock", "w"):close() end
 		local cspec = vt.shallow_copy(spec, { rootfs = dir .. "/disk.ext4",
-			rootfs_path_in_vmm = info.rootfs_path_in_vmm })
+			rootfs_path_in_vmm = info.rootfs_path_in_vmm, vsock = info.vsock })
 		t.lives(function() v:restore(snap, cspec) end, tg.name .. ": restore clone " .. i)
 		vms[i] = { v = v, log = log, dir = dir }
 	end
@@ -246,13 +309,34 @@ local function clones(tg, c, base, _files, snap, info, spec)
 			local open = events(x.log, "open")[1] or {}
 			t.is(open.ino, vt.inode(x.dir .. "/disk.ext4"),
 				tg.name .. ": clone " .. i .. " opened its own disk copy")
+			local bind = events(x.log, "vsock-bind")[1] or {}
+			t.ok(bind.path == MOUNT .. "/v.sock" and kind(x.dir .. "/v.sock") == "socket"
+				and bind.ino == vt.inode(x.dir .. "/v.sock"),
+				tg.name .. ": clone " .. i .. ": the load bound the recorded vsock path, in its own directory"
+				.. (i == 1 and " (a stale file there was removed first)" or ""))
+		end
+		-- both channels open at once, each to its own clone
+		local chs = {}
+		for i, x in ipairs(vms) do
+			local why
+			chs[i], why = fcdrv.vsock_connect(x.v, 1024, 5)
+			t.ok(chs[i], tg.name .. ": clone " .. i .. ": agent channel", why)
+		end
+		for i, ch in ipairs(chs) do
+			t.ok(echo(ch, "clone " .. i .. " " .. string.rep(tostring(i), 100000)),
+				tg.name .. ": clone " .. i .. ": its own channel carries its own bytes (100 kB)")
+		end
+		for _, ch in ipairs(chs) do ch:close() end
+		for i, x in ipairs(vms) do
+			local vc = events(x.log, "vsock-connect")
+			t.is(#vc, 1, tg.name .. ": clone " .. i .. ": one connection reached its VMM")
 		end
 	end
 	for i, x in ipairs(vms) do
 		local pid, st = x.v.pid, x.v.starttime
 		x.v:destroy()
-		t.ok(gone(pid, st) and not vt.exists(x.dir .. "/api.sock"),
-			tg.name .. ": clone " .. i .. " destroyed: no process, no socket")
+		t.ok(gone(pid, st) and not vt.exists(x.dir .. "/api.sock") and not kind(x.dir .. "/v.sock"),
+			tg.name .. ": clone " .. i .. " destroyed: no process, no API or vsock socket")
 	end
 end
 
@@ -470,6 +554,92 @@ v:boot{ kernel = "/dev/null" }
 		"log_tail returns the last line")
 end
 
+-- ---- the agent channel: a hostile or absent answer is one clear error, no hang, no leak ----
+
+local function vsock_faults(c, base)
+	local net = require "fireclaw.net"
+	t.raises(function() net.unix_connect(base .. "/nobody.sock") end,
+		"^net: connect to .*/nobody%.sock: No such file or directory", "net.unix_connect: no socket there")
+	io.open(base .. "/plain", "w"):close()
+	t.raises(function() net.unix_connect(base .. "/plain") end, "^net: connect to .*/plain: Connection refused",
+		"net.unix_connect: a file that is not a listening socket")
+	t.raises(function() net.unix_connect("/" .. string.rep("x", 120)) end, "path too long for a unix socket",
+		"net.unix_connect: a path over 107 bytes")
+	local tg = targets[1]
+	local log = base .. "/vs.log"
+	local ns = vt.netns(c, NS_PREFIX .. "vs")
+	local v = new_vm(tg, base .. "/vs", log, { netns = ns })
+	-- a program serving a connection on its descriptor 3, as the guest agent does
+	local server = base .. "/serve-fd"
+	local f = io.open(server, "w")
+	f:write('#!/bin/sh\n[ "$1" = --serve-fd ] || exit 2\nexec /bin/cat <&"$2" >&"$2"\n')
+	f:close()
+	vt.run({ "chmod", "755", server })
+	v.env.FAKE_FC_VSOCK = "1024=hello,2000=garbage,2001=long,2002=silent,2003=nonl,2004=late:3,2005=serve:" .. server
+	c:add(function() v:destroy() end)
+	io.open(base .. "/vs/disk.ext4", "w"):close()
+	v:boot({ kernel = "/dev/null", rootfs = base .. "/vs/disk.ext4", mem_mib = 128 })
+	local fds = open_fds()
+	local ch, why = fcdrv.vsock_connect(v, 1024, 5)
+	t.ok(ch, "a channel to a guest that speaks at once", why)
+	if ch then
+		t.is(ch:recv(100, 5), "HELLO\n", "nothing past the OK line was taken from the guest's stream")
+		ch:close()
+	end
+	local function fails(port, timeout, pattern, name)
+		local s, err = fcdrv.vsock_connect(v, port, timeout)
+		t.ok(s == nil and type(err) == "string" and not err:find("\n") and err:find(pattern) ~= nil, name, err)
+		if s then s:close() end
+	end
+	fails(2000, 5, "^vm fct%-vs: vsock CONNECT 2000: the answer was 'NOPE 1' instead of 'OK <port>'$",
+		"an answer that is not OK: one line quoting it")
+	fails(2001, 5, "^vm fct%-vs: vsock CONNECT 2001: an answer longer than 32 bytes without a newline: 'OK 9+…'$",
+		"an overlong answer: refused after 32 bytes")
+	fails(2002, 0.5, "^vm fct%-vs: no answer to CONNECT 2002 on the vsock socket within 0%.5 s",
+		"silence: an error at the deadline, no hang")
+	fails(2003, 5, "^vm fct%-vs: vsock CONNECT 2003: the answer 'OK 5' ended without a newline$",
+		"an answer cut short")
+	fails(1999, 0.3, "^vm fct%-vs: nothing accepted vsock port 1999 within 0%.3 s %(Firecracker closed %d+ connections?: "
+		.. "no listener in the guest%)$", "a port nothing listens on: Firecracker closes, retried until the deadline")
+	local served = fcdrv.vsock_connect(v, 2005, 5)
+	t.ok(served and echo(served, "served\n"), "the API test server can hand a connection to a program (the agent's "
+		.. "--serve-fd)")
+	if served then served:close() end
+	t.raises(function() fcdrv.vsock_connect(v, "1024\nCONNECT 7") end, "port must be an integer",
+		"a port that is not a number is misuse (nothing reaches the socket)")
+	local late, lwhy = fcdrv.vsock_connect(v, 2004, 5)
+	t.ok(late and echo(late, "late"), "a listener that comes up later: retried until it answers", lwhy)
+	if late then late:close() end
+	local n = 0
+	for _, e in ipairs(events(log, "vsock-connect")) do
+		if e.port == 2004 then n = n + 1 end
+	end
+	t.is(n, 4, "three closed attempts, then the fourth connected")
+	-- a paused guest does not answer: the deadline ends the wait; resumed, it answers
+	v:pause()
+	fails(1024, 0.5, "^vm fct%-vs: no answer to CONNECT 1024", "a paused guest: no answer until the deadline")
+	v:resume()
+	local fd = v:agent_channel(5)
+	-- (this guest says HELLO first: the child reads that back)
+	t.ok(fd and vt.fd_echo(fd, "again") == "HELLO", "resumed: the agent channel works again")
+	if fd then sys.close(fd) end
+	t.is(open_fds(), fds, "no descriptor left open by any of these attempts")
+	v.proc:kill(9)
+	v.proc:wait(5)
+	fails(1024, 5, "^vm fct%-vs: no vsock connection: firecracker was killed", "a dead VMM: at once, saying so")
+	v:destroy()
+	t.is(kind(base .. "/vs/v.sock"), nil, "the socket goes with the VM")
+
+	-- a snapshot of a jailed Firecracker binds /v.sock: refused before spawning here
+	local w = new_vm(tg, base .. "/vw", base .. "/vw.log")
+	c:add(function() w:destroy() end)
+	t.raises(function() w:restore(base .. "/snap-any", { vsock = { guest_cid = 3, uds_path = "/v.sock" } }) end,
+		"^vm fct%-vw: the snapshot binds its vsock socket at /v%.sock, but this VM's is /run/fireclaw/vm/v%.sock "
+		.. "%(a snapshot of a jailed Firecracker: take it again%)$", "a snapshot's vsock path that is not this VM's: refused")
+	t.is(w.pid, nil, "nothing was spawned for it")
+	t.is(select(2, w:agent_channel(1)), "vm fct-vw: destroyed", "no channel to a VM whose restore failed")
+end
+
 -- ---- run ----
 
 for _, tg in ipairs(targets) do lifecycle(tg) end
@@ -481,6 +651,7 @@ local ok, err = pcall(function()
 	api_faults(c, base)
 	vm_faults(c, base)
 	socket_faults(c, base)
+	vsock_faults(c, base)
 end)
 t.ok(ok, "fault tests ran to the end", err)
 c:run()

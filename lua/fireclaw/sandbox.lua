@@ -71,7 +71,8 @@ end
 -- The options sandbox.new (and sandbox.build, coldboot.boot, restore.restore) takes;
 -- boot_timeout is how long sb:connect() waits by default (s).
 -- net: the network policy sb:network() applies ({mode =, allow =, publish =}, fireclaw.netpolicy).
-M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk", "net" }
+M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk",
+	"unsafe_no_jailer", "net" }
 
 -- ---- disk size (--disk) ----
 
@@ -182,7 +183,7 @@ function M.new(opts)
 		fault.point("record")
 		plan_cgroup(self, opts.cpus)
 		self.vm = vm.new { id = self.id, dir = self.dir, vmm = opts.vmm, accel = opts.accel,
-			detected = opts.detected, cmdline_devices = img.cmdline_devices,
+			detected = opts.detected, cmdline_devices = img.cmdline_devices, unsafe_no_jailer = opts.unsafe_no_jailer,
 			netns = self.netns, tap = config.net.tap, mac = config.net.guest_mac, keep = opts.keep,
 			cgroup = self.cg and self.cg.procs, on_spawn = function() record_vmm(self) end }
 	end)
@@ -305,6 +306,7 @@ function Sandbox:restore(snap)
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	spec.rng = snap.vmm_info and snap.vmm_info.rng -- the same devices as the snapshot
+	spec.vsock = snap.vmm_info and snap.vmm_info.vsock or nil -- Firecracker: rebound at its path
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
 	self:limit()
 	stage(self, "VMM restore (" .. self.vm.vmm .. ")", self.vm.restore, self.vm, snap.dir, spec)
@@ -512,7 +514,9 @@ function Sandbox:reseed()
 				tostring(r.status or r.signal), first_line(r.stderr)), 0)
 		end
 	else
-		local r = self:exec(string.format("cat >/dev/urandom && date -s @%d >/dev/null", os.time()), { stdin = entropy })
+		local dns = self:resolver()
+		local r = self:exec(string.format("cat >/dev/urandom && date -s @%d >/dev/null", os.time())
+			.. (dns and string.format(" && echo 'nameserver %s' >/etc/resolv.conf", dns) or ""), { stdin = entropy })
 		if r.status ~= 0 then error("sandbox: setting the guest clock failed: " .. first_line(r.stderr), 0) end
 		if not warned_helper[self.img.name] then
 			warned_helper[self.img.name] = true

@@ -120,6 +120,11 @@ function M.compatible(meta, img, vmm, vmm_version, accel, accel_source)
 	if type(meta.vmm_info) ~= "table" or type(meta.vmm_info.rng) ~= "boolean" then
 		return false, "it was taken by an older fireclaw (no entropy device): re-create it"
 	end
+	-- every Firecracker VM has a vsock device (the guest agent's channel); an older snapshot
+	-- would restore without one
+	if meta.vmm == "firecracker" and type(meta.vmm_info.vsock) ~= "table" then
+		return false, "it was taken by an older fireclaw (no vsock device): re-create it"
+	end
 	return true
 end
 

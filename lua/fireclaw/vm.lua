@@ -10,7 +10,8 @@
 --                     -- user = "auto" | "root" | "UID:GID": who QEMU runs as (config.vmm_user),
 --                     -- detected = a vm.choose result (no second detection),
 --                     -- cmdline_devices = the kernel takes virtio-mmio devices on its cmdline,
---                     -- cgroup = {cgroup.procs path…}: the VMM joins these before exec }
+--                     -- cgroup = {cgroup.procs path…}: the VMM joins these before exec,
+--                     -- unsafe_no_jailer = true: Firecracker may run as root without a jailer }
 --   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256,
 --           acpi_devices = true: the kernel finds devices through ACPI only (Firecracker < 1.8
 --           refuses at once) }
@@ -20,6 +21,10 @@
 --   v:restore(dir, spec)              -- a fresh VMM loads dir (spec as for boot, rootfs =
 --                                     -- this clone's own disk copy) and resumes
 --   v:shutdown(timeout_s) -> true if the guest/VMM stopped by itself; destroys either way
+--   v:agent_channel([timeout_s]) -> fd | nil, err   -- a byte stream to the guest agent
+--                                     -- (Firecracker: vsock port 1024; the caller closes
+--                                     -- fd), retried until the deadline while the agent is
+--                                     -- not listening yet
 --   v:destroy()                       -- idempotent, never raises
 --   v:state() -> "not started" | "running" | "paused" | "stopped"
 --   v.console_path  v.vmm  v.vmm_version  v.accel  v.pid  v.starttime  v.timings
@@ -113,7 +118,7 @@ local function choose_vmm(want, src, d)
 			return "qemu", old .. " (upgrade Firecracker to use it)"
 		end
 		local unjailed = d.firecracker and d.kvm == "hardware"
-			and require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted)
+			and require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted, d.unsafe_no_jailer)
 		if unjailed then -- QEMU runs confined; an unjailed Firecracker would be root
 			return "qemu", "firecracker found, but no jailer (" .. require("fireclaw.vmm.jailer").FIX
 				.. "; or --vmm firecracker --unsafe-no-jailer)"
@@ -133,7 +138,8 @@ local function choose_vmm(want, src, d)
 				and ("FIRECLAW_FIRECRACKER=" .. d.firecracker_wanted .. " does not exist")
 				or "there is no firecracker on PATH") .. " (" .. FIX_FIRECRACKER .. ")"
 		end
-		local unjailed = require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted)
+		local unjailed = require("fireclaw.vmm.firecracker").unjailed_problem(d.jailer, d.jailer_wanted,
+			d.unsafe_no_jailer)
 		if unjailed then return nil, src .. ", but " .. unjailed end
 		if d.kvm ~= "hardware" then
 			return "firecracker", "firecracker as asked (" .. src .. "; warning: " .. d.kvm_why
@@ -172,14 +178,16 @@ M.choose_vmm, M.choose_accel = choose_vmm, choose_accel
 -- Probe the host and pick a VMM and accelerator. opts: vmm, accel (the flags' values: nil
 -- when not given; config.choice applies the environment and the defaults), firecracker,
 -- qemu, cmdline_devices (the image's kernel takes virtio-mmio devices from its command
--- line, so an older Firecracker can boot it); versions = false skips running the binaries
+-- line, so an older Firecracker can boot it); unsafe_no_jailer (Firecracker may run as root
+-- without a jailer: --unsafe-no-jailer); versions = false skips running the binaries
 -- for their versions (vm.new does: the VMM reports its version itself; auto still asks an
 -- installed Firecracker on a hardware-KVM host, to know whether it can boot the image's
 -- kernel). Never raises: an impossible choice leaves vmm (or accel) nil and says why.
 -- d.vmm_source / d.accel_source say who chose ("--vmm qemu", "FIRECLAW_ACCEL=kvm", "auto").
 function M.detect(opts)
-	opts = opts_check.check("vm.detect", opts, { "vmm", "accel", "firecracker", "qemu", "versions", "cmdline_devices" })
-	local d = {}
+	opts = opts_check.check("vm.detect", opts, { "vmm", "accel", "firecracker", "qemu", "versions", "cmdline_devices",
+		"unsafe_no_jailer" })
+	local d = { unsafe_no_jailer = opts.unsafe_no_jailer or nil }
 	d.kvm, d.kvm_why = M.kvm_kind()
 	d.firecracker, d.firecracker_wanted = find_firecracker(opts)
 	local versions = opts.versions ~= false
@@ -223,10 +231,10 @@ VM.__index = VM
 local DRIVERS = { firecracker = "fireclaw.vmm.firecracker", qemu = "fireclaw.vmm.qemu" }
 
 M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker", "qemu", "env",
-	"socket_timeout", "on_spawn", "user", "keep", "detected", "cmdline_devices", "cgroup" }
+	"socket_timeout", "on_spawn", "user", "keep", "detected", "cmdline_devices", "cgroup", "unsafe_no_jailer" }
 -- What v:boot and v:restore take (the drivers read these).
 M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
-	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices" }
+	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock" }
 
 function M.new(opts)
 	if type(opts) ~= "table" then error("vm.new: options table expected (id =, dir =, …)", 0) end
@@ -242,7 +250,7 @@ function M.new(opts)
 	local self = setmetatable({
 		id = opts.id, dir = dir, netns = opts.netns, tap = opts.tap, mac = opts.mac,
 		env = opts.env, socket_timeout = opts.socket_timeout, keep = opts.keep, on_spawn = opts.on_spawn,
-		user = opts.user, cgroup = opts.cgroup,
+		user = opts.user, cgroup = opts.cgroup, unsafe_no_jailer = opts.unsafe_no_jailer or d.unsafe_no_jailer,
 		vmm = d.vmm, accel = d.accel, why = d.why, vmm_source = d.vmm_source,
 		accel_source = d.accel_source, kvm = d.kvm, kvm_why = d.kvm_why,
 		binary = d.vmm == "firecracker" and d.firecracker or d.qemu,
@@ -380,6 +388,19 @@ function VM:wait_console(text, timeout_s)
 	end
 	error(string.format("vm %s: the console did not show '%s' within %gs; it ends with:\n%s",
 		self.id, text, timeout_s, tail ~= "" and tail or "(empty)"), 0)
+end
+
+-- A connected byte stream to the guest agent, as a descriptor the caller owns (close it
+-- with sys.close; close-on-exec), or nil, err (one line). timeout_s bounds the whole wait,
+-- retries included: give it what is left of the boot deadline. driver.agent_channel(v,
+-- timeout_s) gives it (Firecracker: its vsock device).
+function VM:agent_channel(timeout_s)
+	if self.destroyed then return nil, "vm " .. self.id .. ": destroyed" end
+	if self._state == "not started" then return nil, "vm " .. self.id .. ": not started" end
+	if not self.driver.agent_channel then
+		return nil, "vm " .. self.id .. ": " .. self.vmm .. " has no agent channel here"
+	end
+	return self.driver.agent_channel(self, timeout_s)
 end
 
 -- Ask the guest (then the VMM) to stop; destroy the VM either way.

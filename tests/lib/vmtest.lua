@@ -28,6 +28,25 @@ function M.rm_rf(path)
 	if path and path:match("^/tmp/fct%-vm%-") then proc.run({ "rm", "-rf", path }) end
 end
 
+-- What comes back when a child process writes `text` (no NULs) to fd (as its descriptor
+-- 3) and reads as many bytes from it: a channel whose far end echoes gives `text` back.
+-- The child is bounded (5 s), then killed.
+function M.fd_echo(fd, text)
+	local dir = M.tmpdir()
+	local p = proc.spawn { argv = { "sh", "-c", 'printf %s "$1" >&3 && head -c "$2" <&3', "-", text, tostring(#text) },
+		fds = { fd }, stdout = dir .. "/out" }
+	if not p:wait(5) then
+		p:kill(9)
+		p:wait(5)
+	end
+	p:close()
+	local f = io.open(dir .. "/out", "rb")
+	local got = f and f:read("*a")
+	if f then f:close() end
+	M.rm_rf(dir)
+	return got
+end
+
 -- "dev:inode" of a path (follows symlinks), or nil.
 function M.stat_id(path)
 	local r = proc.run({ "stat", "-L", "-c", "%d:%i", path })

@@ -8,6 +8,12 @@
 -- MOUNT/{api.sock,disk.ext4,...}. Either way a snapshot records only fixed names, and each
 -- clone restored from one snapshot opens its own disk copy.
 --
+-- Every VM has a vsock device (guest CID 3) whose unix socket is at a fixed path in the
+-- VMM's view (/v.sock in a jail, MOUNT/v.sock unjailed): a snapshot records that path, and
+-- each clone's load binds it again inside its own jail or VM directory, so any number of
+-- clones run at once, each with its own socket. v:agent_channel() connects to the guest
+-- agent through it (fireclaw.vmm.vsock).
+--
 -- Version awareness: GET /version once per process; the request shapes follow the
 -- OpenAPI spec of that version (v1.0: /snapshot/load takes mem_file_path; from v1.1 on,
 -- mem_backend). Optional fields are sent only to versions whose spec has them.
@@ -17,7 +23,9 @@ local fs = require "fireclaw.fs"
 local jailer = require "fireclaw.vmm.jailer"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
+local sys = require "fireclaw.sys"
 local util = require "fireclaw.vmm.util"
+local vsock = require "fireclaw.vmm.vsock"
 
 local M = {}
 
@@ -26,6 +34,12 @@ local M = {}
 M.MOUNT = "/run/fireclaw/vm"
 M.SOCKET_TIMEOUT = 10
 M.REQUEST_TIMEOUT = 30 -- a full snapshot of a large VM takes a while
+-- The vsock device: the guest's CID (3 is the lowest a guest may have) and the port the
+-- guest agent listens on.
+M.GUEST_CID = 3
+M.AGENT_PORT = 1024
+M.AGENT_TIMEOUT = 10
+M.VSOCK_NAME = "v.sock"
 -- Firecracker's own defaults include `nomodule` and `8250.nr_uarts=0` (no console), so
 -- boot args are always sent.
 M.DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
@@ -74,6 +88,20 @@ local function sock_path(v)
 	return v.dir .. "/api.sock"
 end
 
+-- The vsock socket as the VMM names it (the snapshot records this path).
+local function vsock_in_vmm(v)
+	return v.jail and ("/" .. M.VSOCK_NAME) or (M.MOUNT .. "/" .. M.VSOCK_NAME)
+end
+M.vsock_in_vmm = vsock_in_vmm
+
+-- The same socket as fireclaw reaches it: through the jail's directory descriptor (a short
+-- path, like the API socket's), or in the VM directory.
+local function vsock_host(v)
+	if v.jail then return jailer.socket(v.jail, "/" .. M.VSOCK_NAME) end
+	return v.dir .. "/" .. M.VSOCK_NAME
+end
+M.vsock_host = vsock_host
+
 function M.log_files(v)
 	return { v.dir .. "/vmm.log", v.dir .. "/firecracker.log" }
 end
@@ -90,10 +118,11 @@ M.LOGGER_PATH = "/proc/self/fd/3"
 local function logger_path(v) return v.jail and jailer.LOGGER or M.LOGGER_PATH end
 
 -- Why this Firecracker may not start: no jailer while fireclaw is root, unless the user
--- opted in (--unsafe-no-jailer, FIRECLAW_UNSAFE_NO_JAILER=1, config.unsafe_no_jailer).
+-- opted in (allowed: the sandbox/vm option unsafe_no_jailer, from --unsafe-no-jailer; or
+-- FIRECLAW_UNSAFE_NO_JAILER=1 / config.unsafe_no_jailer for a whole process).
 -- wanted: the FIRECLAW_JAILER that named nothing, for the message.
-function M.unjailed_problem(jailer_path, wanted)
-	if jailer_path or config.unsafe_no_jailer or not jailer.running_as_root() then return nil end
+function M.unjailed_problem(jailer_path, wanted, allowed)
+	if jailer_path or allowed or config.unsafe_no_jailer or not jailer.running_as_root() then return nil end
 	return "no jailer found" .. (wanted and (" (FIRECLAW_JAILER=" .. wanted .. " does not exist)") or "")
 		.. ", and Firecracker would run as root with the host's files in view; "
 		.. jailer.FIX .. " (or pass --unsafe-no-jailer)"
@@ -149,11 +178,13 @@ end
 -- cannot fill the host's disk. place(j): what to put into the jail, if there is one.
 local function spawn(v, place)
 	if v.jailer then return spawn_jailed(v, place) end
-	local problem = M.unjailed_problem(nil)
+	local problem = M.unjailed_problem(nil, nil, v.unsafe_no_jailer)
 	if problem then error("vm " .. v.id .. ": " .. problem, 0) end
 	util.mkdir_p(M.MOUNT)
-	-- Firecracker never removes its socket, and refuses to start over an existing one
+	-- Firecracker never removes its sockets, and refuses to start over an existing API
+	-- socket; a stale vsock socket would make PUT /vsock or a snapshot load fail
 	os.remove(sock_path(v))
+	os.remove(vsock_host(v))
 	local t0 = runtime.now()
 	v:_started(proc.spawn{
 		argv = { v.binary, "--api-sock", M.MOUNT .. "/api.sock", "--id", instance_id(v.id) },
@@ -200,12 +231,16 @@ local function devices(v, spec)
 	-- snapshot keeps it. Older versions have none: restores are reseeded over SSH anyway.
 	local rng = spec.rng ~= false and supports(v, "entropy")
 	if rng then v.api:put("/entropy", {}) end
-	return rootfs, rng
+	-- the private channel to the guest agent; Firecracker binds its socket at once (v1.0)
+	local vs = { guest_cid = M.GUEST_CID, uds_path = vsock_in_vmm(v) }
+	v.api:put("/vsock", vs)
+	return rootfs, rng, vs
 end
 
 -- Cold boot: logger, (metrics), machine config, boot source, root drive, network,
--- InstanceStart. spec.acpi_devices: the kernel finds its devices only through ACPI (an
--- older Firecracker is refused at once instead of booting a guest that never answers).
+-- (entropy), vsock, InstanceStart. spec.acpi_devices: the kernel finds its devices only
+-- through ACPI (an older Firecracker is refused at once instead of booting a guest that
+-- never answers).
 function M.boot(v, spec)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
 	util.check_tap(v)
@@ -231,11 +266,11 @@ function M.boot(v, spec)
 	local vcpu, mem = spec.vcpu or 1, spec.mem_mib or 256
 	v.api:put("/machine-config", { vcpu_count = vcpu, mem_size_mib = mem })
 	local boot = boot_source(v, spec)
-	local rootfs, rng = devices(v, spec)
+	local rootfs, rng, vs = devices(v, spec)
 	v.api:put("/actions", { action_type = "InstanceStart" })
 	v.booted = { kernel = boot.kernel_image_path, initrd = boot.initrd_path,
 		boot_args = boot.boot_args, vcpu = vcpu, mem_mib = mem, rootfs = rootfs,
-		tap = v.tap, mac = v.mac, rng = rng }
+		tap = v.tap, mac = v.mac, rng = rng, vsock = vs }
 end
 
 function M.pause(v) v.api:patch("/vm", { state = "Paused" }) end
@@ -276,7 +311,7 @@ function M.snapshot(v, dir)
 	local b = v.booted or {}
 	return { mem_mib = b.mem_mib, vcpu = b.vcpu, kernel = b.kernel, initrd = b.initrd,
 		boot_args = b.boot_args, rootfs_path_in_vmm = b.rootfs, tap = b.tap, mac = b.mac,
-		vmstate = "vmstate", memory = "memory", rng = b.rng or false }
+		vmstate = "vmstate", memory = "memory", rng = b.rng or false, vsock = b.vsock or false }
 end
 
 -- Each clone's disk must be where the snapshot says (inside the VMM's view).
@@ -291,6 +326,22 @@ local function check_disk(v, spec)
 	end
 	if not util.exists(spec.rootfs) then
 		error("vm " .. v.id .. ": no disk copy at " .. spec.rootfs, 0)
+	end
+end
+
+-- The snapshot binds its vsock socket again at the path it recorded: that must be this
+-- VM's own (a jailed snapshot names /v.sock, an unjailed one MOUNT/v.sock).
+local function check_vsock(v, spec)
+	local vs = spec.vsock
+	if not vs then return end
+	if type(vs) ~= "table" or type(vs.uds_path) ~= "string" then
+		error("vm " .. v.id .. ": the snapshot's vsock record is not {guest_cid =, uds_path =}", 0)
+	end
+	local want = v.jailer and ("/" .. M.VSOCK_NAME) or (M.MOUNT .. "/" .. M.VSOCK_NAME)
+	if vs.uds_path ~= want then
+		error(string.format("vm %s: the snapshot binds its vsock socket at %s, but this VM's is %s "
+			.. "(a snapshot of a%s Firecracker: take it again)", v.id, vs.uds_path, want,
+			v.jailer and "n unjailed" or " jailed"), 0)
 	end
 end
 
@@ -316,6 +367,7 @@ end
 -- unusable (it exits), so the process is killed with the error.
 function M.restore(v, dir, spec)
 	check_disk(v, spec)
+	check_vsock(v, spec)
 	util.check_tap(v)
 	spawn(v, function(j)
 		jailer.place_ro(j, dir .. "/vmstate", "vmstate")
@@ -331,7 +383,41 @@ function M.restore(v, dir, spec)
 	v.booted = { kernel = spec.kernel, initrd = spec.initrd, boot_args = spec.boot_args,
 		vcpu = spec.vcpu, mem_mib = spec.mem_mib,
 		rootfs = spec.rootfs and (v.jail and "/disk.ext4" or in_vmm(v, spec.rootfs)),
-		tap = v.tap, mac = v.mac, rng = spec.rng }
+		tap = v.tap, mac = v.mac, rng = spec.rng, vsock = spec.vsock or nil }
+end
+
+-- A connection (a fireclaw.net socket) to the guest's vsock port, or nil, err: the VM has
+-- no vsock device (restored from a snapshot taken without one), the VMM is gone, or nothing
+-- accepted within timeout_s (default AGENT_TIMEOUT: give it what is left of the boot
+-- deadline). Right after a boot or restore the agent may not listen yet: Firecracker then
+-- closes the connection, and the connect is retried until the deadline.
+function M.vsock_connect(v, port, timeout_s)
+	if type(port) ~= "number" or port < 0 or port > 0xffffffff or port % 1 ~= 0 then
+		error("vm: vsock_connect: port must be an integer 0-4294967295, got " .. tostring(port), 2)
+	end
+	if not (v.booted and v.booted.vsock) then
+		return nil, "vm " .. v.id .. ": no vsock device (restored from a snapshot taken without one: "
+			.. "take it again)"
+	end
+	return vsock.connect(vsock_host(v), port, {
+		timeout = timeout_s or M.AGENT_TIMEOUT, what = "vm " .. v.id,
+		alive = function()
+			if v.destroyed or not v.proc then return false, "the VM was destroyed" end
+			if v.proc:alive() then return true end
+			return false, "firecracker " .. util.describe_exit(v.proc:wait(0))
+		end,
+	})
+end
+
+-- The guest agent's channel (vsock port AGENT_PORT) as a descriptor the caller owns and
+-- closes (sys.close; close-on-exec), or nil, err: what the agent's client wraps.
+function M.agent_channel(v, timeout_s)
+	local s, err = M.vsock_connect(v, M.AGENT_PORT, timeout_s)
+	if not s then return nil, err end
+	local fd, derr = sys.dup(s:fd())
+	s:close()
+	if not fd then return nil, "vm " .. v.id .. ": agent channel: dup: " .. derr end
+	return fd
 end
 
 -- Ctrl-Alt-Del: the guest reboots, and Firecracker exits when its guest does.
@@ -355,6 +441,7 @@ function M.destroy(v)
 		jailer.remove(j.dir)
 	else
 		os.remove(sock_path(v))
+		os.remove(vsock_host(v))
 	end
 end
 

@@ -11,6 +11,8 @@
 --   /disk.ext4            this VM's own disk copy, hard-linked and chowned to the uid
 --   /snap/                where a snapshot is written (the uid's); fireclaw moves the
 --                         files out and gives them to root
+--   /v.sock               the vsock device's socket: Firecracker binds it (PUT /vsock, or a
+--                         snapshot load at the path the snapshot recorded)
 --   /firecracker.log      a FIFO: Firecracker's logger; the jail's init copies it to the
 --                         capped log (the jailer closes every descriptor above 2)
 -- The paths inside are the same for every VM, so a snapshot taken in one jail loads in
@@ -221,16 +223,17 @@ function M.find_vmm(p, timeout_s)
 	end, timeout_s)
 end
 
--- The API socket by a short path: the chroot's host path may exceed the 107 bytes of a
--- unix socket address; /proc/self/fd/N/api.sock, through a descriptor of the chroot held
--- by fireclaw (j.fd, closed by M.close), never does.
-function M.socket(j)
+-- A socket in the jail (default: the API socket; also the vsock socket, /v.sock) by a
+-- short path: the chroot's host path may exceed the 107 bytes of a unix socket address;
+-- /proc/self/fd/N/api.sock, through a descriptor of the chroot held by fireclaw (j.fd,
+-- closed by M.close), never does.
+function M.socket(j, name)
 	if not j.fd then
 		local fd, err = sys.open(j.root, "PATH|DIRECTORY") -- close-on-exec, as every sys.open
 		if not fd then error("jailer: cannot open " .. j.root .. ": " .. err, 0) end
 		j.fd = fd
 	end
-	return "/proc/self/fd/" .. j.fd .. M.API_SOCK
+	return "/proc/self/fd/" .. j.fd .. (name or M.API_SOCK)
 end
 
 function M.close(j)
