@@ -29,7 +29,8 @@
  * The rules are applied in-process with libnftables (Debian libnftables1), inside each
  * namespace through fc_netns_run: no `nft` process, one atomic transaction per table.
  * The uplink table also isolates the VM: whatever arrives from its veth and is for the
- * uplink itself (the host's own addresses) is dropped, except opts.host_accept (a list of
+ * uplink itself (the host's own addresses) is dropped, but replies to what the uplink
+ * started and opts.host_accept (a list of
  * nft matches such as "ip daddr 10.0.0.1 tcp dport 80", for addresses a user named), and
  * so is whatever would be forwarded to link-local addresses (169.254.0.0/16: cloud
  * metadata) or to another VM's veth (fcv*).
@@ -284,8 +285,9 @@ static char *uplink_script(lua_State *L, const struct egress_opts *o, int t)
 	    " chain forward {\n  type filter hook forward priority -10; policy accept;\n"
 	    "  iifname \"%s\" ip daddr 169.254.0.0/16 drop\n"
 	    "  iifname \"%s\" oifname \"fcv*\" drop\n }\n"
-	    " chain input {\n  type filter hook input priority -10; policy accept;\n",
-	    table, table, table, o->cidr, up, up, up);
+	    " chain input {\n  type filter hook input priority -10; policy accept;\n"
+	    "  iifname \"%s\" ct state established,related accept\n",
+	    table, table, table, o->cidr, up, up, up, up);
 	for (int i = 1; i <= count; i++) {
 		lua_rawgeti(L, t, i);
 		n += snprintf(buf + n, len - (size_t)n, "  iifname \"%s\" %s accept\n", up,

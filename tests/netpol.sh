@@ -103,6 +103,23 @@ is "$(probe --net nat -- nat.test dns:nat.test 198.18.1.20 169.254.169.254 10.25
 is "$(FIRECLAW_NET=nat "$fc" run -- busybox wget -q -O - http://nat.test/ 2>"$tmp/err")" "hello from 198.18.1.10:80" \
 	"FIRECLAW_NET=nat: the default mode"
 
+# another VM's namespace: a kept VM with egress, its veth address reachable from the uplink
+# (control) but not from a second VM's guest
+"$fc" run --keep --net nat -- true >/dev/null 2>"$tmp/kA.err"
+ok $? "a kept VM with --net nat" "$(cat "$tmp/kA.err")"
+idA=$("$fc" ps --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+cidrA=$("$fc" -e "io.write(require('fireclaw.netpolicy').cidr('$idA'))")
+vethA=$(python3 -c "import ipaddress,sys; n=ipaddress.ip_network(sys.argv[1]); print(n[1], n[2])" "$cidrA")
+upA=${vethA% *} vmA=${vethA#* }
+ip netns exec "$UP" busybox ping -c1 -W2 "$vmA" >/dev/null 2>&1
+ok $? "control: the kept VM's namespace ($vmA) answers ping from the uplink"
+is "$("$fc" run --net nat -- sh -c "busybox ping -c1 -W2 $vmA >/dev/null 2>&1 && echo reached $vmA; \
+	busybox ping -c1 -W2 $upA >/dev/null 2>&1 && echo reached $upA; busybox ping -c1 -W2 198.18.1.10 >/dev/null 2>&1 \
+	&& echo reached internet" 2>"$tmp/err")" "reached internet" \
+	"--net nat: another VM's namespace and its uplink address do not answer; the internet does"
+"$fc" -q rm "$idA" >/dev/null 2>&1
+ok $? "rm the kept VM"
+
 # a cold boot gets its resolver from the kernel command line (ip=…:DNS0)
 is "$("$fc" run --no-snapshot --net nat -- sh -c 'cat /etc/resolv.conf; busybox wget -q -O - http://nat.test/' 2>"$tmp/err")" \
 	"$(printf 'nameserver 172.16.0.1\nhello from 198.18.1.10:80')" "--net nat, cold boot: resolver set at boot, fetches"

@@ -39,6 +39,7 @@ M.MAX_ALLOW = 256
 M.MAX_PUBLISH = 32
 M.TABLE = "fireclaw_policy" -- the filter table in the VM's namespace
 M.VETH = "veth0"
+local NOBODY = 65534 -- the forwarders' uid and gid (dnsmasq drops to nobody by itself)
 
 -- ---- parsing (misuse and bad input raise one line) ----
 
@@ -339,7 +340,7 @@ local function publish(sb, p)
 		local sock = net.tcp_listen(e.host_ip, e.host_port)
 		local ok, err = pcall(spawn, sb, "publish " .. e.text, {
 			argv = { "/proc/self/exe", "--port-forward", config.net.guest_ip, tostring(e.guest_port), sb.dir },
-			fds = { sock:fd() } })
+			fds = { sock:fd() }, uid = NOBODY, gid = NOBODY, groups = {} }) -- it needs no privilege
 		sock:close() -- the forwarder has its copy
 		if not ok then error(err, 0) end
 	end
