@@ -347,6 +347,13 @@ local function publish(sb, p)
 	if #p.publish > 0 then fault.point("publish") end
 end
 
+-- The entries as the user wrote them (normalized), for the record and `fireclaw ps`.
+local function texts(list)
+	local out = {}
+	for i, e in ipairs(list or {}) do out[i] = e.text end
+	return out
+end
+
 -- Make the policy real for sandbox sb (its namespace and tap exist). The record lists
 -- everything first; sb's cleanup stack gets the undo (the namespace's own undo takes the
 -- veth and the VM-side tables with it).
@@ -355,17 +362,7 @@ function M.apply(sb, p)
 	local uplink = config.net.uplink_netns or ""
 	state.update(sb.rec, { net = {
 		mode = p.mode, uplink = uplink, uplink_ifname = M.uplink_ifname(sb.id), cidr = M.cidr(sb.id),
-		allow = (function()
-			local a = {}
-			for i, e in ipairs(p.allow or {}) do a[i] = e.text end
-			return a
-		end)(),
-		publish = (function()
-			local a = {}
-			for i, e in ipairs(p.publish) do a[i] = e.text end
-			return a
-		end)(),
-		procs = {},
+		allow = texts(p.allow), publish = texts(p.publish), procs = {},
 	} })
 	sb:on_destroy("network policy", function() M.reap(sb.rec) end)
 	if p.mode == "nat" then egress(sb, p) end
