@@ -76,6 +76,16 @@ t.is(netpolicy.cidr("000000"), "100.64.0.0/30", "cidr: id 0")
 t.is(netpolicy.cidr("0fffff"), "100.127.255.252/30", "cidr: the last /30 of 100.64.0.0/10")
 t.is(netpolicy.cidr("100001"), "100.64.0.4/30", "cidr: ids wrap modulo 2^20")
 
+-- ---- upstream resolvers ----
+local config = require "fireclaw.config"
+config.net.dns = "198.18.0.1, 10.0.0.53"
+t.same(netpolicy.upstreams(), { "198.18.0.1", "10.0.0.53" }, "FIRECLAW_DNS: a list")
+config.net.dns = "127.0.0.53"
+t.raises(netpolicy.upstreams, "is loopback", "FIRECLAW_DNS: loopback refused")
+config.net.dns = "dns.example"
+t.raises(netpolicy.upstreams, "bad IPv4 address", "FIRECLAW_DNS: a name refused")
+config.net.dns = nil
+
 -- ---- the guest's resolver ----
 local img = { boot_args = { "console=ttyS0", "ip=172.16.0.2::172.16.0.1:255.255.255.252::eth0:off", "rw" } }
 t.is(image.boot_args(img, { dns = "172.16.0.1" }),

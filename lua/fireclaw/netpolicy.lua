@@ -184,6 +184,10 @@ function M.upstreams()
 	if want and want ~= "" then
 		for ip in want:gmatch("[^,%s]+") do
 			if not octets(ip) then error("network: FIRECLAW_DNS: bad IPv4 address '" .. ip .. "'", 0) end
+			if ip:match("^127%.") then
+				error("network: FIRECLAW_DNS: " .. ip .. " is loopback, which inside a VM's namespace is the "
+					.. "namespace's own; give a resolver's network address", 0)
+			end
 			list[#list + 1] = ip
 		end
 		return list
