@@ -42,7 +42,7 @@ for a in 198.18.0.1 198.18.1.10 198.18.1.11 198.18.1.20 169.254.169.254; do
 done
 cat >"$tmp/records.json" <<'EOF'
 {"nat.test": ["198.18.1.10"], "good.test": ["198.18.1.10", "198.18.1.11"], "bad.test": ["198.18.1.20"],
- "rebind.test": ["198.18.1.10", "169.254.169.254"], "hostaddr.test": ["10.253.0.1"]}
+ "rebind.test": ["198.18.1.10", "169.254.169.254"], "hostaddr.test": ["10.253.0.1"], "port.test": ["198.18.1.20"]}
 EOF
 start_server() { # start_server NETNS ARGS…: internet.py there, once it says ready
 	local out=$tmp/server.$RANDOM
@@ -145,6 +145,10 @@ is "$(probe --allow 198.18.1.20:80 --allow 10.253.0.1 -- 198.18.1.20 198.18.1.11
 		"169.254.169.254: blocked" "dns:nat.test: no")" \
 	"--allow IP:PORT and the host's address named explicitly: reachable; nothing else"
 is "$(probe --allow 198.18.1.20:81 -- 198.18.1.20)" "198.18.1.20: blocked" "--allow IP:PORT: another port is blocked"
+# (good.test answers its last address by now, 198.18.1.11)
+is "$(probe --allow good.test:80 --allow port.test:8080 -- good.test dns:port.test port.test)" \
+	"$(lines "good.test: hello from 198.18.1.11:80" "dns:port.test: resolves" "port.test: blocked")" \
+	"--allow NAME:PORT: reachable on that port; another name's other port is blocked though it resolves"
 no_leaks "after the policy runs"
 
 # ---- -p: a guest port on the host's loopback, two VMs at once ----
