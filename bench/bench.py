@@ -7,7 +7,8 @@ Run through `make bench` (bench/run.sh). Stdlib only; Debian's /usr/bin/python3.
      interleaved with the same run done by hand with plain tools (bench/baseline.sh).
   2. fireclaw's own cost per run: CPU time and peak RSS of the fireclaw process alone
      (bench/rusage.c, LD_PRELOAD: getrusage(RUSAGE_SELF) at exit, the VMM excluded), and
-     the start-up of `fireclaw -e ''` (hyperfine).
+     the start-up of `fireclaw -e ''` (hyperfine), and the restore's memory copy on its own
+     (bench/memcopy.lua: the snapshot's memory into a memfd, as a QEMU restore does).
   3. The stage breakdown of a run, from fireclaw's own timestamps (--json stages, -v).
   4. Concurrency: 1, 2, 4, 8 restored runs at once.
   5. Throughput: sequential restored runs per minute.
@@ -15,7 +16,7 @@ Run through `make bench` (bench/run.sh). Stdlib only; Debian's /usr/bin/python3.
      what each mode adds (the VMs' uplink is a namespace of the bench's own, never the host).
 
 Environment: BENCH_RESTORE_RUNS (30), BENCH_COLD_RUNS (15), BENCH_CONC_ROUNDS (10),
-BENCH_SEQ_RUNS (20), BENCH_NET_RUNS (10), BENCH_STARTUP_RUNS (200), BENCH_STAGECPU_RUNS (10), BENCH_OUT
+BENCH_SEQ_RUNS (20), BENCH_NET_RUNS (10), BENCH_STARTUP_RUNS (200), BENCH_STAGECPU_RUNS (10), BENCH_MEMCOPY_RUNS (30), BENCH_OUT
 (BENCHMARKS.md); counts below 10 are raised to 10 unless BENCH_QUICK=1 (a quick try),
 BENCH_BASELINE_SNAPSHOT=own to give the baseline its own hand-made snapshot instead of
 fireclaw's. Everything it creates (namespaces fcb-<pid>-<n>, QEMU processes, files in a
@@ -59,6 +60,7 @@ NET_MODES = [("--net none (default)", []), ("--net nat", ["--net", "nat"]),
              ("-p 127.0.0.1:PORT:8080 (none)", ["-p", "PORT:8080"])]
 N_STARTUP = env_int("BENCH_STARTUP_RUNS", 200, 10)
 N_STAGECPU = env_int("BENCH_STAGECPU_RUNS", 10, 10)
+N_MEMCOPY = env_int("BENCH_MEMCOPY_RUNS", 30, 10)
 LEVELS = [1, 2, 4, 8]
 OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "BENCHMARKS.md"))
 
@@ -628,6 +630,20 @@ class Bench:
             run(["ip", "netns", "del", up])
         return res
 
+    def memory_copy(self):
+        """The restore's memory copy alone: bench/memcopy.lua fills a memfd from the snapshot's
+        memory N times (vm.memfd, as the QEMU driver does) and reports its CPU."""
+        ram = int(self.meta.get("mem_mib", 256)) * 1024 * 1024
+        st, out, err = run([FC, os.path.join(ROOT, "bench", "memcopy.lua"), os.path.join(self.snapdir, "memory"),
+                            str(ram), str(N_MEMCOPY)], self.fc_env)
+        try:
+            return json.loads(out) if st == 0 else None
+        except ValueError:
+            return None
+        finally:
+            if st != 0:
+                self.notes.append("the memory copy benchmark failed: " + " / ".join(err.strip().splitlines()[-2:]))
+
     def sequential(self):
         t0 = time.perf_counter()
         rs = [self.fc_run("restore") for _ in range(N_SEQ)]
@@ -684,6 +700,8 @@ class Bench:
         self.cold = self.interleaved("cold", N_COLD)
         self.log(f"2. fireclaw's CPU per stage: {N_STAGECPU} restored and {N_STAGECPU} cold runs")
         self.cpu_stages = {"restore": self.stage_cpu("restore", N_STAGECPU), "cold": self.stage_cpu("cold", N_STAGECPU)}
+        self.log(f"2. the restore's memory copy: {N_MEMCOPY} copies")
+        self.memcopy = self.memory_copy()
         self.log(f"2. start-up: hyperfine, {N_STARTUP} runs each")
         self.start = self.startup()
         self.log(f"4. concurrency: {LEVELS} at once, {N_ROUNDS} rounds each")
@@ -962,6 +980,20 @@ class Bench:
         w("")
         w(self.cpu_stage_table())
         w("")
+        if self.memcopy:
+            m, mib = self.memcopy, 1024 * 1024
+            w(f"The restore's memory copy on its own (bench/memcopy.lua, {len(m['fill_cpu_ms'])} times, apart from "
+              "the runs above): `vm.memfd` fills a memfd of the VM's RAM size with the non-zero pages of the "
+              "snapshot's `memory`, as the QEMU driver does in every restore (it is most of the restore stage's "
+              "CPU); freeing is the memfd's last close, in a run fireclaw's in teardown, after QEMU exited. The "
+              "copy costs per page it writes: `snapshot create` zeroes the guest's free memory first and saves "
+              "zero pages as holes (the golden memory entries of docs/DECISIONS.md).")
+            w("")
+            w("| snapshot memory: size | held on disk | non-zero | copy: CPU, ms | copy: wall, ms | freeing: CPU, ms |")
+            w("|---:|---:|---:|---:|---:|---:|")
+            w(f"| {m['size'] / mib:.0f} MiB | {m['allocated'] / mib:.1f} MiB | {m['nonzero'] / mib:.1f} MiB | "
+              f"{summary(m['fill_cpu_ms'], 1, '')} | {summary(m['fill_ms'], 1, '')} | {summary(m['free_cpu_ms'], 1, '')} |")
+            w("")
         w(f"Start-up, `hyperfine -N --warmup 20 --runs {N_STARTUP}` (for scale: the interpreter alone, and an "
           "empty C program, `int main(void) { return 0; }`, linked with the libraries fireclaw links"
           + (", with and without `-lcurl`" if self.libs_note and self.libs_note[2] else "") + "):")

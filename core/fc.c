@@ -15,6 +15,7 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <termios.h>
 #include <unistd.h>
 
 /* ---- errors ---- */
@@ -326,6 +327,25 @@ static struct {
 	char notes[2][NOTE_MAX];
 } sig = {NULL, {-1, -1}, 0, 0, -1, {{0}, {0}}};
 
+/* A terminal in raw mode (an interactive exec), restored by a second signal's exit too:
+ * tcsetattr is async-signal-safe. */
+static struct {
+	volatile sig_atomic_t fd; /* -1: none */
+	struct termios saved;
+} tty_guard = {-1, {0}};
+
+void fc_tty_guard(int fd, const struct termios *saved)
+{
+	tty_guard.fd = -1;
+	tty_guard.saved = *saved;
+	tty_guard.fd = fd;
+}
+
+void fc_tty_unguard(void)
+{
+	tty_guard.fd = -1;
+}
+
 void fc_signals_note(const char *text)
 {
 	if (!text || !*text) {
@@ -383,6 +403,8 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar)
 static void on_signal(int signo)
 {
 	if (sig.signo != 0) {
+		if (tty_guard.fd >= 0)
+			tcsetattr(tty_guard.fd, TCSANOW, &tty_guard.saved);
 		say_leaving();
 		signal(signo, SIG_DFL);
 		raise(signo);

@@ -83,6 +83,10 @@ int fc_signal_received(void);
 void fc_signals_note(const char *text);
 /* Forget a handled interrupt (the REPL goes on after Ctrl-C). */
 void fc_signals_reset(void);
+/* A terminal put in raw mode: a second signal (which exits at once) restores it first. */
+struct termios;
+void fc_tty_guard(int fd, const struct termios *saved);
+void fc_tty_unguard(void);
 /* Raise "interrupted by SIGINT" if a signal is pending (and clear it). */
 void fc_check_interrupt(lua_State *L);
 /* poll() that also wakes on SIGINT/SIGTERM (raising "interrupted by …"), retries EINTR

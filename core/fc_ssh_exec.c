@@ -11,7 +11,10 @@
 #include <string.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include <libssh2.h>
@@ -166,6 +169,12 @@ struct exec {
 	const char *cmd;
 	size_t cmdlen;
 	int pty;
+	char term[32];
+	unsigned cols, rows;
+	/* tty: the local terminal (opts.tty) raw for the exec, its size followed (SIGWINCH) */
+	int tty, raw, winch, resize_pending;
+	struct termios saved;
+	struct sigaction old_winch;
 	/* stdin: a string (in, inlen), or an fd read into inbuf; pending bytes are
 	 * [inoff, inlen) of whichever is active */
 	const char *in;
@@ -179,6 +188,91 @@ struct exec {
 	int status;
 	char *signal; /* allocated by libssh2 */
 };
+
+/* ---- the local terminal (opts.tty) ----
+ *
+ * An interactive exec (fireclaw run -it, shell, exec -it) puts the local terminal in raw
+ * mode, so every key (Ctrl-C as the byte 0x03 included) goes to the guest's PTY, whose
+ * line discipline makes it a signal for the guest program. The terminal is restored by
+ * exec_cleanup, which runs on every way out of exec (errors, interrupts). SIGWINCH is
+ * caught for the duration: its handler writes a byte to a pipe that the exec polls, and
+ * the new size goes to the guest as a window-change request. The pipe is process-wide
+ * (a handler has no context); it is made once and lives as long as the process. */
+static int winch_pipe[2] = {-1, -1};
+
+static void on_winch(int signo)
+{
+	(void)signo;
+	int saved = errno;
+	if (write(winch_pipe[1], "w", 1) < 0) {
+		/* non-blocking, one byte is enough: a full pipe is fine */
+	}
+	errno = saved;
+}
+
+static void drain_winch(void)
+{
+	char buf[64];
+	while (winch_pipe[0] >= 0 && read(winch_pipe[0], buf, sizeof buf) > 0)
+		;
+}
+
+static void tty_size(int fd, unsigned *cols, unsigned *rows)
+{
+	struct winsize ws;
+	if (ioctl(fd, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 && ws.ws_row > 0) {
+		*cols = ws.ws_col;
+		*rows = ws.ws_row;
+	}
+}
+
+/* Raw mode and the SIGWINCH handler; undone by tty_restore. */
+static void tty_setup(lua_State *L, struct exec *x)
+{
+	if (tcgetattr(x->tty, &x->saved) < 0)
+		fc_errno_error(L, errno, "ssh: exec: tty %d is not a terminal", x->tty);
+	struct termios raw = x->saved;
+	cfmakeraw(&raw);
+	if (tcsetattr(x->tty, TCSANOW, &raw) < 0)
+		fc_errno_error(L, errno, "ssh: exec: cannot make tty %d raw", x->tty);
+	x->raw = 1;
+	fc_tty_guard(x->tty, &x->saved);
+	if (winch_pipe[0] < 0 && pipe2(winch_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
+		fc_errno_error(L, errno, "ssh: exec: pipe");
+	drain_winch();
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_winch;
+	sa.sa_flags = SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGWINCH, &sa, &x->old_winch) == 0)
+		x->winch = 1;
+}
+
+static void tty_restore(struct exec *x)
+{
+	if (x->winch)
+		sigaction(SIGWINCH, &x->old_winch, NULL);
+	x->winch = 0;
+	if (x->raw) {
+		fc_tty_unguard();
+		tcsetattr(x->tty, TCSAFLUSH, &x->saved);
+	}
+	x->raw = 0;
+}
+
+/* Send the terminal's new size once SIGWINCH said it changed. Returns 1 on progress. */
+static int pump_resize(lua_State *L, struct exec *x)
+{
+	if (!x->resize_pending)
+		return 0;
+	int rc = libssh2_channel_request_pty_size_ex(x->ch, (int)x->cols, (int)x->rows, 0, 0);
+	if (rc == LIBSSH2_ERROR_EAGAIN)
+		return 0;
+	(void)L; /* a refused resize is not worth ending the command for */
+	x->resize_pending = 0;
+	return 1;
+}
 
 static void stream_append(lua_State *L, struct stream *st, const char *data, size_t n)
 {
@@ -293,7 +387,8 @@ static int pump(lua_State *L, struct exec *x)
 {
 	int progress;
 	do {
-		progress = pump_stdin(L, x);
+		progress = pump_resize(L, x);
+		progress |= pump_stdin(L, x);
 		progress |= drain_stream(L, x, &x->out);
 		progress |= drain_stream(L, x, &x->err);
 	} while (progress);
@@ -327,18 +422,29 @@ static int wait_exec(lua_State *L, struct exec *x)
 {
 	if (ready_in_libssh2(x))
 		return fc_ms_left(x->deadline) != 0;
-	struct pollfd p[3] = {{.fd = x->S->fd, .events = POLLIN | ssh_socket_events(x->S)}};
-	nfds_t n = 1;
+	struct pollfd p[4] = {{.fd = x->S->fd, .events = POLLIN | ssh_socket_events(x->S)}};
+	nfds_t n = 1, in_at = 0, winch_at = 0;
 	int in = x->infd >= 0 && !x->in_eof && !x->eof_sent && x->inoff >= x->inlen;
-	if (in)
+	if (in) {
+		in_at = n;
 		p[n++] = (struct pollfd){.fd = x->infd, .events = POLLIN};
+	}
+	if (x->winch) {
+		winch_at = n;
+		p[n++] = (struct pollfd){.fd = winch_pipe[0], .events = POLLIN};
+	}
 	n = ssh_add_watch(x->S, p, n);
 	int left = fc_ms_left(x->deadline);
 	if (left == 0)
 		return 0;
 	int r = fc_poll(L, p, n, left);
-	if (in && p[1].revents)
+	if (in && p[in_at].revents)
 		x->in_ready = 1;
+	if (winch_at && p[winch_at].revents) {
+		drain_winch();
+		tty_size(x->tty, &x->cols, &x->rows);
+		x->resize_pending = 1;
+	}
 	ssh_check_watch(L, x->S, p, n);
 	return r > 0 || fc_ms_left(x->deadline) != 0;
 }
@@ -411,7 +517,8 @@ static void start_command(lua_State *L, struct exec *x)
 	int rc;
 	if (x->pty) {
 		NB_CALL(L, x->S, x->deadline, rc,
-			libssh2_channel_request_pty_ex(x->ch, "xterm", 5, NULL, 0, 80, 24, 0, 0));
+			libssh2_channel_request_pty_ex(x->ch, x->term, (unsigned)strlen(x->term),
+						       NULL, 0, (int)x->cols, (int)x->rows, 0, 0));
 		if (rc == LIBSSH2_ERROR_TIMEOUT) {
 			x->timed_out = 1;
 			return;
@@ -481,6 +588,8 @@ static int exec_body(lua_State *L)
 	struct exec *x = lua_touserdata(L, 1);
 	x->out.callback = lua_isfunction(L, 2) ? 2 : 0;
 	x->err.callback = lua_isfunction(L, 3) ? 3 : 0;
+	if (x->tty >= 0)
+		tty_setup(L, x);
 	open_channel(L, x);
 	if (!x->timed_out)
 		start_command(L, x);
@@ -537,6 +646,7 @@ static void settle_channel(struct session *S, LIBSSH2_CHANNEL **ch)
 /* Release what the body left behind, without raising and within CLEANUP_MS per step. */
 static void exec_cleanup(struct exec *x)
 {
+	tty_restore(x);
 	settle_channel(x->S, &x->side);
 	settle_channel(x->S, &x->ch);
 	if (x->signal)
@@ -612,6 +722,47 @@ static void make_tag(lua_State *L, char *tag, size_t size)
 		snprintf(tag + 2 * i, 3, "%02x", r[i]);
 }
 
+/* pty = true | {term = "xterm", cols = 80, rows = 24}; tty = fd of the local terminal:
+ * raw for the exec, its size is the PTY's and follows it (implies a PTY). */
+static void read_pty_opts(lua_State *L, int opts, struct exec *x)
+{
+	snprintf(x->term, sizeof x->term, "xterm");
+	x->cols = 80;
+	x->rows = 24;
+	x->tty = -1;
+	lua_getfield(L, opts, "pty");
+	if (lua_istable(L, -1)) {
+		int t = lua_gettop(L);
+		static const char *const known[] = {"term", "cols", "rows", NULL};
+		fc_opt_check(L, t, "ssh: exec: pty", known);
+		const char *term = fc_opt_string(L, t, "term", "xterm");
+		if (!*term || strlen(term) >= sizeof x->term || strpbrk(term, " \t\n"))
+			fc_error(L, "ssh: exec: pty.term: a short terminal name expected");
+		snprintf(x->term, sizeof x->term, "%s", term);
+		double c = fc_opt_number(L, t, "cols", 80), r = fc_opt_number(L, t, "rows", 24);
+		if (c < 1 || c > 10000 || r < 1 || r > 10000)
+			fc_error(L, "ssh: exec: pty.cols/rows must be 1 to 10000");
+		x->cols = (unsigned)c;
+		x->rows = (unsigned)r;
+		x->pty = 1;
+	} else {
+		x->pty = lua_toboolean(L, -1);
+	}
+	lua_pop(L, 1);
+	lua_getfield(L, opts, "tty");
+	if (!lua_isnil(L, -1)) {
+		if (lua_type(L, -1) != LUA_TNUMBER)
+			fc_error(L, "ssh: exec: tty: fd number expected, got %s",
+				 luaL_typename(L, -1));
+		x->tty = (int)lua_tointeger(L, -1);
+		if (!isatty(x->tty))
+			fc_error(L, "ssh: exec: tty: %d is not a terminal", x->tty);
+		x->pty = 1;
+		tty_size(x->tty, &x->cols, &x->rows);
+	}
+	lua_pop(L, 1);
+}
+
 static void read_exec_opts(lua_State *L, int opts, struct exec *x)
 {
 	x->deadline = -1;
@@ -626,7 +777,7 @@ static void read_exec_opts(lua_State *L, int opts, struct exec *x)
 			fc_error(L, "ssh: exec: max_capture must be >= 0");
 		max = m > (double)SIZE_MAX / 2 ? SIZE_MAX / 2 : (size_t)m;
 		capture = fc_opt_bool(L, opts, "capture", 0);
-		x->pty = fc_opt_bool(L, opts, "pty", 0);
+		read_pty_opts(L, opts, x);
 		read_stdin_opt(L, opts, x);
 		read_stream_opts(L, opts, &x->out, "on_stdout", capture, max);
 		read_stream_opts(L, opts, &x->err, "on_stderr", capture, max);
@@ -648,9 +799,8 @@ int ssh_l_exec(lua_State *L)
 {
 	struct session *S = ssh_check_open(L, 1);
 	const int opts = 3;
-	static const char *const known[] = {"stdin",	   "env",	"timeout",
-					    "max_capture", "capture",	"pty",
-					    "on_stdout",   "on_stderr", NULL};
+	static const char *const known[] = {"stdin", "env", "timeout",	 "max_capture", "capture",
+					    "pty",   "tty", "on_stdout", "on_stderr",	NULL};
 	lua_settop(L, opts);
 	if (!lua_isnil(L, opts))
 		luaL_checktype(L, opts, LUA_TTABLE);
@@ -661,6 +811,10 @@ int ssh_l_exec(lua_State *L)
 	memset(x, 0, sizeof *x);
 	x->S = S;
 	x->infd = -1;
+	x->tty = -1;
+	snprintf(x->term, sizeof x->term, "xterm");
+	x->cols = 80;
+	x->rows = 24;
 	x->err.id = SSH_EXTENDED_DATA_STDERR;
 	read_exec_opts(L, opts, x);
 	make_tag(L, x->tag, sizeof x->tag);

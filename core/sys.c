@@ -28,6 +28,7 @@
  *   sys.clock_gettime([clock]) -> seconds, nanoseconds  (default sys.CLOCK.REALTIME)
  *   sys.getpid() sys.getuid() sys.geteuid() sys.getgid() sys.getegid()
  *   sys.kill(pid, sig)  sys.setenv(name, value)   (value nil: unset)
+ *   sys.pidfd_open(pid) -> fd  (readable once the process exits; check its start time after)
  */
 #include "fc.h"
 
@@ -41,6 +42,7 @@
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -492,6 +494,23 @@ static int l_kill(lua_State *L)
 	return ok_or_fail(L, kill((pid_t)pid, (int)sig));
 }
 
+static int l_pidfd_open(lua_State *L)
+{
+	lua_Integer pid = luaL_checkinteger(L, 1);
+	if (pid <= 0 || pid > INT_MAX)
+		luaL_argerror(L, 1, "not a process id");
+	long fd = syscall(SYS_pidfd_open, (pid_t)pid, 0);
+	if (fd < 0)
+		return fail(L, errno);
+	if (fcntl((int)fd, F_SETFD, FD_CLOEXEC) < 0) {
+		int e = errno;
+		close((int)fd);
+		return fail(L, e);
+	}
+	lua_pushinteger(L, fd);
+	return 1;
+}
+
 static int l_setenv(lua_State *L)
 {
 	const char *name = luaL_checkstring(L, 1);
@@ -518,7 +537,8 @@ int luaopen_fireclaw_sys(lua_State *L)
 	    {"getpid", l_getpid},     {"getuid", l_getuid},
 	    {"geteuid", l_geteuid},   {"getgid", l_getgid},
 	    {"getegid", l_getegid},   {"kill", l_kill},
-	    {"setenv", l_setenv},     {NULL, NULL},
+	    {"setenv", l_setenv},     {"pidfd_open", l_pidfd_open},
+	    {NULL, NULL},
 	};
 	lua_newtable(L);
 	luaL_register(L, NULL, fns);

@@ -27,6 +27,11 @@
  *       read-write, and a snapshot must stay out of every VMM's reach: docs/security.md,
  *       "Golden files"), and a kernel or initrd only root can read goes the same way.
  *   vm.memfd_fill(fd, src_path)   the same copy into an existing file (its size bounds it)
+ *   vm.ram_save(src_path, dst_path)
+ *       a new file dst_path (0600, created exclusively; removed again if the copy fails)
+ *       of src_path's size holding its non-zero pages, every zero page a hole: how a
+ *       snapshot's memory is written, so that restores find only data in its data ranges
+ *       (a restore's copy costs per data page: the golden memory entries of docs/DECISIONS.md)
  *
  * The Firecracker client drives libcurl's multi interface from fc_poll, so a request is
  * interruptible by Ctrl-C like every other wait, and keeps one easy handle per VM so the
@@ -573,13 +578,19 @@ static int l_qmp_connect(lua_State *L)
 
 #define RAM_PAGE 4096
 
+/* A page of data usually shows a non-zero byte in its first cache line: stop there (a
+ * snapshot's memory holds zero pages as holes, so nearly every page scanned has data). */
 static int page_is_zero(const unsigned char *p)
 {
 	const unsigned long *w = (const unsigned long *)p;
-	unsigned long acc = 0;
-	for (size_t i = 0; i < RAM_PAGE / sizeof *w; i++)
-		acc |= w[i];
-	return acc == 0;
+	for (size_t i = 0; i < RAM_PAGE / sizeof *w; i += 8) {
+		unsigned long acc = 0;
+		for (size_t j = 0; j < 8; j++)
+			acc |= w[i + j];
+		if (acc)
+			return 0;
+	}
+	return 1;
 }
 
 /* Write the non-zero pages of map[off, end) to fd at the same offsets, one pwrite per run
@@ -700,6 +711,28 @@ static int l_memfd_fill(lua_State *L)
 	return 0;
 }
 
+static int l_ram_save(lua_State *L)
+{
+	const char *src = luaL_checkstring(L, 1), *dst = luaL_checkstring(L, 2);
+	off_t size;
+	int in = ram_open_src(L, src, &size);
+	int out = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (out < 0) {
+		int e = errno;
+		close(in);
+		fc_errno_error(L, e, "vm: ram_save %s: create %s", src, dst);
+	}
+	int err = ftruncate(out, size) < 0 ? -errno : ram_copy(out, in, size);
+	close(in);
+	if (close(out) < 0 && !err)
+		err = -errno;
+	if (err) {
+		unlink(dst);
+		fc_errno_error(L, -err, "vm: ram_save %s to %s", src, dst);
+	}
+	return 0;
+}
+
 int luaopen_fireclaw_vm(lua_State *L)
 {
 	static const luaL_Reg qmp_methods[] = {
@@ -718,6 +751,7 @@ int luaopen_fireclaw_vm(lua_State *L)
 	    {"qmp_connect", l_qmp_connect},
 	    {"memfd", l_memfd},
 	    {"memfd_fill", l_memfd_fill},
+	    {"ram_save", l_ram_save},
 	    {NULL, NULL},
 	};
 	vm_api_class(L);

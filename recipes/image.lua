@@ -68,8 +68,29 @@ function commands.build(argv)
 end
 
 function commands.list(argv)
-	cli.parse(argv, { usage = "fireclaw image list", about = "List the images.", args = 0 })
+	local o = cli.parse(argv, { usage = "fireclaw image list [--json]", about = "List the images.", args = 0,
+		{ "--json", "print a JSON array: {name, source, kernel, size, allocated, created}, or {name, error}" } })
 	local list = image.list()
+	if o.json then
+		local rows = json.array()
+		for _, e in ipairs(list) do
+			local m = e.manifest
+			if m then
+				local size, alloc = 0, 0
+				for _, f in pairs(m.files or {}) do
+					size = size + (f.size or 0)
+					alloc = alloc + (f.allocated or 0)
+				end
+				local k = m.kernel_info or {}
+				rows[#rows + 1] = { name = e.name, source = m.source or json.null, kernel = k.release or k.format or json.null,
+					size = size, allocated = alloc, created = m.created or json.null }
+			else
+				rows[#rows + 1] = { name = e.name, error = e.error }
+			end
+		end
+		io.stdout:write(json.encode(rows), "\n")
+		return 0
+	end
 	if #list == 0 then
 		io.stderr:write("no images (build one with: fireclaw image build)\n")
 		return 0
@@ -95,8 +116,9 @@ function commands.list(argv)
 end
 
 function commands.info(argv)
-	local _, rest = cli.parse(argv, { usage = "fireclaw image info [NAME]", args = 1,
-		about = "Print the manifest of image NAME (default: " .. config.image .. ") as JSON." })
+	local _, rest = cli.parse(argv, { usage = "fireclaw image info [--json] [NAME]", args = 1,
+		about = "Print the manifest of image NAME (default: " .. config.image .. ") as JSON.",
+		{ "--json", "(the output is JSON anyway)" } })
 	local m = image.info(rest[1] or config.image)
 	io.stdout:write(json.encode(m, { pretty = true }), "\n")
 	return 0

@@ -24,7 +24,7 @@ local SPEC = {
 	usage = "fireclaw run [options] -- CMD [ARGS…]",
 	about = "Run CMD in a throw-away microVM: restore from the image's snapshot (or cold boot),\n"
 		.. "stream its output, exit with its status, destroy the VM.",
-	{ "--image NAME", "image to run", default = "default" },
+	{ "--image NAME", "image to run (default: the snapshot's with --snapshot, else default)" },
 	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
 	{ "--mem MIB", "memory in MiB (cold boot)", type = "number", default = 256 },
 	{ "--cpus N", "limit the VM to N CPUs' worth of time (fractions allowed: 0.5)", type = "number" },
@@ -39,6 +39,8 @@ local SPEC = {
 	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
+	{ "-i, --interactive", "forward stdin to CMD (also when it is a terminal)" },
+	{ "-t, --tty", "give CMD a terminal (a PTY in the guest); with -i on a terminal: raw mode, resizes" },
 	{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id, stages} instead of streaming" },
 	{ "--max-output BYTES", "with --json: keep at most this much of each stream", type = "number",
@@ -63,9 +65,57 @@ local function parse_size(s)
 	return n <= 2 ^ 53 and n or nil
 end
 
+-- docker's combined short flags: -it, -ti.
+local function split_flags(args)
+	local out = {}
+	for i, a in ipairs(args) do
+		if a == "--" then
+			for j = i, #args do out[#out + 1] = args[j] end
+			break
+		end
+		if a == "-it" or a == "-ti" then
+			out[#out + 1], out[#out + 2] = "-i", "-t"
+		else
+			out[#out + 1] = a
+		end
+	end
+	return out
+end
+
+-- The exec options for stdin and the terminal (-i, -t), like docker's:
+--   -it on a terminal: a PTY of the terminal's size, the terminal raw (every key, Ctrl-C
+--   too, goes to the guest program) and restored after, window resizes followed;
+--   -t alone: a PTY (the terminal's size), stdin not forwarded; -i alone: stdin forwarded.
+-- Without either, a stdin that is not a terminal is forwarded; a terminal is not, and a
+-- line says so (a `run -- sh` that exits at once is otherwise a mystery).
+-- The local TERM for the guest's PTY, when it is a plain name.
+local function M_term()
+	local t = os.getenv("TERM") or ""
+	return t:match("^[%w._+-]+$") and #t < 32 and t or "xterm"
+end
+
+local function stdin_opts(o, opts)
+	if o.tty and o.interactive then
+		if not sys.isatty(0) then cli.usage_error("-it needs a terminal on stdin (use -i alone for a pipe)") end
+		opts.tty, opts.stdin = 0, 0
+	elseif o.tty then
+		opts.pty = { term = M_term() }
+	elseif o.interactive or not sys.isatty(0) then
+		opts.stdin = 0
+	elseif not o.json then
+		log.note("stdin is a terminal and is not forwarded (use -it for an interactive program, -i to forward it)")
+	end
+	if opts.tty then opts.pty = { term = M_term() } end
+	return opts
+end
+
 -- Check everything the user typed before a VM exists: bad input costs nothing.
 local function check_options(o, cmd)
 	if #cmd == 0 then cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])") end
+	if not o.image then -- a snapshot's clones run its image
+		local meta = o.snapshot and not o.no_snapshot and require("fireclaw.snapshot").load(o.snapshot)
+		o.image = meta and meta.image or "default"
+	end
 	if o.vcpu < 1 or o.vcpu > 64 or o.vcpu % 1 ~= 0 then cli.usage_error("--vcpu must be 1 to 64, got %s", o.vcpu) end
 	if o.mem < 64 or o.mem > 65536 or o.mem % 1 ~= 0 then
 		cli.usage_error("--mem must be 64 to 65536 MiB, got %s", o.mem)
@@ -121,9 +171,14 @@ local function start_vm(o)
 		unsafe_no_jailer = o.unsafe_no_jailer }
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
 		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk,
-		unsafe_no_jailer = o.unsafe_no_jailer, net = o.policy }
+		unsafe_no_jailer = o.unsafe_no_jailer, name = o.name, ttl = o.ttl,
+		net = o.policy }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
+		if snap and o.sized and (o.vcpu ~= snap.vcpu or o.mem ~= snap.mem_mib) then
+			log.note("--vcpu/--mem ignored: snapshot '%s' fixes %d vCPU, %d MiB (--no-snapshot cold boots with them)",
+				snap.name, snap.vcpu, snap.mem_mib)
+		end
 		if snap then
 			local sb = restore.restore(vmopts, snap)
 			return sb
@@ -149,8 +204,7 @@ local function run_command(sb, o, cmd)
 	local ssh = require "fireclaw.ssh"
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
 	local line = ssh.quote(cmd)
-	local opts = { env = o.envs, timeout = o.timeout }
-	if not sys.isatty(0) then opts.stdin = 0 end
+	local opts = stdin_opts(o, { env = o.envs, timeout = o.timeout })
 	if o.json then
 		opts.max_capture = o.max_output
 	else
@@ -164,9 +218,39 @@ local function run_command(sb, o, cmd)
 	return r
 end
 
+-- Whether the user gave --vcpu or --mem (their defaults look the same otherwise).
+local function sized(args)
+	for _, a in ipairs(args) do
+		if a == "--" then break end
+		if a:match("^%-%-vcpu") or a:match("^%-%-mem") then return true end
+	end
+	return false
+end
+
+-- {exit_code, stdout, stderr, …} for --json (run, exec): JSON text is UTF-8, so a stream
+-- that is not also comes as exact bytes in <name>_base64 (and as text with U+FFFD for
+-- the bytes that are not UTF-8).
+local function result_json(r, status, extra)
+	local truncated = (r.stdout_truncated or r.stderr_truncated) and true or nil
+	local out = { exit_code = status, timed_out = r.timed_out or nil, signal = r.signal, truncated = truncated }
+	for k, v in pairs(extra or {}) do out[k] = v end
+	for _, name in ipairs({ "stdout", "stderr" }) do
+		local data = r[name] or ""
+		local ok, text = json.utf8(data)
+		out[name] = ok and data or text
+		if not ok then out[name .. "_base64"] = json.base64(data) end
+	end
+	return out, truncated
+end
+
 local function main(args)
-	local o, cmd = cli.parse(args, SPEC)
+	local o, cmd = cli.parse(split_flags(args), SPEC)
+	o.sized = sized(args)
 	check_options(o, cmd)
+	if o.tty and o.json then cli.usage_error("-t and --json exclude each other (a terminal's output is not JSON)") end
+	if o.tty and o.interactive and not sys.isatty(0) then
+		cli.usage_error("-it needs a terminal on stdin (use -i alone for a pipe)")
+	end
 	if not image.exists(o.image) then
 		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end
 		log.note("no default image yet: building it (once)")
@@ -179,25 +263,14 @@ local function main(args)
 	local status = exit_status(r)
 	if r.timed_out then log.note("command timed out after %g s", o.timeout) end
 	if o.json then
-		local truncated = (r.stdout_truncated or r.stderr_truncated) and true or nil
-		local out = {
-			exit_code = status,
+		local out, truncated = result_json(r, status, {
 			duration_ms = math.floor((runtime.now() - t0) * 1000 + 0.5), boot = sb.how, vm_id = sb.id,
-			timed_out = r.timed_out or nil, signal = r.signal, truncated = truncated,
 			stages = (function()
-				local s = json.array()
-				for i, st in ipairs(sb.timer.stages) do s[i] = { name = st.name, ms = math.floor(st.ms * 10 + 0.5) / 10 } end
-				return s
+				local st = json.array()
+				for i, x in ipairs(sb.timer.stages) do st[i] = { name = x.name, ms = math.floor(x.ms * 10 + 0.5) / 10 } end
+				return st
 			end)(),
-		}
-		-- JSON text is UTF-8: a stream that is not also comes as exact bytes in <name>_base64
-		-- (and as text with U+FFFD for the bytes that are not UTF-8)
-		for _, name in ipairs({ "stdout", "stderr" }) do
-			local data = r[name] or ""
-			local ok, text = json.utf8(data)
-			out[name] = ok and data or text
-			if not ok then out[name .. "_base64"] = json.base64(data) end
-		end
+		})
 		io.stdout:write(json.encode(out), "\n")
 		if truncated then log.note("output beyond %d bytes per stream was dropped (--max-output)", o.max_output) end
 	end
@@ -205,4 +278,6 @@ local function main(args)
 	return status
 end
 
-return cli.recipe({ start_vm = start_vm, check_options = check_options }, main, ...)
+return cli.recipe({ start_vm = start_vm, check_options = check_options, exit_status = exit_status,
+	result_json = result_json, split_flags = split_flags, stdin_opts = stdin_opts, parse_size = parse_size,
+	sized = sized }, main, ...)

@@ -186,6 +186,18 @@ curl -s -m 2 http://127.0.0.1:$P1/ >/dev/null
 ok $(($? == 0)) "the published port is gone with its VM"
 no_leaks "after rm of VMs with published ports and an allow list"
 
+# ---- start (a kept, named VM) takes the same options ----
+sid=$("$fc" start --name np-web --allow good.test -p 127.0.0.1:$P3:8080 2>"$tmp/start.err")
+ok $? "fireclaw start --allow good.test -p 127.0.0.1:$P3:8080" "$(cat "$tmp/start.err")"
+"$fc" exec np-web -- sh -c "$HTTPD" three >/dev/null 2>&1
+is "$(curl -s -m 5 http://127.0.0.1:$P3/)" "three" "start -p: the port reaches the kept VM's httpd"
+is "$("$fc" exec np-web -- sh -c "$PROBE" probe good.test 198.18.1.20 2>/dev/null | sort)" \
+	"$(lines "good.test: hello from 198.18.1.11:80" "198.18.1.20: blocked")" "start --allow: exec sees the policy"
+like "$("$fc" ps)" "np-web .*nat\+allow\(1\) +127\.0\.0\.1:$P3->8080" "ps: the started VM's mode and port"
+"$fc" -q stop np-web >/dev/null 2>&1
+ok $? "fireclaw stop"
+no_leaks "after stop of a started VM with a policy"
+
 # ---- SIGKILL of fireclaw, then cleanup ----
 "$fc" -v run --allow good.test -p $P3:8080 -- sleep 60 >/dev/null 2>"$tmp/kill.err" &
 pid=$!

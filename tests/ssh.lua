@@ -231,6 +231,18 @@ local function test_pty(s, name)
 	local r = s:exec("tty", {pty = true})
 	t.like(r.stdout, "^/dev/pts/", name .. ": pty=true runs on a terminal")
 	t.like(s:exec("tty").stdout, "not a tty", name .. ": without pty no terminal")
+	local sized = s:exec("stty size; echo $TERM", {pty = {term = "vt100", cols = 123, rows = 45}})
+	t.like(sized.stdout, "^45 123\r?\nvt100", name .. ": pty {term, cols, rows} reaches the guest")
+	t.raises(function() s:exec("true", {pty = {cols = 0}}) end, "cols/rows must be 1 to 10000",
+		name .. ": a pty of 0 columns is refused")
+	t.raises(function() s:exec("true", {pty = {term = "a b"}}) end, "short terminal name",
+		name .. ": a pty term with a space is refused")
+	t.raises(function() s:exec("true", {pty = {colour = 1}}) end, "unknown option 'colour'",
+		name .. ": pty: unknown keys refused")
+	local null = require("fireclaw.sys").open("/dev/null", "RDONLY")
+	t.raises(function() s:exec("true", {tty = null}) end, "is not a terminal",
+		name .. ": tty that is not a terminal is refused")
+	require("fireclaw.sys").close(null)
 end
 
 local function test_sftp(s, name, lab)

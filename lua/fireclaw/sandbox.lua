@@ -71,8 +71,10 @@ end
 -- The options sandbox.new (and sandbox.build, coldboot.boot, restore.restore) takes;
 -- boot_timeout is how long sb:connect() waits by default (s).
 -- net: the network policy sb:network() applies ({mode =, allow =, publish =}, fireclaw.netpolicy).
+-- keep: the VM outlives this process (fireclaw start, run --keep); name, ttl (s): a kept
+-- VM's name and time to live (state.find, state.expired).
 M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk",
-	"unsafe_no_jailer", "net" }
+	"unsafe_no_jailer", "name", "ttl", "net" }
 
 -- ---- disk size (--disk) ----
 
@@ -162,7 +164,20 @@ function M.new(opts)
 	local disk_bytes = disk_size(opts.disk, img)
 	local policy = netpolicy.check(opts.net, img.net_mode) -- (no mode: FIRECLAW_NET, else the image's)
 	state.reap_stale() -- what a killed fireclaw left behind (one listdir when there is none)
-	local rec = state.create { image = img.name, keep = opts.keep }
+	if opts.name ~= nil and (type(opts.name) ~= "string" or not opts.name:match("^[%a][%w._-]*$") or #opts.name > 64) then
+		error(string.format("sandbox: bad VM name %q (a letter, then letters, digits, '.', '_', '-'; at most 64)",
+			tostring(opts.name)), 0)
+	end
+	if opts.ttl ~= nil and (type(opts.ttl) ~= "number" or opts.ttl <= 0) then
+		error("sandbox: ttl must be a positive number of seconds", 0)
+	end
+	if opts.name and (opts.name:match("^%x%x%x%x%x%x$") or opts.name:sub(1, #config.netns_prefix) == config.netns_prefix) then
+		error(string.format("sandbox: VM name '%s' could be taken for a VM id or namespace; choose another", opts.name), 0)
+	end
+	if opts.name and state.find(opts.name) then
+		error(string.format("sandbox: there is a VM named '%s' already (see fireclaw ps)", opts.name), 0)
+	end
+	local rec = state.create { image = img.name, keep = opts.keep, name = opts.name, ttl = opts.ttl }
 	local self = setmetatable({
 		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
@@ -277,6 +292,17 @@ function Sandbox:boot_spec()
 	}
 end
 
+-- What another process needs to reach this VM's VMM again (sandbox.attach: exec, pause,
+-- snapshot --from) and to restore it after a pause: in the record of a kept VM.
+local function record_vmspec(self)
+	if not self.keep then return end
+	local v = self.vm
+	state.update(self.rec, { vmspec = {
+		vmm = v.vmm, accel = v.accel, vmm_version = v.vmm_version, vcpu = self.vcpu, mem_mib = self.mem_mib,
+		cpus = self.cpus, spec = v:saved_spec(),
+	} })
+end
+
 -- The VMM's undo: kill it, reap it, close its clients (vm:destroy never raises).
 local function push_vmm_undo(self, name)
 	self:on_destroy(name, function()
@@ -290,6 +316,7 @@ function Sandbox:boot()
 	self:limit()
 	stage(self, "VMM boot (" .. self.vm.vmm .. ")", self.vm.boot, self.vm, self:boot_spec())
 	push_vmm_undo(self, "boot")
+	record_vmspec(self)
 end
 
 -- Restore from a loaded snapshot (fireclaw.snapshot.load); the disk must be a copy of the
@@ -311,6 +338,7 @@ function Sandbox:restore(snap)
 	self:limit()
 	stage(self, "VMM restore (" .. self.vm.vmm .. ")", self.vm.restore, self.vm, snap.dir, spec)
 	push_vmm_undo(self, "restore")
+	record_vmspec(self)
 end
 
 -- The guest's console is the guest's: a line of it is printed only as printable ASCII
@@ -420,13 +448,13 @@ function Sandbox:connect(timeout)
 	local ok, session = pcall(ssh.connect, {
 		netns = self.netns, host = config.net.guest_ip, port = 22, user = "root",
 		key = self.img.client_key, host_key = self.img.host_key, timeout = timeout or 60,
-		watch_fd = self.vm.proc and self.vm.proc:pidfd(),
+		watch_fd = self.vm.proc and self.vm.proc:pidfd() or self.vm.pidfd,
 		watch_msg = string.format("the VM is gone (%s, pid %s, exited)", self.vm.vmm, tostring(self.vm.pid)),
 	})
 	if not ok then
 		self.timer:stage("SSH wait (failed)") -- the wait's time is the wait's, not teardown's
 		if type(session) ~= "string" or session:match("^interrupted") then error(session, 0) end -- Ctrl-C
-		error(vmm_gone(self, session, "before its SSH server answered", true), 0)
+		error(vmm_gone(self, session, "before its SSH server answered", not self.attached), 0)
 	end
 	if not self.session then
 		self:on_destroy("connect", function()
@@ -543,6 +571,18 @@ function Sandbox:get(remote, localpath, opts)
 	return self.session:get(remote, localpath, opts)
 end
 
+-- Directory trees in and out (fireclaw cp); see fireclaw.tree for the checks and caps
+-- (opts: max_bytes, max_total, max_entries, timeout). Over SSH: a tar stream in one exec.
+-- Each returns the number of entries copied.
+function Sandbox:put_tree(localdir, remote, opts)
+	alive(self, "put")
+	return require("fireclaw.tree").put(self, localdir, remote, opts)
+end
+function Sandbox:get_tree(remote, localdir, opts)
+	alive(self, "get")
+	return require("fireclaw.tree").get(self, remote, localdir, opts)
+end
+
 -- How to reach a VM kept with --keep, and how to remove it.
 -- The guest's host key goes into a known_hosts file in the VM's directory, so the hint
 -- keeps the pinning (no StrictHostKeyChecking=no).
@@ -551,8 +591,10 @@ function Sandbox:reach_hint()
 	require("fireclaw.fs").write(known, config.net.guest_ip .. " " .. self.img.host_key .. "\n", "600")
 	return string.format("VM %s is still running (vmm pid %s).\n"
 		.. "  reach it: ip netns exec %s ssh -i %s -o UserKnownHostsFile=%s root@%s\n"
+		.. "  use it: fireclaw exec %s -- CMD, fireclaw shell %s, fireclaw cp FILE %s:/root/\n"
 		.. "  remove it: fireclaw rm %s\n",
-		self.id, tostring(self.vm.pid), self.netns, self.img.client_key, known, config.net.guest_ip, self.id)
+		self.id, tostring(self.vm.pid), self.netns, self.img.client_key, known, config.net.guest_ip, self.id,
+		self.id, self.id, self.id)
 end
 
 -- Tear everything down: the cleanup stack, last step first, every undo tried even when one
@@ -584,11 +626,151 @@ end
 -- Leave the VM running after fireclaw exits (--keep): its record says so, and cleanup
 -- leaves it alone until `fireclaw rm ID` or `cleanup --all`.
 function Sandbox:release()
+	if self.attached then -- another process's VM: only what this process opened goes
+		self:destroy()
+		self.released = true
+		return
+	end
 	if self.session then pcall(self.session.close, self.session) end
 	if self.vm and self.vm.proc then self.vm.proc:detach() end
 	for _, p in ipairs(self.net_procs) do p:detach() end -- its resolver and forwarders stay too
 	state.release(self.rec)
 	self.destroyed, self.released = true, true
+end
+
+-- ---- kept VMs, from any process ----
+--
+-- `fireclaw start` leaves a VM running with a record that says how to reach it (vmspec);
+-- exec, cp, shell, pause, snapshot --from, from any process and several at once, attach:
+-- each gets a sandbox of its own with its own SSH session, whose destroy closes only that
+-- session. Stopping the VM is state.reap (fireclaw stop).
+
+-- The record of kept VM `ref` (id, name or namespace), checked for `what` ("exec into",
+-- "pause", …): one line saying why not otherwise. allow_paused: a paused VM is fine.
+function M.find_kept(ref, what, allow_paused)
+	if type(ref) ~= "string" or ref == "" then error("sandbox: a VM id or name expected", 2) end
+	state.reap_expired() -- an expired VM goes before anyone uses it
+	local rec = state.find(ref)
+	if not rec then
+		error(string.format("no VM '%s' (see fireclaw ps; an expired one was removed)", ref), 0)
+	end
+	if not rec.keep then
+		error(string.format("cannot %s VM %s: it is not a kept VM (it belongs to the fireclaw run of pid %s); "
+			.. "start one with: fireclaw start", what, rec.id, tostring(rec.owner and rec.owner.pid)), 0)
+	end
+	local st = state.status(rec)
+	if st == "paused" and not allow_paused then
+		error(string.format("cannot %s VM %s: it is paused (fireclaw resume %s)", what, rec.id, ref), 0)
+	elseif st == "stopped" then
+		error(string.format("cannot %s VM %s: it is stopped, its VMM is gone (fireclaw stop %s removes it)", what,
+			rec.id, ref), 0)
+	elseif st ~= "running" and st ~= "paused" then
+		error(string.format("cannot %s VM %s: it is %s", what, rec.id, st), 0)
+	end
+	return rec
+end
+
+-- A sandbox object for a kept VM's record, with no VMM yet and an empty cleanup stack.
+local function adopt(rec)
+	local vs = rec.vmspec or {}
+	local self = setmetatable({
+		id = rec.id, rec = rec, img = image.load(rec.image), netns = rec.netns, dir = rec.dir,
+		vcpu = vs.vcpu or config.vcpu, mem_mib = vs.mem_mib or config.mem_mib, keep = true, attached = true,
+		timer = log.timer("VM " .. rec.id), undo = {}, disk_path = rec.dir .. "/disk.ext4", how = "attached",
+	}, Sandbox)
+	return self
+end
+
+-- A sandbox for running kept VM `ref`, connected (SSH) and ready for exec/put/get.
+-- opts.vmm = true: also drive its VMM (pause, snapshot; QEMU).
+function M.attach(ref, opts)
+	opts = opts_check.check("sandbox.attach", opts, { "what", "vmm", "timeout", "connect" })
+	local rec = M.find_kept(ref, opts.what or "attach to")
+	local self = adopt(rec)
+	local v = rec.vmm
+	if opts.vmm then
+		self.vm = vm.attach { id = rec.id, dir = rec.dir, netns = rec.netns, tap = config.net.tap,
+			mac = config.net.guest_mac, vmspec = rec.vmspec, pid = v.pid, starttime = v.start }
+		self:on_destroy("attach", function() self.vm:destroy() end)
+	else
+		local fd = sys.pidfd_open(v.pid)
+		if not fd or not proc.alive(v.pid, v.start) then
+			if fd then sys.close(fd) end
+			error(string.format("VM %s: its VMM (pid %s) is gone", rec.id, tostring(v.pid)), 0)
+		end
+		self.vm = { vmm = rec.vmspec and rec.vmspec.vmm or v.name, pid = v.pid, pidfd = fd,
+			console_path = rec.dir .. "/console.log" }
+		self:on_destroy("pidfd", function() sys.close(fd) end)
+	end
+	if opts.connect ~= false then self:connect(opts.timeout or 30) end
+	return self
+end
+
+-- Bring paused kept VM `ref` back (fireclaw resume): a fresh VMM restores its saved
+-- state, with its own disk, in its namespace; reseeded and its clock set. The saved state
+-- goes once the guest answers; a resume that fails leaves the VM paused.
+function M.resume_kept(ref)
+	local rec = M.find_kept(ref, "resume", true)
+	local p = rec.paused
+	if not p then error(string.format("cannot resume VM %s: it is not paused", rec.id), 0) end
+	local self = adopt(rec)
+	local vs = rec.vmspec
+	self.vm = vm.new { id = self.id, dir = self.dir, vmm = vs.vmm, accel = vs.accel,
+		cmdline_devices = self.img.cmdline_devices, netns = self.netns, tap = config.net.tap,
+		mac = config.net.guest_mac, keep = true, cgroup = nil, on_spawn = function() record_vmm(self) end }
+	plan_cgroup(self, vs.cpus)
+	if self.cg then self.vm.cgroup = self.cg.procs end
+	local snap = { dir = p.dir, vcpu = vs.vcpu, mem_mib = vs.mem_mib, vmm_info = p.info, disk = self.disk_path }
+	local ok, err = pcall(function()
+		self:restore(snap)
+		self:connect(self.boot_timeout or 60)
+		self:reseed()
+	end)
+	if not ok then
+		self:destroy() -- the new VMM and its cgroups; the saved state stays
+		error(err, 0)
+	end
+	rec.paused = nil
+	state.update(rec, {})
+	fs.rm_rf(p.dir)
+	self.attached = false -- the VMM is ours now: released, not destroyed
+	self:release()
+	return self
+end
+
+-- Save kept VM `ref` (memory, devices; its disk stays in its run directory) under
+-- $FIRECLAW_STATE/paused/<id> and end its VMM, freeing its RAM (fireclaw pause).
+function M.pause_kept(ref)
+	local sb = M.attach(ref, { what = "pause", vmm = true, connect = false })
+	local dir = config.state_dir .. "/paused/" .. sb.id
+	return M.with(sb, function()
+		if fs.exists(dir) then fs.rm_rf(dir) end
+		fs.mkdir_p(dir, "700")
+		local ok, err = pcall(function()
+			local info = sb.vm:snapshot(dir)
+			sb.timer:stage("saved (" .. info.vmm .. ")")
+			state.update(sb.rec, { paused = { dir = dir, info = info, at = os.time() } })
+			local v, rec = sb.rec.vmm, sb.rec
+			if not proc.kill(v.pid, v.start, sys.signal.SIGKILL, 5) and proc.alive(v.pid, v.start) then
+				error("cannot stop its VMM (pid " .. tostring(v.pid) .. ")", 0)
+			end
+			if rec.sink and rec.sink.pid and rec.sink.start then proc.kill(rec.sink.pid, rec.sink.start, 9, 2) end
+			if rec.cgroups then cgroup.remove(rec.cgroups) end
+			rec.vmm, rec.sink, rec.cgroups = nil, nil, nil
+			state.update(rec, {})
+			sb.timer:stage("VMM stopped")
+		end)
+		if not ok then
+			if sb.rec.paused and sb.rec.vmm then -- the VMM still runs: it goes on, not paused
+				sb.rec.paused = nil
+				state.update(sb.rec, {})
+				pcall(sb.vm.resume, sb.vm)
+			end
+			if not sb.rec.paused then pcall(fs.rm_rf, dir) end
+			error(string.format("cannot pause VM %s: %s", sb.id, tostring(err)), 0)
+		end
+		return sb
+	end)
 end
 
 -- ---- named steps ----

@@ -11,7 +11,7 @@
 --    Firecracker's chroot and host pid, fireclaw.vmm.jailer; net: its network policy,
 --    fireclaw.netpolicy: the resolver and port forwarders, the uplink's veth and table)
 -- A VM is stale when its owner process is gone (pid + start time: pids are reused) and
--- it was not started with --keep. Reaping kills the VMM only if its pid still has the
+-- it was not started with --keep, or when its time to live (expires) has passed. Reaping kills the VMM only if its pid still has the
 -- recorded start time (a jailed Firecracker too), removes its cgroups (fireclaw.cgroup),
 -- deletes the namespace, removes its jail (<run>/jail/*/<id>: also one made before the
 -- record named it) and the directory.
@@ -81,7 +81,7 @@ end
 -- its record inside: a VM directory without a record never exists, so a concurrent
 -- cleanup can never mistake a VM being created for a broken one.
 function M.create(fields)
-	fields = opts_check.check("state.create", fields, { "id", "image", "keep" })
+	fields = opts_check.check("state.create", fields, { "id", "image", "keep", "name", "ttl" })
 	local id = fields.id or M.new_id()
 	local dir = config.vm_dir(id)
 	local me = proc.getpid()
@@ -98,6 +98,7 @@ function M.create(fields)
 		id = id, dir = tmp, netns = M.netns_name(id),
 		owner = { pid = me, start = proc.starttime(me) },
 		created = os.time(), image = fields.image, keep = fields.keep or false,
+		name = fields.name, expires = fields.ttl and os.time() + math.ceil(fields.ttl) or nil,
 	}
 	ok, err = pcall(function()
 		save(rec)
@@ -153,15 +154,33 @@ function M.list()
 	return out
 end
 
+-- The record of VM `id`: its id, its namespace's name, or the name it was given (start
+-- --name).
 function M.find(id)
 	for _, rec in ipairs(M.list()) do
-		if rec.id == id or rec.netns == id then return rec end
+		if rec.id == id or rec.netns == id or (rec.name ~= nil and rec.name == id) then return rec end
 	end
 	return nil
 end
 
+-- A kept VM whose time to live has passed.
+function M.expired(rec, now)
+	return type(rec.expires) == "number" and (now or os.time()) >= rec.expires
+end
+
 function M.is_stale(rec)
-	return rec.broken or (not rec.keep and not M.owner_alive(rec))
+	return rec.broken or (not rec.keep and not M.owner_alive(rec)) or M.expired(rec)
+end
+
+-- What a VM is: "running", "paused" (saved, its VMM gone), "stopped" (its VMM died),
+-- "starting" (its owner is still bringing it up), "expired".
+function M.status(rec)
+	if rec.broken then return "broken" end
+	if M.expired(rec) then return "expired" end
+	if rec.paused then return "paused" end
+	if M.vmm_alive(rec) then return "running" end
+	if M.owner_alive(rec) and not rec.vmm then return "starting" end
+	return "stopped"
 end
 
 -- Undo everything a record says exists; safe to run twice and on partial records.
@@ -205,6 +224,11 @@ function M.reap(rec)
 			done[#done + 1] = "removed jail " .. d
 		end
 	end
+	local paused = type(rec.paused) == "table" and rec.paused.dir
+	if type(paused) == "string" and paused:find("/paused/", 1, true) and fs.exists(paused) then
+		fs.rm_rf(paused)
+		done[#done + 1] = "removed " .. paused
+	end
 	if rec.dir and fs.exists(rec.dir) then
 		fs.rm_rf(rec.dir)
 		done[#done + 1] = "removed " .. rec.dir
@@ -219,6 +243,24 @@ function M.clean_partial()
 		local pid = name:match("^%.new%-%x+%-(%d+)$")
 		if pid and not proc.alive(tonumber(pid)) then pcall(fs.rm_rf, vms_dir() .. "/" .. name) end
 	end
+end
+
+-- Reap the kept VMs whose time to live has passed (the session commands run this first).
+-- Returns the ids reaped.
+function M.reap_expired()
+	local reaped = {}
+	for _, rec in ipairs(M.list()) do
+		if M.expired(rec) then
+			local ok, err = pcall(M.reap, rec)
+			if not ok and runtime.signal() ~= 0 then error(err, 0) end
+			if ok then
+				reaped[#reaped + 1] = rec.id
+			else
+				log.note("expired VM %s cannot be reaped (%s); skipped: see fireclaw cleanup", rec.id, tostring(err))
+			end
+		end
+	end
+	return reaped
 end
 
 -- Reap every stale VM (owner gone). Cheap when there is nothing to do: one listdir.

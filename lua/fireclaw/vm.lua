@@ -27,6 +27,10 @@
 --                                     -- not listening yet
 --   v:destroy()                       -- idempotent, never raises
 --   v:state() -> "not started" | "running" | "paused" | "stopped"
+--   v:saved_spec() -> the boot/restore spec's plain fields (for a kept VM's record)
+--   vm.attach{id =, dir =, netns =, tap =, mac =, vmspec = (a record's), pid =, starttime =}
+--       -> a VM object driving a kept VM's VMM that another process started (QEMU: its QMP
+--          socket); it may pause, resume, snapshot and destroy it, not boot it
 --   v.console_path  v.vmm  v.vmm_version  v.accel  v.pid  v.starttime  v.timings
 --   v.sink_pid  v.sink_starttime: the log sink writing console.log and the VMM's logs, each
 --                                 capped at config.log_cap (first half + most recent rest)
@@ -296,6 +300,7 @@ function VM:boot(spec)
 	check_state(self, { "not started" }, "boot")
 	local t0 = runtime.now()
 	guarded(self, self.driver.boot, self, opts_check.check("vm:boot", spec, M.SPEC))
+	self.boot_spec = spec
 	self._state = "running"
 	self.timings.boot = runtime.now() - t0
 	util.verbose("VM %s: %s started (pid %d)", self.id, self.vmm, self.pid)
@@ -305,6 +310,7 @@ function VM:restore(dir, spec)
 	check_state(self, { "not started" }, "restore into")
 	local t0 = runtime.now()
 	guarded(self, self.driver.restore, self, util.abspath(dir), opts_check.check("vm:restore", spec, M.SPEC))
+	self.boot_spec = spec
 	self._state = "running"
 	self.timings.restore = runtime.now() - t0
 	util.verbose("VM %s: restored from %s in %.0f ms", self.id, dir, self.timings.restore * 1e3)
@@ -335,7 +341,44 @@ function VM:snapshot(dir)
 	return info
 end
 
+function VM:saved_spec()
+	local out = {}
+	for k, v in pairs(self.boot_spec or {}) do
+		if type(v) ~= "table" and type(v) ~= "function" then out[k] = v end
+	end
+	-- how its RAM is mapped decides how a snapshot from another process saves it
+	out.ram_shared = self.ram == nil or self.ram.share ~= false
+	return out
+end
+
+-- A kept VM's VMM, reached from another process (see the header).
+function M.attach(o)
+	opts_check.check("vm.attach", o, { "id", "dir", "netns", "tap", "mac", "vmspec", "pid", "starttime" })
+	local vs = o.vmspec
+	if type(vs) ~= "table" or not DRIVERS[vs.vmm] then
+		error("vm " .. tostring(o.id) .. ": its record does not say how to reach its VMM (made by an older fireclaw?)", 0)
+	end
+	local self = setmetatable({
+		id = o.id, dir = o.dir, netns = o.netns, tap = o.tap, mac = o.mac, keep = true, attached = true,
+		vmm = vs.vmm, accel = vs.accel, vmm_version = vs.vmm_version, pid = o.pid, starttime = o.starttime,
+		console_path = o.dir .. "/console.log", timings = {}, _state = "running", boot_spec = vs.spec,
+	}, VM)
+	self.driver = require(DRIVERS[vs.vmm])
+	if not self.driver.attach then
+		error(string.format("vm %s: driving a kept %s VM from another process is not supported yet", o.id, vs.vmm), 0)
+	end
+	local fd = require("fireclaw.sys").pidfd_open(o.pid)
+	if not fd or not proc.alive(o.pid, o.starttime) then
+		if fd then require("fireclaw.sys").close(fd) end
+		error(string.format("vm %s: its %s (pid %s) is gone", o.id, vs.vmm, tostring(o.pid)), 0)
+	end
+	self.pidfd = fd
+	self.driver.attach(self)
+	return self
+end
+
 function VM:_alive()
+	if self.attached then return not self.destroyed and proc.alive(self.pid, self.starttime) end
 	return self.proc ~= nil and not self.destroyed and self.proc:alive()
 end
 
@@ -420,6 +463,7 @@ function VM:destroy()
 	if self.destroyed then return end
 	pcall(self.driver.destroy, self)
 	if self.proc then pcall(self.proc.close, self.proc) end
+	if self.pidfd then require("fireclaw.sys").close(self.pidfd) self.pidfd = nil end
 	self.destroyed = true
 	if self.proc then self._state = "stopped" end
 end

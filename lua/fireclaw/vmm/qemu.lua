@@ -1,11 +1,11 @@
 -- fireclaw.vmm.qemu: the QEMU microvm driver behind fireclaw.vm.
 --
 -- Guest RAM is a shared file (memory-backend-file, share=on; a memfd), so a snapshot is:
--- stop, migrate the device state only (x-ignore-shared) to dir/vmstate, copy the RAM file
--- to dir/memory. A restore copies dir/memory's non-zero pages into a memfd of its own
--- (QEMU never sees the snapshot's file: QEMU 7.2 opens a RAM file read-write, whatever
--- share= says) and migrates the device state back in; a restored VM is then like a cold
--- booted one, and can be snapshotted the same way.
+-- stop, migrate the device state only (x-ignore-shared) to dir/vmstate, copy the RAM file's
+-- non-zero pages to dir/memory (zero pages as holes). A restore copies them into a memfd
+-- of its own (QEMU never sees the snapshot's file: QEMU 7.2 opens a RAM file read-write,
+-- whatever share= says) and migrates the device state back in; a restored VM is then like
+-- a cold booted one, and can be snapshotted the same way.
 -- A restore needs the very same machine and device options as the snapshot, so both go
 -- through machine_args(). Every VM has a virtio-rng device reading the host's /dev/urandom
 -- (spec.rng = false leaves it out: a restore of a snapshot taken without one).
@@ -361,9 +361,38 @@ end
 
 -- The device state goes through the migration stream; RAM in a shared file is left out
 -- (x-ignore-shared) and copied as a file.
-local function set_ignore_shared(v)
+local function set_ignore_shared(v, on)
 	v.qmp:execute("migrate-set-capabilities",
-		{ capabilities = { { capability = "x-ignore-shared", state = true } } })
+		{ capabilities = { { capability = "x-ignore-shared", state = on ~= false } } })
+end
+
+-- The guest RAM memfd of a running QEMU, as a path another process can open (root may
+-- open /proc/PID/fd/N of any process): the memfd of the RAM's size (the others, copies
+-- of the kernel and initrd, are far smaller).
+local function ram_of(pid, bytes)
+	local dir = "/proc/" .. tostring(pid) .. "/fd"
+	for _, n in ipairs(runtime.listdir(dir) or {}) do
+		local target = sys.readlink(dir .. "/" .. n)
+		local st = target and target:find("^/memfd:") and sys.stat(dir .. "/" .. n)
+		if st and tonumber(st.size) == bytes then return dir .. "/" .. n end
+	end
+	return nil
+end
+
+-- A kept VM that another process started: its QMP socket (QEMU holds the listening
+-- socket; one client at a time) and its guest RAM, QEMU's memfd (a shared one is copied
+-- from /proc/PID/fd like our own; a privately mapped one travels in the stream).
+function M.attach(v)
+	v.qmp = core.qmp_connect(qmp_path(v), v.socket_timeout or M.SOCKET_TIMEOUT)
+	v.ram = { share = false }
+	if (v.boot_spec or {}).ram_shared ~= false then
+		local path = ram_of(v.pid, (v.boot_spec.mem_mib or 256) * 1024 * 1024)
+		if not path then error("qemu: VM " .. v.id .. ": cannot find its guest RAM (pid " .. tostring(v.pid) .. ")", 0) end
+		v.ram = { share = true, path = path }
+	end
+	v.spec = v.boot_spec or {}
+	local ver = v.qmp:greeting().QMP.version.qemu
+	v.vmm_version = string.format("%d.%d.%d", ver.major, ver.minor, ver.micro)
 end
 
 local function migration_done(v)
@@ -395,7 +424,9 @@ function M.snapshot(v, dir)
 	end
 	local mem = v.spec.mem_mib or 256
 	if v.ram.share ~= false then
-		util.copy_sparse(v.ram.path, dir .. "/memory") -- 0600 root: no VMM ever opens it
+		-- 0600 root: no VMM ever opens it; zero pages become holes, so a restore's copy
+		-- reads only pages that hold data
+		core.ram_save(v.ram.path, dir .. "/memory")
 	else
 		-- RAM mapped privately (see M.restore) was not ignored: the stream above holds it
 		util.sparse_file(dir .. "/memory", mem * 1024 * 1024)
@@ -482,6 +513,7 @@ end
 
 function M.destroy(v)
 	if v.qmp then v.qmp:close() end
+	if v.attached then return end -- the VMM and its socket are the kept VM's
 	if v.proc then v.proc:close() end
 	os.remove(qmp_path(v))
 	-- the RAM (a memfd) goes with our last descriptor

@@ -1,0 +1,181 @@
+"""Interactive sessions through a real pseudo-terminal: exec -it and shell into a kept VM
+(the guest sees a TTY of the terminal's size, a resize reaches it, Ctrl-C stops the guest
+program and not fireclaw, the exit status comes back, the terminal is restored), run -it,
+and run without -t on a terminal saying that stdin is not forwarded. Prints TAP."""
+import fcntl, json, os, re, select, struct, subprocess, sys, termios, time
+
+FC = os.environ.get("FIRECLAW", "./fireclaw")
+tag = os.environ.get("FIRECLAW_TEST_TAG", "")
+run_dir = "/tmp/fc-tty-%s-%d" % (tag, os.getpid())
+env = dict(os.environ, FIRECLAW_VMM="qemu", FIRECLAW_RUN=run_dir,
+           FIRECLAW_NETNS_PREFIX="fc-%stty" % tag, TERM="xterm")
+n = failed = 0
+
+
+def ok(cond, name, diag=""):
+    global n, failed
+    n += 1
+    if not cond:
+        failed += 1
+    print(("ok" if cond else "not ok"), n, "-", name)
+    if not cond and diag:
+        print("\n".join("#   " + l for l in str(diag).splitlines()))
+    sys.stdout.flush()
+
+
+def fc(*args, **kw):
+    return subprocess.run([FC, *args], env=env, capture_output=True, text=True, timeout=kw.get("timeout", 120))
+
+
+def winsize(fd, rows, cols):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class Term:
+    """fireclaw on the slave side of a new pty, as its controlling terminal."""
+
+    def __init__(self, argv, rows=30, cols=100):
+        self.master, self.slave = os.openpty()
+        winsize(self.master, rows, cols)
+        self.before = termios.tcgetattr(self.slave)
+
+        def ctty():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.p = subprocess.Popen([FC, *argv], env=env, stdin=self.slave, stdout=self.slave,
+                                  stderr=self.slave, preexec_fn=ctty, close_fds=True)
+        self.buf = b""
+
+    def read_until(self, pattern, timeout=20):
+        rx = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        while not rx.search(self.buf):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([self.master], [], [], left)
+            if r:
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:
+                    return None
+                if not data:
+                    return None
+                self.buf += data
+        m = rx.search(self.buf)
+        out, self.buf = self.buf[: m.end()], self.buf[m.end():]
+        return out.decode(errors="replace")
+
+    def send(self, s):
+        os.write(self.master, s.encode())
+
+    def wait(self, timeout=30):
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            return None
+
+    def restored(self):
+        return termios.tcgetattr(self.slave) == self.before
+
+    def close(self):
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def leaks():
+    out = subprocess.run(["bash", "-c", 'source "$FIRECLAW_TESTS/lib/leaks.sh"; leaks'], env=env,
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+print("TAP version 13")
+r = fc("start", "--name", "tty1", "--ttl", "10m")
+ok(r.returncode == 0, "start a kept VM", r.stderr)
+vid = r.stdout.strip()
+
+# exec -it: size, resize, Ctrl-C, exit status, terminal restored
+t = Term(["exec", "-it", "tty1", "--", "sh"], rows=30, cols=100)
+t.send("PS1='P> '; stty size\r")
+out = t.read_until(r"\d+ \d+\s*\r?\n.*P> ")
+ok(out is not None and "30 100" in out, "exec -it: the guest's TTY has the terminal's size (30x100)", repr(out))
+winsize(t.master, 40, 120)  # the kernel sends fireclaw SIGWINCH
+t.send("stty size\r")
+out = t.read_until(r"40 120|\d+ \d+\s*\r?\n.*P> ")
+ok(out is not None and "40 120" in out, "exec -it: a resize (SIGWINCH) reaches the guest (40x120)", repr(out))
+t.send("test -t 0 && echo IS-A-TTY\r")
+ok(t.read_until("IS-A-TTY\r?\n") is not None, "exec -it: the guest's stdin is a terminal")
+t.send("sh -c 'echo sleep-$((2+3)); exec sleep 300'\r")
+t.read_until("sleep-5")
+t.send("\x03")
+t.send("echo after-sleep rc=$?\r")
+out = t.read_until(r"after-sleep rc=\d+")
+ok(out is not None and "rc=130" in out, "exec -it: Ctrl-C stops the guest program (status 130), not fireclaw",
+   repr(out) + repr(t.buf))
+ok(t.p.poll() is None, "fireclaw is still running after Ctrl-C")
+t.send("exit 7\r")
+st = t.wait()
+ok(st == 7, "exec -it: the shell's exit status 7 comes back", st)
+ok(t.restored(), "the terminal settings are restored after exec -it")
+t.close()
+
+# shell: a login shell on the terminal
+t = Term(["shell", "tty1"])
+t.send("echo in-shell-$((6*7)); exit 3\r")
+ok(t.read_until("in-shell-42") is not None, "shell: commands run in the guest")
+ok(t.wait() == 3, "shell: exit status comes back")
+ok(t.restored(), "the terminal is restored after shell")
+t.close()
+
+# an interrupt of fireclaw itself (SIGTERM) restores the terminal too
+t = Term(["exec", "-it", "tty1", "--", "sh"])
+t.send("echo ready-$((1+1))\r")
+t.read_until("ready-2")
+t.p.terminate()
+st = t.wait()
+ok(st is not None and st != 0, "SIGTERM ends exec -it", st)
+ok(t.restored(), "the terminal is restored after SIGTERM")
+t.close()
+
+# a second signal exits at once (no cleanup): the terminal is restored first all the same
+t = Term(["exec", "-it", "tty1", "--", "sh"])
+t.send("echo ready-$((2+2))\r")
+t.read_until("ready-4")
+t.p.terminate()
+os.kill(t.p.pid, 2)  # SIGINT: another signal (a second SIGTERM might merge with the first)
+st = t.wait()
+ok(st is not None and st != 0, "SIGTERM then SIGINT end exec -it at once", st)
+ok(t.restored(), "the terminal is restored after a second signal too")
+t.close()
+
+# exec without -t on a terminal: one line says stdin is not forwarded
+t = Term(["exec", "tty1", "--", "cat"])
+out = t.read_until("not forwarded")
+ok(out is not None, "exec without -i on a terminal says stdin is not forwarded", repr(t.buf))
+ok(t.wait() == 0, "... and cat ends at once (exit 0)")
+t.close()
+
+r = fc("stop", "tty1")
+ok(r.returncode == 0, "stop", r.stderr)
+l = leaks()
+ok(l == "", "nothing left behind: exec -it, shell", l)
+
+# run -it and run -- sh on a terminal
+t = Term(["run", "-it", "--", "sh", "-c", "test -t 0 && test -t 1 && echo RUN-TTY; stty size"], rows=33, cols=91)
+out = t.read_until(r"33 91")
+ok(out is not None and "RUN-TTY" in out, "run -it: the command has a TTY of the terminal's size", repr(t.buf))
+ok(t.wait(60) == 0, "run -it exits 0")
+ok(t.restored(), "the terminal is restored after run -it")
+t.close()
+t = Term(["run", "--", "sh"])
+out = t.read_until("not forwarded", timeout=60)
+ok(out is not None, "run -- sh on a terminal says stdin is not forwarded (no silent exit)", repr(t.buf))
+t.wait(60)
+t.close()
+l = leaks()
+ok(l == "", "nothing left behind: run -it", l)
+subprocess.run(["rm", "-rf", run_dir])
+print("1..%d" % n)
+sys.exit(1 if failed else 0)
