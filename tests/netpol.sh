@@ -194,6 +194,11 @@ is "$(curl -s -m 5 http://127.0.0.1:$P3/)" "three" "start -p: the port reaches t
 is "$("$fc" exec np-web -- sh -c "$PROBE" probe good.test 198.18.1.20 2>/dev/null | sort)" \
 	"$(lines "good.test: hello from 198.18.1.11:80" "198.18.1.20: blocked")" "start --allow: exec sees the policy"
 like "$("$fc" ps)" "np-web .*nat\+allow\(1\) +127\.0\.0\.1:$P3->8080" "ps: the started VM's mode and port"
+"$fc" -q pause np-web >/dev/null 2>"$tmp/pause.err" && "$fc" -q resume np-web >/dev/null 2>>"$tmp/pause.err"
+ok $? "pause and resume the started VM" "$(cat "$tmp/pause.err")"
+is "$("$fc" exec np-web -- busybox wget -q -O - http://good.test/ 2>/dev/null)" "hello from 198.18.1.11:80" \
+	"after resume: its resolver and allow list still work"
+is "$(curl -s -m 5 http://127.0.0.1:$P3/)" "three" "after resume: the published port still reaches its httpd"
 "$fc" -q stop np-web >/dev/null 2>&1
 ok $? "fireclaw stop"
 no_leaks "after stop of a started VM with a policy"

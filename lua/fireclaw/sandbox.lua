@@ -677,6 +677,8 @@ local function adopt(rec)
 		id = rec.id, rec = rec, img = image.load(rec.image), netns = rec.netns, dir = rec.dir,
 		vcpu = vs.vcpu or config.vcpu, mem_mib = vs.mem_mib or config.mem_mib, keep = true, attached = true,
 		timer = log.timer("VM " .. rec.id), undo = {}, disk_path = rec.dir .. "/disk.ext4", how = "attached",
+		-- its network policy as made (its resolver and forwarders run on, owned by the record)
+		net_policy = { mode = type(rec.net) == "table" and rec.net.mode or "none", publish = {} }, net_procs = {},
 	}, Sandbox)
 	return self
 end
