@@ -28,12 +28,11 @@
  *     from opts.cidr leaving through any other interface is masqueraded again.
  * The rules are applied in-process with libnftables (Debian libnftables1), inside each
  * namespace through fc_netns_run: no `nft` process, one atomic transaction per table.
- * The uplink table also isolates the VM: whatever arrives from its veth and is for the
- * uplink itself (the host's own addresses) is dropped, but replies to what the uplink
- * started and opts.host_accept (a list of
- * nft matches such as "ip daddr 10.0.0.1 tcp dport 80", for addresses a user named), and
- * so is whatever would be forwarded to link-local addresses (169.254.0.0/16: cloud
- * metadata) or to another VM's veth (fcv*).
+ * The uplink table also isolates the VM. Dropped: whatever arrives from its veth for the
+ * uplink itself (the host's own addresses), except replies to what the uplink started and
+ * the matches in opts.host_accept (such as "ip daddr 10.0.0.1 tcp dport 80": addresses a
+ * user named); and whatever would be forwarded to link-local addresses (169.254.0.0/16:
+ * cloud metadata) or to another VM's veth (fcv*).
  * opts.uplink_netns = nil means the namespace fireclaw itself runs in (normally the host's
  * root namespace): that changes the host (a veth, an address, forwarding, an nftables
  * table) and must only be done when a user asks for it. Give each VM namespace its own
