@@ -23,7 +23,8 @@ local restore = cli.use "restore"
 local SPEC = {
 	usage = "fireclaw run [options] -- CMD [ARGS…]",
 	about = "Run CMD in a throw-away microVM: restore from the image's snapshot (or cold boot),\n"
-		.. "stream its output, exit with its status, destroy the VM.",
+		.. "stream its output, exit with its status, destroy the VM. An image imported with\n"
+		.. "image import --oci runs its Entrypoint + Cmd without CMD; CMD replaces Cmd (as docker run).",
 	{ "--image NAME", "image to run (default: the snapshot's with --snapshot, else default)" },
 	{ "--vcpu N", "vCPUs (cold boot; a snapshot keeps its own)", type = "number", default = 1 },
 	{ "--mem MIB", "memory in MiB (cold boot)", type = "number", default = 256 },
@@ -38,6 +39,7 @@ local SPEC = {
 		multi = true },
 	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
+	{ "--entrypoint PROG", "with an image imported with --oci: run PROG instead of its Entrypoint and Cmd ('' for none)" },
 	{ "--keep", "leave the VM running afterwards (remove it with fireclaw rm ID)" },
 	{ "-i, --interactive", "forward stdin to CMD (also when it is a terminal)" },
 	{ "-t, --tty", "give CMD a terminal (a PTY in the guest); with -i on a terminal: raw mode, resizes" },
@@ -110,8 +112,8 @@ local function stdin_opts(o, opts)
 end
 
 -- Check everything the user typed before a VM exists: bad input costs nothing.
-local function check_options(o, cmd)
-	if #cmd == 0 then cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])") end
+local function check_options(o)
+	-- (no command: the image's own Entrypoint/Cmd, for an imported OCI image; main checks)
 	if not o.image then -- a snapshot's clones run its image
 		local meta = o.snapshot and not o.no_snapshot and require("fireclaw.snapshot").load(o.snapshot)
 		o.image = meta and meta.image or "default"
@@ -201,10 +203,9 @@ end
 
 local function run_command(sb, o, cmd)
 	for _, p in ipairs(o.puts) do sb:put(p[1], p[2], { max_bytes = o.max_transfer }) end
-	local ssh = require "fireclaw.ssh"
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
-	local line = ssh.quote(cmd)
-	local opts = stdin_opts(o, { env = o.envs, timeout = o.timeout })
+	local line, env = image.command_line(sb.img, cmd, o.envs, o.entrypoint)
+	local opts = stdin_opts(o, { env = env, timeout = o.timeout })
 	if o.json then
 		opts.max_capture = o.max_output
 	else
@@ -246,10 +247,18 @@ end
 local function main(args)
 	local o, cmd = cli.parse(split_flags(args), SPEC)
 	o.sized = sized(args)
-	check_options(o, cmd)
+	check_options(o)
 	if o.tty and o.json then cli.usage_error("-t and --json exclude each other (a terminal's output is not JSON)") end
 	if o.tty and o.interactive and not sys.isatty(0) then
 		cli.usage_error("-it needs a terminal on stdin (use -i alone for a pipe)")
+	end
+	-- no command: only an imported OCI image has one of its own (Entrypoint/Cmd)
+	local container = image.exists(o.image) and image.load(o.image).container
+	if o.entrypoint and not container then
+		cli.usage_error("--entrypoint is for images imported with --oci; '%s' is not one", o.image)
+	end
+	if #cmd == 0 and (o.entrypoint == "" or (not o.entrypoint and not container)) then
+		cli.usage_error("no command given (fireclaw run -- CMD [ARGS…])")
 	end
 	if not image.exists(o.image) then
 		if o.image ~= "default" then error(string.format("image: no image named '%s' (build it with: fireclaw image build --name %s)", o.image, o.image), 0) end

@@ -4,6 +4,13 @@
 --
 --   image.build{name=, packages={…}, size="64M"|bytes, force=, kernel_package=}
 --       -> manifest, built   (built = false when the image was already up to date)
+--   image.build{…, base="debian", suite="bookworm"} -> a Debian tree made by mmdebstrap
+--       (minbase + packages, maintainer scripts run) with fireclaw's box (/.fireclaw)
+--   image.import_oci{name=, oci=PATH, size=, force=} -> manifest: a docker save tarball or an
+--       OCI layout, layers applied safely (fireclaw.image.oci), the box injected
+--   image.command_line(img, argv, env[, entrypoint]) -> shell line, env: what `run` executes —
+--       for an imported OCI image its Entrypoint + (argv or Cmd), Env under env, WorkingDir,
+--       User; entrypoint (docker's --entrypoint) replaces Entrypoint and Cmd
 --   image.import{name=, kernel=, rootfs=, initrd=, host_key=, boot_args=, cmdline_devices=,
 --                force=} -> manifest   (cmdline_devices: the kernel finds virtio-mmio devices
 --                on its command line, so Firecracker < 1.8 can boot it)
@@ -40,6 +47,7 @@ local build = require "fireclaw.image.build"
 local common = require "fireclaw.image.common"
 local elf = require "fireclaw.image.elf"
 local fs = require "fireclaw.fs"
+local guest = require "fireclaw.guest"
 local kernel = require "fireclaw.image.kernel"
 local keys = require "fireclaw.image.keys"
 local manifest = require "fireclaw.image.manifest"
@@ -49,13 +57,15 @@ local unpack = require "fireclaw.image.unpack"
 
 local M = {}
 
+M.DEBIAN_SUITE = require("fireclaw.image.debian").SUITE
+
 for _, k in ipairs({ "FORMAT", "DEFAULT_SIZE", "KERNEL_PACKAGE", "BASE_PACKAGES", "SFTP_PACKAGE", "MODULES",
 	"OPTIONAL_MODULES" }) do
 	M[k] = common[k]
 end
 
 -- the public API
-M.build, M.import = build.build, build.import
+M.build, M.import, M.import_oci = build.build, build.import, build.import_oci
 M.load, M.info, M.list, M.exists, M.remove = store.load, store.info, store.list, store.exists, store.remove
 M.prune_cache, M.clean_stale = store.prune_cache, store.clean_stale
 M.client_key, M.helper_sha256 = keys.client_key, keys.helper_sha256
@@ -68,5 +78,51 @@ M.parse_records, M.resolve_depends = packages.parse_records, packages.resolve_de
 M.le, M.bzimage_to_elf, M.elf_info = elf.le, elf.bzimage_to_elf, elf.elf_info
 M.ko_info, M.module_order = kernel.ko_info, kernel.module_order
 M.resolve_in, M.in_tree, M.unpack_into = unpack.resolve_in, unpack.in_tree, unpack.unpack_into
+
+-- The command line `run` executes in `img` for argv (a list; may be empty), and the
+-- environment (env: the user's {K = V}, which wins over the image's). An image without a
+-- container config runs argv as it is. With one, docker's rules: Entrypoint followed by
+-- argv, or by Cmd when argv is empty; Env under the user's; WorkingDir as the directory;
+-- User (a name in the image's /etc/passwd, group ignored) through busybox su.
+-- entrypoint (a string, docker run --entrypoint): replaces the Entrypoint ("" for none) and
+-- drops Cmd.
+function M.command_line(img, argv, env, entrypoint)
+	local ssh = require "fireclaw.ssh"
+	local c = img.container
+	if type(c) ~= "table" then
+		if entrypoint ~= nil then
+			error(string.format("run: --entrypoint is for images imported with --oci; '%s' is not one", img.name), 0)
+		end
+		if #argv == 0 then error("run: no command given (fireclaw run -- CMD [ARGS…])", 0) end
+		return ssh.quote(argv), env
+	end
+	local full = {}
+	if entrypoint ~= nil then
+		if type(entrypoint) ~= "string" then error("image.command_line: entrypoint must be a string", 2) end
+		if entrypoint ~= "" then full[1] = entrypoint end
+		for _, a in ipairs(argv) do full[#full + 1] = a end
+	else
+		for _, a in ipairs(c.entrypoint or {}) do full[#full + 1] = a end
+		for _, a in ipairs(#argv > 0 and argv or c.cmd or {}) do full[#full + 1] = a end
+	end
+	if #full == 0 then
+		error(string.format("run: image '%s' has no Entrypoint or Cmd: give a command (fireclaw run --image %s -- CMD)",
+			img.name, img.name), 0)
+	end
+	local e = {}
+	for _, kv in ipairs(c.env or {}) do
+		local k, v = kv:match("^([%a_][%w_]*)=(.*)$")
+		if k then e[k] = v end
+	end
+	for k, v in pairs(env or {}) do e[k] = v end
+	local line = "exec " .. ssh.quote(full)
+	local user = c.user and c.user:match("^([^:]+)")
+	if user and user ~= "root" and user ~= "0" then
+		local B = guest.BOX
+		line = "exec " .. ssh.quote({ B .. "/bin/su", "-p", "-s", B .. "/bin/sh", user, "-c", line })
+	end
+	if c.working_dir then line = "cd " .. ssh.quote({ c.working_dir }) .. " && " .. line end
+	return line, e
+end
 
 return M

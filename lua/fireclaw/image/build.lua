@@ -3,14 +3,17 @@
 -- user's own kernel and rootfs). See fireclaw.image for the options.
 local common = require "fireclaw.image.common"
 local config = require "fireclaw.config"
+local debian = require "fireclaw.image.debian"
 local elf = require "fireclaw.image.elf"
 local fs = require "fireclaw.fs"
 local guest = require "fireclaw.guest"
 local initrd = require "fireclaw.image.initrd"
+local inject = require "fireclaw.image.inject"
 local json = require "fireclaw.json"
 local kernel = require "fireclaw.image.kernel"
 local keys = require "fireclaw.image.keys"
 local manifest = require "fireclaw.image.manifest"
+local oci = require "fireclaw.image.oci"
 local opts_check = require "fireclaw.opts"
 local packages = require "fireclaw.image.packages"
 local proc = require "fireclaw.proc"
@@ -38,12 +41,14 @@ local function fingerprint(p, opts)
 	local inputs = json.encode({
 		format = common.FORMAT, guest = guest.VERSION, helper = keys.helper_sha256(),
 		guest_files = common.sha256_of("hashing", guest.initrd_init({}) ..
-			json.encode(guest.rootfs_files({ authorized_keys = opts.client_pub }))),
+			json.encode(guest.rootfs_files({ authorized_keys = opts.client_pub })) ..
+			(opts.tree and guest.box_init("ld.so") or "")), -- (the busybox image's inputs as before)
 		kernel = p.kernel.Package .. "=" .. p.kernel.Version,
 		base = pv(p.base), sftp = p.sftp.Package .. "=" .. p.sftp.Version, extra = pv(p.extra),
 		requested = requested, size = opts.size and common.parse_size(opts.size) or "auto",
 		boot_args = manifest.default_boot_args(), modules = common.MODULES,
-		client_key = opts.client_pub,
+		client_key = opts.client_pub, debian = opts.debian,
+		oci = opts.oci and { opts.oci.config_digest, opts.oci.manifest_digest or false },
 	})
 	return common.sha256_of("hashing", inputs)
 end
@@ -66,7 +71,7 @@ local function plan(opts)
 	local need = { kpkg }
 	for _, p in ipairs(base) do need[#need + 1] = p end
 	local extra = {}
-	if opts.packages and #opts.packages > 0 then
+	if opts.packages and #opts.packages > 0 and not opts.debian then
 		packages.show(opts.packages) -- clear error for an unknown name
 		extra = packages.closure(opts.packages)
 		for _, p in ipairs(extra) do need[#need + 1] = p end
@@ -113,14 +118,28 @@ local function steps(name, p, opts, work, T0)
 	local isize = initrd.build(initrd.busybox(p, debs, scratch), itree, k.modules, out)
 	log("initrd: %s, %d modules %s (%s)", human(isize), #k.modules, table.concat(k.modules, ","),
 		secs(k.t_modules))
-	local rf = rootfs.build(p, debs, scratch, out, opts)
-	log("rootfs: %s ext4 (sparse), tree %s in %d files, %d busybox applets%s (%s)", human(rf.size), human(rf.used),
-		rf.files, rf.applets, #p.extra > 0 and string.format(", %d extra packages", #p.extra) or "", secs(rf.t0))
+	local rf
+	if opts.tree then
+		-- a userland that is not fireclaw's (Debian, an OCI image) with fireclaw's box in it
+		local t0 = runtime.now()
+		local tree = scratch .. "/rootfs"
+		rf = { base = opts.tree(tree, scratch) }
+		rf.box = inject.into(tree, rootfs.stage(p, debs, scratch), out, opts.client_pub)
+		for key, v in pairs(rootfs.make_ext4(tree, out, opts.size)) do rf[key] = v end
+		rf.t0 = t0
+		log("rootfs: %s ext4 (sparse), tree %s in %d files, root's shell %s (%s)", human(rf.size), human(rf.used),
+			rf.files, rf.box.shell, secs(t0))
+	else
+		rf = rootfs.build(p, debs, scratch, out, opts)
+		log("rootfs: %s ext4 (sparse), tree %s in %d files, %d busybox applets%s (%s)", human(rf.size), human(rf.used),
+			rf.files, rf.applets, #p.extra > 0 and string.format(", %d extra packages", #p.extra) or "", secs(rf.t0))
+	end
 	log("keys: client %s, host key ed25519 pinned in host_key.pub", opts.client_key)
 	fs.rm_rf(scratch)
 	local files = common.file_records(out, manifest.FILES)
 	local m = manifest.built({ name = name, plan = p, kernel = k, rootfs = rf, files = files,
-		requested = opts.packages, cache = kernel.cache_key(p.kernel), t0 = T0 })
+		requested = opts.packages, cache = kernel.cache_key(p.kernel), t0 = T0, debian = opts.debian,
+		oci = opts.oci })
 	fs.write(out .. "/manifest.json", json.encode(m, { pretty = true }) .. "\n", "644")
 	local final = store.install(name, out)
 	fs.rm_rf(work)
@@ -138,7 +157,8 @@ end
 
 -- Build image opts.name (default "default"). See fireclaw.image.
 function M.build(opts)
-	opts = opts_check.check("image.build", opts, { "name", "packages", "size", "force", "kernel_package" })
+	opts = opts_check.check("image.build", opts, { "name", "packages", "size", "force", "kernel_package", "base",
+		"suite" })
 	local o = {}
 	for k, v in pairs(opts) do o[k] = v end
 	opts = o -- the caller's table stays as it was (client_pub is added below)
@@ -150,10 +170,19 @@ function M.build(opts)
 	mkdir_p(images_dir(), "755")
 	store.clean_stale()
 	opts.client_key, opts.client_pub = keys.client_key()
+	local base = opts.base or "busybox"
+	if base == "debian" then
+		opts.debian = debian.inputs(opts)
+		opts.tree = function(tree, scratch) return debian.tree(opts.debian, tree, opts.force, scratch) end
+	elseif base ~= "busybox" then
+		fail("unknown base '%s' (busybox, the small default, or debian)", tostring(base))
+	elseif opts.suite then
+		fail("--suite goes with --base debian")
+	end
 	local p = plan(opts)
 	if not opts.force then
 		local ok, old = pcall(store.info, name)
-		if ok and old.source == "import" then
+		if ok and (old.source == "import" or old.source == "oci") then
 			fail("image '%s' was imported, not built: --force replaces it (or give another --name)", name)
 		end
 		local m = up_to_date(name, p.fingerprint)
@@ -248,6 +277,47 @@ function M.import(opts)
 		store.install(name, out)
 		fs.rm_rf(work)
 		log("imported '%s' (%s kernel%s) in %s", name, kernel_format, opts.initrd and ", initrd" or "", secs(T0))
+		return m
+	end)
+	if not ok then
+		store.discard(work)
+		error(res, 0)
+	end
+	return res
+end
+
+
+-- Import a container image (docker save tarball or OCI layout: fireclaw.image.oci) as
+-- image opts.name: its layers as the root filesystem, with fireclaw's box injected, the
+-- default image's kernel and initramfs, and its config's Entrypoint/Cmd/Env/WorkingDir/User
+-- in the manifest's `container`.
+function M.import_oci(opts)
+	opts = opts_check.check("image.import_oci", opts, { "name", "oci", "size", "force", "kernel_package" })
+	local T0 = runtime.now()
+	local name = common.check_name(opts.name)
+	if type(opts.oci) ~= "string" then fail("import --oci needs the path of a docker save tarball or an OCI layout") end
+	if not common.is_root() then fail("importing an image needs root (its files must keep their owners); run it as root or with sudo") end
+	if store.exists(name) and not opts.force then
+		fail("an image named '%s' exists (fireclaw image rm %s, or --force to replace it)", name, name)
+	end
+	local o = { name = name, size = opts.size, kernel_package = opts.kernel_package }
+	mkdir_p(images_dir(), "755")
+	store.clean_stale()
+	o.client_key, o.client_pub = keys.client_key()
+	local work = images_dir() .. "/.tmp~" .. name .. "~" .. proc.getpid()
+	fs.rm_rf(work)
+	mkdir_p(work, "755")
+	local ok, res = pcall(function()
+		local src = oci.open(opts.oci, work)
+		log("import: %s (%s, %d layers, config %s)", opts.oci, src.format, #src.layers, src.config_digest)
+		o.oci = src
+		o.tree = function(tree)
+			local t = oci.tree(src, tree)
+			fs.rm_rf(work .. "/src")
+			return t
+		end
+		local p = plan(o)
+		local m = steps(name, p, o, work, T0)
 		return m
 	end)
 	if not ok then

@@ -83,10 +83,27 @@ function M.built(b)
 	g.reseed = guest.HELPER .. " reseed NS < 32..4096 bytes of host entropy (the clock set to NS "
 		.. "nanoseconds since 1970, then RNDADDENTROPY + RNDRESEEDCRNG)"
 	g.shutdown = "poweroff -f (QEMU: ACPI power off); reboot -f (Firecracker; QEMU with -no-reboot)"
+	local boot_args = json.array(M.default_boot_args())
+	local source, base = "debian", { kind = "busybox" }
+	if rf.box then
+		-- the image's userland is not fireclaw's: /.fireclaw/init is PID 1
+		boot_args[#boot_args + 1] = "init=" .. guest.BOX .. "/init"
+		g.box, g.login_shell = guest.BOX, rf.box.shell
+	end
+	if b.debian then
+		base = { kind = "debian", suite = b.debian.suite, mirror = b.debian.mirror, variant = b.debian.variant,
+			packages = json.array(b.debian.packages), mmdebstrap = b.debian.mmdebstrap, cache = rf.base.cache }
+	elseif b.oci then
+		source = "oci"
+		local o = b.oci
+		base = { kind = "oci", format = o.format, path = o.path, config_digest = o.config_digest,
+			manifest_digest = o.manifest_digest, tags = o.tags, layers = #o.layers,
+			devices_skipped = rf.base.devices_skipped }
+	end
 	return {
 		format = common.FORMAT,
 		name = b.name,
-		source = "debian",
+		source = source,
 		created = now(),
 		build_seconds = math.floor((runtime.now() - b.t0) * 10 + 0.5) / 10,
 		kernel_info = { package = p.kernel.Package, version = p.kernel.Version, metapackage = p.kernel_meta,
@@ -96,7 +113,9 @@ function M.built(b)
 		requested_packages = requested,
 		files = b.files,
 		rootfs = { size = rf.size, used = rf.used, files = rf.files, fs = "ext4" },
-		boot_args = json.array(M.default_boot_args()),
+		base = base,
+		container = b.oci and b.oci.container or nil,
+		boot_args = boot_args,
 		boot_args_tcg = boot_args_tcg(),
 		boot_notes = "boot_args are complete and explicit (give them to Firecracker as they are: its "
 			.. "defaults add nomodule and 8250.nr_uarts=0, which break this kernel). boot_args_tcg are "

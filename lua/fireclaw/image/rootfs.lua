@@ -50,8 +50,8 @@ local function guest_files(tree, out, client_pub)
 	for _, d in ipairs(guest.rootfs_dirs) do fs.mkdir_p(in_tree(tree, d[1], true), d[2]) end
 	local var_run = in_tree(tree, "var/run")
 	if not fs.exists(var_run) then fs.symlink("/run", var_run) end
-	-- the guest helper (reseed + clock after a restore), compiled into fireclaw
-	fs.write(in_tree(tree, guest.HELPER:sub(2)), guest.helper(), "755")
+	-- fireclaw's programs (the reseed + clock helper), compiled into fireclaw
+	for _, f in ipairs(guest.programs()) do fs.write(in_tree(tree, f.path), f.content, f.mode) end
 	for _, f in ipairs(guest.rootfs_files({ authorized_keys = client_pub .. "\n" })) do
 		local path = in_tree(tree, f.path)
 		fs.mkdir_p(path:match("^(.*)/"), nil)
@@ -86,7 +86,7 @@ local function image_size(used, asked)
 end
 
 -- mkfs.ext4 -d tree into out/rootfs.ext4. Returns {used=, files=, size=}.
-local function make_ext4(tree, out, asked)
+function M.make_ext4(tree, out, asked)
 	local du = run("measuring the rootfs tree", { "du", "-s", "-B1", "--apparent-size", tree }).stdout
 	local used = tonumber(du:match("^(%d+)"))
 	local nfiles = 0
@@ -109,23 +109,31 @@ local function make_ext4(tree, out, asked)
 	return { used = used, files = nfiles, size = size }
 end
 
+-- The base packages (busybox-static, dropbear-bin) and sftp-server unpacked into a fresh
+-- merged-/usr directory scratch/stage, whose files are copied into images from there.
+function M.stage(p, debs, scratch)
+	local stage = scratch .. "/stage"
+	fs.mkdir_p(stage, "755")
+	merged_usr(stage)
+	for _, rec in ipairs(p.base) do unpack.unpack_into(debs[rec.Package], stage) end
+	unpack.unpack_into(debs[p.sftp.Package], stage)
+	return stage
+end
+
 -- Build out/rootfs.ext4 and out/host_key.pub from the plan's packages.
 -- Returns {used=, files=, size=, applets=, t0=}.
 function M.build(p, debs, scratch, out, opts)
 	local t0 = runtime.now()
-	local tree, stage = scratch .. "/rootfs", scratch .. "/stage"
+	local tree = scratch .. "/rootfs"
 	fs.mkdir_p(tree, "755")
-	fs.mkdir_p(stage, "755")
 	merged_usr(tree)
-	merged_usr(stage)
 	-- extra packages: unpacked whole into the tree (no maintainer scripts run)
 	for _, rec in ipairs(p.extra) do unpack.unpack_into(debs[rec.Package], tree) end
 	-- base packages: unpacked aside, then only what the guest needs is copied
-	for _, rec in ipairs(p.base) do unpack.unpack_into(debs[rec.Package], stage) end
-	unpack.unpack_into(debs[p.sftp.Package], stage)
+	local stage = M.stage(p, debs, scratch)
 	local nlinks = programs(tree, stage)
 	guest_files(tree, out, opts.client_pub)
-	local r = make_ext4(tree, out, opts.size)
+	local r = M.make_ext4(tree, out, opts.size)
 	r.applets, r.t0 = nlinks, t0
 	return r
 end

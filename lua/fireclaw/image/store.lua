@@ -162,7 +162,7 @@ function M.prune_cache()
 		local pid = e:match("^%.tmp~.*~(%d+)$")
 		if pid and tonumber(pid) ~= proc.getpid() and pid_alive(pid) then return end
 	end
-	local keep_debs, keep_kernels = {}, {}
+	local keep_debs, keep_kernels, keep_rootfs = {}, {}, {}
 	for _, e in ipairs(M.list()) do
 		local m = e.manifest
 		if not m then return end -- unreadable manifest: do not guess
@@ -170,6 +170,7 @@ function M.prune_cache()
 			if pkg.file then keep_debs[pkg.file] = true end
 		end
 		if m.kernel_info and m.kernel_info.cache then keep_kernels[m.kernel_info.cache] = true end
+		if type(m.base) == "table" and m.base.cache then keep_rootfs[m.base.cache] = true end
 	end
 	local function sweep(dir, keep)
 		for _, e in ipairs(runtime.listdir(dir) or {}) do
@@ -187,6 +188,7 @@ function M.prune_cache()
 	end
 	sweep(common.cache_dir() .. "/debs", keep_debs)
 	sweep(common.cache_dir() .. "/kernel", keep_kernels)
+	sweep(common.cache_dir() .. "/rootfs", keep_rootfs) -- mmdebstrap tarballs (fireclaw.image.debian)
 end
 
 -- Remove the work dir of a failed build. A command interrupted halfway may still run:
