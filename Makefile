@@ -48,7 +48,14 @@ GUEST_BIN := build/guest/fireclaw-guest
 $(GUEST_BIN): guest/fireclaw-guest.c build/.deps
 	@mkdir -p build/guest
 	$(CC) -std=gnu11 -Os -Wall -Wextra -Werror -static -s -o $@ guest/fireclaw-guest.c
-$(OBJDIR)/guest.o: $(GUEST_BIN)
+# the guest agent (guest/fireclaw-agent.c, docs/agent-protocol.md): every image gets it as
+# /usr/sbin/fireclaw-agent, also compiled into fireclaw by core/guest.c
+AGENT_BIN := build/guest/fireclaw-agent
+$(AGENT_BIN): guest/fireclaw-agent.c guest/agent-proto.h build/.deps
+	@mkdir -p build/guest
+	$(CC) -std=gnu11 -Os -Wall -Wextra -Werror -static -s -o $@ guest/fireclaw-agent.c
+$(OBJDIR)/guest.o: $(GUEST_BIN) $(AGENT_BIN)
+$(OBJDIR)/agent.o $(OBJDIR)/fc_agent_ops.o: guest/agent-proto.h
 
 build/.deps: tools/deps.sh
 	@mkdir -p build
@@ -92,7 +99,7 @@ test: $(BIN) $(UNIT)
 
 # the unit tier: no root, no VM, no network namespace, a few seconds (docs/HACKING.md)
 CHECK_TESTS := tests/json.lua tests/jsonrpc.lua tests/sys.lua tests/fs.lua tests/boot_args.lua tests/netpolicy.lua tests/cgroup.lua tests/cstrings.lua \
-	tests/rootfs.lua tests/docs.sh tests/apidoc.lua tests/lint.sh tests/repl.py
+	tests/rootfs.lua tests/docs.sh tests/apidoc.lua tests/lint.sh tests/repl.py tests/agent_proto.lua
 check: $(BIN) $(UNIT)
 	FIRECLAW=$(abspath $(BIN)) UNIT_DIR=$(OBJDIR)/unit tests/run $(UNIT) $(CHECK_TESTS)
 
@@ -107,7 +114,7 @@ bench: fireclaw
 	bench/run.sh
 
 # libFuzzer targets (clang + ASan/UBSan) in build/fuzz/; tests/fuzz.sh runs them
-fuzz: build/pkg.mk build/embed.c build/modules.c $(GUEST_BIN)
+fuzz: build/pkg.mk build/embed.c build/modules.c $(GUEST_BIN) $(AGENT_BIN)
 	$(MAKE) -f fuzz/fuzz.mk
 
 install: fireclaw

@@ -73,8 +73,18 @@ args=(-M microvm,memory-backend=mem "${accel[@]}" -smp "$FCB_VCPU" -m "${FCB_MEM
 [ -n "$FCB_INITRD" ] && args+=(-initrd "$FCB_INITRD")
 args+=(-drive "id=root,if=none,format=raw,werror=report,rerror=report,file.locking=off,file=$dir/disk.ext4"
 	-device virtio-blk-device,drive=root
-	-object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-device,rng=rng0
-	-netdev tap,id=net0,ifname=tap0,script=no,downscript=no
+	-object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-device,rng=rng0)
+# the guest agent's ports (FCB_AGENT_PORTS, as the snapshot has them): the same devices in
+# the same place, or the snapshot would not load; the baseline itself uses SSH
+ports=${FCB_AGENT_PORTS:-0}
+if [ "$ports" -gt 0 ]; then
+	args+=(-device "virtio-serial-device,max_ports=$((ports + 1))")
+	for k in $(seq 0 $((ports - 1))); do
+		args+=(-chardev "socket,id=agent$k,path=$dir/agent-$k.sock,server=on,wait=off"
+			-device "virtserialport,chardev=agent$k,name=org.fireclaw.agent.$k,nr=$((k + 1))")
+	done
+fi
+args+=(-netdev tap,id=net0,ifname=tap0,script=no,downscript=no
 	-device virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02)
 # fireclaw's seccomp groups, but spawn: the baseline's migration streams go through exec:cat
 [ "${FCB_SANDBOX:-0}" = 1 ] && args+=(-sandbox on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny)

@@ -251,9 +251,12 @@ class Bench:
     # -- one fireclaw run
 
     def fc_start(self, mode, extra=()):
+        """mode: restore, cold, or restore-ssh / cold-ssh (the same over SSH: --exec ssh)."""
         n = self.next_id()
         ru = os.path.join(self.tmp, f"rusage-{n}")
-        argv = [FC, "run", "-v", "--json"] + (["--no-snapshot"] if mode == "cold" else []) + list(extra) + ["--", "true"]
+        base, _, via = mode.partition("-")
+        argv = [FC, "run", "-v", "--json"] + (["--no-snapshot"] if base == "cold" else []) + \
+            (["--exec", via] if via else []) + list(extra) + ["--", "true"]
         env = dict(self.fc_env, LD_PRELOAD=self.rusage_so, FCB_RUSAGE_OUT=ru)
         t0 = time.perf_counter()
         p = start(argv, env)
@@ -267,7 +270,7 @@ class Bench:
             j = json.loads(out)
         except ValueError:
             return r
-        want = "snapshot" if h["mode"] == "restore" else "cold"
+        want = "snapshot" if h["mode"].startswith("restore") else "cold"
         r["boot"] = j.get("boot")
         r["ok"] = st == 0 and j.get("exit_code") == 0 and j.get("boot") == want
         if j.get("boot") != want:
@@ -474,6 +477,8 @@ class Bench:
             "FCB_TMP": self.tmp, "FCB_QEMU": shutil.which("qemu-system-x86_64"), "FCB_ACCEL": accel,
             "FCB_SANDBOX": "1" if self.sandbox else "0",
             "FCB_KEY": os.path.join(self.state, "keys", "id_ed25519"), "FCB_KNOWN_HOSTS": known,
+            # the guest agent's virtio-serial ports: the snapshot's machine has them
+            "FCB_AGENT_PORTS": str((meta.get("vmm_info") or {}).get("agent_ports") or 0),
         }
         self.bl_env = {
             "cold": dict(common, FCB_KERNEL=kernel, FCB_INITRD=initrd if os.path.exists(initrd) else "",
@@ -558,6 +563,14 @@ class Bench:
                          f"{med([r['wall'] for r in fc if r['ok']]):.0f} ms, baseline "
                          f"{med([r['wall'] for r in bl if r['ok']]):.0f} ms")
         return fc, bl
+
+    def exec_live(self):
+        st, out, err = run([FC, os.path.join(ROOT, "bench", "exec_live.lua"), "100"], env=self.fc_env)
+        try:
+            return json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            self.notes.append("bench/exec_live.lua failed: " + " / ".join(err.strip().splitlines()[-3:]))
+            return {}
 
     def concurrency(self):
         res = {}
@@ -698,6 +711,11 @@ class Bench:
         self.restore = self.interleaved("restore", N_RESTORE)
         self.log(f"1. cold runs: {N_COLD} pairs, interleaved")
         self.cold = self.interleaved("cold", N_COLD)
+        self.log(f"1. the SSH path: {N_RESTORE} restored and {N_COLD} cold runs with --exec ssh")
+        self.ssh_runs = {"restore": [self.fc_run("restore-ssh") for _ in range(N_RESTORE)],
+                         "cold": [self.fc_run("cold-ssh") for _ in range(N_COLD)]}
+        self.log("1. execs on a live VM: 100 through the agent, 100 over SSH (bench/exec_live.lua)")
+        self.live = self.exec_live()
         self.log(f"2. fireclaw's CPU per stage: {N_STAGECPU} restored and {N_STAGECPU} cold runs")
         self.cpu_stages = {"restore": self.stage_cpu("restore", N_STAGECPU), "cold": self.stage_cpu("cold", N_STAGECPU)}
         self.log(f"2. the restore's memory copy: {N_MEMCOPY} copies")
@@ -773,23 +791,27 @@ class Bench:
             vmm = sum(ms for name, ms in r["stages"] if name.startswith("VMM"))
             return vmm - r["qmp_ready"] if r["qmp_ready"] is not None else None
 
-        ssh_ready = fc_stage(lambda n: n == "SSH ready")
-        command = fc_stage(lambda n: n == "command")
+        # the guest's channel: the agent (hello; after a restore, its hand-off) or SSH (reseed exec)
+        ssh_ready = fc_stage(lambda n: n in ("SSH ready", "agent ready"))
+        command = fc_stage(lambda n: n == "command" or n.startswith("hand-off") or n.startswith("reseed"))
         rows = [("fireclaw record (state)", fc_stage(lambda n: n == "record"), None),
                 ("namespace + tap", fc_stage(lambda n: n == "network"), bl("network")),
                 ("disk copy", fc_stage(lambda n: n.startswith("disk copy")), bl("disk"))]
         if mode == "restore":
             rows += [("VMM spawn (until QMP answers)", spawn, bl("spawn")),
                      ("restore (migrate-incoming … cont)", rest, bl("restore")),
-                     ("SSH ready (fireclaw: libssh2 connect, handshake, auth; baseline: TCP probe)", ssh_ready,
+                     ("guest channel ready (fireclaw: the agent's hello, or libssh2 connect, handshake, auth; "
+                      "baseline: TCP probe)", ssh_ready,
                       bl("probe")),
-                     ("exec `date -s …; true` (baseline: a whole `ssh` process: handshake, auth, exec)", command,
+                     ("exec `date -s …; true` (fireclaw: hand-off or reseed, then the command; baseline: a whole "
+                      "`ssh` process: handshake, auth, exec)", command,
                       bl("ssh")),
                      ("*the guest-facing part: the two rows above together*",
                       lambda r: ssh_ready(r) + command(r), bl("probe", "ssh"))]
         else:
             rows += [("VMM spawn (fireclaw: until QMP answers; baseline: fork)", spawn, bl("spawn")),
-                     ("boot until sshd answers (fireclaw: + libssh2 connect, handshake, auth)", ssh_ready, bl("probe")),
+                     ("boot until the guest answers (fireclaw: its agent, or sshd + libssh2 connect, handshake, "
+                      "auth)", ssh_ready, bl("probe")),
                      ("exec `true` (baseline: a whole `ssh` process: handshake, auth, exec)", command, bl("ssh")),
                      ("*from spawning the VMM to the command's end: the three rows above together*",
                       lambda r: (spawn(r) or 0) + ssh_ready(r) + command(r), bl("spawn", "probe", "ssh"))]
@@ -892,6 +914,11 @@ class Bench:
             ("teardown ≤ 20 ms", f"{med(teardown['restore']):.1f} ms restored, {med(teardown['cold']):.1f} ms cold "
              "(medians)", max(med(teardown["restore"]), med(teardown["cold"])) <= TARGETS["teardown_ms"]),
             ("no failures under concurrency", f"{conc_fails} of {conc_total} runs failed", conc_fails == 0),
+            ("restored run through the agent ≤ 0.35× the hand-made baseline (issue 14)", f"{r_ratio:.2f}× (medians)",
+             r_ratio <= 0.35),
+            ("cold run ≤ 0.7× the hand-made baseline (issue 14)", f"{c_ratio:.2f}× (medians)", c_ratio <= 0.7),
+            ("a second exec on a live VM (agent) ≤ 15 ms", f"{med(self.live.get('agent') or [float('nan')]):.1f} ms "
+             "(median of 100)", med(self.live.get("agent") or [1e9]) <= 15),
         ]
 
         L = []
@@ -961,6 +988,30 @@ class Bench:
         w(" ".join(self.argv_check["restore"][1]))
         w("```")
         w("</details>")
+        w("")
+        ssh_r, ssh_c = self.ssh_runs["restore"], self.ssh_runs["cold"]
+        w("### The guest agent and the SSH path")
+        w("")
+        w("The runs above go through the guest agent (docs/agent-protocol.md) when the image has it. The same "
+          "runs over SSH (`--exec ssh`: libssh2 connect, handshake, auth, the reseed exec), right after, not "
+          "interleaved with the baseline:")
+        w("")
+        w("| | agent, ms | SSH, ms | SSH ÷ agent | failures (SSH) |")
+        w("|---|---:|---:|---:|---:|")
+        for name, a, b in (("from the snapshot", fc_r, ssh_r), ("cold", fc_c, ssh_c)):
+            w(f"| {name} | {summary(walls(a))} | {summary(walls(b))} | "
+              f"{(med(walls(b)) / med(walls(a))) if walls(a) and walls(b) else float('nan'):.2f}× | {nfail(b)} |")
+        lv = self.live
+        if lv.get("agent") and lv.get("ssh"):
+            w("")
+            w("Execs of `true` on one live, restored VM (bench/exec_live.lua: 100 each, after a first one), "
+              "and this process's descriptors and RSS before and after the 100:")
+            w("")
+            w("| | per exec, ms | descriptors | RSS, KiB |")
+            w("|---|---:|---:|---:|")
+            for k in ("agent", "ssh"):
+                w(f"| {k} | {summary(lv[k], 2)} | {lv[k + '_fds'][0]} → {lv[k + '_fds'][1]} | "
+                  f"{lv[k + '_rss_kib'][0]} → {lv[k + '_rss_kib'][1]} |")
         w("")
         w("## 2. fireclaw's own cost per run (the guest and the VMM excluded)")
         w("")
@@ -1096,9 +1147,11 @@ class Bench:
           "the machine can rebuild or replace them halfway through.")
         w("- Failures are counted, not timed: a fireclaw run fails if its exit status or its command's is not 0, "
           "or if it did not boot the way asked (a restore must say `\"boot\": \"snapshot\"`).")
-        w("- fireclaw's `SSH ready` is its libssh2 connect (TCP, handshake, auth, pinned host key); its `command` "
-          "is one exec on that session. The baseline's `probe` is the TCP probe alone and its `ssh` is a whole "
-          "OpenSSH client process (handshake, auth and exec).")
+        w("- fireclaw's `agent ready` is the guest agent's hello on its virtio-serial port, its `hand-off` the "
+          "restore's clock + entropy frame, its `command` one exec frame (docs/agent-protocol.md); with "
+          "`--exec ssh` they are `SSH ready` (libssh2 connect: TCP, handshake, auth, pinned host key), the "
+          "reseed exec and one exec on that session. The baseline's `probe` is the TCP probe alone and its "
+          "`ssh` is a whole OpenSSH client process (handshake, auth and exec).")
         w("- Under TCG the guest is emulated: most of a run is guest time (its kernel and dropbear), which the "
           "VMM and the tools around it cannot shorten; both sides restore the same snapshot.")
         for n in self.notes:

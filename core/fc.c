@@ -455,7 +455,23 @@ void fc_check_interrupt(lua_State *L)
 		interrupt_error(L);
 }
 
+/* A pending SIGINT taken instead of raised (fc_poll_sigint); 1 if there was one. */
+static int take_sigint(int take)
+{
+	if (!take || !sig.pending || sig.signo != SIGINT)
+		return 0;
+	lua_sethook(sig.L, NULL, 0, 0);
+	drain_pipe();
+	sig.pending = 0;
+	return 1;
+}
+
 int fc_poll(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms)
+{
+	return fc_poll_sigint(L, fds, n, timeout_ms, 0);
+}
+
+int fc_poll_sigint(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms, int take)
 {
 	struct pollfd all[n + 1];
 	for (nfds_t i = 0; i < n; i++)
@@ -463,12 +479,16 @@ int fc_poll(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms)
 	all[n] = (struct pollfd){.fd = sig.pipe[0], .events = POLLIN};
 	double deadline = timeout_ms < 0 ? -1 : fc_now_ms() + timeout_ms;
 	for (;;) {
+		if (take_sigint(take))
+			return -2;
 		fc_check_interrupt(L);
 		int r = poll(all, n + 1, fc_ms_left(deadline));
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r < 0)
 			fc_errno_error(L, errno, "poll");
+		if (all[n].revents && take_sigint(take))
+			return -2;
 		if (all[n].revents)
 			fc_check_interrupt(L);
 		for (nfds_t i = 0; i < n; i++)

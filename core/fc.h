@@ -92,6 +92,10 @@ void fc_check_interrupt(lua_State *L);
 /* poll() that also wakes on SIGINT/SIGTERM (raising "interrupted by …"), retries EINTR
  * and takes its timeout in ms (-1 = forever). fds may be NULL with n == 0 (a sleep). */
 int fc_poll(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms);
+/* The same, but with take != 0 a SIGINT (the first Ctrl-C) is not raised: it returns -2
+ * and the interrupt is forgotten, so the caller can pass it on (the agent forwards it to
+ * the guest command, as a terminal would). A second Ctrl-C still exits at once. */
+int fc_poll_sigint(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms, int take);
 
 /* ---- growable byte buffer ---- */
 

@@ -15,6 +15,7 @@
  *   sys.open(path, flags [, mode]) -> fd   flags: a number (bit.bor of sys.O.*) or names
  *                                         "WRONLY|CREAT|TRUNC"
  *   sys.close(fd)  sys.write(fd, s) -> n (one write(2))  sys.dup(fd [, min]) -> fd
+ *   sys.socketpair() -> fd, fd (unix stream sockets)
  *   sys.read(fd, max [, timeout_s]) -> data ("" at EOF): waits (interruptibly) until fd is
  *       readable, then one read(2) of at most max bytes (<= 16 MiB); timeout: nil, text, ETIMEDOUT
  *   sys.dup2(from, to) -> to   (to is not close-on-exec: it is meant for 0, 1, 2)
@@ -41,6 +42,7 @@
 #include <string.h>
 #include <poll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -278,6 +280,18 @@ static int l_dup(lua_State *L)
 	if (min < 0 || min > INT_MAX)
 		luaL_argerror(L, 2, "not a file descriptor");
 	return number_or_fail(L, fcntl(fd, F_DUPFD_CLOEXEC, (int)min));
+}
+
+/* sys.socketpair() -> fd, fd: a connected pair of unix stream sockets (O_CLOEXEC); the
+ * tests run the guest agent on one end. */
+static int l_socketpair(lua_State *L)
+{
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+		return fail(L, errno);
+	lua_pushinteger(L, sv[0]);
+	lua_pushinteger(L, sv[1]);
+	return 2;
 }
 
 static const char *file_type(mode_t m)
@@ -542,6 +556,8 @@ int luaopen_fireclaw_sys(lua_State *L)
 	};
 	lua_newtable(L);
 	luaL_register(L, NULL, fns);
+	lua_pushcfunction(L, l_socketpair); /* (outside the table: it keeps its two columns) */
+	lua_setfield(L, -2, "socketpair");
 	set_constants(L, "errno", errnos);
 	set_constants(L, "signal", signals);
 	set_constants(L, "O", oflags);

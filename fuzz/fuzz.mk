@@ -3,6 +3,7 @@
 #   build/fuzz/json     core/json.c: decode -> encode round trip
 #   build/fuzz/fc_api   core/fc_vm_api.c: Firecracker API responses (HTTP over a unix socket)
 #   build/fuzz/qmp      core/vm.c: the QMP reader (greeting, returns, errors, events)
+#   build/fuzz/agent    core/agent.c, core/fc_agent_ops.c: frames from the guest agent
 # tests/fuzz.sh runs each on fuzz/corpus/<target>/ and replays fuzz/regressions/<target>/.
 include build/pkg.mk
 
@@ -10,7 +11,7 @@ FUZZ_CC ?= clang
 FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 FUZZ_CFLAGS := -std=gnu11 -g -O1 -Wall -Wextra -Wno-unused-parameter -Icore $(FUZZ_SAN)
 FUZZ_OBJDIR := build/fuzz/obj
-FUZZ_TARGETS := json fc_api qmp
+FUZZ_TARGETS := json fc_api qmp agent
 
 # every core object but main.o, as the unit tests link them
 FUZZ_CORE := $(filter-out core/main.c,$(wildcard core/*.c)) build/embed.c build/modules.c

@@ -33,7 +33,7 @@ local function main(args)
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
 		{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
-		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
+		{ "--boot-timeout S", "how long to wait for the guest's agent or SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
 	if opts.cpus and (opts.cpus < 0.01 or opts.cpus > 1024) then

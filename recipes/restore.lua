@@ -72,7 +72,7 @@ function M.restore(opts, snap, steps)
 	for k, v in pairs(opts) do
 		if k ~= "snapshot" then sbopts[k] = v end
 	end
-	return sandbox.build(sbopts, steps or sandbox.steps.restore(snap))
+	return sandbox.build(sbopts, steps or sandbox.steps.restore(snap, { exec = opts.exec }))
 end
 
 local function main(args)
@@ -84,7 +84,7 @@ local function main(args)
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--keep", "leave the VM running (remove it with fireclaw rm ID)" },
 		{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
-		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
+		{ "--boot-timeout S", "how long to wait for the guest's agent or SSH", type = "number", default = 60 },
 		{ "-v, --verbose", "progress lines" },
 	})
 	local o = { image = opts.image, snapshot = opts.snapshot, vmm = opts.vmm, keep = opts.keep,

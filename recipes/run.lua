@@ -2,7 +2,7 @@
 --
 --   fireclaw run [options] -- CMD [ARGS…]
 -- Restores from the image's snapshot when a usable one exists (else cold boots), runs CMD
--- over SSH with its output streamed, exits with its status (128+N if killed by signal N,
+-- through the guest agent (else over SSH) with its output streamed, exits with its status (128+N if killed by signal N,
 -- 124 on --timeout) and destroys the VM whatever happens.
 local cli = require "fireclaw.cli"
 local fault = require "fireclaw.fault"
@@ -32,10 +32,14 @@ local SPEC = {
 	{ "--disk SIZE", "grow the root disk to SIZE (e.g. 512M, 2G; cold boot, or a snapshot made with --disk)" },
 	{ "--timeout S", "stop CMD after S seconds (exit status 124)", type = "number" },
 	{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
+	{ "--exec HOW", "auto, agent or ssh: how CMD and files reach the guest (default: $FIRECLAW_EXEC, else auto: "
+		.. "the guest agent when the image has it)" },
 	{ "--no-snapshot", "always cold boot" },
 	{ "--snapshot NAME", "restore this snapshot (default: the image's)" },
-	{ "--put LOCAL:REMOTE", "copy a file in before CMD (REMOTE may be a directory; repeatable)", multi = true },
-	{ "--get REMOTE:LOCAL", "copy a file out after CMD, never setuid (LOCAL may be a directory; repeatable)",
+	{ "--put LOCAL:REMOTE", "copy a file (through the agent: or a directory) in before CMD (REMOTE may be a "
+		.. "directory; repeatable)", multi = true },
+	{ "--get REMOTE:LOCAL", "copy a file (through the agent: or a directory) out after CMD, never setuid (LOCAL "
+		.. "may be a directory; repeatable)",
 		multi = true },
 	{ "--max-transfer SIZE", "cap on each --put/--get file: 64K, 512M, 2G…", default = "1G" },
 	{ "--env K=V", "set an environment variable for CMD (repeatable)", multi = true },
@@ -47,7 +51,7 @@ local SPEC = {
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, boot, vm_id, stages} instead of streaming" },
 	{ "--max-output BYTES", "with --json: keep at most this much of each stream", type = "number",
 		default = 16 * 1024 * 1024 },
-	{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
+	{ "--boot-timeout S", "how long to wait for the guest's agent or SSH", type = "number", default = 60 },
 	{ "-v, --verbose", "progress lines with the time of each stage" },
 }
 -- --net, --allow, -p (fireclaw.netpolicy), before --keep in --help
@@ -130,6 +134,9 @@ local function check_options(o)
 		if not ok then cli.usage_error("--disk: %s", err) end
 	end
 	if o.max_output < 0 or o.max_output % 1 ~= 0 then cli.usage_error("--max-output must be a byte count, got %s", o.max_output) end
+	if o.exec and not sandbox.EXEC_MODES[o.exec] then
+		cli.usage_error("--exec must be auto, agent or ssh, got '%s'", o.exec)
+	end
 	if o.vmm and o.vmm ~= "auto" and o.vmm ~= "firecracker" and o.vmm ~= "qemu" then
 		cli.usage_error("--vmm must be auto, firecracker or qemu, got '%s'", o.vmm)
 	end
@@ -147,8 +154,14 @@ local function check_options(o)
 		local l, r = p:match("^([^:]+):(.+)$")
 		if not l then cli.usage_error("--put wants LOCAL:REMOTE, got '%s'", p) end
 		if not fs.exists(l) then cli.usage_error("--put: no such file '%s'", l) end
-		local size, why = require("fireclaw.ssh").check_source(l, o.max_transfer)
-		if not size then cli.usage_error("--put: '%s' %s", l, why) end
+		-- a directory goes as a tree through the agent (run_command checks the channel)
+		if fs.is_dir(l) and (o.exec or require("fireclaw.config").exec) == "ssh" then
+			cli.usage_error("--put: '%s' is a directory; directory trees go through the guest agent, not SSH "
+				.. "(put a tar archive)", l)
+		elseif not fs.is_dir(l) then
+			local size, why = require("fireclaw.ssh").check_source(l, o.max_transfer)
+			if not size then cli.usage_error("--put: '%s' %s", l, why) end
+		end
 		o.puts[#o.puts + 1] = { l, r }
 	end
 	for _, g in ipairs(o.get) do
@@ -173,7 +186,7 @@ local function start_vm(o)
 		unsafe_no_jailer = o.unsafe_no_jailer }
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
 		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk,
-		unsafe_no_jailer = o.unsafe_no_jailer, name = o.name, ttl = o.ttl,
+		exec = o.exec, unsafe_no_jailer = o.unsafe_no_jailer, name = o.name, ttl = o.ttl,
 		net = o.policy }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
@@ -202,10 +215,20 @@ local function exit_status(r)
 end
 
 local function run_command(sb, o, cmd)
-	for _, p in ipairs(o.puts) do sb:put(p[1], p[2], { max_bytes = o.max_transfer }) end
+	for _, p in ipairs(o.puts) do
+		if fs.is_dir(p[1]) and not sb.agent then
+			error(string.format("--put %s: a directory needs the guest agent (this run uses SSH): put a tar archive",
+				p[1]), 0)
+		end
+		sb:put(p[1], p[2], { max_bytes = o.max_transfer })
+	end
 	-- (a restored VM was reseeded and its clock set by restore.restore, before the --put files)
 	local line, env = image.command_line(sb.img, cmd, o.envs, o.entrypoint)
-	local opts = stdin_opts(o, { env = env, timeout = o.timeout })
+	-- through the agent an image's own command runs as an argv, with no shell in between
+	if sb.agent and type(sb.img.container) ~= "table" then line = cmd end
+	-- the first Ctrl-C goes to the command (the agent sends it SIGINT, as a terminal would);
+	-- if it has not ended 2 s later, or on a second Ctrl-C, fireclaw stops
+	local opts = stdin_opts(o, { env = env, timeout = o.timeout, forward_sigint = true })
 	if o.json then
 		opts.max_capture = o.max_output
 	else

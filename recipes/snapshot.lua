@@ -2,8 +2,8 @@
 --
 --   fireclaw snapshot create [--image NAME] [--name SNAP] [--vcpu N] [--mem MIB] [--disk SIZE]
 --   fireclaw snapshot list | info [SNAP] | rm SNAP
--- create: cold boot, wait until SSH answers (the snapshot is taken warm), zero the guest's
--- free memory, pause, save
+-- create: cold boot, wait until the agent and SSH answer (the snapshot is taken warm), zero
+-- the guest's free memory, pause, save
 -- device state + memory + the disk as of that moment + meta.json, destroy the VM.
 local cli = require "fireclaw.cli"
 local config = require "fireclaw.config"
@@ -80,6 +80,8 @@ function M.take(sb, name, opts)
 		if opts.zero_free ~= false and (sb.session or sb.agent) then M.zero_free(sb) end
 		-- a restored guest must not wake up holding a session to a client that is gone
 		if sb.session then sb.session:close() end
+		-- nor a connection on the agent's port (a restore's host connects anew)
+		if sb.agent then sb.agent:close() end
 		local info = sb.vm:snapshot(tmp)           -- pause; device state + memory
 		sb.timer:stage("snapshot (" .. info.vmm .. ")")
 		fault.point("snapshot-saved")
@@ -92,6 +94,9 @@ function M.take(sb, name, opts)
 			vcpu = sb.vcpu, mem_mib = sb.mem_mib, boot_args = sb:boot_spec().boot_args,
 			guest_ip = n.guest_ip, guest_mac = n.guest_mac, tap_mac = n.tap_mac,
 			host_key = sb.img.host_key, vmm_info = info,
+			-- how restores reach the guest: "agent" only when its channel was there and
+			-- the agent answered before the snapshot
+			exec_channels = sb.exec_channels or { "ssh" },
 		})
 	end)
 	if not ok then
@@ -109,8 +114,18 @@ function M.create(opts)
 	local img = image.load(opts.image or "default")
 	snapshot.abort(snapshot.begin(opts.name or img.name)) -- a state dir we cannot write fails now, not after a boot
 	local sb = coldboot.boot { image = img.name, vcpu = opts.vcpu, mem_mib = opts.mem_mib, vmm = opts.vmm,
-		accel = opts.accel, boot_timeout = opts.boot_timeout, disk = opts.disk, unsafe_no_jailer = opts.unsafe_no_jailer }
-	return sandbox.with(sb, M.take, opts.name or img.name)
+		accel = opts.accel, boot_timeout = opts.boot_timeout, disk = opts.disk,
+		unsafe_no_jailer = opts.unsafe_no_jailer }
+	return sandbox.with(sb, function()
+		-- a snapshot is taken once both channels answer: its restores may use either
+		sb.exec_channels = { "ssh" }
+		if sb:agent_usable() then
+			if not sb.agent then sb:agent_connect() end
+			sb.exec_channels = { "agent", "ssh" }
+		end
+		if not sb.session then sb:connect() end
+		return M.take(sb, opts.name or img.name)
+	end)
 end
 
 local function human(n)
@@ -147,7 +162,7 @@ local function cmd_create(args)
 		{ "--disk SIZE", "grow the root disk to SIZE (e.g. 512M, 2G); every restore gets a copy of it" },
 		{ "--vmm NAME", "auto, firecracker or qemu (default: $FIRECLAW_VMM, else auto)" },
 		{ "--unsafe-no-jailer", "let Firecracker run as root when no jailer is found (not confined)" },
-		{ "--boot-timeout S", "how long to wait for the guest's SSH", type = "number", default = 60 },
+		{ "--boot-timeout S", "how long to wait for the guest's agent or SSH", type = "number", default = 60 },
 		{ "--from ID", "snapshot kept VM ID (or NAME) as it is now; it goes on running" },
 		{ "-v, --verbose", "progress lines" },
 	})

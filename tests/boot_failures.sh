@@ -79,9 +79,9 @@ else
 	like "$err" "taken under tcg, this run forces kvm \(FIRECLAW_ACCEL=kvm\); cold booting" "run notes it and cold boots"
 	if [ -d /sys/module/kvm_pvm ]; then
 		# this host's KVM cannot run the guest: the SSH wait times out
-		like "$err" "^fireclaw: ssh: 172\.16\.0\.2:22 in .*: timed out after 3 s.*; likely cause: KVM was forced \(FIRECLAW_ACCEL=kvm\), but this host's /dev/kvm is kvm_pvm" \
+		like "$err" "^fireclaw: (ssh: 172\.16\.0\.2:22 in .*: timed out after 3 s|agent: VM [0-9a-f]+ \(agent port 0\): the guest agent did not answer within 3 s).*; likely cause: KVM was forced \(FIRECLAW_ACCEL=kvm\), but this host's /dev/kvm is kvm_pvm" \
 			"a forced KVM on kvm_pvm: the timeout names the cause"
-		like "$err" "VM [0-9a-f]+: SSH wait \(failed\) [0-9]{4}\.[0-9] ms" "-v: the timed-out wait carries its seconds"
+		like "$err" "VM [0-9a-f]+: (SSH|agent) wait \(failed\) [0-9]{4}\.[0-9] ms" "-v: the timed-out wait carries its seconds"
 	else
 		skip "not a kvm_pvm host"
 		skip "not a kvm_pvm host"

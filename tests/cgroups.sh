@@ -98,7 +98,7 @@ no_leaks "a run without cgroups"
 no_leaks "a run with limits"
 
 # fireclaw SIGKILLed with its VM up, then cleanup
-FIRECLAW_FAULT=ssh-ready "$fc" run --no-snapshot -- true >/dev/null 2>&1
+FIRECLAW_FAULT=agent-ready "$fc" run --no-snapshot -- true >/dev/null 2>&1
 is $? 137 "fireclaw SIGKILLed with its VM up"
 left=$(leaked_cgroups | wc -l)
 [ "$left" -ge 1 ]; ok $? "its cgroups are still there (the leak check sees them: $left)"

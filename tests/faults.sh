@@ -23,10 +23,15 @@ if ! setup_state; then
 fi
 
 # ---- SIGKILL at each point of a restored run, then cleanup ----
-for p in record netns tap disk cgroup vmm-spawned vmm-recorded ssh-ready reseeded exec exec-output command-done \
-	teardown-session teardown-vmm reap-vmm reap-netns; do
+for p in record netns tap disk cgroup vmm-spawned vmm-recorded agent-ready reseeded exec exec-output command-done \
+	teardown-agent teardown-vmm reap-vmm reap-netns; do
 	is "$(status_of env FIRECLAW_FAULT=$p "$fc" run -- echo hi)" 137 "SIGKILL at $p: fireclaw died there"
 	finish "SIGKILL at $p"
+done
+# ... and at the SSH path's own points (--exec ssh: the same snapshot, over SSH)
+for p in ssh-ready reseeded teardown-session; do
+	is "$(status_of env FIRECLAW_FAULT=$p "$fc" run --exec ssh -- echo hi)" 137 "SIGKILL at $p (--exec ssh)"
+	finish "SIGKILL at $p (--exec ssh)"
 done
 
 # ... and at the points a cold boot has of its own
@@ -35,18 +40,18 @@ for p in vmm-spawned vmm-recorded; do
 	finish "SIGKILL at $p of a cold boot"
 done
 
-# SIGKILL while waiting for SSH (cold boot: the VMM is up, the guest still booting)
+# SIGKILL while waiting for the agent (cold boot: the VMM is up, the guest still booting)
 "$fc" -v run --no-snapshot -- true >/dev/null 2>"$tmp/ssh-wait.err" &
 pid=$!
 wait_for 3000 grep -q "VMM boot" "$tmp/ssh-wait.err"
-ok $? "cold boot reaches the SSH wait"
+ok $? "cold boot reaches the agent wait"
 kill -KILL $pid
 wait $pid 2>/dev/null
-unlike "$(cat "$tmp/ssh-wait.err")" "SSH ready" "SIGKILL during the SSH wait (not after it)"
-finish "SIGKILL during the SSH wait"
+unlike "$(cat "$tmp/ssh-wait.err")" "agent ready" "SIGKILL during the agent wait (not after it)"
+finish "SIGKILL during the agent wait"
 
 # ---- an error raised at each point: the run undoes everything itself ----
-for p in record netns tap disk cgroup vmm-spawned vmm-recorded ssh-ready reseeded exec exec-output command-done; do
+for p in record netns tap disk cgroup vmm-spawned vmm-recorded agent-ready reseeded exec exec-output command-done; do
 	FIRECLAW_FAULT=$p:error "$fc" run -- echo hi >/dev/null 2>"$tmp/err"
 	rc=$?
 	is "$rc:$(cat "$tmp/err")" "1:fireclaw: fault injected at $p" "error at $p: exit 1, one line"
@@ -54,7 +59,7 @@ for p in record netns tap disk cgroup vmm-spawned vmm-recorded ssh-ready reseede
 done
 
 # ---- cleanup killed halfway, twice, then run again ----
-is "$(status_of env FIRECLAW_FAULT=ssh-ready "$fc" run -- true)" 137 "a run killed with its VM up"
+is "$(status_of env FIRECLAW_FAULT=agent-ready "$fc" run -- true)" 137 "a run killed with its VM up"
 is "$(status_of env FIRECLAW_FAULT=reap-vmm "$fc" cleanup -q)" 137 "cleanup killed after killing the VMM"
 is "$(status_of env FIRECLAW_FAULT=reap-netns "$fc" cleanup -q)" 137 "cleanup killed after deleting the namespace"
 finish "cleanup killed halfway, then run again"
@@ -97,8 +102,8 @@ ok $? "one line on stderr" "$(cat "$tmp/vmm.err")"
 like "$(cat "$tmp/vmm.err")" "qemu was killed \(signal 9\) during the command" "which says the VMM was killed"
 no_leaks "VMM killed during a command, without cleanup"
 
-# ---- the guest's SSH server killed during the command ----
-"$fc" run -- sh -c 'kill -KILL $(pidof dropbear); sleep 600' >/dev/null 2>"$tmp/sshd.err" &
+# ---- the guest's SSH server killed during the command (over SSH: --exec ssh) ----
+"$fc" run --exec ssh -- sh -c 'kill -KILL $(pidof dropbear); sleep 600' >/dev/null 2>"$tmp/sshd.err" &
 pid=$!
 wait_gone $pid
 ok $? "the run ends after the guest's sshd is killed"

@@ -80,7 +80,7 @@ usage_cases=(
 	"--vmm bogus|--vmm must be auto, firecracker or qemu|run --vmm bogus -- true"
 	"no command|no command given|run"
 	"--put of a missing file|--put: no such file '/nonexistent'|run --put /nonexistent:/x -- true"
-	"--put of a directory|--put: '/' is a directory; directory trees are not supported yet|run --put /:/x -- true"
+	"--put of a directory over SSH|--put: '/' is a directory; directory trees go through the guest agent, not SSH|run --exec ssh --put /:/x -- true"
 	"--put without a colon|--put wants LOCAL:REMOTE|run --put nocolon -- true"
 	"--get into a missing directory|--get: no directory '/nonexistent/dir'|run --get /etc/hostname:/nonexistent/dir/x -- true"
 	"--get without a colon|--get wants REMOTE:LOCAL|run --get nocolon -- true"
@@ -216,7 +216,8 @@ no_leaks "run with a damaged snapshot"
 echo data >"$tmp/put.txt"
 expect 1 "remote /nonexistent: no such file" "--get of a missing remote file" \
 	"$fc" run --get "/nonexistent:$tmp/got" -- true
-expect 1 "remote /etc is not a regular file" "--get of a remote directory" "$fc" run --get "/etc:$tmp/got" -- true
+expect 1 "remote /etc is not a regular file" "--get of a remote directory over SSH" \
+	"$fc" run --exec ssh --get "/etc:$tmp/got" -- true
 is "$(ls "$tmp" | grep -c '^got')" 0 "no local file from a failed --get"
 expect 1 "remote /nonexistent/dir/x: no such file" "--put into a missing remote directory" \
 	"$fc" run --put "$tmp/put.txt:/nonexistent/dir/x" -- true
@@ -285,7 +286,7 @@ if [ -n "$asan" ] && [ -x "$asan" ]; then
 	sanitized "a missing snapshot" 1 "$asan" restore --snapshot nosuch -- true
 	sanitized "a command the guest lacks" 127 "$asan" run -- no-such-command-xyz
 	sanitized "non-UTF-8 output with --json" 0 "$asan" run --json -- printf '\377\376a\n'
-	sanitized "the guest's sshd killed" 1 "$asan" run -- sh -c 'kill -9 $(pidof dropbear)'
+	sanitized "the guest's sshd killed" 1 "$asan" run --exec ssh -- sh -c 'kill -9 $(pidof dropbear)'
 else
 	skip "no sanitizer build (FIRECLAW_FAULTS_ASAN=0)"
 fi

@@ -10,7 +10,7 @@ secs=${FIRECLAW_FUZZ_SECONDS:-6}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 export TMPDIR=$tmp # the targets' peer sockets
-targets="json fc_api qmp"
+targets="json fc_api qmp agent"
 
 if ! command -v clang >/dev/null || ! echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }' |
 	clang -x c -fsanitize=fuzzer -o "$tmp/probe" - 2>/dev/null; then

@@ -12,6 +12,9 @@ fc=$FIRECLAW
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 export FIRECLAW_VMM=qemu
+# the SFTP path (its messages); the same rules through the guest agent: tests/agent_proto.lua,
+# tests/agent_vm.sh
+export FIRECLAW_EXEC=ssh
 export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}hf
 umask 022
 
@@ -42,7 +45,7 @@ mkfifo "$tmp/fifo"
 truncate -s 2G "$tmp/huge"
 check "$fc" run --put "$tmp:/root/x" -- true
 is "$rc" 2 "--put DIR: exit 2"
-one_line "^fireclaw: --put: '$tmp' is a directory; directory trees are not supported yet" "--put DIR: says it is a directory"
+one_line "^fireclaw: --put: '$tmp' is a directory; directory trees go through the guest agent, not SSH" "--put DIR: says it is a directory (over SSH)"
 check timeout -k 10 60 "$fc" run --put "$tmp/fifo:/root/x" -- true
 is "$rc" 2 "--put FIFO: exit 2, at once (not waiting for a writer)"
 one_line "^fireclaw: --put: '.*/fifo' is not a regular file \(a FIFO" "--put FIFO: says why"

@@ -342,8 +342,8 @@ local function test_default_image()
 	t.like(table.concat(m.boot_args_tcg, " "), "tsc_early_khz=%d+", "manifest: boot_args_tcg has tsc_early_khz")
 	t.ok(m.created and m.build_seconds and m.inputs, "manifest: created, build time, inputs fingerprint")
 	t.same(m.modules, { "virtio_ring", "virtio", "virtio_mmio", "virtio_rng", "virtio_blk", "failover", "net_failover",
-		"virtio_net", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport" },
-		"manifest: modules in load order (virtio_rng for the entropy device)")
+		"virtio_net", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport", "virtio_console" },
+		"manifest: modules in load order (virtio_rng for the entropy device, virtio_console for the agent's ports)")
 
 	-- keys
 	t.is(stat_mode(config.state_dir .. "/keys"), "700", "keys dir is 0700")
@@ -369,6 +369,13 @@ local function test_default_image()
 	t.is(m.guest.helper_sha256, image.helper_sha256(), "manifest: guest.helper_sha256 is the helper's")
 	t.is(#helper > 0 and helper:sub(1, 4), "\127ELF", "the helper is an ELF")
 	t.ok(not m.guest.clock, "manifest: no fireclaw-clock any more (the helper sets the clock)")
+	local agent_bytes = require("fireclaw.guest").agent()
+	local astat = debugfs(img.rootfs, "stat /usr/sbin/fireclaw-agent")
+	t.like(astat, "Mode:%s+0755", "rootfs: /usr/sbin/fireclaw-agent is 0755")
+	t.is(tonumber(astat:match("Size:%s*(%d+)")), #agent_bytes, "rootfs: ... the agent compiled into fireclaw")
+	t.ok(m.guest.agent == "/usr/sbin/fireclaw-agent" and m.guest.agent_protocol == require("fireclaw.agent").VERSION,
+		"manifest: guest.agent and its protocol version")
+	t.like(debugfs(img.rootfs, "cat /etc/init.d/rcS"), "fireclaw%-agent %-%-daemon", "rcS starts the agent")
 	return img
 end
 

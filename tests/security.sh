@@ -140,7 +140,7 @@ ok $? "SIGKILL of fireclaw: its unprivileged QEMU (pid ${vmm:-?}) is gone withou
 "$fc" cleanup -q >/dev/null 2>&1
 no_leaks "SIGKILL + cleanup"
 
-# ---- the host key is pinned ----
+# ---- the host key is pinned (SSH: the guest agent's channel needs no host key) ----
 fake=$tmp/state
 mkdir -p "$fake/images/default" "$fake/keys"
 chmod 700 "$fake/keys"
@@ -149,7 +149,7 @@ for f in "$img"/*; do ln -s "$f" "$fake/images/default/${f##*/}"; done
 rm -f "$fake/images/default/host_key.pub"
 ssh-keygen -q -t ed25519 -N '' -f "$tmp/other_host_key"
 cut -d' ' -f1,2 "$tmp/other_host_key.pub" >"$fake/images/default/host_key.pub"
-err=$(FIRECLAW_STATE=$fake "$fc" run --no-snapshot -- echo reached 2>&1 </dev/null); rc=$?
+err=$(FIRECLAW_STATE=$fake "$fc" run --no-snapshot --exec ssh -- echo reached 2>&1 </dev/null); rc=$?
 is "$rc" 1 "a guest whose host key differs from the image's: the run fails"
 like "$err" "host key mismatch" "and says: host key mismatch"
 unlike "$err" "reached" "the command did not run"

@@ -630,6 +630,20 @@ local function vsock_faults(c, base)
 	v:destroy()
 	t.is(kind(base .. "/vs/v.sock"), nil, "the socket goes with the VM")
 
+	-- the real guest agent behind the fake's vsock port 1024: v:agent_connect wraps the
+	-- channel (fireclaw.core.agent), one protocol over vsock as over virtio-serial
+	local agent_bin = (os.getenv("FIRECLAW_TESTS") or "tests") .. "/../build/guest/fireclaw-agent"
+	local va = new_vm(tg, base .. "/va", base .. "/va.log", { netns = vt.netns(c, NS_PREFIX .. "va") })
+	va.env.FAKE_FC_VSOCK = "1024=serve:" .. agent_bin
+	c:add(function() va:destroy() end)
+	io.open(base .. "/va/disk.ext4", "w"):close()
+	va:boot({ kernel = "/dev/null", rootfs = base .. "/va/disk.ext4", mem_mib = 128 })
+	local conn, cwhy = va:agent_connect { timeout = 5, where = "vm fct-va" }
+	t.ok(conn and conn:exec({ "echo", "over vsock" }).stdout == "over vsock\n",
+		"v:agent_connect: the guest agent over Firecracker's vsock (CONNECT 1024), exec through it", cwhy)
+	if conn then conn:close() end
+	va:destroy()
+
 	-- a snapshot of a jailed Firecracker binds /v.sock: refused before spawning here
 	local w = new_vm(tg, base .. "/vw", base .. "/vw.log")
 	c:add(function() w:destroy() end)

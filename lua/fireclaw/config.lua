@@ -26,6 +26,9 @@ M.jailer = os.getenv("FIRECLAW_JAILER")
 M.unsafe_no_jailer = os.getenv("FIRECLAW_UNSAFE_NO_JAILER") == "1"
 -- who QEMU runs as: "auto" (a uid of its own per VM, see fireclaw.vmm.qemu), "root", "UID:GID"
 M.vmm_user = os.getenv("FIRECLAW_VMM_USER") or "auto"
+-- how commands and files reach the guest: "agent" (fireclaw's guest agent on a private
+-- VMM channel), "ssh", or "auto" (the agent when the image or snapshot has it, else SSH)
+M.exec = os.getenv("FIRECLAW_EXEC") or "auto"
 -- bytes each console or VMM log in a VM's directory may hold: the first half of what the
 -- guest and the VMM wrote and the most recent rest (proc.spawn's {log = path})
 -- (not a number: -1, which the VM's start refuses with a message naming the variable)

@@ -10,6 +10,9 @@
 --   guest.reseed_command(ns [, dns]) -> the shell line that reseeds the guest's CRNG with host
 --                                  entropy on its stdin and sets its clock to ns (and with
 --                                  dns, writes /etc/resolv.conf)
+--   guest.AGENT                  where the rootfs has the agent (/usr/sbin/fireclaw-agent)
+--   guest.agent()                -> its bytes (guest/fireclaw-agent.c; docs/agent-protocol.md)
+--   guest.AGENT_PORTS            how many agent ports (virtio-serial) a QEMU VM gets
 --   guest.programs()             -> list of {path =, mode =, content =}: fireclaw's own
 --                                  programs, written into every image at these paths (the
 --                                  helper; one more entry per guest program)
@@ -34,10 +37,16 @@ M.READY = "fireclaw: guest ready"
 
 -- Bump when the guest side changes in a way that needs a rebuilt image.
 -- 2: /usr/sbin/fireclaw-guest (reseed + clock) replaces the fireclaw-clock script
-M.VERSION = 2
+-- 3: /usr/sbin/fireclaw-agent, started by rcS before sshd; virtio_console in the initramfs
+M.VERSION = 3
 
 M.HELPER = "/usr/sbin/fireclaw-guest"
 M.helper = core.helper
+M.AGENT = "/usr/sbin/fireclaw-agent"
+M.agent = core.agent
+-- several ports, each on its own host socket: a QEMU chardev socket takes one client at a
+-- time, and several fireclaw processes may exec in one kept VM at once (docs/DECISIONS.md)
+M.AGENT_PORTS = 4
 -- bytes of host entropy per reseed (the helper takes 32..4096)
 M.RESEED_BYTES = 64
 
@@ -56,7 +65,10 @@ end
 -- fireclaw's own programs in the guest, at these paths in every image (the default one,
 -- --base debian and imported OCI images alike).
 function M.programs()
-	return { { path = M.HELPER:sub(2), mode = "755", content = M.helper() } }
+	return { { path = M.HELPER:sub(2), mode = "755", content = M.helper() },
+		-- the guest agent (static: it needs nothing of the image's userland), started by the
+		-- image's init before sshd
+		{ path = M.AGENT:sub(2), mode = "755", content = M.agent() } }
 end
 
 M.BOX = "/.fireclaw"
@@ -221,6 +233,8 @@ ln -sfn /proc/self/fd /dev/fd
 ln -sfn /proc/self/fd/0 /dev/stdin
 ln -sfn /proc/self/fd/1 /dev/stdout
 ln -sfn /proc/self/fd/2 /dev/stderr
+# the agent first: fireclaw's channel (exec, files, the restore hand-off) needs nothing else
+[ -x /usr/sbin/fireclaw-agent ] && /usr/sbin/fireclaw-agent --daemon
 
 @NET@
 # sshd: keys only (-s), the host key made at image build time (pinned by the host)
@@ -328,6 +342,8 @@ ln -sfn /proc/self/fd /dev/fd
 ln -sfn /proc/self/fd/0 /dev/stdin
 ln -sfn /proc/self/fd/1 /dev/stdout
 ln -sfn /proc/self/fd/2 /dev/stderr
+# the agent first: fireclaw's channel (exec, files, the restore hand-off) needs nothing else
+[ -x /usr/sbin/fireclaw-agent ] && /usr/sbin/fireclaw-agent --daemon
 
 @NET@
 # sshd: keys only (-s), the host key made at image build time (pinned by the host); run by

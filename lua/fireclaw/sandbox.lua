@@ -13,7 +13,10 @@
 --   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot, in
 --                             -- its own cgroup (memory, pids, cpu limits) where there is one
 --   sb:connect()              -- SSH with the image's pinned host key
---   sb:reseed()               -- after a restore: fresh host entropy + the clock (one exec)
+--   sb:agent_connect()        -- or the guest agent on its private VMM channel (exec = "auto"
+--                             -- or "agent" and the image has it: docs/agent-protocol.md)
+--   sb:reseed()               -- after a restore: fresh host entropy + the clock (one exec;
+--                             -- through the agent: its hand-off, sb:handoff())
 --   local r = sb:exec({"uname", "-a"}, {on_stdout = …})
 --   sb:destroy()              -- everything above, undone; safe twice, never raises
 --
@@ -31,6 +34,7 @@ local cgroup = require "fireclaw.cgroup"
 local config = require "fireclaw.config"
 local fault = require "fireclaw.fault"
 local fs = require "fireclaw.fs"
+local agent = require "fireclaw.core.agent"
 local guest = require "fireclaw.guest"
 local image = require "fireclaw.image"
 local log = require "fireclaw.log"
@@ -74,7 +78,15 @@ end
 -- keep: the VM outlives this process (fireclaw start, run --keep); name, ttl (s): a kept
 -- VM's name and time to live (state.find, state.expired).
 M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk",
-	"unsafe_no_jailer", "name", "ttl", "net" }
+	"exec", "unsafe_no_jailer", "name", "ttl", "net" }
+M.EXEC_MODES = { auto = true, agent = true, ssh = true }
+
+-- Does this image carry an agent that speaks this fireclaw's protocol?
+local function image_has_agent(img)
+	local g = img.guest
+	return type(g) == "table" and g.agent == guest.AGENT and g.agent_protocol == agent.VERSION
+end
+M.image_has_agent = image_has_agent
 
 -- ---- disk size (--disk) ----
 
@@ -164,6 +176,12 @@ function M.new(opts)
 	local disk_bytes = disk_size(opts.disk, img)
 	local policy = netpolicy.check(opts.net, img.net_mode) -- (no mode: FIRECLAW_NET, else the image's)
 	state.reap_stale() -- what a killed fireclaw left behind (one listdir when there is none)
+	local exec = opts.exec or config.exec or "auto"
+	if not M.EXEC_MODES[exec] then error(string.format("sandbox: exec must be auto, agent or ssh, not '%s'", tostring(exec)), 0) end
+	if exec == "agent" and not image_has_agent(img) then
+		error(string.format("sandbox: image '%s' has no guest agent (rebuild it: fireclaw image build --force; or "
+			.. "use exec = \"ssh\")", img.name), 0)
+	end
 	if opts.name ~= nil and (type(opts.name) ~= "string" or not opts.name:match("^[%a][%w._-]*$") or #opts.name > 64) then
 		error(string.format("sandbox: bad VM name %q (a letter, then letters, digits, '.', '_', '-'; at most 64)",
 			tostring(opts.name)), 0)
@@ -182,7 +200,7 @@ function M.new(opts)
 		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
 		keep = opts.keep, boot_timeout = opts.boot_timeout, timer = log.timer("VM " .. rec.id),
-		disk_bytes = disk_bytes, undo = {}, net_policy = policy, net_procs = {},
+		disk_bytes = disk_bytes, undo = {}, exec_mode = exec, net_policy = policy, net_procs = {},
 	}, Sandbox)
 	-- the bottom of the stack: whatever the record still lists (the VMM of a boot that
 	-- failed halfway, a namespace whose tap failed), the run directory, the record itself
@@ -289,6 +307,8 @@ function Sandbox:boot_spec()
 		-- unless its manifest says otherwise (image import --cmdline-devices), an image's
 		-- kernel finds its virtio devices through ACPI only
 		acpi_devices = not img.cmdline_devices,
+		-- the agent's channel (QEMU: virtio-serial ports), when the image has the agent
+		agent_ports = self.vm.vmm == "qemu" and image_has_agent(img) and guest.AGENT_PORTS or nil,
 	}
 end
 
@@ -304,7 +324,10 @@ local function record_vmspec(self)
 end
 
 -- The VMM's undo: kill it, reap it, close its clients (vm:destroy never raises).
+-- The record names the agent's ports, so another fireclaw can attach (fireclaw.agent).
 local function push_vmm_undo(self, name)
+	local ports = self.vm.spec and self.vm.spec.agent_ports
+	if ports then state.update(self.rec, { agent = { ports = ports } }) end
 	self:on_destroy(name, function()
 		self.vm:destroy()
 		fault.point("teardown-vmm")
@@ -333,6 +356,7 @@ function Sandbox:restore(snap)
 	spec.rootfs_path_in_vmm = snap.vmm_info and snap.vmm_info.rootfs_path_in_vmm
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	spec.rng = snap.vmm_info and snap.vmm_info.rng -- the same devices as the snapshot
+	spec.agent_ports = snap.vmm_info and snap.vmm_info.agent_ports
 	spec.vsock = snap.vmm_info and snap.vmm_info.vsock or nil -- Firecracker: rebound at its path
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
 	self:limit()
@@ -410,7 +434,9 @@ end
 local function vmm_gone(self, err, when, diagnose)
 	local oom = self.cg and cgroup.oom_kills(self.cg.dirs) > 0
 	-- an OOM kill may reach us (a dropped connection) before the VMM is reaped
-	local st = self.vm and self.vm.proc and self.vm.proc:wait(oom and 2 or 0)
+	-- a VMM that exits closes the agent's socket a moment before it can be reaped
+	local closed = type(err) == "string" and err:match("^agent: .*the channel closed")
+	local st = self.vm and self.vm.proc and self.vm.proc:wait((oom and 2) or (closed and 1) or 0)
 	if oom and st then
 		return string.format("VM %s: %s was killed by the kernel's OOM killer %s: the VM's memory limit "
 			.. "(%d MiB, cgroup %s) was reached", self.id, self.vm.vmm, when,
@@ -468,6 +494,56 @@ function Sandbox:connect(timeout)
 	return self.session
 end
 
+-- Can this VM's commands go through the agent? (exec mode, image, a channel in the VMM)
+function Sandbox:agent_usable()
+	if self.exec_mode == "ssh" or not image_has_agent(self.img) or not self.vm then return false end
+	if self.vm.driver.agent_channel then return true end
+	return (self.vm.spec and self.vm.spec.agent_ports or 0) > 0
+end
+
+-- Connect to the guest agent (waiting up to the boot timeout for it to answer), watching
+-- the VMM like connect() does. Any process can do this for a kept VM (fireclaw.agent).
+-- A restored guest answers at once, but QEMU may not read the first connection of a restore:
+-- after AGENT_RETRY s without an answer, a new one (agent.attach's retry). A cold boot's
+-- agent answers once the guest is up: no retry.
+M.AGENT_RETRY = 0.3
+
+function Sandbox:agent_connect(timeout)
+	alive(self, "connect")
+	timeout = timeout or self.boot_timeout or 60
+	local ok, conn, why = pcall(self.vm.agent_connect, self.vm, {
+		timeout = timeout, where = "VM " .. self.id, retry = self.how == "snapshot" and M.AGENT_RETRY or nil,
+		watch_fd = self.vm.proc and self.vm.proc:pidfd(),
+		watch_msg = string.format("the VM is gone (%s, pid %s, exited)", self.vm.vmm, tostring(self.vm.pid)),
+	})
+	if ok and not conn then ok, conn = false, string.format("sandbox: VM %s: no agent: %s", self.id, why) end
+	if not ok then
+		self.timer:stage("agent wait (failed)")
+		if type(conn) ~= "string" or conn:match("^interrupted") then error(conn, 0) end
+		error(vmm_gone(self, conn, "before its agent answered", true), 0)
+	end
+	if not self.agent then
+		self:on_destroy("agent", function()
+			if self.agent then self.agent:close() end
+			fault.point("teardown-agent")
+		end)
+	end
+	self.agent = conn
+	fault.point("agent-ready")
+	self.timer:stage("agent ready")
+	return conn
+end
+
+-- The channel commands use: the agent when usable (exec = "auto" | "agent"), else SSH.
+function Sandbox:connect_exec(timeout)
+	if self:agent_usable() then return self:agent_connect(timeout) end
+	if self.exec_mode == "agent" then
+		error(string.format("sandbox: VM %s has no agent channel (a snapshot taken without one? make a new one: "
+			.. "fireclaw snapshot create)", self.id), 0)
+	end
+	return self:connect(timeout)
+end
+
 -- dropbear refuses an exec request longer than 9000 bytes (its MAX_CMD_LEN) and drops the
 -- connection: a longer command line is written to a file in the guest first (the stdin of
 -- a short command) and run from there; the file removes itself.
@@ -485,10 +561,41 @@ local function short_command(self, cmd)
 	return "sh " .. file
 end
 
--- Run a command in the guest (argv table or shell string); see fireclaw.ssh for opts.
+-- Through the agent: an argv as it is, a shell string through /bin/sh -c.
+local function agent_exec(self, cmd, opts)
+	-- a shell line goes through the image's shell (a boxed image's own, /.fireclaw's)
+	local g = type(self.img.guest) == "table" and self.img.guest or {}
+	local argv = type(cmd) == "table" and cmd or { g.login_shell or "/bin/sh", "-c", cmd }
+	if opts and type(opts.pty) == "table" and opts.pty.term then -- TERM goes in the environment
+		local o, env = {}, {}
+		for k, v in pairs(opts) do o[k] = v end
+		for k, v in pairs(opts.env or {}) do env[k] = v end
+		env.TERM = env.TERM or opts.pty.term
+		o.env, o.pty = env, { rows = opts.pty.rows, cols = opts.pty.cols }
+		opts = o
+	end
+	local ok, r = pcall(self.agent.exec, self.agent, argv, opts)
+	if not ok then error(vmm_gone(self, r, "during the command"), 0) end
+	return r
+end
+
+-- Run a command in the guest (argv table or shell string); opts: fireclaw.ssh's exec
+-- options (the agent also takes cwd, uid, gid, forward_sigint; SSH ignores forward_sigint).
 function Sandbox:exec(cmd, opts)
 	alive(self, "exec")
-	if not self.session then self:connect() end
+	if not self.session and not self.agent then self:connect_exec() end
+	-- a terminal forwarded as it is (run -it: opts.tty) is the SSH session's to drive
+	local tty = opts and opts.tty ~= nil
+	if tty and not self.session then self:connect() end
+	if self.agent and not tty then
+		fault.point("exec")
+		return agent_exec(self, cmd, opts)
+	end
+	if opts and opts.forward_sigint ~= nil then
+		local o = {}
+		for k, v in pairs(opts) do if k ~= "forward_sigint" then o[k] = v end end
+		opts = o
+	end
 	fault.point("exec")
 	local ok, r = pcall(function() return self.session:exec(short_command(self, cmd), opts) end)
 	if not ok then error(vmm_gone(self, r, "during the command"), 0) end
@@ -533,6 +640,7 @@ local warned_helper = {}
 -- "random" bytes and UUIDs. An image without the helper (imported, or built by an older
 -- fireclaw) only gets the bytes mixed in (not reseeded at once) and whole seconds, with a note.
 function Sandbox:reseed()
+	if self.agent then return self:handoff() end
 	local entropy = host_entropy(guest.RESEED_BYTES)
 	local g = self.img.guest
 	if type(g) == "table" and g.helper == guest.HELPER then
@@ -556,18 +664,58 @@ function Sandbox:reseed()
 	self.timer:stage("reseed + clock")
 end
 
+-- The restore hand-off through the agent: the host's clock (ns) and 64 bytes of its
+-- entropy in one frame; the agent sets the clock, credits the bytes, reseeds the CRNG and
+-- acks — before any command (frames on a channel are handled in order).
+function Sandbox:handoff()
+	if not self.agent then self:agent_connect() end
+	local ok, err = pcall(self.agent.handoff, self.agent, now_ns(), host_entropy(guest.RESEED_BYTES))
+	if not ok then error(vmm_gone(self, err, "during the restore hand-off"), 0) end
+	fault.point("reseeded")
+	self.timer:stage("hand-off (clock + entropy)")
+end
+
 -- The clock is set with the reseed (one path, one round trip).
 Sandbox.set_clock = Sandbox.reseed
 
 -- Copy files in and out (SFTP); opts is a mode or {mode =, max_bytes =, stall =, uid =, gid =}
 -- (see fireclaw.ssh: a got file is data, never privileges; both are capped and time out
 -- when they stall). Each returns the path it wrote (a directory target gets the basename).
+-- Through the agent a directory goes as a tree (fireclaw.agent.put_tree / get_tree: file by
+-- file, with the same caps; symlinks and special files are left out, with a note).
+local function tree_opts(opts)
+	return type(opts) == "table" and { max_bytes = opts.max_bytes, stall = opts.stall } or nil
+end
+
+local function note_skipped(self, what, skipped)
+	if #skipped > 0 then
+		log.note("VM %s: %s: %d symlinks or special files not copied (e.g. %s)", self.id, what, #skipped,
+			printable(skipped[1]))
+	end
+end
+
 function Sandbox:put(localpath, remote, opts)
 	alive(self, "put")
+	if not self.session and not self.agent then self:connect_exec() end
+	if self.agent and fs.is_dir(localpath) then
+		local top, skipped = require("fireclaw.agent").put_tree(self.agent, localpath, remote, tree_opts(opts))
+		note_skipped(self, "put " .. localpath, skipped)
+		return top
+	end
+	if self.agent then return self.agent:put(localpath, remote, opts) end
 	return self.session:put(localpath, remote, opts)
 end
 function Sandbox:get(remote, localpath, opts)
 	alive(self, "get")
+	if not self.session and not self.agent then self:connect_exec() end
+	if self.agent then
+		local ok, res = pcall(self.agent.get, self.agent, remote, localpath, opts)
+		if ok then return res end
+		if not tostring(res):match(": is a directory$") then error(res, 0) end
+		local top, skipped = require("fireclaw.agent").get_tree(self.agent, remote, localpath, tree_opts(opts))
+		note_skipped(self, "get " .. remote, skipped)
+		return top
+	end
 	return self.session:get(remote, localpath, opts)
 end
 
@@ -632,6 +780,7 @@ function Sandbox:release()
 		return
 	end
 	if self.session then pcall(self.session.close, self.session) end
+	if self.agent then pcall(self.agent.close, self.agent) end
 	if self.vm and self.vm.proc then self.vm.proc:detach() end
 	for _, p in ipairs(self.net_procs) do p:detach() end -- its resolver and forwarders stay too
 	state.release(self.rec)
@@ -870,14 +1019,42 @@ function M.steps.coldboot()
 		{ name = "disk", run = function(sb) sb:disk(sb.img.rootfs) end }, -- the VM's copy (grown to `disk`)
 		{ name = "cgroup", run = function(sb) sb:limit() end },           -- its limits, if there are cgroups
 		{ name = "boot", run = function(sb) sb:boot() end },              -- the VMM boots the kernel
-		{ name = "connect", run = function(sb) sb:connect() end },        -- the guest's sshd (pinned key)
+		{ name = "connect", run = function(sb) sb:connect_exec() end },   -- the agent, else sshd (pinned key)
 	}
 end
 
--- Restore from a loaded snapshot: network, disk, cgroup, restore, connect, reseed.
-function M.steps.restore(snap)
+-- Does a snapshot have the agent's channel? (its meta.json says which exec channels it has)
+local function snap_has_agent(snap)
+	local ch = snap.exec_channels
+	if type(ch) ~= "table" then return false end
+	for _, c in ipairs(ch) do if c == "agent" then return true end end
+	return false
+end
+M.snap_has_agent = snap_has_agent
+
+-- Restore from a loaded snapshot: network, disk, cgroup, restore, then agent + handoff
+-- when the snapshot has the agent (and exec is not "ssh"), else connect + reseed.
+function M.steps.restore(snap, opts)
 	if type(snap) ~= "table" or not snap.dir then
 		error("sandbox.steps.restore: snap must be a snapshot from restore.find or snapshot.load", 2)
+	end
+	local exec = (opts and opts.exec) or config.exec or "auto"
+	if exec ~= "ssh" and snap_has_agent(snap) then
+		return own {
+			{ name = "network", run = function(sb) sb:network() end },
+			{ name = "disk", run = function(sb) sb:disk(snap.disk) end },
+			{ name = "cgroup", run = function(sb)
+				sb.vcpu, sb.mem_mib = snap.vcpu, snap.mem_mib
+				sb:limit()
+			end },
+			{ name = "restore", run = function(sb) sb:restore(snap) end },
+			{ name = "agent", run = function(sb) sb:agent_connect() end }, -- the agent's port, reconnected
+			{ name = "handoff", run = function(sb) sb:handoff() end },     -- clock + entropy, acked
+		}
+	end
+	if exec == "agent" then
+		error(string.format("sandbox: snapshot '%s' has no agent channel (make a new one: fireclaw snapshot create)",
+			tostring(snap.name)), 0)
 	end
 	return own {
 		{ name = "network", run = function(sb) sb:network() end }, -- the same addresses and MACs

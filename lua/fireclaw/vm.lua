@@ -238,7 +238,8 @@ M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker",
 	"socket_timeout", "on_spawn", "user", "keep", "detected", "cmdline_devices", "cgroup", "unsafe_no_jailer" }
 -- What v:boot and v:restore take (the drivers read these).
 M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
-	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock" }
+	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock",
+	"agent_ports" }
 
 function M.new(opts)
 	if type(opts) ~= "table" then error("vm.new: options table expected (id =, dir =, …)", 0) end
@@ -339,6 +340,25 @@ function VM:snapshot(dir)
 	self.timings.snapshot = runtime.now() - t0
 	info.vmm, info.vmm_version, info.accel = self.vmm, self.vmm_version, self.accel
 	return info
+end
+
+-- A connection to the guest agent (fireclaw.core.agent, hello done), or nil and why not.
+-- opts: timeout, watch_fd, watch_msg, where. The driver gives it: QEMU through
+-- driver.agent_connect (a virtio-serial port of its own, flock'ed); a driver with
+-- driver.agent_channel(v, timeout) -> fd (a connected byte stream: Firecracker's vsock)
+-- is wrapped here.
+function VM:agent_connect(opts)
+	opts = opts or {}
+	if self.driver.agent_connect then return self.driver.agent_connect(self, opts) end
+	if self.driver.agent_channel then
+		local fd, err = self.driver.agent_channel(self, opts.timeout or 10)
+		if not fd then return nil, err end
+		local ok, conn = pcall(require("fireclaw.core.agent").wrap, fd, opts)
+		require("fireclaw.sys").close(fd)
+		if not ok then error(conn, 0) end
+		return conn
+	end
+	return nil, self.vmm .. " has no agent channel in this fireclaw"
 end
 
 function VM:saved_spec()

@@ -2,7 +2,8 @@
 -- (restore.restore, no run recipe), each asked at once for 16 random bytes, a UUID and its
 -- clock. Prints, per VM, "vm I RANDHEX UUID GUEST_TIME HOST_BEFORE HOST_AFTER" (times in
 -- seconds with microseconds; HOST_* taken around that exec), for tests/hostile_entropy.sh.
--- On the second VM, sb:reseed() again with a failing helper ("failing helper: ERROR") and as
+-- The first VM is restored through the agent (its hand-off), the second over SSH (exec =
+-- "ssh": the helper's reseed). On the second VM, sb:reseed() again with a failing helper ("failing helper: ERROR") and as
 -- for an image without one ("no helper: ok GUEST_SECONDS HOST_SECONDS", a note on stderr).
 local cli = require "fireclaw.cli"
 local sandbox = require "fireclaw.sandbox"
@@ -24,7 +25,9 @@ if not snap then
 	return 1
 end
 for i = 1, 2 do
-	local sb = restore.restore({}, snap)
+	-- the first through the agent's hand-off, the second over SSH (the helper's reseed,
+	-- whose failures it checks)
+	local sb = restore.restore({ exec = i == 2 and "ssh" or nil }, snap)
 	sandbox.with(sb, function()
 		local t0 = now()
 		local r = sb:exec(PROBE)

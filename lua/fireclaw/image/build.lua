@@ -39,7 +39,7 @@ local function fingerprint(p, opts)
 	for _, n in ipairs(opts.packages or {}) do requested[#requested + 1] = n end
 	table.sort(requested)
 	local inputs = json.encode({
-		format = common.FORMAT, guest = guest.VERSION, helper = keys.helper_sha256(),
+		format = common.FORMAT, guest = guest.VERSION, helper = keys.helper_sha256(), agent = keys.agent_sha256(),
 		guest_files = common.sha256_of("hashing", guest.initrd_init({}) ..
 			json.encode(guest.rootfs_files({ authorized_keys = opts.client_pub })) ..
 			(opts.tree and guest.box_init("ld.so") or "")), -- (the busybox image's inputs as before)

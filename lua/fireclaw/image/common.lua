@@ -21,8 +21,10 @@ M.SFTP_PACKAGE = "openssh-sftp-server"
 -- (ext4 and the serial console are built into the cloud kernel; ext4 is a module in the
 -- generic one). virtio_rng: the VMM's entropy device (host /dev/urandom) feeds the guest's
 -- pool all along; restores are reseeded at once by /usr/sbin/fireclaw-guest (see guest.lua)
-M.MODULES = { "virtio_mmio", "virtio_rng", "virtio_blk", "ext4", "virtio_net", "vmw_vsock_virtio_transport" }
-M.OPTIONAL_MODULES = { vmw_vsock_virtio_transport = true, virtio_rng = true }
+M.MODULES = { "virtio_mmio", "virtio_rng", "virtio_blk", "ext4", "virtio_net", "vmw_vsock_virtio_transport",
+	"virtio_console" }
+-- virtio_console: the agent's ports under QEMU (virtio-serial); vsock: under Firecracker
+M.OPTIONAL_MODULES = { vmw_vsock_virtio_transport = true, virtio_rng = true, virtio_console = true }
 
 M.NOSPACE = "No space left on device"
 

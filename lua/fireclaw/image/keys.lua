@@ -47,4 +47,10 @@ function M.helper_sha256()
 	return helper_sha
 end
 
+local agent_sha
+function M.agent_sha256()
+	agent_sha = agent_sha or common.sha256_of("hashing the guest agent", guest.agent())
+	return agent_sha
+end
+
 return M

@@ -82,6 +82,7 @@ function M.built(b)
 	g.ready_marker, g.helper, g.helper_sha256 = guest.READY, guest.HELPER, keys.helper_sha256()
 	g.reseed = guest.HELPER .. " reseed NS < 32..4096 bytes of host entropy (the clock set to NS "
 		.. "nanoseconds since 1970, then RNDADDENTROPY + RNDRESEEDCRNG)"
+	g.agent, g.agent_sha256, g.agent_protocol = guest.AGENT, keys.agent_sha256(), require("fireclaw.core.agent").VERSION
 	g.shutdown = "poweroff -f (QEMU: ACPI power off); reboot -f (Firecracker; QEMU with -no-reboot)"
 	local boot_args = json.array(M.default_boot_args())
 	local source, base = "debian", { kind = "busybox" }

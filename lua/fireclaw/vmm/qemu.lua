@@ -38,6 +38,8 @@ M.MIGRATE_TIMEOUT = 120
 M.DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1"
 
 local function qmp_path(v) return v.dir .. "/qmp.sock" end
+local AGENT_PREFIX = require("fireclaw.core.agent").PORT_PREFIX
+function M.agent_path(v, k) return string.format("%s/agent-%d.sock", v.dir, k) end
 
 -- The end of QEMU's log as one line, for an error message.
 -- QEMU names the files it was given by their descriptors: say which files they are.
@@ -141,6 +143,17 @@ local function machine_args(v, spec, ram, fd)
 		append(a, "-add-fd", "fd=" .. fd.rng .. ",set=3", "-object", "rng-random,id=rng0,filename=/dev/fdset/3",
 			"-device", "virtio-rng-device,rng=rng0")
 	end
+	if fd.agent then
+		-- the guest agent's ports (docs/agent-protocol.md): one virtio-serial device, one
+		-- port per host socket; a chardev socket takes one client at a time, so several
+		-- fireclaw processes each take a port of their own (flock on dir/agent-K.lock)
+		append(a, "-device", "virtio-serial-device,max_ports=" .. (#fd.agent + 1))
+		for k, n in ipairs(fd.agent) do
+			append(a, "-chardev", string.format("socket,id=agent%d,fd=%d,server=on,wait=off", k - 1, n),
+				"-device", string.format("virtserialport,chardev=agent%d,name=%s%d,nr=%d", k - 1,
+					AGENT_PREFIX, k - 1, k))
+		end
+	end
 	if v.tap then
 		local how = fd.tap and ("fd=" .. fd.tap) or ("ifname=" .. optval(v.tap) .. ",script=no,downscript=no")
 		append(a, "-netdev", "tap,id=net0," .. how,
@@ -237,6 +250,15 @@ local function open_fds(v, spec, ram, fds, uid, gid)
 	local qmp = require("fireclaw.net").unix_listen(qmp_path(v))
 	v._qmp_listen = qmp
 	pass("qmp", qmp:fd())
+	v._agent_listen = {}
+	for k = 0, (spec.agent_ports or 0) - 1 do
+		os.remove(M.agent_path(v, k))
+		local l = require("fireclaw.net").unix_listen(M.agent_path(v, k))
+		v._agent_listen[#v._agent_listen + 1] = l
+		num.agent = num.agent or {}
+		pass("agent_" .. k, l:fd())
+		num.agent[k + 1] = num["agent_" .. k]
+	end
 	-- the console and QEMU's own output are pipes into capped files (proc.spawn's log
 	-- sink): a guest flooding its serial port cannot fill the host's disk
 	pass("console", { log = v.console_path })
@@ -277,11 +299,12 @@ end
 local function close_fds(v, fds)
 	for _, fd in ipairs(fds) do
 		-- a {log = path} is made and closed by proc.spawn
-		if type(fd) == "number" and not ((v._tap and fd == v._tap:fd())
-			or (v._qmp_listen and fd == v._qmp_listen:fd())) then
-			sys.close(fd)
-		end
+		local owned = v._tap and fd == v._tap:fd() or v._qmp_listen and fd == v._qmp_listen:fd()
+		for _, l in ipairs(v._agent_listen or {}) do owned = owned or fd == l:fd() end
+		if type(fd) == "number" and not owned then sys.close(fd) end
 	end
+	for _, l in ipairs(v._agent_listen or {}) do l:close() end
+	v._agent_listen = nil
 	if v._tap then v._tap:close() end
 	if v._qmp_listen then v._qmp_listen:close() end
 	v._tap, v._qmp_listen = nil, nil
@@ -434,7 +457,8 @@ function M.snapshot(v, dir)
 	local s = v.spec
 	return { mem_mib = mem, vcpu = s.vcpu or 1, kernel = s.kernel, initrd = s.initrd,
 		boot_args = s.boot_args, boot_args_tcg = s.boot_args_tcg, rootfs_path_in_vmm = s.rootfs,
-		tap = v.tap, mac = v.mac, vmstate = "vmstate", memory = "memory", rng = s.rng ~= false }
+		tap = v.tap, mac = v.mac, vmstate = "vmstate", memory = "memory", rng = s.rng ~= false,
+		agent_ports = s.agent_ports }
 end
 
 -- A snapshot's memory file, made 0600 if an older fireclaw gave it to the VMM group (0660).
@@ -511,11 +535,25 @@ function M.shutdown(v, timeout_s)
 	return v.proc:wait(5) ~= nil
 end
 
+-- A connection to the guest agent (fireclaw.core.agent): the first free port, any process.
+function M.agent_connect(v, opts)
+	local n = v.spec and v.spec.agent_ports
+	if not n or n < 1 then return nil, "this VM has no agent ports" end
+	local o = {}
+	for k, x in pairs(opts or {}) do o[k] = x end
+	o.dir, o.ports = v.dir, n
+	return require("fireclaw.core.agent").attach(o)
+end
+
 function M.destroy(v)
 	if v.qmp then v.qmp:close() end
 	if v.attached then return end -- the VMM and its socket are the kept VM's
 	if v.proc then v.proc:close() end
 	os.remove(qmp_path(v))
+	for k = 0, ((v.spec and v.spec.agent_ports) or 0) - 1 do
+		os.remove(M.agent_path(v, k))
+		os.remove(string.format("%s/agent-%d.lock", v.dir, k))
+	end
 	-- the RAM (a memfd) goes with our last descriptor
 	if v.ram and v.ram.fd and v.ram.fd >= 0 then
 		sys.close(v.ram.fd)
