@@ -536,7 +536,11 @@ end
 
 -- The channel commands use: the agent when usable (exec = "auto" | "agent"), else SSH.
 function Sandbox:connect_exec(timeout)
-	if self:agent_usable() then return self:agent_connect(timeout) end
+	if self:agent_usable() then
+		local a = self:agent_connect(timeout)
+		self:guest_network()
+		return a
+	end
 	if self.exec_mode == "agent" then
 		error(string.format("sandbox: VM %s has no agent channel (a snapshot taken without one? make a new one: "
 			.. "fireclaw snapshot create)", self.id), 0)
@@ -673,6 +677,26 @@ function Sandbox:handoff()
 	if not ok then error(vmm_gone(self, err, "during the restore hand-off"), 0) end
 	fault.point("reseeded")
 	self.timer:stage("hand-off (clock + entropy)")
+	self:guest_network()
+end
+
+-- Through the agent, with a network policy: the agent starts before the guest's init has
+-- configured its network, and a restore's hand-off leaves the snapshot's /etc/resolv.conf.
+-- One exec waits (bounded) for the guest's default route and writes its resolver. (Over
+-- SSH neither is needed: sshd starts after the network, and reseed writes the resolver.)
+function Sandbox:guest_network()
+	local p = self.net_policy
+	if not self.agent or (p.mode == "none" and #p.publish == 0) then return end
+	local line = "n=500; until ip route 2>/dev/null | grep -q '^default'; do n=$((n - 1)); "
+		.. "[ $n -gt 0 ] || exit 3; usleep 10000; done"
+	local dns = self:resolver()
+	if dns then line = line .. string.format(" && echo 'nameserver %s' >/etc/resolv.conf", dns) end
+	local r = self:exec(line)
+	if r.status ~= 0 then
+		error(string.format("sandbox: VM %s: the guest's network is not configured (%s)", self.id,
+			r.status == 3 and "no default route after 5 s" or first_line(r.stderr)), 0)
+	end
+	self.timer:stage("guest network")
 end
 
 -- The clock is set with the reseed (one path, one round trip).
