@@ -677,16 +677,18 @@ function Sandbox:handoff()
 	if not ok then error(vmm_gone(self, err, "during the restore hand-off"), 0) end
 	fault.point("reseeded")
 	self.timer:stage("hand-off (clock + entropy)")
-	self:guest_network()
+	self:guest_network(true)
 end
 
 -- Through the agent, with a network policy: the agent starts before the guest's init has
 -- configured its network, and a restore's hand-off leaves the snapshot's /etc/resolv.conf.
 -- One exec waits (bounded) for the guest's default route and writes its resolver. (Over
 -- SSH neither is needed: sshd starts after the network, and reseed writes the resolver.)
-function Sandbox:guest_network()
+-- restored: the guest's network is the snapshot's, up already: only a resolver to write.
+function Sandbox:guest_network(restored)
 	local p = self.net_policy
 	if not self.agent or (p.mode == "none" and #p.publish == 0) then return end
+	if restored and not self:resolver() then return end
 	local line = "n=500; until ip route 2>/dev/null | grep -q '^default'; do n=$((n - 1)); "
 		.. "[ $n -gt 0 ] || exit 3; usleep 10000; done"
 	local dns = self:resolver()
