@@ -13,7 +13,7 @@
 #   make format          clang-format core/, guest/ and tests/unit/
 
 PREFIX ?= /usr/local
-PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs com_err libmnl libedit
+PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs com_err libmnl libedit libnftables
 CC ?= cc
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Icore
@@ -98,7 +98,7 @@ test: $(BIN) $(UNIT)
 	FIRECLAW=$(abspath $(BIN)) UNIT_DIR=$(OBJDIR)/unit tests/run $(TESTS)
 
 # the unit tier: no root, no VM, no network namespace, a few seconds (docs/HACKING.md)
-CHECK_TESTS := tests/json.lua tests/jsonrpc.lua tests/sys.lua tests/fs.lua tests/boot_args.lua tests/cgroup.lua tests/cstrings.lua \
+CHECK_TESTS := tests/json.lua tests/jsonrpc.lua tests/sys.lua tests/fs.lua tests/boot_args.lua tests/netpolicy.lua tests/cgroup.lua tests/cstrings.lua \
 	tests/rootfs.lua tests/docs.sh tests/apidoc.lua tests/lint.sh tests/repl.py tests/agent_proto.lua
 check: $(BIN) $(UNIT)
 	FIRECLAW=$(abspath $(BIN)) UNIT_DIR=$(OBJDIR)/unit tests/run $(UNIT) $(CHECK_TESTS)

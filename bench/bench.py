@@ -12,9 +12,11 @@ Run through `make bench` (bench/run.sh). Stdlib only; Debian's /usr/bin/python3.
   3. The stage breakdown of a run, from fireclaw's own timestamps (--json stages, -v).
   4. Concurrency: 1, 2, 4, 8 restored runs at once.
   5. Throughput: sequential restored runs per minute.
+  6. Network policy: restored runs with --net none, --net nat, --allow and -p, interleaved:
+     what each mode adds (the VMs' uplink is a namespace of the bench's own, never the host).
 
 Environment: BENCH_RESTORE_RUNS (30), BENCH_COLD_RUNS (15), BENCH_CONC_ROUNDS (10),
-BENCH_SEQ_RUNS (20), BENCH_STARTUP_RUNS (200), BENCH_STAGECPU_RUNS (10), BENCH_MEMCOPY_RUNS (30), BENCH_OUT
+BENCH_SEQ_RUNS (20), BENCH_NET_RUNS (10), BENCH_STARTUP_RUNS (200), BENCH_STAGECPU_RUNS (10), BENCH_MEMCOPY_RUNS (30), BENCH_OUT
 (BENCHMARKS.md); counts below 10 are raised to 10 unless BENCH_QUICK=1 (a quick try),
 BENCH_BASELINE_SNAPSHOT=own to give the baseline its own hand-made snapshot instead of
 fireclaw's. Everything it creates (namespaces fcb-<pid>-<n>, QEMU processes, files in a
@@ -51,6 +53,11 @@ N_RESTORE = env_int("BENCH_RESTORE_RUNS", 30, 10)
 N_COLD = env_int("BENCH_COLD_RUNS", 15, 10)
 N_ROUNDS = env_int("BENCH_CONC_ROUNDS", 10, 1)
 N_SEQ = env_int("BENCH_SEQ_RUNS", 20, 10)
+N_NET = env_int("BENCH_NET_RUNS", 10, 10)
+# the network modes of section 6: label, run options
+NET_MODES = [("--net none (default)", []), ("--net nat", ["--net", "nat"]),
+             ("--allow good.test --allow 10.0.0.0/8:443", ["--allow", "good.test", "--allow", "10.0.0.0/8:443"]),
+             ("-p 127.0.0.1:PORT:8080 (none)", ["-p", "PORT:8080"])]
 N_STARTUP = env_int("BENCH_STARTUP_RUNS", 200, 10)
 N_STAGECPU = env_int("BENCH_STAGECPU_RUNS", 10, 10)
 N_MEMCOPY = env_int("BENCH_MEMCOPY_RUNS", 30, 10)
@@ -243,13 +250,13 @@ class Bench:
 
     # -- one fireclaw run
 
-    def fc_start(self, mode):
+    def fc_start(self, mode, extra=()):
         """mode: restore, cold, or restore-ssh / cold-ssh (the same over SSH: --exec ssh)."""
         n = self.next_id()
         ru = os.path.join(self.tmp, f"rusage-{n}")
         base, _, via = mode.partition("-")
         argv = [FC, "run", "-v", "--json"] + (["--no-snapshot"] if base == "cold" else []) + \
-            (["--exec", via] if via else []) + ["--", "true"]
+            (["--exec", via] if via else []) + list(extra) + ["--", "true"]
         env = dict(self.fc_env, LD_PRELOAD=self.rusage_so, FCB_RUSAGE_OUT=ru)
         t0 = time.perf_counter()
         p = start(argv, env)
@@ -280,8 +287,8 @@ class Bench:
             pass
         return r
 
-    def fc_run(self, mode):
-        return self.fc_finish(self.fc_start(mode))
+    def fc_run(self, mode, extra=()):
+        return self.fc_finish(self.fc_start(mode, extra))
 
     # -- one baseline run
 
@@ -616,6 +623,26 @@ class Bench:
             pass
         return res
 
+    def network(self):
+        """Restored runs per network mode, interleaved. The VMs' veths go to a namespace of
+        our own (FIRECLAW_UPLINK_NETNS) and dnsmasq is pointed at an address there: nothing
+        reaches the host's network (`true` sends nothing anyway)."""
+        up = f"fcb-{self.tag}-up"
+        if run(["ip", "netns", "add", up])[0] != 0:
+            raise Fail(f"cannot create the namespace {up}")
+        saved = dict(self.fc_env)
+        self.fc_env.update(FIRECLAW_UPLINK_NETNS=up, FIRECLAW_DNS="198.18.0.1")
+        res = {label: [] for label, _ in NET_MODES}
+        port = 20000 + os.getpid() % 20000
+        try:
+            for _ in range(N_NET):
+                for label, opts in NET_MODES:
+                    res[label].append(self.fc_run("restore", [o.replace("PORT", str(port)) for o in opts]))
+        finally:
+            self.fc_env = saved
+            run(["ip", "netns", "del", up])
+        return res
+
     def memory_copy(self):
         """The restore's memory copy alone: bench/memcopy.lua fills a memfd from the snapshot's
         memory N times (vm.memfd, as the QEMU driver does) and reports its CPU."""
@@ -699,6 +726,8 @@ class Bench:
         self.conc = self.concurrency()
         self.log(f"5. throughput: {N_SEQ} restored runs back to back")
         self.seq = self.sequential()
+        self.log(f"6. network modes: {N_NET} restored runs each, interleaved")
+        self.net = self.network()
         self.load_end = os.getloadavg()
         self.elapsed = time.monotonic() - self.t_start
         with open(os.path.join(self.snapdir, "meta.json")) as f:
@@ -1079,6 +1108,32 @@ class Bench:
         w("|---:|---:|---:|---:|---:|")
         w(f"| {len(s['runs'])} | {len(s['runs']) - len(ok)} | {s['total'] / 1000:.1f} | "
           f"{60000 * len(ok) / s['total']:.1f} | {summary([r['wall'] for r in ok], 0, '')} |")
+        w("")
+        w("## 6. What each network mode adds to a restored run")
+        w("")
+        w("Restored `run -- true` runs, the modes interleaved; the uplink is a namespace of the bench's own. "
+          "*policy* is the run's `network policy (…)` stage: veth, NAT and filter tables (libnftables), dnsmasq "
+          "started and answering, forwarders; a restore with egress also writes `/etc/resolv.conf` in the reseed "
+          "exec, and its teardown drops the uplink's table. The host is shared (other VMs boot meanwhile): the "
+          "stage columns are the stable ones.")
+        w("")
+        w("| mode | runs | failures | total (wall), ms | policy stage, ms | reseed exec, ms | teardown, ms | "
+          "total − `--net none`, ms |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|")
+        base = None
+        for label, _ in NET_MODES:
+            rs = self.net[label]
+            ok = [r for r in rs if r["ok"]]
+            walls = [r["wall"] for r in ok]
+            pol = [sum(ms for n, ms in r["stages"] if n.startswith("network policy")) for r in ok]
+            rsd = [sum(ms for n, ms in r["stages"] if n.startswith("reseed")) for r in ok]
+            down = [sum(ms for n, ms in r["stages"] if n == "teardown") for r in ok]
+            m = med(walls) if walls else None
+            if base is None:
+                base = m
+            diff = f"{m - base:+.0f}" if m is not None and base is not None else "–"
+            w(f"| {label} | {len(rs)} | {len(rs) - len(ok)} | {summary(walls, 0, '')} | "
+              f"{summary(pol, 1, '') if any(pol) else '–'} | {summary(rsd, 0, '')} | {summary(down, 0, '')} | {diff} |")
         w("")
         w("## Method")
         w("")

@@ -11,8 +11,7 @@
 #include <linux/rtnetlink.h>
 #include <linux/veth.h>
 #include <sched.h>
-#include <signal.h>
-#include <sys/wait.h>
+#include <nftables/libnftables.h>
 
 /* ---- egress (optional, off by default) ----
  *
@@ -27,8 +26,13 @@
  *   - NAT with nftables: in netns, traffic leaving through the veth is masqueraded to the
  *     veth address (every VM namespace uses the same guest subnet); in the uplink, traffic
  *     from opts.cidr leaving through any other interface is masqueraded again.
- * NAT runs the `nft` program (Debian package nftables) inside each namespace: nftables has
- * no stable library interface worth binding for two rules.
+ * The rules are applied in-process with libnftables (Debian libnftables1), inside each
+ * namespace through fc_netns_run: no `nft` process, one atomic transaction per table.
+ * The uplink table also isolates the VM. Dropped: whatever arrives from its veth for the
+ * uplink itself (the host's own addresses), except replies to what the uplink started and
+ * the matches in opts.host_accept (such as "ip daddr 10.0.0.1 tcp dport 80": addresses a
+ * user named); and whatever would be forwarded to link-local addresses (169.254.0.0/16:
+ * cloud metadata) or to another VM's veth (fcv*).
  * opts.uplink_netns = nil means the namespace fireclaw itself runs in (normally the host's
  * root namespace): that changes the host (a veth, an address, forwarding, an nftables
  * table) and must only be done when a user asks for it. Give each VM namespace its own
@@ -54,8 +58,8 @@ static uint32_t fnv1a(const char *s)
 
 static void read_egress_opts(lua_State *L, const char *netns, int t, struct egress_opts *o)
 {
-	static const char *const known[] = {"uplink_netns", "ifname", "uplink_ifname", "cidr",
-					    NULL};
+	static const char *const known[] = {"uplink_netns", "ifname",	   "uplink_ifname",
+					    "cidr",	    "host_accept", NULL};
 	memset(o, 0, sizeof *o);
 	if (!lua_isnoneornil(L, t))
 		luaL_checktype(L, t, LUA_TTABLE);
@@ -142,70 +146,15 @@ static int forwarding_on(const char *netns)
 	return netns ? net_in_netns(netns, enable_forwarding, NULL) : enable_forwarding(NULL);
 }
 
-/* ---- running nft ---- */
+/* ---- running nftables (libnftables, in-process) ---- */
 
-#define CHILD_MT "fireclaw.net.child"
-
-/* A child process and our ends of its pipes, owned by the Lua stack: if anything raises
- * (an interrupted wait, say), collecting the guard closes the pipes and kills and reaps
- * the child. */
-struct child {
-	pid_t pid;
-	int in, out; /* our ends: its stdin, its stdout+stderr */
+struct nft_job {
+	const char *script;
+	char *msg;
+	size_t len;
 };
 
-static int child_close(lua_State *L)
-{
-	struct child *c = luaL_checkudata(L, 1, CHILD_MT);
-	if (c->in >= 0)
-		close(c->in);
-	if (c->out >= 0)
-		close(c->out);
-	c->in = c->out = -1;
-	if (c->pid > 0) {
-		kill(c->pid, SIGKILL); /* our own child, by its pid */
-		waitpid(c->pid, NULL, 0);
-	}
-	c->pid = 0;
-	return 0;
-}
-
-/* In the child: enter the namespace, wire the pipes, exec nft. Never returns. */
-static void exec_nft(int nsfd, int in, int out)
-{
-	if (nsfd >= 0 && setns(nsfd, CLONE_NEWNET) < 0)
-		_exit(126);
-	if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(out, 2) < 0)
-		_exit(126);
-	char *argv[] = {"nft", "-f", "-", NULL};
-	execv("/usr/sbin/nft", argv);
-	execvp("nft", argv);
-	_exit(127);
-}
-
-/* Read everything the child writes until it closes its end (it exits), through fc_poll so
- * a Ctrl-C gets out. Keeps the first len-1 bytes in msg. */
-static void read_child_output(lua_State *L, struct child *c, char *msg, size_t len)
-{
-	size_t used = 0;
-	char buf[512];
-	msg[0] = 0;
-	for (;;) {
-		struct pollfd p = {.fd = c->out, .events = POLLIN};
-		fc_poll(L, &p, 1, -1);
-		ssize_t n = read(c->out, buf, sizeof buf);
-		if (n < 0 && (errno == EINTR || errno == EAGAIN))
-			continue;
-		if (n <= 0)
-			break;
-		size_t take = (size_t)n < len - 1 - used ? (size_t)n : len - 1 - used;
-		memcpy(msg + used, buf, take);
-		used += take;
-		msg[used] = 0;
-	}
-}
-
-/* Keep the first line of nft's complaint, which names the problem. */
+/* Keep the first line of nftables' complaint, which names the problem. */
 static void first_line(char *s)
 {
 	char *nl = strchr(s, '\n');
@@ -213,67 +162,62 @@ static void first_line(char *s)
 		*nl = 0;
 }
 
-/* Start nft -f - inside namespace nsfd (-1 = ours), its pipes recorded in c. Returns 0
- * or an errno value. */
-static int spawn_nft(struct child *c, int nsfd)
+/* Runs inside the target namespace (fc_netns_run): the context, its netlink socket and the
+ * commands all belong to that namespace. Never raises. */
+static int nft_apply(void *arg)
 {
-	int in[2], out[2];
-	if (pipe2(in, O_CLOEXEC) < 0)
-		return errno;
-	c->in = in[1];
-	if (pipe2(out, O_CLOEXEC) < 0) {
-		close(in[0]);
-		return errno;
-	}
-	c->out = out[0];
-	c->pid = fork();
-	if (c->pid == 0)
-		exec_nft(nsfd, in[0], out[1]);
-	int err = c->pid < 0 ? errno : 0;
-	if (c->pid < 0)
-		c->pid = 0;
-	close(in[0]);
-	close(out[1]);
-	return err;
-}
-
-/* Run `nft -f -` with script on stdin, inside netns (NULL = ours). Returns 0, or -1 with
- * the reason in msg. Raises only on interrupt, or when no process can be started. */
-static int run_nft(lua_State *L, const char *netns, const char *script, char *msg, size_t len)
-{
-	struct child *c = fc_new(L, sizeof *c, CHILD_MT);
-	c->in = c->out = -1;
-	int nsfd = netns ? fc_netns_open(netns) : -1;
-	if (netns && nsfd < 0) {
-		snprintf(msg, len, "open namespace %s: %s", netns, strerror(errno));
-		lua_pop(L, 1);
+	struct nft_job *j = arg;
+	struct nft_ctx *ctx = nft_ctx_new(NFT_CTX_DEFAULT);
+	if (!ctx) {
+		snprintf(j->msg, j->len, "libnftables: cannot make a context");
 		return -1;
 	}
-	int err = spawn_nft(c, nsfd);
-	if (nsfd >= 0)
-		close(nsfd);
-	if (err)
-		fc_errno_error(L, err, "net: run nft in %s", netns ? netns : "the host namespace");
-	/* a few hundred bytes: fits in the pipe, the write cannot block */
-	ssize_t w = write(c->in, script, strlen(script));
-	(void)w; /* a short write shows up as nft's syntax error */
-	close(c->in);
-	c->in = -1;
-	read_child_output(L, c, msg, len);
-	int status;
-	waitpid(c->pid, &status, 0);
-	c->pid = 0;
-	close(c->out);
-	c->out = -1;
-	lua_pop(L, 1); /* the guard, now empty */
-	if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
-		return 0;
-	if (WIFEXITED(status) && WEXITSTATUS(status) == 127)
-		snprintf(msg, len, "nft not found (install the Debian package nftables)");
-	else if (!msg[0])
-		snprintf(msg, len, "nft failed (status %d)", status);
-	first_line(msg);
-	return -1;
+	nft_ctx_buffer_output(ctx);
+	nft_ctx_buffer_error(ctx);
+	int rc = nft_run_cmd_from_buffer(ctx, j->script);
+	if (rc) {
+		const char *e = nft_ctx_get_error_buffer(ctx);
+		snprintf(j->msg, j->len, "%s", e && *e ? e : "nftables refused the rules");
+		first_line(j->msg);
+	}
+	nft_ctx_free(ctx);
+	return rc ? -1 : 0;
+}
+
+/* Apply an nftables script inside netns (NULL = ours) through libnftables. Returns 0, or -1
+ * with the reason in msg. Never raises. */
+static int run_nft(lua_State *L, const char *netns, const char *script, char *msg, size_t len)
+{
+	(void)L;
+	struct nft_job j = {.script = script, .msg = msg, .len = len};
+	msg[0] = 0;
+	if (!netns)
+		return nft_apply(&j);
+	int nsfd = fc_netns_open(netns);
+	if (nsfd < 0) {
+		snprintf(msg, len, "open namespace %s: %s", netns, strerror(errno));
+		return -1;
+	}
+	int rc = fc_netns_run(nsfd, nft_apply, &j);
+	close(nsfd);
+	if (rc < -1 || (rc < 0 && !msg[0]))
+		snprintf(msg, len, "enter namespace %s: %s", netns, strerror(-rc));
+	return rc ? -1 : 0;
+}
+
+/* net.nft(netns, script): apply an nftables script (nft -f syntax) atomically inside netns
+ * (nil: fireclaw's own namespace). Raises with nftables' first line of complaint. */
+static int l_nft(lua_State *L)
+{
+	const char *netns = lua_isnoneornil(L, 1) ? NULL : net_check_netns_name(L, 1);
+	size_t n;
+	const char *script = luaL_checklstring(L, 2, &n);
+	if (strlen(script) != n)
+		fc_error(L, "net: nft: the script holds a NUL byte");
+	char msg[512];
+	if (run_nft(L, netns, script, msg, sizeof msg) < 0)
+		fc_error(L, "net: nft in %s: %s", netns ? netns : "the host namespace", msg);
+	return 0;
 }
 
 /* ---- egress enable/disable ---- */
@@ -296,6 +240,61 @@ static void drop_table_script(char *buf, size_t len, const char *table)
 static void uplink_table_name(const struct egress_opts *o, char *buf, size_t len)
 {
 	snprintf(buf, len, "fireclaw_%s", o->uplink_ifname);
+}
+
+#define HOST_ACCEPT_MAX 64
+#define HOST_ACCEPT_LEN 160
+
+/* One entry of opts.host_accept: an nft match built by fireclaw.netpolicy from addresses
+ * and ports it checked; still only letters, digits and the punctuation of such a match. */
+static const char *check_match(lua_State *L, const char *m)
+{
+	size_t n = strlen(m);
+	if (n == 0 || n >= HOST_ACCEPT_LEN ||
+	    strspn(m, "abcdefghijklmnopqrstuvwxyz0123456789 ./:{},-") != n)
+		fc_error(L, "net: egress: bad host_accept entry '%s'", m);
+	return m;
+}
+
+/* The uplink's table for this VM: NAT out, and the isolation (see the comment on top).
+ * The entries of the host_accept list at index t are accepted before the input drop.
+ * Returns the script, kept in a userdata it pushes (raises only on misuse). */
+static char *uplink_script(lua_State *L, const struct egress_opts *o, int t)
+{
+	char table[64];
+	uplink_table_name(o, table, sizeof table);
+	int count = lua_istable(L, t) ? (int)lua_objlen(L, t) : 0;
+	if (count > HOST_ACCEPT_MAX)
+		fc_error(L, "net: egress: more than %d host_accept entries", HOST_ACCEPT_MAX);
+	for (int i = 1; i <= count; i++) { /* check them all before anything is allocated */
+		lua_rawgeti(L, t, i);
+		if (lua_type(L, -1) != LUA_TSTRING)
+			fc_error(L, "net: egress: host_accept entries are strings");
+		check_match(L, lua_tostring(L, -1));
+		lua_pop(L, 1);
+	}
+	size_t len = 2048 + (size_t)HOST_ACCEPT_MAX * (HOST_ACCEPT_LEN + 64);
+	char *buf = lua_newuserdata(L, len); /* owned by the Lua stack: nothing to free */
+	const char *up = o->uplink_ifname;
+	int n = snprintf(
+	    buf, len,
+	    "add table ip %s\ndelete table ip %s\ntable ip %s {\n"
+	    " chain postrouting {\n  type nat hook postrouting priority 100; policy accept;\n"
+	    "  ip saddr %s oifname != \"%s\" masquerade\n }\n"
+	    " chain forward {\n  type filter hook forward priority -10; policy accept;\n"
+	    "  iifname \"%s\" ip daddr 169.254.0.0/16 drop\n"
+	    "  iifname \"%s\" oifname \"fcv*\" drop\n }\n"
+	    " chain input {\n  type filter hook input priority -10; policy accept;\n"
+	    "  iifname \"%s\" ct state established,related accept\n",
+	    table, table, table, o->cidr, up, up, up, up);
+	for (int i = 1; i <= count; i++) {
+		lua_rawgeti(L, t, i);
+		n += snprintf(buf + n, len - (size_t)n, "  iifname \"%s\" %s accept\n", up,
+			      lua_tostring(L, -1));
+		lua_pop(L, 1);
+	}
+	snprintf(buf + n, len - (size_t)n, "  iifname \"%s\" drop\n }\n}\n", up);
+	return buf;
 }
 
 static int egress_configure(struct nl *vm, struct nl *up, const struct egress_opts *o)
@@ -360,7 +359,13 @@ static int l_egress_enable(lua_State *L)
 	const char *netns = net_check_netns_name(L, 1);
 	struct egress_opts o;
 	read_egress_opts(L, netns, 2, &o);
-	char what[256], step[128] = "", script[1024], msg[512], table[64], rule[256];
+	char what[256], step[128] = "", script[1024], msg[512], rule[256];
+	/* the uplink's script first: a bad host_accept raises before anything exists */
+	if (lua_istable(L, 2))
+		lua_getfield(L, 2, "host_accept");
+	else
+		lua_pushnil(L);
+	const char *up = uplink_script(L, &o, lua_gettop(L));
 	snprintf(what, sizeof what, "enable egress for %s via %s", netns,
 		 o.uplink ? o.uplink : "the host namespace");
 	int err = egress_links(netns, &o, step, sizeof step); /* undoes itself on failure */
@@ -378,13 +383,8 @@ static int l_egress_enable(lua_State *L)
 	snprintf(rule, sizeof rule, "oifname \"%s\" masquerade", o.ifname);
 	nat_script(script, sizeof script, EGRESS_TABLE, rule);
 	int failed = run_nft(L, netns, script, msg, sizeof msg);
-	if (!failed) {
-		uplink_table_name(&o, table, sizeof table);
-		snprintf(rule, sizeof rule, "ip saddr %s oifname != \"%s\" masquerade", o.cidr,
-			 o.uplink_ifname);
-		nat_script(script, sizeof script, table, rule);
-		failed = run_nft(L, o.uplink, script, msg, sizeof msg);
-	}
+	if (!failed)
+		failed = run_nft(L, o.uplink, up, msg, sizeof msg);
 	if (failed) {
 		/* undo in reverse; the uplink table was not created (its script failed or
 		 * never ran) */
@@ -424,12 +424,11 @@ static int l_egress_disable(lua_State *L)
 
 void fc_net_egress_register(lua_State *L)
 {
-	static const luaL_Reg child_methods[] = {{"close", child_close}, {NULL, NULL}};
 	static const luaL_Reg fns[] = {
 	    {"egress_enable", l_egress_enable},
 	    {"egress_disable", l_egress_disable},
+	    {"nft", l_nft},
 	    {NULL, NULL},
 	};
-	fc_class(L, CHILD_MT, child_methods);
 	luaL_register(L, NULL, fns);
 }

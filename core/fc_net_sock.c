@@ -459,6 +459,32 @@ static int l_unix_connect(lua_State *L)
 	return 1;
 }
 
+/* net.tcp_listen(host, port) -> socket: a TCP socket listening on host:port (IPv4) in
+ * fireclaw's own namespace, for a port forwarder to accept on (proc.spawn{fds = …}): a
+ * port that is taken is an error here, before any forwarder exists. */
+static int l_tcp_listen(lua_State *L)
+{
+	const char *host = luaL_checkstring(L, 1);
+	int port = luaL_checkint(L, 2);
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+	if (inet_pton(AF_INET, host, &sa.sin_addr) != 1)
+		fc_error(L, "net: listen on %s:%d: bad IPv4 address '%s'", host, port, host);
+	if (port < 1 || port > 65535)
+		fc_error(L, "net: listen on %s:%d: bad port", host, port);
+	struct sock *s = fc_new(L, sizeof *s, SOCK_MT);
+	snprintf(s->label, sizeof s->label, "tcp %s:%d", host, port);
+	s->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (s->fd < 0)
+		fc_errno_error(L, errno, "net: listen on %s:%d: socket", host, port);
+	int one = 1;
+	setsockopt(s->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	if (bind(s->fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+		fc_errno_error(L, errno, "net: listen on %s:%d", host, port);
+	if (listen(s->fd, 64) < 0)
+		fc_errno_error(L, errno, "net: listen on %s:%d", host, port);
+	return 1;
+}
+
 void fc_net_sock_register(lua_State *L)
 {
 	static const luaL_Reg sock_methods[] = {
@@ -471,6 +497,7 @@ void fc_net_sock_register(lua_State *L)
 	    {"probe", l_probe},
 	    {"tap_open", l_tap_open},
 	    {"unix_listen", l_unix_listen},
+	    {"tcp_listen", l_tcp_listen},
 	    {"unix_connect", l_unix_connect},
 	    {NULL, NULL},
 	};

@@ -426,6 +426,8 @@ int main(int argc, char **argv)
 	struct options o = {0};
 	if (argc > 1 && strcmp(argv[1], "--log-sink") == 0)
 		return fc_log_sink_main(argc, argv); /* internal: see core/proc.c */
+	if (argc > 1 && strcmp(argv[1], "--port-forward") == 0)
+		return fc_port_forward_main(argc, argv); /* internal: see core/fc_forward.c */
 	parse_options(argc, argv, &o);
 	lua_State *L = luaL_newstate();
 	if (!L) {

@@ -18,10 +18,12 @@
  *   net.connect(netns, host, port [, timeout_s=10]) -> socket
  *   net.tap_open(netns, ifname) -> socket  an fd on an existing tap, to hand to a VMM
  *   net.unix_listen(path) -> socket        a listening unix socket, mode 0600, for a VMM
+ *   net.tcp_listen(host, port) -> socket   a listening TCP socket here, for a port forwarder
  *   net.unix_connect(path) -> socket       connected to a VMM's unix socket (Firecracker's
  *                                          vsock); raises when nobody listens there
  *   net.probe(netns, host, port [, timeout_ms=50]) -> bool
- *   net.egress_enable(netns, opts), net.egress_disable(netns, opts)   see "egress" below
+ *   net.egress_enable(netns, opts), net.egress_disable(netns, opts)   see fc_egress.c
+ *   net.nft(netns, script)                 nftables through libnftables (fc_egress.c)
  *
  *   socket (fireclaw.net.socket): s:fd(), s:send(data [, timeout_s]) -> bytes sent,
  *   s:recv([max=65536] [, timeout_s]) -> data, or nil at end of stream; s:close()

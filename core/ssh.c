@@ -440,6 +440,12 @@ static int try_handshake(lua_State *L, struct session *S, const struct connect_o
 		a->tcp_err = errno ? errno : EIO;
 		return -1;
 	}
+	/* closed with a RST (also when fireclaw dies): the VM is usually destroyed right after
+	 * its session, and a FIN nobody acknowledges keeps an orphaned socket retransmitting
+	 * for minutes, holding the VM's network namespace (and its egress veth) alive after
+	 * its name is gone */
+	struct linger lg = {.l_onoff = 1, .l_linger = 0};
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
 	S->fd = fd;
 	S->s = libssh2_session_init();
 	if (!S->s) {

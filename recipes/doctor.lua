@@ -191,6 +191,35 @@ local function check_netns()
 	end
 end
 
+-- What --net nat / --allow need: nftables through libnftables (tried in a throw-away
+-- namespace, never the host's), dnsmasq, and an upstream resolver a VM can reach. Optional:
+-- without them VMs still run with --net none, so this warns.
+local function check_egress()
+	local netpolicy = require "fireclaw.netpolicy"
+	local problems = {}
+	local name = "fct-doctor-nft-" .. proc.getpid()
+	local ok, err = pcall(function()
+		local net = require "fireclaw.net"
+		net.netns_create(name)
+		local nft_ok, nft_err = pcall(net.nft, name, "add table ip t\ndelete table ip t\n")
+		net.netns_delete(name)
+		if not nft_ok then error(nft_err, 0) end
+	end)
+	if not ok then problems[#problems + 1] = "nftables: " .. tostring(err) end
+	local fs = require "fireclaw.fs"
+	if not (fs.exists("/usr/sbin/dnsmasq") or fs.exists("/sbin/dnsmasq")) then
+		problems[#problems + 1] = "no dnsmasq (Debian package dnsmasq-base)"
+	end
+	local ups_ok, ups = pcall(netpolicy.upstreams)
+	if not ups_ok then problems[#problems + 1] = tostring(ups):gsub("^network: ", "") end
+	if #problems == 0 then
+		report("ok", "egress", "--net nat / --allow: nftables, dnsmasq, resolvers " .. table.concat(ups, ","))
+	else
+		report("warn", "egress", "--net nat / --allow cannot work: " .. table.concat(problems, "; "),
+			"apt-get install nftables libnftables1 dnsmasq-base; FIRECLAW_DNS=IP for the resolver")
+	end
+end
+
 -- The cgroup layout fireclaw.cgroup uses for VM limits (memory, pids, cpu).
 local function check_cgroup()
 	local cgroup = require "fireclaw.cgroup"
@@ -308,6 +337,7 @@ check_firecracker()
 check_qemu()
 check_tun()
 check_netns()
+check_egress()
 check_cgroup()
 check_confine_qemu()
 check_confine_firecracker()

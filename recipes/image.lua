@@ -7,7 +7,7 @@
 --   fireclaw image info [NAME]
 --   fireclaw image rm NAME…
 --   fireclaw image import --name NAME --kernel K --rootfs R [--initrd I] [--host-key PUB]
---                         [--boot-args "…"] [--cmdline-devices] [--force]
+--                         [--boot-args "…"] [--cmdline-devices] [--net none|nat] [--force]
 --
 -- The work is done by lua/fireclaw/image.lua; this file is the command line around it.
 local cli = require "fireclaw.cli"
@@ -184,6 +184,7 @@ function commands.import(argv)
 		{ "--host-key FILE", "the guest's SSH host public key (ssh-ed25519 AAAA…), to pin it" },
 		{ "--boot-args ARGS", "kernel command line (default: the built image's)" },
 		{ "--cmdline-devices", "its kernel takes virtio-mmio devices on the command line (Firecracker < 1.8)" },
+		{ "--net MODE", "the network mode its VMs get by default: none or nat (run --net overrides)" },
 		{ "--force", "replace an existing image of that name" },
 		quiet_opt,
 	})
@@ -203,6 +204,7 @@ function commands.import(argv)
 	end
 	image.import({ name = opts.name, kernel = opts.kernel, rootfs = opts.rootfs, initrd = opts.initrd,
 		host_key = opts.host_key, boot_args = opts.boot_args, cmdline_devices = opts.cmdline_devices,
+		net_mode = opts.net,
 		force = opts.force })
 	return 0
 end

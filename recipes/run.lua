@@ -10,6 +10,7 @@ local fs = require "fireclaw.fs"
 local image = require "fireclaw.image"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
+local netpolicy = require "fireclaw.netpolicy"
 local runtime = require "fireclaw.runtime"
 local sandbox = require "fireclaw.sandbox"
 local sys = require "fireclaw.sys"
@@ -53,6 +54,14 @@ local SPEC = {
 	{ "--boot-timeout S", "how long to wait for the guest's agent or SSH", type = "number", default = 60 },
 	{ "-v, --verbose", "progress lines with the time of each stage" },
 }
+-- --net, --allow, -p (fireclaw.netpolicy), before --keep in --help
+do
+	local at = #SPEC + 1
+	for i, opt in ipairs(SPEC) do
+		if opt[1] == "--keep" then at = i end
+	end
+	for i, opt in ipairs(netpolicy.CLI) do table.insert(SPEC, at + i - 1, opt) end
+end
 
 -- "64K", "512M", "2G", "1000" -> bytes (binary units), nil if it is not a size.
 local function parse_size(s)
@@ -137,6 +146,9 @@ local function check_options(o)
 	if stall and stall ~= "" and (tonumber(stall) or 0) <= 0 then
 		cli.usage_error("FIRECLAW_TRANSFER_STALL_S must be a number of seconds > 0, got '%s'", stall)
 	end
+	local bad_net
+	o.policy, bad_net = netpolicy.from_cli(o)
+	if not o.policy then cli.usage_error("%s", bad_net) end
 	o.puts, o.gets, o.envs = {}, {}, {}
 	for _, p in ipairs(o.put) do
 		local l, r = p:match("^([^:]+):(.+)$")
@@ -174,7 +186,8 @@ local function start_vm(o)
 		unsafe_no_jailer = o.unsafe_no_jailer }
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
 		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk,
-		exec = o.exec, unsafe_no_jailer = o.unsafe_no_jailer, name = o.name, ttl = o.ttl }
+		exec = o.exec, unsafe_no_jailer = o.unsafe_no_jailer, name = o.name, ttl = o.ttl,
+		net = o.policy }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap and o.sized and (o.vcpu ~= snap.vcpu or o.mem ~= snap.mem_mib) then

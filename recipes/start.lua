@@ -42,6 +42,11 @@ local SPEC = {
 	{ "--json", "print {id, name, expires, boot, image, duration_ms}" },
 	{ "-v, --verbose", "progress lines" },
 }
+-- --net, --allow, -p (fireclaw.netpolicy; checked by run.check_options), before --json
+do
+	local at = #SPEC - 1 -- (--json)
+	for i, opt in ipairs(require("fireclaw.netpolicy").CLI) do table.insert(SPEC, at + i - 1, opt) end
+end
 
 local function main(args)
 	local o = cli.parse(args, SPEC)

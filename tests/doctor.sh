@@ -8,7 +8,7 @@ unset FIRECLAW_VMM FIRECLAW_ACCEL FIRECLAW_FIRECRACKER
 
 out=$("$FC" doctor 2>&1)
 rc=$?
-for check in kvm firecracker qemu tun netns cgroup "confine qemu" "confine fc" image "state dir" "run dir" vm; do
+for check in kvm firecracker qemu tun netns egress cgroup "confine qemu" "confine fc" image "state dir" "run dir" vm; do
 	like "$out" "^(ok|warn|fail) +$check " "a line for the $check check"
 done
 

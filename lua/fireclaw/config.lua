@@ -1,7 +1,7 @@
 -- fireclaw.config: where things live and the defaults a VM gets.
 -- Environment overrides: FIRECLAW_STATE, FIRECLAW_RUN, FIRECLAW_VMM, FIRECLAW_ACCEL,
 -- FIRECLAW_FIRECRACKER, FIRECLAW_JAILER, FIRECLAW_UNSAFE_NO_JAILER, FIRECLAW_QEMU, FIRECLAW_NETNS_PREFIX, FIRECLAW_VMM_USER,
--- FIRECLAW_LOG_CAP.
+-- FIRECLAW_LOG_CAP, FIRECLAW_UPLINK_NETNS, FIRECLAW_DNS, FIRECLAW_NET.
 local M = {}
 
 M.state_dir = os.getenv("FIRECLAW_STATE") or "/var/lib/fireclaw"
@@ -44,6 +44,15 @@ M.net = {
 	-- fixed MACs: a restored guest still has the gateway's MAC in its ARP cache
 	tap_mac = "06:00:ac:10:00:01",
 	guest_mac = "06:00:ac:10:00:02",
+	-- egress (fireclaw.netpolicy): the namespace the VMs' veths go to (nil: fireclaw's
+	-- own, normally the host's) and the resolvers their dnsmasq asks (nil: the host's
+	-- /etc/resolv.conf); the tests point both at namespaces of their own
+	uplink_netns = os.getenv("FIRECLAW_UPLINK_NETNS") ~= "" and os.getenv("FIRECLAW_UPLINK_NETNS") or nil,
+	dns = os.getenv("FIRECLAW_DNS"),
+	-- the default mode of a VM's network: "none" (no way out) or "nat"; nil: the image's
+	-- (manifest net_mode, set by `image import --net`), else "none". `--net` and
+	-- sb:network{mode} choose per VM
+	mode = os.getenv("FIRECLAW_NET") ~= "" and os.getenv("FIRECLAW_NET") or nil,
 }
 
 local CHOICE_ENV = { vmm = "FIRECLAW_VMM", accel = "FIRECLAW_ACCEL" }

@@ -7,8 +7,9 @@
 --                                  (opts.hostname, opts.authorized_keys)
 --   guest.HELPER                 where the rootfs has the helper (/usr/sbin/fireclaw-guest)
 --   guest.helper()               -> its bytes (guest/fireclaw-guest.c, compiled into fireclaw)
---   guest.reseed_command(ns)     -> the shell line that reseeds the guest's CRNG with host
---                                  entropy on its stdin and sets its clock to ns
+--   guest.reseed_command(ns [, dns]) -> the shell line that reseeds the guest's CRNG with host
+--                                  entropy on its stdin and sets its clock to ns (and with
+--                                  dns, writes /etc/resolv.conf)
 --   guest.AGENT                  where the rootfs has the agent (/usr/sbin/fireclaw-agent)
 --   guest.agent()                -> its bytes (guest/fireclaw-agent.c; docs/agent-protocol.md)
 --   guest.AGENT_PORTS            how many agent ports (virtio-serial) a QEMU VM gets
@@ -51,9 +52,14 @@ M.RESEED_BYTES = 64
 
 -- One exec does both: credit the host's bytes (stdin) and reseed the CRNG, then set the
 -- clock to ns (an integer, nanoseconds since 1970).
-function M.reseed_command(ns)
+-- dns (an IPv4 address, optional): also make it the guest's resolver, in the same exec (a
+-- restored guest keeps the snapshot's /etc/resolv.conf otherwise).
+function M.reseed_command(ns, dns)
 	if type(ns) ~= "number" or ns < 0 or ns % 1 ~= 0 then error("guest: reseed_command wants integer ns", 2) end
-	return string.format("%s reseed %.0f", M.HELPER, ns)
+	local line = string.format("%s reseed %.0f", M.HELPER, ns)
+	if dns == nil then return line end
+	if type(dns) ~= "string" or not dns:match("^%d+%.%d+%.%d+%.%d+$") then error("guest: reseed_command: bad dns", 2) end
+	return line .. string.format(" && echo 'nameserver %s' >/etc/resolv.conf", dns)
 end
 
 -- fireclaw's own programs in the guest, at these paths in every image (the default one,

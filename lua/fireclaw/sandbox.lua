@@ -6,6 +6,9 @@
 --                          cpus = 0.5,    -- optional CPU limit (fireclaw.cgroup)
 --                          disk = "2G"}   -- optional: a bigger root disk (cold boot)
 --   sb:network()              -- namespace fc-<id> with tap0 (172.16.0.1/30, fixed MACs)
+--   sb:network{mode = "nat", allow = {"pypi.org"}, publish = {"127.0.0.1:8080:80"}}
+--                             -- … and a network policy (fireclaw.netpolicy; default: the
+--                             -- `net` option of sandbox.new, else config.net.mode, "none")
 --   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse), grown to `disk`
 --   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot, in
 --                             -- its own cgroup (memory, pids, cpu limits) where there is one
@@ -36,6 +39,7 @@ local guest = require "fireclaw.guest"
 local image = require "fireclaw.image"
 local log = require "fireclaw.log"
 local net = require "fireclaw.net"
+local netpolicy = require "fireclaw.netpolicy"
 local opts_check = require "fireclaw.opts"
 local proc = require "fireclaw.proc"
 local rootfs = require "fireclaw.rootfs"
@@ -70,10 +74,11 @@ end
 
 -- The options sandbox.new (and sandbox.build, coldboot.boot, restore.restore) takes;
 -- boot_timeout is how long sb:connect() waits by default (s).
+-- net: the network policy sb:network() applies ({mode =, allow =, publish =}, fireclaw.netpolicy).
 -- keep: the VM outlives this process (fireclaw start, run --keep); name, ttl (s): a kept
 -- VM's name and time to live (state.find, state.expired).
 M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk",
-	"exec", "unsafe_no_jailer", "name", "ttl" }
+	"exec", "unsafe_no_jailer", "name", "ttl", "net" }
 M.EXEC_MODES = { auto = true, agent = true, ssh = true }
 
 -- Does this image carry an agent that speaks this fireclaw's protocol?
@@ -169,6 +174,7 @@ function M.new(opts)
 	opts = opts_check.check("sandbox.new", opts, M.OPTIONS)
 	local img = image.load(opts.image or config.image)
 	local disk_bytes = disk_size(opts.disk, img)
+	local policy = netpolicy.check(opts.net, img.net_mode) -- (no mode: FIRECLAW_NET, else the image's)
 	state.reap_stale() -- what a killed fireclaw left behind (one listdir when there is none)
 	local exec = opts.exec or config.exec or "auto"
 	if not M.EXEC_MODES[exec] then error(string.format("sandbox: exec must be auto, agent or ssh, not '%s'", tostring(exec)), 0) end
@@ -194,7 +200,7 @@ function M.new(opts)
 		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
 		keep = opts.keep, boot_timeout = opts.boot_timeout, timer = log.timer("VM " .. rec.id),
-		disk_bytes = disk_bytes, undo = {}, exec_mode = exec,
+		disk_bytes = disk_bytes, undo = {}, exec_mode = exec, net_policy = policy, net_procs = {},
 	}, Sandbox)
 	-- the bottom of the stack: whatever the record still lists (the VMM of a boot that
 	-- failed halfway, a namespace whose tap failed), the run directory, the record itself
@@ -222,7 +228,10 @@ function M.new(opts)
 	return self
 end
 
-function Sandbox:network()
+-- The VM's namespace and tap, then its network policy (policy: sb:network's argument,
+-- else sandbox.new's `net`): egress, resolver, published ports (fireclaw.netpolicy).
+function Sandbox:network(policy)
+	if policy ~= nil then self.net_policy = netpolicy.check(policy) end
 	local n = config.net
 	net.netns_create(self.netns)
 	-- (the tap goes with its namespace)
@@ -234,6 +243,16 @@ function Sandbox:network()
 		guest_ip = n.guest_ip, guest_mac = n.guest_mac })
 	fault.point("tap")
 	self.timer:stage("network")
+	local p = self.net_policy
+	if p.mode ~= "none" or #p.publish > 0 then
+		netpolicy.apply(self, p)
+		self.timer:stage("network policy (" .. netpolicy.describe(p) .. ")")
+	end
+end
+
+-- The guest's resolver: dnsmasq on the tap's address, when the VM has egress.
+function Sandbox:resolver()
+	return self.net_policy.mode ~= "none" and config.net.host_ip or nil
 end
 
 -- Grow the disk copy (a sparse file) and its ext4 to `bytes`, offline, before any VMM
@@ -282,7 +301,8 @@ function Sandbox:boot_spec()
 	return {
 		kernel = self.vm.vmm == "firecracker" and (img.vmlinux or img.kernel) or img.kernel,
 		initrd = img.initrd,
-		boot_args = image.boot_args(img, { tcg = self.vm.vmm == "qemu" and self.vm.accel == "tcg" }),
+		boot_args = image.boot_args(img, { tcg = self.vm.vmm == "qemu" and self.vm.accel == "tcg",
+			dns = self:resolver() }),
 		rootfs = self.disk_path, vcpu = self.vcpu, mem_mib = self.mem_mib,
 		-- unless its manifest says otherwise (image import --cmdline-devices), an image's
 		-- kernel finds its virtio devices through ACPI only
@@ -516,7 +536,11 @@ end
 
 -- The channel commands use: the agent when usable (exec = "auto" | "agent"), else SSH.
 function Sandbox:connect_exec(timeout)
-	if self:agent_usable() then return self:agent_connect(timeout) end
+	if self:agent_usable() then
+		local a = self:agent_connect(timeout)
+		self:guest_network()
+		return a
+	end
 	if self.exec_mode == "agent" then
 		error(string.format("sandbox: VM %s has no agent channel (a snapshot taken without one? make a new one: "
 			.. "fireclaw snapshot create)", self.id), 0)
@@ -624,13 +648,15 @@ function Sandbox:reseed()
 	local entropy = host_entropy(guest.RESEED_BYTES)
 	local g = self.img.guest
 	if type(g) == "table" and g.helper == guest.HELPER then
-		local r = self:exec(guest.reseed_command(now_ns()), { stdin = entropy })
+		local r = self:exec(guest.reseed_command(now_ns(), self:resolver()), { stdin = entropy })
 		if r.status ~= 0 then
 			error(string.format("sandbox: VM %s: reseeding the guest failed (%s exited %s): %s", self.id, guest.HELPER,
 				tostring(r.status or r.signal), first_line(r.stderr)), 0)
 		end
 	else
-		local r = self:exec(string.format("cat >/dev/urandom && date -s @%d >/dev/null", os.time()), { stdin = entropy })
+		local dns = self:resolver()
+		local r = self:exec(string.format("cat >/dev/urandom && date -s @%d >/dev/null", os.time())
+			.. (dns and string.format(" && echo 'nameserver %s' >/etc/resolv.conf", dns) or ""), { stdin = entropy })
 		if r.status ~= 0 then error("sandbox: setting the guest clock failed: " .. first_line(r.stderr), 0) end
 		if not warned_helper[self.img.name] then
 			warned_helper[self.img.name] = true
@@ -651,6 +677,28 @@ function Sandbox:handoff()
 	if not ok then error(vmm_gone(self, err, "during the restore hand-off"), 0) end
 	fault.point("reseeded")
 	self.timer:stage("hand-off (clock + entropy)")
+	self:guest_network(true)
+end
+
+-- Through the agent, with a network policy: the agent starts before the guest's init has
+-- configured its network, and a restore's hand-off leaves the snapshot's /etc/resolv.conf.
+-- One exec waits (bounded) for the guest's default route and writes its resolver. (Over
+-- SSH neither is needed: sshd starts after the network, and reseed writes the resolver.)
+-- restored: the guest's network is the snapshot's, up already: only a resolver to write.
+function Sandbox:guest_network(restored)
+	local p = self.net_policy
+	if not self.agent or (p.mode == "none" and #p.publish == 0) then return end
+	if restored and not self:resolver() then return end
+	local line = "n=500; until ip route 2>/dev/null | grep -q '^default'; do n=$((n - 1)); "
+		.. "[ $n -gt 0 ] || exit 3; usleep 10000; done"
+	local dns = self:resolver()
+	if dns then line = line .. string.format(" && echo 'nameserver %s' >/etc/resolv.conf", dns) end
+	local r = self:exec(line)
+	if r.status ~= 0 then
+		error(string.format("sandbox: VM %s: the guest's network is not configured (%s)", self.id,
+			r.status == 3 and "no default route after 5 s" or first_line(r.stderr)), 0)
+	end
+	self.timer:stage("guest network")
 end
 
 -- The clock is set with the reseed (one path, one round trip).
@@ -760,6 +808,7 @@ function Sandbox:release()
 	if self.session then pcall(self.session.close, self.session) end
 	if self.agent then pcall(self.agent.close, self.agent) end
 	if self.vm and self.vm.proc then self.vm.proc:detach() end
+	for _, p in ipairs(self.net_procs) do p:detach() end -- its resolver and forwarders stay too
 	state.release(self.rec)
 	self.destroyed, self.released = true, true
 end
@@ -804,6 +853,8 @@ local function adopt(rec)
 		vcpu = vs.vcpu or config.vcpu, mem_mib = vs.mem_mib or config.mem_mib, keep = true, attached = true,
 		timer = log.timer("VM " .. rec.id), undo = {}, disk_path = rec.dir .. "/disk.ext4", how = "attached",
 		exec_mode = config.exec or "auto",
+		-- its network policy as made (its resolver and forwarders run on, owned by the record)
+		net_policy = { mode = type(rec.net) == "table" and rec.net.mode or "none", publish = {} }, net_procs = {},
 	}, Sandbox)
 	return self
 end

@@ -5,9 +5,11 @@
 -- and updated as resources appear, so a fireclaw killed at any point leaves enough
 -- behind for `fireclaw cleanup` to undo it:
 --   {id, netns, owner = {pid, start}, vmm = {pid, start, name}, sink = {pid, start},
---    cgroups = {dir…}, jail = {dir, pid, start}, image, created, keep}   (sink: the process
---    writing the VM's capped logs, see proc.spawn; jail: a jailed Firecracker's chroot and
---    host pid, fireclaw.vmm.jailer)
+--    cgroups = {dir…}, jail = {dir, pid, start}, image, created, keep,
+--    net = {mode, allow, publish, uplink, uplink_ifname, cidr, procs = {{role, pid, start}…}}}
+--    (sink: the process writing the VM's capped logs, see proc.spawn; jail: a jailed
+--    Firecracker's chroot and host pid, fireclaw.vmm.jailer; net: its network policy,
+--    fireclaw.netpolicy: the resolver and port forwarders, the uplink's veth and table)
 -- A VM is stale when its owner process is gone (pid + start time: pids are reused) and
 -- it was not started with --keep, or when its time to live (expires) has passed. Reaping kills the VMM only if its pid still has the
 -- recorded start time (a jailed Firecracker too), removes its cgroups (fireclaw.cgroup),
@@ -202,6 +204,9 @@ function M.reap(rec)
 		done[#done + 1] = "killed log sink " .. rec.sink.pid
 	end
 	fault.point("reap-vmm")
+	-- the network policy's resolver and forwarders (they hold the namespace), the uplink's
+	-- table and the veth (fireclaw.netpolicy)
+	for _, what in ipairs(require("fireclaw.netpolicy").reap(rec)) do done[#done + 1] = what end
 	if rec.cgroups then -- after the VMM: a cgroup with a task in it cannot go
 		for _, what in ipairs(require("fireclaw.cgroup").remove(rec.cgroups)) do done[#done + 1] = what end
 	end

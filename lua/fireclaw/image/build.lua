@@ -252,7 +252,10 @@ end
 -- Register a user's own kernel (ELF vmlinux or bzImage) and ext4 rootfs as image `name`.
 function M.import(opts)
 	opts = opts_check.check("image.import", opts,
-		{ "name", "kernel", "rootfs", "initrd", "host_key", "boot_args", "force", "cmdline_devices" })
+		{ "name", "kernel", "rootfs", "initrd", "host_key", "boot_args", "force", "cmdline_devices", "net_mode" })
+	if opts.net_mode ~= nil and opts.net_mode ~= "none" and opts.net_mode ~= "nat" then
+		error(string.format("image: import: net_mode must be none or nat, got '%s'", tostring(opts.net_mode)), 0)
+	end
 	local T0 = runtime.now()
 	local name = common.check_name(opts.name)
 	local kernel_format, host_key = check_import(name, opts)

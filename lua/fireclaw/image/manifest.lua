@@ -29,9 +29,15 @@ end
 
 -- The kernel command line for an image (a load() or manifest table). Under TCG the
 -- tsc_early_khz of *this* host replaces the build host's (fireclaw.vmm.util.tcg_boot_args).
+-- opts.dns: the guest's resolver, as the DNS0 field of ip= (the guest's rcS writes it to
+-- /etc/resolv.conf at boot).
 function M.boot_args(img, opts)
-	opts = opts_check.check("image.boot_args", opts, { "tcg" })
+	opts = opts_check.check("image.boot_args", opts, { "tcg", "dns" })
 	local args = table.concat(img.boot_args or M.default_boot_args(), " ")
+	if opts.dns then
+		if not tostring(opts.dns):match("^%d+%.%d+%.%d+%.%d+$") then error("image.boot_args: bad dns", 2) end
+		args = args:gsub("(ip=[^ ]-:off)( ?)", "%1:" .. opts.dns .. "%2", 1)
+	end
 	if not opts.tcg then return args end
 	return util.tcg_boot_args(args, img.boot_args_tcg or {})
 end
@@ -142,6 +148,9 @@ function M.imported(name, opts, kernel_info, files)
 		guest = guest_info(),
 		-- absent: the kernel finds its devices through ACPI only (Firecracker >= 1.8)
 		cmdline_devices = opts.cmdline_devices and true or nil,
+		-- absent: "none"; the network mode its VMs get when neither --net nor FIRECLAW_NET
+		-- says (fireclaw.netpolicy)
+		net_mode = opts.net_mode,
 	}
 end
 
