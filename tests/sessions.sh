@@ -63,7 +63,9 @@ is "$all" "done-1 done-2 done-3 done-4 " "4 processes exec into one VM at once"
 # then takes SSH; the 4 holders are on the agent
 pids=()
 for i in 1 2 3 4; do
-	"$fc" exec box -- sh -c '[ -n "$SSH_CONNECTION" ] && echo ssh || echo agent; exec sleep 8' >"$tmp/h$i" 2>&1 &
+	# (each holds its port until /tmp/release exists in the guest, at most 60 s)
+	"$fc" exec box -- sh -c '[ -n "$SSH_CONNECTION" ] && echo ssh || echo agent; i=0
+		while [ ! -e /tmp/release ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done' >"$tmp/h$i" 2>&1 &
 	pids+=($!)
 done
 for _ in $(seq 300); do [ "$(cat "$tmp"/h[1-4] | wc -l)" -ge 4 ] && break; sleep 0.1; done
@@ -72,7 +74,9 @@ out=$("$fc" exec box -- sh -c '[ -n "$SSH_CONNECTION" ] && echo ssh || echo agen
 t1=$(date +%s%N)
 is "$rc|$out" "0|ssh" "a 5th process while the 4 agent ports are held: over SSH, no error"
 ok $(( (t1 - t0) / 1000000 < 2000 )) "... after waiting about 2 s for a port" "$(( (t1 - t0) / 1000000 )) ms"
+"$fc" exec --exec ssh box -- touch /tmp/release
 wait "${pids[@]}"
+"$fc" exec box -- rm /tmp/release
 is "$(cat "$tmp"/h[1-4] | tr '\n' ' ')" "agent agent agent agent " "... the 4 holders ran over the agent"
 
 # ---- cp ----

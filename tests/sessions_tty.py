@@ -171,7 +171,7 @@ l = leaks()
 ok(l == "", "nothing left behind: exec -it, shell", l)
 
 # run -it and run -- sh on a terminal
-t = Term(["run", "-it", "--", "sh", "-c",
+t = Term(["run", "-it", "--no-snapshot", "--", "sh", "-c",
           "test -t 0 && test -t 1 && echo RUN-TTY; [ -z \"$SSH_CONNECTION\" ] && echo RUN-AGENT; stty size"],
          rows=33, cols=91)
 out = t.read_until(r"33 91")

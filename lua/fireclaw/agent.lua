@@ -4,7 +4,8 @@
 --   agent.attach_vm(id [, opts]) -> conn   a live VM, by id or record: from any process
 --                                          (a kept VM's, another fireclaw's), through
 --                                          the record: its run directory and ports;
---                                          opts: timeout, where, wait (s for a free port)
+--                                          opts: timeout, where, wait (s for a free port),
+--                                          retry (s before a new hello: a restored QEMU)
 --   conn:exec(argv, opts), conn:put(l, r, opts), conn:get(r, l, opts), conn:batch{…},
 --   conn:handoff(ns, entropy), conn:info(), conn:close()   (core/agent.c)
 --
@@ -29,7 +30,7 @@ local sys = require "fireclaw.sys"
 
 local M = setmetatable({}, { __index = core })
 
-M.ATTACH_OPTIONS = { "timeout", "where", "wait" }
+M.ATTACH_OPTIONS = { "timeout", "where", "wait", "retry" }
 
 function M.attach_vm(id, opts)
 	opts = opts_check.check("agent.attach_vm", opts, M.ATTACH_OPTIONS)
@@ -41,6 +42,7 @@ function M.attach_vm(id, opts)
 			.. "use SSH)", tostring(rec.id)), 0)
 	end
 	return core.attach { dir = rec.dir, ports = ports, timeout = opts.timeout or 10, wait = opts.wait,
+		retry = opts.retry,
 		where = opts.where or ("VM " .. tostring(rec.id)) }
 end
 

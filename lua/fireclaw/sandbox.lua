@@ -877,7 +877,9 @@ local function attach_channel(self, rec, timeout)
 	end
 	local wait = self.exec_mode == "agent" and timeout or M.AGENT_PORT_WAIT
 	local ok, conn = pcall(require("fireclaw.agent").attach_vm, rec,
-		{ timeout = timeout, wait = wait, where = "VM " .. rec.id })
+		-- a restored VM's QEMU (start --snapshot, resume) may not read a port's first
+		-- connection: a new hello after AGENT_RETRY s (the agent answers one at any time)
+		{ timeout = timeout, wait = wait, retry = M.AGENT_RETRY, where = "VM " .. rec.id })
 	if not ok then
 		if self.exec_mode == "agent" or not tostring(conn):match("agent ports are busy") then
 			error(vmm_gone(self, conn, "before its agent answered"), 0)
