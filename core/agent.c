@@ -1,9 +1,12 @@
 /* agent.c - fireclaw.core.agent: the host side of the guest agent's channel (the protocol:
  * guest/agent-proto.h, docs/agent-protocol.md).
  *
- *   agent.attach{dir=, ports=N, timeout=, retry=, watch_fd=, watch_msg=, where=} -> conn
+ *   agent.attach{dir=, ports=N, timeout=, wait=, retry=, watch_fd=, watch_msg=,
+ *                where=} -> conn
  *       QEMU: take the first free port of a VM (dir/agent-K.lock, flock(2)) and connect to
- *       its socket dir/agent-K.sock; any process may attach (a kept VM's, from its record)
+ *       its socket dir/agent-K.sock; any process may attach (a kept VM's, from its record);
+ *       all ports taken: waits up to opts.wait s (default: timeout) for one, then raises
+ *       "... all N agent ports are busy ..."
  *   agent.connect(path, opts) -> conn        a unix socket that is the byte stream
  *   agent.wrap(fd, opts) -> conn             a connected byte stream (a dup is kept):
  *                                            Firecracker's vsock, a socketpair
@@ -14,7 +17,9 @@
  *                             stdout_truncated=, stderr_truncated=, interrupted=}
  *       opts: stdin (string or fd), on_stdout/on_stderr (fn(data)), capture, max_capture,
  *             env ({K = v}), cwd, uid, gid, timeout (s), pty (true or {rows =, cols =}),
- *             forward_sigint (the first Ctrl-C goes to the command; see fc_poll_sigint)
+ *             forward_sigint (the first Ctrl-C goes to the command; see fc_poll_sigint),
+ *             tty (with pty, conn:exec only: a local terminal fd, raw for the exec and
+ *             restored on every way out, its size sent as RESIZE now and on SIGWINCH)
  *   conn:mkdir(path [, mode]) -> path                    (an existing directory is fine)
  *   conn:list(path) -> {{name =, kind = "file"|"directory"|"link"|"other", mode =, size =}…}
  *   conn:put(local, remote [, opts]) -> remote path      opts: mode, max_bytes, stall
@@ -258,8 +263,8 @@ static double opt_timeout(lua_State *L, int t)
 	return v;
 }
 
-static const char *const OPEN_KNOWN[] = {"timeout", "watch_fd", "watch_msg", "where",
-					 "dir",	    "ports",	"retry",     NULL};
+static const char *const OPEN_KNOWN[] = {"timeout", "watch_fd", "watch_msg", "where", "dir",
+					 "ports",   "retry",	"wait",	     NULL};
 
 static int l_wrap(lua_State *L)
 {
@@ -339,13 +344,19 @@ static int l_attach(lua_State *L)
 		fc_error(L, "agent.attach: ports must be 1 to %d", MAX_PORTS);
 	double timeout = opt_timeout(L, 1);
 	double deadline = fc_now_ms() + timeout * 1e3;
+	/* opts.wait: how long to wait for a free port (default: timeout); a caller with
+	 * another way in (SSH) waits less and takes it rather than queue */
+	double wait = fc_opt_number(L, 1, "wait", timeout);
+	if (!(wait >= 0 && wait <= timeout))
+		fc_error(L, "agent.attach: wait must be seconds from 0 to timeout");
+	double port_deadline = fc_now_ms() + wait * 1e3;
 	int port = -1, lock;
 	while ((lock = take_port(L, dir, ports, &port)) < 0) {
-		if (fc_ms_left(deadline) == 0)
+		if (fc_ms_left(port_deadline) == 0)
 			fc_error(L,
 				 "agent: %s: all %d agent ports are busy (other fireclaw processes "
 				 "use them) after %g s",
-				 fc_opt_string(L, 1, "where", dir), ports, timeout);
+				 fc_opt_string(L, 1, "where", dir), ports, wait);
 		fc_poll(L, NULL, 0, LOCK_RETRY_MS);
 	}
 	int *guard = fc_fd_guard(L, lock);

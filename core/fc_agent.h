@@ -9,6 +9,8 @@
 #include "../guest/agent-proto.h"
 
 #include <limits.h>
+#include <signal.h>
+#include <termios.h>
 
 #define AGENT_MT "fireclaw.agent.conn"
 /* frames the host ignores (for streams it has finished) before it calls the agent broken */
@@ -117,6 +119,10 @@ struct batch {
 	struct agent_conn *c;
 	int n;
 	int conn_ref;
+	/* an exec's local terminal (opts.tty): raw while the batch runs, its size followed */
+	int tty, tty_op, raw, winch;
+	struct termios saved;
+	struct sigaction old_winch;
 	struct op ops[MAX_OPS];
 };
 

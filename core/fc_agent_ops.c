@@ -23,8 +23,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <termios.h>
 #include <unistd.h>
 
 #define PING_MS 1000
@@ -91,9 +93,12 @@ void agent_release_ops(lua_State *L, struct batch *b)
 	b->n = 0;
 }
 
+static void tty_restore(struct batch *b);
+
 static int batch_gc(lua_State *L)
 {
 	struct batch *b = lua_touserdata(L, 1);
+	tty_restore(b);
 	agent_release_ops(L, b);
 	if (b->conn_ref != LUA_NOREF)
 		luaL_unref(L, LUA_REGISTRYINDEX, b->conn_ref);
@@ -153,8 +158,8 @@ static void req_add(lua_State *L, struct fc_buf *r, const char *s, size_t n)
 }
 
 static const char *const EXEC_KNOWN[] = {
-    "stdin", "on_stdout", "on_stderr", "capture", "max_capture",    "env",  "cwd",
-    "uid",   "gid",	  "timeout",   "pty",	  "forward_sigint", "exec", NULL};
+    "stdin", "on_stdout", "on_stderr", "capture",	 "max_capture", "env", "cwd", "uid",
+    "gid",   "timeout",	  "pty",       "forward_sigint", "exec",	"tty", NULL};
 
 /* The exec request for argv (table at a) with the options at t. */
 static void build_exec(lua_State *L, struct op *o, int a, int t)
@@ -256,6 +261,80 @@ static void build_exec(lua_State *L, struct op *o, int a, int t)
 	if (timeout > 0)
 		o->deadline = o->t0 + timeout * 1e3;
 	o->forward_int = fc_opt_bool(L, t, "forward_sigint", 0);
+}
+
+/* ---- the local terminal (opts.tty) ----
+ *
+ * An interactive exec (shell, exec -it, run -it) puts the local terminal in raw mode, so
+ * every key (Ctrl-C as the byte 0x03 included) goes to the guest's PTY, whose line
+ * discipline makes it a signal for the guest program. agent_run restores it on every way
+ * out (the batch's __gc too, and fc_tty_guard for a fatal signal). SIGWINCH writes a byte
+ * to a process-wide pipe that the loop polls; the new size goes as a RESIZE frame. */
+static int winch_pipe[2] = {-1, -1};
+
+static void on_winch(int signo)
+{
+	(void)signo;
+	int saved = errno;
+	if (write(winch_pipe[1], "w", 1) < 0) {
+		/* non-blocking, one byte is enough: a full pipe is fine */
+	}
+	errno = saved;
+}
+
+static void drain_winch(void)
+{
+	char buf[64];
+	while (winch_pipe[0] >= 0 && read(winch_pipe[0], buf, sizeof buf) > 0)
+		;
+}
+
+static void tty_setup(lua_State *L, struct batch *b)
+{
+	if (tcgetattr(b->tty, &b->saved) < 0)
+		fc_errno_error(L, errno, "agent: exec: tty %d is not a terminal", b->tty);
+	struct termios raw = b->saved;
+	cfmakeraw(&raw);
+	if (tcsetattr(b->tty, TCSANOW, &raw) < 0)
+		fc_errno_error(L, errno, "agent: exec: cannot make tty %d raw", b->tty);
+	b->raw = 1;
+	fc_tty_guard(b->tty, &b->saved);
+	if (winch_pipe[0] < 0 && pipe2(winch_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
+		fc_errno_error(L, errno, "agent: exec: pipe");
+	drain_winch();
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_winch;
+	sa.sa_flags = SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGWINCH, &sa, &b->old_winch) == 0)
+		b->winch = 1;
+}
+
+static void tty_restore(struct batch *b)
+{
+	if (b->winch)
+		sigaction(SIGWINCH, &b->old_winch, NULL);
+	b->winch = 0;
+	if (b->raw) {
+		fc_tty_unguard();
+		tcsetattr(b->tty, TCSAFLUSH, &b->saved);
+	}
+	b->raw = 0;
+}
+
+/* The terminal's size changed: tell the guest's PTY (RESIZE: u16 rows, u16 cols). */
+static void send_resize(lua_State *L, struct batch *b)
+{
+	drain_winch();
+	struct winsize ws;
+	struct op *o = &b->ops[b->tty_op];
+	if (o->done || ioctl(b->tty, TIOCGWINSZ, &ws) != 0 || !ws.ws_row || !ws.ws_col)
+		return;
+	unsigned char p[4];
+	agp_put16(p, ws.ws_row);
+	agp_put16(p + 2, ws.ws_col);
+	agent_queue(L, b->c, o->id, AGP_T_RESIZE, p, sizeof p, NULL, 0);
 }
 
 /* ---- the loop ---- */
@@ -541,6 +620,8 @@ static int drive(lua_State *L)
 		agent_queue(L, c, o->id, type, o->req, o->reqlen, NULL, 0);
 		o->last_ms = fc_now_ms();
 	}
+	if (b->winch)
+		send_resize(L, b); /* the terminal's size now, right behind the EXEC */
 	double last_rx = fc_now_ms(), last_ping = last_rx;
 	take_frames(L, b); /* what came with an earlier answer */
 	while (!all_done(b)) {
@@ -566,13 +647,16 @@ static int drive(lua_State *L)
 			to_ping = 1;
 		if (timeout < 0 || to_ping < timeout)
 			timeout = to_ping;
-		struct pollfd p[2 + MAX_OPS];
-		int who[2 + MAX_OPS];
+		struct pollfd p[3 + MAX_OPS];
+		int who[3 + MAX_OPS];
 		nfds_t n = 0;
 		p[n++] = (struct pollfd){.fd = c->fd,
 					 .events = (short)(POLLIN | (c->out.len ? POLLOUT : 0))};
 		if (c->watch_fd >= 0)
 			p[n++] = (struct pollfd){.fd = c->watch_fd, .events = POLLIN};
+		nfds_t winch_at = n;
+		if (b->winch)
+			p[n++] = (struct pollfd){.fd = winch_pipe[0], .events = POLLIN};
 		nfds_t first_in = n;
 		int forward = 0;
 		for (int i = 0; i < b->n; i++) {
@@ -606,6 +690,8 @@ static int drive(lua_State *L)
 			last_rx = fc_now_ms();
 			take_frames(L, b);
 		}
+		if (b->winch && p[winch_at].revents)
+			send_resize(L, b);
 		for (nfds_t i = first_in; i < n; i++)
 			if (p[i].revents)
 				feed_fd(L, b, &b->ops[who[i]]);
@@ -617,13 +703,17 @@ static int drive(lua_State *L)
 void agent_run(lua_State *L, int idx)
 {
 	struct batch *b = lua_touserdata(L, idx);
+	if (b->tty >= 0)
+		tty_setup(L, b);
 	lua_pushcfunction(L, drive);
 	lua_pushvalue(L, idx);
 	if (lua_pcall(L, 1, 0, 0) != 0) {
+		tty_restore(b);
 		b->c->busy = 0;
 		abort_unfinished(b);
 		lua_error(L);
 	}
+	tty_restore(b);
 }
 
 struct batch *agent_new_batch(lua_State *L, int conn_idx)
@@ -632,6 +722,7 @@ struct batch *agent_new_batch(lua_State *L, int conn_idx)
 	struct batch *b = lua_newuserdata(L, sizeof *b);
 	memset(b, 0, sizeof *b);
 	b->c = c;
+	b->tty = -1;
 	b->conn_ref = LUA_NOREF;
 	if (luaL_newmetatable(L, BATCH_MT)) {
 		lua_pushcfunction(L, batch_gc);
@@ -726,6 +817,17 @@ int agent_l_exec(lua_State *L)
 	struct batch *b = agent_new_batch(L, 1);
 	int bi = lua_gettop(L);
 	build_exec(L, agent_add_op(L, b, OP_EXEC), 2, 3);
+	lua_getfield(L, 3, "pty");
+	int pty = lua_toboolean(L, -1);
+	lua_pop(L, 1);
+	lua_getfield(L, 3, "tty"); /* conn:exec only: a batch has no one terminal */
+	if (!lua_isnil(L, -1)) {
+		if (!lua_isnumber(L, -1) || !pty)
+			fc_error(L, "agent: exec: tty wants an fd (a terminal), with pty");
+		b->tty = (int)lua_tointeger(L, -1);
+		b->tty_op = 0;
+	}
+	lua_pop(L, 1);
 	agent_run(L, bi);
 	agent_push_result(L, &b->ops[0]);
 	agent_release_ops(L, b);

@@ -1,6 +1,7 @@
 -- Run a command in a kept VM (fireclaw start): exec [-it] ID|NAME -- CMD
 --
--- Any number of processes may exec into one VM at once: each has its own SSH session.
+-- Any number of processes may exec into one VM at once: each has its own channel (one of
+-- the agent's ports, flock'ed; when all are busy for a moment, an SSH session).
 local cli = require "fireclaw.cli"
 local json = require "fireclaw.json"
 local log = require "fireclaw.log"
@@ -20,6 +21,8 @@ local SPEC = {
 	{ "--json", "print {exit_code, stdout, stderr, duration_ms, vm_id} instead of streaming" },
 	{ "--max-output BYTES", "with --json: keep at most this much of each stream", type = "number",
 		default = 16 * 1024 * 1024 },
+	{ "--exec HOW", "auto, agent or ssh: the channel to the guest (default: $FIRECLAW_EXEC, else auto: "
+		.. "the agent when the VM has it)" },
 	{ "-v, --verbose", "progress lines" },
 }
 
@@ -38,7 +41,7 @@ local function main(args)
 		envs[k] = v
 	end
 	local t0 = runtime.now()
-	local sb = sandbox.attach(ref, { what = "exec into" })
+	local sb = sandbox.attach(ref, { what = "exec into", exec = o.exec })
 	local r = sandbox.with(sb, function()
 		local opts = run.stdin_opts(o, { env = envs, timeout = o.timeout })
 		if o.json then

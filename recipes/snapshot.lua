@@ -134,7 +134,8 @@ local function human(n)
 end
 
 -- snapshot create --from ID: a live kept VM, paused for the save and resumed after; its
--- clones (run/start --snapshot NAME) are reseeded by the restore like any other.
+-- clones (run/start --snapshot NAME) are reseeded by the restore like any other (through
+-- the agent's hand-off when the VM's agent answered before the save).
 create_from = function(o)
 	local name = o.name
 	if not name then cli.usage_error("snapshot create --from needs --name SNAP") end
@@ -142,6 +143,12 @@ create_from = function(o)
 	local t0 = require("fireclaw.runtime").now()
 	local sb = sandbox.attach(o.from, { what = "snapshot", vmm = true, connect = false })
 	local meta = sandbox.with(sb, function()
+		-- its clones use the agent (commands, the restore hand-off) when it answers now,
+		-- as a snapshot made by create does
+		if sb:agent_usable() then
+			sb:agent_connect()
+			sb.exec_channels = { "agent", "ssh" }
+		end
 		local ok, res = pcall(M.take, sb, name)
 		pcall(sb.vm.resume, sb.vm) -- the VM goes on, whatever happened to the snapshot
 		if not ok then error(res, 0) end

@@ -29,21 +29,29 @@ like "$ps" "^$id +box +running +[0-9]+s +(9|10)m " "ps: id, name, state running,
 state=$("$fc" ps --json | jget '[(v["name"], v["state"], v["ttl_left_s"] > 500) for v in d if v["id"] == "'"$id"'"]')
 is "$state" "[('box', 'running', True)]" "ps --json: name, state, ttl_left_s"
 
-out=$("$fc" exec box -- sh -c 'echo out; echo err >&2; exit 3' 2>"$tmp/err"); rc=$?
-is "$rc" 3 "exec by name: the exit status comes back"
-is "$out|$(cat "$tmp/err")" "out|err" "exec: stdout and stderr"
-is "$("$fc" exec "$id" -- printf '%s|' 'a b' '$x' "'q'")" "a b|\$x|'q'|" "exec by id: argv verbatim"
-is "$("$fc" exec --env FOO='x y' box -- sh -c 'echo "$FOO"')" "x y" "exec --env"
-is "$(echo piped | "$fc" exec box -- cat)" "piped" "exec: a piped stdin is forwarded"
-out=$("$fc" exec --json box -- sh -c 'echo j; exit 4'); rc=$?
-is "$rc" 4 "exec --json: exit status"
-like "$out" '"exit_code":4' "exec --json: exit_code"
-like "$out" '"stdout":"j\\n"' "exec --json: stdout"
-"$fc" exec --timeout 1 box -- sleep 30 2>/dev/null; is $? 124 "exec --timeout: 124"
-err=$("$fc" exec nosuchvm -- true 2>&1); rc=$?
-is "$rc" 1 "exec into an unknown VM fails"
-like "$err" "no VM 'nosuchvm'" "... saying there is no such VM"
-err=$("$fc" exec box 2>&1); is $? 2 "exec without a command is a usage error"
+# the exec checks over each channel: the agent (the default: the image has it) and SSH
+for mode in auto ssh; do
+	export FIRECLAW_EXEC=$mode
+	want=agent; [ $mode = ssh ] && want=ssh
+	is "$("$fc" exec box -- sh -c '[ -n "$SSH_CONNECTION" ] && echo ssh || echo agent')" "$want" "exec goes over the $want ($mode)"
+	out=$("$fc" exec box -- sh -c 'echo out; echo err >&2; exit 3' 2>"$tmp/err"); rc=$?
+	is "$rc" 3 "exec by name: the exit status comes back ($mode)"
+	is "$out|$(cat "$tmp/err")" "out|err" "exec: stdout and stderr ($mode)"
+	is "$("$fc" exec "$id" -- printf '%s|' 'a b' '$x' "'q'")" "a b|\$x|'q'|" "exec by id: argv verbatim ($mode)"
+	is "$("$fc" exec --env FOO='x y' box -- sh -c 'echo "$FOO"')" "x y" "exec --env ($mode)"
+	is "$(echo piped | "$fc" exec box -- cat)" "piped" "exec: a piped stdin is forwarded ($mode)"
+	out=$("$fc" exec --json box -- sh -c 'echo j; exit 4'); rc=$?
+	is "$rc" 4 "exec --json: exit status ($mode)"
+	like "$out" '"exit_code":4' "exec --json: exit_code ($mode)"
+	like "$out" '"stdout":"j\\n"' "exec --json: stdout ($mode)"
+	"$fc" exec --timeout 1 box -- sleep 30 2>/dev/null; is $? 124 "exec --timeout: 124 ($mode)"
+	err=$("$fc" exec nosuchvm -- true 2>&1); rc=$?
+	is "$rc" 1 "exec into an unknown VM fails ($mode)"
+	like "$err" "no VM 'nosuchvm'" "... saying there is no such VM ($mode)"
+	err=$("$fc" exec box 2>&1); is $? 2 "exec without a command is a usage error ($mode)"
+done
+unset FIRECLAW_EXEC
+is "$("$fc" exec --exec ssh box -- sh -c '[ -n "$SSH_CONNECTION" ] && echo ssh')" "ssh" "exec --exec ssh forces SSH"
 
 # several processes exec'ing into one VM at once
 pids=()
@@ -51,6 +59,25 @@ for i in 1 2 3 4; do "$fc" exec box -- sh -c "sleep 1; echo done-$i" >"$tmp/c$i"
 wait "${pids[@]}"
 all=$(cat "$tmp"/c1 "$tmp"/c2 "$tmp"/c3 "$tmp"/c4 | sort | tr '\n' ' ')
 is "$all" "done-1 done-2 done-3 done-4 " "4 processes exec into one VM at once"
+# a 5th process while the agent's 4 ports are held: it waits a moment (AGENT_PORT_WAIT),
+# then takes SSH; the 4 holders are on the agent
+pids=()
+for i in 1 2 3 4; do
+	# (each holds its port until /tmp/release exists in the guest, at most 60 s)
+	"$fc" exec box -- sh -c '[ -n "$SSH_CONNECTION" ] && echo ssh || echo agent; i=0
+		while [ ! -e /tmp/release ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done' >"$tmp/h$i" 2>&1 &
+	pids+=($!)
+done
+for _ in $(seq 300); do [ "$(cat "$tmp"/h[1-4] | wc -l)" -ge 4 ] && break; sleep 0.1; done
+t0=$(date +%s%N)
+out=$("$fc" exec box -- sh -c '[ -n "$SSH_CONNECTION" ] && echo ssh || echo agent' 2>"$tmp/err"); rc=$?
+t1=$(date +%s%N)
+is "$rc|$out" "0|ssh" "a 5th process while the 4 agent ports are held: over SSH, no error"
+ok $(( (t1 - t0) / 1000000 < 2000 )) "... after waiting about 2 s for a port" "$(( (t1 - t0) / 1000000 )) ms"
+"$fc" exec --exec ssh box -- touch /tmp/release
+wait "${pids[@]}"
+"$fc" exec box -- rm /tmp/release
+is "$(cat "$tmp"/h[1-4] | tr '\n' ' ')" "agent agent agent agent " "... the 4 holders ran over the agent"
 
 # ---- cp ----
 mkdir -p "$tmp/src/sub/deeper" "$tmp/src/empty"
@@ -113,10 +140,19 @@ PY
 	printf "#!/bin/sh\ncase \"\$2\" in *\"tar -cf\"*) exec cat /root/evil.tar;; esac\nexec /bin/sh \"\$@\"\n" >/root/evilsh &&
 	chmod 755 /root/evilsh && echo /root/evilsh >>/etc/shells &&
 	sed -i "s|^root:\(.*\):[^:]*\$|root:\1:/root/evilsh|" /etc/passwd'
-check_refused "a lying tar with ../ names" /root/h5 "'\.\.' component"
+# (the lie is in root's login shell, which only the SSH path runs; the agent's tree, a tar
+# stream of an exec too, goes through the same unpacker, fireclaw.tree: checked below)
+FIRECLAW_EXEC=ssh check_refused "a lying tar with ../ names" /root/h5 "'\.\.' component"
 [ ! -e "$tmp/escaped" ]; ok $? "... and nothing was written outside the target"
+# over the agent the command runs as /bin/sh -c …: a /bin/sh that lies
+"$fc" exec box -- sh -c 'printf "#!/bin/busybox sh\ncase \"\$2\" in *\"tar -cf\"*) exec cat /root/evil.tar;; esac\nexec /bin/busybox sh \"\$@\"\n" >/root/evilsh2 &&
+	chmod 755 /root/evilsh2 && ln -sf /root/evilsh2 /bin/sh'
+check_refused "a lying tar with ../ names, over the agent" /root/h5 "'\.\.' component"
+[ ! -e "$tmp/escaped" ]; ok $? "... and nothing was written outside the target (agent)"
 "$fc" exec box -- ln -sf /dev/zero /root/evil.tar
-check_refused "an endless stream of zeros" /root/h5 "stream longer than its entries need"
+FIRECLAW_EXEC=ssh check_refused "an endless stream of zeros" /root/h5 "stream longer than its entries need"
+check_refused "an endless stream of zeros, over the agent" /root/h5 "stream longer than its entries need"
+"$fc" exec box -- /bin/busybox ln -sf /bin/busybox /bin/sh
 "$fc" exec box -- cp /root/passwd.orig /etc/passwd
 
 # ---- logs, ssh ----
@@ -148,8 +184,11 @@ for round in 1 2; do
 	is "$rc" 1 "exec into a paused VM fails ($round)"
 	like "$err" "paused \(fireclaw resume box\)" "... saying how to resume it"
 	[ -s "$FIRECLAW_STATE/paused/$id/vmstate" ]; ok $? "the device state is saved under the state dir ($round)"
-	"$fc" resume box 2>"$tmp/err"; rc=$?
+	# the restore hand-off (clock + entropy): through the agent, or (round 2) over SSH
+	how="hand-off \(clock \+ entropy\)"; [ $round = 2 ] && how="reseed \+ clock"
+	FIRECLAW_EXEC=$([ $round = 2 ] && echo ssh || echo auto) "$fc" resume -v box 2>"$tmp/err"; rc=$?
 	is "$rc" 0 "resume ($round)"
+	like "$(cat "$tmp/err")" "$how" "resume ($round): the guest is reseeded and its clock set ($how)"
 	[ $rc = 0 ] || sed 's/^/#   /' "$tmp/err"
 	out=$("$fc" exec box -- sh -c 'cat /root/state; kill -0 $(cat /tmp/bg) && echo bg-alive; a=$(cat /tmp/count); sleep 0.5; b=$(cat /tmp/count); [ $b -gt $a ] && echo counting')
 	is "$(echo $out)" "kept-data bg-alive counting" "after resume ($round): the file, the background process still running"
@@ -164,12 +203,13 @@ is "$rc" 0 "snapshot create --from a live VM"
 is "$("$fc" exec box -- cat /root/state)" "kept-data" "the VM goes on running after the snapshot"
 clones=()
 for i in 1 2 3; do
-	"$fc" run --snapshot "$fork" -- sh -c 'cat /root/state; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo' >"$tmp/clone$i" 2>"$tmp/clone$i.err" &
+	"$fc" run --snapshot "$fork" -- sh -c 'cat /root/state; [ -z "$SSH_CONNECTION" ] && echo via-agent; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo' >"$tmp/clone$i" 2>"$tmp/clone$i.err" &
 	clones+=($!)
 done
 wait "${clones[@]}"
 is "$(cat "$tmp"/clone1 "$tmp"/clone2 "$tmp"/clone3 | grep -c '^kept-data$')" 3 "3 clones run at once, each with the VM's files"
 is "$(cat "$tmp"/clone[123] | grep -v kept-data | grep -E '^[0-9a-f]{32}$' | sort -u | wc -l)" 3 "the 3 clones print distinct random bytes"
+is "$(cat "$tmp"/clone[123] | grep -c '^via-agent$')" 3 "... over the agent (the snapshot --from has its channel; its hand-off reseeded them)"
 out=$("$fc" run --snapshot "$fork" --vcpu 2 -- true 2>&1)
 like "$out" "--vcpu/--mem ignored: snapshot '$fork' fixes 1 vCPU" "run --snapshot --vcpu says the snapshot fixes the size"
 cid=$("$fc" start --snapshot "$fork" --name clone 2>/dev/null)

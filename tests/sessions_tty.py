@@ -34,7 +34,7 @@ def winsize(fd, rows, cols):
 class Term:
     """fireclaw on the slave side of a new pty, as its controlling terminal."""
 
-    def __init__(self, argv, rows=30, cols=100):
+    def __init__(self, argv, rows=30, cols=100, exec_mode="auto"):
         self.master, self.slave = os.openpty()
         winsize(self.master, rows, cols)
         self.before = termios.tcgetattr(self.slave)
@@ -43,7 +43,7 @@ class Term:
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        self.p = subprocess.Popen([FC, *argv], env=env, stdin=self.slave, stdout=self.slave,
+        self.p = subprocess.Popen([FC, *argv], env=dict(env, FIRECLAW_EXEC=exec_mode), stdin=self.slave, stdout=self.slave,
                                   stderr=self.slave, preexec_fn=ctty, close_fds=True)
         self.buf = b""
 
@@ -96,33 +96,41 @@ r = fc("start", "--name", "tty1", "--ttl", "10m")
 ok(r.returncode == 0, "start a kept VM", r.stderr)
 vid = r.stdout.strip()
 
-# exec -it: size, resize, Ctrl-C, exit status, terminal restored
-t = Term(["exec", "-it", "tty1", "--", "sh"], rows=30, cols=100)
-t.send("PS1='P> '; stty size\r")
-out = t.read_until(r"\d+ \d+\s*\r?\n.*P> ")
-ok(out is not None and "30 100" in out, "exec -it: the guest's TTY has the terminal's size (30x100)", repr(out))
-winsize(t.master, 40, 120)  # the kernel sends fireclaw SIGWINCH
-t.send("stty size\r")
-out = t.read_until(r"40 120|\d+ \d+\s*\r?\n.*P> ")
-ok(out is not None and "40 120" in out, "exec -it: a resize (SIGWINCH) reaches the guest (40x120)", repr(out))
-t.send("test -t 0 && echo IS-A-TTY\r")
-ok(t.read_until("IS-A-TTY\r?\n") is not None, "exec -it: the guest's stdin is a terminal")
-t.send("sh -c 'echo sleep-$((2+3)); exec sleep 300'\r")
-t.read_until("sleep-5")
-t.send("\x03")
-t.send("echo after-sleep rc=$?\r")
-out = t.read_until(r"after-sleep rc=\d+")
-ok(out is not None and "rc=130" in out, "exec -it: Ctrl-C stops the guest program (status 130), not fireclaw",
-   repr(out) + repr(t.buf))
-ok(t.p.poll() is None, "fireclaw is still running after Ctrl-C")
-t.send("exit 7\r")
-st = t.wait()
-ok(st == 7, "exec -it: the shell's exit status 7 comes back", st)
-ok(t.restored(), "the terminal settings are restored after exec -it")
-t.close()
+# exec -it over each channel (the agent: the default; SSH): size, resize, Ctrl-C, exit
+# status, terminal restored
+for mode, want in (("auto", "agent"), ("ssh", "ssh")):
+    t = Term(["exec", "-it", "tty1", "--", "sh"], rows=30, cols=100, exec_mode=mode)
+    t.send("[ -n \"$SSH_CONNECTION\" ] && c=ssh || c=agent; echo CH=$c.\r")
+    out = t.read_until(r"CH=(ssh|agent)\.")
+    ok(out is not None and "CH=" + want in out, "exec -it (%s): over the %s" % (mode, want), repr(out))
+    t.send("PS1='P> '; stty size\r")
+    out = t.read_until(r"\d+ \d+\s*\r?\n.*P> ")
+    ok(out is not None and "30 100" in out, "exec -it (%s):" % mode + " the guest's TTY has the terminal's size (30x100)", repr(out))
+    winsize(t.master, 40, 120)  # the kernel sends fireclaw SIGWINCH
+    t.send("stty size\r")
+    out = t.read_until(r"40 120|\d+ \d+\s*\r?\n.*P> ")
+    ok(out is not None and "40 120" in out, "exec -it (%s):" % mode + " a resize (SIGWINCH) reaches the guest (40x120)", repr(out))
+    t.send("test -t 0 && echo IS-A-TTY\r")
+    ok(t.read_until("IS-A-TTY\r?\n") is not None, "exec -it (%s):" % mode + " the guest's stdin is a terminal")
+    t.send("sh -c 'echo sleep-$((2+3)); exec sleep 300'\r")
+    t.read_until("sleep-5")
+    t.send("\x03")
+    t.send("echo after-sleep rc=$?\r")
+    out = t.read_until(r"after-sleep rc=\d+")
+    ok(out is not None and "rc=130" in out, "exec -it (%s):" % mode + " Ctrl-C stops the guest program (status 130), not fireclaw",
+       repr(out) + repr(t.buf))
+    ok(t.p.poll() is None, "fireclaw is still running after Ctrl-C (%s)" % mode)
+    t.send("exit 7\r")
+    st = t.wait()
+    ok(st == 7, "exec -it (%s):" % mode + " the shell's exit status 7 comes back", st)
+    ok(t.restored(), "the terminal settings are restored after exec -it (%s)" % mode)
+    t.close()
 
 # shell: a login shell on the terminal
 t = Term(["shell", "tty1"])
+t.send("[ -n \"$SSH_CONNECTION\" ] && c=ssh || c=agent; echo CH=$c.\r")
+out = t.read_until(r"CH=(ssh|agent)\.")
+ok(out is not None and "CH=agent" in out, "shell: over the agent", repr(out))
 t.send("echo in-shell-$((6*7)); exit 3\r")
 ok(t.read_until("in-shell-42") is not None, "shell: commands run in the guest")
 ok(t.wait() == 3, "shell: exit status comes back")
@@ -163,9 +171,12 @@ l = leaks()
 ok(l == "", "nothing left behind: exec -it, shell", l)
 
 # run -it and run -- sh on a terminal
-t = Term(["run", "-it", "--", "sh", "-c", "test -t 0 && test -t 1 && echo RUN-TTY; stty size"], rows=33, cols=91)
+t = Term(["run", "-it", "--no-snapshot", "--", "sh", "-c",
+          "test -t 0 && test -t 1 && echo RUN-TTY; [ -z \"$SSH_CONNECTION\" ] && echo RUN-AGENT; stty size"],
+         rows=33, cols=91)
 out = t.read_until(r"33 91")
 ok(out is not None and "RUN-TTY" in out, "run -it: the command has a TTY of the terminal's size", repr(t.buf))
+ok(out is not None and "RUN-AGENT" in out, "run -it: over the agent", repr(out))
 ok(t.wait(60) == 0, "run -it exits 0")
 ok(t.restored(), "the terminal is restored after run -it")
 t.close()

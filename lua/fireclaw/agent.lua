@@ -3,7 +3,9 @@
 --
 --   agent.attach_vm(id [, opts]) -> conn   a live VM, by id or record: from any process
 --                                          (a kept VM's, another fireclaw's), through
---                                          the record: its run directory and ports
+--                                          the record: its run directory and ports;
+--                                          opts: timeout, where, wait (s for a free port),
+--                                          retry (s before a new hello: a restored QEMU)
 --   conn:exec(argv, opts), conn:put(l, r, opts), conn:get(r, l, opts), conn:batch{…},
 --   conn:handoff(ns, entropy), conn:info(), conn:close()   (core/agent.c)
 --
@@ -18,7 +20,8 @@
 --
 -- A QEMU VM has several ports (guest.AGENT_PORTS), one host socket each; a process takes
 -- a free one with flock(2) on dir/agent-K.lock for as long as its connection lives, so up
--- to that many processes exec in one VM at once and the next one waits for a port.
+-- to that many processes exec in one VM at once and the next one waits for a port (up to
+-- opts.wait s; sandbox.attach waits briefly, then takes SSH instead).
 local core = require "fireclaw.core.agent"
 local opts_check = require "fireclaw.opts"
 local runtime = require "fireclaw.runtime"
@@ -27,7 +30,7 @@ local sys = require "fireclaw.sys"
 
 local M = setmetatable({}, { __index = core })
 
-M.ATTACH_OPTIONS = { "timeout", "where" }
+M.ATTACH_OPTIONS = { "timeout", "where", "wait", "retry" }
 
 function M.attach_vm(id, opts)
 	opts = opts_check.check("agent.attach_vm", opts, M.ATTACH_OPTIONS)
@@ -38,7 +41,8 @@ function M.attach_vm(id, opts)
 		error(string.format("agent: VM %s has no agent channel (an image or snapshot without the agent: "
 			.. "use SSH)", tostring(rec.id)), 0)
 	end
-	return core.attach { dir = rec.dir, ports = ports, timeout = opts.timeout or 10,
+	return core.attach { dir = rec.dir, ports = ports, timeout = opts.timeout or 10, wait = opts.wait,
+		retry = opts.retry,
 		where = opts.where or ("VM " .. tostring(rec.id)) }
 end
 

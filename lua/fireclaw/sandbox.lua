@@ -588,10 +588,10 @@ end
 function Sandbox:exec(cmd, opts)
 	alive(self, "exec")
 	if not self.session and not self.agent then self:connect_exec() end
-	-- a terminal forwarded as it is (run -it: opts.tty) is the SSH session's to drive
-	local tty = opts and opts.tty ~= nil
-	if tty and not self.session then self:connect() end
-	if self.agent and not tty then
+	-- a terminal forwarded as it is (run -it, shell, exec -it: opts.tty) goes raw to the
+	-- guest's PTY over either channel; its size follows SIGWINCH (RESIZE frames / SSH's
+	-- window-change)
+	if self.agent then
 		fault.point("exec")
 		return agent_exec(self, cmd, opts)
 	end
@@ -817,8 +817,8 @@ end
 --
 -- `fireclaw start` leaves a VM running with a record that says how to reach it (vmspec);
 -- exec, cp, shell, pause, snapshot --from, from any process and several at once, attach:
--- each gets a sandbox of its own with its own SSH session, whose destroy closes only that
--- session. Stopping the VM is state.reap (fireclaw stop).
+-- each gets a sandbox of its own with its own channel (an agent port, else an SSH
+-- session), whose destroy closes only that channel. Stopping the VM is state.reap (fireclaw stop).
 
 -- The record of kept VM `ref` (id, name or namespace), checked for `what` ("exec into",
 -- "pause", …): one line saying why not otherwise. allow_paused: a paused VM is fine.
@@ -852,18 +852,60 @@ local function adopt(rec)
 		id = rec.id, rec = rec, img = image.load(rec.image), netns = rec.netns, dir = rec.dir,
 		vcpu = vs.vcpu or config.vcpu, mem_mib = vs.mem_mib or config.mem_mib, keep = true, attached = true,
 		timer = log.timer("VM " .. rec.id), undo = {}, disk_path = rec.dir .. "/disk.ext4", how = "attached",
+		exec_mode = config.exec or "auto",
 		-- its network policy as made (its resolver and forwarders run on, owned by the record)
 		net_policy = { mode = type(rec.net) == "table" and rec.net.mode or "none", publish = {} }, net_procs = {},
 	}, Sandbox)
 	return self
 end
 
--- A sandbox for running kept VM `ref`, connected (SSH) and ready for exec/put/get.
--- opts.vmm = true: also drive its VMM (pause, snapshot; QEMU).
+-- How long an attaching process waits for one of the agent's ports when all are taken
+-- (exec = "auto": then it takes SSH, which has no such limit; exec = "agent" waits up to
+-- its timeout and fails).
+M.AGENT_PORT_WAIT = 2
+
+-- The attached VM's channel: its agent (a free port of the record's, flock'ed) when the
+-- image has it and exec is not "ssh", else SSH; SSH too when every port stays busy.
+local function attach_channel(self, rec, timeout)
+	local ports = type(rec.agent) == "table" and tonumber(rec.agent.ports)
+	if self.exec_mode == "ssh" or not ports or not image_has_agent(self.img) then
+		if self.exec_mode == "agent" then
+			error(string.format("VM %s has no agent channel (exec = agent; its image or snapshot has none: "
+				.. "use --exec ssh)", rec.id), 0)
+		end
+		return self:connect(timeout)
+	end
+	local wait = self.exec_mode == "agent" and timeout or M.AGENT_PORT_WAIT
+	local ok, conn = pcall(require("fireclaw.agent").attach_vm, rec,
+		-- a restored VM's QEMU (start --snapshot, resume) may not read a port's first
+		-- connection: a new hello after AGENT_RETRY s (the agent answers one at any time)
+		{ timeout = timeout, wait = wait, retry = M.AGENT_RETRY, where = "VM " .. rec.id })
+	if not ok then
+		if self.exec_mode == "agent" or not tostring(conn):match("agent ports are busy") then
+			error(vmm_gone(self, conn, "before its agent answered"), 0)
+		end
+		log.info("VM %s: every agent port is busy: over SSH", rec.id)
+		return self:connect(timeout)
+	end
+	self:on_destroy("agent", function()
+		if self.agent then self.agent:close() end
+	end)
+	self.agent = conn
+	self.timer:stage("agent ready")
+	return conn
+end
+
+-- A sandbox for running kept VM `ref`, connected (the agent, else SSH) and ready for
+-- exec/put/get. opts.vmm = true: also drive its VMM (pause, snapshot; QEMU).
 function M.attach(ref, opts)
-	opts = opts_check.check("sandbox.attach", opts, { "what", "vmm", "timeout", "connect" })
+	opts = opts_check.check("sandbox.attach", opts, { "what", "vmm", "timeout", "connect", "exec" })
 	local rec = M.find_kept(ref, opts.what or "attach to")
 	local self = adopt(rec)
+	self.exec_mode = opts.exec or self.exec_mode
+	if not M.EXEC_MODES[self.exec_mode] then
+		error(string.format("exec must be auto, agent or ssh, not '%s' (--exec, FIRECLAW_EXEC)",
+			tostring(self.exec_mode)), 0)
+	end
 	local v = rec.vmm
 	if opts.vmm then
 		self.vm = vm.attach { id = rec.id, dir = rec.dir, netns = rec.netns, tap = config.net.tap,
@@ -879,12 +921,13 @@ function M.attach(ref, opts)
 			console_path = rec.dir .. "/console.log" }
 		self:on_destroy("pidfd", function() sys.close(fd) end)
 	end
-	if opts.connect ~= false then self:connect(opts.timeout or 30) end
+	if opts.connect ~= false then attach_channel(self, rec, opts.timeout or 30) end
 	return self
 end
 
 -- Bring paused kept VM `ref` back (fireclaw resume): a fresh VMM restores its saved
--- state, with its own disk, in its namespace; reseeded and its clock set. The saved state
+-- state, with its own disk, in its namespace; reseeded and its clock set (through the agent's
+-- hand-off when the VM has it and exec is not "ssh", else over SSH). The saved state
 -- goes once the guest answers; a resume that fails leaves the VM paused.
 function M.resume_kept(ref)
 	local rec = M.find_kept(ref, "resume", true)
@@ -900,7 +943,7 @@ function M.resume_kept(ref)
 	local snap = { dir = p.dir, vcpu = vs.vcpu, mem_mib = vs.mem_mib, vmm_info = p.info, disk = self.disk_path }
 	local ok, err = pcall(function()
 		self:restore(snap)
-		self:connect(self.boot_timeout or 60)
+		self:connect_exec(self.boot_timeout or 60) -- its agent when it has one (then the hand-off), else SSH
 		self:reseed()
 	end)
 	if not ok then
