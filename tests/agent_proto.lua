@@ -242,19 +242,19 @@ for k = 0, 1 do
 end
 local held = false
 for _ = 1, 100 do -- until flock(1) holds both (bounded)
-	local r = proc.run({ "flock", "-n", tmp .. "/ports/agent-1.lock", "true" })
-	if r.status ~= 0 and proc.run({ "flock", "-n", tmp .. "/ports/agent-0.lock", "true" }).status ~= 0 then
+	local one = proc.run({ "flock", "-n", tmp .. "/ports/agent-1.lock", "true" })
+	if one.status ~= 0 and proc.run({ "flock", "-n", tmp .. "/ports/agent-0.lock", "true" }).status ~= 0 then
 		held = true
 		break
 	end
 	runtime.sleep(0.05)
 end
 t.ok(held, "attach: two ports held by other processes")
-local t0 = runtime.now()
-local ok, err = pcall(agent.attach, { dir = tmp .. "/ports", ports = 2, timeout = 10, wait = 0.3, where = "VM x" })
-local took = runtime.now() - t0
-t.ok(not ok and tostring(err):match("all 2 agent ports are busy") and took >= 0.3 and took < 3,
-	"attach: every port busy -> one line after `wait` s, not `timeout`", string.format("%s (%.2f s)", tostring(err), took))
+local w0 = runtime.now()
+local attached, werr = pcall(agent.attach, { dir = tmp .. "/ports", ports = 2, timeout = 10, wait = 0.3, where = "VM x" })
+local took = runtime.now() - w0
+t.ok(not attached and tostring(werr):match("all 2 agent ports are busy") and took >= 0.3 and took < 3,
+	"attach: every port busy -> one line after `wait` s, not `timeout`", string.format("%s (%.2f s)", tostring(werr), took))
 for _, h in ipairs(holders) do h:kill(9) h:wait(5) end
 
 proc.run({ "rm", "-rf", tmp })
