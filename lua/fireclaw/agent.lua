@@ -32,6 +32,9 @@ local M = setmetatable({}, { __index = core })
 
 M.ATTACH_OPTIONS = { "timeout", "where", "wait", "retry" }
 
+-- seconds before attach_vm's hello is sent again on a new connection (sandbox.AGENT_RETRY too)
+M.ATTACH_RETRY = 0.3
+
 function M.attach_vm(id, opts)
 	opts = opts_check.check("agent.attach_vm", opts, M.ATTACH_OPTIONS)
 	local rec = type(id) == "table" and id or state.find(tostring(id))
@@ -41,8 +44,12 @@ function M.attach_vm(id, opts)
 		error(string.format("agent: VM %s has no agent channel (an image or snapshot without the agent: "
 			.. "use SSH)", tostring(rec.id)), 0)
 	end
+	-- a port's first connection after a restore may never be read by QEMU (docs/guest-notes.md):
+	-- unless told otherwise, a hello not answered is sent again on a new connection
+	local retry = opts.retry
+	if retry == nil then retry = M.ATTACH_RETRY end
 	return core.attach { dir = rec.dir, ports = ports, timeout = opts.timeout or 10, wait = opts.wait,
-		retry = opts.retry,
+		retry = retry,
 		where = opts.where or ("VM " .. tostring(rec.id)) }
 end
 
