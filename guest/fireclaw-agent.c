@@ -294,6 +294,50 @@ static int parse_exec(unsigned char *p, size_t n, struct exec_req *r)
 	return 0;
 }
 
+/* execvpe searches the PATH of the agent's own environment (glibc reads getenv), which in
+ * an imported image's init is /.fireclaw/bin only; the command's PATH is the request's.
+ * Search it here, with no allocation (this runs in a vfork child). Returns with errno set:
+ * ENOENT when nothing was found, EACCES when something was but could not be run. */
+static void exec_in_path(struct exec_req *r)
+{
+	const char *file = r->argv[0];
+	if (strchr(file, '/')) {
+		execve(file, r->argv, r->envp);
+		return;
+	}
+	const char *path = DEFAULT_PATH;
+	for (char **e = r->envp; *e; e++)
+		if (!strncmp(*e, "PATH=", 5)) {
+			path = *e + 5;
+			break;
+		}
+	char buf[4096];
+	size_t flen = strlen(file);
+	int denied = 0;
+	for (const char *p = path;;) {
+		const char *c = strchr(p, ':');
+		size_t dlen = c ? (size_t)(c - p) : strlen(p);
+		if (dlen + flen + 2 <= sizeof buf) {
+			size_t n = 0;
+			if (dlen) { /* an empty entry is the current directory */
+				memcpy(buf, p, dlen);
+				buf[dlen] = '/';
+				n = dlen + 1;
+			}
+			memcpy(buf + n, file, flen + 1);
+			execve(buf, r->argv, r->envp);
+			if (errno == EACCES)
+				denied = 1;
+			else if (errno != ENOENT && errno != ENOTDIR)
+				return; /* found but not runnable (ENOEXEC, E2BIG…): say so */
+		}
+		if (!c)
+			break;
+		p = c + 1;
+	}
+	errno = denied ? EACCES : ENOENT;
+}
+
 /* In the child: become the command. Never returns. */
 static void __attribute__((noreturn)) child(struct exec_req *r, int in, int out, int err, int pty)
 {
@@ -338,7 +382,7 @@ static void __attribute__((noreturn)) child(struct exec_req *r, int in, int out,
 		if (chdir("/") != 0)
 			_exit(1);
 	}
-	execvpe(r->argv[0], r->argv, r->envp);
+	exec_in_path(r);
 	int e = errno;
 	/* as a shell says it (scripts and tests look for "not found") */
 	dprintf(2, "fireclaw-agent: %s: %s\n", r->argv[0], e == ENOENT ? "not found" : strerror(e));

@@ -34,6 +34,15 @@ end
 local r = c:exec({ "no-such-command-here" })
 t.is(r.status, 127, "a missing command: 127")
 t.like(r.stderr, "no%-such%-command%-here: not found", "… with a line saying so, as a shell would")
+-- a bare name is searched in the command's PATH, not the agent's own (an imported image's
+-- init runs the agent with PATH=/.fireclaw/bin)
+proc.run({ "mkdir", "-p", tmp .. "/pathbin" })
+fs.write(tmp .. "/pathbin/fc-path-probe", "#!/bin/sh\necho found in PATH\n")
+proc.run({ "chmod", "755", tmp .. "/pathbin/fc-path-probe" })
+r = c:exec({ "fc-path-probe" }, { env = { PATH = "/nonexistent:" .. tmp .. "/pathbin" } })
+t.is(r.stdout, "found in PATH\n", "a bare command name is looked up in the request's PATH", r.stderr)
+r = c:exec({ "fc-path-probe" })
+t.is(r.status, 127, "… and not found without it (the default PATH)")
 r = c:exec({ "sh", "-c", "kill -TERM $$" })
 t.ok(r.status == nil and r.signal == "TERM", "killed by a signal: signal = TERM, no status", r.signal)
 
