@@ -249,6 +249,7 @@ static void mount_root(void)
 	if (mount(cfg.root, NEWROOT, cfg.fstype, fl, data[0] ? data : NULL) < 0)
 		fail("cannot mount %s (%s, %s) on " NEWROOT ": %s", cfg.root, cfg.fstype, opts,
 		     strerror(errno));
+	trace("mounted");
 	char init[300];
 	snprintf(init, sizeof init, NEWROOT "%s", cfg.init);
 	if (lstat(init, &st) < 0)
@@ -511,9 +512,11 @@ static void start_agent(void)
 int main(int argc, char **argv)
 {
 	(void)argc;
+	struct timespec t0;
+	clock_gettime(CLOCK_BOOTTIME, &t0);
 	early_mounts();
 	parse_cmdline();
-	trace("started");
+	trace("started (main at %ld.%03ld)", (long)t0.tv_sec, t0.tv_nsec / 1000000);
 	load_modules();
 	mount_root();
 	network();
