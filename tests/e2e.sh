@@ -1,14 +1,7 @@
 # End to end on real VMs (QEMU microvm; TCG on hosts without hardware virtualization):
 # cold run, snapshot create, restored runs, statuses, stdin, files, JSON, timeout,
 # concurrency, Ctrl-C and SIGKILL + cleanup — each followed by a leak check.
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
-fc=$FIRECLAW
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}e2e
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" e2e
 
 "$fc" cleanup -q >/dev/null 2>&1
 no_leaks "before the tests"

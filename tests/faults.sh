@@ -14,13 +14,7 @@ FAULTS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}flt
 source "$FIRECLAW_TESTS/lib/faults.sh"
 trap '"$fc" cleanup --all -q >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 
-"$fc" cleanup -q >/dev/null 2>&1
-no_leaks "before the tests"
-if ! setup_state; then
-	ok 1 "a private state with the default image and its snapshot"
-	done_testing
-	exit 1
-fi
+faults_begin
 
 # ---- SIGKILL at each point of a restored run, then cleanup ----
 for p in record netns tap disk cgroup vmm-spawned vmm-recorded agent-ready reseeded exec exec-output command-done \
