@@ -1,5 +1,5 @@
-# Restores overlap their copies with QEMU's start (docs/DECISIONS.md, "Restores overlap
-# their copies with QEMU's start"): QEMU is forked first, and the snapshot's memory (into
+# Restores overlap their copies with QEMU's start (docs/DECISIONS.md, the entry of that
+# name): QEMU is forked first, and the snapshot's memory (into
 # the VM's memfd) and the rest of its disk are copied while QEMU joins its cgroups, execs
 # and starts; the incoming migration waits for both. Checked here: a restored guest reads
 # back 96 MiB it wrote to RAM before the snapshot (pages far into its 256 MiB) and a file

@@ -341,12 +341,26 @@ local function record_vmspec(self)
 	} })
 end
 
+-- Is an undo called `name` still on the cleanup stack?
+local function pending(self, name)
+	for _, u in ipairs(self.undo) do
+		if u.name == name then return true end
+	end
+	return false
+end
+
 -- The VMM's undo: kill it, reap it, close its clients (vm:destroy never raises).
 -- The record names the agent's ports, so another fireclaw can attach (fireclaw.agent).
 local function push_vmm_undo(self, name)
 	local ports = self.vm.spec and self.vm.spec.agent_ports
 	if ports then state.update(self.rec, { agent = { ports = ports } }) end
 	self:on_destroy(name, function()
+		-- SIGKILL first: the VMM's exit (which frees a restored VM's RAM, ~9 ms for 60 MiB)
+		-- runs while we empty this VM's disk copy, when its undo (which removes it) is still
+		-- to come: its page cache and blocks are freed by us now rather than after the
+		-- VMM's last descriptor; then the VMM is reaped
+		self.vm:kill()
+		if self.disk_path and pending(self, "disk") then sys.truncate(self.disk_path, 0) end
 		self.vm:destroy()
 		fault.point("teardown-vmm")
 	end)

@@ -27,6 +27,7 @@
 --                                     -- (Firecracker: vsock port 1024; the caller closes
 --                                     -- fd), retried until the deadline while the agent is
 --                                     -- not listening yet
+--   v:kill()                          -- SIGKILL, no wait (destroy reaps); never raises
 --   v:destroy()                       -- idempotent, never raises
 --   v:state() -> "not started" | "running" | "paused" | "stopped"
 --   v:saved_spec() -> the boot/restore spec's plain fields (for a kept VM's record)
@@ -477,6 +478,13 @@ function VM:shutdown(timeout_s)
 	local ok, graceful = pcall(self.driver.shutdown, self, timeout_s or 10)
 	self:destroy()
 	return ok and graceful or false
+end
+
+-- SIGKILL the VMM without waiting for it (v:destroy reaps it): its exit, which frees the
+-- guest's RAM, runs while the caller removes other things. Never raises.
+function VM:kill()
+	if self.destroyed or self.attached or not self.proc then return end
+	self.killed = pcall(self.proc.kill, self.proc)
 end
 
 -- Kill the VMM, reap it, close the clients, remove the sockets. Safe to call twice;

@@ -322,8 +322,8 @@ end
 -- child's cgroup joins (an RCU grace period each time, ~13 ms here), its exec and QEMU's
 -- own start-up (~40 ms) run while fireclaw copies. QEMU 7.2 reads or writes no guest RAM
 -- before the incoming migration, and of the disk only its size and its first sector
--- (virtio-blk's geometry guess), which the caller copies before (docs/DECISIONS.md,
--- "Restores overlap their copies with QEMU's start"). The migration starts only after both.
+-- (virtio-blk's geometry guess), which the caller copies before (the DECISIONS.md entry
+-- on restores overlapping their copies with QEMU's start). The migration waits for both.
 local function spawn(v, spec, ram)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
 	local uid, gid = wanted_user(v)
