@@ -31,7 +31,7 @@ like "$out" "default via 172\.16\.0\.1 dev eth0" "… the default route"
 ok $? "… the hostname, /tmp, /run, /dev/shm (tmpfs), /dev/pts and /dev/fd" "$out"
 echo "# cold: the first command ran at guest $(echo "$out" | grep -o 'uptime .*')"
 # under TCG the guest sees no ERMS/FSRM, so its kernel avoids byte-wise rep movs/stos,
-# which TCG runs one byte per loop (docs/guest-notes.md, "TCG and string instructions")
+# which TCG runs one byte per loop (docs/guest-notes.md: the entry on TCG and string instructions)
 if grep -q "qemu with tcg chosen" <<<"$out"; then
 	like "$out" "string-op flags: 0" "TCG: the guest CPU has no ERMS/FSRM"
 else
