@@ -17,8 +17,8 @@ trap '"$fc" cleanup --all -q >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 faults_begin
 
 # ---- SIGKILL at each point of a restored run, then cleanup ----
-for p in record netns tap disk cgroup vmm-spawned vmm-recorded agent-ready reseeded exec exec-output command-done \
-	teardown-agent teardown-vmm reap-vmm reap-netns; do
+for p in record netns tap disk cgroup vmm-spawned vmm-recorded ram-filled agent-ready reseeded exec exec-output \
+	command-done teardown-agent teardown-vmm reap-vmm reap-netns; do
 	is "$(status_of env FIRECLAW_FAULT=$p "$fc" run -- echo hi)" 137 "SIGKILL at $p: fireclaw died there"
 	finish "SIGKILL at $p"
 done
@@ -45,7 +45,8 @@ unlike "$(cat "$tmp/ssh-wait.err")" "agent ready" "SIGKILL during the agent wait
 finish "SIGKILL during the agent wait"
 
 # ---- an error raised at each point: the run undoes everything itself ----
-for p in record netns tap disk cgroup vmm-spawned vmm-recorded agent-ready reseeded exec exec-output command-done; do
+for p in record netns tap disk cgroup vmm-spawned vmm-recorded ram-filled agent-ready reseeded exec exec-output \
+	command-done; do
 	FIRECLAW_FAULT=$p:error "$fc" run -- echo hi >/dev/null 2>"$tmp/err"
 	rc=$?
 	is "$rc:$(cat "$tmp/err")" "1:fireclaw: fault injected at $p" "error at $p: exit 1, one line"
