@@ -1137,10 +1137,12 @@ function M.steps.coldboot()
 	}
 end
 
--- Does a snapshot have the agent's channel? (its meta.json says which exec channels it has)
+-- Does a snapshot have the agent's channel, speaking this fireclaw's protocol? (its
+-- meta.json says which exec channels it has, and since protocol 2 which protocol; one of
+-- an older agent restores over SSH)
 local function snap_has_agent(snap)
 	local ch = snap.exec_channels
-	if type(ch) ~= "table" then return false end
+	if type(ch) ~= "table" or snap.agent_protocol ~= agent.VERSION then return false end
 	for _, c in ipairs(ch) do if c == "agent" then return true end end
 	return false
 end
