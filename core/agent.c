@@ -36,6 +36,7 @@
  */
 #include "fc_agent.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -413,31 +414,18 @@ static int l_fd(lua_State *L)
 	return 1;
 }
 
-/* conn:handoff(ns, entropy [, timeout]): set the guest clock to ns (0: leave it), credit
- * the entropy and reseed the CRNG; returns when the agent acked. */
-static int l_handoff(lua_State *L)
+/* Wait for the RESULT on stream 0 that answers a frame of ours (what: "the hand-off").
+ * A failure in the guest raises without breaking the connection. */
+static void wait_result(lua_State *L, struct agent_conn *c, double deadline, const char *what)
 {
-	struct agent_conn *c = agent_check(L, 1);
-	double ns = luaL_checknumber(L, 2);
-	size_t n;
-	const char *ent = luaL_checklstring(L, 3, &n);
-	double timeout = luaL_optnumber(L, 4, DEFAULT_TIMEOUT_S);
-	if (!(ns >= 0 && ns < 1.8e19))
-		fc_error(L, "agent: handoff: ns must be nanoseconds since 1970");
-	if (n < AGP_MIN_ENTROPY || n > AGP_MAX_ENTROPY)
-		fc_error(L, "agent: handoff: %d to %d bytes of entropy", AGP_MIN_ENTROPY,
-			 AGP_MAX_ENTROPY);
-	unsigned char b[8];
-	agp_put64(b, (uint64_t)ns);
-	agent_queue(L, c, 0, AGP_T_HANDOFF, b, 8, ent, n);
-	double deadline = fc_now_ms() + timeout * 1e3;
+	char timeout_msg[96];
+	snprintf(timeout_msg, sizeof timeout_msg, "the guest agent did not acknowledge %s", what);
 	unsigned long stray = 0;
 	for (int first = 1;; first = 0) {
 		if (agent_flush(c) < 0)
 			agent_fail(L, c, 1, "writing the channel: %s", strerror(errno));
 		if (!first) /* first: what is in the buffer already */
-			wait_channel(L, c, deadline,
-				     "the guest agent did not acknowledge the hand-off");
+			wait_channel(L, c, deadline, timeout_msg);
 		size_t used = 0;
 		struct agent_frame f;
 		while (agent_next_frame(L, c, &f, &used)) {
@@ -452,19 +440,49 @@ static int l_handoff(lua_State *L)
 				memmove(c->in, c->in + used, c->inlen - used);
 				c->inlen -= used;
 				if (err)
-					agent_fail(L, c, 0,
-						   "the restore hand-off failed in the guest: %s",
-						   msg);
-				return 0;
+					agent_fail(L, c, 0, "%s failed in the guest: %s", what, msg);
+				return;
 			}
 			if (f.h.stream == 0 && f.h.type == AGP_T_ERROR)
-				agent_fail(L, c, 1, "the guest agent refused the hand-off");
+				agent_fail(L, c, 1, "the guest agent refused %s", what);
 			if (++stray > AGENT_MAX_STRAY)
 				agent_fail(L, c, 1, "the guest sent too many stray frames");
 		}
 		memmove(c->in, c->in + used, c->inlen - used);
 		c->inlen -= used;
 	}
+}
+
+/* conn:handoff(ns, entropy [, timeout [, resolver]]): set the guest clock to ns (0: leave
+ * it), credit the entropy and reseed the CRNG; with resolver (an IPv4 address), also make
+ * it the guest's /etc/resolv.conf, in the same write (the agent handles stream 0's frames
+ * in order). Returns when the agent acked both. */
+static int l_handoff(lua_State *L)
+{
+	struct agent_conn *c = agent_check(L, 1);
+	double ns = luaL_checknumber(L, 2);
+	size_t n, rn = 0;
+	const char *ent = luaL_checklstring(L, 3, &n);
+	double timeout = luaL_optnumber(L, 4, DEFAULT_TIMEOUT_S);
+	const char *resolver = luaL_optlstring(L, 5, NULL, &rn);
+	struct in_addr a;
+	if (!(ns >= 0 && ns < 1.8e19))
+		fc_error(L, "agent: handoff: ns must be nanoseconds since 1970");
+	if (n < AGP_MIN_ENTROPY || n > AGP_MAX_ENTROPY)
+		fc_error(L, "agent: handoff: %d to %d bytes of entropy", AGP_MIN_ENTROPY,
+			 AGP_MAX_ENTROPY);
+	if (resolver && (rn >= INET_ADDRSTRLEN || inet_pton(AF_INET, resolver, &a) != 1))
+		fc_error(L, "agent: handoff: the resolver must be an IPv4 address");
+	unsigned char b[8];
+	agp_put64(b, (uint64_t)ns);
+	agent_queue(L, c, 0, AGP_T_HANDOFF, b, 8, ent, n);
+	if (resolver)
+		agent_queue(L, c, 0, AGP_T_RESOLVER, resolver, rn, NULL, 0);
+	double deadline = fc_now_ms() + timeout * 1e3;
+	wait_result(L, c, deadline, "the restore hand-off");
+	if (resolver)
+		wait_result(L, c, deadline, "setting the resolver");
+	return 0;
 }
 
 int luaopen_fireclaw_agent(lua_State *L)

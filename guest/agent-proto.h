@@ -16,7 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define AGP_VERSION 1
+#define AGP_VERSION 2
 #define AGP_HDR 12
 #define AGP_MAX_PAYLOAD (256u * 1024) /* any frame; an exec request is the biggest */
 #define AGP_CHUNK 32768u	      /* data frames carry at most this */
@@ -49,6 +49,8 @@ enum agp_type {
 	AGP_T_PING = 11,   /* stream 0: up to 8 bytes, echoed in a PONG */
 	AGP_T_MKDIR = 12,  /* new stream: u32 mode, path NUL; RESULT (an existing dir is fine) */
 	AGP_T_LIST = 13,   /* new stream: path NUL; ENTRY frames, then RESULT */
+	AGP_T_RESOLVER = 14, /* stream 0: an IPv4 address (text, no NUL): /etc/resolv.conf
+			      * becomes "nameserver ADDR"; RESULT (version 2) */
 	/* guest -> host */
 	AGP_T_STDOUT = 32, /* data; empty: EOF */
 	AGP_T_STDERR = 33,

@@ -26,6 +26,7 @@
 #define _GNU_SOURCE
 #include "agent-proto.h"
 
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -821,6 +822,39 @@ static void handoff(struct conn *c, unsigned char *p, size_t n)
 		send_result(c, 0, 0, "clock set, entropy credited, CRNG reseeded");
 }
 
+/* The resolver of a restored guest with egress: the snapshot's /etc/resolv.conf is the
+ * snapshot's, the host's resolver for this VM is given after the hand-off (no exec). */
+static void set_resolver(struct conn *c, const unsigned char *p, size_t n)
+{
+	char addr[INET_ADDRSTRLEN], text[64];
+	struct in_addr a;
+	if (n == 0 || n >= sizeof addr) {
+		send_result(c, 0, EINVAL, "a resolver is an IPv4 address");
+		return;
+	}
+	memcpy(addr, p, n);
+	addr[n] = 0;
+	if (inet_pton(AF_INET, addr, &a) != 1) {
+		send_result(c, 0, EINVAL, "a resolver is an IPv4 address");
+		return;
+	}
+	int len = snprintf(text, sizeof text, "nameserver %s\n", addr);
+	int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	int e = 0;
+	if (fd < 0)
+		e = errno;
+	else {
+		ssize_t w = write(fd, text, (size_t)len);
+		e = w < 0 ? errno : w != len ? EIO : 0;
+	}
+	if (fd >= 0)
+		close(fd);
+	if (e)
+		send_result(c, 0, e, "/etc/resolv.conf: %s", strerror(e));
+	else
+		send_result(c, 0, 0, "resolver %s", addr);
+}
+
 /* ---- frames from the host ---- */
 
 static int protocol_error(struct conn *c, const char *msg)
@@ -848,6 +882,11 @@ static int on_frame(struct conn *c, struct agp_hdr *h, unsigned char *p)
 		if (h->stream != 0)
 			return protocol_error(c, "hand-off on a stream");
 		handoff(c, p, h->len);
+		return 0;
+	case AGP_T_RESOLVER:
+		if (h->stream != 0)
+			return protocol_error(c, "resolver on a stream");
+		set_resolver(c, p, h->len);
 		return 0;
 	case AGP_T_EXEC:
 		start_exec(c, h->stream, p, h->len);

@@ -97,6 +97,9 @@ function M.take(sb, name, opts)
 			-- how restores reach the guest: "agent" only when its channel was there and
 			-- the agent answered before the snapshot
 			exec_channels = sb.exec_channels or { "ssh" },
+			-- the agent protocol its restores speak (a snapshot of an older agent restores
+			-- over SSH: sandbox.snap_has_agent)
+			agent_protocol = sb.agent and sb.agent:info().version or nil,
 		})
 	end)
 	if not ok then

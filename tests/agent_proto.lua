@@ -26,6 +26,14 @@ end
 
 local c, p = start()
 t.is(c:info().version, agent.VERSION, "hello: the agent speaks our version")
+-- the hand-off itself is not run here (it would set this host's clock and resolver); its
+-- arguments are checked before anything is sent
+for _, bad in ipairs({ "nameserver 1.1.1.1", "1.2.3", "::1", string.rep("1", 64) }) do
+	local ok, err = pcall(c.handoff, c, 0, string.rep("x", 64), nil, bad)
+	t.ok(not ok and tostring(err):find("resolver must be an IPv4 address", 1, true),
+		"handoff: resolver " .. bad:sub(1, 20) .. " refused before sending", tostring(err))
+end
+t.is(c:exec({ "true" }).status, 0, "… and the connection is unharmed")
 
 -- ---- exit statuses and signals ----
 for _, want in ipairs({ 0, 1, 3 }) do

@@ -153,5 +153,15 @@ ok $? "… over SSH (its snapshot has no agent channel recorded)" "$(grep ready 
 is "$?" 1 "--exec agent on it: fails"
 grep -q "has no agent channel" "$tmp/err"
 ok $? "… saying why" "$(cat "$tmp/err")"
+# a snapshot of an older agent protocol (its meta.json names none, as before protocol 2):
+# restored over SSH, not refused by the agent's version check
+meta="$FIRECLAW_STATE/snapshots/agvm/meta.json"
+grep -q '"agent_protocol": 2' "$meta"
+ok $? "the snapshot records its agent protocol" "$(grep agent_protocol "$meta")"
+python3 -c 'import json,sys; p=sys.argv[1]; m=json.load(open(p)); m.pop("agent_protocol", None); json.dump(m, open(p, "w"))' "$meta"
+run -v -- sh -c 'echo older' >"$tmp/o" 2>"$tmp/err"
+ok $? "a snapshot without the agent protocol still runs"
+grep -q "SSH ready" "$tmp/err" && ! grep -q "agent ready" "$tmp/err" && grep -q older "$tmp/o"
+ok $? "… over SSH" "$(grep -E 'ready|error' "$tmp/err")"
 no_leaks "the end"
 done_testing

@@ -102,6 +102,10 @@ is "$(probe --net nat -- nat.test dns:nat.test 198.18.1.20 169.254.169.254 10.25
 
 is "$(FIRECLAW_NET=nat "$fc" run -- busybox wget -q -O - http://nat.test/ 2>"$tmp/err")" "hello from 198.18.1.10:80" \
 	"FIRECLAW_NET=nat: the default mode"
+# a restore's resolver comes with the hand-off (one write on the agent's channel), not an exec
+out=$("$fc" run -v --net nat -- cat /etc/resolv.conf 2>&1)
+like "$out" "^nameserver 172\.16\.0\.1$" "--net nat, restored: the hand-off wrote the resolver"
+unlike "$out" "guest network" "… with no exec of its own (no 'guest network' stage)"
 
 # another VM's namespace: a kept VM with egress, its veth address reachable from the uplink
 # (control) but not from a second VM's guest
@@ -123,6 +127,8 @@ ok $? "rm the kept VM"
 # a cold boot gets its resolver from the kernel command line (ip=…:DNS0)
 is "$("$fc" run --no-snapshot --net nat -- sh -c 'cat /etc/resolv.conf; busybox wget -q -O - http://nat.test/' 2>"$tmp/err")" \
 	"$(printf 'nameserver 172.16.0.1\nhello from 198.18.1.10:80')" "--net nat, cold boot: resolver set at boot, fetches"
+unlike "$("$fc" run -v --no-snapshot --net nat -- true 2>&1)" "guest network" \
+	"--net nat, cold boot: no exec waits for the network (the initramfs set it before the agent started)"
 
 # ---- --allow: only the listed names resolve, only their addresses answer ----
 out=$("$fc" run --allow good.test --allow rebind.test --allow hostaddr.test -- sh -c "$PROBE
@@ -207,8 +213,10 @@ no_leaks "after stop of a started VM with a policy"
 "$fc" -v run --allow good.test -p $P3:8080 -- sleep 60 >/dev/null 2>"$tmp/kill.err" &
 pid=$!
 n=3000
-while [ $n -gt 0 ] && ! grep -q "reseed" "$tmp/kill.err"; do n=$((n - 1)); sleep 0.01; done
+while [ $n -gt 0 ] && ! grep -qE "reseed|hand-off" "$tmp/kill.err"; do n=$((n - 1)); sleep 0.01; done
 like "$(cat "$tmp/kill.err")" "network policy \(nat\+allow\(1\)\)" "a run with an allow list and a port is up"
+kill -0 $pid 2>/dev/null
+ok $? "… and still running its command when killed" "$(cat "$tmp/kill.err")"
 kill -KILL $pid
 wait $pid 2>/dev/null
 like "$(ip netns exec "$UP" nft list tables)" "fireclaw_fcv" "after SIGKILL its uplink table is still there"

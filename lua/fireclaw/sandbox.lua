@@ -705,25 +705,35 @@ end
 
 -- The restore hand-off through the agent: the host's clock (ns) and 64 bytes of its
 -- entropy in one frame; the agent sets the clock, credits the bytes, reseeds the CRNG and
--- acks — before any command (frames on a channel are handled in order).
+-- acks — before any command (frames on a channel are handled in order). With egress, the
+-- VM's resolver goes in the same write (the snapshot's /etc/resolv.conf is the snapshot's).
 function Sandbox:handoff()
 	if not self.agent then self:agent_connect() end
-	local ok, err = pcall(self.agent.handoff, self.agent, now_ns(), host_entropy(guest.RESEED_BYTES))
+	local ok, err = pcall(self.agent.handoff, self.agent, now_ns(), host_entropy(guest.RESEED_BYTES), nil,
+		self:resolver())
 	if not ok then error(vmm_gone(self, err, "during the restore hand-off"), 0) end
 	fault.point("reseeded")
 	self.timer:stage("hand-off (clock + entropy)")
-	self:guest_network(true)
 end
 
--- Through the agent, with a network policy: the agent starts before the guest's init has
--- configured its network, and a restore's hand-off leaves the snapshot's /etc/resolv.conf.
--- One exec waits (bounded) for the guest's default route and writes its resolver. (Over
--- SSH neither is needed: sshd starts after the network, and reseed writes the resolver.)
--- restored: the guest's network is the snapshot's, up already: only a resolver to write.
-function Sandbox:guest_network(restored)
+-- Does the image's init configure the network before its agent answers? fireclaw's own
+-- images: yes (the initramfs's /init, guest/fireclaw-init.c, sets the network, then starts
+-- the agent). An imported image's agent (started by its init shim) runs beside the image's
+-- own init, which configures the network when it gets to it.
+local function network_before_agent(img)
+	local g = img.guest
+	return image_has_agent(img) and g.agent_start ~= "init-shim"
+end
+
+-- A cold boot through the agent, with a network policy, in an image whose agent may answer
+-- before its init has configured the network: one exec waits (bounded) for the guest's
+-- default route and writes its resolver. (Over SSH it is not needed: sshd starts after the
+-- network. fireclaw's own images configure the network before the agent starts, from ip=,
+-- the resolver included.)
+function Sandbox:guest_network()
 	local p = self.net_policy
 	if not self.agent or (p.mode == "none" and #p.publish == 0) then return end
-	if restored and not self:resolver() then return end
+	if network_before_agent(self.img) then return end
 	local line = "n=500; until ip route 2>/dev/null | grep -q '^default'; do n=$((n - 1)); "
 		.. "[ $n -gt 0 ] || exit 3; usleep 10000; done"
 	local dns = self:resolver()
@@ -1127,10 +1137,12 @@ function M.steps.coldboot()
 	}
 end
 
--- Does a snapshot have the agent's channel? (its meta.json says which exec channels it has)
+-- Does a snapshot have the agent's channel, speaking this fireclaw's protocol? (its
+-- meta.json says which exec channels it has, and since protocol 2 which protocol; one of
+-- an older agent restores over SSH)
 local function snap_has_agent(snap)
 	local ch = snap.exec_channels
-	if type(ch) ~= "table" then return false end
+	if type(ch) ~= "table" or snap.agent_protocol ~= agent.VERSION then return false end
 	for _, c in ipairs(ch) do if c == "agent" then return true end end
 	return false
 end
