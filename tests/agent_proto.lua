@@ -204,7 +204,7 @@ local function frame(len, stream, typ, payload, flags)
 		math.floor(v / 16777216) % 256) end
 	return u32(len) .. u32(stream) .. string.char(typ, flags or 0, 0, 0) .. (payload or "")
 end
-local HELLO = frame(8, 0, 1, "\1\0\0\0\42\0\0\0")
+local HELLO = frame(8, 0, 1, string.char(agent.VERSION) .. "\0\0\0\42\0\0\0") -- our version, pid 42
 local hostile = {
 	{ "an oversized frame", frame(0x7fffffff, 1, 32), "malformed frame" },
 	{ "flags set", frame(1, 1, 32, "x", 1), "malformed frame" },
