@@ -179,6 +179,25 @@ is "$got" "['ssh']" "it records SSH only"
 "$fc" -q snapshot rm incs >/dev/null 2>&1
 no_leaks "no agent channel"
 
+# ---- a shim error does not stop the boot: no /sys in the rootfs (a kept VM) ----
+rm -rf "$tmp/h" && cp -a "$tree" "$tmp/h" && rm -rf "$tmp/h/sys"
+mke2fs -q -t ext4 -d "$tmp/h" "$tmp/h.ext4" 96M >/dev/null 2>&1
+import insys "$tmp/h.ext4" 2>"$tmp/err"
+ok $? "import of a rootfs without /sys" "$(cat "$tmp/err")"
+"$fc" -q start --image insys --name iak >/dev/null 2>"$tmp/err"
+ok $? "start a kept VM of it" "$(cat "$tmp/err")"
+out=$("$fc" exec -v iak -- cat /myinit.marker 2>"$tmp/err")
+is "$out" "myinit pid 1" "the image's init still ran as PID 1"
+grep -q "SSH ready" "$tmp/err" && ! grep -q "agent ready" "$tmp/err"
+ok $? "exec from another process: over SSH (the record offers no agent port)" "$(grep -E 'ready|agent' "$tmp/err")"
+log=$("$fc" logs iak 2>&1)
+like "$log" "fireclaw-agent: init shim: mount sysfs on /sys: No such file or directory" "the shim's error: one console line"
+like "$log" "fireclaw-agent: channels: ports=0 vsock=0" "the agent's line: no channel"
+out=$("$fc" exec --exec agent iak -- true 2>&1)
+is "$?:$(printf '%s\n' "$out" | wc -l)" "1:1" "exec --exec agent on it: one line, exit 1"
+"$fc" -q rm iak >/dev/null 2>&1
+no_leaks "a kept VM without /sys"
+
 # ---- hostile rootfs content: /.fireclaw in the way ----
 hostile() { # hostile NAME DESCRIPTION: a rootfs from $tree plus what the caller put in $tmp/h
 	local name=$1 what=$2 out rc
