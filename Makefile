@@ -54,7 +54,13 @@ AGENT_BIN := build/guest/fireclaw-agent
 $(AGENT_BIN): guest/fireclaw-agent.c guest/agent-proto.h build/.deps
 	@mkdir -p build/guest
 	$(CC) -std=gnu11 -Os -Wall -Wextra -Werror -static -s -o $@ guest/fireclaw-agent.c
-$(OBJDIR)/guest.o: $(GUEST_BIN) $(AGENT_BIN)
+# the initramfs's /init (guest/fireclaw-init.c): modules, root disk, network, the agent,
+# then the image's init; also compiled into fireclaw by core/guest.c
+INIT_BIN := build/guest/fireclaw-init
+$(INIT_BIN): guest/fireclaw-init.c build/.deps
+	@mkdir -p build/guest
+	$(CC) -std=gnu11 -Os -Wall -Wextra -Werror -static -s -o $@ guest/fireclaw-init.c
+$(OBJDIR)/guest.o: $(GUEST_BIN) $(AGENT_BIN) $(INIT_BIN)
 $(OBJDIR)/agent.o $(OBJDIR)/fc_agent_ops.o: guest/agent-proto.h
 
 build/.deps: tools/deps.sh
@@ -114,7 +120,7 @@ bench: fireclaw
 	bench/run.sh
 
 # libFuzzer targets (clang + ASan/UBSan) in build/fuzz/; tests/fuzz.sh runs them
-fuzz: build/pkg.mk build/embed.c build/modules.c $(GUEST_BIN) $(AGENT_BIN)
+fuzz: build/pkg.mk build/embed.c build/modules.c $(GUEST_BIN) $(AGENT_BIN) $(INIT_BIN)
 	$(MAKE) -f fuzz/fuzz.mk
 
 install: fireclaw

@@ -1214,10 +1214,10 @@ static void announce_channels(int ports, int vsock)
 		_exit(0);
 }
 
-/* One agent per guest: an image imported with the agent may be a fireclaw image whose own
- * init starts /usr/sbin/fireclaw-agent as well, and two servers on one port would share
- * its bytes. The first one binds an abstract unix socket (gone with it, no file to go
- * stale); a second one finds the name taken and exits. */
+/* One agent per guest: an image imported with the agent may be a fireclaw rootfs booted
+ * with fireclaw's initramfs, whose /init starts /usr/sbin/fireclaw-agent as well, and two
+ * servers on one port would share its bytes. The first one binds an abstract unix socket (gone with
+ * it, no file to go stale); a second one finds the name taken and exits. */
 static int first_agent(void)
 {
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -1236,22 +1236,23 @@ static int first_agent(void)
 static int __attribute__((noreturn)) supervise(int announce)
 {
 	static struct port ports[MAX_PORTS];
-	if (!first_agent()) {
-		logmsg("another agent serves this guest already: this one exits");
-		_exit(0);
-	}
-	int sigfd = signal_fd();
 	int n = find_ports(ports);
 	/* a port's name comes from the host a moment after the device: wait a little */
 	for (int i = 0; i < 40 && n == 0 && access("/sys/class/virtio-ports", F_OK) == 0; i++) {
 		usleep(50000);
 		n = find_ports(ports);
 	}
+	/* the guest's channels, whichever agent ends up serving them (the host waits for it) */
+	if (announce)
+		announce_channels(n, access("/dev/vsock", F_OK) == 0 && vsock_device());
+	if (!first_agent()) {
+		logmsg("another agent serves this guest already: this one exits");
+		_exit(0);
+	}
+	int sigfd = signal_fd();
 	for (int i = 0; i < n; i++)
 		ports[i].pid = spawn_port(ports[i].dev);
 	int lfd = access("/dev/vsock", F_OK) == 0 ? vsock_listen() : -1;
-	if (announce)
-		announce_channels(n, lfd >= 0 && vsock_device());
 	if (n == 0 && lfd < 0)
 		logmsg("no port named " AGP_PORT_PREFIX "N and no vsock: nothing to serve");
 	for (;;) {

@@ -7,6 +7,7 @@
 local t = require "tap"
 local image = require "fireclaw.image"
 local config = require "fireclaw.config"
+local fs = require "fireclaw.fs"
 local json = require "fireclaw.json"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
@@ -352,7 +353,15 @@ local function test_default_image()
 	-- initrd and rootfs contents, read without mounting
 	local list = proc.run({ "cpio", "-it", "--quiet" }, { stdin = read(img.initrd) }).stdout
 	t.ok(list:find("\ninit\n", 1, true) or list:find("^init\n"), "initrd has /init")
-	t.ok(list:find("bin/busybox", 1, true) and list:find("lib/modules/virtio_blk.ko", 1, true), "initrd has busybox and the modules")
+	t.ok(list:find("lib/modules/virtio_blk.ko", 1, true) and list:find("lib/modules/order", 1, true),
+		"initrd has the modules and their load order")
+	t.ok(not list:find("busybox", 1, true), "initrd has no shell: /init is fireclaw-init", list)
+	local itree = config.state_dir .. "/initrd-check"
+	fs.mkdir_p(itree, "700")
+	proc.run({ "cpio", "-id", "--quiet", "init", "lib/modules/order" }, { stdin = read(img.initrd), cwd = itree })
+	t.is(read(itree .. "/init"), require("fireclaw.guest").init(), "initrd's /init is fireclaw-init, compiled into fireclaw")
+	t.is(read(itree .. "/lib/modules/order"), table.concat(m.modules, "\n") .. "\n", "lib/modules/order: the manifest's load order")
+	fs.rm_rf(itree)
 	t.like(debugfs(img.rootfs, "cat /etc/shadow"), "^root:%*:", "rootfs: root's shadow entry is '*'")
 	local pub = read(img.client_key_pub):match("^(%S+ %S+)")
 	t.ok(pub and debugfs(img.rootfs, "cat /root/.ssh/authorized_keys"):find(pub, 1, true), "rootfs: authorized_keys holds the client key")
@@ -375,7 +384,9 @@ local function test_default_image()
 	t.is(tonumber(astat:match("Size:%s*(%d+)")), #agent_bytes, "rootfs: ... the agent compiled into fireclaw")
 	t.ok(m.guest.agent == "/usr/sbin/fireclaw-agent" and m.guest.agent_protocol == require("fireclaw.agent").VERSION,
 		"manifest: guest.agent and its protocol version")
-	t.like(debugfs(img.rootfs, "cat /etc/init.d/rcS"), "fireclaw%-agent %-%-daemon", "rcS starts the agent")
+	local rcs = debugfs(img.rootfs, "cat /etc/init.d/rcS")
+	t.ok(rcs:find("dropbear", 1, true) and not rcs:find("fireclaw-agent", 1, true),
+		"rcS starts sshd only (the initramfs's /init started the agent)", rcs)
 	return img
 end
 

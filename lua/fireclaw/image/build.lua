@@ -40,7 +40,8 @@ local function fingerprint(p, opts)
 	table.sort(requested)
 	local inputs = json.encode({
 		format = common.FORMAT, guest = guest.VERSION, helper = keys.helper_sha256(), agent = keys.agent_sha256(),
-		guest_files = common.sha256_of("hashing", guest.initrd_init({}) ..
+		init = keys.init_sha256(),
+		guest_files = common.sha256_of("hashing",
 			json.encode(guest.rootfs_files({ authorized_keys = opts.client_pub })) ..
 			(opts.tree and guest.box_init("ld.so") or "")), -- (the busybox image's inputs as before)
 		kernel = p.kernel.Package .. "=" .. p.kernel.Version,
@@ -115,7 +116,7 @@ local function steps(name, p, opts, work, T0)
 	local debs = packages.download(all_packages(p))
 	local itree = scratch .. "/initrd"
 	local k = kernel.build(p, debs, scratch, out, itree)
-	local isize = initrd.build(initrd.busybox(p, debs, scratch), itree, k.modules, out)
+	local isize = initrd.build(itree, k.modules, out)
 	log("initrd: %s, %d modules %s (%s)", human(isize), #k.modules, table.concat(k.modules, ","),
 		secs(k.t_modules))
 	local rf

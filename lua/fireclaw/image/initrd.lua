@@ -1,6 +1,7 @@
--- fireclaw.image.initrd: the initramfs — busybox, the kernel modules in load order (put
--- into tree/lib/modules by fireclaw.image.kernel) and guest.initrd_init, as a
--- reproducible newc cpio owned by root.
+-- fireclaw.image.initrd: the initramfs — its /init (guest.init(): guest/fireclaw-init.c,
+-- static) and the kernel modules (put into tree/lib/modules by fireclaw.image.kernel) with
+-- their load order in lib/modules/order, as a reproducible newc cpio owned by root. No
+-- shell: /init forks nothing before the agent (every exec is slow under TCG).
 local common = require "fireclaw.image.common"
 local fs = require "fireclaw.fs"
 local guest = require "fireclaw.guest"
@@ -9,23 +10,12 @@ local run = common.run
 
 local M = {}
 
--- The static busybox of the base packages, unpacked into scratch/busybox. Returns its path.
-function M.busybox(p, debs, scratch)
-	local busybox_deb
-	for _, r in ipairs(p.base) do if r.Package == "busybox-static" then busybox_deb = debs[r.Package] end end
-	local bbdir = scratch .. "/busybox"
-	fs.mkdir_p(bbdir, "755")
-	run("unpacking busybox-static", { "dpkg-deb", "-x", busybox_deb, bbdir })
-	return bbdir .. "/bin/busybox"
-end
-
 -- Write out/initrd from tree (which holds lib/modules/*.ko already); modules is the load
 -- order. Returns the size in bytes.
-function M.build(busybox, tree, modules, out)
-	for _, d in ipairs({ "bin", "dev", "proc", "sys", "newroot" }) do fs.mkdir_p(tree .. "/" .. d, "755") end
-	common.copy(busybox, tree .. "/bin/busybox")
-	fs.chmod(tree .. "/bin/busybox", "755")
-	fs.write(tree .. "/init", guest.initrd_init(modules), "755")
+function M.build(tree, modules, out)
+	for _, d in ipairs({ "dev", "proc", "sys", "newroot", "lib/modules" }) do fs.mkdir_p(tree .. "/" .. d, "755") end
+	fs.write(tree .. "/init", guest.init(), "755")
+	fs.write(tree .. "/lib/modules/order", table.concat(modules, "\n") .. "\n", "644")
 	fs.chmod(tree, "755")
 	local list = run("listing the initramfs", { "find", ".", "-mindepth", "1" }, { cwd = tree }).stdout
 	local names = {}

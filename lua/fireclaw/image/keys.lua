@@ -47,6 +47,12 @@ function M.helper_sha256()
 	return helper_sha
 end
 
+local init_sha
+function M.init_sha256()
+	init_sha = init_sha or common.sha256_of("hashing the initramfs's init", guest.init())
+	return init_sha
+end
+
 local agent_sha
 function M.agent_sha256()
 	agent_sha = agent_sha or common.sha256_of("hashing the guest agent", guest.agent())
