@@ -6,8 +6,10 @@
 # as PID 1). Commands, exit statuses, --put/--get, a snapshot and its restore go through
 # the agent; --no-agent keeps SSH; a kernel without virtio_console (the default initramfs
 # with that module removed) falls back to SSH at once, and --exec agent then fails with
-# one line; a rootfs whose /.fireclaw is a symlink, a file, or holds a symlinked bin is
-# refused with one line and nothing written.
+# one line; a shim error (/sys a file) is one console line and the image's init still
+# runs; a fireclaw rootfs (whose agent the initramfs starts too) runs one agent; a rootfs
+# whose /.fireclaw is a symlink, a file, or holds a symlinked bin is refused with one line
+# and nothing written.
 set -u
 source "$FIRECLAW_TESTS/lib/tap.sh"
 source "$FIRECLAW_TESTS/lib/leaks.sh"
@@ -179,11 +181,12 @@ is "$got" "['ssh']" "it records SSH only"
 "$fc" -q snapshot rm incs >/dev/null 2>&1
 no_leaks "no agent channel"
 
-# ---- a shim error does not stop the boot: no /sys in the rootfs (a kept VM) ----
-rm -rf "$tmp/h" && cp -a "$tree" "$tmp/h" && rm -rf "$tmp/h/sys"
+# ---- a shim error does not stop the boot: /sys is a file in the rootfs (a kept VM) ----
+# (an initramfs creates a missing /sys; a file there it cannot replace either)
+rm -rf "$tmp/h" && cp -a "$tree" "$tmp/h" && rm -rf "$tmp/h/sys" && echo "not a directory" >"$tmp/h/sys"
 mke2fs -q -t ext4 -d "$tmp/h" "$tmp/h.ext4" 96M >/dev/null 2>&1
 import insys "$tmp/h.ext4" 2>"$tmp/err"
-ok $? "import of a rootfs without /sys" "$(cat "$tmp/err")"
+ok $? "import of a rootfs whose /sys is a file" "$(cat "$tmp/err")"
 "$fc" -q start --image insys --name iak >/dev/null 2>"$tmp/err"
 ok $? "start a kept VM of it" "$(cat "$tmp/err")"
 out=$("$fc" exec -v iak -- cat /myinit.marker 2>"$tmp/err")
@@ -191,12 +194,26 @@ is "$out" "myinit pid 1" "the image's init still ran as PID 1"
 grep -q "SSH ready" "$tmp/err" && ! grep -q "agent ready" "$tmp/err"
 ok $? "exec from another process: over SSH (the record offers no agent port)" "$(grep -E 'ready|agent' "$tmp/err")"
 log=$("$fc" logs iak 2>&1)
-like "$log" "fireclaw-agent: init shim: mount sysfs on /sys: No such file or directory" "the shim's error: one console line"
+like "$log" "fireclaw-agent: init shim: mount sysfs on /sys: Not a directory" "the shim's error: one console line"
 like "$log" "fireclaw-agent: channels: ports=0 vsock=0" "the agent's line: no channel"
 out=$("$fc" exec --exec agent iak -- true 2>&1)
 is "$?:$(printf '%s\n' "$out" | wc -l)" "1:1" "exec --exec agent on it: one line, exit 1"
 "$fc" -q rm iak >/dev/null 2>&1
-no_leaks "a kept VM without /sys"
+no_leaks "a kept VM whose /sys is a file"
+
+# ---- the default image's own rootfs: its initramfs starts its agent too; one serves ----
+import idf "$img/rootfs.ext4" --boot-args "console=ttyS0 root=/dev/vda rw panic=1 pci=off" 2>"$tmp/err"
+ok $? "import of the default image's rootfs (it has /usr/sbin/fireclaw-agent)" "$(cat "$tmp/err")"
+"$fc" -q start --image idf --name idk >/dev/null 2>"$tmp/err"
+ok $? "start a kept VM of it" "$(cat "$tmp/err")"
+out=$("$fc" exec -v idk -- true 2>&1)
+like "$out" "agent ready" "exec: through the agent"
+log=$("$fc" logs idk 2>&1)
+like "$log" "fireclaw-agent: channels: ports=4 vsock=0" "the shim's agent printed its line"
+is "$(printf '%s\n' "$log" | grep -c "another agent serves this guest already: this one exits")" 1 \
+	"of the two agents started, one exits (one console line)"
+"$fc" -q rm idk >/dev/null 2>&1
+no_leaks "two agents in one guest"
 
 # ---- hostile rootfs content: /.fireclaw in the way ----
 hostile() { # hostile NAME DESCRIPTION: a rootfs from $tree plus what the caller put in $tmp/h
