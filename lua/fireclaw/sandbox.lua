@@ -540,9 +540,13 @@ function Sandbox:shim_channels(timeout)
 			.. "--no-agent)", self.id, guest.AGENT_CHANNELS, timeout or self.boot_timeout or 60, guest.BOX_AGENT),
 			"", true), 0)
 	end
+	if why == "gone" and self.exec_mode == "agent" then
+		error(vmm_gone(self, "the VMM exited", "before its agent started", true), 0)
+	end
+	-- (the guest's bytes: a line that does not parse is no channel)
 	local ports, vsock = (rest or ""):match("ports=(%d+) vsock=(%d)")
 	local want_ports = (self.vm.spec and self.vm.spec.agent_ports or 0) > 0
-	self.shim_ok = rest ~= nil and ((want_ports and tonumber(ports) > 0)
+	self.shim_ok = rest ~= nil and ((want_ports and (tonumber(ports) or 0) > 0)
 		or (self.vm.driver.agent_channel ~= nil and vsock == "1")) or false
 	if not self.shim_ok then
 		self.agent_missing = rest and string.format("its kernel gave the agent no %s (the agent found ports=%s "
@@ -550,7 +554,7 @@ function Sandbox:shim_channels(timeout)
 			vsock or "?", want_ports and "virtio_console" or "vsock and vmw_vsock_virtio_transport")
 			or "the VMM exited before the agent started"
 		if self.rec then state.update(self.rec, { agent = { ports = 0 } }) end
-		log.info("VM %s: no agent channel: %s; over SSH", self.id, self.agent_missing)
+		log.info("VM %s: no agent channel: %s", self.id, self.agent_missing)
 	end
 	self.timer:stage("agent line")
 	return self.shim_ok
