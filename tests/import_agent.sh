@@ -237,6 +237,19 @@ rm -rf "$tmp/h" && cp -a "$tree" "$tmp/h" && mkdir "$tmp/h/.fireclaw" && ln -s .
 hostile ih3 "/.fireclaw/bin a symlink to /sbin"
 rm -rf "$tmp/h" && cp -a "$tree" "$tmp/h" && mkdir -p "$tmp/h/.fireclaw/bin/fireclaw-agent"
 hostile ih4 "/.fireclaw/bin/fireclaw-agent a directory"
+rm -rf "$tmp/h" && cp -a "$tree" "$tmp/h" && mkdir -p "$tmp/h/.fireclaw/bin" &&
+	ln -s /usr/bin/busybox "$tmp/h/.fireclaw/bin/fireclaw-agent"
+hostile ih6 "/.fireclaw/bin/fireclaw-agent a symlink to busybox"
+# the agent's path a hard link to the image's busybox: a new inode takes the name, busybox stays
+rm -rf "$tmp/h" && cp -a "$tree" "$tmp/h" && mkdir -p "$tmp/h/.fireclaw/bin" &&
+	ln "$tmp/h/usr/bin/busybox" "$tmp/h/.fireclaw/bin/fireclaw-agent"
+mke2fs -q -t ext4 -d "$tmp/h" "$tmp/h.ext4" 96M >/dev/null 2>&1
+import ih7 "$tmp/h.ext4" 2>"$tmp/err"
+ok $? "the agent's path a hard link to busybox: imported" "$(cat "$tmp/err")"
+is "$(debugfs -R "cat /usr/bin/busybox" "$FIRECLAW_STATE/images/ih7/rootfs.ext4" 2>/dev/null | sha256sum)" \
+	"$(sha256sum <"$tree/usr/bin/busybox")" "… the image's busybox is not written through the link"
+is "$(debugfs -R "cat /.fireclaw/bin/fireclaw-agent" "$FIRECLAW_STATE/images/ih7/rootfs.ext4" 2>/dev/null | sha256sum)" \
+	"$("$fc" -e 'io.write(require("fireclaw.guest").agent())' | sha256sum)" "… the agent has the name"
 # a real /.fireclaw directory of the user's: the agent goes in, the user's file stays
 rm -rf "$tmp/h" && cp -a "$tree" "$tmp/h" && mkdir "$tmp/h/.fireclaw" && echo mine >"$tmp/h/.fireclaw/notes"
 mke2fs -q -t ext4 -d "$tmp/h" "$tmp/h.ext4" 96M >/dev/null 2>&1
