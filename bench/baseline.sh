@@ -63,7 +63,7 @@ cold | snapshot) disk=$src/rootfs.ext4 memory=$dir/memory share=on ;;
 esac
 
 # The VMM's command line: the same machine and device options as fireclaw's QEMU driver
-if [ "$FCB_ACCEL" = kvm ]; then accel=(-accel kvm -cpu host,-arch-capabilities); else accel=(-accel tcg -cpu max); fi
+if [ "$FCB_ACCEL" = kvm ]; then accel=(-accel kvm -cpu host,-arch-capabilities); else accel=(-accel tcg -cpu max,-erms,-fsrm); fi
 args=(-M microvm,memory-backend=mem "${accel[@]}" -smp "$FCB_VCPU" -m "${FCB_MEM}M"
 	-object "memory-backend-file,id=mem,size=${FCB_MEM}M,mem-path=$memory,share=$share"
 	-nodefaults -no-user-config -nographic -no-reboot

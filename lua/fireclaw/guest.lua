@@ -95,6 +95,25 @@ read -r cmdline </proc/cmdline
 case " $cmdline " in *" fireclaw.debug "*) debug=1 ;; esac
 ]=]
 
+-- ready = something listens on TCP port 22 (0x0016), IPv4 or IPv6: then the readiness line
+local READY_WAIT = [=[
+n=500
+until grep -qE ':0016 0+:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
+	n=$((n - 1))
+	if [ "$n" -le 0 ]; then
+		say "dropbear is not listening on port 22"
+		break
+	fi
+	usleep 10000
+done
+echo "@READY@"]=]
+
+-- the shared fragments of the two inits
+local function fill(text)
+	return (text:gsub("@DEBUG@", function() return DEBUG end)
+		:gsub("@READY_WAIT@", function() return READY_WAIT end):gsub("@READY@", M.READY))
+end
+
 local RCS = [=[
 #!/bin/sh
 # fireclaw guest: start dropbear (run once by busybox init), then print the readiness line
@@ -117,17 +136,7 @@ else
 	dropbear -s -p 22 -P /run/dropbear.pid -r /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null
 fi || say "dropbear failed to start"
 trace "dropbear started"
-# ready = something listens on TCP port 22 (0x0016), IPv4 or IPv6
-n=500
-until grep -qE ':0016 0+:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
-	n=$((n - 1))
-	if [ "$n" -le 0 ]; then
-		say "dropbear is not listening on port 22"
-		break
-	fi
-	usleep 10000
-done
-echo "@READY@"
+@READY_WAIT@
 ]=]
 
 local RCK = [=[
@@ -158,7 +167,7 @@ PS1='\h:\w\$ '
 ]=]
 
 local function rcs()
-	return (RCS:gsub("@DEBUG@", function() return DEBUG end):gsub("@READY@", M.READY))
+	return fill(RCS)
 end
 
 -- The rootfs files written by fireclaw (everything else comes from Debian packages).
@@ -213,16 +222,7 @@ exec </dev/console >/dev/console 2>&1
 set -- $B/lib/@LOADER@ --library-path $B/lib --argv0 dropbear $B/sbin/dropbear -s -p 22 -P /run/dropbear.pid \
 	-r $B/etc/dropbear_ed25519_host_key
 if [ -n "$debug" ]; then "$@" -E; else "$@" 2>/dev/null; fi || say "dropbear failed to start"
-n=500
-until grep -qE ':0016 0+:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
-	n=$((n - 1))
-	if [ "$n" -le 0 ]; then
-		say "dropbear is not listening on port 22"
-		break
-	fi
-	usleep 10000
-done
-echo "@READY@"
+@READY_WAIT@
 # PID 1 from here on: busybox poweroff/reboot/halt signal it (USR2/TERM/USR1); every wait
 # reaps whatever child exits, orphans included
 trap 'sync; poweroff -f' USR2
@@ -238,7 +238,7 @@ done
 -- interpreter copied into /.fireclaw/lib, e.g. ld-linux-x86-64.so.2).
 function M.box_init(loader)
 	if type(loader) ~= "string" or not loader:match("^[%w._-]+$") then error("guest: box_init wants a loader file name", 2) end
-	return (BOX_INIT:gsub("@DEBUG@", function() return DEBUG end):gsub("@LOADER@", loader):gsub("@READY@", M.READY))
+	return (fill(BOX_INIT):gsub("@LOADER@", loader))
 end
 
 -- Directories of the rootfs and their modes (created before the files).
