@@ -796,7 +796,9 @@ class Bench:
         command = fc_stage(lambda n: n == "command" or n.startswith("hand-off") or n.startswith("reseed"))
         rows = [("fireclaw record (state)", fc_stage(lambda n: n == "record"), None),
                 ("namespace + tap", fc_stage(lambda n: n == "network"), bl("network")),
-                ("disk copy", fc_stage(lambda n: n.startswith("disk copy")), bl("disk"))]
+                # (a restore copies the disk's head here; its rest while QEMU starts: in the spawn row)
+                ("disk copy", fc_stage(lambda n: n.startswith("disk copy") or n.startswith("disk head")),
+                 bl("disk"))]
         if mode == "restore":
             rows += [("VMM spawn (until QMP answers)", spawn, bl("spawn")),
                      ("restore (migrate-incoming … cont)", rest, bl("restore")),

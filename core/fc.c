@@ -334,16 +334,72 @@ static struct {
 	struct termios saved;
 } tty_guard = {-1, {0}};
 
-void fc_tty_guard(int fd, const struct termios *saved)
+static void tty_guard_set(int fd, const struct termios *saved)
 {
 	tty_guard.fd = -1;
 	tty_guard.saved = *saved;
 	tty_guard.fd = fd;
 }
 
-void fc_tty_unguard(void)
+/* ---- the local terminal of an interactive exec (see fc.h) ---- */
+
+static int winch_pipe[2] = {-1, -1};
+
+static void on_winch(int signo)
 {
-	tty_guard.fd = -1;
+	(void)signo;
+	int saved = errno;
+	if (write(winch_pipe[1], "w", 1) < 0) {
+		/* non-blocking, one byte is enough: a full pipe is fine */
+	}
+	errno = saved;
+}
+
+int fc_rawtty_winch_fd(void)
+{
+	return winch_pipe[0];
+}
+
+void fc_rawtty_winch_drain(void)
+{
+	char buf[64];
+	while (winch_pipe[0] >= 0 && read(winch_pipe[0], buf, sizeof buf) > 0)
+		;
+}
+
+void fc_rawtty_start(lua_State *L, struct fc_rawtty *t, int fd, const char *who)
+{
+	t->fd = fd;
+	if (tcgetattr(fd, &t->saved) < 0)
+		fc_errno_error(L, errno, "%s: tty %d is not a terminal", who, fd);
+	struct termios raw = t->saved;
+	cfmakeraw(&raw);
+	if (tcsetattr(fd, TCSANOW, &raw) < 0)
+		fc_errno_error(L, errno, "%s: cannot make tty %d raw", who, fd);
+	t->raw = 1;
+	tty_guard_set(fd, &t->saved);
+	if (winch_pipe[0] < 0 && pipe2(winch_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
+		fc_errno_error(L, errno, "%s: pipe", who);
+	fc_rawtty_winch_drain();
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_winch;
+	sa.sa_flags = SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGWINCH, &sa, &t->old_winch) == 0)
+		t->winch = 1;
+}
+
+void fc_rawtty_end(struct fc_rawtty *t)
+{
+	if (t->winch)
+		sigaction(SIGWINCH, &t->old_winch, NULL);
+	t->winch = 0;
+	if (t->raw) {
+		tty_guard.fd = -1;
+		tcsetattr(t->fd, TCSAFLUSH, &t->saved);
+	}
+	t->raw = 0;
 }
 
 void fc_signals_note(const char *text)

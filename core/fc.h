@@ -13,8 +13,10 @@
 
 #define _GNU_SOURCE
 #include <poll.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <termios.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -83,10 +85,6 @@ int fc_signal_received(void);
 void fc_signals_note(const char *text);
 /* Forget a handled interrupt (the REPL goes on after Ctrl-C). */
 void fc_signals_reset(void);
-/* A terminal put in raw mode: a second signal (which exits at once) restores it first. */
-struct termios;
-void fc_tty_guard(int fd, const struct termios *saved);
-void fc_tty_unguard(void);
 /* Raise "interrupted by SIGINT" if a signal is pending (and clear it). */
 void fc_check_interrupt(lua_State *L);
 /* poll() that also wakes on SIGINT/SIGTERM (raising "interrupted by …"), retries EINTR
@@ -96,6 +94,29 @@ int fc_poll(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms);
  * and the interrupt is forgotten, so the caller can pass it on (the agent forwards it to
  * the guest command, as a terminal would). A second Ctrl-C still exits at once. */
 int fc_poll_sigint(lua_State *L, struct pollfd *fds, nfds_t n, int timeout_ms, int take);
+
+/* ---- the local terminal of an interactive exec (shell, exec -it, run -it) ----
+ *
+ * Raw mode, so every key (Ctrl-C as the byte 0x03 included) goes to the guest's PTY, whose
+ * line discipline makes it a signal for the guest program; and SIGWINCH caught, its
+ * handler writing a byte to a process-wide pipe the exec polls (a handler has no context;
+ * the pipe is made once and lives as long as the process). The caller runs fc_rawtty_end
+ * on every way out (normal end, error, interrupt, __gc); a second signal, which exits at
+ * once, restores the terminal itself. Zero-initialise. */
+struct fc_rawtty {
+	int fd, raw, winch; /* raw/winch: what fc_rawtty_end has to undo */
+	struct termios saved;
+	struct sigaction old_winch;
+};
+/* Make fd raw and catch SIGWINCH; raises "WHO: tty N is not a terminal" and the like. */
+void fc_rawtty_start(lua_State *L, struct fc_rawtty *t, int fd, const char *who);
+/* Undo fc_rawtty_start (the terminal as it was, SIGWINCH's old handler); never raises, a
+ * second call does nothing. */
+void fc_rawtty_end(struct fc_rawtty *t);
+/* The pipe's read end to poll while t->winch; readable after a SIGWINCH. */
+int fc_rawtty_winch_fd(void);
+/* Empty that pipe (before reading the new size). */
+void fc_rawtty_winch_drain(void);
 
 /* ---- growable byte buffer ---- */
 

@@ -120,9 +120,8 @@ struct batch {
 	int n;
 	int conn_ref;
 	/* an exec's local terminal (opts.tty): raw while the batch runs, its size followed */
-	int tty, tty_op, raw, winch;
-	struct termios saved;
-	struct sigaction old_winch;
+	int tty, tty_op;
+	struct fc_rawtty rawtty;
 	struct op ops[MAX_OPS];
 };
 

@@ -93,12 +93,10 @@ void agent_release_ops(lua_State *L, struct batch *b)
 	b->n = 0;
 }
 
-static void tty_restore(struct batch *b);
-
 static int batch_gc(lua_State *L)
 {
 	struct batch *b = lua_touserdata(L, 1);
-	tty_restore(b);
+	fc_rawtty_end(&b->rawtty);
 	agent_release_ops(L, b);
 	if (b->conn_ref != LUA_NOREF)
 		luaL_unref(L, LUA_REGISTRYINDEX, b->conn_ref);
@@ -265,68 +263,15 @@ static void build_exec(lua_State *L, struct op *o, int a, int t)
 
 /* ---- the local terminal (opts.tty) ----
  *
- * An interactive exec (shell, exec -it, run -it) puts the local terminal in raw mode, so
- * every key (Ctrl-C as the byte 0x03 included) goes to the guest's PTY, whose line
- * discipline makes it a signal for the guest program. agent_run restores it on every way
- * out (the batch's __gc too, and fc_tty_guard for a fatal signal). SIGWINCH writes a byte
- * to a process-wide pipe that the loop polls; the new size goes as a RESIZE frame. */
-static int winch_pipe[2] = {-1, -1};
-
-static void on_winch(int signo)
-{
-	(void)signo;
-	int saved = errno;
-	if (write(winch_pipe[1], "w", 1) < 0) {
-		/* non-blocking, one byte is enough: a full pipe is fine */
-	}
-	errno = saved;
-}
-
-static void drain_winch(void)
-{
-	char buf[64];
-	while (winch_pipe[0] >= 0 && read(winch_pipe[0], buf, sizeof buf) > 0)
-		;
-}
-
-static void tty_setup(lua_State *L, struct batch *b)
-{
-	if (tcgetattr(b->tty, &b->saved) < 0)
-		fc_errno_error(L, errno, "agent: exec: tty %d is not a terminal", b->tty);
-	struct termios raw = b->saved;
-	cfmakeraw(&raw);
-	if (tcsetattr(b->tty, TCSANOW, &raw) < 0)
-		fc_errno_error(L, errno, "agent: exec: cannot make tty %d raw", b->tty);
-	b->raw = 1;
-	fc_tty_guard(b->tty, &b->saved);
-	if (winch_pipe[0] < 0 && pipe2(winch_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
-		fc_errno_error(L, errno, "agent: exec: pipe");
-	drain_winch();
-	struct sigaction sa;
-	memset(&sa, 0, sizeof sa);
-	sa.sa_handler = on_winch;
-	sa.sa_flags = SA_RESTART;
-	sigemptyset(&sa.sa_mask);
-	if (sigaction(SIGWINCH, &sa, &b->old_winch) == 0)
-		b->winch = 1;
-}
-
-static void tty_restore(struct batch *b)
-{
-	if (b->winch)
-		sigaction(SIGWINCH, &b->old_winch, NULL);
-	b->winch = 0;
-	if (b->raw) {
-		fc_tty_unguard();
-		tcsetattr(b->tty, TCSAFLUSH, &b->saved);
-	}
-	b->raw = 0;
-}
+ * An interactive exec (shell, exec -it, run -it) puts the local terminal in raw mode
+ * (fc_rawtty: every key goes to the guest's PTY) for the batch's run. agent_run restores
+ * it on every way out (the batch's __gc too); a SIGWINCH makes the pipe the loop polls
+ * readable, and the new size goes as a RESIZE frame. */
 
 /* The terminal's size changed: tell the guest's PTY (RESIZE: u16 rows, u16 cols). */
 static void send_resize(lua_State *L, struct batch *b)
 {
-	drain_winch();
+	fc_rawtty_winch_drain();
 	struct winsize ws;
 	struct op *o = &b->ops[b->tty_op];
 	if (o->done || ioctl(b->tty, TIOCGWINSZ, &ws) != 0 || !ws.ws_row || !ws.ws_col)
@@ -620,7 +565,7 @@ static int drive(lua_State *L)
 		agent_queue(L, c, o->id, type, o->req, o->reqlen, NULL, 0);
 		o->last_ms = fc_now_ms();
 	}
-	if (b->winch)
+	if (b->rawtty.winch)
 		send_resize(L, b); /* the terminal's size now, right behind the EXEC */
 	double last_rx = fc_now_ms(), last_ping = last_rx;
 	take_frames(L, b); /* what came with an earlier answer */
@@ -655,8 +600,8 @@ static int drive(lua_State *L)
 		if (c->watch_fd >= 0)
 			p[n++] = (struct pollfd){.fd = c->watch_fd, .events = POLLIN};
 		nfds_t winch_at = n;
-		if (b->winch)
-			p[n++] = (struct pollfd){.fd = winch_pipe[0], .events = POLLIN};
+		if (b->rawtty.winch)
+			p[n++] = (struct pollfd){.fd = fc_rawtty_winch_fd(), .events = POLLIN};
 		nfds_t first_in = n;
 		int forward = 0;
 		for (int i = 0; i < b->n; i++) {
@@ -690,7 +635,7 @@ static int drive(lua_State *L)
 			last_rx = fc_now_ms();
 			take_frames(L, b);
 		}
-		if (b->winch && p[winch_at].revents)
+		if (b->rawtty.winch && p[winch_at].revents)
 			send_resize(L, b);
 		for (nfds_t i = first_in; i < n; i++)
 			if (p[i].revents)
@@ -704,16 +649,16 @@ void agent_run(lua_State *L, int idx)
 {
 	struct batch *b = lua_touserdata(L, idx);
 	if (b->tty >= 0)
-		tty_setup(L, b);
+		fc_rawtty_start(L, &b->rawtty, b->tty, "agent: exec");
 	lua_pushcfunction(L, drive);
 	lua_pushvalue(L, idx);
 	if (lua_pcall(L, 1, 0, 0) != 0) {
-		tty_restore(b);
+		fc_rawtty_end(&b->rawtty);
 		b->c->busy = 0;
 		abort_unfinished(b);
 		lua_error(L);
 	}
-	tty_restore(b);
+	fc_rawtty_end(&b->rawtty);
 }
 
 struct batch *agent_new_batch(lua_State *L, int conn_idx)

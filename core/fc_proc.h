@@ -49,6 +49,7 @@ struct spawn_req {
 	const char *cgroups[MAX_CGROUPS]; /* cgroup.procs files to join */
 	int ncgroups;
 	int nowait; /* do not wait for the exec (a failure then only ends the child) */
+	int *errfd; /* with nowait: keep the error pipe's read end here (proc_exec_result) */
 	pid_t parent;
 	/* pipes for proc.run: child side fds, or -1 */
 	int in_fd, out_fd, err_fd;
@@ -62,6 +63,8 @@ struct proc {
 	pid_t sink; /* the log sink copying the process's capped logs, 0 if none (or reaped) */
 	int sink_pidfd;
 	int sink_waited; /* wait gave it its grace period once: later waits do not block on it */
+	int execpipe;	 /* spawn{wait_exec = false}: the error pipe until p:wait_exec(), else -1 */
+	char exec_name[96]; /* argv[0], for wait_exec's message */
 };
 
 static inline int pidfd_open(pid_t pid)
@@ -110,6 +113,10 @@ void proc_read_fds(lua_State *L, int t, struct spawn_req *r, struct logs *g, int
 void proc_start_sink(lua_State *L, struct proc *p, struct logs *g, double cap);
 /* Reap p's log sink, waiting up to ms (killing it after when kill_late). */
 int proc_sink_reap(lua_State *L, struct proc *p, int ms, int kill_late, int interruptible);
+
+/* Wait for the exec of a child forked by proc_do_spawn with nowait and errfd: reads and
+ * closes errfd; on a failure before exec, reaps the child and raises. */
+void proc_exec_result(lua_State *L, pid_t pid, int errfd, const char *argv0);
 
 /* ---- core/fc_proc_pids.c ---- */
 

@@ -42,7 +42,8 @@ extern struct struct_io_manager rootfs_fdio_manager;
 
 /* ---- core/fc_rootfs_copy.c ---- */
 
-int rootfs_l_copy(lua_State *L);  /* rootfs.copy */
-int rootfs_l_space(lua_State *L); /* rootfs.space */
+int rootfs_l_copy(lua_State *L);      /* rootfs.copy */
+int rootfs_l_copy_rest(lua_State *L); /* rootfs.copy_rest */
+int rootfs_l_space(lua_State *L);     /* rootfs.space */
 
 #endif

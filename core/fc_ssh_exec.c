@@ -172,9 +172,8 @@ struct exec {
 	char term[32];
 	unsigned cols, rows;
 	/* tty: the local terminal (opts.tty) raw for the exec, its size followed (SIGWINCH) */
-	int tty, raw, winch, resize_pending;
-	struct termios saved;
-	struct sigaction old_winch;
+	int tty, resize_pending;
+	struct fc_rawtty rawtty;
 	/* stdin: a string (in, inlen), or an fd read into inbuf; pending bytes are
 	 * [inoff, inlen) of whichever is active */
 	const char *in;
@@ -192,31 +191,10 @@ struct exec {
 /* ---- the local terminal (opts.tty) ----
  *
  * An interactive exec (fireclaw run -it, shell, exec -it) puts the local terminal in raw
- * mode, so every key (Ctrl-C as the byte 0x03 included) goes to the guest's PTY, whose
- * line discipline makes it a signal for the guest program. The terminal is restored by
- * exec_cleanup, which runs on every way out of exec (errors, interrupts). SIGWINCH is
- * caught for the duration: its handler writes a byte to a pipe that the exec polls, and
- * the new size goes to the guest as a window-change request. The pipe is process-wide
- * (a handler has no context); it is made once and lives as long as the process. */
-static int winch_pipe[2] = {-1, -1};
-
-static void on_winch(int signo)
-{
-	(void)signo;
-	int saved = errno;
-	if (write(winch_pipe[1], "w", 1) < 0) {
-		/* non-blocking, one byte is enough: a full pipe is fine */
-	}
-	errno = saved;
-}
-
-static void drain_winch(void)
-{
-	char buf[64];
-	while (winch_pipe[0] >= 0 && read(winch_pipe[0], buf, sizeof buf) > 0)
-		;
-}
-
+ * mode (fc_rawtty: every key goes to the guest's PTY). It is restored by exec_cleanup,
+ * which runs on every way out of exec (errors, interrupts). While it is raw, a SIGWINCH
+ * makes the pipe the exec polls readable, and the new size goes to the guest as a
+ * window-change request. */
 static void tty_size(int fd, unsigned *cols, unsigned *rows)
 {
 	struct winsize ws;
@@ -224,41 +202,6 @@ static void tty_size(int fd, unsigned *cols, unsigned *rows)
 		*cols = ws.ws_col;
 		*rows = ws.ws_row;
 	}
-}
-
-/* Raw mode and the SIGWINCH handler; undone by tty_restore. */
-static void tty_setup(lua_State *L, struct exec *x)
-{
-	if (tcgetattr(x->tty, &x->saved) < 0)
-		fc_errno_error(L, errno, "ssh: exec: tty %d is not a terminal", x->tty);
-	struct termios raw = x->saved;
-	cfmakeraw(&raw);
-	if (tcsetattr(x->tty, TCSANOW, &raw) < 0)
-		fc_errno_error(L, errno, "ssh: exec: cannot make tty %d raw", x->tty);
-	x->raw = 1;
-	fc_tty_guard(x->tty, &x->saved);
-	if (winch_pipe[0] < 0 && pipe2(winch_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
-		fc_errno_error(L, errno, "ssh: exec: pipe");
-	drain_winch();
-	struct sigaction sa;
-	memset(&sa, 0, sizeof sa);
-	sa.sa_handler = on_winch;
-	sa.sa_flags = SA_RESTART;
-	sigemptyset(&sa.sa_mask);
-	if (sigaction(SIGWINCH, &sa, &x->old_winch) == 0)
-		x->winch = 1;
-}
-
-static void tty_restore(struct exec *x)
-{
-	if (x->winch)
-		sigaction(SIGWINCH, &x->old_winch, NULL);
-	x->winch = 0;
-	if (x->raw) {
-		fc_tty_unguard();
-		tcsetattr(x->tty, TCSAFLUSH, &x->saved);
-	}
-	x->raw = 0;
 }
 
 /* Send the terminal's new size once SIGWINCH said it changed. Returns 1 on progress. */
@@ -429,9 +372,9 @@ static int wait_exec(lua_State *L, struct exec *x)
 		in_at = n;
 		p[n++] = (struct pollfd){.fd = x->infd, .events = POLLIN};
 	}
-	if (x->winch) {
+	if (x->rawtty.winch) {
 		winch_at = n;
-		p[n++] = (struct pollfd){.fd = winch_pipe[0], .events = POLLIN};
+		p[n++] = (struct pollfd){.fd = fc_rawtty_winch_fd(), .events = POLLIN};
 	}
 	n = ssh_add_watch(x->S, p, n);
 	int left = fc_ms_left(x->deadline);
@@ -441,7 +384,7 @@ static int wait_exec(lua_State *L, struct exec *x)
 	if (in && p[in_at].revents)
 		x->in_ready = 1;
 	if (winch_at && p[winch_at].revents) {
-		drain_winch();
+		fc_rawtty_winch_drain();
 		tty_size(x->tty, &x->cols, &x->rows);
 		x->resize_pending = 1;
 	}
@@ -589,7 +532,7 @@ static int exec_body(lua_State *L)
 	x->out.callback = lua_isfunction(L, 2) ? 2 : 0;
 	x->err.callback = lua_isfunction(L, 3) ? 3 : 0;
 	if (x->tty >= 0)
-		tty_setup(L, x);
+		fc_rawtty_start(L, &x->rawtty, x->tty, "ssh: exec");
 	open_channel(L, x);
 	if (!x->timed_out)
 		start_command(L, x);
@@ -646,7 +589,7 @@ static void settle_channel(struct session *S, LIBSSH2_CHANNEL **ch)
 /* Release what the body left behind, without raising and within CLEANUP_MS per step. */
 static void exec_cleanup(struct exec *x)
 {
-	tty_restore(x);
+	fc_rawtty_end(&x->rawtty);
 	settle_channel(x->S, &x->side);
 	settle_channel(x->S, &x->ch);
 	if (x->signal)

@@ -7,7 +7,7 @@
  *                  cwd = dir, netns = "fc-1a2b", mounts = {{type = "tmpfs", target = dir},
  *                  {type = "bind", source = s, target = t}}, uid = n, gid = n,
  *                  groups = {gid...}, fds = {fd...}, setsid = true, pdeathsig = true,
- *                  cgroup = {procs_path...}, log_cap = bytes}
+ *                  cgroup = {procs_path...}, log_cap = bytes, wait_exec = true}
  *       fds: the child gets these (integer) fds as 3, 4, … in this order; the caller keeps
  *       and closes its own. uid/gid: the child drops to them before exec (supplementary
  *       groups: `groups`, else none); pdeathsig survives the drop. cgroup: the child
@@ -20,6 +20,10 @@
  *       1 MiB) and the most recent rest, with a line saying how much was dropped between.
  *       The same path twice is one pipe. The sink ends at EOF, when the child and
  *       whatever it passed the pipe to are gone; it belongs to p (wait, close, detach).
+ *       wait_exec = false: spawn returns at the fork, not at the exec; p:wait_exec() then
+ *       waits for the exec and raises as spawn would have (the child reaped). A caller does
+ *       work while the child joins its cgroups and execs (a restore's memory copy).
+ *   p:wait_exec() -> true
  *   p:pid()  p:pidfd()  p:alive()  p:kill([sig])  p:wait([timeout_s]) -> {status=|signal=} or nil
  *       (once the process is gone, wait also lets its log sink finish, up to 2 s)
  *   p:sink_pid() -> the log sink's pid, or nil
@@ -196,7 +200,30 @@ static int read_strings(lua_State *L, int t, const char *key, const char **out, 
 	return n;
 }
 
-/* Fork and exec; returns the pid, or raises with the child's failing step and errno. */
+/* Wait for the child's exec: the error pipe closes at exec (O_CLOEXEC), or carries the
+ * errno and the step that failed. Closes errfd; raises (the child reaped) on a failure. */
+void proc_exec_result(lua_State *L, pid_t pid, int errfd, const char *argv0)
+{
+	char buf[160];
+	ssize_t n;
+	do
+		n = read(errfd, buf, sizeof buf);
+	while (n < 0 && errno == EINTR);
+	close(errfd);
+	if (n > (ssize_t)sizeof(int)) {
+		int e;
+		char step[sizeof buf];
+		memcpy(&e, buf, sizeof e);
+		snprintf(step, sizeof step, "%.*s", (int)(n - (ssize_t)sizeof e), buf + sizeof e);
+		waitpid(pid, NULL, 0);
+		if (strcmp(step, argv0) == 0)
+			fc_errno_error(L, e, "proc: cannot run %s", argv0);
+		fc_errno_error(L, e, "proc: cannot start %s: %s", argv0, step);
+	}
+}
+
+/* Fork and exec; returns the pid, or raises with the child's failing step and errno.
+ * nowait: returns at once (errfd: with the error pipe's read end for proc_exec_result). */
 pid_t proc_do_spawn(lua_State *L, struct spawn_req *r)
 {
 	int errpipe[2];
@@ -215,26 +242,15 @@ pid_t proc_do_spawn(lua_State *L, struct spawn_req *r)
 		proc_child_main(errpipe[1], r);
 	}
 	close(errpipe[1]);
+	if (r->nowait && r->errfd) {
+		*r->errfd = errpipe[0];
+		return pid;
+	}
 	if (r->nowait) {
 		close(errpipe[0]);
 		return pid;
 	}
-	char buf[160];
-	ssize_t n;
-	do
-		n = read(errpipe[0], buf, sizeof buf);
-	while (n < 0 && errno == EINTR);
-	close(errpipe[0]);
-	if (n > (ssize_t)sizeof(int)) {
-		int e;
-		char step[sizeof buf];
-		memcpy(&e, buf, sizeof e);
-		snprintf(step, sizeof step, "%.*s", (int)(n - (ssize_t)sizeof e), buf + sizeof e);
-		waitpid(pid, NULL, 0);
-		if (strcmp(step, r->argv[0]) == 0)
-			fc_errno_error(L, e, "proc: cannot run %s", r->argv[0]);
-		fc_errno_error(L, e, "proc: cannot start %s: %s", r->argv[0], step);
-	}
+	proc_exec_result(L, pid, errpipe[0], r->argv[0]);
 	return pid;
 }
 
@@ -259,10 +275,10 @@ static void open_netns(lua_State *L, int t, struct spawn_req *r)
 
 static int l_spawn(lua_State *L)
 {
-	static const char *const known[] = {"argv", "env",    "stdin",	"stdout", "stderr",
-					    "cwd",  "uid",    "gid",	"setsid", "pdeathsig",
-					    "fds",  "groups", "mounts", "netns",  "cgroup",
-					    "log_cap", NULL};
+	static const char *const known[] = {"argv",    "env",	    "stdin",  "stdout", "stderr",
+					    "cwd",     "uid",	    "gid",    "setsid", "pdeathsig",
+					    "fds",     "groups",    "mounts", "netns",	"cgroup",
+					    "log_cap", "wait_exec", NULL};
 	luaL_checktype(L, 1, LUA_TTABLE);
 	fc_opt_check(L, 1, "proc.spawn", known);
 	struct spawn_req r;
@@ -281,6 +297,7 @@ static int l_spawn(lua_State *L)
 	r.gid = (int)fc_opt_number(L, 1, "gid", -1);
 	r.setsid = fc_opt_bool(L, 1, "setsid", 1);
 	r.pdeathsig = fc_opt_bool(L, 1, "pdeathsig", 1);
+	r.nowait = !fc_opt_bool(L, 1, "wait_exec", 1);
 	double cap = fc_opt_number(L, 1, "log_cap", LOG_CAP_DEFAULT);
 	if (cap < LOG_CAP_MIN || cap > 1e12)
 		fc_error(L, "proc: log_cap %.0f: between %d and 10^12 bytes (FIRECLAW_LOG_CAP for VMs)",
@@ -294,7 +311,11 @@ static int l_spawn(lua_State *L)
 	read_mounts(L, 1, &r);
 	open_netns(L, 1, &r);
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);
-	p->pidfd = p->sink_pidfd = -1;
+	p->pidfd = p->sink_pidfd = p->execpipe = -1;
+	if (r.nowait) {
+		r.errfd = &p->execpipe; /* owned by p from here: close and __gc close it */
+		snprintf(p->exec_name, sizeof p->exec_name, "%s", r.argv[0]);
+	}
 	if (g.n > 0) {
 		proc_start_sink(L, p, &g, cap);
 		if (out_log >= 0)
@@ -428,6 +449,29 @@ static void close_pidfd(struct proc *p)
 	if (p->pidfd >= 0)
 		close(p->pidfd);
 	p->pidfd = -1;
+	if (p->execpipe >= 0)
+		close(p->execpipe);
+	p->execpipe = -1;
+}
+
+/* spawn{wait_exec = false}: wait until the child has exec'ed its program (true), or raise
+ * as spawn would have ("proc: cannot run …"; the child is reaped). At once after the first
+ * call. */
+static int p_wait_exec(lua_State *L)
+{
+	struct proc *p = check_proc(L);
+	int fd = p->execpipe;
+	if (fd >= 0) {
+		p->execpipe = -1;
+		/* a failure reaps the child and raises: then it is gone for close and wait too */
+		p->reaped = 1;
+		p->status = 127 << 8;
+		proc_exec_result(L, p->pid, fd, p->exec_name); /* closes fd */
+		p->reaped = 0;
+		p->status = 0;
+	}
+	lua_pushboolean(L, 1);
+	return 1;
 }
 
 /* Kill (if needed) and reap, then close the pidfd. Never raises: it runs from __gc too. */
@@ -446,9 +490,7 @@ static int p_close(lua_State *L)
 static int p_detach(lua_State *L)
 {
 	struct proc *p = check_proc(L);
-	if (p->pidfd >= 0)
-		close(p->pidfd);
-	p->pidfd = -1;
+	close_pidfd(p);
 	p->pid = 0;
 	p->reaped = 1;
 	if (p->sink_pidfd >= 0)
@@ -579,7 +621,7 @@ static int l_run(lua_State *L)
 	if (in) /* a command that does not read its stdin must not block us */
 		fcntl(*pin[1], F_SETFL, O_NONBLOCK);
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);
-	p->pidfd = p->sink_pidfd = -1;
+	p->pidfd = p->sink_pidfd = p->execpipe = -1;
 	p->pid = proc_do_spawn(L, &r);
 	p->pidfd = pidfd_open(p->pid);
 	/* the child has its ends now */
@@ -622,9 +664,17 @@ static int l_getpid(lua_State *L)
 int luaopen_fireclaw_proc(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
-		{"pid", p_pid},	    {"pidfd", p_pidfd}, {"alive", p_alive},
-		{"kill", p_kill},   {"wait", p_wait},	{"close", p_close}, {"detach", p_detach},
-		{"sink_pid", p_sink_pid}, {"__tostring", p_tostring}, {NULL, NULL},
+	    {"pid", p_pid},
+	    {"pidfd", p_pidfd},
+	    {"alive", p_alive},
+	    {"kill", p_kill},
+	    {"wait", p_wait},
+	    {"close", p_close},
+	    {"detach", p_detach},
+	    {"sink_pid", p_sink_pid},
+	    {"wait_exec", p_wait_exec},
+	    {"__tostring", p_tostring},
+	    {NULL, NULL},
 	};
 	static const luaL_Reg buffer_methods[] = {{"close", buffer_close}, {NULL, NULL}};
 	static const luaL_Reg fns[] = {

@@ -1,11 +1,16 @@
 /* rootfs.c - fireclaw.rootfs: per-run copies of disk images, and files read and written
  * inside an ext2/3/4 image with libext2fs, without mounting it.
  *
- *   rootfs.copy(src, dst) -> "reflink" | "sparse"
+ *   rootfs.copy(src, dst [, {head = bytes}]) -> "reflink" | "sparse"
  *       dst is created 0600, exclusively (an existing dst is an error), and removed again
  *       if the copy fails. "reflink" shares the blocks (FICLONE: btrfs, xfs, ...); else
  *       only the data ranges are copied (SEEK_DATA/SEEK_HOLE + copy_file_range, or
- *       read/write where that is refused), so holes stay holes.
+ *       read/write where that is refused), so holes stay holes. head: a sparse copy
+ *       stops there (dst has src's size, holes after head) ...
+ *   rootfs.copy_rest(src, dst, head)
+ *       ... and this copies the data from head on into that dst (a restore copies a
+ *       disk's head before QEMU starts and the rest while it does). A dst of another
+ *       size is an error; a failure leaves dst to its owner.
  *   local fs = rootfs.open(image [, "r" | "rw"])        default "r"
  *       fs:write(path, data [, opts])  create or replace a file; missing parent
  *                                      directories are made (mode opts.dir_mode or 0755,
@@ -582,9 +587,11 @@ int luaopen_fireclaw_rootfs(lua_State *L)
 	    {NULL, NULL},
 	};
 	static const luaL_Reg fns[] = {
-	    {"copy", rootfs_l_copy},   {"open", l_open},       {"write", l_m_write},
-	    {"read", l_m_read},	       {"exists", l_m_exists}, {"mkdir", l_m_mkdir},
-	    {"remove", l_m_remove},    {"list", l_m_list},     {"stat", l_m_stat},
+	    {"copy", rootfs_l_copy},   {"copy_rest", rootfs_l_copy_rest},
+	    {"open", l_open},	       {"write", l_m_write},
+	    {"read", l_m_read},	       {"exists", l_m_exists},
+	    {"mkdir", l_m_mkdir},      {"remove", l_m_remove},
+	    {"list", l_m_list},	       {"stat", l_m_stat},
 	    {"space", rootfs_l_space}, {NULL, NULL},
 	};
 	/* libext2fs reports com_err codes; register their texts once */

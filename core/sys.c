@@ -22,6 +22,7 @@
  *   sys.stat(path)  sys.lstat(path)  sys.fstat(fd) -> {type=, mode=, perm=, uid=, gid=,
  *       size=, dev=, ino=, nlink=, rdev=, blksize=, blocks=, atime=, mtime=, ctime=}
  *   sys.access(path [, "rwx"])  sys.mkdir(path [, mode])  sys.rmdir  sys.unlink
+ *   sys.truncate(path, length)  (not following a final symlink)
  *   sys.rename(from, to)  sys.link(from, to)  sys.symlink(target, path)
  *   sys.readlink(path) -> target  sys.chmod(path, mode)  sys.fchmod(fd, mode)
  *   sys.fchown(fd, uid, gid)  (nil: unchanged)
@@ -398,6 +399,23 @@ static int l_unlink(lua_State *L)
 	return ok_or_fail(L, unlink(luaL_checkstring(L, 1)));
 }
 
+/* truncate(2) through an O_NOFOLLOW descriptor: a symlink at path is an error (ELOOP) */
+static int l_truncate(lua_State *L)
+{
+	const char *path = luaL_checkstring(L, 1);
+	lua_Number len = luaL_checknumber(L, 2);
+	if (!(len >= 0 && len <= 1e18))
+		fc_error(L, "sys.truncate: bad length %.0f", len);
+	int fd = open(path, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+	if (fd < 0)
+		return ok_or_fail(L, -1);
+	int rc = ftruncate(fd, (off_t)len);
+	int e = errno;
+	close(fd);
+	errno = e;
+	return ok_or_fail(L, rc);
+}
+
 static int l_rename(lua_State *L)
 {
 	return ok_or_fail(L, rename(luaL_checkstring(L, 1), luaL_checkstring(L, 2)));
@@ -543,6 +561,7 @@ int luaopen_fireclaw_sys(lua_State *L)
 	    {"lstat", l_lstat},	      {"fstat", l_fstat},
 	    {"access", l_access},     {"mkdir", l_mkdir},
 	    {"rmdir", l_rmdir},	      {"unlink", l_unlink},
+	    {"truncate", l_truncate},
 	    {"rename", l_rename},     {"link", l_link},
 	    {"symlink", l_symlink},   {"readlink", l_readlink},
 	    {"chmod", l_chmod},	      {"fchmod", l_fchmod},

@@ -6,9 +6,6 @@
  * client's own ("agent: …"). */
 #include "harness.h"
 
-#include <stdio.h>
-#include <stdlib.h>
-
 static const char *const AGENT_ERRORS[] = {"agent: ", NULL};
 
 static const char SESSION[] =
@@ -27,17 +24,6 @@ static const char SESSION[] =
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	const char *path = fz_peer_start(0);
-	lua_State *L = fz_state();
-	fz_peer_serve(data, size);
-	if (luaL_loadbuffer(L, SESSION, sizeof SESSION - 1, "=session") != 0)
-		abort();
-	lua_getglobal(L, "require");
-	lua_pushliteral(L, "fireclaw.core.agent");
-	lua_call(L, 1, 1);
-	lua_pushstring(L, path);
-	fz_call(L, 2, 0, AGENT_ERRORS);
-	lua_close(L);
-	fz_peer_done();
+	fz_peer_session(data, size, SESSION, "fireclaw.core.agent", AGENT_ERRORS);
 	return 0;
 }

@@ -31,13 +31,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	/* 1. the whole exchange over a socket */
 	fz_peer_serve(data, size);
-	if (luaL_loadbuffer(L, REQUESTS, sizeof REQUESTS - 1, "=requests") != 0)
-		abort();
-	lua_getglobal(L, "require");
-	lua_pushliteral(L, "fireclaw.core.vm");
-	lua_call(L, 1, 1);
-	lua_pushstring(L, path);
-	fz_call(L, 2, 0, API_ERRORS);
+	fz_session(L, "=requests", REQUESTS, "fireclaw.core.vm", path, API_ERRORS);
 
 	/* 2. status (first two bytes) and body (the rest) straight into the interpretation */
 	long status = size >= 2 ? 100 + (data[0] << 8 | data[1]) % 500 : 200;

@@ -179,3 +179,26 @@ void fz_peer_done(void)
 		pthread_cond_wait(&peer.idle, &peer.lock);
 	pthread_mutex_unlock(&peer.lock);
 }
+
+void fz_session(lua_State *L, const char *name, const char *code, const char *module,
+		const char *path, const char *const *prefixes)
+{
+	if (luaL_loadbuffer(L, code, strlen(code), name) != 0)
+		abort();
+	lua_getglobal(L, "require");
+	lua_pushstring(L, module);
+	lua_call(L, 1, 1);
+	lua_pushstring(L, path);
+	fz_call(L, 2, 0, prefixes);
+}
+
+void fz_peer_session(const uint8_t *data, size_t size, const char *code, const char *module,
+		     const char *const *prefixes)
+{
+	const char *path = fz_peer_start(0);
+	lua_State *L = fz_state();
+	fz_peer_serve(data, size);
+	fz_session(L, "=session", code, module, path, prefixes);
+	lua_close(L);
+	fz_peer_done();
+}

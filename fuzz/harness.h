@@ -17,6 +17,16 @@ lua_State *fz_state(void);
  * prefixes (a raise with an unexpected message is a bug too). Returns 1 if it returned. */
 int fz_call(lua_State *L, int nargs, int nres, const char *const *prefixes);
 
+/* Run the Lua chunk `code` (named `name`) with require(module) and path as its arguments,
+ * under fz_call with `prefixes`. */
+void fz_session(lua_State *L, const char *name, const char *code, const char *module,
+		const char *path, const char *const *prefixes);
+
+/* One input for a client of a raw socket (no HTTP): a fresh state runs `code` (see
+ * fz_session) against the peer serving the input, then everything is released. */
+void fz_peer_session(const uint8_t *data, size_t size, const char *code, const char *module,
+		     const char *const *prefixes);
+
 /* Start the peer thread on a socket in a private temporary directory (once); returns the
  * socket path. `http` = read a request head (up to a blank line) before answering. */
 const char *fz_peer_start(int http);

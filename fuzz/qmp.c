@@ -5,9 +5,6 @@
  * QEMU driver does. Every error must be the client's own ("qmp: …"). */
 #include "harness.h"
 
-#include <stdio.h>
-#include <stdlib.h>
-
 static const char *const QMP_ERRORS[] = {"qmp: ", NULL};
 
 static const char SESSION[] =
@@ -28,17 +25,6 @@ static const char SESSION[] =
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	const char *path = fz_peer_start(0);
-	lua_State *L = fz_state();
-	fz_peer_serve(data, size);
-	if (luaL_loadbuffer(L, SESSION, sizeof SESSION - 1, "=session") != 0)
-		abort();
-	lua_getglobal(L, "require");
-	lua_pushliteral(L, "fireclaw.core.vm");
-	lua_call(L, 1, 1);
-	lua_pushstring(L, path);
-	fz_call(L, 2, 0, QMP_ERRORS);
-	lua_close(L);
-	fz_peer_done();
+	fz_peer_session(data, size, SESSION, "fireclaw.core.vm", QMP_ERRORS);
 	return 0;
 }

@@ -10,13 +10,12 @@ local sys = require "fireclaw.sys"
 local CHUNK = 65536
 
 local function main(args)
-	local o, rest = cli.parse(args, { usage = "fireclaw logs [-f] ID|NAME", args = 1,
+	local o, ref = cli.parse_vm(args, { usage = "fireclaw logs [-f] ID|NAME",
 		about = "Print the console log of VM ID (or NAME).",
 		{ "-f, --follow", "keep printing what the console adds until the VM is gone" } })
-	if not rest[1] then cli.usage_error("logs needs a VM id or name (see fireclaw ps)") end
 	state.reap_expired()
-	local rec = state.find(rest[1])
-	if not rec then error(string.format("no VM '%s' (see fireclaw ps)", rest[1]), 0) end
+	local rec = state.find(ref)
+	if not rec then error(string.format("no VM '%s' (see fireclaw ps)", ref), 0) end
 	local tty = sys.isatty(1)
 	local path, pos = rec.dir .. "/console.log", 0
 	local function pump()

@@ -5,11 +5,10 @@ local runtime = require "fireclaw.runtime"
 local sandbox = require "fireclaw.sandbox"
 
 local function main(args)
-	local _, rest = cli.parse(args, { usage = "fireclaw pause ID|NAME", args = 1,
+	local _, ref = cli.parse_vm(args, { usage = "fireclaw pause ID|NAME",
 		about = "Save kept VM ID (memory, devices, its own disk) and end its VMM; fireclaw resume ID brings it back." })
-	if not rest[1] then cli.usage_error("pause needs a VM id or name (see fireclaw ps)") end
 	local t0 = runtime.now()
-	local sb = sandbox.pause_kept(rest[1])
+	local sb = sandbox.pause_kept(ref)
 	log.info("VM %s paused in %.0f ms (saved in %s)", sb.id, (runtime.now() - t0) * 1000, sb.rec.paused.dir)
 	return 0
 end

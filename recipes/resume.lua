@@ -5,11 +5,10 @@ local runtime = require "fireclaw.runtime"
 local sandbox = require "fireclaw.sandbox"
 
 local function main(args)
-	local _, rest = cli.parse(args, { usage = "fireclaw resume ID|NAME", args = 1,
+	local _, ref = cli.parse_vm(args, { usage = "fireclaw resume ID|NAME",
 		about = "Bring paused VM ID back: a fresh VMM restores its saved memory, devices and disk." })
-	if not rest[1] then cli.usage_error("resume needs a VM id or name (see fireclaw ps)") end
 	local t0 = runtime.now()
-	local sb = sandbox.resume_kept(rest[1])
+	local sb = sandbox.resume_kept(ref)
 	log.info("VM %s resumed in %.0f ms", sb.id, (runtime.now() - t0) * 1000)
 	return 0
 end

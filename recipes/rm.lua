@@ -6,18 +6,10 @@ local state = require "fireclaw.state"
 local function main(args)
 	local _, ids = cli.parse(args, { usage = "fireclaw rm ID…", { "-v, --verbose", "say what was removed" } })
 	if #ids == 0 then cli.usage_error("rm needs at least one VM id (see fireclaw ps)") end
-	local status = 0
-	for _, id in ipairs(ids) do
-		local rec = state.find(id)
-		if not rec then
-			io.stderr:write("fireclaw: no VM with id '" .. id .. "' (see fireclaw ps)\n")
-			status = 1
-		else
-			for _, what in ipairs(state.reap(rec)) do log.info("VM %s: %s", rec.id, what) end
-			log.note("removed VM %s", rec.id)
-		end
-	end
-	return status
+	return cli.each_vm(ids, "no VM with id '%s' (see fireclaw ps)", function(rec)
+		for _, what in ipairs(state.reap(rec)) do log.info("VM %s: %s", rec.id, what) end
+		log.note("removed VM %s", rec.id)
+	end)
 end
 
 return cli.recipe({}, main, ...)

@@ -7,22 +7,15 @@ local function main(args)
 	local _, ids = cli.parse(args, { usage = "fireclaw stop ID|NAME…", { "-v, --verbose", "say what was removed" } })
 	if #ids == 0 then cli.usage_error("stop needs at least one VM id or name (see fireclaw ps)") end
 	state.reap_expired()
-	local status = 0
-	for _, id in ipairs(ids) do
-		local rec = state.find(id)
-		if not rec then
-			io.stderr:write("fireclaw: no VM '" .. id .. "' (see fireclaw ps; an expired one was removed)\n")
-			status = 1
-		elseif not rec.keep and state.owner_alive(rec) then
+	return cli.each_vm(ids, "no VM '%s' (see fireclaw ps; an expired one was removed)", function(rec)
+		if not rec.keep and state.owner_alive(rec) then
 			io.stderr:write(string.format("fireclaw: VM %s is not a kept VM: it belongs to the fireclaw run of pid %s "
 				.. "(stop that, or fireclaw rm %s)\n", rec.id, tostring(rec.owner.pid), rec.id))
-			status = 1
-		else
-			for _, what in ipairs(state.reap(rec)) do log.info("VM %s: %s", rec.id, what) end
-			log.info("stopped VM %s", rec.id)
+			return false
 		end
-	end
-	return status
+		for _, what in ipairs(state.reap(rec)) do log.info("VM %s: %s", rec.id, what) end
+		log.info("stopped VM %s", rec.id)
+	end)
 end
 
 return cli.recipe({}, main, ...)

@@ -3,19 +3,13 @@
 # stdin (20 MB, closed early), byte-exact output, env, timeout, Ctrl-C forwarding, a PTY,
 # two execs and a file copy at once plus a second process on the same VM, the agent
 # killed in the guest and garbage on its port (one line, no hang), SSH beside it.
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
-fc=$FIRECLAW
-tmp=$(mktemp -d)
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" agv
 cleanup() {
 	"$fc" -q snapshot rm agvm >/dev/null 2>&1
 	"$fc" -q snapshot rm agssh >/dev/null 2>&1
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
-export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}agv
 unset FIRECLAW_EXEC
 run() { "$fc" run --snapshot agvm "$@"; }
 

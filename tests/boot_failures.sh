@@ -12,16 +12,13 @@ unset FIRECLAW_VMM FIRECLAW_ACCEL FIRECLAW_FIRECRACKER FIRECLAW_FAULT
 shared=${FIRECLAW_STATE:?tests/run sets FIRECLAW_STATE}
 export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}bfl FIRECLAW_VMM=qemu
 source "$FIRECLAW_TESTS/lib/leaks.sh"
-source "$FIRECLAW_TESTS/lib/seed.sh" # link_dir
+source "$FIRECLAW_TESTS/lib/seed.sh" # private_state
 if [ -n "${FIRECLAW_TEST_SKIP_VM:-}" ]; then
 	echo "1..0 # skip FIRECLAW_TEST_SKIP_VM"
 	exit 0
 fi
-[ -f "$shared/images/default/manifest.json" ] || FIRECLAW_STATE=$shared "$fc" -q image build >/dev/null 2>&1
+private_state "$shared" "$tmp/state"
 export FIRECLAW_STATE=$tmp/state
-mkdir -p "$FIRECLAW_STATE/images"
-link_dir "$(readlink -f "$shared/images/default")" "$FIRECLAW_STATE/images/default"
-link_dir "$shared/keys" "$FIRECLAW_STATE/keys" && chmod 700 "$FIRECLAW_STATE/keys"
 img=$FIRECLAW_STATE/images/default
 import() { # import NAME [ARGS…]: an image from the default one's files
 	local name=$1

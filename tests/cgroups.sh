@@ -2,14 +2,7 @@
 # pids and cpu limits of its VM; `rm`, the end of a run and `cleanup` after a SIGKILL
 # leave no cgroup; a guest that allocates past its memory limit ends the run with the
 # OOM kill named in one line. Skipped on a host without a usable cgroup controller.
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
-fc=$FIRECLAW
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}cg
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" cg
 
 layout=$("$fc" doctor 2>&1 | awk '$2 == "cgroup" { $1 = $2 = ""; print }' | sed 's/^ *//')
 case "$layout" in

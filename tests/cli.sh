@@ -224,6 +224,14 @@ like "$out" "Write a file, at once" "and the recipe's description"
 $fc ./own/sidefx.lua -h >/dev/null
 [ ! -e sidefx.out ]; ok $? "nor a script given by path with -h"
 $fc sidefx && [ -e sidefx.out ]; ok $? "without --help the recipe runs"
+rm -f sidefx.out
+printf -- '-- One VM\nlocal cli = require "fireclaw.cli"\n%s\n' \
+	'local _, ref = cli.parse_vm(arg, { usage = "fireclaw onevm ID|NAME" }) print("vm " .. ref) return 0' > own/onevm.lua
+out=$($fc onevm --help); rc=$?
+is "$rc:$(printf '%s' "$out" | head -n 1)" "0:usage: fireclaw onevm ID|NAME" "a recipe with cli.parse_vm answers --help itself"
+is "$($fc onevm x1)" "vm x1" "cli.parse_vm returns the VM's id or name"
+is "$($fc onevm 2>&1; echo "rc=$?")" "$(printf 'fireclaw: onevm needs a VM id or name (see fireclaw ps)\nrc=2')" \
+	"cli.parse_vm: no id is a usage error naming the recipe"
 out=$($fc "$FIRECLAW_TESTS/../docs/example.lua" --help); rc=$?
 like "$rc:$(printf '%s' "$out" | tr '\n' ' ')" "^0:usage: .*Boot once, run three commands" \
 	"README's example answers --help without booting or snapshotting"
@@ -236,6 +244,16 @@ for r in $($fc --help | sed -n '/^recipes:/,/^$/p' | awk '/^  [a-z]/ && !/\[/ {p
 done
 [ ! -e "$tmp/help-state" ] && [ ! -e "$tmp/help-run" ]
 ok $? "no built-in recipe's --help created a state or run directory"
+# the recipes on VMs by id say which one is missing or unknown (cli.parse_vm, cli.each_vm)
+for r in pause resume shell logs; do
+	is "$($fc $r 2>&1; echo "rc=$?")" "$(printf 'fireclaw: %s needs a VM id or name (see fireclaw ps)\nrc=2' $r)" \
+		"'$r' without a VM is a usage error"
+done
+is "$($fc rm fct-no1 fct-no2 2>&1; echo "rc=$?")" \
+	"$(printf "fireclaw: no VM with id 'fct-no1' (see fireclaw ps)\nfireclaw: no VM with id 'fct-no2' (see fireclaw ps)\nrc=1")" \
+	"rm of unknown ids names each and exits 1"
+is "$($fc stop fct-no1 2>&1; echo "rc=$?")" \
+	"$(printf "fireclaw: no VM 'fct-no1' (see fireclaw ps; an expired one was removed)\nrc=1")" "stop of an unknown VM exits 1"
 
 # what was printed comes before the error line, also in one file
 $fc -e 'io.write("printed first\n") error("then the error", 0)' > both.out 2>&1

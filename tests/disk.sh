@@ -2,14 +2,8 @@
 # offline before the VMM starts, sparsely, without touching the image; bad sizes are one
 # line before any VM exists; a snapshot made with --disk hands its disk to every restore,
 # and a restore cannot change a saved VM's disk; a guest cannot grow the host file.
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" dk
 source "$FIRECLAW_TESTS/lib/seed.sh"
-fc=$FIRECLAW
-tmp=$(mktemp -d)
-export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}dk
 kept=""
 finish() {
 	[ -n "$kept" ] && "$fc" -q rm "$kept" >/dev/null 2>&1

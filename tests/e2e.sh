@@ -1,14 +1,7 @@
 # End to end on real VMs (QEMU microvm; TCG on hosts without hardware virtualization):
 # cold run, snapshot create, restored runs, statuses, stdin, files, JSON, timeout,
 # concurrency, Ctrl-C and SIGKILL + cleanup — each followed by a leak check.
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
-fc=$FIRECLAW
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}e2e
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" e2e
 
 "$fc" cleanup -q >/dev/null 2>&1
 no_leaks "before the tests"
@@ -31,7 +24,7 @@ like "$out" "default via 172\.16\.0\.1 dev eth0" "… the default route"
 ok $? "… the hostname, /tmp, /run, /dev/shm (tmpfs), /dev/pts and /dev/fd" "$out"
 echo "# cold: the first command ran at guest $(echo "$out" | grep -o 'uptime .*')"
 # under TCG the guest sees no ERMS/FSRM, so its kernel avoids byte-wise rep movs/stos,
-# which TCG runs one byte per loop (docs/guest-notes.md, "TCG and string instructions")
+# which TCG runs one byte per loop (docs/guest-notes.md, "Booting under TCG")
 if grep -q "qemu with tcg chosen" <<<"$out"; then
 	like "$out" "string-op flags: 0" "TCG: the guest CPU has no ERMS/FSRM"
 else

@@ -14,17 +14,11 @@ FAULTS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}flt
 source "$FIRECLAW_TESTS/lib/faults.sh"
 trap '"$fc" cleanup --all -q >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 
-"$fc" cleanup -q >/dev/null 2>&1
-no_leaks "before the tests"
-if ! setup_state; then
-	ok 1 "a private state with the default image and its snapshot"
-	done_testing
-	exit 1
-fi
+faults_begin
 
 # ---- SIGKILL at each point of a restored run, then cleanup ----
-for p in record netns tap disk cgroup vmm-spawned vmm-recorded agent-ready reseeded exec exec-output command-done \
-	teardown-agent teardown-vmm reap-vmm reap-netns; do
+for p in record netns tap disk cgroup vmm-spawned vmm-recorded ram-filled agent-ready reseeded exec exec-output \
+	command-done teardown-agent teardown-vmm reap-vmm reap-netns; do
 	is "$(status_of env FIRECLAW_FAULT=$p "$fc" run -- echo hi)" 137 "SIGKILL at $p: fireclaw died there"
 	finish "SIGKILL at $p"
 done
@@ -51,7 +45,8 @@ unlike "$(cat "$tmp/ssh-wait.err")" "agent ready" "SIGKILL during the agent wait
 finish "SIGKILL during the agent wait"
 
 # ---- an error raised at each point: the run undoes everything itself ----
-for p in record netns tap disk cgroup vmm-spawned vmm-recorded agent-ready reseeded exec exec-output command-done; do
+for p in record netns tap disk cgroup vmm-spawned vmm-recorded ram-filled agent-ready reseeded exec exec-output \
+	command-done; do
 	FIRECLAW_FAULT=$p:error "$fc" run -- echo hi >/dev/null 2>"$tmp/err"
 	rc=$?
 	is "$rc:$(cat "$tmp/err")" "1:fireclaw: fault injected at $p" "error at $p: exit 1, one line"

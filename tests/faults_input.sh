@@ -24,13 +24,7 @@ cleanup_all() {
 }
 trap cleanup_all EXIT
 
-"$fc" cleanup -q >/dev/null 2>&1
-no_leaks "before the tests"
-if ! setup_state; then
-	ok 1 "a private state with the default image and its snapshot"
-	done_testing
-	exit 1
-fi
+faults_begin
 img=$FIRECLAW_STATE/images/default
 
 # ---- 100 MB of output with --json, in the background (its own run dir and prefix) ----

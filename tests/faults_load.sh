@@ -11,13 +11,7 @@ FAULTS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}fll
 source "$FIRECLAW_TESTS/lib/faults.sh"
 trap '"$fc" cleanup --all -q >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 
-"$fc" cleanup -q >/dev/null 2>&1
-no_leaks "before the tests"
-if ! setup_state; then
-	ok 1 "a private state with the default image and its snapshot"
-	done_testing
-	exit 1
-fi
+faults_begin
 
 # loop N WIDTH NAME: restore_loop.lua in one process; its numbers checked
 loop() {

@@ -3,19 +3,13 @@
 # virtio-rng device. Real VMs (QEMU microvm; TCG here): three fresh snapshots, 20 restores
 # spread over them (8 one after the other, 12 four at a time), then the clock, a --put
 # file's mtime, the entropy device, and restore.restore() through the Lua API alone.
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
-fc=$FIRECLAW
-tmp=$(mktemp -d)
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" ent
 snaps=(ent1 ent2 ent3)
 cleanup() {
 	for s in "${snaps[@]}"; do "$fc" -q snapshot rm "$s" >/dev/null 2>&1; done
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
-export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}ent
 
 "$fc" cleanup -q >/dev/null 2>&1
 no_leaks "before the tests"

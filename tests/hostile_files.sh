@@ -5,17 +5,10 @@
 # nobody writes); directory targets both ways; the messages for a full guest disk, a
 # directory, a FIFO or a too big file to put, a missing local directory. Few VM runs, each
 # checking many things.
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
-fc=$FIRECLAW
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export FIRECLAW_VMM=qemu
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" hf
 # the SFTP path (its messages); the same rules through the guest agent: tests/agent_proto.lua,
 # tests/agent_vm.sh
 export FIRECLAW_EXEC=ssh
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}hf
 umask 022
 
 # check CMD…: run it; sets rc, out (stdout) and err (stderr)

@@ -4,6 +4,8 @@ stop → list → EOF), bad requests answered with JSON-RPC errors while the ser
 the limits, SIGTERM and SIGKILL mid-session; each followed by the leak check. Prints TAP.
 FIRECLAW_MCP_TRANSCRIPT=FILE writes the session's messages there (long ones abbreviated)."""
 import base64, json, os, select, signal, subprocess, sys, tempfile, time
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from tap import done, ok
 
 import jsonschema
 
@@ -14,19 +16,6 @@ tmp = tempfile.mkdtemp(prefix="fc-mcp-")
 ENV = dict(os.environ, FIRECLAW_VMM="qemu", FIRECLAW_RUN=tmp + "/run", FIRECLAW_NETNS_PREFIX="fc-%smcp" % TAG)
 SNAP = "mcp-test%s" % TAG
 transcript = []
-n = failed = 0
-
-
-def ok(cond, name, diag=""):
-    global n, failed
-    n += 1
-    if not cond:
-        failed += 1
-    print(("ok" if cond else "not ok"), n, "-", name)
-    if not cond and diag:
-        print("\n".join("#   " + l for l in str(diag).splitlines()))
-    sys.stdout.flush()
-    return cond
 
 
 def leaks():
@@ -479,5 +468,4 @@ if os.environ.get("FIRECLAW_MCP_TRANSCRIPT"):
     with open(os.environ["FIRECLAW_MCP_TRANSCRIPT"], "w") as f:
         f.write("\n".join(transcript) + "\n")
 subprocess.run(["rm", "-rf", tmp])
-print("1..%d" % n)
-sys.exit(1 if failed else 0)
+done()

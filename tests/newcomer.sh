@@ -1,14 +1,7 @@
 # What a newcomer runs into on real VMs (QEMU microvm): a sandbox used after it was
 # destroyed says so, and a second Ctrl-C says what it leaves behind, which
 # `fireclaw cleanup` then removes. Each followed by a leak check.
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
-fc=$FIRECLAW
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}nw
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" nw
 
 if [ -n "${FIRECLAW_TEST_SKIP_VM:-}" ]; then
 	skip "FIRECLAW_TEST_SKIP_VM is set"

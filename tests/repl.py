@@ -1,49 +1,20 @@
 """The REPL, driven through a pseudo-terminal: expressions, multi-line input, pretty
 printing, errors, module globals, Ctrl-C, history. Prints TAP."""
 import os, pty, re, select, shutil, sys, tempfile, time
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from ptyproc import PtyReader
+from tap import done, ok
 
 FC = os.environ.get("FIRECLAW", "./fireclaw")
-n = failed = 0
 
 
-def ok(cond, name, diag=""):
-    global n, failed
-    n += 1
-    if not cond:
-        failed += 1
-    print(("ok" if cond else "not ok"), n, "-", name)
-    if not cond and diag:
-        print("\n".join("#   " + l for l in diag.splitlines()))
-    sys.stdout.flush()
-
-
-class Repl:
+class Repl(PtyReader):
     def __init__(self, home):
         env = dict(os.environ, HOME=home, TERM="dumb")
-        self.pid, self.fd = pty.fork()
+        self.pid, fd = pty.fork()
         if self.pid == 0:
             os.execve(FC, [FC], env)
-        self.buf = b""
-
-    def read_until(self, pattern, timeout=10):
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern.encode())
-        while not rx.search(self.buf):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            r, _, _ = select.select([self.fd], [], [], left)
-            if r:
-                try:
-                    data = os.read(self.fd, 4096)
-                except OSError:
-                    return None
-                if not data:
-                    return None
-                self.buf += data
-        m = rx.search(self.buf)
-        out, self.buf = self.buf[: m.end()], self.buf[m.end():]
-        return out.decode(errors="replace")
+        super().__init__(fd, timeout=10)
 
     def send(self, line):
         os.write(self.fd, line.encode() + b"\r")
@@ -181,5 +152,4 @@ try:
     ok(st.st_mode & 0o777 == 0o700, "the history directory is created 0700", oct(st.st_mode))
 finally:
     shutil.rmtree(home)
-print("1..%d" % n)
-sys.exit(1 if failed else 0)
+done()

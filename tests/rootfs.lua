@@ -70,6 +70,30 @@ local function body()
 	t.raises(function() rootfs.copy(src, TMP .. "/no/dir/x") end, "No such file or directory",
 		"copy: destination directory missing")
 	t.is(sh("ls " .. q(TMP)), "copy.img\nsparse.img\n", "copy: failed copies leave nothing behind")
+	os.remove(dst)
+
+	-- ---- a copy in two parts: the head, then the rest (a restore's disk) ----
+	how = rootfs.copy(src, dst, { head = 1048576 })
+	if how == "sparse" then
+		t.is(sh("stat -c %s " .. q(dst)), "1073741824\n", "copy head: the full size at once")
+		t.is(sh("head -c 4 " .. q(dst)), "head", "copy head: the data below head")
+		t.is(sh("dd if=" .. q(dst) .. " bs=1 skip=$((300 << 20)) count=6 status=none"), "\0\0\0\0\0\0",
+			"copy head: nothing past head yet")
+		rootfs.copy_rest(src, dst, 1048576)
+		t.is(sh("dd if=" .. q(dst) .. " bs=1 skip=$((300 << 20)) count=6 status=none"), "middle",
+			"copy_rest: the data past head")
+		t.is(sh("tail -c 4 " .. q(dst)), "tail", "copy_rest: data at the end")
+		t.is(blocks(dst), blocks(src), "copy_rest: holes kept (as many blocks as the source)")
+	else
+		for _ = 1, 6 do t.skip("copy head: a reflink copies the whole file at once") end
+	end
+	t.raises(function() rootfs.copy_rest(src, TMP .. "/nope", 1048576) end, "rest of .*: No such file",
+		"copy_rest: a missing destination")
+	sh("truncate -s 1M " .. q(TMP .. "/short.img"))
+	t.raises(function() rootfs.copy_rest(src, TMP .. "/short.img", 1048576) end, "Invalid argument",
+		"copy_rest: a destination of another size is not the copy begun")
+	t.raises(function() rootfs.copy(src, TMP .. "/x", { tail = 1 }) end, "unknown option", "copy: unknown option")
+	os.remove(TMP .. "/short.img")
 	os.remove(src)
 	os.remove(dst)
 

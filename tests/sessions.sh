@@ -3,13 +3,7 @@
 # exec'ing at once, cp of a 1,000-file tree both ways (bytes and modes), hostile trees
 # from the guest refused, pause/resume twice with state kept, fork of a live VM into 3
 # clones at once — each followed by a leak check. (-it: tests/sessions_tty.py.)
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
-fc=$FIRECLAW
-tmp=$(mktemp -d)
-export FIRECLAW_VMM=qemu
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}ses
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" ses
 fork=se-fork-${FIRECLAW_TEST_TAG:-}$$
 trap '"$fc" cleanup --all -q >/dev/null 2>&1; "$fc" snapshot rm "$fork" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 jget() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {"d": d}))' "$1"; }

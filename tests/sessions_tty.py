@@ -2,25 +2,16 @@
 (the guest sees a TTY of the terminal's size, a resize reaches it, Ctrl-C stops the guest
 program and not fireclaw, the exit status comes back, the terminal is restored), run -it,
 and run without -t on a terminal saying that stdin is not forwarded. Prints TAP."""
-import fcntl, json, os, re, select, struct, subprocess, sys, termios, time
+import fcntl, json, os, struct, subprocess, sys, termios
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from ptyproc import PtyReader
+from tap import done, ok
 
 FC = os.environ.get("FIRECLAW", "./fireclaw")
 tag = os.environ.get("FIRECLAW_TEST_TAG", "")
 run_dir = "/tmp/fc-tty-%s-%d" % (tag, os.getpid())
 env = dict(os.environ, FIRECLAW_VMM="qemu", FIRECLAW_RUN=run_dir,
            FIRECLAW_NETNS_PREFIX="fc-%stty" % tag, TERM="xterm")
-n = failed = 0
-
-
-def ok(cond, name, diag=""):
-    global n, failed
-    n += 1
-    if not cond:
-        failed += 1
-    print(("ok" if cond else "not ok"), n, "-", name)
-    if not cond and diag:
-        print("\n".join("#   " + l for l in str(diag).splitlines()))
-    sys.stdout.flush()
 
 
 def fc(*args, **kw):
@@ -31,7 +22,7 @@ def winsize(fd, rows, cols):
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-class Term:
+class Term(PtyReader):
     """fireclaw on the slave side of a new pty, as its controlling terminal."""
 
     def __init__(self, argv, rows=30, cols=100, exec_mode="auto"):
@@ -45,27 +36,7 @@ class Term:
 
         self.p = subprocess.Popen([FC, *argv], env=dict(env, FIRECLAW_EXEC=exec_mode), stdin=self.slave, stdout=self.slave,
                                   stderr=self.slave, preexec_fn=ctty, close_fds=True)
-        self.buf = b""
-
-    def read_until(self, pattern, timeout=20):
-        rx = re.compile(pattern.encode())
-        deadline = time.monotonic() + timeout
-        while not rx.search(self.buf):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            r, _, _ = select.select([self.master], [], [], left)
-            if r:
-                try:
-                    data = os.read(self.master, 4096)
-                except OSError:
-                    return None
-                if not data:
-                    return None
-                self.buf += data
-        m = rx.search(self.buf)
-        out, self.buf = self.buf[: m.end()], self.buf[m.end():]
-        return out.decode(errors="replace")
+        super().__init__(self.master, timeout=20)
 
     def send(self, s):
         os.write(self.master, s.encode())
@@ -188,5 +159,4 @@ t.close()
 l = leaks()
 ok(l == "", "nothing left behind: run -it", l)
 subprocess.run(["rm", "-rf", run_dir])
-print("1..%d" % n)
-sys.exit(1 if failed else 0)
+done()

@@ -96,6 +96,14 @@ t.is(select(3, sys.link(f, tmp .. "/h")), E.EEXIST, "link onto an existing name:
 t.ok(sys.rename(tmp .. "/h", tmp .. "/h2"), "rename")
 t.ok(sys.unlink(tmp .. "/h2"), "unlink")
 t.is(select(3, sys.unlink(tmp .. "/h2")), E.ENOENT, "unlink a missing file: ENOENT")
+local size_before = sys.stat(f).size
+t.ok(sys.truncate(f, 4096), "truncate: longer")
+t.is(sys.stat(f).size, 4096, "truncate: the new size")
+t.is(select(3, sys.truncate(tmp .. "/l", 0)), E.ELOOP, "truncate through a symlink: ELOOP (not followed)")
+t.is(sys.stat(f).size, 4096, "... and the file it names is untouched")
+t.ok(sys.truncate(f, size_before), "truncate: back to its size")
+t.is(select(3, sys.truncate(tmp .. "/missing", 0)), E.ENOENT, "truncate a missing file: ENOENT")
+t.raises(function() sys.truncate(f, -1) end, "bad length", "a negative length raises")
 
 t.ok(sys.mkdir(tmp .. "/d"), "mkdir with the default mode")
 t.is(sys.stat(tmp .. "/d").type, "directory", "stat: directory")

@@ -13,13 +13,10 @@ unset FIRECLAW_VMM FIRECLAW_ACCEL FIRECLAW_FIRECRACKER FIRECLAW_FAULT
 shared=${FIRECLAW_STATE:?tests/run sets FIRECLAW_STATE}
 export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}vmc
 source "$FIRECLAW_TESTS/lib/leaks.sh"
-source "$FIRECLAW_TESTS/lib/seed.sh" # link_dir
-[ -f "$shared/images/default/manifest.json" ] || FIRECLAW_STATE=$shared "$fc" -q image build >/dev/null 2>&1
+source "$FIRECLAW_TESTS/lib/seed.sh" # private_state
 # a private state: the suite's default image and keys (linked), room for an imported image
+private_state "$shared" "$tmp/state"
 export FIRECLAW_STATE=$tmp/state
-mkdir -p "$FIRECLAW_STATE/images"
-link_dir "$(readlink -f "$shared/images/default")" "$FIRECLAW_STATE/images/default"
-link_dir "$shared/keys" "$FIRECLAW_STATE/keys" && chmod 700 "$FIRECLAW_STATE/keys"
 img=$FIRECLAW_STATE/images/default
 missing=$tmp/no-such-firecracker
 nofc=(env FIRECLAW_VMM=firecracker FIRECLAW_FIRECRACKER=$missing)

@@ -131,6 +131,35 @@ function M.parse(args, spec)
 	return opts, rest
 end
 
+-- For a recipe on one VM ("fireclaw pause ID|NAME"): cli.parse with spec (at most one
+-- argument), and a usage error if the VM is missing. Returns opts and the id or name.
+function M.parse_vm(args, spec)
+	spec.args = 1
+	local opts, rest = M.parse(args, spec)
+	if not rest[1] then
+		M.usage_error("%s needs a VM id or name (see fireclaw ps)", (command_of(spec.usage):gsub("^fireclaw ", "")))
+	end
+	return opts, rest[1]
+end
+
+-- For a recipe on a list of VMs (rm, stop): fn(rec) for each id or name state.find
+-- knows; an unknown one is said on stderr (missing: the line, %s the id). Returns the exit
+-- status: 1 if one was unknown or fn returned false (having said why), else 0.
+function M.each_vm(ids, missing, fn)
+	local state = require "fireclaw.state"
+	local status = 0
+	for _, id in ipairs(ids) do
+		local rec = state.find(id)
+		if not rec then
+			io.stderr:write("fireclaw: " .. string.format(missing, id) .. "\n")
+			status = 1
+		elseif fn(rec) == false then
+			status = 1
+		end
+	end
+	return status
+end
+
 -- Recipes double as libraries: another recipe loads one with cli.use("coldboot") and gets
 -- its table of functions; run from the command line, the same file runs its main. A
 -- recipe ends with:   return cli.recipe(M, main, ...)
@@ -179,8 +208,9 @@ end
 
 -- `fireclaw NAME --help` must never run a recipe that does not expect it (a recipe that
 -- does its work at once would do it). main.c asks here first: a recipe whose source
--- parses its options (cli.parse) or looks for --help itself runs and answers; for any
--- other, its description and a usage line are printed instead and true is returned.
+-- parses its options (cli.parse, cli.parse_vm) or looks for --help itself runs and
+-- answers; for any other, its description and a usage line are printed instead and true
+-- is returned.
 -- Built-in recipes all answer --help themselves. `target` is a recipe name or a path.
 function M.recipe_help(target, is_path)
 	local path = is_path and target or nil
@@ -200,7 +230,8 @@ function M.recipe_help(target, is_path)
 	if not f then return false end -- the runner says it cannot open it
 	local src = f:read("*a") or ""
 	f:close()
-	if src:find("[%.:]parse%s*[%(%{]") or src:find("%-%-help[\"']") then return false end
+	if src:find("[%.:]parse%s*[%(%{]") or src:find("[%.:]parse_vm%s*[%(%{]") then return false end
+	if src:find("%-%-help[\"']") then return false end
 	local about = describe(src)
 	io.stdout:write(string.format("usage: fireclaw %s [ARGS…]\n\n%s%s(%s does not parse options with "
 		.. "fireclaw.cli, so --help shows this instead of running it)\n", target,

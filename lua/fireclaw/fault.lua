@@ -4,7 +4,8 @@
 --   FIRECLAW_FAULT=netns           fireclaw kills itself with SIGKILL there
 --   FIRECLAW_FAULT=netns:error     the point raises "fault injected at netns" instead
 --
--- The points (record, netns, tap, disk, vmm-spawned, vmm-recorded, ssh-ready or agent-ready, exec,
+-- The points (record, netns, tap, disk, vmm-spawned, vmm-recorded, ram-filled (a restore: QEMU
+-- forked, its RAM copied, the rest of the disk not yet), ssh-ready or agent-ready, exec,
 -- exec-output, command-done, teardown-session or teardown-agent, teardown-vmm, reap-vmm, reap-netns,
 -- snapshot-saved) sit at the stage boundaries of fireclaw.sandbox, fireclaw.state and the
 -- recipes, so a test can stop a run at each one and check that nothing is left behind.

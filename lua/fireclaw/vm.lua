@@ -19,12 +19,15 @@
 --   v:pause()  v:resume()
 --   local info = v:snapshot(dir)      -- dir/vmstate + dir/memory; info for meta.json
 --   v:restore(dir, spec)              -- a fresh VMM loads dir (spec as for boot, rootfs =
---                                     -- this clone's own disk copy) and resumes
+--                                     -- this clone's own disk copy) and resumes; spec.prepare,
+--                                     -- a function, runs before the VMM reads the disk (QEMU:
+--                                     -- while it starts, after the RAM copy; Firecracker: first)
 --   v:shutdown(timeout_s) -> true if the guest/VMM stopped by itself; destroys either way
 --   v:agent_channel([timeout_s]) -> fd | nil, err   -- a byte stream to the guest agent
 --                                     -- (Firecracker: vsock port 1024; the caller closes
 --                                     -- fd), retried until the deadline while the agent is
 --                                     -- not listening yet
+--   v:kill()                          -- SIGKILL, no wait (destroy reaps); never raises
 --   v:destroy()                       -- idempotent, never raises
 --   v:state() -> "not started" | "running" | "paused" | "stopped"
 --   v:saved_spec() -> the boot/restore spec's plain fields (for a kept VM's record)
@@ -239,7 +242,7 @@ M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker",
 -- What v:boot and v:restore take (the drivers read these).
 M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
 	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock",
-	"agent_ports" }
+	"agent_ports", "prepare" }
 
 function M.new(opts)
 	if type(opts) ~= "table" then error("vm.new: options table expected (id =, dir =, …)", 0) end
@@ -475,6 +478,13 @@ function VM:shutdown(timeout_s)
 	local ok, graceful = pcall(self.driver.shutdown, self, timeout_s or 10)
 	self:destroy()
 	return ok and graceful or false
+end
+
+-- SIGKILL the VMM without waiting for it (v:destroy reaps it): its exit, which frees the
+-- guest's RAM, runs while the caller removes other things. Never raises.
+function VM:kill()
+	if self.destroyed or self.attached or not self.proc then return end
+	self.killed = pcall(self.proc.kill, self.proc)
 end
 
 -- Kill the VMM, reap it, close the clients, remove the sockets. Safe to call twice;

@@ -7,11 +7,11 @@
 #                               copies) of the suite's state (tests/run's FIRECLAW_STATE,
 #                               never the user's), else a snapshot made here
 #   FIRECLAW_RUN=$tmp/run, FIRECLAW_NETNS_PREFIX=$FAULTS_PREFIX (fc-<something>)
-# Helpers: vmm_pid, wait_for, wait_gone, status_of, one_line, finish (cleanup + leak check).
+# Helpers: faults_begin, vmm_pid, wait_for, wait_gone, status_of, one_line, finish (cleanup + leak check).
 export FIRECLAW_VMM=qemu
 shared=${FIRECLAW_STATE:?tests/run sets FIRECLAW_STATE}
 export FIRECLAW_STATE=$tmp/state FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=$FAULTS_PREFIX
-source "$FIRECLAW_TESTS/lib/seed.sh" # link_dir
+source "$FIRECLAW_TESTS/lib/seed.sh" # link_dir, private_state
 
 snapshot_usable() {
 	"$fc" -e 'local s, why = require("fireclaw.cli").use("restore").find {}
@@ -20,24 +20,30 @@ snapshot_usable() {
 
 # The private state: image + keys + snapshot. Returns non-zero if there is no way to get one.
 setup_state() {
-	[ -f "$shared/images/default/manifest.json" ] ||
-		FIRECLAW_STATE=$shared "$fc" -q image build >/dev/null 2>&1 # as a first run would
-	local try img
+	local try
 	for try in 1 2 3; do # someone may be rebuilding the shared image right now
 		rm -rf "$FIRECLAW_STATE"
-		mkdir -p "$FIRECLAW_STATE/images" "$FIRECLAW_STATE/snapshots"
-		img=$(readlink -f "$shared/images/default") || continue
-		link_dir "$img" "$FIRECLAW_STATE/images/default" 2>/dev/null || continue
-		link_dir "$shared/keys" "$FIRECLAW_STATE/keys" 2>/dev/null || continue
-		chmod 700 "$FIRECLAW_STATE/keys"
-		[ -f "$FIRECLAW_STATE/images/default/manifest.json" ] && break
+		private_state "$shared" "$FIRECLAW_STATE" 2>/dev/null && break
 	done
 	[ -f "$FIRECLAW_STATE/images/default/manifest.json" ] || return 1
+	mkdir -p "$FIRECLAW_STATE/snapshots"
 	link_dir "$shared/snapshots/default" "$FIRECLAW_STATE/snapshots/default" 2>/dev/null
 	snapshot_usable && return 0
 	rm -rf "$FIRECLAW_STATE/snapshots/default"
 	"$fc" -q snapshot create >/dev/null 2>&1
 	snapshot_usable
+}
+
+# faults_begin: a suite's start: a cleanup, the leak check, the private state (without
+# one the suite fails at once: one "not ok" and exit 1)
+faults_begin() {
+	"$fc" cleanup -q >/dev/null 2>&1
+	no_leaks "before the tests"
+	if ! setup_state; then
+		ok 1 "a private state with the default image and its snapshot"
+		done_testing
+		exit 1
+	fi
 }
 
 # pid of the VMM of the (only) VM in $FIRECLAW_RUN, from its record, once it is there

@@ -3,6 +3,10 @@
 #                    $FIRECLAW_TEST_SEED's (default /var/lib/fireclaw) when DIR has no
 #                    default image yet and the seed has one; otherwise nothing (the first
 #                    test that needs the image builds it in DIR, as a first run would).
+#   private_state SHARED DIR
+#                    a state of a suite's own at DIR: SHARED's default image (built there
+#                    first if it has none, as a first run would) and keys as hard links (or
+#                    copies); 0 if DIR has the image. The caller exports FIRECLAW_STATE=DIR.
 # Never writes to the seed. Snapshots are not seeded: the tests make their own.
 
 # link (or copy) the files of directory $1 into new directory $2; small files are copied
@@ -37,4 +41,15 @@ seed_state() {
 		rm -rf "$dir/images" "$dir/keys"
 	fi
 	return 0
+}
+
+private_state() {
+	local shared=$1 dir=$2 img
+	[ -f "$shared/images/default/manifest.json" ] ||
+		FIRECLAW_STATE=$shared "$fc" -q image build >/dev/null 2>&1
+	mkdir -p "$dir/images" || return 1
+	img=$(readlink -f "$shared/images/default") || return 1
+	link_dir "$img" "$dir/images/default" || return 1
+	link_dir "$shared/keys" "$dir/keys" && chmod 700 "$dir/keys" || return 1
+	[ -f "$dir/images/default/manifest.json" ]
 }

@@ -22,11 +22,9 @@ local guest = require "fireclaw.guest"
 local unpack = require "fireclaw.image.unpack"
 
 local fail, run = common.fail, common.run
-local in_tree, resolve_in = unpack.in_tree, unpack.resolve_in
+local in_tree, resolve_in, stage_file = unpack.in_tree, unpack.resolve_in, unpack.stage_file
 
 local M = {}
-
-local LIBDIRS = { "usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib", "lib/x86_64-linux-gnu" }
 
 -- A file of the tree at `rel` (parents resolved inside it), replacing what is there.
 local function put(tree, rel, content, mode)
@@ -35,12 +33,6 @@ local function put(tree, rel, content, mode)
 	fs.rm_rf(path)
 	fs.write(path, content, mode)
 	return path
-end
-
--- The real file `rel` names in the unpacked packages of `stage`.
-local function stage_file(stage, rel)
-	local path = stage .. "/" .. resolve_in(stage, rel)
-	return fs.exists(path) and path or nil
 end
 
 -- Copy the ELF `rel` of stage to dst, and its libraries and loader (flat) into libdir.
@@ -63,15 +55,7 @@ local function copy_closure(stage, rel, dst, libdir, done)
 	for _, lib in ipairs(info.needed) do
 		if not done[lib] then
 			done[lib] = true
-			local found
-			for _, d in ipairs(LIBDIRS) do
-				if stage_file(stage, d .. "/" .. lib) then
-					found = d .. "/" .. lib
-					break
-				end
-			end
-			if not found then fail("library %s needed by %s is in none of the packages", lib, rel) end
-			copy_closure(stage, found, libdir .. "/" .. lib, libdir, done)
+			copy_closure(stage, unpack.find_lib(stage, lib, rel), libdir .. "/" .. lib, libdir, done)
 		end
 	end
 	return loader

@@ -108,12 +108,22 @@ function M.unpack_into(deb, tree)
 end
 
 -- The real file in `stage` that path `rel` names, or nil.
-local function stage_file(stage, rel)
+function M.stage_file(stage, rel)
 	local path = stage .. "/" .. M.resolve_in(stage, rel)
 	return fs.exists(path) and path or nil
 end
+local stage_file = M.stage_file
 
-local LIBDIRS = { "usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib" }
+local LIBDIRS = { "usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib", "lib/x86_64-linux-gnu" }
+
+-- The shared library `lib` (a DT_NEEDED name) in `stage`: its path relative to stage in
+-- the first library directory that has it; raises naming `needed_by` if none does.
+function M.find_lib(stage, lib, needed_by)
+	for _, d in ipairs(LIBDIRS) do
+		if stage_file(stage, d .. "/" .. lib) then return d .. "/" .. lib end
+	end
+	fail("library %s needed by %s is in none of the packages", lib, needed_by)
+end
 
 -- Copy an ELF and its shared-library closure from `stage` (unpacked packages, merged /usr)
 -- into tree, under the same paths.
@@ -135,15 +145,7 @@ function M.copy_with_libs(stage, tree, relpath, done)
 	for _, lib in ipairs(info.needed) do
 		if not done[lib] then
 			done[lib] = true
-			local found
-			for _, d in ipairs(LIBDIRS) do
-				if stage_file(stage, d .. "/" .. lib) then
-					found = d .. "/" .. lib
-					break
-				end
-			end
-			if not found then fail("library %s needed by %s is in none of the packages", lib, relpath) end
-			M.copy_with_libs(stage, tree, found, done)
+			M.copy_with_libs(stage, tree, M.find_lib(stage, lib, relpath), done)
 		end
 	end
 end

@@ -366,6 +366,8 @@ end
 -- A fresh process loads the snapshot and resumes. A failed load leaves Firecracker
 -- unusable (it exits), so the process is killed with the error.
 function M.restore(v, dir, spec)
+	-- the jail may get a copy of the disk (jailer.place_rw): it must be complete first
+	if spec.prepare then spec.prepare() end
 	check_disk(v, spec)
 	check_vsock(v, spec)
 	util.check_tap(v)

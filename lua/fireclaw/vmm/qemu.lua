@@ -105,7 +105,7 @@ local function accel_args(v)
 	end
 	-- without ERMS/FSRM the guest kernel copies and clears with unrolled loops and rep movsq
 	-- instead of `rep movsb`/`rep stosb`, which TCG runs one byte per loop: ~20% less guest
-	-- CPU to boot (docs/guest-notes.md, "TCG and string instructions")
+	-- CPU to boot (docs/guest-notes.md, "Booting under TCG")
 	return { "-accel", "tcg", "-cpu", M.TCG_CPU }
 end
 
