@@ -10,31 +10,22 @@
 # runs; a fireclaw rootfs (whose agent the initramfs starts too) runs one agent; a rootfs
 # whose /.fireclaw is a symlink, a file, or holds a symlinked bin is refused with one line
 # and nothing written.
-set -u
-source "$FIRECLAW_TESTS/lib/tap.sh"
-source "$FIRECLAW_TESTS/lib/leaks.sh"
-source "$FIRECLAW_TESTS/lib/seed.sh" # link_dir
-fc=$FIRECLAW
 if [ -n "${FIRECLAW_TEST_SKIP_VM:-}" ]; then
 	echo "1..0 # skip FIRECLAW_TEST_SKIP_VM"
 	exit 0
 fi
-tmp=$(mktemp -d)
-unset FIRECLAW_VMM FIRECLAW_ACCEL FIRECLAW_FIRECRACKER FIRECLAW_FAULT FIRECLAW_EXEC
+source "$FIRECLAW_TESTS/lib/vmsuite.sh" iag
+source "$FIRECLAW_TESTS/lib/seed.sh" # private_state
+unset FIRECLAW_ACCEL FIRECLAW_FIRECRACKER FIRECLAW_FAULT FIRECLAW_EXEC
 shared=${FIRECLAW_STATE:?tests/run sets FIRECLAW_STATE}
-export FIRECLAW_RUN=$tmp/run FIRECLAW_NETNS_PREFIX=fc-${FIRECLAW_TEST_TAG:-}iag FIRECLAW_VMM=qemu
 finish() {
 	"$fc" -q cleanup --all >/dev/null 2>&1
 	rm -rf "$tmp"
 }
 trap finish EXIT
-[ -f "$shared/images/default/manifest.json" ] || FIRECLAW_STATE=$shared "$fc" -q image build >/dev/null 2>&1
+private_state "$shared" "$tmp/state"
 export FIRECLAW_STATE=$tmp/state
-mkdir -p "$FIRECLAW_STATE/images"
-link_dir "$(readlink -f "$shared/images/default")" "$FIRECLAW_STATE/images/default"
-link_dir "$shared/keys" "$FIRECLAW_STATE/keys" && chmod 700 "$FIRECLAW_STATE/keys"
 img=$FIRECLAW_STATE/images/default
-no_leaks() { local l; l=$(leaks); ok "$([ -z "$l" ] && echo 0 || echo 1)" "nothing left behind: $1" "$l"; }
 secs() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 
 # ---- the user's rootfs: the default one's userland with an init of its own ----
