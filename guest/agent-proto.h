@@ -33,6 +33,10 @@ enum agp_kind { AGP_KIND_FILE = 1, AGP_KIND_DIR = 2, AGP_KIND_LINK = 3, AGP_KIND
 /* the name prefix of the agent's virtio-serial ports; port K is PREFIX "K" */
 #define AGP_PORT_PREFIX "org.fireclaw.agent."
 #define AGP_VSOCK_PORT 1024
+/* the console line the agent prints when started by its init shim (an imported image):
+ * PREFIX " ports=N vsock=0|1", the channels it serves; the host reads it on a cold boot
+ * (fireclaw.guest.AGENT_CHANNELS) rather than wait for an agent that cannot answer */
+#define AGP_CHANNELS_LINE "fireclaw-agent: channels:"
 
 enum agp_type {
 	/* host -> guest */

@@ -7,6 +7,11 @@
  *                                 org.fireclaw.agent.N, and AF_VSOCK port 1024 when the
  *                                 guest has vsock (Firecracker)
  *   fireclaw-agent --serve-fd N   serve one connection on fd N (the tests, on the host)
+ *   as PID 1 (init=/.fireclaw/bin/fireclaw-agent: an image imported with the agent)
+ *                                 the init shim: mount proc, sysfs, devtmpfs if missing,
+ *                                 fork the agent, exec the image's own init (its
+ *                                 fireclaw.init=, else /sbin/init, /etc/init, /bin/init,
+ *                                 /bin/sh) with the same arguments
  *
  * It needs nothing from the image's userland (no shell, no libc, no udev): ports are found
  * through /sys/class/virtio-ports/<dev>/name and opened as /dev/<dev>.
@@ -42,9 +47,14 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
+#include <linux/magic.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <stddef.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
@@ -1215,16 +1225,70 @@ static void serve_vsock(int lfd, int sigfd)
 	close(fd);
 }
 
-static int __attribute__((noreturn)) supervise(void)
+/* Is a vsock device bound to its virtio driver? (/dev/vsock exists as soon as the module
+ * is loaded, device or not: under QEMU there is none) */
+static int vsock_device(void)
+{
+	DIR *d = opendir("/sys/bus/virtio/drivers/vmw_vsock_virtio_transport");
+	if (!d)
+		return 0;
+	struct dirent *e;
+	int found = 0;
+	while (!found && (e = readdir(d)))
+		found = !strncmp(e->d_name, "virtio", 6);
+	closedir(d);
+	return found;
+}
+
+/* Started by the init shim (announce): one console line says which channels the agent
+ * serves, which the host reads instead of waiting for an agent that cannot answer; with
+ * none it exits (nothing for it to do in a guest whose kernel has neither). */
+static void announce_channels(int ports, int vsock)
+{
+	int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	dprintf(fd >= 0 ? fd : 2, AGP_CHANNELS_LINE " ports=%d vsock=%d\n", ports, vsock);
+	if (fd >= 0)
+		close(fd);
+	if (ports == 0 && !vsock)
+		_exit(0);
+}
+
+/* One agent per guest: an image imported with the agent may be a fireclaw rootfs booted
+ * with fireclaw's initramfs, whose /init starts /usr/sbin/fireclaw-agent as well, and two
+ * servers on one port would share its bytes. The first one binds an abstract unix socket (gone with
+ * it, no file to go stale); a second one finds the name taken and exits. */
+static int first_agent(void)
+{
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_un a = {.sun_family = AF_UNIX};
+	static const char name[] = "\0fireclaw-agent";
+	memcpy(a.sun_path, name, sizeof name - 1);
+	if (fd < 0)
+		return 1; /* cannot tell: serve */
+	if (bind(fd, (struct sockaddr *)&a,
+		 offsetof(struct sockaddr_un, sun_path) + sizeof name - 1) == 0)
+		return 1; /* fd stays open (and bound) as long as this supervisor lives */
+	close(fd);
+	return errno != EADDRINUSE;
+}
+
+static int __attribute__((noreturn)) supervise(int announce)
 {
 	static struct port ports[MAX_PORTS];
-	int sigfd = signal_fd();
 	int n = find_ports(ports);
 	/* a port's name comes from the host a moment after the device: wait a little */
 	for (int i = 0; i < 40 && n == 0 && access("/sys/class/virtio-ports", F_OK) == 0; i++) {
 		usleep(50000);
 		n = find_ports(ports);
 	}
+	/* the guest's channels, whichever agent ends up serving them (the host waits for it) */
+	if (announce)
+		announce_channels(n, access("/dev/vsock", F_OK) == 0 && vsock_device());
+	if (!first_agent()) {
+		logmsg("another agent serves this guest already: this one exits");
+		_exit(0);
+	}
+	int sigfd = signal_fd();
 	for (int i = 0; i < n; i++)
 		ports[i].pid = spawn_port(ports[i].dev);
 	int lfd = access("/dev/vsock", F_OK) == 0 ? vsock_listen() : -1;
@@ -1252,8 +1316,117 @@ static int __attribute__((noreturn)) supervise(void)
 	}
 }
 
+/* ---- the init shim: PID 1 of an imported image (docs/agent-protocol.md, "Imported
+ * images") ---- */
+
+/* One line on the console; PID 1 goes on whatever happened. */
+static void shim_say(const char *fmt, ...)
+{
+	char buf[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	dprintf(fd >= 0 ? fd : 2, "fireclaw-agent: init shim: %s\n", buf);
+	if (fd >= 0)
+		close(fd);
+}
+
+static void shim_mount(const char *what, const char *type, const char *dir, const char *present)
+{
+	if (present && access(present, F_OK) == 0)
+		return;
+	if (mount(what, dir, type, MS_NOSUID | MS_NOEXEC, NULL) != 0 && errno != EBUSY)
+		shim_say("mount %s on %s: %s", type, dir, strerror(errno));
+}
+
+/* /dev must be a devtmpfs (the agent opens its ports there): a rootfs's static /dev has no
+ * node for them. The kernel (CONFIG_DEVTMPFS_MOUNT) or an initramfs has mounted it mostly. */
+static void shim_dev(void)
+{
+	struct statfs s;
+	if (statfs("/dev", &s) == 0 && s.f_type == TMPFS_MAGIC)
+		return;
+	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, NULL) != 0)
+		shim_say("mount devtmpfs on /dev: %s", strerror(errno));
+}
+
+/* fireclaw.init=PATH of /proc/cmdline (the image's own init= as given at import), into
+ * buf; "" when there is none. */
+static void shim_real_init(char *buf, size_t len)
+{
+	buf[0] = 0;
+	char line[4096];
+	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+	ssize_t r = fd >= 0 ? read(fd, line, sizeof line - 1) : -1;
+	if (fd >= 0)
+		close(fd);
+	if (r <= 0)
+		return;
+	line[r] = 0;
+	for (char *tok = strtok(line, " \t\n"); tok; tok = strtok(NULL, " \t\n")) {
+		if (!strcmp(tok, "--"))
+			break; /* the rest is init's arguments */
+		if (!strncmp(tok, "fireclaw.init=", 14) && tok[14] == '/' && strlen(tok + 14) < len)
+			snprintf(buf, len, "%s", tok + 14);
+	}
+}
+
+/* Exec the image's init with our arguments, as the kernel would have: its own init= first,
+ * then the kernel's list. Returns only if none could run. */
+static void shim_exec_init(int argc, char **argv)
+{
+	char own[1024];
+	shim_real_init(own, sizeof own);
+	const char *list[] = {own, "/sbin/init", "/etc/init", "/bin/init", "/bin/sh"};
+	char **av = calloc((size_t)argc + 1, sizeof *av);
+	if (!av) {
+		shim_say("out of memory");
+		return;
+	}
+	for (int i = 1; i < argc; i++)
+		av[i] = argv[i];
+	for (size_t i = 0; i < sizeof list / sizeof list[0]; i++) {
+		if (!list[i][0])
+			continue;
+		av[0] = (char *)list[i];
+		execv(list[i], av);
+		shim_say("exec %s: %s", list[i], strerror(errno));
+		if (i == 0)
+			return; /* the kernel too stops at an init= that cannot run */
+	}
+}
+
+/* PID 1 of an image imported with the agent (init=/.fireclaw/bin/fireclaw-agent): mount
+ * what the agent needs, start it, then become the image's own init. Nothing here may
+ * stop the boot: every failure is one console line and the image's init still runs. */
+static void __attribute__((noreturn)) init_shim(int argc, char **argv)
+{
+	shim_mount("proc", "proc", "/proc", "/proc/self");
+	shim_mount("sysfs", "sysfs", "/sys", "/sys/class");
+	shim_dev();
+	pid_t pid = fork();
+	if (pid == 0) {
+		setsid();
+		int fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+		if (fd >= 0)
+			dup2(fd, 0);
+		signal(SIGPIPE, SIG_IGN);
+		srandom((unsigned)(getpid() ^ (unsigned)now_ms()));
+		supervise(1);
+	}
+	if (pid < 0)
+		shim_say("fork: %s: no agent in this boot", strerror(errno));
+	shim_exec_init(argc, argv);
+	shim_say("no init could run: the kernel panics");
+	_exit(1);
+}
+
 int main(int argc, char **argv)
 {
+	if (getpid() == 1)
+		init_shim(argc, argv); /* before anything changes what the image's init inherits */
 	signal(SIGPIPE, SIG_IGN);
 	srandom((unsigned)(getpid() ^ (unsigned)now_ms()));
 	if (argc == 3 && !strcmp(argv[1], "--serve-fd")) {
@@ -1287,5 +1460,5 @@ int main(int argc, char **argv)
 		dprintf(2, "usage: fireclaw-agent [--daemon] | --serve-fd N | --version\n");
 		return 2;
 	}
-	supervise();
+	supervise(0);
 }

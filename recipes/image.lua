@@ -7,7 +7,8 @@
 --   fireclaw image info [NAME]
 --   fireclaw image rm NAME…
 --   fireclaw image import --name NAME --kernel K --rootfs R [--initrd I] [--host-key PUB]
---                         [--boot-args "…"] [--cmdline-devices] [--net none|nat] [--force]
+--                         [--boot-args "…"] [--cmdline-devices] [--net none|nat] [--no-agent]
+--                         [--force]
 --
 -- The work is done by lua/fireclaw/image.lua; this file is the command line around it.
 local cli = require "fireclaw.cli"
@@ -173,8 +174,12 @@ function commands.import(argv)
 			.. "/.fireclaw, booted with the default image's kernel; run honours its Entrypoint, Cmd,\n"
 			.. "Env, WorkingDir and User.\n"
 			.. "--kernel/--rootfs: register your own kernel (ELF vmlinux or bzImage) and ext4 rootfs as\n"
-			.. "an image (copied). The guest must run sshd for root with the client key ("
-			.. config.state_dir .. "/keys/id_ed25519.pub).",
+			.. "an image (copied). fireclaw writes its guest agent into the copy at\n"
+			.. "/.fireclaw/bin/fireclaw-agent and boots it as init=: it starts the agent, then execs\n"
+			.. "the image's own init (its init= from --boot-args, else /sbin/init); the kernel needs\n"
+			.. "virtio_console (QEMU) or vsock (Firecracker) for it, else its VMs use SSH. For SSH\n"
+			.. "(fireclaw ssh, --exec ssh, --no-agent) the guest must run sshd for root with the\n"
+			.. "client key (" .. config.state_dir .. "/keys/id_ed25519.pub).",
 		{ "--name NAME", "image name" },
 		{ "--oci PATH", "docker save tarball or OCI image layout (directory or tarball)" },
 		{ "--size SIZE", "with --oci: rootfs size (default: from the content)" },
@@ -185,13 +190,14 @@ function commands.import(argv)
 		{ "--boot-args ARGS", "kernel command line (default: the built image's)" },
 		{ "--cmdline-devices", "its kernel takes virtio-mmio devices on the command line (Firecracker < 1.8)" },
 		{ "--net MODE", "the network mode its VMs get by default: none or nat (run --net overrides)" },
+		{ "--no-agent", "leave the rootfs and boot arguments as they are (no agent: SSH only)" },
 		{ "--force", "replace an existing image of that name" },
 		quiet_opt,
 	})
 	if opts.quiet then runtime.quiet = true end
 	if opts.oci then
 		if not opts.name then cli.usage_error("image import --oci needs --name") end
-		for _, k in ipairs({ "kernel", "rootfs", "initrd", "host_key", "boot_args" }) do
+		for _, k in ipairs({ "kernel", "rootfs", "initrd", "host_key", "boot_args", "no_agent" }) do
 			if opts[k] then cli.usage_error("image import: --oci and --%s exclude each other", k:gsub("_", "-")) end
 		end
 		if opts.size then image.parse_size(opts.size) end
@@ -204,7 +210,7 @@ function commands.import(argv)
 	end
 	image.import({ name = opts.name, kernel = opts.kernel, rootfs = opts.rootfs, initrd = opts.initrd,
 		host_key = opts.host_key, boot_args = opts.boot_args, cmdline_devices = opts.cmdline_devices,
-		net_mode = opts.net,
+		net_mode = opts.net, no_agent = opts.no_agent,
 		force = opts.force })
 	return 0
 end

@@ -134,8 +134,12 @@ expect 1 "qemu exited \(status 1\).*invalid kernel header" "run with a truncated
 import nokernel "$img/vmlinux"
 rm -f "$(readlink -f "$FIRECLAW_STATE/images/nokernel")"/vmlinu*
 expect 1 "'nokernel' in .* is incomplete" "run with the kernel file gone" "$fc" run --image nokernel -- true
-import notext4 "$img/vmlinux" "$tmp/garbage"
-ok $? "import of a rootfs that is not ext4" "$(cat "$tmp/import.err")"
+expect 1 "cannot write the agent into the rootfs: .*not an ext2/3/4 filesystem \(import with --no-agent" \
+	"import of a rootfs that is not ext4 (the agent cannot be written)" \
+	"$fc" image import --name notext4 --kernel "$img/vmlinux" --rootfs "$tmp/garbage"
+"$fc" -q image import --name notext4 --kernel "$img/vmlinux" --initrd "$img/initrd" --rootfs "$tmp/garbage" \
+	--host-key "$img/host_key.pub" --no-agent >/dev/null 2>"$tmp/import.err"
+ok $? "import --no-agent of a rootfs that is not ext4" "$(cat "$tmp/import.err")"
 # a boot that fails: one line with the likely cause, then the console's last lines
 check "$fc" run --image notext4 -- true
 is "$rc" 1 "run with a rootfs that is not ext4: exit 1"

@@ -407,7 +407,7 @@ local function test_import_list_rm(img)
 	local name = "fct-img-imp-" .. PID
 	defer(function() pcall(image.remove, name) end)
 	local r = fc({ "import", "--name", name, "--kernel", img.vmlinuz, "--rootfs", img.rootfs, "--initrd", img.initrd,
-		"--host-key", img.host_key_pub, "-q" })
+		"--host-key", img.host_key_pub, "-q", "--no-agent" })
 	t.is(r.status, 0, "import of a bzImage + rootfs + initrd", r.stderr)
 	local ok, m = pcall(image.load, name)
 	t.ok(ok, "imported image loads", not ok and m or nil)
@@ -428,7 +428,12 @@ local function test_import_list_rm(img)
 	r = fc({ "import", "--name", name, "--kernel", img.vmlinux, "--rootfs", img.rootfs, "--force", "-q",
 		"--boot-args", "console=ttyS0 root=/dev/vda" })
 	t.is(r.status, 0, "import --force replaces it")
-	t.same(image.info(name).boot_args, { "console=ttyS0", "root=/dev/vda" }, "import: --boot-args stored as a list")
+	t.same(image.info(name).boot_args, { "console=ttyS0", "root=/dev/vda", "init=/.fireclaw/bin/fireclaw-agent" },
+		"import: --boot-args stored as a list, the agent's init shim as init=")
+	t.is(image.info(name).guest.agent, "/.fireclaw/bin/fireclaw-agent", "import: the manifest names the agent")
+	t.same(image.shim_boot_args({ "ro", "init=/sbin/x", "quiet", "--", "init=arg", "-s" }),
+		{ "ro", "fireclaw.init=/sbin/x", "quiet", "init=/.fireclaw/bin/fireclaw-agent", "--", "init=arg", "-s" },
+		"shim_boot_args: the image's init= kept as fireclaw.init=, init= before '--', init's arguments as they were")
 	r = fc({ "build", "--name", name })
 	t.ok(r.status == 1 and r.stderr:find("was imported, not built: --force replaces it", 1, true),
 		"build does not replace an imported image without --force", r.stderr)

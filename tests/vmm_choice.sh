@@ -85,8 +85,9 @@ unlike "$err" "SSH wait" "at once: there was no wait for SSH"
 unlike "$(cat "$FAKE_FC_LOG")" "InstanceStart" "the guest was never started"
 no_leaks "refused boot"
 
+# (--no-agent: the fake's guest prints no agent line; this is about the SSH wait)
 "$fc" -q image import --name cmdline --kernel "$img/vmlinux" --initrd "$img/initrd" --rootfs "$img/rootfs.ext4" \
-	--host-key "$img/host_key.pub" --cmdline-devices
+	--host-key "$img/host_key.pub" --cmdline-devices --no-agent
 like "$(cat "$FIRECLAW_STATE/images/cmdline/manifest.json")" '"cmdline_devices": true' "image import --cmdline-devices is in the manifest"
 : >"$FAKE_FC_LOG"
 err=$("${fc10[@]}" "$fc" run --no-snapshot --image cmdline --boot-timeout 1 -- true 2>&1)

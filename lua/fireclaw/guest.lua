@@ -249,4 +249,12 @@ M.rootfs_dirs = {
 	{ "var/tmp", "1777" }, { "home", "755" }, { "mnt", "755" }, { "usr/local/bin", "755" },
 }
 
+-- An image imported with --kernel/--rootfs keeps its own init and userland: fireclaw only
+-- writes the agent at BOX_AGENT and boots it as init= (its init shim, as PID 1, starts the
+-- agent and execs the image's own init: fireclaw.init= on the command line, else the
+-- kernel's list). The agent then prints AGENT_CHANNELS .. " ports=N vsock=0|1" on the
+-- console: the host's cue to use it, or SSH when the image's kernel gave it no channel.
+M.BOX_AGENT = M.BOX .. "/bin/fireclaw-agent"
+M.AGENT_CHANNELS = "fireclaw-agent: channels:"
+
 return M

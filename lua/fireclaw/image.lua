@@ -12,8 +12,10 @@
 --       for an imported OCI image its Entrypoint + (argv or Cmd), Env under env, WorkingDir,
 --       User; entrypoint (docker's --entrypoint) replaces Entrypoint and Cmd
 --   image.import{name=, kernel=, rootfs=, initrd=, host_key=, boot_args=, cmdline_devices=,
---                force=} -> manifest   (cmdline_devices: the kernel finds virtio-mmio devices
---                on its command line, so Firecracker < 1.8 can boot it)
+--                net_mode=, no_agent=, force=} -> manifest   (cmdline_devices: the kernel
+--                finds virtio-mmio devices on its command line, so Firecracker < 1.8 can boot
+--                it; unless no_agent, the agent is written into the copy at
+--                /.fireclaw/bin/fireclaw-agent and boots as init=, its init shim)
 --   image.load(name) -> manifest + absolute paths: dir, kernel (= vmlinux if there is one),
 --       vmlinux, vmlinuz, initrd, rootfs, host_key_pub (path), host_key ("ssh-ed25519 AAAA…"),
 --       client_key (private key path), client_key_pub
@@ -70,6 +72,7 @@ M.load, M.info, M.list, M.exists, M.remove = store.load, store.info, store.list,
 M.prune_cache, M.clean_stale = store.prune_cache, store.clean_stale
 M.client_key, M.helper_sha256 = keys.client_key, keys.helper_sha256
 M.boot_args, M.default_boot_args, M.tsc_khz = manifest.boot_args, manifest.default_boot_args, manifest.tsc_khz
+M.shim_boot_args = manifest.shim_boot_args
 
 -- helpers, tested on their own (and used by recipes: human, check_name, parse_size, log)
 M.log, M.human, M.check_name, M.parse_size = common.log, common.human, common.check_name, common.parse_size

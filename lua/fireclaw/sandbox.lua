@@ -82,10 +82,12 @@ M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout"
 	"exec", "unsafe_no_jailer", "name", "ttl", "net" }
 M.EXEC_MODES = { auto = true, agent = true, ssh = true }
 
--- Does this image carry an agent that speaks this fireclaw's protocol?
+-- Does this image carry an agent that speaks this fireclaw's protocol? (an imported image
+-- has it at guest.BOX_AGENT, started by its init shim)
 local function image_has_agent(img)
 	local g = img.guest
-	return type(g) == "table" and g.agent == guest.AGENT and g.agent_protocol == agent.VERSION
+	return type(g) == "table" and (g.agent == guest.AGENT or g.agent == guest.BOX_AGENT)
+		and g.agent_protocol == agent.VERSION
 end
 M.image_has_agent = image_has_agent
 
@@ -180,8 +182,9 @@ function M.new(opts)
 	local exec = opts.exec or config.exec or "auto"
 	if not M.EXEC_MODES[exec] then error(string.format("sandbox: exec must be auto, agent or ssh, not '%s'", tostring(exec)), 0) end
 	if exec == "agent" and not image_has_agent(img) then
-		error(string.format("sandbox: image '%s' has no guest agent (rebuild it: fireclaw image build --force; or "
-			.. "use exec = \"ssh\")", img.name), 0)
+		error(string.format("sandbox: image '%s' has no guest agent (%s; or use exec = \"ssh\")", img.name,
+			img.source == "import" and "it was imported with --no-agent: import it again without it"
+				or "rebuild it: fireclaw image build --force"), 0)
 	end
 	if opts.name ~= nil and (type(opts.name) ~= "string" or not opts.name:match("^[%a][%w._-]*$") or #opts.name > 64) then
 		error(string.format("sandbox: bad VM name %q (a letter, then letters, digits, '.', '_', '-'; at most 64)",
@@ -529,9 +532,76 @@ function Sandbox:connect(timeout)
 	return self.session
 end
 
--- Can this VM's commands go through the agent? (exec mode, image, a channel in the VMM)
+-- The rest of the first complete console line starting with `prefix`, read as it grows;
+-- nil when the VMM exited or `timeout` s passed without it (then also "gone" or "timeout").
+local function console_wait_line(self, prefix, timeout)
+	local path, offset, carry = self.vm.console_path, 0, ""
+	local function look()
+		local f = io.open(path, "rb")
+		if f then
+			f:seek("set", offset)
+			local new = f:read(65536) or ""
+			f:close()
+			offset = offset + #new
+			carry = carry .. new
+			for line in carry:gmatch("([^\n]*)\n") do
+				local at = line:find(prefix, 1, true)
+				if at then return line:sub(at + #prefix) end
+			end
+			carry = carry:match("[^\n]*$"):sub(-4096) -- (a line longer than that is not ours)
+		end
+		if not self.vm:_alive() then return false end
+		return nil
+	end
+	local rest = util.poll(look, timeout)
+	if rest then return rest end
+	return nil, rest == false and "gone" or "timeout"
+end
+
+-- An imported image's agent is started by its init shim, whose console line names the
+-- channels it serves (guest.AGENT_CHANNELS): the image's own kernel may have neither
+-- virtio_console (QEMU's channel) nor vsock (Firecracker's). A cold boot reads that line
+-- rather than wait its whole timeout for an agent that cannot answer. Returns whether the
+-- VMM's channel is there; without it, self.agent_missing says why and the VM's record no
+-- longer offers agent ports. A VMM that exits first: false, and the SSH wait that follows
+-- says why it exited.
+function Sandbox:shim_channels(timeout)
+	if self.shim_ok ~= nil then return self.shim_ok end
+	local rest, why = console_wait_line(self, guest.AGENT_CHANNELS, timeout or self.boot_timeout or 60)
+	if why == "timeout" then
+		self.timer:stage("agent line wait (failed)")
+		error(vmm_gone(self, string.format("VM %s: no '%s' line on its console within %gs (the image's agent "
+			.. "starts as init=%s: is the console on ttyS0, console=ttyS0 in its boot args? or import it with "
+			.. "--no-agent)", self.id, guest.AGENT_CHANNELS, timeout or self.boot_timeout or 60, guest.BOX_AGENT),
+			"", true), 0)
+	end
+	if why == "gone" and self.exec_mode == "agent" then
+		error(vmm_gone(self, "the VMM exited", "before its agent started", true), 0)
+	end
+	-- (the guest's bytes: a line that does not parse is no channel)
+	local ports, vsock = (rest or ""):match("ports=(%d+) vsock=(%d)")
+	local want_ports = (self.vm.spec and self.vm.spec.agent_ports or 0) > 0
+	self.shim_ok = rest ~= nil and ((want_ports and (tonumber(ports) or 0) > 0)
+		or (self.vm.driver.agent_channel ~= nil and vsock == "1")) or false
+	if not self.shim_ok then
+		self.agent_missing = rest and string.format("its kernel gave the agent no %s (the agent found ports=%s "
+			.. "vsock=%s; its kernel needs %s)", want_ports and "virtio-serial port" or "vsock device", ports or "?",
+			vsock or "?", want_ports and "virtio_console" or "vsock and vmw_vsock_virtio_transport")
+			or "the VMM exited before the agent started"
+		if self.rec then state.update(self.rec, { agent = { ports = 0 } }) end
+		log.info("VM %s: no agent channel: %s", self.id, self.agent_missing)
+	end
+	self.timer:stage("agent line")
+	return self.shim_ok
+end
+
+-- Can this VM's commands go through the agent? (exec mode, image, a channel in the VMM;
+-- for an image whose agent an init shim starts, the channels its console line names)
 function Sandbox:agent_usable()
 	if self.exec_mode == "ssh" or not image_has_agent(self.img) or not self.vm then return false end
+	if self.img.guest.agent_start == "init-shim" and self.how == "cold" and not self:shim_channels() then
+		return false
+	end
 	if self.vm.driver.agent_channel then return true end
 	return (self.vm.spec and self.vm.spec.agent_ports or 0) > 0
 end
@@ -577,6 +647,10 @@ function Sandbox:connect_exec(timeout)
 		return a
 	end
 	if self.exec_mode == "agent" then
+		if self.agent_missing then
+			error(string.format("sandbox: VM %s has no agent channel: %s (use --exec ssh)", self.id,
+				self.agent_missing), 0)
+		end
 		error(string.format("sandbox: VM %s has no agent channel (a snapshot taken without one? make a new one: "
 			.. "fireclaw snapshot create)", self.id), 0)
 	end
@@ -913,7 +987,7 @@ M.AGENT_PORT_WAIT = 2
 -- image has it and exec is not "ssh", else SSH; SSH too when every port stays busy.
 local function attach_channel(self, rec, timeout)
 	local ports = type(rec.agent) == "table" and tonumber(rec.agent.ports)
-	if self.exec_mode == "ssh" or not ports or not image_has_agent(self.img) then
+	if self.exec_mode == "ssh" or not ports or ports < 1 or not image_has_agent(self.img) then
 		if self.exec_mode == "agent" then
 			error(string.format("VM %s has no agent channel (exec = agent; its image or snapshot has none: "
 				.. "use --exec ssh)", rec.id), 0)

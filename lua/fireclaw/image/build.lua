@@ -253,7 +253,8 @@ end
 -- Register a user's own kernel (ELF vmlinux or bzImage) and ext4 rootfs as image `name`.
 function M.import(opts)
 	opts = opts_check.check("image.import", opts,
-		{ "name", "kernel", "rootfs", "initrd", "host_key", "boot_args", "force", "cmdline_devices", "net_mode" })
+		{ "name", "kernel", "rootfs", "initrd", "host_key", "boot_args", "force", "cmdline_devices", "net_mode",
+			"no_agent" })
 	if opts.net_mode ~= nil and opts.net_mode ~= "none" and opts.net_mode ~= "nat" then
 		error(string.format("image: import: net_mode must be none or nat, got '%s'", tostring(opts.net_mode)), 0)
 	end
@@ -268,6 +269,8 @@ function M.import(opts)
 	local ok, res = pcall(function()
 		local out = work .. "/out"
 		local compression = import_files(opts, kernel_format, host_key, out)
+		-- the agent, into our copy (the user's file is only read): its init shim is init=
+		if not opts.no_agent then inject.agent_ext4(out .. "/rootfs.ext4") end
 		local names = {}
 		for _, n in ipairs(manifest.FILES) do
 			if fs.exists(out .. "/" .. n) then names[#names + 1] = n end
@@ -277,7 +280,8 @@ function M.import(opts)
 		fs.write(out .. "/manifest.json", json.encode(m, { pretty = true }) .. "\n", "644")
 		store.install(name, out)
 		fs.rm_rf(work)
-		log("imported '%s' (%s kernel%s) in %s", name, kernel_format, opts.initrd and ", initrd" or "", secs(T0))
+		log("imported '%s' (%s kernel%s, %s) in %s", name, kernel_format, opts.initrd and ", initrd" or "",
+			opts.no_agent and "no agent: SSH only" or "the agent at " .. guest.BOX_AGENT, secs(T0))
 		return m
 	end)
 	if not ok then

@@ -167,4 +167,40 @@ function M.into(tree, stage, out, client_pub)
 	return { shell = shell, loader = loader }
 end
 
+-- ---- the agent alone, into an imported ext4 image (image import --kernel/--rootfs) ----
+
+-- What is at `path` of the open image: nil (nothing), "dir", "file", "symlink", …
+local function kind(img, path)
+	if not img:exists(path) then return nil end
+	return img:stat(path).type
+end
+
+-- Write guest.agent() at guest.BOX_AGENT of the ext4 image `path` (our copy of the user's
+-- rootfs) with fireclaw's ext4 writer: no mount, nothing of the image run. /.fireclaw is
+-- fireclaw's name in any image; it may be absent or a real directory, never a symlink or a
+-- file (the image is the user's: its links are not followed, its files not replaced), and
+-- only the agent's own file in it is replaced. Raises one line naming what is in the way.
+function M.agent_ext4(path)
+	local opened, img = pcall(require("fireclaw.rootfs").open, path, "rw")
+	if not opened then
+		fail("cannot write the agent into the rootfs: %s (import with --no-agent to leave it as it is)",
+			(tostring(img):gsub("\n.*", "")))
+	end
+	local ok, err = pcall(function()
+		local bin = guest.BOX_AGENT:match("^(.*)/")
+		for _, p in ipairs({ guest.BOX, bin, guest.BOX_AGENT }) do
+			local k = kind(img, p)
+			local want = p == guest.BOX_AGENT and "file" or "dir"
+			if k and k ~= want then
+				fail("the rootfs has %s as a %s, not a %s: fireclaw puts its agent at %s (move it away, or import "
+					.. "with --no-agent)", p, k, want == "dir" and "directory" or "file", guest.BOX_AGENT)
+			end
+		end
+		img:mkdir(bin, { mode = "0755" })
+		img:write(guest.BOX_AGENT, guest.agent(), { mode = "0755" })
+	end)
+	img:close()
+	if not ok then error(err, 0) end
+end
+
 return M

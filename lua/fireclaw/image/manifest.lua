@@ -127,13 +127,37 @@ function M.built(b)
 	}
 end
 
+-- The boot arguments with the agent's init shim as init=: the image's own init= (if any)
+-- becomes fireclaw.init=, which the shim execs (a dotted parameter the kernel keeps from
+-- init's environment); before a "--" (what follows it is init's arguments).
+function M.shim_boot_args(args)
+	local out, done = json.array(), false
+	for _, a in ipairs(args) do
+		if a == "--" and not done then
+			out[#out + 1] = "init=" .. guest.BOX_AGENT
+			done = true
+		end
+		out[#out + 1] = (not done and a:match("^init=")) and "fireclaw.init=" .. a:sub(6) or a
+	end
+	if not done then out[#out + 1] = "init=" .. guest.BOX_AGENT end
+	return out
+end
+
 -- The manifest of an imported image (opts: image.import's; kernel_info = {compression=, format=}).
+-- Unless opts.no_agent, the image has the agent at guest.BOX_AGENT, started by its init shim.
 function M.imported(name, opts, kernel_info, files)
 	local args = json.array()
 	if opts.boot_args then
 		for a in opts.boot_args:gmatch("%S+") do args[#args + 1] = a end
 	else
 		for _, a in ipairs(M.default_boot_args()) do args[#args + 1] = a end
+	end
+	local g = guest_info()
+	if not opts.no_agent then
+		args = M.shim_boot_args(args)
+		g.agent, g.agent_sha256, g.agent_protocol = guest.BOX_AGENT, keys.agent_sha256(),
+			require("fireclaw.core.agent").VERSION
+		g.agent_start = "init-shim"
 	end
 	return {
 		format = common.FORMAT, name = name, source = "import",
@@ -145,7 +169,7 @@ function M.imported(name, opts, kernel_info, files)
 		packages = json.array(),
 		boot_args = args,
 		boot_args_tcg = boot_args_tcg(),
-		guest = guest_info(),
+		guest = g,
 		-- absent: the kernel finds its devices through ACPI only (Firecracker >= 1.8)
 		cmdline_devices = opts.cmdline_devices and true or nil,
 		-- absent: "none"; the network mode its VMs get when neither --net nor FIRECLAW_NET
