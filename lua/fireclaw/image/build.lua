@@ -156,6 +156,20 @@ local function steps(name, p, opts, work, T0)
 	return m, final
 end
 
+-- Run fn(work) in a fresh work directory of image `name` (images/.tmp~NAME~PID); the
+-- directory is discarded when fn raises (store.install moves it into place on success).
+local function in_work_dir(name, fn)
+	local work = images_dir() .. "/.tmp~" .. name .. "~" .. proc.getpid()
+	fs.rm_rf(work)
+	mkdir_p(work, "755")
+	local ok, res = pcall(fn, work)
+	if not ok then
+		store.discard(work)
+		error(res, 0)
+	end
+	return res
+end
+
 -- Build image opts.name (default "default"). See fireclaw.image.
 function M.build(opts)
 	opts = opts_check.check("image.build", opts, { "name", "packages", "size", "force", "kernel_package", "base",
@@ -195,15 +209,7 @@ function M.build(opts)
 			return m, false
 		end
 	end
-	local work = images_dir() .. "/.tmp~" .. name .. "~" .. proc.getpid()
-	fs.rm_rf(work)
-	mkdir_p(work, "755")
-	local ok, res = pcall(steps, name, p, opts, work, T0)
-	if not ok then
-		store.discard(work)
-		error(res, 0)
-	end
-	return res, true
+	return in_work_dir(name, function(work) return steps(name, p, opts, work, T0) end), true
 end
 
 -- The kernel (and its vmlinux, when it is a bzImage), rootfs, initrd and host key of an
@@ -263,11 +269,9 @@ function M.import(opts)
 	local kernel_format, host_key = check_import(name, opts)
 	mkdir_p(images_dir(), "755")
 	store.clean_stale()
-	local work = images_dir() .. "/.tmp~" .. name .. "~" .. proc.getpid()
-	fs.rm_rf(work)
-	mkdir_p(work .. "/out", "755")
-	local ok, res = pcall(function()
+	return in_work_dir(name, function(work)
 		local out = work .. "/out"
+		mkdir_p(out, "755")
 		local compression = import_files(opts, kernel_format, host_key, out)
 		-- the agent, into our copy (the user's file is only read): its init shim is init=
 		if not opts.no_agent then inject.agent_ext4(out .. "/rootfs.ext4") end
@@ -284,13 +288,7 @@ function M.import(opts)
 			opts.no_agent and "no agent: SSH only" or "the agent at " .. guest.BOX_AGENT, secs(T0))
 		return m
 	end)
-	if not ok then
-		store.discard(work)
-		error(res, 0)
-	end
-	return res
 end
-
 
 -- Import a container image (docker save tarball or OCI layout: fireclaw.image.oci) as
 -- image opts.name: its layers as the root filesystem, with fireclaw's box injected, the
@@ -309,10 +307,7 @@ function M.import_oci(opts)
 	mkdir_p(images_dir(), "755")
 	store.clean_stale()
 	o.client_key, o.client_pub = keys.client_key()
-	local work = images_dir() .. "/.tmp~" .. name .. "~" .. proc.getpid()
-	fs.rm_rf(work)
-	mkdir_p(work, "755")
-	local ok, res = pcall(function()
+	return in_work_dir(name, function(work)
 		local src = oci.open(opts.oci, work)
 		log("import: %s (%s, %d layers, config %s)", opts.oci, src.format, #src.layers, src.config_digest)
 		o.oci = src
@@ -321,15 +316,8 @@ function M.import_oci(opts)
 			fs.rm_rf(work .. "/src")
 			return t
 		end
-		local p = plan(o)
-		local m = steps(name, p, o, work, T0)
-		return m
+		return steps(name, plan(o), o, work, T0)
 	end)
-	if not ok then
-		store.discard(work)
-		error(res, 0)
-	end
-	return res
 end
 
 return M
