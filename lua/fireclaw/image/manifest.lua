@@ -27,6 +27,22 @@ function M.default_boot_args()
 	}
 end
 
+-- What images fireclaw builds (its own Debian kernel) boot with on top of the defaults:
+-- cuts to a cold boot under TCG that held in interleaved A/B runs (docs/DECISIONS.md, "A
+-- shorter cold boot"). Imported images keep the defaults alone: their kernel and userland
+-- are the user's.
+--   lsm=landlock: no AppArmor, TOMOYO, Yama, LoadPin, SafeSetID, lockdown, BPF LSM or
+--   integrity (IMA/EVM) in a throw-away guest (nothing of fireclaw's uses them; the guest
+--   is hostile anyway, docs/security.md); landlock stays for programs that sandbox
+--   themselves with it
+M.BUILT_BOOT_ARGS = { "lsm=landlock" }
+
+function M.built_boot_args()
+	local args = M.default_boot_args()
+	for _, a in ipairs(M.BUILT_BOOT_ARGS) do args[#args + 1] = a end
+	return args
+end
+
 -- The kernel command line for an image (a load() or manifest table). Under TCG the
 -- tsc_early_khz of *this* host replaces the build host's (fireclaw.vmm.util.tcg_boot_args).
 -- opts.dns: the guest's resolver, as the DNS0 field of ip= (the guest's rcS writes it to
@@ -84,7 +100,7 @@ function M.built(b)
 		.. "nanoseconds since 1970, then RNDADDENTROPY + RNDRESEEDCRNG)"
 	g.agent, g.agent_sha256, g.agent_protocol = guest.AGENT, keys.agent_sha256(), require("fireclaw.core.agent").VERSION
 	g.shutdown = "poweroff -f (QEMU: ACPI power off); reboot -f (Firecracker; QEMU with -no-reboot)"
-	local boot_args = json.array(M.default_boot_args())
+	local boot_args = json.array(M.built_boot_args())
 	local source, base = "debian", { kind = "busybox" }
 	if rf.box then
 		-- the image's userland is not fireclaw's: /.fireclaw/init is PID 1
