@@ -6,9 +6,9 @@
  * The initramfs's lib/modules/order lists every module the image's kernel may need, in
  * dependency order: the virtio core and transport, and the drivers of every device type
  * either VMM gives (QEMU: virtio-serial for the agent; Firecracker: vsock). Loading a
- * driver whose device is absent costs boot time for nothing under TCG (the vsock trio
- * ~30-80 ms; docs/guest-notes.md, "What a cold boot spends its time on"). So the modules
- * are loaded in two passes of that order:
+ * driver whose device is absent costs boot time for nothing under TCG (the vsock trio under
+ * QEMU: ~55 ms of QEMU CPU; docs/guest-notes.md, "What a cold boot spends its time on
+ * (TCG)"). So the modules are loaded in two passes of that order:
  *
  *   1. every module that is no device's driver (virtio_ring, virtio, virtio_mmio, and
  *      whatever else the kernel needs: ext4 and its helpers in the generic kernel); the
