@@ -903,11 +903,13 @@ end
 function Sandbox:destroy()
 	if self.destroyed or self.destroying then return true end
 	self.destroying = true
-	local failed = {}
+	local failed, took = {}, {}
 	for i = #self.undo, 1, -1 do
 		local u = self.undo[i]
 		self.undo[i] = nil
+		local t0 = runtime.now()
 		local ok, err = pcall(u.fn, self)
+		took[#took + 1] = string.format("%s %.1f", u.name, (runtime.now() - t0) * 1e3)
 		if not ok then
 			failed[#failed + 1] = u.name .. ": " .. tostring(err)
 			log.note("VM %s: %s", self.id, u.name == "record" and tostring(err) or "teardown of step '" .. u.name
@@ -915,6 +917,7 @@ function Sandbox:destroy()
 		end
 	end
 	self.destroyed = true
+	log.info("VM %s: teardown: %s ms", self.id, table.concat(took, ", "))
 	self.timer:stage("teardown")
 	if #failed > 0 then return nil, failed end
 	return true
