@@ -274,5 +274,34 @@ t.ok(not attached and tostring(werr):match("all 2 agent ports are busy") and too
 	"attach: every port busy -> one line after `wait` s, not `timeout`", string.format("%s (%.2f s)", tostring(werr), took))
 for _, h in ipairs(holders) do h:kill(9) h:wait(5) end
 
+-- ---- attach: a port whose first connection the VMM accepts and never reads (a restored
+-- QEMU sometimes does): the hello again on a new connection; a failed attach frees its port ----
+local net = require "fireclaw.net"
+local function stuck(mode)
+	fs.mkdir_p(tmp .. "/stuck", "700")
+	os.remove(tmp .. "/stuck/agent-0.sock")
+	local l = net.unix_listen(tmp .. "/stuck/agent-0.sock")
+	local fake = proc.spawn { argv = { "python3", tests .. "/lib/stuck_port.py", bin, mode }, fds = { l:fd() } }
+	l:close()
+	return fake
+end
+local fake = stuck("reconnect")
+local ok_r, rc = pcall(agent.attach, { dir = tmp .. "/stuck", ports = 1, timeout = 5, retry = 0.1, where = "VM stuck" })
+t.ok(ok_r and rc:info().reconnects >= 1, "attach: a first connection never read -> the hello again on a new "
+	.. "connection after `retry` s", ok_r and ("reconnects " .. rc:info().reconnects) or tostring(rc))
+t.is(ok_r and rc:exec({ "echo", "second" }).stdout, "second\n", "… which then execs")
+if ok_r then rc:close() end
+fake:kill(9)
+fake:wait(5)
+fake = stuck("never")
+local ok_n, nerr = pcall(agent.attach, { dir = tmp .. "/stuck", ports = 1, timeout = 1, retry = 0.2, where = "VM stuck" })
+t.ok(not ok_n and tostring(nerr):match("^agent: VM stuck %(agent port 0%): the guest agent did not answer within 1 s$"),
+	"attach: no connection ever read -> one line at the timeout", tostring(nerr))
+-- the failed attach's port lock is gone with it, not when the garbage collector runs
+t.ok(proc.run({ "flock", "-n", tmp .. "/stuck/agent-0.lock", "true" }).status == 0,
+	"… and its port is free again at once")
+fake:kill(9)
+fake:wait(5)
+
 proc.run({ "rm", "-rf", tmp })
 return t.done()
