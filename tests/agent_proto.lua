@@ -186,6 +186,26 @@ t.is(nfds(), fd0, "100 execs: no descriptor more")
 t.ok(rss() - rss0 < 2048, string.format("100 execs: RSS flat (%d KiB more)", rss() - rss0))
 t.diag(string.format("%.2f ms per exec of true (host agent, socketpair)", per))
 
+-- ---- a request refused while it is being built: one line, nothing sent, nothing kept ----
+local long = string.rep("a", 200 * 1024)
+local refused = {
+	{ { long, "x\0y" }, nil, "contains a NUL byte" },
+	{ { "env" }, { env = { ["A=B"] = "1" } }, "bad environment name 'A=B'" },
+	{ { "env" }, { env = { A = "1\0" } }, "bad or too big environment" },
+	{ { long, long }, nil, "the request is too big" },
+}
+for _, bad in ipairs(refused) do
+	local bok, berr = pcall(c.exec, c, bad[1], bad[2])
+	t.ok(not bok and tostring(berr):find(bad[3], 1, true) and not tostring(berr):find("\n"),
+		"exec refused before sending: " .. bad[3], tostring(berr):sub(1, 200))
+end
+collectgarbage() collectgarbage()
+rss0 = rss()
+for _ = 1, 200 do pcall(c.exec, c, { long, "x\0y" }) pcall(c.exec, c, { long, long }) end
+collectgarbage() collectgarbage()
+t.ok(rss() - rss0 < 8192, string.format("400 refused requests of ~200 KiB: RSS flat (%d KiB more)", rss() - rss0))
+t.is(c:exec({ "echo", "still" }).stdout, "still\n", "… and the connection is unharmed")
+
 c:close()
 p:wait(5)
 
