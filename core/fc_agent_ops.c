@@ -173,8 +173,7 @@ static const char *const EXEC_KNOWN[] = {
     "gid",   "timeout",	  "pty",       "forward_sigint", "exec",	"tty", NULL};
 
 /* argv (table at a) then env (the table at t's "env"): NAME=value strings. Returns envc. */
-static uint32_t exec_argv_env(lua_State *L, struct op *o, struct fc_buf *r, int a, int argc,
-			      int t)
+static uint32_t exec_argv_env(lua_State *L, struct op *o, struct fc_buf *r, int a, int argc, int t)
 {
 	for (int i = 1; i <= argc; i++) {
 		lua_rawgeti(L, a, i);
