@@ -1,6 +1,6 @@
 # QEMU >= 8.2 (tools/qemu-next.sh's 10.0): a throw-away restore maps the snapshot's memory
 # file privately and read-only (readonly=on,rom=off) instead of copying it into a memfd
-# (docs/DECISIONS.md, "Golden memory mapped, not copied, on QEMU >= 8.2"). Checked here:
+# (the docs/DECISIONS.md entry on golden memory mapped on QEMU >= 8.2). Checked here:
 # restored runs' exit codes and output; the VMM holds the golden `memory` O_RDONLY and no
 # memfd; the file becomes root:<the snapshot's group> 0640, and that group only is the
 # VMM's; the VMM's user reads its own snapshot's memory, cannot write it, cannot read
@@ -88,6 +88,8 @@ is "$bad" "" "… every descriptor of it O_RDONLY (fdinfo flags: $mem_flags)"
 is "$memfds" 0 "… and no memfd of the RAM's size: no copy was made"
 grep -q "$snaps/default/memory" "/proc/$vp/maps"
 ok $? "the guest's RAM is a mapping of the golden file"
+like "$(tr '\0' ' ' <"/proc/$vp/cmdline")" " -L ${qemu%/bin/*}/share/qemu " \
+	"it reads its own firmware (-L its share/qemu), not the system's QEMU's"
 groups=$(awk '/^Groups:/ {$1 = ""; print}' "/proc/$vp/status" | xargs)
 vuid=$(awk '/^Uid:/ {print $2}' "/proc/$vp/status")
 vgid=$(awk '/^Gid:/ {print $2}' "/proc/$vp/status")

@@ -147,11 +147,11 @@ local function machine_args(v, spec, ram, fd)
 	append(a, "-M", "microvm,memory-backend=mem")
 	append(a, unpack(accel_args(v)))
 	-- a mapped snapshot: opened O_RDONLY, mapped privately and writable (QEMU >= 8.2)
-	local how = ram.map and "off,readonly=on,rom=off" or ram.share == false and "off" or "on"
+	local share = ram.map and "off,readonly=on,rom=off" or ram.share == false and "off" or "on"
 	append(a, "-smp", tostring(vcpu), "-m", mem .. "M",
 		-- QEMU opens mem-path itself: through /proc/self/fd it reaches the file it was given
 		"-object", string.format("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s",
-			mem, self(fd.ram), how),
+			mem, self(fd.ram), share),
 		"-nodefaults", "-no-user-config", "-nographic",
 		-- a guest reboot or panic ends the VMM, as with Firecracker
 		"-no-reboot",
