@@ -11,7 +11,7 @@
  *   agent.wrap(fd, opts) -> conn             a connected byte stream (a dup is kept):
  *                                            Firecracker's vsock, a socketpair
  *       every one says hello and waits (opts.timeout s, default 10) for the agent's answer
- *   conn:info() -> {version =, pid =, port =}
+ *   conn:info() -> {version =, pid =, where =, broken =, reconnects =}
  *   conn:handoff(ns, entropy [, timeout])    restore hand-off: clock + entropy, acked
  *   conn:exec(argv, opts) -> {status=, signal=, stdout=, stderr=, timed_out=, duration_ms=,
  *                             stdout_truncated=, stderr_truncated=, interrupted=}
@@ -62,6 +62,12 @@ void agent_fail(lua_State *L, struct agent_conn *c, int broken, const char *fmt,
 	if (broken && c && !c->broken) {
 		c->broken = 1;
 		snprintf(c->broken_msg, sizeof c->broken_msg, "%.250s", msg);
+	}
+	/* a broken connection is not used again: its port goes back to the other processes
+	 * now, not when the garbage collector gets to it (a failed attach included) */
+	if (broken && c && c->lock_fd >= 0) {
+		close(c->lock_fd);
+		c->lock_fd = -1;
 	}
 	if (!c)
 		fc_error(L, "agent: %s", msg);
@@ -383,6 +389,7 @@ static int l_attach(lua_State *L)
 		double left = fc_ms_left(deadline) / 1e3 + 0.001;
 		if (hello(L, c, left < try_s ? left : try_s, left > try_s, timeout))
 			return 1;
+		c->reconnects++;
 		close(c->fd);
 		c->fd = unix_connect(path);
 		if (c->fd < 0)
@@ -395,7 +402,7 @@ static int l_attach(lua_State *L)
 static int l_info(lua_State *L)
 {
 	struct agent_conn *c = fc_check(L, 1, AGENT_MT);
-	lua_createtable(L, 0, 3);
+	lua_createtable(L, 0, 5);
 	lua_pushinteger(L, c->version);
 	lua_setfield(L, -2, "version");
 	lua_pushinteger(L, c->agent_pid);
@@ -404,6 +411,8 @@ static int l_info(lua_State *L)
 	lua_setfield(L, -2, "where");
 	lua_pushboolean(L, c->broken);
 	lua_setfield(L, -2, "broken");
+	lua_pushinteger(L, c->reconnects);
+	lua_setfield(L, -2, "reconnects");
 	return 1;
 }
 

@@ -34,6 +34,7 @@ struct agent_conn {
 	uint32_t next_id;
 	unsigned long stray;
 	int version, agent_pid;
+	int reconnects; /* agent.attach's new connections (a hello not answered) */
 	unsigned char *in; /* AGP_HDR + AGP_MAX_PAYLOAD */
 	size_t inlen;
 	struct fc_buf out;

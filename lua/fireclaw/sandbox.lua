@@ -634,6 +634,11 @@ function Sandbox:agent_connect(timeout)
 		end)
 	end
 	self.agent = conn
+	local info = conn:info()
+	if (info.reconnects or 0) > 0 then
+		util.verbose("VM %s: the agent answered on connection %d (a restored QEMU did not read the "
+			.. "first: docs/guest-notes.md)", self.id, info.reconnects + 1)
+	end
 	fault.point("agent-ready")
 	self.timer:stage("agent ready")
 	return conn
