@@ -195,6 +195,14 @@ like "$(cat "$tmp/err")" "guest RAM: a copy of [^ ]*/default/memory \(group $gid
 	"… from a copy, saying why"
 is "$(sha256sum <"$snaps/default/memory")" "$sum0" "the golden memory's sha256 is still unchanged"
 
+# ---- the driver's own suite on QEMU 10 (boot, pause, snapshot, two clones at once, a
+# snapshot of a clone: through fireclaw.vm, the clones mapped) ----
+out=$("$fc" "$FIRECLAW_TESTS/vm_qemu.lua" 2>&1)
+fails=$(grep -c '^not ok' <<<"$out")
+plan=$(grep -oE '^1\.\.[0-9]+' <<<"$out")
+[ "$fails" = 0 ] && [ -n "$plan" ] && [ "${plan#1..}" -gt 20 ]
+ok $? "tests/vm_qemu.lua passes on QEMU 10 (${plan:-no plan}, $fails failed)" "$(grep -E '^not ok|^#' <<<"$out" | head -20)"
+
 "$fc" cleanup -q >/dev/null 2>&1
 no_leaks "the end"
 done_testing
