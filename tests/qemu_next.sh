@@ -7,8 +7,9 @@
 # another snapshot's; the file's sha256 is unchanged after guests that write a lot of RAM,
 # two at a time, each seeing only its own writes; kept VMs (start, snapshot create --from,
 # pause/resume) keep the memfd copy and work; a snapshot of a mapped clone (the library:
-# its RAM goes in the stream) restores; a group held by another snapshot falls back to the
-# copy; nothing left behind. Skipped when tools/qemu-next.sh has not fetched the QEMU.
+# its RAM goes in the stream) restores; a group held by another snapshot, and a VMM running
+# as root, fall back to the copy; a 0660 file of an older fireclaw is taken back first;
+# tests/vm_qemu.lua passes on QEMU 10; nothing left behind. Skipped when tools/qemu-next.sh has not fetched the QEMU.
 set -u
 cd "$(dirname "$0")/.."
 source "$FIRECLAW_TESTS/lib/tap.sh"
@@ -193,6 +194,19 @@ out=$("$fc" -v run -- echo copied 2>"$tmp/err")
 is "$out" "copied" "a restore whose group another snapshot holds runs" "$(cat "$tmp/err")"
 like "$(cat "$tmp/err")" "guest RAM: a copy of [^ ]*/default/memory \(group $gid is snapshot fromkept's\)" \
 	"… from a copy, saying why"
+is "$(sha256sum <"$snaps/default/memory")" "$sum0" "the golden memory's sha256 is still unchanged"
+
+fkgid=$(sgid "$snaps/fromkept") # the collision undone: fromkept's memory its own group's again
+chgrp "$fkgid" "$snaps/fromkept/memory"
+
+# ---- a VMM running as root, and a memory file an older fireclaw gave to every VMM ----
+out=$(FIRECLAW_VMM_USER=root "$fc" -v run -- echo root 2>"$tmp/err")
+is "$out" "root" "a restore with FIRECLAW_VMM_USER=root" "$(cat "$tmp/err")"
+like "$(cat "$tmp/err")" "guest RAM: a copy of [^ ]*/default/memory \(a VMM running as root gets a copy\)" "… copies"
+chgrp "$ubase" "$snaps/default/memory" && chmod 660 "$snaps/default/memory"
+out=$("$fc" run -- echo old 2>"$tmp/err")
+is "$out:$(stat -c '%a %u:%g' "$snaps/default/memory")" "old:640 0:$gid" \
+	"a memory file 0660 for the VMMs' group (an older fireclaw): taken back, then given to its own group"
 is "$(sha256sum <"$snaps/default/memory")" "$sum0" "the golden memory's sha256 is still unchanged"
 
 # ---- the driver's own suite on QEMU 10 (boot, pause, snapshot, two clones at once, a
