@@ -11,7 +11,7 @@
 # as root, fall back to the copy; a 0660 file of an older fireclaw is taken back first;
 # tests/vm_qemu.lua passes on QEMU 10; nothing left behind. Skipped when tools/qemu-next.sh has not fetched the QEMU.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 source "$FIRECLAW_TESTS/lib/tap.sh"
 if [ -n "${FIRECLAW_TEST_SKIP_VM:-}" ]; then
 	echo "1..0 # skip FIRECLAW_TEST_SKIP_VM"
