@@ -121,7 +121,6 @@ is "$(probe "$snaps/other/memory" r)" "Permission denied" "… nor read another 
 is "$(probe "$snaps/default/vmstate" r)" "Permission denied" "… nor the snapshot's other files"
 kill "$runpid" 2>/dev/null
 wait "$runpid" 2>/dev/null
-"$fc" cleanup -q >/dev/null 2>&1
 no_leaks "a restored run stopped half-way (its fireclaw killed by SIGTERM)"
 
 # ---- guests that write a lot, two at a time: their own pages, never the file ----
