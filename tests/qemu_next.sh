@@ -34,6 +34,9 @@ no_leaks "before the tests"
 private_state "$shared" "$FIRECLAW_STATE"
 ok $? "a private state with the default image"
 
+like "$("$fc" doctor 2>&1)" "qemu 10\.[0-9.]+ at $qemu: .*restores map the snapshot's memory" \
+	"doctor: QEMU 10's restores map the snapshot's memory"
+
 # ---- a snapshot taken with QEMU 10 ----
 "$fc" -q snapshot create >/dev/null 2>"$tmp/err"
 ok $? "snapshot create with $qemu" "$(cat "$tmp/err")"
