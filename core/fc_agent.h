@@ -40,6 +40,7 @@ struct agent_conn {
 	struct fc_buf out;
 	char watch_msg[160];
 	char where[200]; /* "VM 1a2b (port 0)": what every message names */
+	char path[108];	 /* agent.attach's socket, for a new connection ("": none) */
 	char broken_msg[256];
 };
 

@@ -313,6 +313,19 @@ t.is(ok_r and rc:exec({ "echo", "second" }).stdout, "second\n", "… which then 
 if ok_r then rc:close() end
 fake:kill(9)
 fake:wait(5)
+-- attach{hello = false} (a restore connects before its VM runs), then conn:hello: the same
+-- retry on a new connection
+fake = stuck("reconnect")
+local ok_e, ec = pcall(agent.attach, { dir = tmp .. "/stuck", ports = 1, hello = false, where = "VM stuck" })
+t.ok(ok_e and ec:info().version == 0, "attach{hello = false}: connected, nothing said yet", tostring(ec))
+local ok_h, herr = pcall(function() return ec:hello { timeout = 5, retry = 0.1 } end)
+t.ok(ok_h and herr == ec and ec:info().version == agent.VERSION and ec:info().reconnects >= 1,
+	"conn:hello: answered, on a new connection when the first went unread", tostring(herr))
+t.is(ok_h and ec:exec({ "echo", "early" }).stdout, "early\n", "… which then execs")
+t.raises(function() ec:hello { bogus = 1 } end, "unknown option", "conn:hello: an unknown option is misuse")
+if ok_e then ec:close() end
+fake:kill(9)
+fake:wait(5)
 fake = stuck("never")
 local ok_n, nerr = pcall(agent.attach, { dir = tmp .. "/stuck", ports = 1, timeout = 1, retry = 0.2, where = "VM stuck" })
 t.ok(not ok_n and tostring(nerr):match("^agent: VM stuck %(agent port 0%): the guest agent did not answer within 1 s$"),

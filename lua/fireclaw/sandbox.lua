@@ -393,6 +393,8 @@ function Sandbox:restore(snap)
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	spec.rng = snap.vmm_info and snap.vmm_info.rng -- the same devices as the snapshot
 	spec.agent_ports = snap.vmm_info and snap.vmm_info.agent_ports
+	-- the agent's port connected before the VM runs (QEMU: see its driver's restore)
+	spec.agent_early = self.exec_mode ~= "ssh" and image_has_agent(self.img)
 	spec.vsock = snap.vmm_info and snap.vmm_info.vsock or nil -- Firecracker: rebound at its path
 	-- the rest of the disk copy, while the VMM starts (before it reads the disk)
 	if self.disk_rest then spec.prepare = function() finish_disk(self) end end

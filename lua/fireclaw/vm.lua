@@ -242,7 +242,7 @@ M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker",
 -- What v:boot and v:restore take (the drivers read these).
 M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
 	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock",
-	"agent_ports", "prepare" }
+	"agent_ports", "prepare", "agent_early" }
 
 function M.new(opts)
 	if type(opts) ~= "table" then error("vm.new: options table expected (id =, dir =, …)", 0) end
