@@ -22,7 +22,8 @@ BENCH_SEQ_RUNS (20), BENCH_NET_RUNS (10), BENCH_STARTUP_RUNS (200), BENCH_STAGEC
 BENCH_NEXT_RUNS (10 pairs), BENCH_OUT
 (BENCHMARKS.md); counts below 10 are raised to 10 unless BENCH_QUICK=1 (a quick try),
 BENCH_BASELINE_SNAPSHOT=own to give the baseline its own hand-made snapshot instead of
-fireclaw's. Everything it creates (namespaces fcb-<pid>-<n>, QEMU processes, files in a
+fireclaw's. FIRECLAW_QEMU runs both sides on another QEMU (e.g. tools/qemu-next.sh's, with
+a FIRECLAW_STATE of its own: its snapshot is made by that QEMU). Everything it creates (namespaces fcb-<pid>-<n>, QEMU processes, files in a
 temporary directory) is removed at the end and on SIGINT/SIGTERM.
 """
 import datetime
@@ -44,6 +45,19 @@ BASELINE = os.path.join(ROOT, "bench", "baseline.sh")
 STATE = os.environ.get("FIRECLAW_STATE", "/var/lib/fireclaw")
 RUN_DIR = os.environ.get("FIRECLAW_RUN", "/run/fireclaw")
 IMAGE = "default"
+# the QEMU both sides run: fireclaw's choice (FIRECLAW_QEMU, else the one on PATH)
+QEMU = shutil.which(os.environ.get("FIRECLAW_QEMU") or "qemu-system-x86_64")
+QEMU = QEMU and os.path.abspath(QEMU)
+
+
+def qemu_data_dir(qemu):
+    """-L for a QEMU outside /usr (tools/qemu-next.sh unpacks one), as fireclaw gives it:
+    its own firmware, not the system QEMU's. None for the system's."""
+    real = os.path.realpath(qemu or "")
+    if not real or real.startswith("/usr/"):
+        return None
+    d = os.path.join(os.path.dirname(os.path.dirname(real)), "share", "qemu")
+    return d if os.path.isdir(d) else None
 
 
 def env_int(name, default, low=1):
@@ -327,9 +341,12 @@ class Bench:
         global FC
         if os.geteuid() != 0:
             raise Fail("needs root (network namespaces, taps)")
-        for tool in ("qemu-system-x86_64", "socat", "hyperfine", "ssh", "ip", "cc"):
+        for tool in ("socat", "hyperfine", "ssh", "ip", "cc"):
             if not shutil.which(tool):
                 raise Fail(f"{tool} not found (tools/deps.sh installs it)")
+        if not QEMU:
+            raise Fail(f"{os.environ.get('FIRECLAW_QEMU') or 'qemu-system-x86_64'} not found "
+                       "(tools/deps.sh installs it)")
         if not os.access(FC, os.X_OK):
             raise Fail(f"{FC} is not built (run make)")
         # the tree the binary was built from, and a private copy of it: every run uses the
@@ -394,7 +411,7 @@ class Bench:
         with open(os.path.join(self.snapdir, "meta.json")) as f:
             self.meta = json.load(f)
 
-        st, _, _ = run([shutil.which("qemu-system-x86_64"), "-sandbox", "on", "-version"])
+        st, _, _ = run([QEMU, "-sandbox", "on", "-version"])
         self.sandbox = st == 0
         self.baseline_env()
         if os.environ.get("BENCH_BASELINE_SNAPSHOT") == "own":
@@ -482,7 +499,8 @@ class Bench:
         with open(known, "w") as f:
             f.write(f"172.16.0.2 {host_key}\n")
         common = {
-            "FCB_TMP": self.tmp, "FCB_QEMU": shutil.which("qemu-system-x86_64"), "FCB_ACCEL": accel,
+            "FCB_TMP": self.tmp, "FCB_QEMU": QEMU, "FCB_QEMU_DATA": qemu_data_dir(QEMU) or "",
+            "FCB_ACCEL": accel,
             "FCB_SANDBOX": "1" if self.sandbox else "0",
             "FCB_KEY": os.path.join(self.state, "keys", "id_ed25519"), "FCB_KNOWN_HOSTS": known,
             # the guest agent's virtio-serial ports: the snapshot's machine has them
@@ -710,8 +728,7 @@ class Bench:
         """fireclaw -e '' against, for scale, luajit -e '' and empty C programs linked with
         fireclaw's libraries, with and without libcurl (its closure is most of them)."""
         out = os.path.join(self.tmp, "hyperfine.json")
-        qemu = shutil.which("qemu-system-x86_64")
-        cmds = [f"{FC} -e ''", "luajit -e ''", f"{qemu} -sandbox on -version"]
+        cmds = [f"{FC} -e ''", "luajit -e ''", f"{QEMU} -sandbox on -version"]
         self.libs_note = None
         try:
             with open(os.path.join(ROOT, "build", "pkg.mk")) as f:
@@ -806,7 +823,7 @@ class Bench:
             "host": f"Linux {os.uname().release} ({os.uname().machine})",
             "vmm": f"QEMU {self.detect.get('qemu_version')} `-M microvm`, accel **{self.detect.get('accel')}** "
                    f"(/dev/kvm: {self.detect.get('kvm')}; {self.detect.get('kvm_why') or self.detect.get('why')})",
-            "qemu": first(["qemu-system-x86_64", "-version"]),
+            "qemu": first([QEMU, "-version"]) + ("" if QEMU == shutil.which("qemu-system-x86_64") else f" ({QEMU})"),
             "guest": f"{ki.get('package', '?')} {ki.get('version', '')} (image built {self.manifest.get('created')})",
             "fireclaw": first([FC, "--version"]) + f", git {head}" + (" + uncommitted changes in the tree" if dirty else ""),
             "tools": f"hyperfine {first(['hyperfine', '--version']).split()[-1]}, {ssh_v.split(',')[0]}, "
