@@ -53,10 +53,10 @@ QEMU = QEMU and os.path.abspath(QEMU)
 def qemu_data_dir(qemu):
     """-L for a QEMU outside /usr (tools/qemu-next.sh unpacks one), as fireclaw gives it:
     its own firmware, not the system QEMU's. None for the system's."""
-    real = os.path.realpath(qemu or "")
-    if not real or real.startswith("/usr/"):
+    m = re.match(r"^(/.+)/bin/[^/]+$", qemu or "")  # the driver's rule (qemu.data_dir)
+    if not m or m.group(1) in ("/usr", "/usr/local"):
         return None
-    d = os.path.join(os.path.dirname(os.path.dirname(real)), "share", "qemu")
+    d = m.group(1) + "/share/qemu"
     return d if os.path.isdir(d) else None
 
 
