@@ -14,7 +14,8 @@
 --                     -- unsafe_no_jailer = true: Firecracker may run as root without a jailer }
 --   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256,
 --           acpi_devices = true: the kernel finds devices through ACPI only (Firecracker < 1.8
---           refuses at once) }
+--           refuses at once), prepare = fn: runs before the VMM reads the disk (QEMU: while
+--           it starts, paused (-S) until fn returns; Firecracker: first) }
 --   v:wait_console(text, timeout_s)   -- plain text, searched from the start of the console
 --   v:pause()  v:resume()
 --   local info = v:snapshot(dir)      -- dir/vmstate + dir/memory; info for meta.json

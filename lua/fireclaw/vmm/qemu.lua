@@ -357,6 +357,9 @@ end
 -- before the incoming migration, and of the disk only its size and its first sector
 -- (virtio-blk's geometry guess), which the caller copies before (the DECISIONS.md entry
 -- on restores overlapping their copies with QEMU's start). The migration waits for both.
+-- A cold boot with spec.prepare (the rest of its disk copy) starts QEMU paused (-S): it
+-- reads no more of the disk than a restore's QEMU before `cont` (M.boot), sent once
+-- prepare is done (the DECISIONS.md entry on cold boots overlapping their disk copy).
 local function spawn(v, spec, ram)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
 	local uid, gid = wanted_user(v)
@@ -373,8 +376,10 @@ local function spawn(v, spec, ram)
 	v.ram = ram -- destroy closes our copy of its memfd, even when the spawn fails
 	local ok, err = pcall(function()
 		local num = open_fds(v, spec, ram, fds, uid, gid)
+		local argv = machine_args(v, spec, ram, num)
+		if spec.prepare and not ram.incoming then argv[#argv + 1] = "-S" end -- (see M.boot)
 		v:_started(proc.spawn{
-			argv = machine_args(v, spec, ram, num),
+			argv = argv,
 			env = v.env,
 			netns = v.netns,
 			pdeathsig = not v.keep, -- a kept VM outlives this fireclaw
@@ -394,8 +399,8 @@ local function spawn(v, spec, ram)
 	if ram.incoming then
 		if ram.from then core.memfd_fill(ram.fd, ram.from) end
 		fault.point("ram-filled")
-		if spec.prepare then spec.prepare() end
 	end
+	if spec.prepare then spec.prepare() end
 	-- QEMU holds the RAM from the fork on: with ours closed, its pages are freed by QEMU's
 	-- exit rather than by our teardown (~9 ms of CPU for 60 MiB); a snapshot reads the
 	-- RAM through QEMU's descriptor (ram_path)
@@ -426,6 +431,8 @@ end
 -- is, costs no file to create, fill and unlink, and goes with the last fd.
 function M.boot(v, spec)
 	spawn(v, spec, {})
+	-- started paused (-S) while spec.prepare copied the rest of the disk: run it now
+	if spec.prepare then v.qmp:execute("cont") end
 end
 
 function M.pause(v) v.qmp:execute("stop") end
