@@ -17,7 +17,8 @@ PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs com_err libmnl libedit li
 CC ?= cc
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Icore
-# libcurl is dlopen'ed on first use (core/fc_curl.c): not linked, see there why
+# libcurl, libnftables and libedit are dlopen'ed on first use (core/fc_curl.c, fc_nft.c,
+# fc_edit.c): not linked, see there why
 LDLIBS += -lm -ldl
 
 # The sanitizer build has its own objects and binary (build/san/fireclaw), so ./fireclaw
@@ -72,7 +73,7 @@ build/.deps: tools/deps.sh
 
 build/pkg.mk: build/.deps Makefile
 	@echo "PKG_CFLAGS := $$(pkg-config --cflags $(PKGS))" > $@.tmp
-	@echo "PKG_LIBS := $$(pkg-config --libs $(PKGS) | sed 's/-lcurl//')" >> $@.tmp
+	@echo "PKG_LIBS := $$(pkg-config --libs $(PKGS) | sed 's/-lcurl//; s/-ledit//; s/-lnftables//')" >> $@.tmp
 	@mv $@.tmp $@
 -include build/pkg.mk
 

@@ -12,6 +12,7 @@
 # Everything else comes from the environment (bench/bench.py sets it):
 #   FCB_TMP      directory for this run's files (the run uses FCB_TMP/vm-ID, removed at the end)
 #   FCB_QEMU     qemu-system-x86_64;  FCB_ACCEL "tcg"|"kvm";  FCB_SANDBOX 1 to add -sandbox on
+#   FCB_QEMU_DATA  -L for a QEMU outside /usr (its own firmware), as fireclaw gives it
 #   FCB_KERNEL FCB_INITRD FCB_APPEND   kernel, initrd and boot args (the snapshot's for a restore)
 #   FCB_MEM FCB_VCPU                   memory (MiB) and vCPUs
 #   FCB_KEY FCB_KNOWN_HOSTS            client key; known_hosts pinning the image's host key
@@ -64,7 +65,9 @@ esac
 
 # The VMM's command line: the same machine and device options as fireclaw's QEMU driver
 if [ "$FCB_ACCEL" = kvm ]; then accel=(-accel kvm -cpu host,-arch-capabilities); else accel=(-accel tcg -cpu max,-erms,-fsrm); fi
-args=(-M microvm,memory-backend=mem "${accel[@]}" -smp "$FCB_VCPU" -m "${FCB_MEM}M"
+args=()
+[ -n "${FCB_QEMU_DATA:-}" ] && args+=(-L "$FCB_QEMU_DATA")
+args+=(-M microvm,memory-backend=mem "${accel[@]}" -smp "$FCB_VCPU" -m "${FCB_MEM}M"
 	-object "memory-backend-file,id=mem,size=${FCB_MEM}M,mem-path=$memory,share=$share"
 	-nodefaults -no-user-config -nographic -no-reboot
 	-serial "file:$dir/console.log"

@@ -8,7 +8,9 @@ Run through `make bench` (bench/run.sh). Stdlib only; Debian's /usr/bin/python3.
   2. fireclaw's own cost per run: CPU time and peak RSS of the fireclaw process alone
      (bench/rusage.c, LD_PRELOAD: getrusage(RUSAGE_SELF) at exit, the VMM excluded), and
      the start-up of `fireclaw -e ''` (hyperfine), and the restore's memory copy on its own
-     (bench/memcopy.lua: the snapshot's memory into a memfd, as a QEMU restore does).
+     (bench/memcopy.lua: the snapshot's memory into a memfd, as a QEMU restore does), and
+     with a QEMU >= 8.2 from tools/qemu-next.sh (when it has fetched one) restored runs
+     that map the snapshot's memory against the same runs copying it, interleaved.
   3. The stage breakdown of a run, from fireclaw's own timestamps (--json stages, -v).
   4. Concurrency: 1, 2, 4, 8 restored runs at once.
   5. Throughput: sequential restored runs per minute.
@@ -16,10 +18,12 @@ Run through `make bench` (bench/run.sh). Stdlib only; Debian's /usr/bin/python3.
      what each mode adds (the VMs' uplink is a namespace of the bench's own, never the host).
 
 Environment: BENCH_RESTORE_RUNS (30), BENCH_COLD_RUNS (15), BENCH_CONC_ROUNDS (10),
-BENCH_SEQ_RUNS (20), BENCH_NET_RUNS (10), BENCH_STARTUP_RUNS (200), BENCH_STAGECPU_RUNS (10), BENCH_MEMCOPY_RUNS (30), BENCH_OUT
+BENCH_SEQ_RUNS (20), BENCH_NET_RUNS (10), BENCH_STARTUP_RUNS (200), BENCH_STAGECPU_RUNS (10), BENCH_MEMCOPY_RUNS (30),
+BENCH_NEXT_RUNS (10 pairs), BENCH_OUT
 (BENCHMARKS.md); counts below 10 are raised to 10 unless BENCH_QUICK=1 (a quick try),
 BENCH_BASELINE_SNAPSHOT=own to give the baseline its own hand-made snapshot instead of
-fireclaw's. Everything it creates (namespaces fcb-<pid>-<n>, QEMU processes, files in a
+fireclaw's. FIRECLAW_QEMU runs both sides on another QEMU (e.g. tools/qemu-next.sh's, with
+a FIRECLAW_STATE of its own: its snapshot is made by that QEMU). Everything it creates (namespaces fcb-<pid>-<n>, QEMU processes, files in a
 temporary directory) is removed at the end and on SIGINT/SIGTERM.
 """
 import datetime
@@ -41,6 +45,19 @@ BASELINE = os.path.join(ROOT, "bench", "baseline.sh")
 STATE = os.environ.get("FIRECLAW_STATE", "/var/lib/fireclaw")
 RUN_DIR = os.environ.get("FIRECLAW_RUN", "/run/fireclaw")
 IMAGE = "default"
+# the QEMU both sides run: fireclaw's choice (FIRECLAW_QEMU, else the one on PATH)
+QEMU = shutil.which(os.environ.get("FIRECLAW_QEMU") or "qemu-system-x86_64")
+QEMU = QEMU and os.path.abspath(QEMU)
+
+
+def qemu_data_dir(qemu):
+    """-L for a QEMU outside /usr (tools/qemu-next.sh unpacks one), as fireclaw gives it:
+    its own firmware, not the system QEMU's. None for the system's."""
+    m = re.match(r"^(/.+)/bin/[^/]+$", qemu or "")  # the driver's rule (qemu.data_dir)
+    if not m or m.group(1) in ("/usr", "/usr/local"):
+        return None
+    d = m.group(1) + "/share/qemu"
+    return d if os.path.isdir(d) else None
 
 
 def env_int(name, default, low=1):
@@ -61,6 +78,9 @@ NET_MODES = [("--net none (default)", []), ("--net nat", ["--net", "nat"]),
 N_STARTUP = env_int("BENCH_STARTUP_RUNS", 200, 10)
 N_STAGECPU = env_int("BENCH_STAGECPU_RUNS", 10, 10)
 N_MEMCOPY = env_int("BENCH_MEMCOPY_RUNS", 30, 10)
+N_NEXT = env_int("BENCH_NEXT_RUNS", 10, 10)
+# the copy arm of the QEMU >= 8.2 runs: the driver's mapping switched off
+NO_MAP = ["-e", 'require("fireclaw.vmm.qemu").MAP_VERSION = "999"']
 LEVELS = [1, 2, 4, 8]
 OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "BENCHMARKS.md"))
 
@@ -250,12 +270,13 @@ class Bench:
 
     # -- one fireclaw run
 
-    def fc_start(self, mode, extra=()):
-        """mode: restore, cold, or restore-ssh / cold-ssh (the same over SSH: --exec ssh)."""
+    def fc_start(self, mode, extra=(), pre=()):
+        """mode: restore, cold, or restore-ssh / cold-ssh (the same over SSH: --exec ssh).
+        pre: fireclaw's own options (before `run`)."""
         n = self.next_id()
         ru = os.path.join(self.tmp, f"rusage-{n}")
         base, _, via = mode.partition("-")
-        argv = [FC, "run", "-v", "--json"] + (["--no-snapshot"] if base == "cold" else []) + \
+        argv = [FC] + list(pre) + ["run", "-v", "--json"] + (["--no-snapshot"] if base == "cold" else []) + \
             (["--exec", via] if via else []) + list(extra) + ["--", "true"]
         env = dict(self.fc_env, LD_PRELOAD=self.rusage_so, FCB_RUSAGE_OUT=ru)
         t0 = time.perf_counter()
@@ -265,7 +286,8 @@ class Bench:
     def fc_finish(self, h):
         st, out, err = finish(h["p"])
         wall = (time.perf_counter() - h["t0"]) * 1000
-        r = {"wall": wall, "ok": False, "status": st, "err": err.strip().splitlines()[-3:]}
+        r = {"wall": wall, "ok": False, "status": st, "err": err.strip().splitlines()[-3:],
+             "mapped": "mapped privately" in err}
         try:
             j = json.loads(out)
         except ValueError:
@@ -287,8 +309,8 @@ class Bench:
             pass
         return r
 
-    def fc_run(self, mode, extra=()):
-        return self.fc_finish(self.fc_start(mode, extra))
+    def fc_run(self, mode, extra=(), pre=()):
+        return self.fc_finish(self.fc_start(mode, extra, pre))
 
     # -- one baseline run
 
@@ -319,9 +341,12 @@ class Bench:
         global FC
         if os.geteuid() != 0:
             raise Fail("needs root (network namespaces, taps)")
-        for tool in ("qemu-system-x86_64", "socat", "hyperfine", "ssh", "ip", "cc"):
+        for tool in ("socat", "hyperfine", "ssh", "ip", "cc"):
             if not shutil.which(tool):
                 raise Fail(f"{tool} not found (tools/deps.sh installs it)")
+        if not QEMU:
+            raise Fail(f"{os.environ.get('FIRECLAW_QEMU') or 'qemu-system-x86_64'} not found "
+                       "(tools/deps.sh installs it)")
         if not os.access(FC, os.X_OK):
             raise Fail(f"{FC} is not built (run make)")
         # the tree the binary was built from, and a private copy of it: every run uses the
@@ -386,7 +411,7 @@ class Bench:
         with open(os.path.join(self.snapdir, "meta.json")) as f:
             self.meta = json.load(f)
 
-        st, _, _ = run([shutil.which("qemu-system-x86_64"), "-sandbox", "on", "-version"])
+        st, _, _ = run([QEMU, "-sandbox", "on", "-version"])
         self.sandbox = st == 0
         self.baseline_env()
         if os.environ.get("BENCH_BASELINE_SNAPSHOT") == "own":
@@ -474,7 +499,8 @@ class Bench:
         with open(known, "w") as f:
             f.write(f"172.16.0.2 {host_key}\n")
         common = {
-            "FCB_TMP": self.tmp, "FCB_QEMU": shutil.which("qemu-system-x86_64"), "FCB_ACCEL": accel,
+            "FCB_TMP": self.tmp, "FCB_QEMU": QEMU, "FCB_QEMU_DATA": qemu_data_dir(QEMU) or "",
+            "FCB_ACCEL": accel,
             "FCB_SANDBOX": "1" if self.sandbox else "0",
             "FCB_KEY": os.path.join(self.state, "keys", "id_ed25519"), "FCB_KNOWN_HOSTS": known,
             # the guest agent's virtio-serial ports: the snapshot's machine has them
@@ -535,6 +561,10 @@ class Bench:
             # the one deliberate difference: the baseline's migration streams run `cat` (exec:),
             # which seccomp's spawn group would forbid
             a = [x.replace(",spawn=deny", "") if x.startswith("-sandbox ") else x for x in a]
+            # and a cold boot's -S: fireclaw starts QEMU paused while it copies the rest of
+            # the disk, then sends `cont` (the baseline copies the whole disk first)
+            if mode == "cold":
+                a = [x for x in a if x != "-S"]
             diff = [f"fireclaw only: `{x}`" for x in sorted(set(a) - set(b))] + \
                 [f"baseline only: `{x}`" for x in sorted(set(b) - set(a))]
             for role in ("kernel", "initrd") + (("ram file",) if mode == "restore" else ()):
@@ -657,6 +687,41 @@ class Bench:
             if st != 0:
                 self.notes.append("the memory copy benchmark failed: " + " / ".join(err.strip().splitlines()[-2:]))
 
+    def qemu_next(self):
+        """With a QEMU >= 8.2 (tools/qemu-next.sh's, when it is there) a throw-away restore maps
+        the snapshot's memory instead of copying it: restored runs mapped and copied (the
+        mapping switched off), interleaved, from a snapshot made with that QEMU in a state of
+        its own. {"why": …} when there is no such QEMU or no snapshot could be made."""
+        st, out, err = run([os.path.join(ROOT, "tools", "qemu-next.sh"), "--check"])
+        if st != 0:
+            return {"why": (err.strip().splitlines() or ["?"])[-1]}
+        qemu = out.strip()
+        state = os.path.join(self.tmp, "state-next")
+        os.makedirs(os.path.join(state, "images"))
+        for a, b in ((self.imgdir, os.path.join(state, "images", IMAGE)),
+                     (os.path.join(self.state, "keys"), os.path.join(state, "keys"))):
+            if run(["cp", "-al", a, b])[0] != 0 and run(["cp", "-a", "--sparse=always", a, b])[0] != 0:
+                return {"why": f"cannot copy the image into {state}"}
+        saved = dict(self.fc_env)
+        self.fc_env.update(FIRECLAW_STATE=state, FIRECLAW_QEMU=qemu)
+        try:
+            st, _, err = run([FC, "snapshot", "create"], self.fc_env, timeout=600)
+            if st != 0:
+                return {"why": f"snapshot create with {qemu} failed: " + (err.strip().splitlines() or ["?"])[-1]}
+            ver = run([qemu, "-version"])[1].strip().splitlines()
+            res = {"map": [], "copy": [], "version": ver[0] if ver else qemu}
+            self.fc_run("restore")  # a warm-up
+            for i in range(N_NEXT):
+                for arm in (("map", "copy") if i % 2 else ("copy", "map")):
+                    r = self.fc_run("restore", pre=NO_MAP if arm == "copy" else ())
+                    if r["mapped"] != (arm == "map"):
+                        r["ok"] = False
+                        r["err"] = [f"a {arm} run that {'did not map' if arm == 'map' else 'mapped'}"] + r["err"]
+                    res[arm].append(r)
+            return res
+        finally:
+            self.fc_env = saved
+
     def sequential(self):
         t0 = time.perf_counter()
         rs = [self.fc_run("restore") for _ in range(N_SEQ)]
@@ -667,8 +732,7 @@ class Bench:
         """fireclaw -e '' against, for scale, luajit -e '' and empty C programs linked with
         fireclaw's libraries, with and without libcurl (its closure is most of them)."""
         out = os.path.join(self.tmp, "hyperfine.json")
-        qemu = shutil.which("qemu-system-x86_64")
-        cmds = [f"{FC} -e ''", "luajit -e ''", f"{qemu} -sandbox on -version"]
+        cmds = [f"{FC} -e ''", "luajit -e ''", f"{QEMU} -sandbox on -version"]
         self.libs_note = None
         try:
             with open(os.path.join(ROOT, "build", "pkg.mk")) as f:
@@ -720,6 +784,8 @@ class Bench:
         self.cpu_stages = {"restore": self.stage_cpu("restore", N_STAGECPU), "cold": self.stage_cpu("cold", N_STAGECPU)}
         self.log(f"2. the restore's memory copy: {N_MEMCOPY} copies")
         self.memcopy = self.memory_copy()
+        self.log(f"2. QEMU >= 8.2: {N_NEXT} pairs of restored runs, the memory mapped and copied")
+        self.next = self.qemu_next()
         self.log(f"2. start-up: hyperfine, {N_STARTUP} runs each")
         self.start = self.startup()
         self.log(f"4. concurrency: {LEVELS} at once, {N_ROUNDS} rounds each")
@@ -761,7 +827,7 @@ class Bench:
             "host": f"Linux {os.uname().release} ({os.uname().machine})",
             "vmm": f"QEMU {self.detect.get('qemu_version')} `-M microvm`, accel **{self.detect.get('accel')}** "
                    f"(/dev/kvm: {self.detect.get('kvm')}; {self.detect.get('kvm_why') or self.detect.get('why')})",
-            "qemu": first(["qemu-system-x86_64", "-version"]),
+            "qemu": first([QEMU, "-version"]) + ("" if QEMU == shutil.which("qemu-system-x86_64") else f" ({QEMU})"),
             "guest": f"{ki.get('package', '?')} {ki.get('version', '')} (image built {self.manifest.get('created')})",
             "fireclaw": first([FC, "--version"]) + f", git {head}" + (" + uncommitted changes in the tree" if dirty else ""),
             "tools": f"hyperfine {first(['hyperfine', '--version']).split()[-1]}, {ssh_v.split(',')[0]}, "
@@ -796,7 +862,7 @@ class Bench:
         command = fc_stage(lambda n: n == "command" or n.startswith("hand-off") or n.startswith("reseed"))
         rows = [("fireclaw record (state)", fc_stage(lambda n: n == "record"), None),
                 ("namespace + tap", fc_stage(lambda n: n == "network"), bl("network")),
-                # (a restore copies the disk's head here; its rest while QEMU starts: in the spawn row)
+                # (a sparse copy takes the disk's head here; its rest while QEMU starts: in the spawn row)
                 ("disk copy", fc_stage(lambda n: n.startswith("disk copy") or n.startswith("disk head")),
                  bl("disk"))]
         if mode == "restore":
@@ -833,6 +899,26 @@ class Bench:
             delta = f"{med(fx) - med(bx):+.1f}" if fx and bx else "–"
             lines.append(f"| {label} | {summary(fx, 1, '')} | {summary(bx, 1, '')} | {delta} |")
         return "\n".join(lines)
+
+    def next_table(self):
+        """Section 2's QEMU >= 8.2 paragraph: the memory mapped against copied."""
+        nx = self.next
+        if "why" in nx:
+            return f"Restores on QEMU >= 8.2 (the snapshot's memory mapped, not copied): not measured: {nx['why']}."
+        L = [f"Restores on QEMU >= 8.2 ({nx['version']}, tools/qemu-next.sh; a snapshot made with it): a throw-away "
+             "restore maps the snapshot's `memory` privately and read-only instead of copying it (the DECISIONS.md "
+             f"entry on golden memory mapped on QEMU >= 8.2). {N_NEXT} interleaved pairs of `fireclaw run -- true`, "
+             "the copy forced by switching the mapping off:", "",
+             "| | runs | fireclaw CPU user+sys, ms | peak RSS (VmHWM), MiB | VMM restore stage, ms | whole run, ms | failures |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+        for arm, name in (("map", "mapped"), ("copy", "copied")):
+            rs = nx[arm]
+            ok = [r for r in rs if r["ok"] and "cpu_user" in r]
+            stage = [ms for r in ok for n, ms in r["stages"] if n.startswith("VMM restore")]
+            L.append(f"| {name} | {len(ok)} | {summary([r['cpu_user'] + r['cpu_sys'] for r in ok], 1, '')} | "
+                     f"{summary([r['hwm'] / 1024 for r in ok], 1, '')} | {summary(stage, 1, '')} | "
+                     f"{summary([r['wall'] for r in ok], 0, '')} | {len(rs) - len([r for r in rs if r['ok']])} |")
+        return "\n".join(L)
 
     def cpu_stage_table(self):
         runs = self.cpu_stages
@@ -981,7 +1067,8 @@ class Bench:
             w(f"QEMU command line ({mode}), checked against the one fireclaw ran (its VMM's /proc/PID/cmdline "
               "during a run; how files reach QEMU — a path or a descriptor — aside, the kernel, initrd and RAM "
               "file compared by identity, `spawn=deny` in `-sandbox` aside: the baseline's migration stream "
-              "needs `exec:cat`): " + ("**the same machine and devices**." if not diff else
+              "needs `exec:cat`; and a cold boot's `-S` aside: fireclaw starts QEMU paused while it copies the "
+              "rest of the disk, then sends `cont`, where the baseline copies the whole disk first): " + ("**the same machine and devices**." if not diff else
                                       "**differs**: " + "; ".join(diff) + "."))
             w("")
         w("<details><summary>fireclaw's QEMU command line (restored run)</summary>")
@@ -1047,6 +1134,8 @@ class Bench:
             w(f"| {m['size'] / mib:.0f} MiB | {m['allocated'] / mib:.1f} MiB | {m['nonzero'] / mib:.1f} MiB | "
               f"{summary(m['fill_cpu_ms'], 1, '')} | {summary(m['fill_ms'], 1, '')} | {summary(m['free_cpu_ms'], 1, '')} |")
             w("")
+        w(self.next_table())
+        w("")
         w(f"Start-up, `hyperfine -N --warmup 20 --runs {N_STARTUP}` (for scale: the interpreter alone, and an "
           "empty C program, `int main(void) { return 0; }`, linked with the libraries fireclaw links"
           + (", with and without `-lcurl`" if self.libs_note and self.libs_note[2] else "") + "):")

@@ -1,17 +1,18 @@
 /* agent.c - fireclaw.core.agent: the host side of the guest agent's channel (the protocol:
  * guest/agent-proto.h, docs/agent-protocol.md).
  *
- *   agent.attach{dir=, ports=N, timeout=, wait=, retry=, watch_fd=, watch_msg=,
+ *   agent.attach{dir=, ports=N, timeout=, wait=, retry=, hello=, watch_fd=, watch_msg=,
  *                where=} -> conn
  *       QEMU: take the first free port of a VM (dir/agent-K.lock, flock(2)) and connect to
  *       its socket dir/agent-K.sock; any process may attach (a kept VM's, from its record);
  *       all ports taken: waits up to opts.wait s (default: timeout) for one, then raises
- *       "... all N agent ports are busy ..."
+ *       "... all N agent ports are busy ..."; hello = false: connected only, then
+ *   conn:hello{timeout=, retry=} -> conn     the hello of such a connection
  *   agent.connect(path, opts) -> conn        a unix socket that is the byte stream
  *   agent.wrap(fd, opts) -> conn             a connected byte stream (a dup is kept):
  *                                            Firecracker's vsock, a socketpair
  *       every one says hello and waits (opts.timeout s, default 10) for the agent's answer
- *   conn:info() -> {version =, pid =, port =}
+ *   conn:info() -> {version =, pid =, where =, broken =, reconnects =}
  *   conn:handoff(ns, entropy [, timeout])    restore hand-off: clock + entropy, acked
  *   conn:exec(argv, opts) -> {status=, signal=, stdout=, stderr=, timed_out=, duration_ms=,
  *                             stdout_truncated=, stderr_truncated=, interrupted=}
@@ -62,6 +63,12 @@ void agent_fail(lua_State *L, struct agent_conn *c, int broken, const char *fmt,
 	if (broken && c && !c->broken) {
 		c->broken = 1;
 		snprintf(c->broken_msg, sizeof c->broken_msg, "%.250s", msg);
+	}
+	/* a broken connection is not used again: its port goes back to the other processes
+	 * now, not when the garbage collector gets to it (a failed attach included) */
+	if (broken && c && c->lock_fd >= 0) {
+		close(c->lock_fd);
+		c->lock_fd = -1;
 	}
 	if (!c)
 		fc_error(L, "agent: %s", msg);
@@ -265,7 +272,7 @@ static double opt_timeout(lua_State *L, int t)
 }
 
 static const char *const OPEN_KNOWN[] = {"timeout", "watch_fd", "watch_msg", "where", "dir",
-					 "ports",   "retry",	"wait",	     NULL};
+					 "ports",   "retry",	"wait",	     "hello", NULL};
 
 static int l_wrap(lua_State *L)
 {
@@ -333,6 +340,31 @@ static int take_port(lua_State *L, const char *dir, int ports, int *port)
 	return -1;
 }
 
+/* Hello, then wait for the answer up to timeout s. A hello not answered within `retry` s
+ * is sent again on a new connection to c->path (the wait doubling each time): a restored
+ * QEMU may accept a connection made after the VM runs again while the port cannot take
+ * input yet and then never read from it (docs/guest-notes.md, "The agent's virtio-serial
+ * ports"); the agent answers a new hello at any time. */
+static void hello_retry(lua_State *L, struct agent_conn *c, double deadline, double timeout,
+			double retry)
+{
+	if (!(retry > 0))
+		fc_error(L, "agent.attach: retry must be seconds > 0");
+	for (double try_s = retry;; try_s *= 2) {
+		double left = fc_ms_left(deadline) / 1e3 + 0.001;
+		int soft = left > try_s && c->path[0];
+		if (hello(L, c, soft ? try_s : left, soft, timeout))
+			return;
+		c->reconnects++;
+		close(c->fd);
+		c->fd = unix_connect(c->path);
+		if (c->fd < 0)
+			agent_fail(L, c, 1, "connect %s: %s", c->path, strerror(errno));
+		fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
+		c->inlen = c->out.len = 0;
+	}
+}
+
 static int l_attach(lua_State *L)
 {
 	luaL_checktype(L, 1, LUA_TTABLE);
@@ -361,7 +393,7 @@ static int l_attach(lua_State *L)
 		fc_poll(L, NULL, 0, LOCK_RETRY_MS);
 	}
 	int *guard = fc_fd_guard(L, lock);
-	char path[PATH_MAX];
+	char path[sizeof((struct agent_conn *)0)->path];
 	snprintf(path, sizeof path, "%s/agent-%d.sock", dir, port);
 	int fd = unix_connect(path);
 	if (fd < 0)
@@ -371,31 +403,33 @@ static int l_attach(lua_State *L)
 		 port);
 	struct agent_conn *c = conn_new(L, fd, 1, where);
 	snprintf(c->where, sizeof c->where, "%s", where);
+	snprintf(c->path, sizeof c->path, "%s", path);
 	c->lock_fd = fc_fd_release(guard);
-	/* A hello not answered within `retry` s is sent again on a new connection (the wait
-	 * doubling each time): a restored QEMU may accept the first connection while the
-	 * port cannot take input yet and then never read from it (docs/guest-notes.md, "The
-	 * agent's virtio-serial ports"); the agent answers a new hello at any time. */
-	double retry = fc_opt_number(L, 1, "retry", timeout);
-	if (!(retry > 0))
-		fc_error(L, "agent.attach: retry must be seconds > 0");
-	for (double try_s = retry;; try_s *= 2) {
-		double left = fc_ms_left(deadline) / 1e3 + 0.001;
-		if (hello(L, c, left < try_s ? left : try_s, left > try_s, timeout))
-			return 1;
-		close(c->fd);
-		c->fd = unix_connect(path);
-		if (c->fd < 0)
-			fc_errno_error(L, errno, "agent: connect %s", path);
-		fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
-		c->inlen = c->out.len = 0;
-	}
+	if (fc_opt_bool(L, 1, "hello", 1))
+		hello_retry(L, c, deadline, timeout, fc_opt_number(L, 1, "retry", timeout));
+	return 1;
+}
+
+/* conn:hello{timeout =, retry =}: the hello of a connection made with attach{hello =
+ * false} (a restore connects before its VM runs: see the QEMU driver). */
+static int l_hello(lua_State *L)
+{
+	struct agent_conn *c = fc_check(L, 1, AGENT_MT);
+	static const char *const known[] = {"timeout", "retry", NULL};
+	fc_opt_check(L, 2, "conn:hello", known);
+	if (c->broken)
+		agent_fail(L, c, 0, "%s", c->broken_msg);
+	double timeout = opt_timeout(L, 2);
+	hello_retry(L, c, fc_now_ms() + timeout * 1e3, timeout,
+		    fc_opt_number(L, 2, "retry", timeout));
+	lua_settop(L, 1);
+	return 1;
 }
 
 static int l_info(lua_State *L)
 {
 	struct agent_conn *c = fc_check(L, 1, AGENT_MT);
-	lua_createtable(L, 0, 3);
+	lua_createtable(L, 0, 5);
 	lua_pushinteger(L, c->version);
 	lua_setfield(L, -2, "version");
 	lua_pushinteger(L, c->agent_pid);
@@ -404,6 +438,8 @@ static int l_info(lua_State *L)
 	lua_setfield(L, -2, "where");
 	lua_pushboolean(L, c->broken);
 	lua_setfield(L, -2, "broken");
+	lua_pushinteger(L, c->reconnects);
+	lua_setfield(L, -2, "reconnects");
 	return 1;
 }
 
@@ -488,12 +524,10 @@ static int l_handoff(lua_State *L)
 int luaopen_fireclaw_agent(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
-	    {"exec", agent_l_exec}, {"put", agent_l_put},
-	    {"get", agent_l_get},   {"batch", agent_l_batch},
-	    {"handoff", l_handoff}, {"info", l_info},
-	    {"fd", l_fd},	    {"close", l_close},
-	    {"mkdir", agent_l_mkdir}, {"list", agent_l_list},
-	    {NULL, NULL},
+	    {"exec", agent_l_exec},   {"put", agent_l_put},   {"get", agent_l_get},
+	    {"batch", agent_l_batch}, {"handoff", l_handoff}, {"info", l_info},
+	    {"hello", l_hello},	      {"fd", l_fd},	      {"close", l_close},
+	    {"mkdir", agent_l_mkdir}, {"list", agent_l_list}, {NULL, NULL},
 	};
 	static const luaL_Reg fns[] = {
 	    {"attach", l_attach},

@@ -171,6 +171,9 @@ int fc_tcp_connect(lua_State *L, const char *netns, const char *host, int port, 
 /* Load libcurl (core/fc_curl.c): NULL on success, else why not. fireclaw is not linked
  * against libcurl; only the Firecracker driver needs it. */
 const char *fc_curl_load(void);
+/* Load libnftables (core/fc_nft.c): NULL on success, else why not. Likewise not linked:
+ * only a VM with a network policy needs it (libedit, for the REPL: core/fc_edit.c). */
+const char *fc_nft_load(void);
 
 /* ---- the log sink (core/fc_logsink.c) ---- */
 

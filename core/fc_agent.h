@@ -34,11 +34,13 @@ struct agent_conn {
 	uint32_t next_id;
 	unsigned long stray;
 	int version, agent_pid;
+	int reconnects; /* agent.attach's new connections (a hello not answered) */
 	unsigned char *in; /* AGP_HDR + AGP_MAX_PAYLOAD */
 	size_t inlen;
 	struct fc_buf out;
 	char watch_msg[160];
 	char where[200]; /* "VM 1a2b (port 0)": what every message names */
+	char path[108];	 /* agent.attach's socket, for a new connection ("": none) */
 	char broken_msg[256];
 };
 

@@ -147,37 +147,41 @@ static void op_init(struct op *o, enum op_kind kind)
 	o->t0 = fc_now_ms();
 }
 
-static void req_add(lua_State *L, struct fc_buf *r, const char *s, size_t n)
+/* Append s (n bytes) and, with `nul`, a NUL to the request being built in r. The op owns
+ * the buffer from its first byte on (o->req follows r's data), so a raise anywhere while
+ * building leaks nothing: the batch's __gc frees it. */
+static void req_append(lua_State *L, struct op *o, struct fc_buf *r, const char *s, size_t n,
+		       int nul)
+{
+	int bad = fc_buf_append(r, s, n) != 0 || (nul && fc_buf_append(r, "", 1) != 0);
+	o->req = (unsigned char *)r->data;
+	o->reqlen = r->len;
+	if (bad)
+		fc_error(L, "agent: exec: the request is too big (over %u bytes)", AGP_MAX_PAYLOAD);
+}
+
+/* An argument, variable or directory: a NUL byte in it is refused. */
+static void req_add(lua_State *L, struct op *o, struct fc_buf *r, const char *s, size_t n)
 {
 	if (memchr(s, 0, n))
 		fc_error(L, "agent: exec: an argument or variable contains a NUL byte");
-	if (fc_buf_append(r, s, n) != 0 || fc_buf_append(r, "", 1) != 0)
-		fc_error(L, "agent: exec: the request is too big (over %u bytes)", AGP_MAX_PAYLOAD);
+	req_append(L, o, r, s, n, 1);
 }
 
 static const char *const EXEC_KNOWN[] = {
     "stdin", "on_stdout", "on_stderr", "capture",	 "max_capture", "env", "cwd", "uid",
     "gid",   "timeout",	  "pty",       "forward_sigint", "exec",	"tty", NULL};
 
-/* The exec request for argv (table at a) with the options at t. */
-static void build_exec(lua_State *L, struct op *o, int a, int t)
+/* argv (table at a) then env (the table at t's "env"): NAME=value strings. Returns envc. */
+static uint32_t exec_argv_env(lua_State *L, struct op *o, struct fc_buf *r, int a, int argc, int t)
 {
-	fc_opt_check(L, t, "agent exec", EXEC_KNOWN);
-	int argc = (int)lua_objlen(L, a);
-	if (argc < 1 || argc > AGP_MAX_ARGS)
-		fc_error(L, "agent: exec wants an argv of 1 to %d strings", AGP_MAX_ARGS);
-	struct fc_buf r = {.max = AGP_MAX_PAYLOAD};
-	unsigned char fixed[AGP_EXEC_FIXED] = {0};
-	fc_buf_append(&r, (const char *)fixed, sizeof fixed);
 	for (int i = 1; i <= argc; i++) {
 		lua_rawgeti(L, a, i);
 		size_t n;
 		const char *s = lua_tolstring(L, -1, &n);
-		if (!s || lua_type(L, -1) != LUA_TSTRING) {
-			fc_buf_free(&r);
+		if (!s || lua_type(L, -1) != LUA_TSTRING)
 			fc_error(L, "agent: exec: argv[%d] is not a string", i);
-		}
-		req_add(L, &r, s, n);
+		req_add(L, o, r, s, n);
 		lua_pop(L, 1);
 	}
 	uint32_t envc = 0;
@@ -191,52 +195,24 @@ static void build_exec(lua_State *L, struct op *o, int a, int t)
 			const char *k = lua_tolstring(L, -2, &kn);
 			lua_pushvalue(L, -1);
 			const char *v = lua_tolstring(L, -1, &vn);
-			if (kn == 0 || memchr(k, '=', kn))
+			if (kn == 0 || memchr(k, '=', kn) || memchr(k, 0, kn))
 				fc_error(L, "agent: exec: bad environment name '%s'", k);
-			lua_pushfstring(L, "%s=", k);
-			size_t en;
-			const char *e = lua_tolstring(L, -1, &en);
-			if (memchr(v, 0, vn) || fc_buf_append(&r, e, en) != 0)
+			if (memchr(v, 0, vn))
 				fc_error(L, "agent: exec: bad or too big environment");
-			req_add(L, &r, v, vn);
+			req_append(L, o, r, k, kn, 0);
+			req_append(L, o, r, "=", 1, 0);
+			req_add(L, o, r, v, vn);
 			envc++;
-			lua_pop(L, 3);
+			lua_pop(L, 2);
 		}
 	}
 	lua_pop(L, 1);
-	size_t cn = 0;
-	const char *cwd = fc_opt_lstring(L, t, "cwd", "", &cn);
-	req_add(L, &r, cwd, cn);
-	uint32_t flags = 0;
-	uint16_t rows = 0, cols = 0;
-	lua_getfield(L, t, "pty");
-	if (lua_toboolean(L, -1)) {
-		flags |= AGP_EXEC_PTY;
-		if (lua_istable(L, -1)) {
-			rows = (uint16_t)fc_opt_number(L, lua_gettop(L), "rows", 24);
-			cols = (uint16_t)fc_opt_number(L, lua_gettop(L), "cols", 80);
-		}
-	}
-	lua_pop(L, 1);
-	double uid = fc_opt_number(L, t, "uid", -1), gid = fc_opt_number(L, t, "gid", -1);
-	if (uid >= 0) {
-		flags |= AGP_EXEC_SETUID;
-		if (gid < 0)
-			gid = uid;
-	}
-	if (r.len > AGP_MAX_PAYLOAD)
-		fc_error(L, "agent: exec: the request is too big");
-	unsigned char *p = (unsigned char *)r.data;
-	agp_put32(p, flags);
-	agp_put32(p + 4, uid >= 0 ? (uint32_t)uid : 0);
-	agp_put32(p + 8, gid >= 0 ? (uint32_t)gid : 0);
-	agp_put16(p + 12, rows);
-	agp_put16(p + 14, cols);
-	agp_put32(p + 16, (uint32_t)argc);
-	agp_put32(p + 20, envc);
-	o->req = p;
-	o->reqlen = r.len;
-	/* stdin, output, timeout */
+	return envc;
+}
+
+/* stdin, output callbacks and capture, timeout, Ctrl-C forwarding (the options at t). */
+static void exec_io(lua_State *L, struct op *o, int t)
+{
 	lua_getfield(L, t, "stdin");
 	if (lua_type(L, -1) == LUA_TSTRING) {
 		o->in_data = fc_keep_string(L, t, &o->in_len);
@@ -259,6 +235,49 @@ static void build_exec(lua_State *L, struct op *o, int a, int t)
 	if (timeout > 0)
 		o->deadline = o->t0 + timeout * 1e3;
 	o->forward_int = fc_opt_bool(L, t, "forward_sigint", 0);
+}
+
+/* The exec request for argv (table at a) with the options at t: the fixed part (flags,
+ * uid, gid, window, counts), then argv, env and cwd as NUL-terminated strings. */
+static void build_exec(lua_State *L, struct op *o, int a, int t)
+{
+	fc_opt_check(L, t, "agent exec", EXEC_KNOWN);
+	int argc = (int)lua_objlen(L, a);
+	if (argc < 1 || argc > AGP_MAX_ARGS)
+		fc_error(L, "agent: exec wants an argv of 1 to %d strings", AGP_MAX_ARGS);
+	struct fc_buf r = {.max = AGP_MAX_PAYLOAD};
+	unsigned char fixed[AGP_EXEC_FIXED] = {0};
+	req_append(L, o, &r, (const char *)fixed, sizeof fixed, 0);
+	uint32_t envc = exec_argv_env(L, o, &r, a, argc, t);
+	size_t cn = 0;
+	const char *cwd = fc_opt_lstring(L, t, "cwd", "", &cn);
+	req_add(L, o, &r, cwd, cn);
+	uint32_t flags = 0;
+	uint16_t rows = 0, cols = 0;
+	lua_getfield(L, t, "pty");
+	if (lua_toboolean(L, -1)) {
+		flags |= AGP_EXEC_PTY;
+		if (lua_istable(L, -1)) {
+			rows = (uint16_t)fc_opt_number(L, lua_gettop(L), "rows", 24);
+			cols = (uint16_t)fc_opt_number(L, lua_gettop(L), "cols", 80);
+		}
+	}
+	lua_pop(L, 1);
+	double uid = fc_opt_number(L, t, "uid", -1), gid = fc_opt_number(L, t, "gid", -1);
+	if (uid >= 0) {
+		flags |= AGP_EXEC_SETUID;
+		if (gid < 0)
+			gid = uid;
+	}
+	unsigned char *p = o->req;
+	agp_put32(p, flags);
+	agp_put32(p + 4, uid >= 0 ? (uint32_t)uid : 0);
+	agp_put32(p + 8, gid >= 0 ? (uint32_t)gid : 0);
+	agp_put16(p + 12, rows);
+	agp_put16(p + 14, cols);
+	agp_put32(p + 16, (uint32_t)argc);
+	agp_put32(p + 20, envc);
+	exec_io(L, o, t);
 }
 
 /* ---- the local terminal (opts.tty) ----

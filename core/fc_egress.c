@@ -167,6 +167,11 @@ static void first_line(char *s)
 static int nft_apply(void *arg)
 {
 	struct nft_job *j = arg;
+	const char *why = fc_nft_load();
+	if (why) {
+		snprintf(j->msg, j->len, "%s", why);
+		return -1;
+	}
 	struct nft_ctx *ctx = nft_ctx_new(NFT_CTX_DEFAULT);
 	if (!ctx) {
 		snprintf(j->msg, j->len, "libnftables: cannot make a context");

@@ -48,6 +48,7 @@ struct spawn_req {
 	int setsid, pdeathsig;
 	const char *cgroups[MAX_CGROUPS]; /* cgroup.procs files to join */
 	int ncgroups;
+	int cgroup_fd; /* the one cgroup's v2 directory (clone3 CLONE_INTO_CGROUP), or -1 */
 	int nowait; /* do not wait for the exec (a failure then only ends the child) */
 	int *errfd; /* with nowait: keep the error pipe's read end here (proc_exec_result) */
 	pid_t parent;

@@ -13,7 +13,9 @@
  *       groups: `groups`, else none); pdeathsig survives the drop. cgroup: the child
  *       writes itself into each of these cgroup.procs files first thing after fork, so it
  *       runs no code of the program outside its cgroups (writing the pid from the parent
- *       after spawn would let it run unlimited for a moment).
+ *       after spawn would let it run unlimited for a moment). One cgroup on cgroup v2: the
+ *       child is created in it instead (clone3 CLONE_INTO_CGROUP: no write, so no wait for
+ *       the RCU grace period a cgroup.procs write takes); where clone3 cannot, as above.
  *       Capped logs: stdout, stderr or an entry of fds may be {log = path}: the child then
  *       writes into a pipe, and a log sink (`fireclaw --log-sink`, a process of its own)
  *       copies the pipe into path, keeping the first half of log_cap bytes (default
@@ -45,6 +47,8 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/close_range.h>
+#include <linux/magic.h>
+#include <linux/sched.h> /* struct clone_args, CLONE_INTO_CGROUP */
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -52,7 +56,9 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/single_threaded.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -222,6 +228,28 @@ void proc_exec_result(lua_State *L, pid_t pid, int errfd, const char *argv0)
 	}
 }
 
+/* fork(), or with r->cgroup_fd a clone3 that creates the child in that cgroup (the child
+ * then has no cgroup.procs to write). Only while fireclaw is single-threaded: a raw clone
+ * skips glibc's fork bookkeeping (its thread list, which the child's setuid would use).
+ * Where clone3 fails (a kernel before 5.7, a seccomp filter, a cgroup that refuses), fork:
+ * the child's write then joins, or says why not, as it always did. */
+static pid_t fork_child(struct spawn_req *r)
+{
+	if (r->cgroup_fd >= 0 && __libc_single_threaded) {
+		struct clone_args a;
+		memset(&a, 0, sizeof a);
+		a.flags = CLONE_INTO_CGROUP;
+		a.exit_signal = SIGCHLD;
+		a.cgroup = (__u64)r->cgroup_fd;
+		pid_t pid = (pid_t)syscall(SYS_clone3, &a, sizeof a);
+		if (pid == 0)
+			r->ncgroups = 0; /* (the child's copy) in its cgroup from the start */
+		if (pid >= 0)
+			return pid;
+	}
+	return fork();
+}
+
 /* Fork and exec; returns the pid, or raises with the child's failing step and errno.
  * nowait: returns at once (errfd: with the error pipe's read end for proc_exec_result). */
 pid_t proc_do_spawn(lua_State *L, struct spawn_req *r)
@@ -230,7 +258,7 @@ pid_t proc_do_spawn(lua_State *L, struct spawn_req *r)
 	if (pipe2(errpipe, O_CLOEXEC) < 0)
 		fc_errno_error(L, errno, "proc: pipe");
 	r->parent = getpid();
-	pid_t pid = fork();
+	pid_t pid = fork_child(r);
 	if (pid < 0) {
 		int e = errno;
 		close(errpipe[0]);
@@ -257,8 +285,32 @@ pid_t proc_do_spawn(lua_State *L, struct spawn_req *r)
 static void init_req(struct spawn_req *r)
 {
 	memset(r, 0, sizeof *r);
-	r->netns_fd = r->in_fd = r->out_fd = r->err_fd = -1;
+	r->netns_fd = r->in_fd = r->out_fd = r->err_fd = r->cgroup_fd = -1;
 	r->uid = r->gid = -1;
+}
+
+/* A single cgroup on cgroup v2: its directory for clone3 (guarded: closed when the call
+ * ends). Anything else (v1, several hierarchies, a path that is not DIR/cgroup.procs):
+ * none, and the child writes itself into the files. */
+static void open_v2_cgroup(lua_State *L, struct spawn_req *r)
+{
+	char dir[4096];
+	const char *slash = r->ncgroups == 1 ? strrchr(r->cgroups[0], '/') : NULL;
+	size_t n = slash ? (size_t)(slash - r->cgroups[0]) : 0;
+	if (!slash || n == 0 || n >= sizeof dir || strcmp(slash, "/cgroup.procs") != 0)
+		return;
+	memcpy(dir, r->cgroups[0], n);
+	dir[n] = '\0';
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	struct statfs sf;
+	if (fd < 0)
+		return; /* the child's write says why */
+	if (fstatfs(fd, &sf) < 0 || sf.f_type != CGROUP2_SUPER_MAGIC) {
+		close(fd);
+		return;
+	}
+	r->cgroup_fd = fd;
+	fc_fd_guard(L, fd);
 }
 
 /* Open the namespace named in opts.netns (guarded: closed when the call ends). */
@@ -300,14 +352,16 @@ static int l_spawn(lua_State *L)
 	r.nowait = !fc_opt_bool(L, 1, "wait_exec", 1);
 	double cap = fc_opt_number(L, 1, "log_cap", LOG_CAP_DEFAULT);
 	if (cap < LOG_CAP_MIN || cap > 1e12)
-		fc_error(L, "proc: log_cap %.0f: between %d and 10^12 bytes (FIRECLAW_LOG_CAP for VMs)",
-			 cap, LOG_CAP_MIN);
+		fc_error(
+		    L, "proc: log_cap %.0f: between %d and 10^12 bytes (FIRECLAW_LOG_CAP for VMs)",
+		    cap, LOG_CAP_MIN);
 	proc_read_fds(L, 1, &r, &g, fd_log);
 	int groups[MAX_GROUPS];
 	r.ngroups = read_ints(L, 1, "groups", groups, MAX_GROUPS);
 	for (int i = 0; i < r.ngroups; i++)
 		r.groups[i] = (gid_t)groups[i];
 	r.ncgroups = read_strings(L, 1, "cgroup", r.cgroups, MAX_CGROUPS);
+	open_v2_cgroup(L, &r);
 	read_mounts(L, 1, &r);
 	open_netns(L, 1, &r);
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);

@@ -3,7 +3,7 @@
 --   fireclaw doctor
 --
 -- Checks: /dev/kvm and what backs it, firecracker (+ jailer; a version that cannot boot
--- the default image, < 1.8, or restore clones safely, < 1.16.1), qemu (microvm, seccomp),
+-- the default image, < 1.8, or restore clones safely, < 1.16.1), qemu (microvm, seccomp, whether restores map or copy memory),
 -- /dev/net/tun, network namespaces, cgroups for VM limits, how each VMM is confined, the
 -- default image, the state and run dirs, and which VMM fireclaw would choose.
 -- One line per check: ok / warn / fail, what was found, and (indented) the fix. Exit status
@@ -143,9 +143,13 @@ local function check_qemu()
 		return
 	end
 	local microvm = qemu_machines()
-	local sandbox = require("fireclaw.vmm.qemu").has_sandbox(d.qemu)
-	local found = string.format("qemu %s at %s: microvm %s, seccomp sandbox %s",
-		d.qemu_version or "?", d.qemu, microvm and "yes" or "NO", sandbox and "yes" or "no")
+	local q = require("fireclaw.vmm.qemu")
+	local sandbox = q.has_sandbox(d.qemu)
+	-- >= 8.2: a throw-away restore maps the snapshot's memory instead of copying it
+	local maps = d.qemu_version and require("fireclaw.vmm.util").version_at_least(d.qemu_version, q.MAP_VERSION)
+	local found = string.format("qemu %s at %s: microvm %s, seccomp sandbox %s, restores %s the snapshot's memory",
+		d.qemu_version or "?", d.qemu, microvm and "yes" or "NO", sandbox and "yes" or "no",
+		maps and "map" or "copy")
 	if not microvm then
 		report(d.vmm == "qemu" and "fail" or "warn", "qemu", found,
 			"use a QEMU built with the microvm machine (Debian's qemu-system-x86 has it)")

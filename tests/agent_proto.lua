@@ -186,6 +186,26 @@ t.is(nfds(), fd0, "100 execs: no descriptor more")
 t.ok(rss() - rss0 < 2048, string.format("100 execs: RSS flat (%d KiB more)", rss() - rss0))
 t.diag(string.format("%.2f ms per exec of true (host agent, socketpair)", per))
 
+-- ---- a request refused while it is being built: one line, nothing sent, nothing kept ----
+local long = string.rep("a", 200 * 1024)
+local refused = {
+	{ { long, "x\0y" }, nil, "contains a NUL byte" },
+	{ { "env" }, { env = { ["A=B"] = "1" } }, "bad environment name 'A=B'" },
+	{ { "env" }, { env = { A = "1\0" } }, "bad or too big environment" },
+	{ { long, long }, nil, "the request is too big" },
+}
+for _, bad in ipairs(refused) do
+	local bok, berr = pcall(c.exec, c, bad[1], bad[2])
+	t.ok(not bok and tostring(berr):find(bad[3], 1, true) and not tostring(berr):find("\n"),
+		"exec refused before sending: " .. bad[3], tostring(berr):sub(1, 200))
+end
+collectgarbage() collectgarbage()
+rss0 = rss()
+for _ = 1, 200 do pcall(c.exec, c, { long, "x\0y" }) pcall(c.exec, c, { long, long }) end
+collectgarbage() collectgarbage()
+t.ok(rss() - rss0 < 8192, string.format("400 refused requests of ~200 KiB: RSS flat (%d KiB more)", rss() - rss0))
+t.is(c:exec({ "echo", "still" }).stdout, "still\n", "… and the connection is unharmed")
+
 c:close()
 p:wait(5)
 
@@ -273,6 +293,48 @@ local took = runtime.now() - w0
 t.ok(not attached and tostring(werr):match("all 2 agent ports are busy") and took >= 0.3 and took < 3,
 	"attach: every port busy -> one line after `wait` s, not `timeout`", string.format("%s (%.2f s)", tostring(werr), took))
 for _, h in ipairs(holders) do h:kill(9) h:wait(5) end
+
+-- ---- attach: a port whose first connection the VMM accepts and never reads (a restored
+-- QEMU sometimes does): the hello again on a new connection; a failed attach frees its port ----
+local net = require "fireclaw.net"
+local function stuck(mode)
+	fs.mkdir_p(tmp .. "/stuck", "700")
+	os.remove(tmp .. "/stuck/agent-0.sock")
+	local l = net.unix_listen(tmp .. "/stuck/agent-0.sock")
+	local fake = proc.spawn { argv = { "python3", tests .. "/lib/stuck_port.py", bin, mode }, fds = { l:fd() } }
+	l:close()
+	return fake
+end
+local fake = stuck("reconnect")
+local ok_r, rc = pcall(agent.attach, { dir = tmp .. "/stuck", ports = 1, timeout = 5, retry = 0.1, where = "VM stuck" })
+t.ok(ok_r and rc:info().reconnects >= 1, "attach: a first connection never read -> the hello again on a new "
+	.. "connection after `retry` s", ok_r and ("reconnects " .. rc:info().reconnects) or tostring(rc))
+t.is(ok_r and rc:exec({ "echo", "second" }).stdout, "second\n", "… which then execs")
+if ok_r then rc:close() end
+fake:kill(9)
+fake:wait(5)
+-- attach{hello = false} (a restore connects before its VM runs), then conn:hello: the same
+-- retry on a new connection
+fake = stuck("reconnect")
+local ok_e, ec = pcall(agent.attach, { dir = tmp .. "/stuck", ports = 1, hello = false, where = "VM stuck" })
+t.ok(ok_e and ec:info().version == 0, "attach{hello = false}: connected, nothing said yet", tostring(ec))
+local ok_h, herr = pcall(function() return ec:hello { timeout = 5, retry = 0.1 } end)
+t.ok(ok_h and herr == ec and ec:info().version == agent.VERSION and ec:info().reconnects >= 1,
+	"conn:hello: answered, on a new connection when the first went unread", tostring(herr))
+t.is(ok_h and ec:exec({ "echo", "early" }).stdout, "early\n", "… which then execs")
+t.raises(function() ec:hello { bogus = 1 } end, "unknown option", "conn:hello: an unknown option is misuse")
+if ok_e then ec:close() end
+fake:kill(9)
+fake:wait(5)
+fake = stuck("never")
+local ok_n, nerr = pcall(agent.attach, { dir = tmp .. "/stuck", ports = 1, timeout = 1, retry = 0.2, where = "VM stuck" })
+t.ok(not ok_n and tostring(nerr):match("^agent: VM stuck %(agent port 0%): the guest agent did not answer within 1 s$"),
+	"attach: no connection ever read -> one line at the timeout", tostring(nerr))
+-- the failed attach's port lock is gone with it, not when the garbage collector runs
+t.ok(proc.run({ "flock", "-n", tmp .. "/stuck/agent-0.lock", "true" }).status == 0,
+	"… and its port is free again at once")
+fake:kill(9)
+fake:wait(5)
 
 proc.run({ "rm", "-rf", tmp })
 return t.done()

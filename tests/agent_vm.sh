@@ -28,6 +28,9 @@ run -v -- true 2>"$tmp/err"
 ok $? "a restored run -- true"
 grep -q "agent ready" "$tmp/err" && grep -q "hand-off" "$tmp/err" && ! grep -q "SSH ready" "$tmp/err"
 ok $? "… through the agent (agent + hand-off stages, no SSH)" "$(grep -E 'ready|hand' "$tmp/err")"
+# its port connected before `cont` (a connection made after it may go unread: guest-notes)
+grep -q "agent port connected before the VM runs" "$tmp/err" && ! grep -q "answered on connection" "$tmp/err"
+ok $? "… its agent port connected before the VM ran, and answered on it" "$(grep -E 'agent port|connection' "$tmp/err")"
 
 for want in 1 3 127; do
 	run -- sh -c "exit $want" 2>/dev/null
@@ -143,6 +146,8 @@ run -v --exec ssh -- sh -c 'echo via ssh' >"$tmp/o" 2>"$tmp/err"
 ok $? "--exec ssh on an agent snapshot"
 grep -q "SSH ready" "$tmp/err" && grep -q "via ssh" "$tmp/o"
 ok $? "… goes through SSH" "$(grep ready "$tmp/err")"
+! grep -q "agent port connected" "$tmp/err"
+ok $? "… and holds no agent port" "$(grep 'agent port' "$tmp/err")"
 FIRECLAW_EXEC=ssh "$fc" -q snapshot create --name agssh 2>"$tmp/err"
 ok $? "snapshot create with FIRECLAW_EXEC=ssh" "$(cat "$tmp/err")"
 "$fc" run -v --snapshot agssh -- true 2>"$tmp/err"

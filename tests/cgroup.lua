@@ -211,6 +211,18 @@ local ok, err = pcall(function()
 		t.like(read("/proc/" .. p:pid() .. "/cgroup") or "", "\n?0::/fireclaw/" .. NAME:gsub("%-", "%%-") .. "\n",
 			"the spawned process is in its v2 cgroup")
 		t.is(trim(read(cg.dirs[1] .. "/cgroup.procs")), tostring(p:pid()), "v2 cgroup.procs lists it")
+		-- the child is created in it (clone3 CLONE_INTO_CGROUP) and writes nothing: with
+		-- /dev/null bound over cgroup.procs (a private mount namespace), a write would go
+		-- nowhere and leave the program outside its cgroup
+		local seen = tmp .. "/v2-self-cgroup"
+		local script = tmp .. "/v2-spawn.lua"
+		put(script, string.format([[local p = require("fireclaw.proc").spawn { argv = { "cat", "/proc/self/cgroup" },
+			stdout = %q, cgroup = { %q } } os.exit(p:wait(10).status)]], seen, cg.procs[1]))
+		local rc = os.execute(string.format("unshare -m --propagation private sh -c 'mount --bind /dev/null %s && exec %s %s'",
+			cg.procs[1], os.getenv("FIRECLAW") or "./fireclaw", script))
+		t.is(rc, 0, "a spawn with cgroup.procs hidden behind /dev/null runs")
+		t.like(read(seen) or "", "\n?0::/fireclaw/" .. NAME:gsub("%-", "%%-") .. "\n",
+			"... and its program starts in its v2 cgroup: created there, no cgroup.procs write")
 		local done = cgroup.remove(cg.dirs)
 		t.like(table.concat(done, "; "), "killed 1 process.*removed cgroup", "v2 remove kills (cgroup.kill) and removes")
 		t.ok(p:wait(5), "the process inside is gone")

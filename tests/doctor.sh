@@ -11,6 +11,8 @@ rc=$?
 for check in kvm firecracker qemu tun netns egress cgroup "confine qemu" "confine fc" image "state dir" "run dir" vm; do
 	like "$out" "^(ok|warn|fail) +$check " "a line for the $check check"
 done
+like "$out" "^(ok|warn) +qemu +qemu [0-9.]+ at [^ ]+: microvm yes, seccomp sandbox (yes|no), restores (map|copy) the snapshot's memory" \
+	"qemu: whether restores map the snapshot's memory (QEMU >= 8.2) or copy it"
 
 # what backs /dev/kvm, found independently of fireclaw
 if [ -d /sys/module/kvm_pvm ] && [ -r /dev/kvm ]; then

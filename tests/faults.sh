@@ -29,7 +29,7 @@ for p in ssh-ready reseeded teardown-session; do
 done
 
 # ... and at the points a cold boot has of its own
-for p in vmm-spawned vmm-recorded; do
+for p in vmm-spawned vmm-recorded disk-rest; do
 	is "$(status_of env FIRECLAW_FAULT=$p "$fc" run --no-snapshot -- echo hi)" 137 "SIGKILL at $p of a cold boot"
 	finish "SIGKILL at $p of a cold boot"
 done

@@ -1,5 +1,6 @@
 # Restores overlap their copies with QEMU's start (docs/DECISIONS.md, the entry of that
-# name): QEMU is forked first, and the snapshot's memory (into
+# name), and so do cold boots their disk copy (QEMU paused until it is done): QEMU is
+# forked first, and the snapshot's memory (into
 # the VM's memfd) and the rest of its disk are copied while QEMU joins its cgroups, execs
 # and starts; the incoming migration waits for both. Checked here: a restored guest reads
 # back 96 MiB it wrote to RAM before the snapshot (pages far into its 256 MiB) and a file
@@ -69,6 +70,24 @@ finish "SIGKILL at ram-filled"
 FIRECLAW_FAULT=ram-filled:error "$fc" run -- echo hi >/dev/null 2>"$tmp/err"
 is "$?:$(cat "$tmp/err")" "1:fireclaw: fault injected at ram-filled" "an error at ram-filled: exit 1, one line"
 no_leaks "an error at ram-filled, without cleanup (QEMU killed and reaped by the run)"
+
+# ---- cold boots: QEMU forked paused (-S), the disk's rest copied, then `cont` ----
+img=$FIRECLAW_STATE/images/default/rootfs.ext4
+want=$(IMG=$img "$fc" -e 'io.write(require("fireclaw.rootfs").read(os.getenv("IMG"), "/bin/busybox"))' | sha256sum | cut -d' ' -f1)
+got=$("$fc" -v run --no-snapshot -- sh -c 'echo 3 >/proc/sys/vm/drop_caches; sha256sum /bin/busybox' 2>"$tmp/err")
+is "${got%% *}" "$want" "a cold boot reads its disk past the head (busybox, from the disk), as in the image" "$(tail -3 "$tmp/err")"
+like "$(cat "$tmp/err")" "disk head \\(sparse\\)" "... its disk stage copied the head only"
+like "$(cat "$tmp/err")" "rest of the disk copy" "... and the rest while QEMU started"
+is "$(status_of env FIRECLAW_FAULT=disk-rest "$fc" run --no-snapshot -- echo hi)" 137 "SIGKILL at disk-rest of a cold boot"
+vp=$(vmm_pid)
+[ -n "$vp" ]
+ok $? "QEMU was forked and recorded before the disk's rest (pid ${vp:-none})"
+wait_gone "$vp"
+ok $? "QEMU dies with fireclaw (its parent-death signal)"
+finish "SIGKILL at disk-rest of a cold boot"
+FIRECLAW_FAULT=disk-rest:error "$fc" run --no-snapshot -- echo hi >/dev/null 2>"$tmp/err"
+is "$?:$(cat "$tmp/err")" "1:fireclaw: fault injected at disk-rest" "an error at disk-rest of a cold boot: exit 1, one line"
+no_leaks "an error at disk-rest of a cold boot, without cleanup"
 
 "$fc" -q snapshot rm "$snap" >/dev/null 2>&1
 done_testing

@@ -8,6 +8,25 @@ local vt = require "vmtest"
 local vm = require "fireclaw.vm"
 local proc = require "fireclaw.proc"
 
+-- No VM needed: the -L rule and the snapshot groups of the mapped restores (QEMU >= 8.2;
+-- tests/qemu_next.sh runs them)
+do
+	local q = require "fireclaw.vmm.qemu"
+	local tmp = os.tmpname()
+	os.remove(tmp)
+	assert(os.execute("mkdir -p " .. tmp .. "/usr/share/qemu && touch " .. tmp .. "/usr/share/qemu/pvh.bin") == 0)
+	t.is(q.data_dir("/usr/bin/qemu-system-x86_64"), nil, "the system's QEMU gets no -L")
+	t.is(q.data_dir(tmp .. "/usr/bin/qemu-system-x86_64"), tmp .. "/usr/share/qemu", "an unpacked QEMU gets -L its share/qemu")
+	t.is(q.data_dir("/nonexistent/bin/qemu-system-x86_64"), nil, "… when it has one")
+	os.execute("rm -rf " .. tmp)
+	local a, b = q.snapshot_gid("/s/snapshots/default"), q.snapshot_gid("/other/default/")
+	t.is(a, b, "a snapshot's group depends on its name only")
+	t.ok(a ~= q.snapshot_gid("/s/snapshots/other"), "another name, another group")
+	t.ok(a >= q.SNAP_GID_BASE and a < q.SNAP_GID_BASE + 2 ^ 24 and q.SNAP_GID_BASE >= q.UID_BASE + 1 + 2 ^ 24
+		and q.SNAP_GID_BASE + 2 ^ 24 <= 0x80000000, "snapshot groups: a range of their own, above the VM users")
+	t.is(q.snapshot_gid("/x/00beef"), q.SNAP_GID_BASE + 0xbeef, "a hex id name is its own hash")
+end
+
 if os.getenv("FIRECLAW_TEST_SKIP_VM") == "1" then
 	t.skip("FIRECLAW_TEST_SKIP_VM=1")
 	return t.done()

@@ -19,7 +19,8 @@
 -- each hierarchy: on v2 a child of the root can have controllers (a cgroup holding
 -- processes, like fireclaw's own, cannot hand them to children), and v1 does the same for
 -- one layout on both. The VMM joins it in the child between fork and exec (proc.spawn's
--- cgroup option), so it never runs a single instruction unlimited.
+-- cgroup option; on v2 it is created there, clone3 CLONE_INTO_CGROUP), so it never runs
+-- a single instruction unlimited.
 --
 -- Pure file operations on cgroupfs; `FIRECLAW_CGROUP=none` turns limits off,
 -- `FIRECLAW_CGROUP_MEM_MIB=N` sets the memory limit itself (the tests set one below the

@@ -286,9 +286,10 @@ local function grow(self, bytes)
 end
 
 -- This VM's own copy of src (the image's disk, or a snapshot's) in its run directory,
--- grown to the size sandbox.new was given (`disk`), if any. opts.overlap (a restore's):
--- a sparse copy takes only the disk's head now and the rest while the VMM starts
--- (sb:restore, through spec.prepare; any other use of the disk finishes it first).
+-- grown to the size sandbox.new was given (`disk`), if any. opts.overlap (a restore's, a
+-- cold boot's without --disk): a sparse copy takes only the disk's head now and the rest
+-- while the VMM starts (sb:boot, sb:restore, through spec.prepare; any other use of the
+-- disk finishes it first).
 M.DISK_HEAD = 65536 -- what QEMU reads of a disk before the guest runs: its first sector
 function Sandbox:disk(src, opts)
 	self.disk_path = self.dir .. "/disk.ext4"
@@ -313,6 +314,7 @@ local function finish_disk(self)
 	local t0 = runtime.now()
 	rootfs.copy_rest(src, self.disk_path, M.DISK_HEAD)
 	self.disk_rest = nil
+	fault.point("disk-rest")
 	util.verbose("VM %s: rest of the disk copy (sparse) %.1f ms", self.id, (runtime.now() - t0) * 1e3)
 end
 
@@ -371,9 +373,11 @@ end
 
 function Sandbox:boot()
 	self.how = "cold"
-	finish_disk(self) -- a cold boot reads its disk at once
 	self:limit()
-	stage(self, "VMM boot (" .. self.vm.vmm .. ")", self.vm.boot, self.vm, self:boot_spec())
+	local spec = self:boot_spec()
+	-- the rest of the disk copy, while the VMM starts (QEMU: paused until it is done)
+	if self.disk_rest then spec.prepare = function() finish_disk(self) end end
+	stage(self, "VMM boot (" .. self.vm.vmm .. ")", self.vm.boot, self.vm, spec)
 	push_vmm_undo(self, "boot")
 	record_vmspec(self)
 end
@@ -393,6 +397,8 @@ function Sandbox:restore(snap)
 	spec.clock_realtime = true -- Firecracker sets the guest clock where it can (>= 1.16)
 	spec.rng = snap.vmm_info and snap.vmm_info.rng -- the same devices as the snapshot
 	spec.agent_ports = snap.vmm_info and snap.vmm_info.agent_ports
+	-- the agent's port connected before the VM runs (QEMU: see its driver's restore)
+	spec.agent_early = self.exec_mode ~= "ssh" and image_has_agent(self.img)
 	spec.vsock = snap.vmm_info and snap.vmm_info.vsock or nil -- Firecracker: rebound at its path
 	-- the rest of the disk copy, while the VMM starts (before it reads the disk)
 	if self.disk_rest then spec.prepare = function() finish_disk(self) end end
@@ -634,6 +640,11 @@ function Sandbox:agent_connect(timeout)
 		end)
 	end
 	self.agent = conn
+	local info = conn:info()
+	if (info.reconnects or 0) > 0 then
+		util.verbose("VM %s: the agent answered on connection %d (a restored QEMU did not read the "
+			.. "first: docs/guest-notes.md)", self.id, info.reconnects + 1)
+	end
 	fault.point("agent-ready")
 	self.timer:stage("agent ready")
 	return conn
@@ -899,11 +910,13 @@ end
 function Sandbox:destroy()
 	if self.destroyed or self.destroying then return true end
 	self.destroying = true
-	local failed = {}
+	local failed, took = {}, {}
 	for i = #self.undo, 1, -1 do
 		local u = self.undo[i]
 		self.undo[i] = nil
+		local t0 = runtime.now()
 		local ok, err = pcall(u.fn, self)
+		took[#took + 1] = string.format("%s %.1f", u.name, (runtime.now() - t0) * 1e3)
 		if not ok then
 			failed[#failed + 1] = u.name .. ": " .. tostring(err)
 			log.note("VM %s: %s", self.id, u.name == "record" and tostring(err) or "teardown of step '" .. u.name
@@ -911,6 +924,7 @@ function Sandbox:destroy()
 		end
 	end
 	self.destroyed = true
+	log.info("VM %s: teardown: %s ms", self.id, table.concat(took, ", "))
 	self.timer:stage("teardown")
 	if #failed > 0 then return nil, failed end
 	return true
@@ -1204,7 +1218,7 @@ M.steps = { list = list }
 function M.steps.coldboot()
 	return own {
 		{ name = "network", run = function(sb) sb:network() end },        -- namespace fc-<id> with tap0
-		{ name = "disk", run = function(sb) sb:disk(sb.img.rootfs) end }, -- the VM's copy (grown to `disk`)
+		{ name = "disk", run = function(sb) sb:disk(sb.img.rootfs, { overlap = true }) end }, -- the VM's copy (grown to `disk`; else its rest while the VMM starts)
 		{ name = "cgroup", run = function(sb) sb:limit() end },           -- its limits, if there are cgroups
 		{ name = "boot", run = function(sb) sb:boot() end },              -- the VMM boots the kernel
 		{ name = "connect", run = function(sb) sb:connect_exec() end },   -- the agent, else sshd (pinned key)

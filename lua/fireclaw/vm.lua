@@ -14,7 +14,8 @@
 --                     -- unsafe_no_jailer = true: Firecracker may run as root without a jailer }
 --   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256,
 --           acpi_devices = true: the kernel finds devices through ACPI only (Firecracker < 1.8
---           refuses at once) }
+--           refuses at once), prepare = fn: runs before the VMM reads the disk (QEMU: while
+--           it starts, paused (-S) until fn returns; Firecracker: first) }
 --   v:wait_console(text, timeout_s)   -- plain text, searched from the start of the console
 --   v:pause()  v:resume()
 --   local info = v:snapshot(dir)      -- dir/vmstate + dir/memory; info for meta.json
@@ -242,7 +243,7 @@ M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker",
 -- What v:boot and v:restore take (the drivers read these).
 M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
 	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock",
-	"agent_ports", "prepare" }
+	"agent_ports", "prepare", "agent_early" }
 
 function M.new(opts)
 	if type(opts) ~= "table" then error("vm.new: options table expected (id =, dir =, …)", 0) end

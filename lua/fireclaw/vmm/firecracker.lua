@@ -243,6 +243,8 @@ end
 -- never answers).
 function M.boot(v, spec)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
+	-- the jail may get a copy of the disk (jailer.place_rw): it must be complete first
+	if spec.prepare then spec.prepare() end
 	util.check_tap(v)
 	spawn(v, function(j)
 		jailer.place_ro(j, spec.kernel, "vmlinux")

@@ -3,9 +3,12 @@
 -- Guest RAM is a shared file (memory-backend-file, share=on; a memfd), so a snapshot is:
 -- stop, migrate the device state only (x-ignore-shared) to dir/vmstate, copy the RAM file's
 -- non-zero pages to dir/memory (zero pages as holes). A restore copies them into a memfd
--- of its own (QEMU never sees the snapshot's file: QEMU 7.2 opens a RAM file read-write,
--- whatever share= says) and migrates the device state back in; a restored VM is then like
--- a cold booted one, and can be snapshotted the same way.
+-- of its own (QEMU 7.2 opens a RAM file read-write, whatever share= says, so it never sees
+-- the snapshot's file) and migrates the device state back in; a restored VM is then like
+-- a cold booted one, and can be snapshotted the same way. With QEMU >= 8.2 a throw-away
+-- restore maps the snapshot's file itself instead, privately and read-only
+-- (readonly=on,rom=off: opened O_RDONLY, guest writes stay in the VMM's own pages),
+-- readable through a group of that snapshot's own (see map_memory).
 -- A restore needs the very same machine and device options as the snapshot, so both go
 -- through machine_args(). Every VM has a virtio-rng device reading the host's /dev/urandom
 -- (spec.rng = false leaves it out: a restore of a snapshot taken without one).
@@ -30,6 +33,12 @@ local M = {}
 
 -- above systemd's container range (524288..1879048191), below its dynamic userns range
 M.UID_BASE = 0x70000000
+-- The groups that may read a snapshot's memory, one per snapshot (SNAP_GID_BASE + a 24-bit
+-- hash of its name): above the per-VM users (UID_BASE + 1 + a 24-bit id) and their group
+-- (UID_BASE), still below systemd's dynamic userns range (0x80000000).
+M.SNAP_GID_BASE = M.UID_BASE + 0x02000000
+-- The QEMU from which a restore maps the snapshot's memory instead of copying it.
+M.MAP_VERSION = "8.2"
 
 local O, S = sys.O, sys.S
 local O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_PATH = O.RDONLY, O.WRONLY, O.RDWR, O.CREAT, O.TRUNC, O.PATH
@@ -91,6 +100,16 @@ local function words(x)
 	return x
 end
 
+-- A QEMU that is not the system's (bin/ under some prefix other than /usr, as
+-- tools/qemu-next.sh unpacks one) reads its firmware (pvh.bin, …) from its own share/qemu,
+-- which its build does not look for: -L names it. nil for the system's QEMU.
+function M.data_dir(binary)
+	local prefix = tostring(binary):match("^(/.+)/bin/[^/]+$")
+	if not prefix or prefix == "/usr" or prefix == "/usr/local" then return nil end
+	local dir = prefix .. "/share/qemu"
+	return util.exists(dir .. "/pvh.bin") and dir or nil
+end
+
 local function boot_args(v, spec)
 	local args = words(spec.boot_args) or M.DEFAULT_BOOT_ARGS
 	if v.accel ~= "tcg" then return args end
@@ -122,12 +141,17 @@ local function machine_args(v, spec, ram, fd)
 	local mem, vcpu = spec.mem_mib or 256, spec.vcpu or 1
 	local self = function(n) return "/proc/self/fd/" .. n end
 	-- the VM's directory names the process (ps, leak checks): QEMU opens nothing in it
-	local a = { v.binary, "-name", optval(v.dir), "-M", "microvm,memory-backend=mem" }
+	local a = { v.binary, "-name", optval(v.dir) }
+	local data = M.data_dir(v.binary)
+	if data then append(a, "-L", data) end
+	append(a, "-M", "microvm,memory-backend=mem")
 	append(a, unpack(accel_args(v)))
+	-- a mapped snapshot: opened O_RDONLY, mapped privately and writable (QEMU >= 8.2)
+	local share = ram.map and "off,readonly=on,rom=off" or ram.share == false and "off" or "on"
 	append(a, "-smp", tostring(vcpu), "-m", mem .. "M",
 		-- QEMU opens mem-path itself: through /proc/self/fd it reaches the file it was given
 		"-object", string.format("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s",
-			mem, self(fd.ram), ram.share == false and "off" or "on"),
+			mem, self(fd.ram), share),
 		"-nodefaults", "-no-user-config", "-nographic",
 		-- a guest reboot or panic ends the VMM, as with Firecracker
 		"-no-reboot",
@@ -286,8 +310,12 @@ local function open_fds(v, spec, ram, fds, uid, gid)
 		paths["/dev/fdset/3"] = "/dev/urandom"
 	end
 	-- Guest RAM: a memfd, empty for a boot; a restore fills it with a copy of the
-	-- snapshot's memory (see spawn). The snapshot's file itself is never handed to QEMU,
-	-- so no VMM can write it.
+	-- snapshot's memory (see spawn). The snapshot's file itself is handed to QEMU only
+	-- read-only, to be mapped privately (ram.map: see map_memory), so no VMM can write it.
+	if ram.map then
+		pass("ram", open_fd(ram.map, O_RDONLY), ram.map)
+		return num
+	end
 	local r = pass("ram", core.memfd((spec.mem_mib or 256) * 1024 * 1024),
 		ram.from and ("guest RAM from " .. ram.from) or "guest RAM")
 	if uid then
@@ -329,10 +357,17 @@ end
 -- before the incoming migration, and of the disk only its size and its first sector
 -- (virtio-blk's geometry guess), which the caller copies before (the DECISIONS.md entry
 -- on restores overlapping their copies with QEMU's start). The migration waits for both.
+-- A cold boot with spec.prepare (the rest of its disk copy) starts QEMU paused (-S): it
+-- reads no more of the disk than a restore's QEMU before `cont` (M.boot), sent once
+-- prepare is done (the DECISIONS.md entry on cold boots overlapping their disk copy).
 local function spawn(v, spec, ram)
 	if not spec.kernel then error("vm: boot needs a kernel", 0) end
 	local uid, gid = wanted_user(v)
 	if uid then v._vmm_groups = M.confinement(v) end
+	if uid and ram.group then -- the mapped snapshot's group (map_memory)
+		v._vmm_groups = v._vmm_groups or {}
+		table.insert(v._vmm_groups, ram.group)
+	end
 	util.check_tap(v)
 	os.remove(qmp_path(v))
 	util.touch(v.console_path) -- no stale output from an earlier VM in this dir
@@ -341,8 +376,10 @@ local function spawn(v, spec, ram)
 	v.ram = ram -- destroy closes our copy of its memfd, even when the spawn fails
 	local ok, err = pcall(function()
 		local num = open_fds(v, spec, ram, fds, uid, gid)
+		local argv = machine_args(v, spec, ram, num)
+		if spec.prepare and not ram.incoming then argv[#argv + 1] = "-S" end -- (see M.boot)
 		v:_started(proc.spawn{
-			argv = machine_args(v, spec, ram, num),
+			argv = argv,
 			env = v.env,
 			netns = v.netns,
 			pdeathsig = not v.keep, -- a kept VM outlives this fireclaw
@@ -362,8 +399,8 @@ local function spawn(v, spec, ram)
 	if ram.incoming then
 		if ram.from then core.memfd_fill(ram.fd, ram.from) end
 		fault.point("ram-filled")
-		if spec.prepare then spec.prepare() end
 	end
+	if spec.prepare then spec.prepare() end
 	-- QEMU holds the RAM from the fork on: with ours closed, its pages are freed by QEMU's
 	-- exit rather than by our teardown (~9 ms of CPU for 60 MiB); a snapshot reads the
 	-- RAM through QEMU's descriptor (ram_path)
@@ -394,6 +431,8 @@ end
 -- is, costs no file to create, fill and unlink, and goes with the last fd.
 function M.boot(v, spec)
 	spawn(v, spec, {})
+	-- started paused (-S) while spec.prepare copied the rest of the disk: run it now
+	if spec.prepare then v.qmp:execute("cont") end
 end
 
 function M.pause(v) v.qmp:execute("stop") end
@@ -490,7 +529,17 @@ function M.snapshot(v, dir)
 		agent_ports = s.agent_ports }
 end
 
--- A snapshot's memory file, made 0600 if an older fireclaw gave it to the VMM group (0660).
+local function basename(path) return (path:gsub("/+$", ""):match("[^/]+$")) or path end
+local function dirname(path) return (path:gsub("/+$", ""):match("^(.*)/[^/]+$")) or "." end
+
+-- The group that may read the memory of the snapshot in dir (map_memory): deterministic
+-- from its name, so concurrent restores agree on it, and in a range of its own.
+function M.snapshot_gid(dir)
+	return M.SNAP_GID_BASE + util.id_number(basename(dir))
+end
+
+-- A snapshot's memory file, made 0600 if an older fireclaw gave it to the VMM group (0660);
+-- 0640 root:<its own group> (map_memory) stays.
 -- Returns true when its RAM is in the stream instead: a snapshot of a restored clone taken
 -- by an older fireclaw (which mapped the file privately) leaves `memory` one hole, and
 -- x-ignore-shared refuses a stream with shared RAM in it, so such a restore maps an empty
@@ -507,10 +556,61 @@ local function check_memory(path, mem_mib)
 			.. "%d MiB (%d bytes)", path, tonumber(st.size), mem_mib, want), 0)
 	end
 	local ok, err = true, nil
-	if bit.band(st.mode, bit.bor(S.IRWXG, S.IRWXO)) ~= 0 then ok, err = sys.fchmod(fd, "600") end
+	local granted = st.perm == tonumber("640", 8) and st.uid == 0 and st.gid == M.snapshot_gid(dirname(path))
+	if bit.band(st.mode, bit.bor(S.IRWXG, S.IRWXO)) ~= 0 and not granted then ok, err = sys.fchmod(fd, "600") end
 	sys.close(fd)
 	if not ok then error("qemu: chmod 0600 " .. path .. ": " .. err, 0) end
 	return tonumber(st.blocks) == 0
+end
+
+-- Another snapshot beside dir whose memory has group gid (a hash collision of two names),
+-- or nil.
+local function gid_taken(dir, gid)
+	local root, own = dirname(dir), basename(dir)
+	for _, name in ipairs(runtime.listdir(root) or {}) do
+		local st = name ~= own and sys.stat(root .. "/" .. name .. "/memory")
+		if st and st.gid == gid then return name end
+	end
+	return nil
+end
+
+-- With QEMU >= 8.2, a throw-away restore maps the snapshot's memory file itself, privately
+-- (copy-on-write: guest writes land in QEMU's own anonymous pages, never in the file)
+-- instead of fireclaw copying it into a memfd (~30 ms of CPU per restore, plus ~7 ms to
+-- free). QEMU reopens mem-path (/proc/self/fd/N of an O_RDONLY descriptor) with a permission
+-- check, so its user must be able to read the file: the file becomes root:G 0640, G a group
+-- of this snapshot's own (snapshot_gid), and the VMM gets G as a supplementary group. So a
+-- VMM reads only the memory it restores anyway and writes none (owner root, no group write,
+-- an O_RDONLY descriptor). A snapshot made 0600 (every one: snapshots are) is given its group
+-- at its first such restore: chown, then chmod (readable by G only once it is G's). Not
+-- mapped, a copy as with QEMU 7.2: kept VMs (start, run --keep, resume: pause, snapshot
+-- create --from and attach copy their RAM from the shared memfd), a VMM running as root,
+-- and a group already held by another snapshot's memory (two names hashing alike).
+-- Returns the group, or nil and why not.
+local function map_memory(v, dir, uid)
+	local version = M.probe(v.binary).version
+	if not version or not util.version_at_least(version, M.MAP_VERSION) then return nil end
+	if v.keep then return nil, "a kept VM gets a copy (its RAM is snapshotted from a shared memfd)" end
+	if not uid then return nil, "a VMM running as root gets a copy" end
+	local gid = M.snapshot_gid(dir)
+	local other = gid_taken(dir, gid)
+	if other then return nil, string.format("group %d is snapshot %s's", gid, other) end
+	local path = dir .. "/memory"
+	local fd = open_fd(path, O_RDONLY)
+	local st = fstat(fd)
+	local ok, err = true, nil
+	if st.uid ~= 0 then
+		ok, err = false, "not owned by root"
+	elseif st.gid ~= gid or st.perm ~= tonumber("640", 8) then
+		ok, err = sys.fchown(fd, 0, gid)
+		if ok then ok, err = sys.fchmod(fd, "640") end
+	end
+	sys.close(fd)
+	if not ok then return nil, "cannot give " .. path .. " to its group: " .. tostring(err) end
+	-- two first restores of colliding names at once: both may have granted; neither maps
+	other = gid_taken(dir, gid)
+	if other then return nil, string.format("group %d is snapshot %s's", gid, other) end
+	return gid
 end
 
 local function incoming_done(v)
@@ -530,6 +630,23 @@ local function restore_error(v, err)
 	error(err, 0)
 end
 
+-- A restore's agent port is connected before `cont`: connected after, QEMU left the
+-- connection unread in 16 of 100 restores on a loaded host (the port could not take input
+-- when it was accepted, and nothing made QEMU look again: waking its main loop did not),
+-- costing a new connection after agent.attach's retry; connected before, in none of 100
+-- (docs/guest-notes.md). M.agent_connect says hello on it. An optimisation only: if it
+-- fails, the agent step connects as before.
+local function connect_agent_early(v, spec)
+	if not spec.agent_early or (spec.agent_ports or 0) < 1 then return end
+	local ok, c = pcall(require("fireclaw.core.agent").attach, {
+		dir = v.dir, ports = spec.agent_ports, hello = false, wait = 0, where = "VM " .. v.id,
+		watch_fd = v.proc:pidfd(), watch_msg = string.format("the VM is gone (qemu, pid %s, exited)", tostring(v.pid)),
+	})
+	if not ok then return util.verbose("VM %s: agent port not connected early: %s", v.id, c) end
+	v._agent_early = c
+	util.verbose("VM %s: agent port connected before the VM runs", v.id)
+end
+
 function M.restore(v, dir, spec)
 	for _, f in ipairs({ dir .. "/vmstate", dir .. "/memory" }) do
 		if not util.exists(f) then error("vm " .. v.id .. ": no snapshot file " .. f, 0) end
@@ -540,7 +657,15 @@ function M.restore(v, dir, spec)
 	if check_memory(dir .. "/memory", spec.mem_mib or 256) then
 		spawn(v, spec, { share = false, incoming = true })
 	else
-		spawn(v, spec, { from = dir .. "/memory", incoming = true })
+		local gid, why = map_memory(v, dir, (wanted_user(v)))
+		if gid then
+			util.verbose("VM %s: guest RAM: %s/memory mapped privately (group %d)", v.id, dir, gid)
+			-- share = false: a snapshot of this VM sends its RAM in the stream (M.snapshot)
+			spawn(v, spec, { map = dir .. "/memory", group = gid, share = false, incoming = true })
+		else
+			if why then util.verbose("VM %s: guest RAM: a copy of %s/memory (%s)", v.id, dir, why) end
+			spawn(v, spec, { from = dir .. "/memory", incoming = true })
+		end
 	end
 	local ok, err = pcall(function()
 		set_ignore_shared(v)
@@ -551,6 +676,7 @@ function M.restore(v, dir, spec)
 			error("qemu: loading " .. dir .. "/vmstate did not finish within "
 				.. M.MIGRATE_TIMEOUT .. "s", 0)
 		end
+		connect_agent_early(v, spec)
 		v.qmp:execute("cont")
 	end)
 	if not ok then restore_error(v, err) end
@@ -568,6 +694,16 @@ end
 function M.agent_connect(v, opts)
 	local n = v.spec and v.spec.agent_ports
 	if not n or n < 1 then return nil, "this VM has no agent ports" end
+	local early = v._agent_early
+	if early then -- connected before the restored VM ran (connect_agent_early)
+		v._agent_early = nil
+		local ok, err = pcall(early.hello, early, { timeout = opts and opts.timeout, retry = opts and opts.retry })
+		if not ok then
+			early:close()
+			error(err, 0)
+		end
+		return early
+	end
 	local o = {}
 	for k, x in pairs(opts or {}) do o[k] = x end
 	o.dir, o.ports = v.dir, n
@@ -581,6 +717,8 @@ function M.destroy(v)
 	end
 	-- SIGKILL first: QEMU's exit (which frees the guest's RAM) runs while we tidy up
 	if v.proc then pcall(v.proc.kill, v.proc) end
+	if v._agent_early then v._agent_early:close() end
+	v._agent_early = nil
 	if v.qmp then v.qmp:close() end
 	os.remove(qmp_path(v))
 	for k = 0, ((v.spec and v.spec.agent_ports) or 0) - 1 do
