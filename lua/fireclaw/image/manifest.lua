@@ -28,14 +28,19 @@ function M.default_boot_args()
 end
 
 -- What images fireclaw builds (its own Debian kernel) boot with on top of the defaults:
--- cuts to a cold boot under TCG that held in interleaved A/B runs (docs/DECISIONS.md, "A
--- shorter cold boot"). Imported images keep the defaults alone: their kernel and userland
--- are the user's.
---   lsm=landlock: no AppArmor, TOMOYO, Yama, LoadPin, SafeSetID, lockdown, BPF LSM or
---   integrity (IMA/EVM) in a throw-away guest (nothing of fireclaw's uses them; the guest
+-- cuts to a cold boot under TCG that held in A/B pairs booted side by side
+-- (docs/DECISIONS.md, "A shorter cold boot under TCG"). Imported images keep the defaults
+-- alone: their kernel and userland are the user's.
+--   lsm=landlock: no AppArmor, TOMOYO, Yama, LoadPin, SafeSetID, BPF LSM or integrity
+--   (IMA/EVM) in a throw-away guest (nothing of fireclaw's uses them; the guest
 --   is hostile anyway, docs/security.md); landlock stays for programs that sandbox
 --   themselves with it
-M.BUILT_BOOT_ARGS = { "lsm=landlock" }
+--   initcall_blacklist: boot-time work of no use here (the kprobe_events and printk_formats
+--   tracefs files, a self-test of the SP800-108 KDF, the built-in X.509 certificates: the
+--   initramfs's modules then load unverified, as they would with a missing key; IMA and
+--   EVM's setup)
+M.BUILT_BOOT_ARGS = { "lsm=landlock", "initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,"
+	.. "init_trace_printk_function_export,load_system_certificate_list,init_ima,init_evm" }
 
 function M.built_boot_args()
 	local args = M.default_boot_args()
