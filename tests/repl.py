@@ -1,6 +1,6 @@
 """The REPL, driven through a pseudo-terminal: expressions, multi-line input, pretty
 printing, errors, module globals, Ctrl-C, history. Prints TAP."""
-import os, pty, re, select, shutil, sys, tempfile, time
+import os, pty, re, select, shutil, sys, tempfile, termios, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from ptyproc import PtyReader
 from tap import done, ok
@@ -16,7 +16,25 @@ class Repl(PtyReader):
             os.execve(FC, [FC], env)
         super().__init__(fd, timeout=10)
 
+    def editing(self, timeout=5):
+        """Wait until libedit reads keys (the terminal out of canonical mode): it prints the
+        prompt first and only then leaves it, and a ^D typed in between is taken by the
+        canonical line discipline as an end of file, then read by libedit as a NUL byte
+        (a quoted insert: the ^D after it is inserted, not an end of file). A person cannot
+        type within those microseconds; this harness can. tcgetattr on the master side
+        reads the terminal's (the slave's) modes."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if not termios.tcgetattr(self.fd)[3] & termios.ICANON:
+                    return True
+            except termios.error:
+                return False
+            select.select([], [], [], 0.002)
+        return False
+
     def send(self, line):
+        self.editing()
         os.write(self.fd, line.encode() + b"\r")
 
     def ask(self, line, prompt=r"fireclaw> $"):
@@ -24,12 +42,12 @@ class Repl(PtyReader):
         return self.read_until(prompt)
 
     def close(self):
-        # Ctrl-D; sent again if it was lost (libedit flushes pending input when it puts
-        # the terminal in raw mode, so a ^D typed before that moment is discarded)
+        # Ctrl-D once libedit reads keys (editing()); sent again each second until the
+        # REPL is gone
         end = time.monotonic() + 10
         next_send = 0
         while time.monotonic() < end:
-            if time.monotonic() >= next_send:
+            if time.monotonic() >= next_send and self.editing(0.5):
                 try:
                     os.write(self.fd, b"\x04")
                 except OSError:
@@ -105,6 +123,7 @@ try:
     ok("double(21)" in text.replace("\\040", " "), "history is saved", text[-300:])
     r2 = Repl(home)
     r2.read_until(r"fireclaw> $")
+    r2.editing()
     os.write(r2.fd, b"\x1b[A")  # up arrow: the last line from the saved history
     r2.send("")
     out = r2.read_until(r"fireclaw> $")
