@@ -58,11 +58,13 @@ $(AGENT_BIN): guest/fireclaw-agent.c guest/agent-proto.h build/.deps
 # the initramfs's /init (guest/fireclaw-init.c): modules, root disk, network, the agent,
 # then the image's init; also compiled into fireclaw by core/guest.c
 INIT_BIN := build/guest/fireclaw-init
-$(INIT_BIN): guest/fireclaw-init.c build/.deps
+$(INIT_BIN): guest/fireclaw-init.c guest/init-modules.h build/.deps
 	@mkdir -p build/guest
 	$(CC) -std=gnu11 -Os -Wall -Wextra -Werror -static -s -o $@ guest/fireclaw-init.c
 $(OBJDIR)/guest.o: $(GUEST_BIN) $(AGENT_BIN) $(INIT_BIN)
 $(OBJDIR)/agent.o $(OBJDIR)/fc_agent_ops.o: guest/agent-proto.h
+# the module selection of fireclaw-init, driven on the host with a made-up sysfs tree
+$(OBJDIR)/unit/test_init_modules: guest/init-modules.h
 
 build/.deps: tools/deps.sh
 	@mkdir -p build

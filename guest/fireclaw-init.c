@@ -4,7 +4,8 @@
  * the agent, then hands PID 1 to the image's own init:
  *
  *   1. mount devtmpfs, proc and sysfs; the console on stdin/stdout/stderr
- *   2. load the kernel modules listed in /lib/modules/order (finit_module, in order)
+ *   2. load the kernel modules listed in /lib/modules/order (finit_module, in order), the
+ *      device drivers only for the virtio devices present (guest/init-modules.h)
  *   3. wait for the root disk (root=, fireclaw.rootwait= s), mount it on /newroot
  *   4. the network of ip= (addresses, netmask, gateway with a permanent neighbour entry
  *      for fireclaw.gw_mac=, the resolvers), the hostname
@@ -46,6 +47,8 @@
 #include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "init-modules.h"
 
 #define AGENT "/usr/sbin/fireclaw-agent"
 #define NEWROOT "/newroot"
@@ -168,22 +171,27 @@ static void early_mounts(void)
 	mount_or_say("sysfs", "/sys", "sysfs", 0, NULL);
 }
 
+static void load_one(const char *m, void *ctx)
+{
+	(void)ctx;
+	char path[320];
+	snprintf(path, sizeof path, "/lib/modules/%s.ko", m);
+	trace("insmod %s", m);
+	size_t used = strlen(modules);
+	snprintf(modules + used, sizeof modules - used, "%s%s", used ? " " : "", m);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST))
+		say("insmod %s failed: %s", m, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+}
+
+/* the drivers of the devices present only (guest/init-modules.h) */
 static void load_modules(void)
 {
-	char list[MAX_LINE], *save = NULL;
+	char list[MAX_LINE];
 	read_file("/lib/modules/order", list, sizeof list);
-	for (char *m = strtok_r(list, " \n", &save); m; m = strtok_r(NULL, " \n", &save)) {
-		char path[320];
-		snprintf(path, sizeof path, "/lib/modules/%s.ko", m);
-		trace("insmod %s", m);
-		size_t used = strlen(modules);
-		snprintf(modules + used, sizeof modules - used, "%s%s", used ? " " : "", m);
-		int fd = open(path, O_RDONLY | O_CLOEXEC);
-		if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST))
-			say("insmod %s failed: %s", m, strerror(errno));
-		if (fd >= 0)
-			close(fd);
-	}
+	fi_load_modules(list, "/sys", load_one, NULL);
 }
 
 /* Mount options: the VFS flags by name, the rest passed to the filesystem. */

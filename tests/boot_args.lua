@@ -30,5 +30,14 @@ t.like(image.boot_args(img, { tcg = true }), "^console=ttyS0 rw tsc_early_khz=%d
 t.is(image.boot_args(img), "console=ttyS0 rw", "no TCG: the boot arguments alone")
 t.is(image.boot_args({ boot_args_tcg = { "b" } }), table.concat(image.default_boot_args(), " "),
 	"no boot_args: the defaults")
+-- an image fireclaw builds boots with the defaults plus BUILT_BOOT_ARGS; imports keep the defaults
+local built, defaults = image.built_boot_args(), image.default_boot_args()
+t.same({ unpack(built, 1, #defaults) }, defaults, "built images: the defaults first")
+t.same({ unpack(built, #defaults + 1) }, image.BUILT_BOOT_ARGS, "... then BUILT_BOOT_ARGS")
+t.ok(table.concat(built, " "):find("lsm=landlock", 1, true), "built images: lsm=landlock (no AppArmor, IMA, …)")
+t.like(table.concat(built, " "), "initcall_blacklist=init_kprobe_trace,[%w_,]*load_system_certificate_list",
+	"built images: initcall_blacklist= of the boot work a throw-away guest does not need")
+t.ok(not table.concat(defaults, " "):find("lsm=", 1, true), "the defaults (imports) choose no LSMs")
+t.ok(not table.concat(defaults, " "):find("initcall_blacklist", 1, true), "... and blacklist no initcalls")
 t.raises(function() image.boot_args(img, { tgc = true }) end, "unknown option 'tgc'", "a misspelt option raises")
 return t.done()

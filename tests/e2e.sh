@@ -17,11 +17,16 @@ no_leaks "cold run"
 # network, hostname and mounts before it starts the agent (no race with the image's init)
 out=$("$fc" run --no-snapshot -v -- sh -c 'ip -4 -o addr show dev eth0; ip route show default; hostname
 	stat -f -c %T /tmp /run /dev/shm /dev/pts; readlink /dev/fd; echo "uptime $(cut -d" " -f1 /proc/uptime)"
-	echo "string-op flags: $(grep -c -w -E "erms|fsrm" /proc/cpuinfo)"' 2>&1)
+	echo "string-op flags: $(grep -c -w -E "erms|fsrm" /proc/cpuinfo)"
+	echo "modules: $(cut -d" " -f1 /proc/modules | sort | tr "\n" " ")"' 2>&1)
 like "$out" "inet 172\.16\.0\.2/30 " "cold: the first command sees eth0's address" "$out"
 like "$out" "default via 172\.16\.0\.1 dev eth0" "… the default route"
 [[ "$out" == *$'\nfireclaw\ntmpfs\ntmpfs\ntmpfs\ndevpts\n/proc/self/fd\n'* ]]
 ok $? "… the hostname, /tmp, /run, /dev/shm (tmpfs), /dev/pts and /dev/fd" "$out"
+# the initramfs loads the drivers of the devices the VM has (guest/init-modules.h): disk,
+# NIC, entropy and the agent's virtio-serial under QEMU; no vsock (Firecracker's)
+like "$out" "modules: failover net_failover virtio virtio_blk virtio_console virtio_mmio virtio_net virtio_ring virtio_rng \$" \
+	"cold: the drivers of QEMU's devices are loaded, the vsock modules are not"
 echo "# cold: the first command ran at guest $(echo "$out" | grep -o 'uptime .*')"
 # under TCG the guest sees no ERMS/FSRM, so its kernel avoids byte-wise rep movs/stos,
 # which TCG runs one byte per loop (docs/guest-notes.md, "Booting under TCG")

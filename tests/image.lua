@@ -341,6 +341,7 @@ local function test_default_image()
 	local common = table.concat(m.boot_args, " ")
 	t.ok(not common:find("nomodule") and not common:find("8250.nr_uarts"), "manifest: no nomodule / 8250.nr_uarts=0")
 	t.like(table.concat(m.boot_args_tcg, " "), "tsc_early_khz=%d+", "manifest: boot_args_tcg has tsc_early_khz")
+	t.is(m.boot_args[#m.boot_args], image.BUILT_BOOT_ARGS[#image.BUILT_BOOT_ARGS], "manifest: boot_args end with the built images' extras")
 	t.ok(m.created and m.build_seconds and m.inputs, "manifest: created, build time, inputs fingerprint")
 	t.same(m.modules, { "virtio_ring", "virtio", "virtio_mmio", "virtio_rng", "virtio_blk", "failover", "net_failover",
 		"virtio_net", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport", "virtio_console" },
@@ -415,6 +416,8 @@ local function test_import_list_rm(img)
 	t.is(m.source, "import", "import: manifest source")
 	t.is(read(m.vmlinux), read(img.vmlinux), "import: vmlinux recovered from the bzImage")
 	t.is(m.host_key, img.host_key, "import: host key pinned")
+	t.ok(not table.concat(m.boot_args, " "):find("lsm=", 1, true),
+		"import: the user's kernel gets the defaults, not the built images' extras (lsm=)")
 	t.is(m.files["rootfs.ext4"].sha256, img.files["rootfs.ext4"].sha256, "import: rootfs copied intact")
 	t.ok(m.files["rootfs.ext4"].allocated < m.files["rootfs.ext4"].size, "import: copy is sparse")
 	r = fc({ "list" })
@@ -613,6 +616,11 @@ local function test_boot(img)
 	t.like(r.stdout, "^fireclaw\n0\n", "hostname fireclaw, logged in as root")
 	t.like(r.stdout, "inet 172%.16%.0%.2/30", "eth0 configured from ip= (172.16.0.2/30)")
 	t.like(r.stdout, "default via 172%.16%.0%.1 dev eth0", "default route via the tap")
+	-- the initramfs loads the drivers of the devices present only (guest/init-modules.h):
+	-- this VM has a disk and a NIC (no virtio-serial, entropy or vsock device)
+	r = b.ssh("cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' '")
+	t.is(r.stdout, "failover net_failover virtio virtio_blk virtio_mmio virtio_net virtio_ring ",
+		"modules: the drivers of this VM's devices only (no console, rng or vsock)", r.stderr)
 	-- the helper: entropy on stdin, the time in ns (checked: 32..4096 bytes, digits only)
 	r = b.ssh("fireclaw-guest reseed 1700000000123456789 && date +%s", { stdin = string.rep("\1\2\3\4", 16) })
 	t.like(r.stdout, "^17000000%d%d\n$", "fireclaw-guest reseed NS: credits stdin, sets the clock", r.stderr)

@@ -43,7 +43,8 @@ M.READY = "fireclaw: guest ready"
 -- 3: /usr/sbin/fireclaw-agent, started by rcS before sshd; virtio_console in the initramfs
 -- 4: the initramfs's /init is guest/fireclaw-init (C): it sets up the network, mounts and
 --    starts the agent; rcS and the box's init only start sshd
-M.VERSION = 4
+-- 5: the initramfs loads only the drivers of the virtio devices present (no vsock under QEMU)
+M.VERSION = 5
 
 M.init = core.init
 M.HELPER = "/usr/sbin/fireclaw-guest"

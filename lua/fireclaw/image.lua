@@ -22,6 +22,8 @@
 --   image.info(name) -> manifest;  image.list() -> {{name=, manifest=}…};  image.exists(name)
 --   image.remove(name) -> names of the snapshots removed with it;  image.client_key() -> private key path, public key line
 --   image.boot_args(img, {tcg=bool}) -> kernel command line string
+--   image.default_boot_args(), image.built_boot_args() -> {args…}: an imported image's
+--       defaults; an image fireclaw builds gets those plus image.BUILT_BOOT_ARGS
 --   image.tsc_khz() -> host TSC kHz (for tsc_early_khz= under TCG) or nil
 --   image.prune_cache() -> drop cached .debs/kernels no image was built from
 --   pure helpers, tested on their own: parse_size, bzimage_to_elf, ko_info, module_order,
@@ -73,6 +75,7 @@ M.prune_cache, M.clean_stale = store.prune_cache, store.clean_stale
 M.client_key, M.helper_sha256 = keys.client_key, keys.helper_sha256
 M.boot_args, M.default_boot_args, M.tsc_khz = manifest.boot_args, manifest.default_boot_args, manifest.tsc_khz
 M.shim_boot_args = manifest.shim_boot_args
+M.built_boot_args, M.BUILT_BOOT_ARGS = manifest.built_boot_args, manifest.BUILT_BOOT_ARGS
 
 -- helpers, tested on their own (and used by recipes: human, check_name, parse_size, log)
 M.log, M.human, M.check_name, M.parse_size = common.log, common.human, common.check_name, common.parse_size

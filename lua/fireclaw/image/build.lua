@@ -47,7 +47,7 @@ local function fingerprint(p, opts)
 		kernel = p.kernel.Package .. "=" .. p.kernel.Version,
 		base = pv(p.base), sftp = p.sftp.Package .. "=" .. p.sftp.Version, extra = pv(p.extra),
 		requested = requested, size = opts.size and common.parse_size(opts.size) or "auto",
-		boot_args = manifest.default_boot_args(), modules = common.MODULES,
+		boot_args = manifest.built_boot_args(), modules = common.MODULES,
 		client_key = opts.client_pub, debian = opts.debian,
 		oci = opts.oci and { opts.oci.config_digest, opts.oci.manifest_digest or false },
 	})

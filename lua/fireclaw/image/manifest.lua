@@ -27,6 +27,27 @@ function M.default_boot_args()
 	}
 end
 
+-- What images fireclaw builds (its own Debian kernel) boot with on top of the defaults:
+-- cuts to a cold boot under TCG that held in A/B pairs booted side by side
+-- (docs/DECISIONS.md, "A shorter cold boot under TCG"). Imported images keep the defaults
+-- alone: their kernel and userland are the user's.
+--   lsm=landlock: no AppArmor, TOMOYO, Yama, LoadPin, SafeSetID, BPF LSM or integrity
+--   (IMA/EVM) in a throw-away guest (nothing of fireclaw's uses them; the guest
+--   is hostile anyway, docs/security.md); landlock stays for programs that sandbox
+--   themselves with it
+--   initcall_blacklist: boot-time work of no use here (the kprobe_events and printk_formats
+--   tracefs files, a self-test of the SP800-108 KDF, the built-in X.509 certificates: the
+--   initramfs's modules then load unverified, as they would with a missing key; IMA and
+--   EVM's setup)
+M.BUILT_BOOT_ARGS = { "lsm=landlock", "initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,"
+	.. "init_trace_printk_function_export,load_system_certificate_list,init_ima,init_evm" }
+
+function M.built_boot_args()
+	local args = M.default_boot_args()
+	for _, a in ipairs(M.BUILT_BOOT_ARGS) do args[#args + 1] = a end
+	return args
+end
+
 -- The kernel command line for an image (a load() or manifest table). Under TCG the
 -- tsc_early_khz of *this* host replaces the build host's (fireclaw.vmm.util.tcg_boot_args).
 -- opts.dns: the guest's resolver, as the DNS0 field of ip= (the guest's rcS writes it to
@@ -84,7 +105,7 @@ function M.built(b)
 		.. "nanoseconds since 1970, then RNDADDENTROPY + RNDRESEEDCRNG)"
 	g.agent, g.agent_sha256, g.agent_protocol = guest.AGENT, keys.agent_sha256(), require("fireclaw.core.agent").VERSION
 	g.shutdown = "poweroff -f (QEMU: ACPI power off); reboot -f (Firecracker; QEMU with -no-reboot)"
-	local boot_args = json.array(M.default_boot_args())
+	local boot_args = json.array(M.built_boot_args())
 	local source, base = "debian", { kind = "busybox" }
 	if rf.box then
 		-- the image's userland is not fireclaw's: /.fireclaw/init is PID 1
