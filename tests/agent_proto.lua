@@ -199,11 +199,18 @@ for _, bad in ipairs(refused) do
 	t.ok(not bok and tostring(berr):find(bad[3], 1, true) and not tostring(berr):find("\n"),
 		"exec refused before sending: " .. bad[3], tostring(berr):sub(1, 200))
 end
+-- (under ASan freed memory sits in its quarantine, so RSS says nothing; its leak checker
+-- reports a lost buffer at exit instead)
+local asan = (fs.read("/proc/self/maps") or ""):find("libasan", 1, true)
 collectgarbage() collectgarbage()
 rss0 = rss()
 for _ = 1, 200 do pcall(c.exec, c, { long, "x\0y" }) pcall(c.exec, c, { long, long }) end
 collectgarbage() collectgarbage()
-t.ok(rss() - rss0 < 8192, string.format("400 refused requests of ~200 KiB: RSS flat (%d KiB more)", rss() - rss0))
+if asan then
+	t.skip("400 refused requests: RSS not measured under ASan (LeakSanitizer checks at exit)")
+else
+	t.ok(rss() - rss0 < 8192, string.format("400 refused requests of ~200 KiB: RSS flat (%d KiB more)", rss() - rss0))
+end
 t.is(c:exec({ "echo", "still" }).stdout, "still\n", "… and the connection is unharmed")
 
 c:close()
