@@ -538,7 +538,9 @@ class Bench:
                         qpid = rec["vmm"]["pid"]
                         with open(f"/proc/{qpid}/cmdline", "rb") as f:
                             words = f.read().decode().split("\0")[:-1]
-                        if words:
+                        # the record names the VMM from its fork on: until its exec, the
+                        # child is still a copy of fireclaw
+                        if words and os.path.basename(words[0]).startswith("qemu-system"):
                             fc_argv = words
                             for fd in os.listdir(f"/proc/{qpid}/fd"):
                                 try:
