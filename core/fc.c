@@ -1,6 +1,7 @@
 /* fc.c - the helper layer: errors, userdata classes, options, time, interrupts, netns. */
 #include "fc.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -668,4 +669,27 @@ int fc_tcp_connect(lua_State *L, const char *netns, const char *host, int port, 
 	int flags = fcntl(fd, F_GETFL);
 	fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
 	return fd;
+}
+
+const char *fc_dl_load(void **handle, const char *soname, const char *pkg,
+		       const struct fc_dlsym *syms)
+{
+	static char err[300];
+	if (*handle)
+		return NULL;
+	void *h = dlopen(soname, RTLD_NOW | RTLD_LOCAL);
+	if (!h) {
+		snprintf(err, sizeof err, "cannot load %s (%s): install %s", soname, dlerror(), pkg);
+		return err;
+	}
+	for (const struct fc_dlsym *s = syms; s->name; s++) {
+		*s->slot = dlsym(h, s->name);
+		if (!*s->slot) {
+			snprintf(err, sizeof err, "%s has no %s", soname, s->name);
+			dlclose(h);
+			return err;
+		}
+	}
+	*handle = h;
+	return NULL;
 }

@@ -168,6 +168,18 @@ int fc_socket_in_netns(const char *netns, int domain, int type, int protocol);
 int fc_tcp_connect(lua_State *L, const char *netns, const char *host, int port, int timeout_ms,
 		   char *err, size_t errlen);
 
+/* A library loaded on first use rather than linked (libcurl, libnftables, libedit: their
+ * dynamic loading cost every start): one entry point each, its name and where to put it;
+ * the table ends with {NULL, NULL}. */
+struct fc_dlsym {
+	const char *name;
+	void **slot;
+};
+/* dlopen `soname` once (*handle set when every symbol resolved): NULL on success, else a
+ * message (static, valid until the next call) naming what failed and `pkg` to install. */
+const char *fc_dl_load(void **handle, const char *soname, const char *pkg,
+		       const struct fc_dlsym *syms);
+
 /* Load libcurl (core/fc_curl.c): NULL on success, else why not. fireclaw is not linked
  * against libcurl; only the Firecracker driver needs it. */
 const char *fc_curl_load(void);

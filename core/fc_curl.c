@@ -9,15 +9,13 @@
 #define CURL_DISABLE_TYPECHECK
 #include "fc.h"
 
-#include <dlfcn.h>
 #include <stdarg.h>
-#include <stdio.h>
 
 #include <curl/curl.h>
 
 #define LIBCURL "libcurl.so.4"
 
-/* The resolved entry points. Set once, by load_libcurl (fireclaw is single-threaded). */
+/* The resolved entry points. Set once, by fc_curl_load (fireclaw is single-threaded). */
 static struct {
 	void *handle;
 	CURLcode (*global_init)(long);
@@ -37,53 +35,28 @@ static struct {
 	void (*slist_free_all)(struct curl_slist *);
 } lib;
 
-#define RESOLVE(field, name)                                                                       \
-	do {                                                                                       \
-		*(void **)&lib.field = dlsym(lib.handle, name);                                    \
-		if (!lib.field)                                                                    \
-			return name;                                                               \
-	} while (0)
-
-/* NULL on success, else what is missing. */
-static const char *resolve_all(void)
-{
-	RESOLVE(global_init, "curl_global_init");
-	RESOLVE(easy_init, "curl_easy_init");
-	RESOLVE(easy_cleanup, "curl_easy_cleanup");
-	RESOLVE(easy_setopt, "curl_easy_setopt");
-	RESOLVE(easy_getinfo, "curl_easy_getinfo");
-	RESOLVE(easy_strerror, "curl_easy_strerror");
-	RESOLVE(multi_init, "curl_multi_init");
-	RESOLVE(multi_cleanup, "curl_multi_cleanup");
-	RESOLVE(multi_add_handle, "curl_multi_add_handle");
-	RESOLVE(multi_remove_handle, "curl_multi_remove_handle");
-	RESOLVE(multi_setopt, "curl_multi_setopt");
-	RESOLVE(multi_socket_action, "curl_multi_socket_action");
-	RESOLVE(multi_info_read, "curl_multi_info_read");
-	RESOLVE(slist_append, "curl_slist_append");
-	RESOLVE(slist_free_all, "curl_slist_free_all");
-	return NULL;
-}
+static const struct fc_dlsym SYMS[] = {
+    {"curl_global_init", (void **)&lib.global_init},
+    {"curl_easy_init", (void **)&lib.easy_init},
+    {"curl_easy_cleanup", (void **)&lib.easy_cleanup},
+    {"curl_easy_setopt", (void **)&lib.easy_setopt},
+    {"curl_easy_getinfo", (void **)&lib.easy_getinfo},
+    {"curl_easy_strerror", (void **)&lib.easy_strerror},
+    {"curl_multi_init", (void **)&lib.multi_init},
+    {"curl_multi_cleanup", (void **)&lib.multi_cleanup},
+    {"curl_multi_add_handle", (void **)&lib.multi_add_handle},
+    {"curl_multi_remove_handle", (void **)&lib.multi_remove_handle},
+    {"curl_multi_setopt", (void **)&lib.multi_setopt},
+    {"curl_multi_socket_action", (void **)&lib.multi_socket_action},
+    {"curl_multi_info_read", (void **)&lib.multi_info_read},
+    {"curl_slist_append", (void **)&lib.slist_append},
+    {"curl_slist_free_all", (void **)&lib.slist_free_all},
+    {NULL, NULL},
+};
 
 const char *fc_curl_load(void)
 {
-	static char err[300];
-	if (lib.handle)
-		return NULL;
-	void *h = dlopen(LIBCURL, RTLD_NOW | RTLD_LOCAL);
-	if (!h) {
-		snprintf(err, sizeof err, "cannot load %s (%s): install libcurl4", LIBCURL, dlerror());
-		return err;
-	}
-	lib.handle = h;
-	const char *missing = resolve_all();
-	if (missing) {
-		snprintf(err, sizeof err, "%s has no %s", LIBCURL, missing);
-		dlclose(h);
-		lib.handle = NULL;
-		return err;
-	}
-	return NULL;
+	return fc_dl_load(&lib.handle, LIBCURL, "libcurl4", SYMS);
 }
 
 /* Callers go through curl_global_init (core/vm.c does, before any other call), which

@@ -8,7 +8,6 @@
  */
 #include "fc.h"
 
-#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,26 +26,24 @@ static struct {
 	int (*write_history)(const char *);
 } lib;
 
+static const struct fc_dlsym SYMS[] = {
+    {"readline", (void **)&lib.readline},
+    {"add_history", (void **)&lib.add_history},
+    {"read_history", (void **)&lib.read_history},
+    {"write_history", (void **)&lib.write_history},
+    {NULL, NULL},
+};
+
 /* Load it once; on failure say so once (the REPL goes on without line editing). */
 static int load(void)
 {
 	if (lib.tried)
 		return lib.handle != NULL;
 	lib.tried = 1;
-	void *h = dlopen(LIBEDIT, RTLD_NOW | RTLD_LOCAL);
-	if (h) {
-		*(void **)&lib.readline = dlsym(h, "readline");
-		*(void **)&lib.add_history = dlsym(h, "add_history");
-		*(void **)&lib.read_history = dlsym(h, "read_history");
-		*(void **)&lib.write_history = dlsym(h, "write_history");
-		if (lib.readline && lib.add_history && lib.read_history && lib.write_history) {
-			lib.handle = h;
-			return 1;
-		}
-		dlclose(h);
-	}
-	fprintf(stderr, "fireclaw: no line editing (cannot load %s: install libedit2)\n", LIBEDIT);
-	return 0;
+	const char *why = fc_dl_load(&lib.handle, LIBEDIT, "libedit2", SYMS);
+	if (why)
+		fprintf(stderr, "fireclaw: no line editing (%s)\n", why);
+	return why == NULL;
 }
 
 /* Without libedit: the prompt, then one line from stdin (malloc'ed, no newline). */

@@ -8,8 +8,6 @@
  */
 #include "fc.h"
 
-#include <dlfcn.h>
-#include <stdio.h>
 
 #include <nftables/libnftables.h>
 
@@ -26,45 +24,19 @@ static struct {
 	int (*run_cmd)(struct nft_ctx *, const char *);
 } lib;
 
-#define RESOLVE(field, name)                                                                       \
-	do {                                                                                       \
-		*(void **)&lib.field = dlsym(lib.handle, name);                                    \
-		if (!lib.field)                                                                    \
-			return name;                                                               \
-	} while (0)
-
-/* NULL on success, else what is missing. */
-static const char *resolve_all(void)
-{
-	RESOLVE(ctx_new, "nft_ctx_new");
-	RESOLVE(ctx_free, "nft_ctx_free");
-	RESOLVE(buffer_output, "nft_ctx_buffer_output");
-	RESOLVE(buffer_error, "nft_ctx_buffer_error");
-	RESOLVE(error_buffer, "nft_ctx_get_error_buffer");
-	RESOLVE(run_cmd, "nft_run_cmd_from_buffer");
-	return NULL;
-}
+static const struct fc_dlsym SYMS[] = {
+    {"nft_ctx_new", (void **)&lib.ctx_new},
+    {"nft_ctx_free", (void **)&lib.ctx_free},
+    {"nft_ctx_buffer_output", (void **)&lib.buffer_output},
+    {"nft_ctx_buffer_error", (void **)&lib.buffer_error},
+    {"nft_ctx_get_error_buffer", (void **)&lib.error_buffer},
+    {"nft_run_cmd_from_buffer", (void **)&lib.run_cmd},
+    {NULL, NULL},
+};
 
 const char *fc_nft_load(void)
 {
-	static char err[300];
-	if (lib.handle)
-		return NULL;
-	void *h = dlopen(LIBNFT, RTLD_NOW | RTLD_LOCAL);
-	if (!h) {
-		snprintf(err, sizeof err, "cannot load %s (%s): install libnftables1", LIBNFT,
-			 dlerror());
-		return err;
-	}
-	lib.handle = h;
-	const char *missing = resolve_all();
-	if (missing) {
-		snprintf(err, sizeof err, "%s has no %s", LIBNFT, missing);
-		dlclose(h);
-		lib.handle = NULL;
-		return err;
-	}
-	return NULL;
+	return fc_dl_load(&lib.handle, LIBNFT, "libnftables1", SYMS);
 }
 
 /* Callers start with nft_ctx_new (core/fc_egress.c does, after fc_nft_load for the
