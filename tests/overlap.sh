@@ -30,13 +30,7 @@ q:close()' 2>&1)
 is "$out" "false	proc: cannot run /nonexistent/ovl-prog: No such file or directory	false
 true	true	3" "wait_exec: a program that cannot run raises as spawn would (reaped); one that runs: true, twice"
 
-"$fc" cleanup -q >/dev/null 2>&1
-no_leaks "before the VM tests"
-if ! setup_state; then
-	ok 1 "a private state with the default image and its snapshot"
-	done_testing
-	exit 1
-fi
+faults_begin
 
 # ---- the restored memory and disk are the snapshot's, whole ----
 "$fc" -q start --name ovl >"$tmp/id" 2>"$tmp/err"
