@@ -23,6 +23,7 @@
 -- to that many processes exec in one VM at once and the next one waits for a port (up to
 -- opts.wait s; sandbox.attach waits briefly, then takes SSH instead).
 local core = require "fireclaw.core.agent"
+local fs = require "fireclaw.fs"
 local opts_check = require "fireclaw.opts"
 local runtime = require "fireclaw.runtime"
 local state = require "fireclaw.state"
@@ -56,7 +57,7 @@ end
 M.MAX_TREE_ENTRIES = 100000
 M.MAX_TREE_DEPTH = 64
 
-local function basename(p) return (p:gsub("/+$", ""):match("([^/]+)$")) end
+local basename = fs.basename
 local function join(a, b) return (a:gsub("/+$", "")) .. "/" .. b end
 
 -- A tree walk's budget: entries and depth, raising one line when spent.

@@ -4,6 +4,7 @@
 --   fs.mkdir(path, mode) (exclusive)  fs.mkdir_p(path, mode[, {chmod_may_fail=true}])  fs.rm_rf(path)
 --   fs.chmod(path, mode)  fs.rename(a, b)
 --   fs.symlink(target, path)  fs.readlink(path)  fs.size(path)
+--   fs.basename(path) -> last name (nil for "/")  fs.dirname(path) -> the rest ("." for none)
 -- Modes are octal strings ("600"). Failures raise "fs: <op> <path>: <errno text>".
 local opts_check = require "fireclaw.opts"
 local runtime = require "fireclaw.runtime"
@@ -12,6 +13,10 @@ local sys = require "fireclaw.sys"
 local E = sys.errno
 
 local M = {}
+
+function M.basename(path) return (path:gsub("/+$", ""):match("([^/]+)$")) end
+
+function M.dirname(path) return (path:gsub("/+$", ""):match("^(.*)/[^/]+$")) or "." end
 
 local function fail(op, path, err)
 	error(string.format("fs: %s %s: %s", op, path, err), 0)

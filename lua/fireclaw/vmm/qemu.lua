@@ -24,6 +24,7 @@
 local config = require "fireclaw.config"
 local core = require "fireclaw.core.vm"
 local fault = require "fireclaw.fault"
+local fs = require "fireclaw.fs"
 local proc = require "fireclaw.proc"
 local runtime = require "fireclaw.runtime"
 local sys = require "fireclaw.sys"
@@ -529,8 +530,7 @@ function M.snapshot(v, dir)
 		agent_ports = s.agent_ports }
 end
 
-local function basename(path) return (path:gsub("/+$", ""):match("[^/]+$")) or path end
-local function dirname(path) return (path:gsub("/+$", ""):match("^(.*)/[^/]+$")) or "." end
+local basename, dirname = fs.basename, fs.dirname
 
 -- The group that may read the memory of the snapshot in dir (map_memory): deterministic
 -- from its name, so concurrent restores agree on it, and in a range of its own.
