@@ -1,8 +1,8 @@
 /* fc_rootfs.h - what the files of fireclaw.rootfs share: core/rootfs.c (the module: image
  * handles, paths, the Lua methods), core/fc_ext4.c (the ext2/3/4 editor: inodes and file
  * operations on a libext2fs filesystem), core/fc_ext2io.c (libext2fs's I/O on an fd we
- * own) and core/fc_rootfs_copy.c (rootfs.copy, rootfs.space). Private to them; the Lua
- * interface is in core/rootfs.c's opening comment. */
+ * own) and core/fc_rootfs_copy.c (rootfs.copy, rootfs.qcow2_overlay, rootfs.space). Private to
+ * them; the Lua interface is in core/rootfs.c's opening comment. */
 #ifndef FC_ROOTFS_H
 #define FC_ROOTFS_H
 
@@ -42,8 +42,9 @@ extern struct struct_io_manager rootfs_fdio_manager;
 
 /* ---- core/fc_rootfs_copy.c ---- */
 
-int rootfs_l_copy(lua_State *L);      /* rootfs.copy */
-int rootfs_l_copy_rest(lua_State *L); /* rootfs.copy_rest */
-int rootfs_l_space(lua_State *L);     /* rootfs.space */
+int rootfs_l_copy(lua_State *L);	  /* rootfs.copy */
+int rootfs_l_copy_rest(lua_State *L);	  /* rootfs.copy_rest */
+int rootfs_l_space(lua_State *L);	  /* rootfs.space */
+int rootfs_l_qcow2_overlay(lua_State *L); /* rootfs.qcow2_overlay */
 
 #endif

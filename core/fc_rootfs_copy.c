@@ -1,6 +1,6 @@
 /* fc_rootfs_copy.c - fireclaw.rootfs: rootfs.copy (reflink, else a sparse copy),
- * rootfs.copy_rest (the rest of a copy begun with a head only) and rootfs.space. See
- * core/rootfs.c. */
+ * rootfs.copy_rest (the rest of a copy begun with a head only), rootfs.qcow2_overlay (a
+ * throw-away disk that copies nothing) and rootfs.space. See core/rootfs.c. */
 #include "fc_rootfs.h"
 
 #include <errno.h>
@@ -9,6 +9,9 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/fs.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -231,4 +234,180 @@ int rootfs_l_space(lua_State *L)
 		fc_errno_error(L, errno, "rootfs: free space on %s", path);
 	lua_pushnumber(L, (lua_Number)sv.f_bavail * (lua_Number)sv.f_frsize);
 	return 1;
+}
+
+/* ---- rootfs.qcow2_overlay: an empty qcow2 v3 file on a raw backing file ----
+ *
+ * A throw-away VM's disk: QEMU writes the guest's changes into this file and reads the
+ * rest from the backing file (a descriptor it is given read-only), so nothing is copied.
+ * Layout (what qemu-img create makes): cluster 0 the header, its extensions and the
+ * backing file's name; cluster 1 the refcount table (one entry); cluster 2 its refcount
+ * block (16-bit counts: 1 for each of these clusters); then the L1 table, all zeros (no
+ * L2 table yet: every cluster reads from the backing file). Only the first bytes of the
+ * first three clusters are written; the rest of the file is a hole. */
+
+#define QCOW2_MAGIC 0x514649fbu /* "QFI\xfb" */
+#define QCOW2_EXT_BACKING_FMT 0xe2792acau
+#define QCOW2_HEADER_LEN 112 /* v3 with the compression type byte (zlib: 0) */
+#define QCOW2_INCOMPAT_EXTL2 (1u << 4)
+#define QCOW2_MAX_L1_BYTES (32u << 20) /* QEMU refuses bigger L1 tables */
+#define QCOW2_MAX_BACKING 1023	       /* QEMU's limit on the backing file's name */
+#define QCOW2_MAX_SIZE (1ull << 50)    /* 1 PiB: more is a mistake, not a disk */
+
+struct qcow2_geom {
+	unsigned cluster_bits;
+	int extended_l2;
+	uint64_t size, l1_size, meta_clusters; /* header + refcount table + block + L1 */
+};
+
+static void put_be32(unsigned char *p, uint32_t v)
+{
+	for (int i = 3; i >= 0; i--, v >>= 8)
+		p[i] = (unsigned char)v;
+}
+
+static void put_be64(unsigned char *p, uint64_t v)
+{
+	put_be32(p, (uint32_t)(v >> 32));
+	put_be32(p + 4, (uint32_t)v);
+}
+
+/* The L1 size and the number of metadata clusters for this size; a line saying why not in
+ * why (and -1) when the format cannot hold it with this cluster size. */
+static int qcow2_plan(struct qcow2_geom *g, char *why, size_t len)
+{
+	uint64_t cs = 1ull << g->cluster_bits;
+	uint64_t per_l2 = cs / (g->extended_l2 ? 16 : 8); /* extended L2 entries are 128-bit */
+	uint64_t per_l1 = per_l2 * cs;			  /* bytes one L1 entry maps */
+	g->l1_size = (g->size + per_l1 - 1) / per_l1;
+	uint64_t l1_bytes = g->l1_size * 8;
+	g->meta_clusters = 3 + (l1_bytes + cs - 1) / cs;
+	if (l1_bytes > QCOW2_MAX_L1_BYTES || g->meta_clusters > cs / 2) {
+		snprintf(why, len, "a %llu-byte disk needs a bigger cluster size than %llu",
+			 (unsigned long long)g->size, (unsigned long long)cs);
+		return -1;
+	}
+	return 0;
+}
+
+/* Cluster 0: the header, the backing format extension ("raw"), the end of the extensions,
+ * then the backing file's name. buf holds QCOW2_HEADER_LEN + 24 + name_len bytes. */
+static size_t qcow2_header(unsigned char *buf, const struct qcow2_geom *g, const char *name,
+			   size_t name_len)
+{
+	uint64_t cs = 1ull << g->cluster_bits;
+	size_t name_at = QCOW2_HEADER_LEN + 16 + 8;
+	put_be32(buf, QCOW2_MAGIC);
+	put_be32(buf + 4, 3);
+	put_be64(buf + 8, name_at);
+	put_be32(buf + 16, (uint32_t)name_len);
+	put_be32(buf + 20, g->cluster_bits);
+	put_be64(buf + 24, g->size);
+	put_be32(buf + 36, (uint32_t)g->l1_size);
+	put_be64(buf + 40, 3 * cs); /* L1 table */
+	put_be64(buf + 48, cs);	    /* refcount table, one cluster */
+	put_be32(buf + 56, 1);
+	put_be64(buf + 72, g->extended_l2 ? QCOW2_INCOMPAT_EXTL2 : 0);
+	put_be32(buf + 96, 4); /* refcount_order: 16-bit refcounts */
+	put_be32(buf + 100, QCOW2_HEADER_LEN);
+	put_be32(buf + QCOW2_HEADER_LEN, QCOW2_EXT_BACKING_FMT);
+	put_be32(buf + QCOW2_HEADER_LEN + 4, 3);
+	memcpy(buf + QCOW2_HEADER_LEN + 8, "raw", 3); /* padded to 8 with zeros */
+	memcpy(buf + name_at, name, name_len);	      /* (the end extension: 8 zeros before) */
+	return name_at + name_len;
+}
+
+/* Write the metadata into the new, empty file fd. Returns 0 or -errno. */
+static int qcow2_write(int fd, const struct qcow2_geom *g, const char *name, size_t name_len)
+{
+	uint64_t cs = 1ull << g->cluster_bits;
+	unsigned char head[QCOW2_HEADER_LEN + 24 + QCOW2_MAX_BACKING] = {0};
+	size_t n = qcow2_header(head, g, name, name_len);
+	unsigned char reftable[8];
+	put_be64(reftable, 2 * cs);
+	size_t refs_len = (size_t)g->meta_clusters * 2;
+	unsigned char *refs = calloc(1, refs_len);
+	if (!refs)
+		return -ENOMEM;
+	for (uint64_t i = 0; i < g->meta_clusters; i++)
+		refs[2 * i + 1] = 1;
+	int err = 0;
+	errno = 0;
+	if (ftruncate(fd, (off_t)(g->meta_clusters * cs)) < 0 ||
+	    pwrite(fd, head, n, 0) != (ssize_t)n || pwrite(fd, reftable, 8, (off_t)cs) != 8 ||
+	    pwrite(fd, refs, refs_len, (off_t)(2 * cs)) != (ssize_t)refs_len)
+		err = errno ? -errno : -EIO;
+	free(refs);
+	return err;
+}
+
+/* Raise "rootfs: qcow2_overlay PATH: ..." (printf's formats: lua_pushfstring has no %zu
+ * and prints big numbers in %g). */
+static void __attribute__((format(printf, 3, 4), noreturn))
+qcow2_fail(lua_State *L, const char *path, const char *fmt, ...)
+{
+	char msg[256];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	fc_error(L, "rootfs: qcow2_overlay %s: %s", path, msg);
+}
+
+/* Check the arguments of rootfs.qcow2_overlay into g; raises (misuse) on a bad one. */
+static void qcow2_args(lua_State *L, const char *path, struct qcow2_geom *g)
+{
+	static const char *const known[] = {"cluster_size", "extended_l2", NULL};
+	lua_Number size = luaL_checknumber(L, 2);
+	if (!(size >= 512 && size <= (lua_Number)QCOW2_MAX_SIZE && fmod(size, 512) == 0))
+		qcow2_fail(L, path,
+			   "the virtual size must be a multiple of 512 bytes, from 512 to 1 PiB, "
+			   "not %.0f",
+			   (double)size);
+	g->size = (uint64_t)size;
+	double cs = 65536;
+	if (!lua_isnoneornil(L, 4)) {
+		luaL_checktype(L, 4, LUA_TTABLE);
+		fc_opt_check(L, 4, "rootfs.qcow2_overlay", known);
+		cs = fc_opt_number(L, 4, "cluster_size", cs);
+		g->extended_l2 = fc_opt_bool(L, 4, "extended_l2", 0);
+	}
+	int bits = 0;
+	while (bits < 22 && (double)(1u << bits) < cs)
+		bits++;
+	if (bits < 9 || bits > 21 || (double)(1u << bits) != cs)
+		qcow2_fail(L, path,
+			   "cluster_size must be a power of two from 512 to 2 MiB, not %.0f", cs);
+	if (g->extended_l2 && bits < 14)
+		qcow2_fail(L, path, "extended_l2 needs a cluster size of 16 KiB or more");
+	g->cluster_bits = (unsigned)bits;
+	char why[128];
+	if (qcow2_plan(g, why, sizeof why) < 0)
+		qcow2_fail(L, path, "%s", why);
+}
+
+int rootfs_l_qcow2_overlay(lua_State *L)
+{
+	const char *path = luaL_checkstring(L, 1);
+	size_t name_len;
+	const char *name = luaL_checklstring(L, 3, &name_len);
+	struct qcow2_geom g = {0};
+	qcow2_args(L, path, &g);
+	if (name_len == 0 || name_len > QCOW2_MAX_BACKING || memchr(name, 0, name_len) ||
+	    QCOW2_HEADER_LEN + 24 + name_len > (1u << g.cluster_bits))
+		qcow2_fail(L, path,
+			   "the backing file's name must be 1 to %d bytes without NUL (and fit in "
+			   "the first cluster), not %zu bytes",
+			   QCOW2_MAX_BACKING, name_len);
+	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (fd < 0)
+		fc_errno_error(L, errno, "rootfs: qcow2_overlay: create %s", path);
+	int err = qcow2_write(fd, &g, name, name_len);
+	if (close(fd) < 0 && !err)
+		err = -errno;
+	if (err) {
+		unlink(path);
+		fc_errno_error(L, -err, "rootfs: qcow2_overlay: write %s", path);
+	}
+	return 0;
 }

@@ -27,6 +27,14 @@
  *       open, do it, close.
  *   rootfs.space(path) -> bytes        free to an unprivileged writer on path's
  *       filesystem (statvfs f_bavail): what a disk copy there can still grow into.
+ *   rootfs.qcow2_overlay(path, virtual_size, backing_name [, {cluster_size =, extended_l2 =}])
+ *       instead of a copy, for a disk nobody reads after its VM: an empty qcow2 v3 file
+ *       (created 0600, exclusively, not through a symlink; sparse: a few hundred bytes of
+ *       metadata) whose clusters all read from a raw backing file, named backing_name in
+ *       its header (QEMU is given the backing file itself as a read-only node). A size
+ *       that is not a multiple of 512, a bad cluster size: raises. Defaults: 64 KiB
+ *       clusters, extended_l2 = false (2 KiB subclusters with 64 KiB: a guest's 4 KiB
+ *       write then copies nothing from the backing file).
  *
  *   opts: mode (a number such as tonumber("600", 8), or an octal string "0600"; default
  *   0644 for files, 0755 for directories), uid, gid (default 0).
@@ -40,7 +48,8 @@
  * replay the journal over our changes.
  *
  * The module is four files sharing core/fc_rootfs.h: this one (handles, paths, methods),
- * fc_ext4.c (the editor), fc_ext2io.c (libext2fs's I/O) and fc_rootfs_copy.c (copy, space).
+ * fc_ext4.c (the editor), fc_ext2io.c (libext2fs's I/O) and fc_rootfs_copy.c (copy,
+ * qcow2_overlay, space).
  *
  * Style: the ext2 layer below returns errcode_t and never raises; Lua functions parse
  * their arguments first and raise only once nothing is left half-done.
@@ -587,12 +596,19 @@ int luaopen_fireclaw_rootfs(lua_State *L)
 	    {NULL, NULL},
 	};
 	static const luaL_Reg fns[] = {
-	    {"copy", rootfs_l_copy},   {"copy_rest", rootfs_l_copy_rest},
-	    {"open", l_open},	       {"write", l_m_write},
-	    {"read", l_m_read},	       {"exists", l_m_exists},
-	    {"mkdir", l_m_mkdir},      {"remove", l_m_remove},
-	    {"list", l_m_list},	       {"stat", l_m_stat},
-	    {"space", rootfs_l_space}, {NULL, NULL},
+	    {"copy", rootfs_l_copy},
+	    {"copy_rest", rootfs_l_copy_rest},
+	    {"open", l_open},
+	    {"write", l_m_write},
+	    {"read", l_m_read},
+	    {"exists", l_m_exists},
+	    {"mkdir", l_m_mkdir},
+	    {"remove", l_m_remove},
+	    {"list", l_m_list},
+	    {"stat", l_m_stat},
+	    {"space", rootfs_l_space},
+	    {"qcow2_overlay", rootfs_l_qcow2_overlay},
+	    {NULL, NULL},
 	};
 	/* libext2fs reports com_err codes; register their texts once */
 	initialize_ext2_error_table();

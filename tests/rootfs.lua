@@ -37,6 +37,100 @@ local function blocks(path) return tonumber((sh("stat -c %b " .. q(path)))) end
 local function open_fds() return #require("fireclaw.runtime").listdir("/proc/self/fd") end
 local fds_before = open_fds()
 
+-- rootfs.qcow2_overlay: files that qemu-img finds sane (check, info) for several sizes
+-- and cluster layouts, that read exactly as their backing file and take a write without
+-- touching it; bad arguments are one line each and leave no file.
+local function qcow2_overlays()
+	local json = require "fireclaw.json"
+	if not select(2, sh("command -v qemu-img")) then
+		for _ = 1, 59 do t.skip("qemu-img is missing (tools/deps.sh installs qemu-utils)") end
+		return
+	end
+	local base = TMP .. "/golden.raw"
+	sh("truncate -s 64M " .. q(base) .. " && printf golden | dd of=" .. q(base) .. " conv=notrunc status=none"
+		.. " && printf middle | dd of=" .. q(base) .. " bs=1 seek=$((40 << 20 | 1024)) conv=notrunc status=none")
+	local base_sum = sh("sha256sum <" .. q(base))
+	local GiB = 2 ^ 30
+	local cases = {
+		{ 64 * 2 ^ 20 }, { 64 * 2 ^ 20, { extended_l2 = true } }, { 64 * 2 ^ 20, { cluster_size = 4096 } },
+		{ 100 * 2 ^ 20 + 512 }, -- not a whole number of clusters
+		{ 2 * GiB }, { 1024 * GiB }, { 1024 * GiB, { cluster_size = 4096 } },
+		{ 1024 * GiB, { cluster_size = 2 ^ 21, extended_l2 = true } },
+	}
+	for i, c in ipairs(cases) do
+		local size, opts = c[1], c[2]
+		local what = string.format("qcow2_overlay %.0f bytes%s", size, opts and (" " .. json.encode(opts)) or "")
+		local path = TMP .. "/ovl" .. i .. ".qcow2"
+		local ok, err = pcall(rootfs.qcow2_overlay, path, size, base, opts)
+		t.ok(ok, what .. ": made", err)
+		local out, clean = sh("qemu-img check " .. q(path))
+		t.ok(clean and out:match("No errors were found"), what .. ": qemu-img check finds no error", out)
+		local info = json.decode((sh("qemu-img info --output=json " .. q(path))))
+		local cs = opts and opts.cluster_size or 65536
+		local data = info["format-specific"] and info["format-specific"].data or {}
+		t.same({ info.format, info["virtual-size"], info["cluster-size"], info["backing-filename"],
+			info["backing-filename-format"], data.compat, data["extended-l2"], data.corrupt, info["dirty-flag"] },
+			{ "qcow2", size, cs, base, "raw", "1.1", opts and opts.extended_l2 or false, false, false },
+			what .. ": qemu-img info: qcow2 v3, its size, clusters, backing file (raw), not dirty")
+		t.ok(blocks(path) <= 64 and sh("stat -c %a " .. q(path)) == "600\n",
+			what .. ": 0600, sparse (" .. tostring(blocks(path)) .. " blocks of 512 bytes held)")
+		if i > 3 then os.remove(path) end
+	end
+	-- it reads exactly as its backing file, and a write goes into it only
+	local ovl, ovl_ext = TMP .. "/ovl1.qcow2", TMP .. "/ovl2.qcow2"
+	t.is(sh("qemu-img convert -O raw " .. q(ovl) .. " " .. q(TMP .. "/back.raw") .. " && sha256sum <" .. q(TMP .. "/back.raw")), base_sum,
+		"an overlay reads exactly as its backing file")
+	for _, p in ipairs({ ovl, ovl_ext, TMP .. "/ovl3.qcow2" }) do
+		local out, ok = sh("qemu-io -f qcow2 -c 'write -P 0xab 4096 4096' -c 'write -P 0xcd 41943040 512' " .. q(p))
+		t.ok(ok, "qemu-io writes into " .. p:match("[^/]+$"), out)
+		local _, clean = sh("qemu-img check " .. q(p))
+		t.ok(clean, "... which qemu-img check still finds clean")
+	end
+	os.remove(TMP .. "/back.raw")
+	local back = sh("qemu-img convert -O raw " .. q(ovl_ext) .. " " .. q(TMP .. "/back.raw")
+		.. " && dd if=" .. q(TMP .. "/back.raw") .. " bs=1 count=6 status=none"
+		.. " && dd if=" .. q(TMP .. "/back.raw") .. " bs=4096 skip=1 count=1 status=none | tr -d '\\253' | wc -c"
+		.. " && dd if=" .. q(TMP .. "/back.raw") .. " bs=1 skip=$((40 << 20)) count=512 status=none | tr -d '\\315' | wc -c"
+		.. " && dd if=" .. q(TMP .. "/back.raw") .. " bs=1 skip=$((40 << 20 | 1024)) count=6 status=none")
+	-- (the 512 bytes at 40 MiB share a 2 KiB subcluster with "middle": copied on write)
+	t.is(back, "golden0\n0\nmiddle", "... the overlay reads the writes over the backing file's bytes")
+	os.remove(TMP .. "/back.raw")
+	t.is(sh("sha256sum <" .. q(base)), base_sum, "the backing file is unchanged by the writes")
+	for i = 1, 3 do os.remove(TMP .. "/ovl" .. i .. ".qcow2") end
+	-- bad arguments: one line each, no file left
+	local bad = TMP .. "/bad.qcow2"
+	local function refused(pattern, what, size, name, opts)
+		t.raises(function() rootfs.qcow2_overlay(bad, size, name or base, opts) end, pattern, "qcow2_overlay: " .. what)
+	end
+	local SIZE = "the virtual size must be a multiple of 512 bytes, from 512 to 1 PiB, not "
+	refused(esc(SIZE) .. "0$", "a size of 0", 0)
+	refused(esc(SIZE) .. "1000$", "a size that is not a multiple of 512", 1000)
+	refused(esc(SIZE) .. "%-512$", "a negative size", -512)
+	refused(esc(SIZE) .. "2251799813685248$", "a size over 1 PiB", 2 ^ 51)
+	refused("number expected", "a size that is not a number", "64M")
+	refused("cluster_size must be a power of two from 512 to 2 MiB, not 1000$", "a cluster size of 1000", 512, nil,
+		{ cluster_size = 1000 })
+	refused("not 4194304$", "a cluster size of 4 MiB", 512, nil, { cluster_size = 2 ^ 22 })
+	refused("extended_l2 needs a cluster size of 16 KiB or more$", "extended_l2 with 4 KiB clusters", 512, nil,
+		{ cluster_size = 4096, extended_l2 = true })
+	refused("a 1099511627776%-byte disk needs a bigger cluster size than 512$", "1 TiB in 512-byte clusters",
+		1024 * GiB, nil, { cluster_size = 512 })
+	refused("unknown option 'backing'", "an unknown option", 512, nil, { backing = "x" })
+	refused("the backing file's name must be 1 to 1023 bytes .*not 0 bytes$", "an empty backing name", 512, "")
+	refused("not 1024 bytes$", "a backing name of 1024 bytes", 512, ("x"):rep(1024))
+	refused("not 3 bytes$", "a backing name with a NUL", 512, "a\0b")
+	refused("not 400 bytes$", "a backing name that does not fit in a 512-byte cluster", 512, ("x"):rep(400),
+		{ cluster_size = 512 })
+	t.ok(not io.open(bad), "... and none of them left a file")
+	sh("ln -s " .. q(TMP .. "/target") .. " " .. q(bad))
+	refused("create " .. esc(bad) .. ": File exists$", "a symlink where the file goes (not followed)", 512)
+	t.ok(not io.open(TMP .. "/target"), "... its target was not created")
+	os.remove(bad)
+	t.raises(function() rootfs.qcow2_overlay(TMP .. "/no/dir/x.qcow2", 512, base) end,
+		"create " .. esc(TMP) .. "/no/dir/x.qcow2: No such file or directory$", "qcow2_overlay: a missing directory")
+	os.remove(base)
+end
+
 local function body()
 	-- ---- copy ----
 	local src, dst = TMP .. "/sparse.img", TMP .. "/copy.img"
@@ -96,6 +190,9 @@ local function body()
 	os.remove(TMP .. "/short.img")
 	os.remove(src)
 	os.remove(dst)
+
+	-- ---- qcow2 overlays (a throw-away VM's disk), checked by qemu-img ----
+	qcow2_overlays()
 
 	-- ---- files into an ext4 image ----
 	local img = mkfs("disk.ext4", "64M")

@@ -13,7 +13,7 @@ libnftables-dev"
 RUN="qemu-system-x86 iproute2 e2fsprogs nftables libnftables1 dnsmasq-base"
 IMAGE="busybox-static dropbear-bin openssh-client cpio lz4 xz-utils zstd mmdebstrap"
 TEST="python3-yaml python3-jsonschema socat openssh-server hyperfine clang
-libclang-rt-14-dev valgrind lua-check"
+libclang-rt-14-dev valgrind lua-check qemu-utils"
 
 APT_GET=${FIRECLAW_DEPS_APT_GET:-apt-get}
 POLICY=${FIRECLAW_DEPS_POLICY_RC:-/usr/sbin/policy-rc.d}
