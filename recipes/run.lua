@@ -187,7 +187,9 @@ local function start_vm(o)
 	local vmopts = { image = o.image, vcpu = o.vcpu, mem_mib = o.mem, vmm = o.vmm, keep = o.keep,
 		boot_timeout = o.boot_timeout, detected = d, snapshot = o.snapshot, cpus = o.cpus, disk = o.disk,
 		exec = o.exec, unsafe_no_jailer = o.unsafe_no_jailer, name = o.name, ttl = o.ttl,
-		net = o.policy }
+		net = o.policy,
+		-- a VM that is not kept: nobody reads its disk afterwards (QEMU: an overlay, no copy)
+		throwaway_disk = not o.keep or nil }
 	if not o.no_snapshot then
 		local snap, why = restore.find(vmopts)
 		if snap and o.sized and (o.vcpu ~= snap.vcpu or o.mem ~= snap.mem_mib) then

@@ -75,6 +75,10 @@ end
 -- exec channel, as every recipe's is: a sandbox nobody connected to is not waited for)
 function M.take(sb, name, opts)
 	opts = checkopts.check("snapshot.take", opts or {}, { "zero_free" })
+	if sb.disk_backing then -- (sandbox.new's throwaway_disk: its disk is an overlay, not an ext4)
+		error(string.format("snapshot: VM %s has a throw-away disk (a qcow2 overlay); a VM to snapshot is made "
+			.. "without throwaway_disk", sb.id), 0)
+	end
 	local tmp = snapshot.begin(name)
 	local ok, res = pcall(function()
 		if opts.zero_free ~= false and (sb.session or sb.agent) then M.zero_free(sb) end

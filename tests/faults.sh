@@ -29,9 +29,18 @@ for p in ssh-ready reseeded teardown-session; do
 done
 
 # ... and at the points a cold boot has of its own
-for p in vmm-spawned vmm-recorded disk-rest; do
+for p in vmm-spawned vmm-recorded; do
 	is "$(status_of env FIRECLAW_FAULT=$p "$fc" run --no-snapshot -- echo hi)" 137 "SIGKILL at $p of a cold boot"
 	finish "SIGKILL at $p of a cold boot"
+done
+# ... and where a disk is copied rather than an overlay (coldboot, restore: the rest of the
+# copy while QEMU starts; `run` gives QEMU an overlay: tests/overlay.sh)
+for r in coldboot restore; do
+	is "$(status_of env FIRECLAW_FAULT=disk-rest "$fc" $r -- echo hi)" 137 "SIGKILL at disk-rest ($r: a disk copy)"
+	finish "SIGKILL at disk-rest ($r)"
+	FIRECLAW_FAULT=disk-rest:error "$fc" $r -- echo hi >/dev/null 2>"$tmp/err"
+	is "$?:$(cat "$tmp/err")" "1:fireclaw: fault injected at disk-rest" "error at disk-rest ($r): exit 1, one line"
+	no_leaks "error at disk-rest ($r), without cleanup"
 done
 
 # SIGKILL while waiting for the agent (cold boot: the VMM is up, the guest still booting)
@@ -134,9 +143,9 @@ full_run() { # full_run MOUNT_OPTIONS CMD…: run CMD with FIRECLAW_RUN on a fre
 		find "$dir" -mindepth 2 >"$dir.left"
 		exit $rc' "$opts" "$small" "$@"
 }
-full_run size=200k "$fc" run -- true 2>"$tmp/full.err"
+full_run size=200k "$fc" restore -- true 2>"$tmp/full.err"
 rc=$?
-is "$rc" 1 "run dir too small for the disk copy: exit 1"
+is "$rc" 1 "run dir too small for the disk copy (restore): exit 1"
 one_line "$tmp/full.err" && grep -q "No space left on device" "$tmp/full.err"
 ok $? "one line: no space left" "$(cat "$tmp/full.err")"
 is "$(cat "$small.left")" "" "nothing half-written in the run dir"
@@ -151,14 +160,18 @@ is "$(cat "$small.left")" "" "no VM directory without its record"
 FIRECLAW_RUN=$small no_leaks "run dir full (record)"
 
 # room for the disk copy, not for what the guest writes: an I/O error in the guest, not a
-# VM paused forever (QEMU's default werror=enospc)
-full_run size=$((disk_kb + 1024))k "$fc" run -- dd if=/dev/zero of=/root/big bs=1M count=32 conv=fsync \
-	>/dev/null 2>"$tmp/full.err"
-rc=$?
-is "$rc" 1 "guest filling the run dir: the command fails (dd's status)"
-like "$(cat "$tmp/full.err")" "Input/output error" "with an I/O error in the guest"
-is "$(cat "$small.left")" "" "and the run dir is empty afterwards"
-FIRECLAW_RUN=$small no_leaks "run dir filled by the guest"
+# VM paused forever (QEMU's default werror=enospc); a copy (restore), and an overlay (run:
+# room for its metadata, the logs and the record only)
+for r in "restore $((disk_kb + 1024))k" "run 2048k"; do
+	read -r how room <<<"$r"
+	full_run size=$room "$fc" $how -- dd if=/dev/zero of=/root/big bs=1M count=32 conv=fsync \
+		>/dev/null 2>"$tmp/full.err"
+	rc=$?
+	is "$rc" 1 "guest filling the run dir ($how): the command fails (dd's status)"
+	like "$(cat "$tmp/full.err")" "Input/output error" "with an I/O error in the guest"
+	is "$(cat "$small.left")" "" "and the run dir is empty afterwards"
+	FIRECLAW_RUN=$small no_leaks "run dir filled by the guest ($how)"
+done
 
 # ---- unwritable state and run directories ----
 ro=$tmp/ro

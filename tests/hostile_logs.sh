@@ -44,8 +44,9 @@ wait_until() { # SECONDS CMD…
 }
 vm_dir() { ls -d "$FIRECLAW_RUN"/vms/[0-9a-f]* 2>/dev/null | head -1; }
 size() { stat -c %s "$1" 2>/dev/null || echo 0; }
-# every file in the VM directories but the disk copy (the guest's disk, of its own size)
-sizes() { find "$FIRECLAW_RUN/vms" -type f ! -name disk.ext4 -printf '%s %p\n' 2>/dev/null; }
+# every file in the VM directories but the disk (a copy, of its own size, or an overlay of
+# at most that size: the guest's writes)
+sizes() { find "$FIRECLAW_RUN/vms" -type f ! -name disk.ext4 ! -name disk.qcow2 -printf '%s %p\n' 2>/dev/null; }
 # sample sizes into FILE while PID lives
 sample() { # PID FILE
 	while kill -0 "$1" 2>/dev/null; do sizes >>"$2"; sleep 0.1; done

@@ -6,7 +6,9 @@
 # back 96 MiB it wrote to RAM before the snapshot (pages far into its 256 MiB) and a file
 # on its disk past the disk's head, read from the disk (caches dropped); fireclaw killed
 # (SIGKILL) or failing in the middle of the copies leaves nothing behind (QEMU killed and
-# reaped, then cleanup); proc.spawn{wait_exec = false} and p:wait_exec().
+# reaped, then cleanup); proc.spawn{wait_exec = false} and p:wait_exec(). The copies are
+# those of VMs whose disk is read again (`fireclaw restore`, `coldboot`, kept VMs): a `run`
+# that is not kept gives QEMU an overlay instead (tests/overlay.sh).
 set -u
 source "$FIRECLAW_TESTS/lib/tap.sh"
 source "$FIRECLAW_TESTS/lib/leaks.sh"
@@ -47,10 +49,23 @@ ok $? "snapshot it" "$(cat "$tmp/err")"
 far=$(dd if="$FIRECLAW_STATE/snapshots/$snap/memory" bs=1M skip=192 count=64 status=none | tr -d '\0' | head -c 4096 | wc -c)
 [ "$far" -gt 0 ]
 ok $? "the snapshot's memory has data past 192 MiB (${far} non-zero bytes seen)"
+READ='sync; echo 3 >/proc/sys/vm/drop_caches; sha256sum /dev/shm/big /root/big'
 for i in 1 2; do
-	got=$("$fc" run --snapshot "$snap" -- sh -c 'sync; echo 3 >/proc/sys/vm/drop_caches; sha256sum /dev/shm/big /root/big' 2>"$tmp/err")
-	is "$got" "$sums" "restore $i: the guest reads back its RAM and its disk (from the disk), unchanged" "$(cat "$tmp/err")"
+	got=$("$fc" run --snapshot "$snap" -- sh -c "$READ" 2>"$tmp/err")
+	is "$got" "$sums" "restore $i (run: a disk overlay): the guest reads back its RAM and its disk (from the disk), unchanged" "$(cat "$tmp/err")"
 done
+# a copy of the disk, its head first and the rest while QEMU starts (fireclaw restore)
+got=$("$fc" -v restore --snapshot "$snap" -- sh -c "$READ" 2>"$tmp/err")
+is "$got" "$sums" "restore 3 (a disk copy): the guest reads back its RAM and its disk (from the disk), unchanged" "$(tail -3 "$tmp/err")"
+like "$(cat "$tmp/err")" "disk head \\(sparse\\)" "... its disk stage copied the head only"
+like "$(cat "$tmp/err")" "rest of the disk copy" "... and the rest while QEMU started"
+is "$(status_of env FIRECLAW_FAULT=disk-rest "$fc" restore --snapshot "$snap" -- echo hi)" 137 "SIGKILL at disk-rest of a restore"
+vp=$(vmm_pid)
+[ -n "$vp" ]
+ok $? "QEMU was forked and recorded before the disk's rest (pid ${vp:-none})"
+wait_gone "$vp"
+ok $? "QEMU dies with fireclaw (its parent-death signal)"
+finish "SIGKILL at disk-rest of a restore"
 no_leaks "restores of $snap"
 
 # ---- fireclaw killed or failing between the memory copy and the rest of the disk ----
@@ -65,21 +80,21 @@ FIRECLAW_FAULT=ram-filled:error "$fc" run -- echo hi >/dev/null 2>"$tmp/err"
 is "$?:$(cat "$tmp/err")" "1:fireclaw: fault injected at ram-filled" "an error at ram-filled: exit 1, one line"
 no_leaks "an error at ram-filled, without cleanup (QEMU killed and reaped by the run)"
 
-# ---- cold boots: QEMU forked paused (-S), the disk's rest copied, then `cont` ----
+# ---- cold boots with a disk copy (coldboot): QEMU forked paused (-S), the disk's rest copied, then `cont` ----
 img=$FIRECLAW_STATE/images/default/rootfs.ext4
 want=$(IMG=$img "$fc" -e 'io.write(require("fireclaw.rootfs").read(os.getenv("IMG"), "/bin/busybox"))' | sha256sum | cut -d' ' -f1)
-got=$("$fc" -v run --no-snapshot -- sh -c 'echo 3 >/proc/sys/vm/drop_caches; sha256sum /bin/busybox' 2>"$tmp/err")
+got=$("$fc" -v coldboot -- sh -c 'echo 3 >/proc/sys/vm/drop_caches; sha256sum /bin/busybox' 2>"$tmp/err")
 is "${got%% *}" "$want" "a cold boot reads its disk past the head (busybox, from the disk), as in the image" "$(tail -3 "$tmp/err")"
 like "$(cat "$tmp/err")" "disk head \\(sparse\\)" "... its disk stage copied the head only"
 like "$(cat "$tmp/err")" "rest of the disk copy" "... and the rest while QEMU started"
-is "$(status_of env FIRECLAW_FAULT=disk-rest "$fc" run --no-snapshot -- echo hi)" 137 "SIGKILL at disk-rest of a cold boot"
+is "$(status_of env FIRECLAW_FAULT=disk-rest "$fc" coldboot -- echo hi)" 137 "SIGKILL at disk-rest of a cold boot"
 vp=$(vmm_pid)
 [ -n "$vp" ]
 ok $? "QEMU was forked and recorded before the disk's rest (pid ${vp:-none})"
 wait_gone "$vp"
 ok $? "QEMU dies with fireclaw (its parent-death signal)"
 finish "SIGKILL at disk-rest of a cold boot"
-FIRECLAW_FAULT=disk-rest:error "$fc" run --no-snapshot -- echo hi >/dev/null 2>"$tmp/err"
+FIRECLAW_FAULT=disk-rest:error "$fc" coldboot -- echo hi >/dev/null 2>"$tmp/err"
 is "$?:$(cat "$tmp/err")" "1:fireclaw: fault injected at disk-rest" "an error at disk-rest of a cold boot: exit 1, one line"
 no_leaks "an error at disk-rest of a cold boot, without cleanup"
 

@@ -9,7 +9,8 @@
 --   sb:network{mode = "nat", allow = {"pypi.org"}, publish = {"127.0.0.1:8080:80"}}
 --                             -- … and a network policy (fireclaw.netpolicy; default: the
 --                             -- `net` option of sandbox.new, else config.net.mode, "none")
---   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse), grown to `disk`
+--   sb:disk(img.rootfs)       -- this VM's own copy (reflink or sparse), grown to `disk`;
+--                             -- with throwaway_disk (QEMU): a qcow2 overlay on it instead
 --   sb:boot()                 -- or sb:restore(snap): the VMM, cold or from a snapshot, in
 --                             -- its own cgroup (memory, pids, cpu limits) where there is one
 --   sb:connect()              -- SSH with the image's pinned host key
@@ -78,8 +79,10 @@ end
 -- net: the network policy sb:network() applies ({mode =, allow =, publish =}, fireclaw.netpolicy).
 -- keep: the VM outlives this process (fireclaw start, run --keep); name, ttl (s): a kept
 -- VM's name and time to live (state.find, state.expired).
+-- throwaway_disk: nobody reads this VM's disk after it (run without --keep, MCP): sb:disk
+-- gives a QEMU VM a qcow2 overlay on the golden disk instead of a copy (not with keep).
 M.OPTIONS = { "image", "vcpu", "mem_mib", "vmm", "accel", "keep", "boot_timeout", "cpus", "detected", "disk",
-	"exec", "unsafe_no_jailer", "name", "ttl", "net" }
+	"exec", "unsafe_no_jailer", "name", "ttl", "net", "throwaway_disk" }
 M.EXEC_MODES = { auto = true, agent = true, ssh = true }
 
 -- Does this image carry an agent that speaks this fireclaw's protocol? (an imported image
@@ -193,6 +196,11 @@ function M.new(opts)
 	if opts.ttl ~= nil and (type(opts.ttl) ~= "number" or opts.ttl <= 0) then
 		error("sandbox: ttl must be a positive number of seconds", 0)
 	end
+	if opts.throwaway_disk ~= nil and type(opts.throwaway_disk) ~= "boolean" then
+		error("sandbox: throwaway_disk must be a boolean", 2)
+	end
+	-- a kept VM's disk is read again (pause, resume, snapshot create --from): a real copy
+	if opts.throwaway_disk and opts.keep then error("sandbox: throwaway_disk and keep exclude each other", 2) end
 	if opts.name and (opts.name:match("^%x%x%x%x%x%x$") or opts.name:sub(1, #config.netns_prefix) == config.netns_prefix) then
 		error(string.format("sandbox: VM name '%s' could be taken for a VM id or namespace; choose another", opts.name), 0)
 	end
@@ -205,6 +213,7 @@ function M.new(opts)
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
 		keep = opts.keep, boot_timeout = opts.boot_timeout, timer = log.timer("VM " .. rec.id),
 		disk_bytes = disk_bytes, undo = {}, exec_mode = exec, net_policy = policy, net_procs = {},
+		throwaway_disk = opts.throwaway_disk or nil,
 	}, Sandbox)
 	-- the bottom of the stack: whatever the record still lists (the VMM of a boot that
 	-- failed halfway, a namespace whose tap failed), the run directory, the record itself
@@ -285,20 +294,54 @@ local function grow(self, bytes)
 	self.timer:stage("disk grown to " .. mib(bytes))
 end
 
+local function remove_disk(self)
+	local ok, err, errno = sys.unlink(self.disk_path)
+	if not ok and errno ~= sys.errno.ENOENT then error("remove " .. self.disk_path .. ": " .. err, 0) end
+end
+
+-- Why a throw-away disk of src is a copy after all, or nil: it may be a qcow2 overlay.
+local function overlay_refused(self, src)
+	if self.disk_bytes then return "a disk grown with --disk is a copy (resize2fs grows its ext4)" end
+	local size = fs.size(src)
+	if not size or size % 512 ~= 0 then return "its size is not a whole number of 512-byte sectors" end
+	local ok, why = self.vm:takes_overlay()
+	return not ok and why or nil
+end
+
+-- A throw-away disk: an empty qcow2 file in the run directory whose every cluster reads
+-- from src until the guest writes it (the QEMU driver gives the VMM src as a read-only
+-- node below it: spec.rootfs_backing). Nothing to copy now, nothing to empty at teardown.
+-- The overlay's clusters are 64 KiB with 2 KiB subclusters (extended L2 entries), so a
+-- guest's 4 KiB write copies nothing from src (docs/DECISIONS.md, the entry on overlays).
+M.OVERLAY = { cluster_size = 65536, extended_l2 = true }
+local function overlay(self, src)
+	self.disk_path = self.dir .. "/disk.qcow2"
+	rootfs.qcow2_overlay(self.disk_path, fs.size(src), src, M.OVERLAY)
+	self.disk_backing, self.disk_method = src, "overlay"
+	self:on_destroy("disk", remove_disk)
+	fault.point("disk")
+	self.timer:stage("disk overlay (qcow2)")
+	util.verbose("VM %s: disk: a qcow2 overlay on %s (read-only to the VMM; nothing copied)", self.id, src)
+end
+
 -- This VM's own copy of src (the image's disk, or a snapshot's) in its run directory,
 -- grown to the size sandbox.new was given (`disk`), if any. opts.overlap (a restore's, a
 -- cold boot's without --disk): a sparse copy takes only the disk's head now and the rest
 -- while the VMM starts (sb:boot, sb:restore, through spec.prepare; any other use of the
 -- disk finishes it first).
+-- With throwaway_disk (sandbox.new) and a VMM that takes one, the VM gets a qcow2 overlay on
+-- src instead (overlay below): nothing is copied.
 M.DISK_HEAD = 65536 -- what QEMU reads of a disk before the guest runs: its first sector
 function Sandbox:disk(src, opts)
+	if self.throwaway_disk then
+		local why = overlay_refused(self, src)
+		if not why then return overlay(self, src) end
+		util.verbose("VM %s: disk: a copy of %s (not an overlay: %s)", self.id, src, why)
+	end
 	self.disk_path = self.dir .. "/disk.ext4"
 	local overlap = opts and opts.overlap and not self.disk_bytes
 	self.disk_method = rootfs.copy(src, self.disk_path, overlap and { head = M.DISK_HEAD } or nil)
-	self:on_destroy("disk", function()
-		local ok, err, errno = sys.unlink(self.disk_path)
-		if not ok and errno ~= sys.errno.ENOENT then error("remove " .. self.disk_path .. ": " .. err, 0) end
-	end)
+	self:on_destroy("disk", remove_disk)
 	if overlap and self.disk_method == "sparse" and (fs.size(src) or 0) > M.DISK_HEAD then
 		self.disk_rest = src
 	end
@@ -327,6 +370,7 @@ function Sandbox:boot_spec()
 		boot_args = image.boot_args(img, { tcg = self.vm.vmm == "qemu" and self.vm.accel == "tcg",
 			dns = self:resolver() }),
 		rootfs = self.disk_path, vcpu = self.vcpu, mem_mib = self.mem_mib,
+		rootfs_backing = self.disk_backing, -- (a qcow2 overlay's golden disk: sb:disk)
 		-- unless its manifest says otherwise (image import --cmdline-devices), an image's
 		-- kernel finds its virtio devices through ACPI only
 		acpi_devices = not img.cmdline_devices,
@@ -365,7 +409,8 @@ local function push_vmm_undo(self, name)
 		-- to come: its page cache and blocks are freed by us now rather than after the
 		-- VMM's last descriptor; then the VMM is reaped
 		self.vm:kill()
-		if self.disk_path and pending(self, "disk") then sys.truncate(self.disk_path, 0) end
+		-- (an overlay holds only what the guest wrote: nothing worth emptying first)
+		if self.disk_path and not self.disk_backing and pending(self, "disk") then sys.truncate(self.disk_path, 0) end
 		self.vm:destroy()
 		fault.point("teardown-vmm")
 	end)

@@ -32,6 +32,9 @@
 --   v:destroy()                       -- idempotent, never raises
 --   v:state() -> "not started" | "running" | "paused" | "stopped"
 --   v:saved_spec() -> the boot/restore spec's plain fields (for a kept VM's record)
+--   v:takes_overlay() -> true | nil, why: can its disk be a qcow2 overlay (spec.rootfs) on a
+--                                     golden disk the VMM gets read-only (spec.rootfs_backing)?
+--                                     QEMU running unprivileged only; Firecracker: never
 --   vm.attach{id =, dir =, netns =, tap =, mac =, vmspec = (a record's), pid =, starttime =}
 --       -> a VM object driving a kept VM's VMM that another process started (QEMU: its QMP
 --          socket); it may pause, resume, snapshot and destroy it, not boot it
@@ -242,7 +245,7 @@ M.OPTIONS = { "id", "dir", "vmm", "accel", "netns", "tap", "mac", "firecracker",
 	"socket_timeout", "on_spawn", "user", "keep", "detected", "cmdline_devices", "cgroup", "unsafe_no_jailer" }
 -- What v:boot and v:restore take (the drivers read these).
 M.SPEC = { "kernel", "initrd", "boot_args", "boot_args_tcg", "rootfs", "vcpu", "mem_mib", "read_only",
-	"metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock",
+	"rootfs_backing", "metrics", "network_overrides", "rootfs_path_in_vmm", "clock_realtime", "rng", "acpi_devices", "vsock",
 	"agent_ports", "prepare", "agent_early" }
 
 function M.new(opts)
@@ -363,6 +366,11 @@ function VM:agent_connect(opts)
 		return conn
 	end
 	return nil, self.vmm .. " has no agent channel in this fireclaw"
+end
+
+function VM:takes_overlay()
+	if not self.driver.takes_overlay then return nil, self.vmm .. " takes raw disks only" end
+	return self.driver.takes_overlay(self)
 end
 
 function VM:saved_spec()

@@ -218,6 +218,8 @@ local function boot_source(v, spec)
 end
 
 local function devices(v, spec)
+	-- (vm:takes_overlay says no: a qcow2 overlay is QEMU's)
+	assert(not spec.rootfs_backing, "firecracker: a disk is a raw file, not an overlay (rootfs_backing)")
 	local rootfs = spec.rootfs and (v.jail and "/disk.ext4" or in_vmm(v, spec.rootfs))
 	if rootfs then
 		v.api:put("/drives/rootfs", { drive_id = "rootfs", path_on_host = rootfs,

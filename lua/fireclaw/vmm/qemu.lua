@@ -134,6 +134,22 @@ local function append(t, ...)
 	for _, x in ipairs({ ... }) do t[#t + 1] = x end
 end
 
+-- A throw-away disk (spec.rootfs_backing): the qcow2 overlay (fd set 1: read-write and
+-- read-only descriptors, as for a copy) over the golden disk as a raw node QEMU has only
+-- an O_RDONLY descriptor of (fd set 4; root's 0600 file: it can neither write it nor
+-- open it again). The node the device uses is named `root` like a copy's drive, so the
+-- device, and what a snapshot saved of it, are the same; werror/rerror move to the
+-- device (a -blockdev has no error policy of its own), still `report`.
+local function overlay_args(fd)
+	return { "-add-fd", "fd=" .. fd.disk .. ",set=1", "-add-fd", "fd=" .. fd.disk_ro .. ",set=1",
+		"-add-fd", "fd=" .. fd.backing .. ",set=4",
+		"-blockdev", "driver=file,node-name=golden-file,filename=/dev/fdset/4,read-only=on,locking=off",
+		"-blockdev", "driver=raw,node-name=golden,file=golden-file,read-only=on",
+		"-blockdev", "driver=file,node-name=root-file,filename=/dev/fdset/1,locking=off",
+		"-blockdev", "driver=qcow2,node-name=root,file=root-file,backing=golden",
+		"-device", "virtio-blk-device,drive=root,werror=report,rerror=report" }
+end
+
 -- The command line for a boot (ram = {}) or a restore (ram = {from =, incoming = true}, or
 -- {share = false, incoming = true}: see M.restore).
 -- Everything that shapes the machine is here, for both. fd names the descriptors QEMU
@@ -161,7 +177,9 @@ local function machine_args(v, spec, ram, fd)
 		"-chardev", "socket,id=qmp,fd=" .. fd.qmp .. ",server=on,wait=off", "-mon", "chardev=qmp,mode=control",
 		"-kernel", self(fd.kernel), "-append", boot_args(v, spec))
 	if spec.initrd then append(a, "-initrd", self(fd.initrd)) end
-	if spec.rootfs then
+	if spec.rootfs and fd.backing then
+		append(a, unpack(overlay_args(fd)))
+	elseif spec.rootfs then
 		-- a full host disk is an I/O error in the guest, not a VM paused forever (QEMU's
 		-- default werror=enospc stops the VM and the command never ends). The disk is this
 		-- VM's own copy: no image locking (with an fd set it would trip over itself).
@@ -220,6 +238,14 @@ local function wanted_user(v)
 	local uid, gid = want:match("^(%d+):(%d+)$")
 	if not uid then error("vm: FIRECLAW_VMM_USER is auto, root or UID:GID, not '" .. want .. "'", 0) end
 	return tonumber(uid), tonumber(gid)
+end
+
+-- Can this VM's disk be a qcow2 overlay on a golden disk (overlay_args)? Only when QEMU
+-- runs as a user of its own: root could open /proc/self/fd/N of its read-only descriptor
+-- again for writing, and write the golden disk.
+function M.takes_overlay(v)
+	if not wanted_user(v) then return nil, "a VMM running as root gets a copy" end
+	return true
 end
 
 local ROOT_HINT = "(or FIRECLAW_VMM_USER=root to run QEMU as root)"
@@ -305,6 +331,10 @@ local function open_fds(v, spec, ram, fds, uid, gid)
 		pass("disk", open_fd(spec.rootfs, O_RDWR))
 		pass("disk_ro", open_fd(spec.rootfs, O_RDONLY))
 		paths["/dev/fdset/1"] = spec.rootfs
+	end
+	if spec.rootfs and spec.rootfs_backing then -- never writable: see overlay_args
+		pass("backing", open_fd(spec.rootfs_backing, O_RDONLY))
+		paths["/dev/fdset/4"] = spec.rootfs_backing
 	end
 	if spec.rng ~= false then -- a restore repeats what its snapshot had (older ones: none)
 		pass("rng", open_fd("/dev/urandom", O_RDONLY))
@@ -651,8 +681,8 @@ function M.restore(v, dir, spec)
 	for _, f in ipairs({ dir .. "/vmstate", dir .. "/memory" }) do
 		if not util.exists(f) then error("vm " .. v.id .. ": no snapshot file " .. f, 0) end
 	end
-	if spec.rootfs and not util.exists(spec.rootfs) then
-		error("vm " .. v.id .. ": no disk copy at " .. spec.rootfs, 0)
+	for _, f in ipairs({ spec.rootfs, spec.rootfs_backing }) do
+		if not util.exists(f) then error("vm " .. v.id .. ": no disk at " .. f, 0) end
 	end
 	if check_memory(dir .. "/memory", spec.mem_mib or 256) then
 		spawn(v, spec, { share = false, incoming = true })
