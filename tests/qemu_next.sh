@@ -122,6 +122,17 @@ is "$(probe "$snaps/default/memory" r)" "ok" "the VMM's user can read its own sn
 is "$(probe "$snaps/default/memory" w)" "Permission denied" "… but not open it for writing"
 is "$(probe "$snaps/other/memory" r)" "Permission denied" "… nor read another snapshot's memory (root:$ogid 0640)"
 is "$(probe "$snaps/default/vmstate" r)" "Permission denied" "… nor the snapshot's other files"
+# its disk: a qcow2 overlay on the snapshot's disk, which it holds read-only only
+disk_flags=""
+for f in /proc/"$vp"/fd/*; do
+	[ "$(readlink "$f")" = "$snaps/default/disk.ext4" ] && disk_flags+="$(awk '/^flags:/ {print $2}' "/proc/$vp/fdinfo/${f##*/}") "
+done
+bad=""
+for fl in $disk_flags; do [ $((8#$fl & 3)) = 0 ] || bad+="$fl "; done
+[ -n "$disk_flags" ] && [ -z "$bad" ]
+ok $? "its disk is an overlay on the snapshot's disk, held O_RDONLY only (fdinfo flags: ${disk_flags:-none})"
+is "$(probe "$snaps/default/disk.ext4" w):$(probe "$snaps/default/disk.ext4" r)" "Permission denied:Permission denied" \
+	"… which the VMM's user can open again neither for writing nor for reading"
 kill "$runpid" 2>/dev/null
 wait "$runpid" 2>/dev/null
 no_leaks "a restored run stopped half-way (its fireclaw killed by SIGTERM)"
@@ -151,6 +162,17 @@ like "$(cat "$tmp/clone-B")" "^B
 ok $? "… different data each"
 is "$(sha256sum <"$snaps/default/memory")" "$sum0" "the golden memory's sha256 is unchanged"
 no_leaks "the restored runs"
+
+# ---- disks: restored and cold runs write 20 MB into their overlay and read them back ----
+dsum0=$(sha256sum <"$snaps/default/disk.ext4")
+for flag in "" --no-snapshot; do
+	out=$("$fc" -v run $flag -- sh -c 'dd if=/dev/urandom of=/root/big bs=1M count=20 2>/dev/null && sync &&
+		a=$(sha256sum </root/big) && echo 3 >/proc/sys/vm/drop_caches && [ "$(sha256sum </root/big)" = "$a" ] && echo same' 2>"$tmp/err")
+	is "$out" "same" "a ${flag:+cold }run writes 20 MB and reads them back from its disk (caches dropped)" "$(tail -3 "$tmp/err")"
+	like "$(cat "$tmp/err")" "disk: a qcow2 overlay on" "… a qcow2 overlay"
+done
+is "$(sha256sum <"$snaps/default/disk.ext4")" "$dsum0" "the snapshot's disk is unchanged"
+no_leaks "runs writing their disk"
 
 # ---- kept VMs: a copy (their RAM is snapshotted from the memfd) ----
 "$fc" -q start --name qk >/dev/null 2>"$tmp/err"

@@ -116,14 +116,14 @@ ok $((!$?)) "QEMU's user cannot read the VM's record"
 ok $((!$?)) "QEMU's user cannot read the client key"
 is "$(ls -l /proc/"$vmm"/fd 2>/dev/null | grep -E "keys/|record\.json|snapshots/[^/]*/vmstate" || true)" "" \
 	"QEMU holds no descriptor on keys, records or a snapshot's device state"
-# its disk is an overlay on the snapshot's (a throw-away run): that one it holds read-only
+# its disk is an overlay on the snapshot's (cold: the image's) disk: that one it holds read-only
 golden_fds=""
 for fd in /proc/"$vmm"/fd/*; do
 	case "$(readlink "$fd" 2>/dev/null)" in
-	*/snapshots/*/disk.ext4) golden_fds+="$(awk '/^flags:/ {print $2}' /proc/"$vmm"/fdinfo/"${fd##*/}" 2>/dev/null) " ;;
+	*/snapshots/*/disk.ext4 | */images/*/rootfs.ext4) golden_fds+="$(awk '/^flags:/ {print $2}' /proc/"$vmm"/fdinfo/"${fd##*/}" 2>/dev/null) " ;;
 	esac
 done
-like "$golden_fds" "^([0-7]*[04] )+$" "... and the snapshot's disk read-only only (flags: ${golden_fds:-none})"
+like "$golden_fds" "^([0-7]*[04] )+$" "... and the golden disk below its overlay read-only only (flags: ${golden_fds:-none})"
 
 kill -INT "$pid"
 wait "$pid"
