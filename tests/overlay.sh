@@ -184,6 +184,9 @@ like "$(cat "$tmp/err")" "disk: a copy of .*rootfs.ext4 \(not an overlay: a disk
 	"run --disk: a copy, and -v says why"
 like "$(cat "$tmp/err")" "disk grown to 96 MiB" "... grown to 96 MiB"
 
+"$fc" -v run --disk "$(( $(stat -c %s "$golden") / 1048576 ))M" -- true >/dev/null 2>"$tmp/err"
+like "$(cat "$tmp/err")" "disk: a qcow2 overlay on $golden" "run --disk of the snapshot's own disk size grows nothing: an overlay"
+
 FIRECLAW_VMM_USER=root "$fc" -v run -- true >/dev/null 2>"$tmp/err"
 like "$(cat "$tmp/err")" "disk: a copy of $golden \(not an overlay: a VMM running as root gets a copy\)" \
 	"a VMM running as root gets a copy (it could reopen the golden disk for writing)"

@@ -301,8 +301,11 @@ end
 
 -- Why a throw-away disk of src is a copy after all, or nil: it may be a qcow2 overlay.
 local function overlay_refused(self, src)
-	if self.disk_bytes then return "a disk grown with --disk is a copy (resize2fs grows its ext4)" end
 	local size = fs.size(src)
+	-- (a `disk` of src's own size, as `run --disk` with a snapshot made with it, grows nothing)
+	if self.disk_bytes and self.disk_bytes ~= size then
+		return "a disk grown with --disk is a copy (resize2fs grows its ext4)"
+	end
 	if not size or size % 512 ~= 0 then return "its size is not a whole number of 512-byte sectors" end
 	local ok, why = self.vm:takes_overlay()
 	return not ok and why or nil
