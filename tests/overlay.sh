@@ -190,6 +190,18 @@ like "$(cat "$tmp/err")" "disk: a qcow2 overlay on $golden" "run --disk of the s
 FIRECLAW_VMM_USER=root "$fc" -v run -- true >/dev/null 2>"$tmp/err"
 like "$(cat "$tmp/err")" "disk: a copy of $golden \(not an overlay: a VMM running as root gets a copy\)" \
 	"a VMM running as root gets a copy (it could reopen the golden disk for writing)"
+# a golden disk whose path a qcow2 header cannot hold (1023 bytes): a copy (the Lua API, no VMM)
+long=$tmp/long
+while [ ${#long} -lt 1100 ]; do long+=/$(printf 'd%.0s' $(seq 200)); done
+mkdir -p "$long" && truncate -s 1M "$long/disk.ext4"
+out=$(LONG=$long/disk.ext4 "$fc" -v -e '
+local sandbox = require "fireclaw.sandbox"
+local sb = sandbox.new { throwaway_disk = true }
+local ok, err = pcall(sb.disk, sb, os.getenv("LONG"))
+print(ok, err, sb.disk_method, sb.disk_backing)
+sb:destroy()' 2>"$tmp/err")
+is "$out" "true	nil	sparse	nil" "a golden disk with a ${#long}-byte path: the sandbox copies it" "$(cat "$tmp/err")"
+like "$(cat "$tmp/err")" "not an overlay: its path is longer than a qcow2 header holds \(1023 bytes\)" "... and -v says why"
 no_leaks "copies"
 is "$(sha256sum <"$golden"):$(sha256sum <"$rootfs")" "$gsum:$isum" "the golden disks are unchanged at the end"
 

@@ -307,6 +307,7 @@ local function overlay_refused(self, src)
 		return "a disk grown with --disk is a copy (resize2fs grows its ext4)"
 	end
 	if not size or size % 512 ~= 0 then return "its size is not a whole number of 512-byte sectors" end
+	if #src > 1023 then return "its path is longer than a qcow2 header holds (1023 bytes)" end
 	local ok, why = self.vm:takes_overlay()
 	return not ok and why or nil
 end
