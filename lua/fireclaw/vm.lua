@@ -15,7 +15,9 @@
 --   v:boot{ kernel =, initrd =, boot_args =, boot_args_tcg =, rootfs =, vcpu = 1, mem_mib = 256,
 --           acpi_devices = true: the kernel finds devices through ACPI only (Firecracker < 1.8
 --           refuses at once), prepare = fn: runs before the VMM reads the disk (QEMU: while
---           it starts, paused (-S) until fn returns; Firecracker: first) }
+--           it starts, paused (-S) until fn returns; Firecracker: first),
+--           rootfs_backing = path: rootfs is a qcow2 overlay on this raw disk, given to the
+--           VMM read-only (QEMU; see v:takes_overlay) }
 --   v:wait_console(text, timeout_s)   -- plain text, searched from the start of the console
 --   v:pause()  v:resume()
 --   local info = v:snapshot(dir)      -- dir/vmstate + dir/memory; info for meta.json
