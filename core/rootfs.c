@@ -191,6 +191,9 @@ static struct image *push_image(lua_State *L, const char *path, int rw)
 {
 	if (strlen(path) >= PATH_MAX)
 		fc_error(L, "rootfs: open %s: path too long", path);
+	const char *err = fc_ext2fs_load(); /* on first use: a disk copy never needs it */
+	if (err)
+		fc_error(L, "rootfs: open %s: %s", path, err);
 	struct image *img = fc_new(L, sizeof *img, IMAGE_MT);
 	snprintf(img->path, sizeof img->path, "%s", path);
 	img->rw = rw;
@@ -594,8 +597,6 @@ int luaopen_fireclaw_rootfs(lua_State *L)
 	    {"list", l_m_list},	       {"stat", l_m_stat},
 	    {"space", rootfs_l_space}, {NULL, NULL},
 	};
-	/* libext2fs reports com_err codes; register their texts once */
-	initialize_ext2_error_table();
 	fc_class(L, IMAGE_MT, methods);
 	lua_newtable(L);
 	luaL_register(L, NULL, fns);
