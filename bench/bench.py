@@ -731,8 +731,9 @@ class Bench:
         return {"total": total, "runs": rs}
 
     def startup(self):
-        """fireclaw -e '' against, for scale, luajit -e '' and empty C programs linked with
-        fireclaw's libraries, with and without libcurl (its closure is most of them)."""
+        """fireclaw -e '' against, for scale, luajit -e '' and an empty C program linked with
+        the libraries fireclaw links (PKG_LIBS; those it loads on first use are not among
+        them; a -lcurl there would get a second program without it)."""
         out = os.path.join(self.tmp, "hyperfine.json")
         cmds = [f"{FC} -e ''", "luajit -e ''", f"{QEMU} -sandbox on -version"]
         self.libs_note = None
@@ -1139,7 +1140,8 @@ class Bench:
         w(self.next_table())
         w("")
         w(f"Start-up, `hyperfine -N --warmup 20 --runs {N_STARTUP}` (for scale: the interpreter alone, and an "
-          "empty C program, `int main(void) { return 0; }`, linked with the libraries fireclaw links"
+          "empty C program, `int main(void) { return 0; }`, linked with the libraries fireclaw links "
+          "(build/pkg.mk's PKG_LIBS: not those it loads on first use, docs/DECISIONS.md)"
           + (", with and without `-lcurl`" if self.libs_note and self.libs_note[2] else "") + "):")
         w("")
         w("| command | wall, ms | user, ms (mean) | sys, ms (mean) |")
