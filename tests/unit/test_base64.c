@@ -54,7 +54,8 @@ static void round_trips(void)
 	for (size_t len = 0; len <= sizeof in && good; len++) {
 		size_t el = fc_base64_encode(out, in, len);
 		size_t pad = len % 3 ? 3 - len % 3 : 0;
-		good = el == 4 * ((len + 2) / 3) && out[el] == 0 && strspn(out + el - pad, "=") == pad &&
+		good = el == 4 * ((len + 2) / 3) && out[el] == 0 &&
+		       strspn(out + el - pad, "=") == pad &&
 		       strchr(out, '=') == (pad ? out + el - pad : NULL);
 		long got = fc_base64_decode(back, sizeof back, out, el);
 		good = good && got == (long)len && memcmp(back, in, len) == 0;
