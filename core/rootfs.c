@@ -41,6 +41,7 @@
  *
  * The module is four files sharing core/fc_rootfs.h: this one (handles, paths, methods),
  * fc_ext4.c (the editor), fc_ext2io.c (libext2fs's I/O) and fc_rootfs_copy.c (copy, space).
+ * libext2fs is loaded when the first image is opened (core/fc_ext2fs.c): copies need none.
  *
  * Style: the ext2 layer below returns errcode_t and never raises; Lua functions parse
  * their arguments first and raise only once nothing is left half-done.

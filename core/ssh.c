@@ -28,7 +28,9 @@
  * watch_msg ("the VM is gone"), and the transport is cut so cleanup does not wait either.
  *
  * The module is three files sharing core/fc_ssh.h: this one (session, connect, host keys),
- * fc_ssh_exec.c (quoting and exec) and fc_sftp.c (put and get).
+ * fc_ssh_exec.c (quoting and exec) and fc_sftp.c (put and get). libssh2 itself is loaded
+ * by the first connect (core/fc_ssh2.c), so a process that only requires the module (every
+ * run does, for ssh.quote) pays neither its loading nor OpenSSL's initialisation.
  *
  * An exec, put or get runs its body under lua_pcall: whatever raises inside (an interrupt,
  * a callback's error, a protocol error), the channel / SFTP handles are released afterwards
