@@ -107,7 +107,9 @@ void proc_start_sink(lua_State *L, struct proc *p, struct logs *g, double cap)
 {
 	struct spawn_req s;
 	memset(&s, 0, sizeof s);
-	s.netns_fd = s.in_fd = s.out_fd = s.err_fd = -1;
+	/* every descriptor field "none": a cgroup_fd of 0 would have clone3 create the sink in
+	 * whatever cgroup directory descriptor 0 is (a v2 directory as stdin: that one) */
+	s.netns_fd = s.in_fd = s.out_fd = s.err_fd = s.cgroup_fd = -1;
 	s.uid = s.gid = -1;
 	char capstr[32];
 	snprintf(capstr, sizeof capstr, "%.0f", cap);
