@@ -130,6 +130,7 @@ void proc_start_sink(lua_State *L, struct proc *p, struct logs *g, double cap)
 	/* its exec (the dynamic linking of fireclaw, a few ms) overlaps the VMM's start; if it
 	 * failed, the VMM's writes to the pipes would fail and only the logs would be lost */
 	s.nowait = 1;
+	s.vfork = 1; /* (it joins no cgroup: its setsid, descriptors and exec are quick) */
 	p->sink = proc_do_spawn(L, &s);
 	p->sink_pidfd = pidfd_open(p->sink);
 	for (int i = 0; i < g->n; i++) {
