@@ -17,8 +17,9 @@ PKGS := luajit libcurl libssh2 libcrypto json-c ext2fs com_err libmnl libedit li
 CC ?= cc
 CFLAGS ?= -O2 -g
 CFLAGS += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Icore
-# libcurl, libnftables and libedit are dlopen'ed on first use (core/fc_curl.c, fc_nft.c,
-# fc_edit.c): not linked, see there why
+# libcurl, libnftables, libedit, libssh2 (with libcrypto) and libext2fs (with libcom_err)
+# are dlopen'ed on first use (core/fc_curl.c, fc_nft.c, fc_edit.c, fc_ssh2.c, fc_ext2fs.c):
+# not linked, see there why; only their headers come from pkg-config
 LDLIBS += -lm -ldl
 
 # The sanitizer build has its own objects and binary (build/san/fireclaw), so ./fireclaw
@@ -73,7 +74,7 @@ build/.deps: tools/deps.sh
 
 build/pkg.mk: build/.deps Makefile
 	@echo "PKG_CFLAGS := $$(pkg-config --cflags $(PKGS))" > $@.tmp
-	@echo "PKG_LIBS := $$(pkg-config --libs $(PKGS) | sed 's/-lcurl//; s/-ledit//; s/-lnftables//')" >> $@.tmp
+	@echo "PKG_LIBS := $$(pkg-config --libs $(PKGS) | sed 's/-lcurl//; s/-ledit//; s/-lnftables//; s/-lssh2//; s/-lcrypto//; s/-lext2fs//; s/-lcom_err//')" >> $@.tmp
 	@mv $@.tmp $@
 -include build/pkg.mk
 

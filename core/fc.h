@@ -168,9 +168,9 @@ int fc_socket_in_netns(const char *netns, int domain, int type, int protocol);
 int fc_tcp_connect(lua_State *L, const char *netns, const char *host, int port, int timeout_ms,
 		   char *err, size_t errlen);
 
-/* A library loaded on first use rather than linked (libcurl, libnftables, libedit: their
- * dynamic loading cost every start): one entry point each, its name and where to put it;
- * the table ends with {NULL, NULL}. */
+/* A library loaded on first use rather than linked (libcurl, libnftables, libedit, libssh2,
+ * libext2fs: their dynamic loading cost every start): one entry point each, its name and
+ * where to put it; the table ends with {NULL, NULL}. */
 struct fc_dlsym {
 	const char *name;
 	void **slot;
@@ -186,6 +186,25 @@ const char *fc_curl_load(void);
 /* Load libnftables (core/fc_nft.c): NULL on success, else why not. Likewise not linked:
  * only a VM with a network policy needs it (libedit, for the REPL: core/fc_edit.c). */
 const char *fc_nft_load(void);
+/* Load libssh2 and initialise it (core/fc_ssh2.c): NULL on success, else why not. Likewise
+ * not linked: only SSH sessions need it, and a run through the guest agent has none. */
+const char *fc_ssh2_load(void);
+/* SHA-256 of data into out, with the libcrypto libssh2 is linked against: 0, or -1 if
+ * libssh2 is not loaded or its libcrypto has no EVP_Digest. */
+int fc_ssh2_sha256(const void *data, size_t len, unsigned char out[32]);
+/* Load libext2fs and libcom_err (core/fc_ext2fs.c): NULL on success, else why not. Likewise
+ * not linked: only the ext2/3/4 editor of fireclaw.rootfs needs them, a disk copy does not. */
+const char *fc_ext2fs_load(void);
+
+/* ---- base64 (core/fc_base64.c, RFC 4648 with padding) ---- */
+
+/* Encode n bytes into out (room for 4 * ((n + 2) / 3) + 1 bytes, NUL-terminated); returns
+ * the length without the NUL. */
+size_t fc_base64_encode(char *out, const unsigned char *in, size_t n);
+/* Decode n characters, strictly: n a multiple of 4, only the alphabet, '=' only as the last
+ * one or two characters, unused bits zero. Returns the byte count, or -1 when in is not
+ * such base64 or the result would not fit in cap bytes. */
+long fc_base64_decode(unsigned char *out, size_t cap, const char *in, size_t n);
 
 /* ---- the log sink (core/fc_logsink.c) ---- */
 

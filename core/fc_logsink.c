@@ -107,7 +107,9 @@ void proc_start_sink(lua_State *L, struct proc *p, struct logs *g, double cap)
 {
 	struct spawn_req s;
 	memset(&s, 0, sizeof s);
-	s.netns_fd = s.in_fd = s.out_fd = s.err_fd = -1;
+	/* every descriptor field "none": a cgroup_fd of 0 would have clone3 create the sink in
+	 * whatever cgroup directory descriptor 0 is (a v2 directory as stdin: that one) */
+	s.netns_fd = s.in_fd = s.out_fd = s.err_fd = s.cgroup_fd = -1;
 	s.uid = s.gid = -1;
 	char capstr[32];
 	snprintf(capstr, sizeof capstr, "%.0f", cap);
@@ -128,6 +130,7 @@ void proc_start_sink(lua_State *L, struct proc *p, struct logs *g, double cap)
 	/* its exec (the dynamic linking of fireclaw, a few ms) overlaps the VMM's start; if it
 	 * failed, the VMM's writes to the pipes would fail and only the logs would be lost */
 	s.nowait = 1;
+	s.vfork = 1; /* (it joins no cgroup: its setsid, descriptors and exec are quick) */
 	p->sink = proc_do_spawn(L, &s);
 	p->sink_pidfd = pidfd_open(p->sink);
 	for (int i = 0; i < g->n; i++) {

@@ -50,6 +50,8 @@ struct spawn_req {
 	int ncgroups;
 	int cgroup_fd; /* the one cgroup's v2 directory (clone3 CLONE_INTO_CGROUP), or -1 */
 	int nowait; /* do not wait for the exec (a failure then only ends the child) */
+	int vfork;  /* share our memory until the exec (vfork): for a child that joins no
+		       cgroup and does nothing that waits, so that we are suspended only briefly */
 	int *errfd; /* with nowait: keep the error pipe's read end here (proc_exec_result) */
 	pid_t parent;
 	/* pipes for proc.run: child side fds, or -1 */

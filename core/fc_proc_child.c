@@ -110,13 +110,16 @@ static void child_cgroups(int errpipe, const struct spawn_req *r)
 
 void proc_child_main(int errpipe, const struct spawn_req *r)
 {
-	sigset_t none;
-	sigemptyset(&none);
-	sigprocmask(SIG_SETMASK, &none, NULL);
-	/* dispositions set to SIG_IGN survive exec: give the VMM the defaults back */
+	/* dispositions set to SIG_IGN survive exec: give the VMM the defaults back; and no
+	 * handler of fireclaw's may run here (a vforked child shares our memory): the signals
+	 * are blocked (proc_do_spawn) until these are reset */
 	signal(SIGPIPE, SIG_DFL);
 	signal(SIGINT, SIG_DFL);
 	signal(SIGTERM, SIG_DFL);
+	signal(SIGWINCH, SIG_DFL);
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
 	child_cgroups(errpipe, r);
 	if (r->setsid && setsid() < 0)
 		child_fail(errpipe, "setsid");

@@ -19,7 +19,6 @@
 
 #include <libssh2.h>
 #include <libssh2_sftp.h>
-#include <openssl/evp.h>
 
 /* ---- quoting ---- */
 

@@ -21,7 +21,6 @@
 
 #include <json.h>
 #include <math.h>
-#include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -369,17 +368,12 @@ static int l_utf8(lua_State *L)
 
 static int l_base64(lua_State *L)
 {
-	size_t n, done = 0, out = 0;
+	size_t n;
 	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
-	/* GC-owned buffer (4 output bytes per 3 input bytes, + the NUL EVP_EncodeBlock adds) */
-	unsigned char *buf = lua_newuserdata(L, 4 * ((n + 2) / 3) + 1);
-	while (done < n) {
-		/* EVP_EncodeBlock takes an int: whole 3-byte groups at a time */
-		size_t chunk = n - done > (3u << 20) ? (3u << 20) : n - done;
-		out += (size_t)EVP_EncodeBlock(buf + out, s + done, (int)chunk);
-		done += chunk;
-	}
-	lua_pushlstring(L, (const char *)buf, out);
+	/* GC-owned buffer (4 output bytes per 3 input bytes, + the NUL the encoder adds) */
+	char *buf = lua_newuserdata(L, 4 * ((n + 2) / 3) + 1);
+	size_t out = fc_base64_encode(buf, s, n);
+	lua_pushlstring(L, buf, out);
 	return 1;
 }
 

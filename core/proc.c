@@ -258,7 +258,17 @@ pid_t proc_do_spawn(lua_State *L, struct spawn_req *r)
 	if (pipe2(errpipe, O_CLOEXEC) < 0)
 		fc_errno_error(L, errno, "proc: pipe");
 	r->parent = getpid();
-	pid_t pid = fork_child(r);
+	/* every signal blocked across the fork: the child resets the dispositions before it
+	 * unblocks them, so no handler of ours runs in it */
+	sigset_t all, old;
+	sigfillset(&all);
+	sigprocmask(SIG_SETMASK, &all, &old);
+	/* vfork: no page tables copied, and no copy-on-write faults in this process afterwards;
+	 * the child runs in our memory, on our stack below this frame, until its exec (it must
+	 * not return from here: proc_child_main execs or _exits, and writes only its stack) */
+	pid_t pid = r->vfork ? vfork() : fork_child(r);
+	if (pid != 0)
+		sigprocmask(SIG_SETMASK, &old, NULL);
 	if (pid < 0) {
 		int e = errno;
 		close(errpipe[0]);

@@ -49,7 +49,8 @@
  *
  * The module is four files sharing core/fc_rootfs.h: this one (handles, paths, methods),
  * fc_ext4.c (the editor), fc_ext2io.c (libext2fs's I/O) and fc_rootfs_copy.c (copy,
- * qcow2_overlay, space).
+ * qcow2_overlay, space). libext2fs is loaded when the first image is opened
+ * (core/fc_ext2fs.c): copies and overlays need none.
  *
  * Style: the ext2 layer below returns errcode_t and never raises; Lua functions parse
  * their arguments first and raise only once nothing is left half-done.
@@ -200,6 +201,9 @@ static struct image *push_image(lua_State *L, const char *path, int rw)
 {
 	if (strlen(path) >= PATH_MAX)
 		fc_error(L, "rootfs: open %s: path too long", path);
+	const char *err = fc_ext2fs_load(); /* on first use: a disk copy never needs it */
+	if (err)
+		fc_error(L, "rootfs: open %s: %s", path, err);
 	struct image *img = fc_new(L, sizeof *img, IMAGE_MT);
 	snprintf(img->path, sizeof img->path, "%s", path);
 	img->rw = rw;
@@ -610,8 +614,6 @@ int luaopen_fireclaw_rootfs(lua_State *L)
 	    {"qcow2_overlay", rootfs_l_qcow2_overlay},
 	    {NULL, NULL},
 	};
-	/* libext2fs reports com_err codes; register their texts once */
-	initialize_ext2_error_table();
 	fc_class(L, IMAGE_MT, methods);
 	lua_newtable(L);
 	luaL_register(L, NULL, fns);

@@ -28,7 +28,9 @@
  * watch_msg ("the VM is gone"), and the transport is cut so cleanup does not wait either.
  *
  * The module is three files sharing core/fc_ssh.h: this one (session, connect, host keys),
- * fc_ssh_exec.c (quoting and exec) and fc_sftp.c (put and get).
+ * fc_ssh_exec.c (quoting and exec) and fc_sftp.c (put and get). libssh2 itself is loaded
+ * by the first connect (core/fc_ssh2.c), so a process that only requires the module (every
+ * run does, for ssh.quote) pays neither its loading nor OpenSSL's initialisation.
  *
  * An exec, put or get runs its body under lua_pcall: whatever raises inside (an interrupt,
  * a callback's error, a protocol error), the channel / SFTP handles are released afterwards
@@ -50,7 +52,6 @@
 
 #include <libssh2.h>
 #include <libssh2_sftp.h>
-#include <openssl/evp.h>
 
 /* Connect: pause between probes grows from BACKOFF_MIN_MS to BACKOFF_MAX_MS, so a guest
  * that comes up is noticed within ~50 ms without hammering one that does not. A single TCP
@@ -153,14 +154,16 @@ struct hostkey {
 /* "SHA256:<base64 without padding>", as OpenSSH prints fingerprints. */
 static void fingerprint(const unsigned char *blob, size_t len, char *out, size_t outlen)
 {
-	unsigned char md[EVP_MAX_MD_SIZE];
-	unsigned int mdlen = 0;
-	EVP_Digest(blob, len, md, &mdlen, EVP_sha256(), NULL);
-	unsigned char b64[4 * ((EVP_MAX_MD_SIZE + 2) / 3) + 1];
-	int n = EVP_EncodeBlock(b64, md, (int)mdlen);
+	unsigned char md[32];
+	char b64[4 * ((sizeof md + 2) / 3) + 1];
+	if (fc_ssh2_sha256(blob, len, md) != 0) {
+		snprintf(out, outlen, "(a %zu-byte key)", len);
+		return;
+	}
+	size_t n = fc_base64_encode(b64, md, sizeof md);
 	while (n > 0 && b64[n - 1] == '=')
 		n--;
-	snprintf(out, outlen, "SHA256:%.*s", n, (char *)b64);
+	snprintf(out, outlen, "SHA256:%.*s", (int)n, b64);
 }
 
 /* Parse "TYPE BASE64 [comment]" at the start of s. 0 on success. The blob must name the
@@ -180,11 +183,9 @@ static int parse_key_line(const char *s, struct hostkey *k)
 	size_t bl = strcspn(s, " \t\r\n");
 	if (bl == 0 || bl % 4 != 0 || bl / 4 * 3 > sizeof k->blob)
 		return -1;
-	int n = EVP_DecodeBlock(k->blob, (const unsigned char *)s, (int)bl);
+	long n = fc_base64_decode(k->blob, sizeof k->blob, s, bl);
 	if (n < 0)
 		return -1;
-	for (size_t i = bl; i > 0 && s[i - 1] == '='; i--)
-		n--; /* EVP_DecodeBlock counts padding as zero bytes */
 	k->len = (size_t)n;
 	if (k->len < 4)
 		return -1;
@@ -522,6 +523,10 @@ static int l_connect(lua_State *L)
 	struct connect_opts o;
 	memset(&o, 0, sizeof o);
 	read_connect_opts(L, &o);
+	/* libssh2 is loaded (and initialised) by the first connect, not by require */
+	const char *err = fc_ssh2_load();
+	if (err)
+		fc_error(L, "ssh.connect: %s", err);
 	struct session *S = fc_new(L, sizeof *S, SESSION_MT);
 	S->fd = -1;
 	S->watch_fd = -1;
@@ -559,8 +564,6 @@ int luaopen_fireclaw_ssh(lua_State *L)
 	    {"check_source", ssh_l_check_source},
 	    {NULL, NULL},
 	};
-	/* once per process; libssh2 counts calls, and never freeing it is harmless */
-	libssh2_init(0);
 	fc_class(L, SESSION_MT, methods);
 	lua_newtable(L);
 	luaL_register(L, NULL, fns);

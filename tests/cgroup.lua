@@ -223,6 +223,19 @@ local ok, err = pcall(function()
 		t.is(rc, 0, "a spawn with cgroup.procs hidden behind /dev/null runs")
 		t.like(read(seen) or "", "\n?0::/fireclaw/" .. NAME:gsub("%-", "%%-") .. "\n",
 			"... and its program starts in its v2 cgroup: created there, no cgroup.procs write")
+		-- a spawn's log sink goes where fireclaw is, whatever its descriptor 0 is: with
+		-- stdin a cgroup2 directory, a sink made with a zeroed request (cgroup descriptor 0)
+		-- was created in that cgroup
+		local sink_seen = tmp .. "/v2-sink-cgroup"
+		local sink_script = tmp .. "/v2-sink.lua"
+		put(sink_script, string.format([[local p = require("fireclaw.proc").spawn { argv = { "sleep", "300" },
+			stdout = { log = %q } }
+			local f = assert(io.open("/proc/" .. p:sink_pid() .. "/cgroup")) local s = f:read("*a") f:close()
+			f = assert(io.open(%q, "w")) f:write(s) f:close() p:close()]], tmp .. "/v2-sink.log", sink_seen))
+		rc = os.execute(string.format("%s %s < %s", os.getenv("FIRECLAW") or "./fireclaw", sink_script, cg.dirs[1]))
+		local own = (read("/proc/self/cgroup") or ""):match("0::[^\n]*")
+		t.ok(rc == 0 and own and (read(sink_seen) or ""):match("0::[^\n]*") == own,
+			"a log sink starts in fireclaw's own cgroup, not in the one its stdin names", read(sink_seen))
 		local done = cgroup.remove(cg.dirs)
 		t.like(table.concat(done, "; "), "killed 1 process.*removed cgroup", "v2 remove kills (cgroup.kill) and removes")
 		t.ok(p:wait(5), "the process inside is gone")

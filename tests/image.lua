@@ -434,6 +434,15 @@ local function test_import_list_rm(img)
 	t.same(image.info(name).boot_args, { "console=ttyS0", "root=/dev/vda", "init=/.fireclaw/bin/fireclaw-agent" },
 		"import: --boot-args stored as a list, the agent's init shim as init=")
 	t.is(image.info(name).guest.agent, "/.fireclaw/bin/fireclaw-agent", "import: the manifest names the agent")
+	-- image.load remembers what it read (a run loads its image several times): a replaced
+	-- image is read anew, and what one caller changes is not what the next one gets
+	local loaded = image.load(name)
+	t.same(loaded.boot_args, { "console=ttyS0", "root=/dev/vda", "init=/.fireclaw/bin/fireclaw-agent" },
+		"image.load after a replacement by another process: the new image, not the one this process loaded")
+	loaded.boot_args[1], loaded.files = "changed", nil
+	local again = image.load(name)
+	t.ok(again.boot_args[1] == "console=ttyS0" and again.files ~= nil,
+		"image.load: a caller's changes to what it got do not reach the next caller")
 	t.same(image.shim_boot_args({ "ro", "init=/sbin/x", "quiet", "--", "init=arg", "-s" }),
 		{ "ro", "fireclaw.init=/sbin/x", "quiet", "init=/.fireclaw/bin/fireclaw-agent", "--", "init=arg", "-s" },
 		"shim_boot_args: the image's init= kept as fireclaw.init=, init= before '--', init's arguments as they were")

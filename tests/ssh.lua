@@ -364,6 +364,11 @@ local function test_auth_errors(srv, other, lab, name)
 	t.like(err, "host key mismatch: expected SHA256:[%w+/]+ got SHA256:[%w+/]+", name .. ": ... names both fingerprints")
 	local want = sh("ssh-keygen -lf " .. q(srv.host_key_file)):match("(SHA256:%S+)")
 	t.like(err, "got " .. want:gsub("%p", "%%%0"), name .. ": ... the fingerprint ssh-keygen shows")
+	-- the line's base64 is decoded strictly: an '=' inside the key data is no zero digit
+	local typ, b64 = other.host_key:match("^(%S+) (%S+)")
+	local connected, why = pcall(ssh.connect, srv:opts{host_key = typ .. " " .. b64:sub(1, 39) .. "=" .. b64:sub(41)})
+	t.like(connected and "connected" or why, "host_key: expected a public key line",
+		name .. ": a key line with '=' inside its base64 is refused")
 	o = srv:opts{host_key_file = srv.host_key_file}
 	o.host_key = nil
 	local s = ssh.connect(o)

@@ -10,7 +10,7 @@ set -eu
 BUILD="build-essential pkg-config libluajit2-5.1-dev luajit2 libcurl4-openssl-dev
 libssh2-1-dev libssl-dev libjson-c-dev libext2fs-dev libmnl-dev libedit-dev
 libnftables-dev"
-RUN="qemu-system-x86 iproute2 e2fsprogs nftables libnftables1 dnsmasq-base"
+RUN="qemu-system-x86 iproute2 e2fsprogs nftables libnftables1 libssh2-1 libext2fs2 dnsmasq-base"
 IMAGE="busybox-static dropbear-bin openssh-client cpio lz4 xz-utils zstd mmdebstrap"
 TEST="python3-yaml python3-jsonschema socat openssh-server hyperfine clang
 libclang-rt-14-dev valgrind lua-check qemu-utils"

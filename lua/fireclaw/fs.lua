@@ -26,8 +26,10 @@ function M.exists(path)
 	return sys.access(path) ~= nil or M.readlink(path) ~= nil
 end
 
+-- (a stat, following symlinks: listing the directory to find out cost a table of its names)
 function M.is_dir(path)
-	return runtime.listdir(path) ~= nil
+	local st = sys.stat(path)
+	return st ~= nil and st.type == "directory"
 end
 
 function M.read(path)

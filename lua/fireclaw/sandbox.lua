@@ -66,9 +66,12 @@ local function stage(self, name, fn, ...)
 	self.timer:stage(name)
 end
 
--- The VMM goes into the record the moment it exists (a kept VM has no PR_SET_PDEATHSIG).
+-- The VMM goes into the record the moment it exists (a kept VM has no PR_SET_PDEATHSIG),
+-- with its agent ports (boot, restore: self.agent_ports), so another fireclaw can attach
+-- (fireclaw.agent): one write.
 local function record_vmm(self)
 	state.update(self.rec, { vmm = { pid = self.vm.pid, start = self.vm.starttime, name = self.vm.vmm },
+		agent = self.agent_ports and { ports = self.agent_ports } or self.rec.agent,
 		sink = self.vm.sink_pid and { pid = self.vm.sink_pid, start = self.vm.sink_starttime } or nil,
 		jail = self.vm.jail and { dir = self.vm.jail.dir, pid = self.vm.jail.pid, start = self.vm.jail.start } or nil })
 	fault.point("vmm-recorded")
@@ -403,10 +406,7 @@ local function pending(self, name)
 end
 
 -- The VMM's undo: kill it, reap it, close its clients (vm:destroy never raises).
--- The record names the agent's ports, so another fireclaw can attach (fireclaw.agent).
 local function push_vmm_undo(self, name)
-	local ports = self.vm.spec and self.vm.spec.agent_ports
-	if ports then state.update(self.rec, { agent = { ports = ports } }) end
 	self:on_destroy(name, function()
 		-- SIGKILL first: the VMM's exit (which frees a restored VM's RAM, ~9 ms for 60 MiB)
 		-- runs while we empty this VM's disk copy, when its undo (which removes it) is still
@@ -426,6 +426,7 @@ function Sandbox:boot()
 	local spec = self:boot_spec()
 	-- the rest of the disk copy, while the VMM starts (QEMU: paused until it is done)
 	if self.disk_rest then spec.prepare = function() finish_disk(self) end end
+	self.agent_ports = spec.agent_ports -- (recorded with the VMM: record_vmm)
 	stage(self, "VMM boot (" .. self.vm.vmm .. ")", self.vm.boot, self.vm, spec)
 	push_vmm_undo(self, "boot")
 	record_vmspec(self)
@@ -453,6 +454,7 @@ function Sandbox:restore(snap)
 	if self.disk_rest then spec.prepare = function() finish_disk(self) end end
 	self.vcpu, self.mem_mib = snap.vcpu, snap.mem_mib
 	self:limit()
+	self.agent_ports = spec.agent_ports -- (recorded with the VMM: record_vmm)
 	stage(self, "VMM restore (" .. self.vm.vmm .. ")", self.vm.restore, self.vm, snap.dir, spec)
 	push_vmm_undo(self, "restore")
 	record_vmspec(self)

@@ -94,14 +94,17 @@ function M.create(fields)
 		error(string.format("state: cannot create the VM directory (%s); is %s writable? "
 			.. "(FIRECLAW_RUN changes it)", err:gsub("^fs: ", ""), config.run_dir), 0)
 	end
+	-- (dir names where the record will be: readers take a record's dir from where they
+	-- find it, and nobody reads the hidden one; so one write, not one before the rename and
+	-- one after)
 	local rec = {
-		id = id, dir = tmp, netns = M.netns_name(id),
+		id = id, dir = dir, netns = M.netns_name(id),
 		owner = { pid = me, start = proc.starttime(me) },
 		created = os.time(), image = fields.image, keep = fields.keep or false,
 		name = fields.name, expires = fields.ttl and os.time() + math.ceil(fields.ttl) or nil,
 	}
 	ok, err = pcall(function()
-		save(rec)
+		fs.write(record_path(tmp), json.encode(rec, { pretty = true }), "600")
 		if fs.exists(dir) then error("fs: VM id " .. id .. " is taken", 0) end
 		fs.rename(tmp, dir)
 	end)
@@ -110,8 +113,6 @@ function M.create(fields)
 		error(string.format("state: cannot write the VM record (%s); is %s full? (FIRECLAW_RUN changes it)",
 			tostring(err):gsub("^fs: ", ""), config.run_dir), 0)
 	end
-	rec.dir = dir
-	save(rec)
 	remember(rec)
 	return rec
 end

@@ -100,11 +100,26 @@ function M.info(name)
 	return m, p
 end
 
-function M.load(name)
-	name = name or config.image
+-- What M.load found, by image directory: a run loads its image several times (the CLI's
+-- checks, the VMM choice, the snapshot's, the sandbox's). Checked against the manifest's
+-- identity each time, so a rebuilt (or hand-edited) image is read again.
+local loaded = {}
+
+local function manifest_id(p)
+	local st = runtime.stat(p .. "/manifest.json")
+	return st and table.concat({ st.ino, st.dev, st.size, st.mtime }, ":")
+end
+
+-- (a deep copy: callers may change what they were given)
+local function copy(t)
+	local c = {}
+	for k, v in pairs(t) do c[k] = type(v) == "table" and copy(v) or v end
+	return setmetatable(c, getmetatable(t))
+end
+
+local function load_dir(name)
 	local m, p = M.info(name)
-	local img = {}
-	for k, v in pairs(m) do img[k] = v end
+	local img = copy(m)
 	img.dir = p
 	local function f(file) return fs.exists(p .. "/" .. file) and (p .. "/" .. file) or nil end
 	img.vmlinux, img.vmlinuz = f("vmlinux"), f("vmlinuz")
@@ -118,6 +133,17 @@ function M.load(name)
 	local key = common.keys_dir() .. "/id_ed25519"
 	img.client_key = fs.exists(key) and key or nil
 	img.client_key_pub = fs.exists(key .. ".pub") and (key .. ".pub") or nil
+	return img
+end
+
+function M.load(name)
+	name = check_name(name or config.image)
+	local p = image_path(name)
+	local id = p and manifest_id(p)
+	local hit = id and loaded[p]
+	if hit and hit.id == id then return copy(hit.img) end
+	local img = load_dir(name)
+	if id and img.dir == p then loaded[p] = { id = id, img = copy(img) } end
 	return img
 end
 
