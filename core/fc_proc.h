@@ -68,6 +68,8 @@ struct proc {
 	int sink_waited; /* wait gave it its grace period once: later waits do not block on it */
 	int execpipe;	 /* spawn{wait_exec = false}: the error pipe until p:wait_exec(), else -1 */
 	char exec_name[96]; /* argv[0], for wait_exec's message */
+	struct proc *prev, *next; /* the live list (fc_proc_pending): from spawn to close/detach */
+	int listed;
 };
 
 static inline int pidfd_open(pid_t pid)

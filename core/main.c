@@ -457,8 +457,11 @@ int main(int argc, char **argv)
 	int status = run(L, argc, argv, &o);
 	fflush(stdout);
 	/* close the state so every userdata's __gc runs: VMs, namespaces and sessions
-	 * still open at this point are torn down, not leaked */
-	lua_close(L);
+	 * still open at this point are torn down, not leaked; unless the command said it left
+	 * nothing (runtime.exit_unclosed) and no finalizer has work: then the kernel frees the
+	 * memory and descriptors at once (fc.h) */
+	if (!fc_exit_unclosed || fc_proc_pending() || fc_rootfs_open_images())
+		lua_close(L);
 	free(o.code);
 	free(o.recipes);
 	return status;

@@ -292,6 +292,8 @@ pid_t proc_do_spawn(lua_State *L, struct spawn_req *r)
 	return pid;
 }
 
+static void proc_list(struct proc *p);
+
 static void init_req(struct spawn_req *r)
 {
 	memset(r, 0, sizeof *r);
@@ -391,6 +393,7 @@ static int l_spawn(lua_State *L)
 				r.fds[i] = *g.p[fd_log[i]].wr;
 	}
 	p->pid = proc_do_spawn(L, &r);
+	proc_list(p);
 	/* the child has the write ends now: the sink sees EOF when it (and what it passed
 	 * them to) is gone */
 	for (int i = 0; i < g.n; i++)
@@ -539,6 +542,43 @@ static int p_wait_exec(lua_State *L)
 }
 
 /* Kill (if needed) and reap, then close the pidfd. Never raises: it runs from __gc too. */
+/* Every process object from its spawn until close (its __gc) or detach: what
+ * fc_proc_pending looks at. Userdata do not move, and a list is fireclaw's only thread's. */
+static struct proc *live;
+
+static void proc_list(struct proc *p)
+{
+	p->prev = NULL;
+	p->next = live;
+	if (live)
+		live->prev = p;
+	live = p;
+	p->listed = 1;
+}
+
+static void proc_unlist(struct proc *p)
+{
+	if (!p->listed)
+		return;
+	if (p->prev)
+		p->prev->next = p->next;
+	else
+		live = p->next;
+	if (p->next)
+		p->next->prev = p->prev;
+	p->prev = p->next = NULL;
+	p->listed = 0;
+}
+
+int fc_proc_pending(void)
+{
+	int n = 0;
+	for (struct proc *p = live; p; p = p->next)
+		if ((p->pid > 0 && !p->reaped) || p->sink > 0)
+			n++;
+	return n;
+}
+
 static int p_close(lua_State *L)
 {
 	struct proc *p = check_proc(L);
@@ -546,6 +586,7 @@ static int p_close(lua_State *L)
 		reap_now(p, 1);
 	close_pidfd(p);
 	proc_sink_reap(L, p, SINK_GRACE_MS, 1, 0);
+	proc_unlist(p);
 	return 0;
 }
 
@@ -554,6 +595,7 @@ static int p_close(lua_State *L)
 static int p_detach(lua_State *L)
 {
 	struct proc *p = check_proc(L);
+	proc_unlist(p);
 	close_pidfd(p);
 	p->pid = 0;
 	p->reaped = 1;
@@ -687,6 +729,7 @@ static int l_run(lua_State *L)
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);
 	p->pidfd = p->sink_pidfd = p->execpipe = -1;
 	p->pid = proc_do_spawn(L, &r);
+	proc_list(p);
 	p->pidfd = pidfd_open(p->pid);
 	/* the child has its ends now */
 	close(fc_fd_release(pout[1]));

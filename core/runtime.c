@@ -22,6 +22,8 @@
  *   runtime.check_interrupt()   runtime.interrupt_note(text | nil)
  *   runtime.sleep(s)   runtime.now() -> monotonic seconds
  *   runtime.listdir(path) -> {names} | nil, err   runtime.stat(path) -> {...} | nil, err
+ *   runtime.exit_unclosed()  -- at the end of a command whose resources are all released:
+ *       the process may end without freeing its Lua state (see fc_exit_unclosed in fc.h)
  *   runtime.verbose, runtime.quiet, runtime.version
  */
 #include "fc.h"
@@ -457,6 +459,15 @@ static int l_listdir(lua_State *L)
 	return 1;
 }
 
+int fc_exit_unclosed;
+
+static int l_exit_unclosed(lua_State *L)
+{
+	(void)L;
+	fc_exit_unclosed = 1;
+	return 0;
+}
+
 int luaopen_fireclaw_runtime(lua_State *L)
 {
 	static const luaL_Reg fns[] = {
@@ -472,6 +483,7 @@ int luaopen_fireclaw_runtime(lua_State *L)
 		{"now", l_now},
 		{"listdir", l_listdir},
 		{"stat", l_stat},
+		{"exit_unclosed", l_exit_unclosed},
 		{NULL, NULL},
 	};
 	lua_newtable(L);

@@ -309,6 +309,9 @@ local function main(args)
 		if truncated then log.note("output beyond %d bytes per stream was dropped (--max-output)", o.max_output) end
 	end
 	log.info("VM %s: %s run, total %.1f ms", sb.id, sb.how, (runtime.now() - t0) * 1000)
+	-- the VM and all around it are gone (or kept): the process may end without freeing
+	-- its Lua state (main does so only when no finalizer has work left)
+	runtime.exit_unclosed()
 	return status
 end
 
