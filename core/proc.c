@@ -7,7 +7,7 @@
  *                  cwd = dir, netns = "fc-1a2b", mounts = {{type = "tmpfs", target = dir},
  *                  {type = "bind", source = s, target = t}}, uid = n, gid = n,
  *                  groups = {gid...}, fds = {fd...}, setsid = true, pdeathsig = true,
- *                  cgroup = {procs_path...}, log_cap = bytes, wait_exec = true}
+ *                  cgroup = {procs_path...}, log_cap = bytes, wait_exec = true, vfork = false}
  *       fds: the child gets these (integer) fds as 3, 4, … in this order; the caller keeps
  *       and closes its own. uid/gid: the child drops to them before exec (supplementary
  *       groups: `groups`, else none); pdeathsig survives the drop. cgroup: the child
@@ -22,6 +22,10 @@
  *       1 MiB) and the most recent rest, with a line saying how much was dropped between.
  *       The same path twice is one pipe. The sink ends at EOF, when the child and
  *       whatever it passed the pipe to are gone; it belongs to p (wait, close, detach).
+ *       vfork = true: the child shares fireclaw's memory until its exec and fireclaw waits
+ *       for that (its cgroup join included): no page tables copied, no copy-on-write faults
+ *       afterwards; for a caller with nothing to do meanwhile. Not where clone3 makes the
+ *       child in its cgroup (v2): a fork there, which waits for nothing.
  *       wait_exec = false: spawn returns at the fork, not at the exec; p:wait_exec() then
  *       waits for the exec and raises as spawn would have (the child reaped). A caller does
  *       work while the child joins its cgroups and execs (a restore's memory copy).
@@ -342,7 +346,7 @@ static int l_spawn(lua_State *L)
 	static const char *const known[] = {"argv",    "env",	    "stdin",  "stdout", "stderr",
 					    "cwd",     "uid",	    "gid",    "setsid", "pdeathsig",
 					    "fds",     "groups",    "mounts", "netns",	"cgroup",
-					    "log_cap", "wait_exec", NULL};
+					    "log_cap", "wait_exec", "vfork",  NULL};
 	luaL_checktype(L, 1, LUA_TTABLE);
 	fc_opt_check(L, 1, "proc.spawn", known);
 	struct spawn_req r;
@@ -362,6 +366,7 @@ static int l_spawn(lua_State *L)
 	r.setsid = fc_opt_bool(L, 1, "setsid", 1);
 	r.pdeathsig = fc_opt_bool(L, 1, "pdeathsig", 1);
 	r.nowait = !fc_opt_bool(L, 1, "wait_exec", 1);
+	r.vfork = fc_opt_bool(L, 1, "vfork", 0);
 	double cap = fc_opt_number(L, 1, "log_cap", LOG_CAP_DEFAULT);
 	if (cap < LOG_CAP_MIN || cap > 1e12)
 		fc_error(
@@ -374,6 +379,8 @@ static int l_spawn(lua_State *L)
 		r.groups[i] = (gid_t)groups[i];
 	r.ncgroups = read_strings(L, 1, "cgroup", r.cgroups, MAX_CGROUPS);
 	open_v2_cgroup(L, &r);
+	if (r.cgroup_fd >= 0)
+		r.vfork = 0; /* clone3 makes it in its cgroup: a fork, with nothing to wait for */
 	read_mounts(L, 1, &r);
 	open_netns(L, 1, &r);
 	struct proc *p = fc_new(L, sizeof *p, PROC_MT);

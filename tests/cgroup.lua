@@ -163,6 +163,15 @@ local ok, err = pcall(function()
 		c:wait(10)
 		t.ok((read(seen) or ""):find("/fireclaw/" .. NAME .. "\n", 1, true),
 			"a spawned program sees itself in its cgroup from its start")
+		-- the same through vfork (the child joins, then execs, in fireclaw's memory), and a
+		-- failing one raises as a fork's does
+		local seen2 = tmp .. "/self-cgroup-vfork"
+		local c2 = proc.spawn { argv = { "cat", "/proc/self/cgroup" }, stdout = seen2, cgroup = cg.procs,
+			vfork = true, wait_exec = false }
+		t.ok(c2:wait_exec() and c2:wait(10) and (read(seen2) or ""):find("/fireclaw/" .. NAME .. "\n", 1, true),
+			"vfork = true: the program starts in its cgroup too")
+		t.raises(function() proc.spawn { argv = { "/nonexistent/fct-prog" }, cgroup = cg.procs, vfork = true } end,
+			"^proc: cannot run /nonexistent/fct%-prog: No such file", "vfork = true: a program that cannot run raises")
 		if m.cpu then
 			-- a busy loop under a 1% quota is throttled within a few periods, however busy the host
 			local cpudir = m.cpu .. "/fireclaw/" .. NAME

@@ -286,7 +286,7 @@ end
 function M.remove(dirs)
 	local done = {}
 	for _, d in ipairs(dirs or {}) do
-		if runtime.listdir(d) then
+		if fs.is_dir(d) then -- (a stat: a listing made a table of its ~30 files)
 			local left = pids_in(d)
 			if #left > 0 then
 				if not write_if(d .. "/cgroup.kill", "1") then

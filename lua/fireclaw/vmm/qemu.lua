@@ -421,6 +421,10 @@ local function spawn(v, spec, ram)
 			fds = fds, uid = uid, gid = gid, groups = uid and v._vmm_groups or nil,
 			cgroup = v.cgroup, -- joined between fork and exec (fireclaw.cgroup)
 			wait_exec = false, -- (p:wait_exec below, after the copies)
+			-- with no copy to make meanwhile (memory mapped, disk an overlay) fireclaw may
+			-- as well wait for the exec: sharing its memory until then spares it the fork's
+			-- page tables and copy-on-write faults
+			vfork = not ram.from and not spec.prepare,
 		})
 		v.vmm_uid = uid or 0
 	end)
