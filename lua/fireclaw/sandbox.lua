@@ -150,14 +150,12 @@ end
 
 -- Where this VM's cgroups will be, in the record before they exist (cleanup removes them).
 -- No usable controller: the VM runs without limits, which -v says.
-local function plan_cgroup(self, cpus)
-	self.cpus = cpus
-	self.cg = cgroup.plan(self.netns, cgroup.limits { mem_mib = self.mem_mib, cpus = cpus })
-	if not self.cg then
-		log.info("VM %s: no resource limits: cgroup %s", self.id, cgroup.describe())
-		return
-	end
-	state.update(self.rec, { cgroups = self.cg.dirs })
+-- The VM's cgroups, planned before its record exists so that the record's first write
+-- names them (cleanup removes what exists of them): nothing is made yet (Sandbox:limit).
+local function plan_cgroup(id, mem_mib, cpus)
+	local cg = cgroup.plan(state.netns_name(id), cgroup.limits { mem_mib = mem_mib, cpus = cpus })
+	if not cg then log.info("VM %s: no resource limits: cgroup %s", id, cgroup.describe()) end
+	return cg
 end
 
 -- Push fn(sb) on the cleanup stack under `name`: sb:destroy() runs it (last pushed, first
@@ -210,13 +208,16 @@ function M.new(opts)
 	if opts.name and state.find(opts.name) then
 		error(string.format("sandbox: there is a VM named '%s' already (see fireclaw ps)", opts.name), 0)
 	end
-	local rec = state.create { image = img.name, keep = opts.keep, name = opts.name, ttl = opts.ttl }
+	local id = state.new_id()
+	local cg = plan_cgroup(id, opts.mem_mib or config.mem_mib, opts.cpus)
+	local rec = state.create { id = id, image = img.name, keep = opts.keep, name = opts.name, ttl = opts.ttl,
+		cgroups = cg and cg.dirs }
 	local self = setmetatable({
 		id = rec.id, rec = rec, img = img, netns = rec.netns, dir = rec.dir,
 		vcpu = opts.vcpu or config.vcpu, mem_mib = opts.mem_mib or config.mem_mib,
 		keep = opts.keep, boot_timeout = opts.boot_timeout, timer = log.timer("VM " .. rec.id),
 		disk_bytes = disk_bytes, undo = {}, exec_mode = exec, net_policy = policy, net_procs = {},
-		throwaway_disk = opts.throwaway_disk or nil,
+		throwaway_disk = opts.throwaway_disk or nil, cg = cg, cpus = opts.cpus,
 	}, Sandbox)
 	-- the bottom of the stack: whatever the record still lists (the VMM of a boot that
 	-- failed halfway, a namespace whose tap failed), the run directory, the record itself
@@ -230,7 +231,6 @@ function M.new(opts)
 	getmetatable(self.guard).__gc = function() if not self.keep then self:destroy() end end
 	local ok, err = pcall(function()
 		fault.point("record")
-		plan_cgroup(self, opts.cpus)
 		self.vm = vm.new { id = self.id, dir = self.dir, vmm = opts.vmm, accel = opts.accel,
 			detected = opts.detected, cmdline_devices = img.cmdline_devices, unsafe_no_jailer = opts.unsafe_no_jailer,
 			netns = self.netns, tap = config.net.tap, mac = config.net.guest_mac, keep = opts.keep,
@@ -1122,8 +1122,12 @@ function M.resume_kept(ref)
 	self.vm = vm.new { id = self.id, dir = self.dir, vmm = vs.vmm, accel = vs.accel,
 		cmdline_devices = self.img.cmdline_devices, netns = self.netns, tap = config.net.tap,
 		mac = config.net.guest_mac, keep = true, cgroup = nil, on_spawn = function() record_vmm(self) end }
-	plan_cgroup(self, vs.cpus)
-	if self.cg then self.vm.cgroup = self.cg.procs end
+	self.cpus = vs.cpus
+	self.cg = plan_cgroup(self.id, self.mem_mib, vs.cpus)
+	if self.cg then
+		state.update(self.rec, { cgroups = self.cg.dirs })
+		self.vm.cgroup = self.cg.procs
+	end
 	local snap = { dir = p.dir, vcpu = vs.vcpu, mem_mib = vs.mem_mib, vmm_info = p.info, disk = self.disk_path }
 	local ok, err = pcall(function()
 		self:restore(snap)

@@ -81,7 +81,7 @@ end
 -- its record inside: a VM directory without a record never exists, so a concurrent
 -- cleanup can never mistake a VM being created for a broken one.
 function M.create(fields)
-	fields = opts_check.check("state.create", fields, { "id", "image", "keep", "name", "ttl" })
+	fields = opts_check.check("state.create", fields, { "id", "image", "keep", "name", "ttl", "cgroups" })
 	local id = fields.id or M.new_id()
 	local dir = config.vm_dir(id)
 	local me = proc.getpid()
@@ -102,6 +102,7 @@ function M.create(fields)
 		owner = { pid = me, start = proc.starttime(me) },
 		created = os.time(), image = fields.image, keep = fields.keep or false,
 		name = fields.name, expires = fields.ttl and os.time() + math.ceil(fields.ttl) or nil,
+		cgroups = fields.cgroups, -- (planned, not made yet: cleanup removes what exists)
 	}
 	ok, err = pcall(function()
 		fs.write(record_path(tmp), json.encode(rec, { pretty = true }), "600")
