@@ -66,6 +66,7 @@ $(OBJDIR)/guest.o: $(GUEST_BIN) $(AGENT_BIN) $(INIT_BIN)
 $(OBJDIR)/agent.o $(OBJDIR)/fc_agent_ops.o: guest/agent-proto.h
 # the module selection of fireclaw-init, driven on the host with a made-up sysfs tree
 $(OBJDIR)/unit/test_init_modules: guest/init-modules.h
+$(filter-out $(OBJDIR)/unit/test_init_modules,$(UNIT)): tests/unit/tap.h
 
 build/.deps: tools/deps.sh
 	@mkdir -p build

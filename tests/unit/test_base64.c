@@ -3,19 +3,10 @@
  * non-zero unused bits, characters outside the alphabet, lengths, the output cap). Prints
  * TAP. */
 #include "fc.h"
+#include "tap.h"
 
 #include <stdio.h>
 #include <string.h>
-
-static int n, failed;
-
-static void ok(int cond, const char *name)
-{
-	n++;
-	if (!cond)
-		failed++;
-	printf("%s %d - %s\n", cond ? "ok" : "not ok", n, name);
-}
 
 static void vector(const char *plain, const char *coded)
 {
@@ -106,6 +97,5 @@ int main(void)
 	ok(fc_base64_decode(back, 3, "Zm9v", 4) == 3, "decode fills the buffer exactly");
 	ok(fc_base64_decode(back, 1, "Zg==", 4) == 1, "a padded group needs only its bytes");
 
-	printf("1..%d\n", n);
-	return failed != 0;
+	return tap_done();
 }

@@ -2,6 +2,7 @@
  * API (including its error paths, which must free what they built — run under ASan by
  * `make SANITIZE=1 test`), deadlines, and the fd guard. Prints TAP. */
 #include "fc.h"
+#include "tap.h"
 
 #include <fcntl.h>
 #include <stdio.h>
@@ -9,16 +10,6 @@
 #include <unistd.h>
 
 int luaopen_fireclaw_json(lua_State *L);
-
-static int n, failed;
-
-static void ok(int cond, const char *name)
-{
-	n++;
-	if (!cond)
-		failed++;
-	printf("%s %d - %s\n", cond ? "ok" : "not ok", n, name);
-}
 
 /* Run `return <expr>` with json as a global; the string result, or the error text. */
 static const char *eval(lua_State *L, const char *code, int *err)
@@ -105,6 +96,5 @@ int main(void)
 	test_json();
 	test_deadlines();
 	test_fd_guard();
-	printf("1..%d\n", n);
-	return failed != 0;
+	return tap_done();
 }

@@ -3,6 +3,7 @@
  * bash): `SHELL -c "printf '%s\0' QUOTED"` must print each argument back byte for byte.
  * No SSH needed: the remote side of exec is just such a shell. Prints TAP. */
 #include "fc.h"
+#include "tap.h"
 
 #include <fcntl.h>
 #include <spawn.h>
@@ -14,16 +15,6 @@
 
 int luaopen_fireclaw_ssh(lua_State *L);
 extern char **environ;
-
-static int n, failed;
-
-static void ok(int cond, const char *name)
-{
-	n++;
-	if (!cond)
-		failed++;
-	printf("%s %d - %s\n", cond ? "ok" : "not ok", n, name);
-}
 
 /* ssh.quote(argv) for argv[0..argc); returns a malloc'd string (NULL on a Lua error, whose
  * message goes to *err). */
@@ -177,6 +168,5 @@ int main(void)
 		ok(good, name);
 	}
 	lua_close(L);
-	printf("1..%d\n", n);
-	return failed != 0;
+	return tap_done();
 }
