@@ -72,8 +72,9 @@ end
 -- A VM kept on purpose (--keep) is not left behind by an interrupt.
 M.release = forget
 
-local function save(rec)
-	fs.write(record_path(rec.dir), json.encode(rec, { pretty = true }), "600")
+-- (dir: where to write it, when not yet where rec.dir says: state.create)
+local function save(rec, dir)
+	fs.write(record_path(dir or rec.dir), json.encode(rec, { pretty = true }), "600")
 end
 
 -- Create the record (and the VM directory) for a new VM owned by this process. The
@@ -105,7 +106,7 @@ function M.create(fields)
 		cgroups = fields.cgroups, -- (planned, not made yet: cleanup removes what exists)
 	}
 	ok, err = pcall(function()
-		fs.write(record_path(tmp), json.encode(rec, { pretty = true }), "600")
+		save(rec, tmp)
 		if fs.exists(dir) then error("fs: VM id " .. id .. " is taken", 0) end
 		fs.rename(tmp, dir)
 	end)
